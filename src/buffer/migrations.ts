@@ -1,0 +1,78 @@
+/**
+ * Buffer schema, versioned. Each migration runs once, in order, inside one transaction that holds
+ * an advisory lock, so several Philotes processes sharing a buffer can start at the same time.
+ */
+import type pg from 'pg';
+
+/** Arbitrary constant: "philotes" on a phone keypad. */
+const MIGRATION_LOCK_KEY = 74_456_837;
+
+const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> = [
+  {
+    version: 1,
+    name: 'checkpoints, schema history, events',
+    sql: `
+      CREATE TABLE IF NOT EXISTS cdc_checkpoints (
+        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        source_id text NOT NULL UNIQUE,
+        lsn text NOT NULL,
+        transaction_id bigint,
+        committed_at timestamptz NOT NULL DEFAULT now(),
+        metadata jsonb
+      );
+      CREATE TABLE IF NOT EXISTS cdc_schema_history (
+        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        source_id text NOT NULL,
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        version int NOT NULL,
+        columns jsonb NOT NULL,
+        primary_key text[] NOT NULL DEFAULT '{}',
+        captured_at timestamptz NOT NULL DEFAULT now(),
+        lsn text NOT NULL,
+        UNIQUE (source_id, schema_name, table_name, version)
+      );
+      CREATE TABLE IF NOT EXISTS cdc_events (
+        source_id text NOT NULL,
+        lsn pg_lsn NOT NULL,
+        seq int NOT NULL,
+        xid bigint NOT NULL,
+        committed_at timestamptz NOT NULL,
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        operation text NOT NULL CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')),
+        before jsonb,
+        after jsonb,
+        primary_key text[] NOT NULL DEFAULT '{}',
+        unchanged_columns text[],
+        stored_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (source_id, lsn, seq)
+      );
+    `,
+  },
+];
+
+export const LATEST_SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
+
+export async function migrate(client: pg.Client | pg.PoolClient): Promise<number[]> {
+  const applied: number[] = [];
+  await client.query('BEGIN');
+  try {
+    await client.query('SELECT pg_advisory_xact_lock($1)', [MIGRATION_LOCK_KEY]);
+    await client.query(`CREATE TABLE IF NOT EXISTS philotes_migrations (
+      version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`);
+    const done = await client.query<{ version: number }>('SELECT version FROM philotes_migrations');
+    const have = new Set(done.rows.map((r) => r.version));
+    for (const m of MIGRATIONS) {
+      if (have.has(m.version)) continue;
+      await client.query(m.sql);
+      await client.query('INSERT INTO philotes_migrations (version, name) VALUES ($1, $2)', [m.version, m.name]);
+      applied.push(m.version);
+    }
+    await client.query('COMMIT');
+  } catch (error) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw error;
+  }
+  return applied;
+}

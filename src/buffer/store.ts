@@ -1,0 +1,153 @@
+/**
+ * The buffer database: events, checkpoints and schema history. A group of batches is stored in
+ * ONE transaction together with the checkpoint it reaches, so the checkpoint can never name a
+ * change that is not stored, and a stored change is never read again from the slot.
+ */
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import pg from 'pg';
+import { from as copyFrom } from 'pg-copy-streams';
+import { pgClientOptions, type ConnectionConfig } from '../config.js';
+import type { Logger } from '../logger.js';
+import type { BatchMessage, SchemaChange } from '../protocol.js';
+import { EVENT_COPY_COLUMNS } from '../../workers/decode/events.js';
+import { migrate } from './migrations.js';
+
+const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STDIN`;
+
+export interface Checkpoint {
+  readonly lsn: string;
+  readonly transactionId: number | null;
+}
+
+export interface StoredGroup {
+  /** The checkpoint these batches moved to, or null if none of them completed a transaction. */
+  readonly checkpointLsn: string | null;
+  readonly schemaVersionsAdded: number;
+}
+
+export class BufferStore {
+  private constructor(
+    private readonly pool: pg.Pool,
+    private readonly log: Logger,
+  ) {}
+
+  static async open(conn: ConnectionConfig, log: Logger, poolSize: number): Promise<BufferStore> {
+    const pool = new pg.Pool({ ...pgClientOptions(conn, 'philotes:buffer'), max: poolSize });
+    // An idle client that loses its connection must not crash the process; the next query
+    // on a fresh client reports the problem where it can be handled.
+    pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
+    const store = new BufferStore(pool, log);
+    const client = await pool.connect();
+    try {
+      const applied = await migrate(client);
+      log.info({ applied }, applied.length > 0 ? 'buffer schema migrated' : 'buffer schema up to date');
+    } finally {
+      client.release();
+    }
+    return store;
+  }
+
+  /**
+   * Before a reader (re)starts: removes anything stored beyond the checkpoint (the first part of
+   * a large transaction cut off by a crash) and returns the checkpoint to resume from.
+   */
+  async prepareSource(sourceId: string): Promise<Checkpoint | null> {
+    const client = await this.pool.connect();
+    try {
+      await client.query('BEGIN');
+      const result = await client.query<{ lsn: string; transaction_id: string | null }>(
+        'SELECT lsn, transaction_id FROM cdc_checkpoints WHERE source_id = $1 FOR UPDATE',
+        [sourceId],
+      );
+      const row = result.rows[0];
+      // Events of stored transactions carry commit LSNs below the checkpoint (which is the end
+      // of the last stored commit record); anything at or past it belongs to a cut transaction.
+      const removed = row
+        ? await client.query('DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn', [sourceId, row.lsn])
+        : await client.query('DELETE FROM cdc_events WHERE source_id = $1', [sourceId]);
+      await client.query('COMMIT');
+      if (removed.rowCount) {
+        this.log.info({ source: sourceId, removed: removed.rowCount }, 'removed events of an incomplete transaction');
+      }
+      return row ? { lsn: row.lsn, transactionId: row.transaction_id === null ? null : Number(row.transaction_id) } : null;
+    } catch (error) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw error;
+    } finally {
+      client.release();
+    }
+  }
+
+  /** Stores batches (in order) and the checkpoint they reach, in one transaction. */
+  async storeBatches(sourceId: string, slot: string, batches: readonly BatchMessage[]): Promise<StoredGroup> {
+    const client = await this.pool.connect();
+    let broken = false;
+    try {
+      await client.query('BEGIN');
+      const data = batches.filter((b) => b.rows > 0).map((b) => Buffer.from(b.data));
+      if (data.length > 0) {
+        await pipeline(Readable.from(data), client.query(copyFrom(COPY_EVENTS)));
+      }
+      let schemaVersionsAdded = 0;
+      for (const batch of batches) {
+        for (const change of batch.schemaChanges) {
+          if (await this.recordSchema(client, sourceId, change)) schemaVersionsAdded++;
+        }
+      }
+      const last = [...batches].reverse().find((b) => b.checkpointLsn !== null);
+      if (last?.checkpointLsn) {
+        await client.query(
+          `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata)
+           VALUES ($1, $2, $3, now(), $4)
+           ON CONFLICT (source_id) DO UPDATE
+             SET lsn = EXCLUDED.lsn, transaction_id = EXCLUDED.transaction_id,
+                 committed_at = EXCLUDED.committed_at, metadata = EXCLUDED.metadata`,
+          [
+            sourceId,
+            last.checkpointLsn,
+            last.checkpointXid,
+            {
+              slot,
+              source_committed_at:
+                last.checkpointCommitTimeMs === null ? null : new Date(last.checkpointCommitTimeMs).toISOString(),
+            },
+          ],
+        );
+      }
+      await client.query('COMMIT');
+      return { checkpointLsn: last?.checkpointLsn ?? null, schemaVersionsAdded };
+    } catch (error) {
+      broken = true;
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw error;
+    } finally {
+      // A client whose transaction failed midway (e.g. the server went away) is not reused.
+      client.release(broken);
+    }
+  }
+
+  private async recordSchema(client: pg.PoolClient, sourceId: string, change: SchemaChange): Promise<boolean> {
+    const latest = await client.query<{ version: number; columns: unknown; primary_key: string[] }>(
+      `SELECT version, columns, primary_key FROM cdc_schema_history
+        WHERE source_id = $1 AND schema_name = $2 AND table_name = $3
+        ORDER BY version DESC LIMIT 1`,
+      [sourceId, change.schema, change.table],
+    );
+    const row = latest.rows[0];
+    const columns = JSON.stringify(change.columns);
+    if (row && JSON.stringify(row.columns) === columns && row.primary_key.join('\0') === change.primaryKey.join('\0')) {
+      return false;
+    }
+    await client.query(
+      `INSERT INTO cdc_schema_history (source_id, schema_name, table_name, version, columns, primary_key, lsn)
+       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)`,
+      [sourceId, change.schema, change.table, (row?.version ?? 0) + 1, columns, change.primaryKey, change.lsn],
+    );
+    return true;
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+}

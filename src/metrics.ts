@@ -1,0 +1,127 @@
+/**
+ * All Prometheus metrics, owned by the supervisor (prom-client has no worker-thread support).
+ * Readers report positions and the supervisor counts what it stores, so counters survive thread
+ * restarts. Labels are bounded: source and operation only.
+ */
+import client from 'prom-client';
+
+export class Metrics {
+  readonly registry = new client.Registry();
+
+  readonly events = new client.Counter({
+    name: 'philotes_events_total',
+    help: 'Change events committed to the buffer.',
+    labelNames: ['source', 'operation'] as const,
+    registers: [this.registry],
+  });
+  readonly transactions = new client.Counter({
+    name: 'philotes_transactions_total',
+    help: 'Source transactions completely committed to the buffer.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly batches = new client.Counter({
+    name: 'philotes_batches_total',
+    help: 'Batches received from readers and committed to the buffer.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly bufferBytes = new client.Counter({
+    name: 'philotes_buffer_written_bytes_total',
+    help: 'Bytes of encoded events copied into the buffer.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly bufferCommits = new client.Counter({
+    name: 'philotes_buffer_commits_total',
+    help: 'Buffer transactions committed (each may hold several coalesced batches).',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly bufferCommitSeconds = new client.Histogram({
+    name: 'philotes_buffer_commit_duration_seconds',
+    help: 'Time to store one group of batches and its checkpoint in the buffer.',
+    labelNames: ['source'] as const,
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+    registers: [this.registry],
+  });
+  readonly commitLagSeconds = new client.Histogram({
+    name: 'philotes_commit_lag_seconds',
+    help: 'From source commit to buffer commit, for the last transaction of each buffer commit.',
+    labelNames: ['source'] as const,
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+    registers: [this.registry],
+  });
+  readonly checkpointLsn = new client.Gauge({
+    name: 'philotes_checkpoint_lsn_bytes',
+    help: 'LSN (as a byte position) of the checkpoint stored in the buffer.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly confirmedLsn = new client.Gauge({
+    name: 'philotes_confirmed_lsn_bytes',
+    help: 'LSN (as a byte position) last confirmed to the source slot.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly serverWalEnd = new client.Gauge({
+    name: 'philotes_source_wal_end_lsn_bytes',
+    help: 'Latest WAL end reported by the source server on the replication stream.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly lagBytes = new client.Gauge({
+    name: 'philotes_replication_lag_bytes',
+    help: 'Source WAL end minus the stored checkpoint: WAL not yet captured.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly lastCommitTimestamp = new client.Gauge({
+    name: 'philotes_last_source_commit_timestamp_seconds',
+    help: 'Source commit time of the last transaction stored in the buffer.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly readerUp = new client.Gauge({
+    name: 'philotes_reader_up',
+    help: '1 while the source reader is streaming, 0 otherwise.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly readerRestarts = new client.Counter({
+    name: 'philotes_reader_restarts_total',
+    help: 'Times a source reader was restarted after a failure.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly readerFailures = new client.Counter({
+    name: 'philotes_reader_failures_total',
+    help: 'Reader failures by kind: retryable (will restart) or fatal (source stopped).',
+    labelNames: ['source', 'kind'] as const,
+    registers: [this.registry],
+  });
+  readonly queuedBatches = new client.Gauge({
+    name: 'philotes_queued_batches',
+    help: 'Batches received from a reader and waiting to be stored.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+
+  constructor() {
+    client.collectDefaultMetrics({ register: this.registry });
+  }
+
+  /** Creates every per-source series at zero so dashboards and rates start from a value. */
+  initSource(source: string): void {
+    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) this.events.inc({ source, operation }, 0);
+    this.transactions.inc({ source }, 0);
+    this.batches.inc({ source }, 0);
+    this.bufferBytes.inc({ source }, 0);
+    this.bufferCommits.inc({ source }, 0);
+    this.readerRestarts.inc({ source }, 0);
+    this.readerFailures.inc({ source, kind: 'retryable' }, 0);
+    this.readerFailures.inc({ source, kind: 'fatal' }, 0);
+    this.readerUp.set({ source }, 0);
+    this.queuedBatches.set({ source }, 0);
+  }
+}

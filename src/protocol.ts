@@ -1,0 +1,123 @@
+/**
+ * Messages between the supervisor and a slot-reader thread. Everything here must survive
+ * structured cloning: no functions, no BigInt, no class instances. LSNs travel as 'X/Y' strings;
+ * event payloads travel as transferred ArrayBuffers already in COPY text format.
+ */
+import type { MessagePort } from 'node:worker_threads';
+import type { SourceConfig } from './config.js';
+
+/** The task piscina hands to a thread: read one slot until told to stop. */
+export interface ReaderTask {
+  readonly source: SourceConfig;
+  /** Durable checkpoint to resume from, or null to start at the slot's confirmed position. */
+  readonly startLsn: string | null;
+  readonly checkpointIntervalMs: number;
+  readonly batchMaxRows: number;
+  readonly batchMaxBytes: number;
+  readonly batchMaxWaitMs: number;
+  readonly maxInFlightBatches: number;
+  readonly logLevel: string;
+  readonly port: MessagePort;
+}
+
+/** A column as captured in cdc_schema_history. */
+export interface ColumnInfo {
+  readonly name: string;
+  readonly type: string;
+  readonly typeOid: number;
+  readonly typeMod: number;
+  readonly key: boolean;
+}
+
+export interface SchemaChange {
+  readonly schema: string;
+  readonly table: string;
+  readonly columns: readonly ColumnInfo[];
+  readonly primaryKey: readonly string[];
+  /** LSN of the first transaction that uses this shape. */
+  readonly lsn: string;
+}
+
+export interface OperationCounts {
+  insert: number;
+  update: number;
+  delete: number;
+  truncate: number;
+}
+
+// ---- worker -> supervisor ----
+
+export interface ReadyMessage {
+  readonly type: 'ready';
+  readonly startLsn: string;
+  readonly slotCreated: boolean;
+  readonly publicationCreated: boolean;
+  readonly serverVersion: number;
+}
+
+export interface BatchMessage {
+  readonly type: 'batch';
+  /** Increases by one per batch within one reader run. */
+  readonly seq: number;
+  /** COPY text rows for cdc_events, UTF-8. Transferred, not cloned. */
+  readonly data: ArrayBuffer;
+  readonly rows: number;
+  readonly counts: OperationCounts;
+  /** Commit end LSN of the last transaction completed in this batch, if any. */
+  readonly checkpointLsn: string | null;
+  readonly checkpointXid: number | null;
+  /** Source commit time (ms since epoch) of that transaction. */
+  readonly checkpointCommitTimeMs: number | null;
+  readonly transactions: number;
+  readonly schemaChanges: readonly SchemaChange[];
+}
+
+export interface ProgressMessage {
+  readonly type: 'progress';
+  /** Latest server WAL end seen in the stream. */
+  readonly serverWalEnd: string | null;
+  /** Position last confirmed to the source. */
+  readonly confirmedLsn: string | null;
+}
+
+export interface ErrorInfo {
+  readonly name: string;
+  readonly message: string;
+  readonly code?: string;
+  readonly fatal: boolean;
+  readonly stack?: string;
+}
+
+export type WorkerMessage = ReadyMessage | BatchMessage | ProgressMessage;
+
+// ---- supervisor -> worker ----
+
+/** Everything up to and including batch `seq` is committed in the buffer. */
+export interface DurableMessage {
+  readonly type: 'durable';
+  readonly seq: number;
+  /** The checkpoint now stored, if these batches moved it. */
+  readonly lsn: string | null;
+}
+
+/** Stop reading, send what is pending, wait until it is durable, confirm it, then return. */
+export interface StopMessage {
+  readonly type: 'stop';
+}
+
+/** Stop at once: the supervisor will not store anything more from this run. */
+export interface AbortMessage {
+  readonly type: 'abort';
+}
+
+export type SupervisorMessage = DurableMessage | StopMessage | AbortMessage;
+
+/**
+ * What a reader task resolves with. A failure is returned rather than thrown: a thrown error
+ * loses its fields crossing the thread boundary, and `fatal` decides whether we retry.
+ * (A thread that crashes outright still rejects the task.)
+ */
+export interface ReaderResult {
+  readonly confirmedLsn: string | null;
+  readonly error: ErrorInfo | null;
+}

@@ -1,0 +1,395 @@
+/**
+ * The supervisor: one reader thread per source (piscina), one writer per source that stores the
+ * reader's batches in the buffer, and a restart loop with backoff around both.
+ */
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import pRetry from 'p-retry';
+import { Piscina } from 'piscina';
+import type { Config, SourceConfig } from './config.js';
+import { isFatal, ReaderError } from './errors.js';
+import type { Logger } from './logger.js';
+import { lsnToNumber, parseLsn } from './lsn.js';
+import type { Metrics } from './metrics.js';
+import type {
+  BatchMessage,
+  ReaderResult,
+  ReaderTask,
+  SupervisorMessage,
+  WorkerMessage,
+} from './protocol.js';
+import type { BufferStore } from './buffer/store.js';
+
+const READER_FILE = new URL('../workers/slot-reader.js', import.meta.url).href;
+
+/** A reader that ran this long before failing has earned a fresh backoff cycle. */
+const HEALTHY_RUN_MS = 60_000;
+/** Coalesce at most this much queued data into one buffer transaction. */
+const MAX_GROUP_BYTES = 64 * 1024 * 1024;
+/** After asking a reader to abort, wait this long before terminating its thread. */
+const ABORT_GRACE_MS = 5_000;
+
+export type SourceState = 'starting' | 'streaming' | 'backoff' | 'stopping' | 'stopped' | 'failed';
+
+export class Supervisor {
+  private readonly pool: Piscina;
+  readonly runners: SourceRunner[];
+
+  constructor(
+    private readonly config: Config,
+    store: BufferStore,
+    metrics: Metrics,
+    log: Logger,
+  ) {
+    const threads = config.sources.length;
+    this.pool = new Piscina({
+      filename: READER_FILE,
+      minThreads: threads,
+      maxThreads: threads,
+      idleTimeout: Infinity,
+      concurrentTasksPerWorker: 1,
+      // 'sync' atomics freeze handles a task leaves open; our tasks are long-lived streams.
+      atomics: 'disabled',
+    });
+    this.runners = config.sources.map(
+      (source) => new SourceRunner(source, config, this.pool, store, metrics, log.child({ source: source.id })),
+    );
+  }
+
+  /** Runs every source until stopped; resolves with the sources that failed fatally. */
+  async run(): Promise<Array<{ source: string; error: Error }>> {
+    const results = await Promise.allSettled(this.runners.map((r) => r.run()));
+    const failures: Array<{ source: string; error: Error }> = [];
+    results.forEach((result, i) => {
+      if (result.status === 'rejected') {
+        failures.push({ source: this.runners[i]!.source.id, error: result.reason as Error });
+      }
+    });
+    return failures;
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.runners.map((r) => r.stop()));
+  }
+
+  async close(): Promise<void> {
+    await this.pool.destroy();
+  }
+}
+
+/** One reader run: a thread reading the slot and the writer storing what it sends. */
+class ReaderRun {
+  private readonly channel = new MessageChannel();
+  private readonly abortController = new AbortController();
+  private readonly queue: BatchMessage[] = [];
+  private writing = false;
+  private writeError: unknown = null;
+  private onWriterFailed!: (error: unknown) => void;
+  private readonly writerFailed = new Promise<never>((_, reject) => {
+    this.onWriterFailed = reject;
+  });
+  readonly task: Promise<ReaderResult>;
+
+  constructor(
+    private readonly runner: SourceRunner,
+    startLsn: string | null,
+    pool: Piscina,
+  ) {
+    this.writerFailed.catch(() => undefined);
+    const { source, config } = runner;
+    this.channel.port1.on('message', (message: WorkerMessage) => this.onMessage(message));
+    const task: ReaderTask = {
+      source,
+      startLsn,
+      checkpointIntervalMs: config.checkpointIntervalMs,
+      batchMaxRows: config.batchMaxRows,
+      batchMaxBytes: config.batchMaxBytes,
+      batchMaxWaitMs: config.batchMaxWaitMs,
+      maxInFlightBatches: config.maxInFlightBatches,
+      logLevel: config.logLevel,
+      port: this.channel.port2,
+    };
+    this.task = pool.run(task, {
+      transferList: [this.channel.port2 as unknown as MessagePort],
+      signal: this.abortController.signal,
+    }) as Promise<ReaderResult>;
+    this.task.catch(() => undefined);
+  }
+
+  /** Resolves when the reader stopped cleanly; rejects with why it did not. */
+  async wait(): Promise<void> {
+    try {
+      const result = await Promise.race([this.task, this.writerFailed]);
+      if (result.error) throw new ReaderError(result.error);
+    } catch (error) {
+      await this.abort();
+      throw error;
+    } finally {
+      this.channel.port1.close();
+    }
+  }
+
+  requestStop(): void {
+    this.send({ type: 'stop' });
+  }
+
+  /**
+   * Stops the reader without storing anything more: ask it over the port, and terminate the
+   * thread if it does not finish in time. Waits for a write in progress, so nothing from this run
+   * is stored after the next run has cleaned up beyond the checkpoint.
+   */
+  async abort(): Promise<void> {
+    this.queue.length = 0;
+    this.send({ type: 'abort' });
+    const timer = setTimeout(() => this.abortController.abort(), ABORT_GRACE_MS);
+    await this.task.catch(() => undefined);
+    clearTimeout(timer);
+    while (this.writing) await new Promise((r) => setTimeout(r, 10));
+  }
+
+  private send(message: SupervisorMessage): void {
+    try {
+      this.channel.port1.postMessage(message);
+    } catch {
+      // Port already closed: the thread is gone.
+    }
+  }
+
+  private onMessage(message: WorkerMessage): void {
+    const { metrics, source, log } = this.runner;
+    const labels = { source: source.id };
+    switch (message.type) {
+      case 'ready':
+        this.runner.setState('streaming');
+        log.info(
+          {
+            startLsn: message.startLsn,
+            slotCreated: message.slotCreated,
+            publicationCreated: message.publicationCreated,
+            serverVersion: message.serverVersion,
+          },
+          'reader ready',
+        );
+        break;
+      case 'batch':
+        if (this.writeError !== null) return;
+        this.queue.push(message);
+        metrics.queuedBatches.set(labels, this.queue.length);
+        void this.drain();
+        break;
+      case 'progress':
+        if (message.confirmedLsn !== null) {
+          this.runner.confirmedLsn = message.confirmedLsn;
+          metrics.confirmedLsn.set(labels, lsnToNumber(parseLsn(message.confirmedLsn)));
+        }
+        if (message.serverWalEnd !== null) {
+          this.runner.serverWalEnd = parseLsn(message.serverWalEnd);
+          metrics.serverWalEnd.set(labels, lsnToNumber(this.runner.serverWalEnd));
+          this.runner.updateLag();
+        }
+        break;
+    }
+  }
+
+  /** Stores queued batches in order, several per buffer transaction when they pile up. */
+  private async drain(): Promise<void> {
+    if (this.writing) return;
+    this.writing = true;
+    const { metrics, source, store, log } = this.runner;
+    const labels = { source: source.id };
+    try {
+      while (this.queue.length > 0 && this.writeError === null) {
+        const group: BatchMessage[] = [];
+        let bytes = 0;
+        while (this.queue.length > 0 && (group.length === 0 || bytes + this.queue[0]!.data.byteLength <= MAX_GROUP_BYTES)) {
+          const next = this.queue.shift()!;
+          group.push(next);
+          bytes += next.data.byteLength;
+        }
+        metrics.queuedBatches.set(labels, this.queue.length);
+        const started = performance.now();
+        const stored = await store.storeBatches(source.id, source.slot, group);
+        const now = Date.now();
+        metrics.bufferCommitSeconds.observe(labels, (performance.now() - started) / 1000);
+        metrics.bufferCommits.inc(labels);
+        metrics.batches.inc(labels, group.length);
+        metrics.bufferBytes.inc(labels, bytes);
+        for (const batch of group) {
+          metrics.events.inc({ ...labels, operation: 'INSERT' }, batch.counts.insert);
+          metrics.events.inc({ ...labels, operation: 'UPDATE' }, batch.counts.update);
+          metrics.events.inc({ ...labels, operation: 'DELETE' }, batch.counts.delete);
+          metrics.events.inc({ ...labels, operation: 'TRUNCATE' }, batch.counts.truncate);
+          metrics.transactions.inc(labels, batch.transactions);
+        }
+        const last = group[group.length - 1]!;
+        const lastCommit = [...group].reverse().find((b) => b.checkpointCommitTimeMs !== null);
+        if (stored.checkpointLsn !== null) {
+          this.runner.checkpointLsn = stored.checkpointLsn;
+          metrics.checkpointLsn.set(labels, lsnToNumber(parseLsn(stored.checkpointLsn)));
+          this.runner.updateLag();
+        }
+        if (lastCommit?.checkpointCommitTimeMs != null) {
+          metrics.lastCommitTimestamp.set(labels, lastCommit.checkpointCommitTimeMs / 1000);
+          metrics.commitLagSeconds.observe(labels, Math.max(0, now - lastCommit.checkpointCommitTimeMs) / 1000);
+          this.runner.lastStoredAt = now;
+        }
+        if (stored.schemaVersionsAdded > 0) {
+          log.info({ versions: stored.schemaVersionsAdded }, 'schema versions recorded');
+        }
+        // Only now, with the buffer transaction committed, may the reader confirm this far.
+        this.send({ type: 'durable', seq: last.seq, lsn: stored.checkpointLsn });
+      }
+    } catch (error) {
+      this.writeError = error;
+      this.queue.length = 0;
+      metrics.queuedBatches.set(labels, 0);
+      log.error({ err: error }, 'storing a batch in the buffer failed');
+      this.onWriterFailed(error);
+    } finally {
+      this.writing = false;
+    }
+  }
+}
+
+export class SourceRunner {
+  state: SourceState = 'starting';
+  lastError: string | null = null;
+  checkpointLsn: string | null = null;
+  confirmedLsn: string | null = null;
+  serverWalEnd = 0n;
+  lastStoredAt: number | null = null;
+  private stateSince = Date.now();
+  private stopping = false;
+  private current: ReaderRun | null = null;
+  private readonly retryAbort = new AbortController();
+
+  constructor(
+    readonly source: SourceConfig,
+    readonly config: Config,
+    private readonly pool: Piscina,
+    readonly store: BufferStore,
+    readonly metrics: Metrics,
+    readonly log: Logger,
+  ) {
+    metrics.initSource(source.id);
+  }
+
+  setState(state: SourceState): void {
+    if (this.state === state) return;
+    this.state = state;
+    this.stateSince = Date.now();
+    this.metrics.readerUp.set({ source: this.source.id }, state === 'streaming' ? 1 : 0);
+  }
+
+  updateLag(): void {
+    if (this.checkpointLsn === null || this.serverWalEnd === 0n) return;
+    const lag = this.serverWalEnd - parseLsn(this.checkpointLsn);
+    this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
+  }
+
+  health(): Record<string, unknown> & { healthy: boolean } {
+    const since = Date.now() - this.stateSince;
+    // Restarts are normal (server restarts, failovers); being down for a minute is not.
+    const healthy =
+      this.state === 'streaming' || this.state === 'stopping' || ((this.state === 'starting' || this.state === 'backoff') && since < 60_000);
+    return {
+      source: this.source.id,
+      healthy,
+      state: this.state,
+      stateSeconds: Math.round(since / 1000),
+      checkpointLsn: this.checkpointLsn,
+      confirmedLsn: this.confirmedLsn,
+      lastStoredAt: this.lastStoredAt === null ? null : new Date(this.lastStoredAt).toISOString(),
+      lastError: this.lastError,
+    };
+  }
+
+  /** Runs the source until stopped; rejects if it fails fatally. */
+  async run(): Promise<void> {
+    while (!this.stopping) {
+      let freshCycle = false;
+      try {
+        await pRetry(
+          async () => {
+            const started = Date.now();
+            try {
+              await this.runOnce();
+            } catch (error) {
+              if (!this.stopping && !isFatal(error) && Date.now() - started >= HEALTHY_RUN_MS) {
+                this.noteFailure(error);
+                freshCycle = true; // healthy for a while: restart with a fresh backoff
+                return;
+              }
+              throw error;
+            }
+          },
+          {
+            retries: Infinity,
+            factor: 2,
+            minTimeout: this.config.restartMinDelayMs,
+            maxTimeout: this.config.restartMaxDelayMs,
+            randomize: true,
+            signal: this.retryAbort.signal,
+            onFailedAttempt: ({ error, attemptNumber }) => {
+              if (this.stopping) return;
+              this.noteFailure(error, attemptNumber);
+              if (!isFatal(error)) this.setState('backoff');
+            },
+            shouldRetry: ({ error }) => !this.stopping && !isFatal(error),
+          },
+        );
+      } catch (error) {
+        if (this.stopping) break;
+        this.setState('failed');
+        this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
+        this.log.error({ err: error }, 'source stopped: this error needs a person to fix it');
+        throw error;
+      }
+      if (freshCycle && !this.stopping) {
+        this.metrics.readerRestarts.inc({ source: this.source.id });
+        await new Promise((r) => setTimeout(r, this.config.restartMinDelayMs));
+      }
+    }
+    this.setState('stopped');
+  }
+
+  private noteFailure(error: unknown, attempt?: number): void {
+    const message = error instanceof Error ? error.message : String(error);
+    this.lastError = message;
+    if (isFatal(error)) return;
+    this.metrics.readerFailures.inc({ source: this.source.id, kind: 'retryable' });
+    this.metrics.readerRestarts.inc({ source: this.source.id });
+    this.log.warn({ err: error, attempt }, 'reader failed; restarting with backoff');
+  }
+
+  private async runOnce(): Promise<void> {
+    this.setState('starting');
+    const checkpoint = await this.store.prepareSource(this.source.id);
+    if (checkpoint) this.checkpointLsn = checkpoint.lsn;
+    if (this.stopping) return;
+    this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
+    const run = new ReaderRun(this, checkpoint?.lsn ?? null, this.pool);
+    this.current = run;
+    try {
+      await run.wait();
+      this.log.info('reader stopped cleanly');
+    } finally {
+      this.current = null;
+      if (this.state === 'streaming') this.setState('starting');
+    }
+    if (!this.stopping) throw new Error('reader returned without being asked to stop');
+  }
+
+  /** Graceful: the reader stores what is in flight, confirms it, and returns. */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.setState('stopping');
+    this.retryAbort.abort();
+    const run = this.current;
+    if (run) {
+      this.log.info('stopping reader');
+      run.requestStop();
+      await run.task.catch(() => undefined);
+    }
+  }
+}

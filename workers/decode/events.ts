@@ -1,0 +1,307 @@
+/**
+ * Turns decoded pgoutput changes into rows of cdc_events in COPY text format, accumulated into
+ * one batch at a time. Building COPY text here, in the reader thread, means the supervisor never
+ * parses or re-serializes an event: it streams the bytes it is handed into the buffer.
+ */
+import type { ColumnInfo, OperationCounts, SchemaChange } from '../../src/protocol.js';
+import { formatLsn } from '../../src/lsn.js';
+import { PG_EPOCH_OFFSET_US, UNCHANGED, type TupleValue } from './pgoutput.js';
+import { toJson, type TypeInfo } from './values.js';
+
+/** Column order of the COPY into cdc_events; the buffer writer uses the same list. */
+export const EVENT_COPY_COLUMNS = [
+  'source_id',
+  'lsn',
+  'seq',
+  'xid',
+  'committed_at',
+  'schema_name',
+  'table_name',
+  'operation',
+  'before',
+  'after',
+  'primary_key',
+  'unchanged_columns',
+] as const;
+
+export interface ResolvedColumn {
+  readonly name: string;
+  readonly type: TypeInfo;
+  readonly typeMod: number;
+  /** Part of the replica identity (what a 'K' old tuple carries). */
+  readonly key: boolean;
+}
+
+export interface ResolvedRelation {
+  readonly oid: number;
+  readonly schema: string;
+  readonly table: string;
+  readonly columns: readonly ResolvedColumn[];
+  readonly primaryKey: readonly string[];
+}
+
+interface RelationEncoding {
+  readonly relation: ResolvedRelation;
+  /** '"name":' for each column, computed once. */
+  readonly jsonKeys: readonly string[];
+  /** 'schema\ttable\t' already COPY-escaped. */
+  readonly location: string;
+  /** The primary_key array literal, COPY-escaped. */
+  readonly primaryKey: string;
+}
+
+export interface TakenBatch {
+  readonly data: ArrayBuffer;
+  readonly rows: number;
+  readonly counts: OperationCounts;
+  readonly checkpointLsn: string | null;
+  readonly checkpointXid: number | null;
+  readonly checkpointCommitTimeMs: number | null;
+  readonly transactions: number;
+  readonly schemaChanges: SchemaChange[];
+}
+
+const COPY_SPECIAL = /[\\\n\r\t]/;
+
+/** Escapes a value for COPY text format (tab-separated, backslash escapes). */
+export function copyEscape(text: string): string {
+  if (!COPY_SPECIAL.test(text)) return text;
+  return text.replace(/[\\\n\r\t]/g, (c) =>
+    c === '\\' ? '\\\\' : c === '\n' ? '\\n' : c === '\r' ? '\\r' : '\\t',
+  );
+}
+
+/** A PostgreSQL text[] literal with every element quoted. */
+export function textArrayLiteral(items: readonly string[]): string {
+  return `{${items.map((s) => `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`).join(',')}}`;
+}
+
+/** PostgreSQL timestamps (µs since 2000-01-01) as ISO-8601 with microseconds. */
+export function pgTimeToIso(pgMicros: bigint): string {
+  const unixMicros = pgMicros + PG_EPOCH_OFFSET_US;
+  const ms = unixMicros / 1000n;
+  const extra = Number(((unixMicros % 1000n) + 1000n) % 1000n);
+  const iso = new Date(Number(ms)).toISOString(); // ...ss.mmmZ
+  return `${iso.slice(0, -1)}${String(extra).padStart(3, '0')}Z`;
+}
+
+export function pgTimeToMs(pgMicros: bigint): number {
+  return Number((pgMicros + PG_EPOCH_OFFSET_US) / 1000n);
+}
+
+export class BatchBuilder {
+  private readonly relations = new Map<number, RelationEncoding>();
+  private readonly sourceField: string;
+
+  // The open transaction, if any.
+  private inTransaction = false;
+  private txPrefix = ''; // 'source\tlsn\t'
+  private txMiddle = ''; // '\txid\tcommitted_at\t'
+  private txSeq = 0;
+  private txCommitLsn = '';
+
+  // The batch being filled.
+  private chunks: string[] = [];
+  private rowCount = 0;
+  private byteCount = 0;
+  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
+  private checkpoint: { lsn: string; xid: number; commitTimeMs: number } | null = null;
+  private transactions = 0;
+  private schemaChanges: SchemaChange[] = [];
+  private currentXid = 0;
+
+  constructor(sourceId: string) {
+    this.sourceField = copyEscape(sourceId);
+  }
+
+  get rows(): number {
+    return this.rowCount;
+  }
+
+  /** Approximate UTF-16 length of the pending rows: a cheap stand-in for their byte size. */
+  get bytes(): number {
+    return this.byteCount;
+  }
+
+  /** Whether taking now would store anything (rows, a checkpoint or a schema version). */
+  get hasContent(): boolean {
+    return this.rowCount > 0 || this.checkpoint !== null || this.schemaChanges.length > 0;
+  }
+
+  get isInTransaction(): boolean {
+    return this.inTransaction;
+  }
+
+  begin(finalLsn: bigint, commitTime: bigint, xid: number): void {
+    this.inTransaction = true;
+    this.txCommitLsn = formatLsn(finalLsn);
+    this.txPrefix = `${this.sourceField}\t${this.txCommitLsn}\t`;
+    this.txMiddle = `\t${xid}\t${pgTimeToIso(commitTime)}\t`;
+    this.txSeq = 0;
+    this.currentXid = xid;
+  }
+
+  commit(endLsn: bigint, commitTime: bigint): void {
+    this.inTransaction = false;
+    this.transactions++;
+    this.checkpoint = {
+      lsn: formatLsn(endLsn),
+      xid: this.currentXid,
+      commitTimeMs: pgTimeToMs(commitTime),
+    };
+  }
+
+  /** Registers (or replaces) a relation; records a schema version when its shape is new. */
+  relation(relation: ResolvedRelation): void {
+    const previous = this.relations.get(relation.oid)?.relation;
+    this.relations.set(relation.oid, {
+      relation,
+      jsonKeys: relation.columns.map((c) => `${JSON.stringify(c.name)}:`),
+      location: `${copyEscape(relation.schema)}\t${copyEscape(relation.table)}\t`,
+      primaryKey: copyEscape(textArrayLiteral(relation.primaryKey)),
+    });
+    if (!previous || !sameShape(previous, relation)) {
+      this.schemaChanges.push({
+        schema: relation.schema,
+        table: relation.table,
+        columns: relation.columns.map(
+          (c): ColumnInfo => ({
+            name: c.name,
+            type: c.type.name,
+            typeOid: c.type.oid,
+            typeMod: c.typeMod,
+            key: c.key,
+          }),
+        ),
+        primaryKey: [...relation.primaryKey],
+        lsn: this.inTransaction ? this.txCommitLsn : '0/0',
+      });
+    }
+  }
+
+  hasRelation(oid: number): boolean {
+    return this.relations.has(oid);
+  }
+
+  insert(relationOid: number, after: TupleValue[]): void {
+    const enc = this.encoding(relationOid);
+    const a = this.rowJson(enc, after, false, null);
+    this.push(enc, 'INSERT', null, a.json, a.unchanged);
+    this.counts.insert++;
+  }
+
+  update(
+    relationOid: number,
+    beforeKind: 'K' | 'O' | null,
+    before: TupleValue[] | null,
+    after: TupleValue[],
+  ): void {
+    const enc = this.encoding(relationOid);
+    // With REPLICA IDENTITY FULL the old row carries the real value of an unchanged TOAST column.
+    const b = before ? this.rowJson(enc, before, beforeKind === 'K', null) : null;
+    const a = this.rowJson(enc, after, false, beforeKind === 'O' ? before : null);
+    this.push(enc, 'UPDATE', b?.json ?? null, a.json, a.unchanged);
+    this.counts.update++;
+  }
+
+  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleValue[]): void {
+    const enc = this.encoding(relationOid);
+    const b = this.rowJson(enc, before, beforeKind === 'K', null);
+    this.push(enc, 'DELETE', b.json, null, null);
+    this.counts.delete++;
+  }
+
+  truncate(relationOids: number[]): void {
+    for (const oid of relationOids) {
+      this.push(this.encoding(oid), 'TRUNCATE', null, null, null);
+      this.counts.truncate++;
+    }
+  }
+
+  /** Hands over the batch as one transferable buffer and starts a new one. */
+  take(): TakenBatch {
+    const text = this.chunks.join('');
+    // TextEncoder gives a fresh ArrayBuffer we may transfer; Buffer.from could hand out a slice
+    // of Node's shared pool, and transferring that would detach the pool.
+    const data = new TextEncoder().encode(text).buffer as ArrayBuffer;
+    const batch: TakenBatch = {
+      data,
+      rows: this.rowCount,
+      counts: this.counts,
+      checkpointLsn: this.checkpoint?.lsn ?? null,
+      checkpointXid: this.checkpoint?.xid ?? null,
+      checkpointCommitTimeMs: this.checkpoint?.commitTimeMs ?? null,
+      transactions: this.transactions,
+      schemaChanges: this.schemaChanges,
+    };
+    this.chunks = [];
+    this.rowCount = 0;
+    this.byteCount = 0;
+    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0 };
+    this.checkpoint = null;
+    this.transactions = 0;
+    this.schemaChanges = [];
+    return batch;
+  }
+
+  private encoding(oid: number): RelationEncoding {
+    const enc = this.relations.get(oid);
+    // pgoutput always sends a Relation message before the first change that needs it.
+    if (!enc) throw new Error(`pgoutput: change for unknown relation ${oid}`);
+    return enc;
+  }
+
+  private push(
+    enc: RelationEncoding,
+    operation: string,
+    before: string | null,
+    after: string | null,
+    unchanged: string[] | null,
+  ): void {
+    if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
+    this.txSeq++;
+    const row =
+      `${this.txPrefix}${this.txSeq}${this.txMiddle}${enc.location}${operation}\t` +
+      `${before === null ? '\\N' : copyEscape(before)}\t${after === null ? '\\N' : copyEscape(after)}\t` +
+      `${enc.primaryKey}\t${unchanged && unchanged.length > 0 ? copyEscape(textArrayLiteral(unchanged)) : '\\N'}\n`;
+    this.chunks.push(row);
+    this.rowCount++;
+    this.byteCount += row.length;
+  }
+
+  private rowJson(
+    enc: RelationEncoding,
+    values: TupleValue[],
+    keyOnly: boolean,
+    fallback: TupleValue[] | null,
+  ): { json: string; unchanged: string[] | null } {
+    const columns = enc.relation.columns;
+    let json = '{';
+    let first = true;
+    let unchanged: string[] | null = null;
+    for (let i = 0; i < values.length; i++) {
+      const column = columns[i];
+      if (!column) throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
+      if (keyOnly && !column.key) continue;
+      let value = values[i];
+      if (value === UNCHANGED && fallback) value = fallback[i];
+      if (value === UNCHANGED || value === undefined) {
+        // Never report an unchanged TOASTed value as null: leave it out and name it.
+        (unchanged ??= []).push(column.name);
+        continue;
+      }
+      json += `${first ? '' : ','}${enc.jsonKeys[i]}${value === null ? 'null' : toJson(value, column.type)}`;
+      first = false;
+    }
+    return { json: `${json}}`, unchanged };
+  }
+}
+
+function sameShape(a: ResolvedRelation, b: ResolvedRelation): boolean {
+  if (a.schema !== b.schema || a.table !== b.table || a.columns.length !== b.columns.length) return false;
+  if (a.primaryKey.join('\0') !== b.primaryKey.join('\0')) return false;
+  return a.columns.every((c, i) => {
+    const d = b.columns[i];
+    return d !== undefined && c.name === d.name && c.type.oid === d.type.oid && c.typeMod === d.typeMod && c.key === d.key;
+  });
+}

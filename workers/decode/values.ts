@@ -1,0 +1,212 @@
+/**
+ * PostgreSQL text-format values to JSON text, without loss.
+ *
+ * pgoutput sends each value in the type's text output format, produced with the replication
+ * session's settings (the reader pins DateStyle=ISO, TimeZone=UTC, IntervalStyle=iso_8601,
+ * bytea_output=hex, extra_float_digits=3). We turn that text straight into a JSON fragment:
+ * no Date objects (they lose microseconds), no float parsing of int8/numeric (it loses digits),
+ * and json/jsonb spliced verbatim (re-parsing would round large numbers).
+ */
+
+export type ValueKind =
+  | 'bool'
+  | 'number' // int2, int4, oid and friends: the text is already a JSON number
+  | 'float' // float4/float8: a JSON number, or a string for NaN and ±Infinity
+  | 'string' // int8, numeric, text, uuid and anything without a better JSON form
+  | 'json' // json and jsonb: spliced as is
+  | 'timestamp' // without time zone: ISO-8601 with microseconds, no zone
+  | 'timestamptz' // ISO-8601 with microseconds, 'Z'
+  | 'bytea' // '\x…' hex, PostgreSQL's own input format
+  | 'array';
+
+export interface TypeInfo {
+  readonly oid: number;
+  readonly name: string;
+  readonly kind: ValueKind;
+  /** For arrays: the element type and its delimiter (';' for box, ',' for the rest). */
+  readonly element?: TypeInfo;
+  readonly delimiter?: string;
+}
+
+const scalar = (oid: number, name: string, kind: ValueKind): TypeInfo => ({ oid, name, kind });
+
+const SCALARS: readonly TypeInfo[] = [
+  scalar(16, 'bool', 'bool'),
+  scalar(17, 'bytea', 'bytea'),
+  scalar(18, 'char', 'string'),
+  scalar(19, 'name', 'string'),
+  scalar(20, 'int8', 'string'),
+  scalar(21, 'int2', 'number'),
+  scalar(23, 'int4', 'number'),
+  scalar(24, 'regproc', 'string'),
+  scalar(25, 'text', 'string'),
+  scalar(26, 'oid', 'number'),
+  scalar(27, 'tid', 'string'),
+  scalar(28, 'xid', 'number'),
+  scalar(29, 'cid', 'number'),
+  scalar(114, 'json', 'json'),
+  scalar(142, 'xml', 'string'),
+  scalar(600, 'point', 'string'),
+  scalar(601, 'lseg', 'string'),
+  scalar(602, 'path', 'string'),
+  scalar(603, 'box', 'string'),
+  scalar(604, 'polygon', 'string'),
+  scalar(628, 'line', 'string'),
+  scalar(650, 'cidr', 'string'),
+  scalar(700, 'float4', 'float'),
+  scalar(701, 'float8', 'float'),
+  scalar(718, 'circle', 'string'),
+  scalar(774, 'macaddr8', 'string'),
+  scalar(790, 'money', 'string'),
+  scalar(829, 'macaddr', 'string'),
+  scalar(869, 'inet', 'string'),
+  scalar(1042, 'bpchar', 'string'),
+  scalar(1043, 'varchar', 'string'),
+  scalar(1082, 'date', 'string'),
+  scalar(1083, 'time', 'string'),
+  scalar(1114, 'timestamp', 'timestamp'),
+  scalar(1184, 'timestamptz', 'timestamptz'),
+  scalar(1186, 'interval', 'string'),
+  scalar(1266, 'timetz', 'string'),
+  scalar(1560, 'bit', 'string'),
+  scalar(1562, 'varbit', 'string'),
+  scalar(1700, 'numeric', 'string'),
+  scalar(2950, 'uuid', 'string'),
+  scalar(3220, 'pg_lsn', 'string'),
+  scalar(3614, 'tsvector', 'string'),
+  scalar(3615, 'tsquery', 'string'),
+  scalar(3802, 'jsonb', 'json'),
+  scalar(4089, 'regnamespace', 'string'),
+  scalar(5069, 'xid8', 'string'),
+];
+
+/** [array oid, element oid] for the built-in array types. */
+const ARRAYS: ReadonlyArray<readonly [number, number]> = [
+  [1000, 16], [1001, 17], [1002, 18], [1003, 19], [1016, 20], [1005, 21], [1007, 23],
+  [1008, 24], [1009, 25], [1028, 26], [1010, 27], [1011, 28], [1012, 29], [199, 114],
+  [143, 142], [1017, 600], [1018, 601], [1019, 602], [1020, 603], [1027, 604], [629, 628],
+  [651, 650], [1021, 700], [1022, 701], [719, 718], [775, 774], [791, 790], [1040, 829],
+  [1041, 869], [1014, 1042], [1015, 1043], [1182, 1082], [1183, 1083], [1115, 1114],
+  [1185, 1184], [1187, 1186], [1270, 1266], [1561, 1560], [1563, 1562], [1231, 1700],
+  [2951, 2950], [3221, 3220], [3643, 3614], [3645, 3615], [3807, 3802], [271, 5069],
+];
+
+export const BUILTIN_TYPES: ReadonlyMap<number, TypeInfo> = (() => {
+  const map = new Map<number, TypeInfo>();
+  for (const t of SCALARS) map.set(t.oid, t);
+  for (const [arrayOid, elementOid] of ARRAYS) {
+    const element = map.get(elementOid);
+    if (!element) throw new Error(`no element type ${elementOid}`);
+    map.set(arrayOid, {
+      oid: arrayOid,
+      name: `_${element.name}`,
+      kind: 'array',
+      element,
+      delimiter: element.name === 'box' ? ';' : ',',
+    });
+  }
+  return map;
+})();
+
+export const TEXT_TYPE: TypeInfo = BUILTIN_TYPES.get(25)!;
+
+const TIMESTAMP =
+  /^(\d{4,})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?([+-]\d\d(?::\d\d(?::\d\d)?)?)?$/;
+
+/** '2026-11-25 00:50:18.12+00' -> '2026-11-25T00:50:18.120000Z'. BC dates and ±infinity stay as PostgreSQL prints them. */
+export function isoTimestamp(text: string): string {
+  const m = TIMESTAMP.exec(text);
+  if (!m) return text;
+  const fraction = (m[7] ?? '').padEnd(6, '0');
+  const zone = m[8];
+  let suffix = '';
+  if (zone !== undefined) {
+    suffix = zone === '+00' || zone === '-00' ? 'Z' : zone.length === 3 ? `${zone}:00` : zone;
+  }
+  return `${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}.${fraction}${suffix}`;
+}
+
+/** One PostgreSQL text value as a JSON fragment. */
+export function toJson(text: string, type: TypeInfo): string {
+  switch (type.kind) {
+    case 'bool':
+      return text === 't' ? 'true' : 'false';
+    case 'number':
+      return text;
+    case 'float':
+      // NaN and ±Infinity have no JSON number form.
+      return /^[-+]?(NaN|Infinity)$/.test(text) ? JSON.stringify(text) : text;
+    case 'json':
+      return text;
+    case 'timestamp':
+    case 'timestamptz':
+      return JSON.stringify(isoTimestamp(text));
+    case 'array':
+      return arrayToJson(text, type);
+    case 'string':
+    case 'bytea':
+      return JSON.stringify(text);
+  }
+}
+
+type ArrayItem = string | null | ArrayItem[];
+
+function arrayToJson(text: string, type: TypeInfo): string {
+  const element = type.element ?? TEXT_TYPE;
+  const parsed = parseArrayLiteral(text, type.delimiter ?? ',');
+  const render = (item: ArrayItem): string =>
+    item === null ? 'null' : Array.isArray(item) ? `[${item.map(render).join(',')}]` : toJson(item, element);
+  return render(parsed);
+}
+
+/**
+ * Parses PostgreSQL's array output ('{1,NULL,"a b",{2,3}}', optionally prefixed with bounds
+ * such as '[0:1]='). Quoted elements may contain the delimiter, braces and backslash escapes;
+ * an unquoted NULL is SQL NULL, a quoted "NULL" is the string.
+ */
+export function parseArrayLiteral(text: string, delimiter = ','): ArrayItem[] {
+  let i = 0;
+  if (text[0] === '[') {
+    const eq = text.indexOf('=');
+    if (eq < 0) throw new Error(`malformed array literal: ${text.slice(0, 40)}`);
+    i = eq + 1;
+  }
+  const parseLevel = (): ArrayItem[] => {
+    if (text[i] !== '{') throw new Error(`malformed array literal at ${i}: ${text.slice(0, 40)}`);
+    i++;
+    const items: ArrayItem[] = [];
+    if (text[i] === '}') {
+      i++;
+      return items;
+    }
+    for (;;) {
+      const c = text[i];
+      if (c === '{') {
+        items.push(parseLevel());
+      } else if (c === '"') {
+        i++;
+        let out = '';
+        while (i < text.length && text[i] !== '"') {
+          if (text[i] === '\\') i++;
+          out += text[i];
+          i++;
+        }
+        i++; // closing quote
+        items.push(out);
+      } else {
+        let out = '';
+        while (i < text.length && text[i] !== delimiter && text[i] !== '}') {
+          if (text[i] === '\\') i++;
+          out += text[i];
+          i++;
+        }
+        items.push(out === 'NULL' ? null : out);
+      }
+      const next = text[i];
+      i++;
+      if (next === '}') return items;
+      if (next !== delimiter) throw new Error(`malformed array literal at ${i - 1}: ${text.slice(0, 40)}`);
+    }
+  };
+  return parseLevel();
+}

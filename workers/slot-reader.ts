@@ -1,0 +1,397 @@
+/**
+ * Thread entry: reads one replication slot and sends its changes to the supervisor as batches.
+ *
+ * The one rule this file exists to keep: the position confirmed to the source never passes what
+ * the supervisor has reported durable in the buffer (or, when nothing is in flight at all, the
+ * server's WAL end, which holds no change of ours).
+ */
+import { isMainThread } from 'node:worker_threads';
+import pg from 'pg';
+import { LogicalReplicationService } from 'pg-logical-replication';
+import { pgClientOptions } from '../src/config.js';
+import { toErrorInfo } from '../src/errors.js';
+import { createLogger, safeConnection, type Logger } from '../src/logger.js';
+import { formatLsn, parseLsn } from '../src/lsn.js';
+import type {
+  ReaderResult,
+  ReaderTask,
+  SupervisorMessage,
+  WorkerMessage,
+} from '../src/protocol.js';
+import { BatchBuilder } from './decode/events.js';
+import { parsePgoutput } from './decode/pgoutput.js';
+import { CatalogResolver, prepareSource } from './source-setup.js';
+
+if (isMainThread) {
+  throw new Error('workers/slot-reader.js runs inside a worker thread started by the supervisor');
+}
+
+/**
+ * Session settings for the replication connection. pgoutput renders values with the walsender's
+ * own settings, so these fix the text we decode: ISO dates in UTC, hex bytea, exact floats.
+ */
+const REPLICATION_SESSION_OPTIONS = [
+  '-c DateStyle=ISO',
+  '-c TimeZone=UTC',
+  '-c IntervalStyle=iso_8601',
+  '-c bytea_output=hex',
+  '-c extra_float_digits=3',
+].join(' ');
+
+/** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
+const STATUS_INTERVAL_MS = 5_000;
+
+type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
+
+/**
+ * A pgoutput "plugin" for pg-logical-replication that only copies each payload: the real decoding
+ * happens in the (ordered, flow-controlled) data handler. The copy is needed because pg reuses
+ * its read buffer, and the library queues messages while our handler is busy.
+ */
+class RawPgoutput {
+  readonly name = 'pgoutput';
+  received = 0;
+  constructor(private readonly publication: string) {}
+  parse(buffer: Buffer): Buffer {
+    this.received++;
+    return Buffer.from(buffer);
+  }
+  start(client: pg.Client, slot: string, lsn: string): Promise<unknown> {
+    // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
+    return client.query(
+      `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"')`,
+    );
+  }
+}
+
+class SlotReader {
+  private readonly log: Logger;
+  private readonly builder: BatchBuilder;
+  private readonly plugin: RawPgoutput;
+  private side: pg.Client | null = null;
+  private service: LogicalReplicationService | null = null;
+  private resolver: CatalogResolver | null = null;
+
+  private processed = 0;
+  private batchSeq = 0;
+  private durableSeq = 0;
+  /** Everything up to here is committed in the buffer. */
+  private durableLsn = 0n;
+  /** What we last told the source. */
+  private confirmedLsn = 0n;
+  /** A WAL end seen while nothing of ours was in flight: safe to confirm. */
+  private idleWalEnd = 0n;
+  private serverWalEnd = 0n;
+  private replyRequested = false;
+
+  private flushChain: Promise<void> = Promise.resolve();
+  private flushTimer: NodeJS.Timeout | null = null;
+  private creditWaiters: Array<() => void> = [];
+  private durableWaiters: Array<() => void> = [];
+  private timers: NodeJS.Timeout[] = [];
+
+  private stopping = false;
+  private failed: unknown = null;
+  private settle!: { resolve: () => void; reject: (e: unknown) => void };
+  private readonly finished: Promise<void>;
+
+  constructor(private readonly task: ReaderTask) {
+    this.log = createLogger(task.logLevel, { source: task.source.id, slot: task.source.slot, thread: 'reader' });
+    this.builder = new BatchBuilder(task.source.id);
+    this.plugin = new RawPgoutput(task.source.publication);
+    this.finished = new Promise<void>((resolve, reject) => {
+      this.settle = { resolve, reject };
+    });
+    // Always handled: run() awaits it; this keeps an early rejection from being "unhandled".
+    this.finished.catch(() => undefined);
+  }
+
+  async run(): Promise<ReaderResult> {
+    const { source, port } = this.task;
+    port.on('message', (message: SupervisorMessage) => this.onSupervisorMessage(message));
+    try {
+      const options = pgClientOptions(source.connection, `philotes:${source.id}`);
+      this.side = new pg.Client(options);
+      this.side.on('error', (error) => this.fail(error));
+      await this.side.connect();
+      this.log.info({ connection: safeConnection(source.connection) }, 'connected to source');
+      const prepared = await prepareSource(this.side, source, this.log);
+      this.resolver = new CatalogResolver(this.side);
+
+      const start = this.task.startLsn ?? prepared.confirmedFlushLsn ?? '0/0';
+      this.durableLsn = parseLsn(start);
+      this.confirmedLsn = this.durableLsn;
+      this.post({
+        type: 'ready',
+        startLsn: start,
+        slotCreated: prepared.slotCreated,
+        publicationCreated: prepared.publicationCreated,
+        serverVersion: prepared.serverVersion,
+      });
+
+      const service = new LogicalReplicationService(
+        { ...options, options: REPLICATION_SESSION_OPTIONS },
+        // timeoutSeconds: 0 turns off the library's own timer, which would confirm the last
+        // *received* LSN. We send every status update ourselves.
+        { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
+      );
+      this.service = service;
+      service.on('data', (_lsn: string, raw: Buffer) => this.onData(raw));
+      service.on('heartbeat', (lsn: string, _ts: number, shouldRespond: boolean) =>
+        this.onKeepalive(lsn, shouldRespond),
+      );
+      service.on('error', (error: unknown) => this.fail(error));
+      service.on('start', () => this.log.info({ startLsn: start }, 'streaming started'));
+
+      this.timers.push(
+        setInterval(() => this.confirm(false), this.task.checkpointIntervalMs),
+        setInterval(() => this.sendStatus(), Math.min(STATUS_INTERVAL_MS, this.task.checkpointIntervalMs)),
+      );
+
+      const streaming = service.subscribe(this.plugin as unknown as SubscribePlugin, source.slot, start);
+      streaming.then(
+        () => {
+          if (!this.stopping) this.fail(new Error('replication stream ended unexpectedly'));
+        },
+        (error: unknown) => this.fail(error),
+      );
+      await this.finished;
+      return { confirmedLsn: formatLsn(this.confirmedLsn), error: null };
+    } catch (error) {
+      this.fail(error);
+      return { confirmedLsn: formatLsn(this.confirmedLsn), error: toErrorInfo(this.failed) };
+    } finally {
+      await this.close();
+      port.close();
+    }
+  }
+
+  // ---- stream ----
+
+  private async onData(raw: Buffer): Promise<void> {
+    try {
+      if (this.failed !== null || this.stopping) return; // dropped: never stored, never confirmed
+      const message = parsePgoutput(raw);
+      const b = this.builder;
+      switch (message.tag) {
+        case 'begin':
+          b.begin(message.finalLsn, message.commitTime, message.xid);
+          break;
+        case 'commit':
+          b.commit(message.endLsn, message.commitTime);
+          break;
+        case 'relation': {
+          const resolved = await this.resolver!.resolveRelation(
+            message.relationOid,
+            message.schema,
+            message.name,
+            message.columns,
+          );
+          b.relation(resolved);
+          break;
+        }
+        case 'insert':
+          b.insert(message.relationOid, message.after);
+          break;
+        case 'update':
+          b.update(message.relationOid, message.beforeKind, message.before, message.after);
+          break;
+        case 'delete':
+          b.delete(message.relationOid, message.beforeKind, message.before);
+          break;
+        case 'truncate':
+          b.truncate(message.relationOids);
+          break;
+        case 'type':
+        case 'origin':
+        case 'message':
+          break;
+      }
+      if (b.rows >= this.task.batchMaxRows || b.bytes >= this.task.batchMaxBytes) {
+        // Awaiting here keeps the library's flow control paused: bounded memory.
+        await this.flush();
+      } else if (b.hasContent && this.flushTimer === null) {
+        this.flushTimer = setTimeout(() => {
+          this.flushTimer = null;
+          void this.flush();
+        }, this.task.batchMaxWaitMs);
+      }
+    } catch (error) {
+      this.fail(error);
+    } finally {
+      this.processed++;
+    }
+  }
+
+  private onKeepalive(walEndText: string, shouldRespond: boolean): void {
+    const walEnd = parseLsn(walEndText);
+    if (walEnd > this.serverWalEnd) this.serverWalEnd = walEnd;
+    // Keepalives arrive in stream order but ahead of queued data, hence the received/processed
+    // comparison: only when every received message is handled and stored is the WAL end ours.
+    if (!this.stopping && this.isIdle() && walEnd > this.idleWalEnd) this.idleWalEnd = walEnd;
+    if (shouldRespond) {
+      // The server asks for a reply (its shutdown waits for one): answer at once, with the best
+      // position that is safe, instead of waiting for the next checkpoint interval.
+      this.replyRequested = true;
+      this.confirm(true);
+    }
+  }
+
+  private isIdle(): boolean {
+    return (
+      this.plugin.received === this.processed &&
+      !this.builder.isInTransaction &&
+      !this.builder.hasContent &&
+      this.batchSeq === this.durableSeq
+    );
+  }
+
+  // ---- batches ----
+
+  /** Sends the pending batch once there is room in flight; serialized. */
+  private flush(): Promise<void> {
+    if (this.flushTimer !== null) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = null;
+    }
+    this.flushChain = this.flushChain.then(async () => {
+      while (this.batchSeq - this.durableSeq >= this.task.maxInFlightBatches) {
+        if (this.failed !== null) return;
+        await new Promise<void>((resolve) => this.creditWaiters.push(resolve));
+      }
+      if (this.failed !== null || !this.builder.hasContent) return;
+      const batch = this.builder.take();
+      this.batchSeq++;
+      this.task.port.postMessage(
+        {
+          type: 'batch',
+          seq: this.batchSeq,
+          data: batch.data,
+          rows: batch.rows,
+          counts: batch.counts,
+          checkpointLsn: batch.checkpointLsn,
+          checkpointXid: batch.checkpointXid,
+          checkpointCommitTimeMs: batch.checkpointCommitTimeMs,
+          transactions: batch.transactions,
+          schemaChanges: batch.schemaChanges,
+        } satisfies WorkerMessage,
+        [batch.data],
+      );
+    });
+    return this.flushChain;
+  }
+
+  private onSupervisorMessage(message: SupervisorMessage): void {
+    switch (message.type) {
+      case 'durable': {
+        this.durableSeq = Math.max(this.durableSeq, message.seq);
+        if (message.lsn !== null) {
+          const lsn = parseLsn(message.lsn);
+          if (lsn > this.durableLsn) this.durableLsn = lsn;
+        }
+        const waiters = this.creditWaiters.splice(0);
+        for (const w of waiters) w();
+        if (this.batchSeq === this.durableSeq) for (const w of this.durableWaiters.splice(0)) w();
+        if (this.replyRequested) this.confirm(true);
+        break;
+      }
+      case 'stop':
+        void this.stop();
+        break;
+      case 'abort':
+        this.fail(Object.assign(new Error('reader aborted by the supervisor'), { name: 'AbortError' }), false);
+        break;
+    }
+  }
+
+  // ---- confirmations ----
+
+  /** The highest position that is safe to confirm now. */
+  private safeLsn(): bigint {
+    let lsn = this.durableLsn;
+    if (this.idleWalEnd > lsn && (this.isIdle() || this.stopping)) lsn = this.idleWalEnd;
+    return lsn;
+  }
+
+  /**
+   * Confirms the safe position to the source. Called once per checkpoint interval, when the
+   * server asks for a reply, and at shutdown: confirmations are coalesced, not sent per batch.
+   */
+  private confirm(answer: boolean): void {
+    if (this.failed !== null) return;
+    const lsn = this.safeLsn();
+    if (lsn > this.confirmedLsn) {
+      this.confirmedLsn = lsn;
+      this.sendStatus();
+      this.post({ type: 'progress', serverWalEnd: this.walEndText(), confirmedLsn: formatLsn(lsn) });
+    } else if (answer) {
+      this.sendStatus();
+    }
+    if (this.confirmedLsn >= this.serverWalEnd) this.replyRequested = false;
+  }
+
+  private sendStatus(): void {
+    if (this.failed !== null || !this.service || this.confirmedLsn === 0n) return;
+    // The library reports (lsn + 1) as written/flushed/applied; ask for exactly confirmedLsn.
+    // Confirming one byte too far could skip a commit record that starts right there.
+    void this.service.acknowledge(formatLsn(this.confirmedLsn - 1n)).catch((e: unknown) => this.fail(e));
+  }
+
+  private walEndText(): string | null {
+    return this.serverWalEnd === 0n ? null : formatLsn(this.serverWalEnd);
+  }
+
+  // ---- lifecycle ----
+
+  private async stop(): Promise<void> {
+    if (this.stopping || this.failed !== null) return;
+    this.stopping = true;
+    this.log.info('stop requested: storing what is in flight');
+    try {
+      await this.flush();
+      if (this.batchSeq !== this.durableSeq && this.failed === null) {
+        await new Promise<void>((resolve) => this.durableWaiters.push(resolve));
+      }
+      if (this.failed !== null) return;
+      this.confirm(true);
+      this.log.info({ confirmedLsn: formatLsn(this.confirmedLsn) }, 'final position confirmed to source');
+      this.settle.resolve();
+    } catch (error) {
+      this.fail(error);
+    }
+  }
+
+  private fail(error: unknown, report = true): void {
+    if (this.failed !== null) return;
+    this.failed = error ?? new Error('unknown error');
+    if (report) this.log.error({ err: error }, 'reader failed');
+    for (const w of this.creditWaiters.splice(0)) w();
+    for (const w of this.durableWaiters.splice(0)) w();
+    this.settle.reject(error);
+  }
+
+  private post(message: WorkerMessage): void {
+    try {
+      this.task.port.postMessage(message);
+    } catch {
+      // The port is closed when the supervisor has given up on this run; nothing to tell.
+    }
+  }
+
+  private async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    if (this.flushTimer !== null) clearTimeout(this.flushTimer);
+    const service = this.service;
+    this.service = null;
+    await Promise.allSettled([
+      service?.destroy(),
+      this.side?.end(),
+    ]);
+    this.log.info('reader closed');
+    this.log.flush();
+  }
+}
+
+export default async function readSlot(task: ReaderTask): Promise<ReaderResult> {
+  return new SlotReader(task).run();
+}
