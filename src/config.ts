@@ -149,7 +149,8 @@ function connection(env: Env, prefix: string): ConnectionConfig {
   }
   // A password is taken verbatim (no trim: spaces may be part of it).
   const password = env[`${prefix}_PASSWORD`] || fromUrl.password || undefined;
-  const sslName = get(env, `${prefix}_SSLMODE`) !== undefined ? `${prefix}_SSLMODE` : `${prefix}_URL sslmode`;
+  const sslName =
+    get(env, `${prefix}_SSLMODE`) !== undefined ? `${prefix}_SSLMODE` : `${prefix}_URL sslmode`;
   const sslmode = sslMode(sslName, get(env, `${prefix}_SSLMODE`) ?? fromUrl.sslmode, 'prefer');
   return Object.freeze({ host, port: Number(portRaw), database, user, password, sslmode });
 }
@@ -160,7 +161,9 @@ function parseUrl(name: string, raw: string): Partial<Record<keyof ConnectionCon
     url = new URL(raw);
   } catch {
     // Never echo the value: it may hold a password.
-    throw new ConfigError(`${name} is not a valid URL (expected postgres://user:password@host:port/database)`);
+    throw new ConfigError(
+      `${name} is not a valid URL (expected postgres://user:password@host:port/database)`,
+    );
   }
   if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
     throw new ConfigError(`${name} must start with postgres:// or postgresql://`);
@@ -232,7 +235,9 @@ export function loadConfig(env: Env = process.env): Config {
   const restartMinDelayMs = duration(env, 'PHILOTES_RESTART_MIN_DELAY', '500ms', 10, 3_600_000);
   const restartMaxDelayMs = duration(env, 'PHILOTES_RESTART_MAX_DELAY', '30s', 10, 3_600_000);
   if (restartMaxDelayMs < restartMinDelayMs) {
-    throw new ConfigError('PHILOTES_RESTART_MAX_DELAY must not be less than PHILOTES_RESTART_MIN_DELAY');
+    throw new ConfigError(
+      'PHILOTES_RESTART_MAX_DELAY must not be less than PHILOTES_RESTART_MIN_DELAY',
+    );
   }
 
   return Object.freeze({
@@ -240,7 +245,13 @@ export function loadConfig(env: Env = process.env): Config {
     buffer: connection(env, 'PHILOTES_BUFFER'),
     checkpointIntervalMs: duration(env, 'PHILOTES_CDC_CHECKPOINT_INTERVAL', '10s', 10, 3_600_000),
     batchMaxRows: integer(env, 'PHILOTES_CDC_BATCH_MAX_ROWS', 5000, 1, 1_000_000),
-    batchMaxBytes: integer(env, 'PHILOTES_CDC_BATCH_MAX_BYTES', 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+    batchMaxBytes: integer(
+      env,
+      'PHILOTES_CDC_BATCH_MAX_BYTES',
+      4 * 1024 * 1024,
+      1024,
+      256 * 1024 * 1024,
+    ),
     batchMaxWaitMs: duration(env, 'PHILOTES_CDC_BATCH_MAX_WAIT', '20ms', 1, 60_000),
     maxInFlightBatches: integer(env, 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES', 4, 1, 64),
     metricsPort: integer(env, 'PHILOTES_METRICS_PORT', 9753, 0, 65535),

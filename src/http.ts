@@ -36,10 +36,14 @@ export async function startHttpServer(
       const report = health();
       res
         .writeHead(report.healthy ? 200 : 503, { 'content-type': 'application/json' })
-        .end(JSON.stringify({ status: report.healthy ? 'ok' : 'unhealthy', sources: report.sources }));
+        .end(
+          JSON.stringify({ status: report.healthy ? 'ok' : 'unhealthy', sources: report.sources }),
+        );
       return;
     }
-    res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics or /healthz\n');
+    res
+      .writeHead(404, { 'content-type': 'text/plain' })
+      .end('not found: try /metrics or /healthz\n');
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

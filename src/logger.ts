@@ -21,5 +21,11 @@ export function createLogger(level: string, base: Record<string, unknown> = {}):
 }
 
 export function safeConnection(conn: ConnectionConfig): Record<string, unknown> {
-  return { host: conn.host, port: conn.port, database: conn.database, user: conn.user, sslmode: conn.sslmode };
+  return {
+    host: conn.host,
+    port: conn.port,
+    database: conn.database,
+    user: conn.user,
+    sslmode: conn.sslmode,
+  };
 }

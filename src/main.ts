@@ -86,7 +86,10 @@ async function main(): Promise<void> {
     shuttingDown ??= (async () => {
       log.info({ reason }, 'shutting down: stopping readers');
       const deadline = setTimeout(() => {
-        log.error({ timeoutMs: config.shutdownTimeoutMs }, 'shutdown deadline passed; forcing exit');
+        log.error(
+          { timeoutMs: config.shutdownTimeoutMs },
+          'shutdown deadline passed; forcing exit',
+        );
         process.exit(EXIT_ERROR);
       }, config.shutdownTimeoutMs);
       deadline.unref();
@@ -126,6 +129,8 @@ async function main(): Promise<void> {
 }
 
 main().catch((error: unknown) => {
-  process.stderr.write(`philotes: ${oneLine(error instanceof Error ? error.message : String(error))}\n`);
+  process.stderr.write(
+    `philotes: ${oneLine(error instanceof Error ? error.message : String(error))}\n`,
+  );
   process.exit(EXIT_ERROR);
 });

@@ -113,7 +113,8 @@ export class Metrics {
 
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
-    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) this.events.inc({ source, operation }, 0);
+    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])
+      this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
     this.batches.inc({ source }, 0);
     this.bufferBytes.inc({ source }, 0);

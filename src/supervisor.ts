@@ -51,7 +51,15 @@ export class Supervisor {
       atomics: 'disabled',
     });
     this.runners = config.sources.map(
-      (source) => new SourceRunner(source, config, this.pool, store, metrics, log.child({ source: source.id })),
+      (source) =>
+        new SourceRunner(
+          source,
+          config,
+          this.pool,
+          store,
+          metrics,
+          log.child({ source: source.id }),
+        ),
     );
   }
 
@@ -200,7 +208,10 @@ class ReaderRun {
       while (this.queue.length > 0 && this.writeError === null) {
         const group: BatchMessage[] = [];
         let bytes = 0;
-        while (this.queue.length > 0 && (group.length === 0 || bytes + this.queue[0]!.data.byteLength <= MAX_GROUP_BYTES)) {
+        while (
+          this.queue.length > 0 &&
+          (group.length === 0 || bytes + this.queue[0]!.data.byteLength <= MAX_GROUP_BYTES)
+        ) {
           const next = this.queue.shift()!;
           group.push(next);
           bytes += next.data.byteLength;
@@ -229,7 +240,10 @@ class ReaderRun {
         }
         if (lastCommit?.checkpointCommitTimeMs != null) {
           metrics.lastCommitTimestamp.set(labels, lastCommit.checkpointCommitTimeMs / 1000);
-          metrics.commitLagSeconds.observe(labels, Math.max(0, now - lastCommit.checkpointCommitTimeMs) / 1000);
+          metrics.commitLagSeconds.observe(
+            labels,
+            Math.max(0, now - lastCommit.checkpointCommitTimeMs) / 1000,
+          );
           this.runner.lastStoredAt = now;
         }
         if (stored.schemaVersionsAdded > 0) {
@@ -290,7 +304,9 @@ export class SourceRunner {
     const since = Date.now() - this.stateSince;
     // Restarts are normal (server restarts, failovers); being down for a minute is not.
     const healthy =
-      this.state === 'streaming' || this.state === 'stopping' || ((this.state === 'starting' || this.state === 'backoff') && since < 60_000);
+      this.state === 'streaming' ||
+      this.state === 'stopping' ||
+      ((this.state === 'starting' || this.state === 'backoff') && since < 60_000);
     return {
       source: this.source.id,
       healthy,

@@ -96,7 +96,11 @@ class SlotReader {
   private readonly finished: Promise<void>;
 
   constructor(private readonly task: ReaderTask) {
-    this.log = createLogger(task.logLevel, { source: task.source.id, slot: task.source.slot, thread: 'reader' });
+    this.log = createLogger(task.logLevel, {
+      source: task.source.id,
+      slot: task.source.slot,
+      thread: 'reader',
+    });
     this.builder = new BatchBuilder(task.source.id);
     this.plugin = new RawPgoutput(task.source.publication);
     this.finished = new Promise<void>((resolve, reject) => {
@@ -145,10 +149,17 @@ class SlotReader {
 
       this.timers.push(
         setInterval(() => this.confirm(false), this.task.checkpointIntervalMs),
-        setInterval(() => this.sendStatus(), Math.min(STATUS_INTERVAL_MS, this.task.checkpointIntervalMs)),
+        setInterval(
+          () => this.sendStatus(),
+          Math.min(STATUS_INTERVAL_MS, this.task.checkpointIntervalMs),
+        ),
       );
 
-      const streaming = service.subscribe(this.plugin as unknown as SubscribePlugin, source.slot, start);
+      const streaming = service.subscribe(
+        this.plugin as unknown as SubscribePlugin,
+        source.slot,
+        start,
+      );
       streaming.then(
         () => {
           if (!this.stopping) this.fail(new Error('replication stream ended unexpectedly'));
@@ -299,7 +310,10 @@ class SlotReader {
         void this.stop();
         break;
       case 'abort':
-        this.fail(Object.assign(new Error('reader aborted by the supervisor'), { name: 'AbortError' }), false);
+        this.fail(
+          Object.assign(new Error('reader aborted by the supervisor'), { name: 'AbortError' }),
+          false,
+        );
         break;
     }
   }
@@ -323,7 +337,11 @@ class SlotReader {
     if (lsn > this.confirmedLsn) {
       this.confirmedLsn = lsn;
       this.sendStatus();
-      this.post({ type: 'progress', serverWalEnd: this.walEndText(), confirmedLsn: formatLsn(lsn) });
+      this.post({
+        type: 'progress',
+        serverWalEnd: this.walEndText(),
+        confirmedLsn: formatLsn(lsn),
+      });
     } else if (answer) {
       this.sendStatus();
     }
@@ -334,7 +352,9 @@ class SlotReader {
     if (this.failed !== null || !this.service || this.confirmedLsn === 0n) return;
     // The library reports (lsn + 1) as written/flushed/applied; ask for exactly confirmedLsn.
     // Confirming one byte too far could skip a commit record that starts right there.
-    void this.service.acknowledge(formatLsn(this.confirmedLsn - 1n)).catch((e: unknown) => this.fail(e));
+    void this.service
+      .acknowledge(formatLsn(this.confirmedLsn - 1n))
+      .catch((e: unknown) => this.fail(e));
   }
 
   private walEndText(): string | null {
@@ -354,7 +374,10 @@ class SlotReader {
       }
       if (this.failed !== null) return;
       this.confirm(true);
-      this.log.info({ confirmedLsn: formatLsn(this.confirmedLsn) }, 'final position confirmed to source');
+      this.log.info(
+        { confirmedLsn: formatLsn(this.confirmedLsn) },
+        'final position confirmed to source',
+      );
       this.settle.resolve();
     } catch (error) {
       this.fail(error);
@@ -383,10 +406,7 @@ class SlotReader {
     if (this.flushTimer !== null) clearTimeout(this.flushTimer);
     const service = this.service;
     this.service = null;
-    await Promise.allSettled([
-      service?.destroy(),
-      this.side?.end(),
-    ]);
+    await Promise.allSettled([service?.destroy(), this.side?.end()]);
     this.log.info('reader closed');
     this.log.flush();
   }

@@ -52,8 +52,14 @@ export async function prepareSource(
   return { serverVersion, publicationCreated, ...slot };
 }
 
-async function ensurePublication(client: pg.Client, source: SourceConfig, log: Logger): Promise<boolean> {
-  const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [source.publication]);
+async function ensurePublication(
+  client: pg.Client,
+  source: SourceConfig,
+  log: Logger,
+): Promise<boolean> {
+  const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [
+    source.publication,
+  ]);
   if (existing.rowCount) {
     log.info({ publication: source.publication }, 'publication exists');
     return false;
@@ -70,7 +76,9 @@ async function ensurePublication(client: pg.Client, source: SourceConfig, log: L
           )
           .join(', ')}`;
   try {
-    await client.query(`CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}`);
+    await client.query(
+      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}`,
+    );
   } catch (error) {
     if ((error as { code?: string }).code === '42710') return false; // created concurrently
     const code = (error as { code?: string }).code;
@@ -119,7 +127,9 @@ async function ensureSlot(
   if (!slot) {
     try {
       // Waits for transactions running now to finish: a consistent starting point.
-      await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [source.slot]);
+      await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [
+        source.slot,
+      ]);
       slotCreated = true;
       log.info({ slot: source.slot }, 'replication slot created');
     } catch (error) {
@@ -141,7 +151,10 @@ async function ensureSlot(
     slot = await readSlot(client, source.slot);
     if (!slot) throw new Error(`replication slot "${source.slot}" vanished right after creation`);
   } else {
-    log.info({ slot: source.slot, confirmedFlushLsn: slot.confirmed_flush_lsn }, 'replication slot exists');
+    log.info(
+      { slot: source.slot, confirmedFlushLsn: slot.confirmed_flush_lsn },
+      'replication slot exists',
+    );
   }
   if (slot.slot_type !== 'logical' || slot.plugin !== 'pgoutput') {
     throw new FatalSourceError(
@@ -208,7 +221,9 @@ export class CatalogResolver {
       [relationOid],
     );
     const primaryKey =
-      pk.rows.length > 0 ? pk.rows.map((r) => r.attname) : resolved.filter((c) => c.key).map((c) => c.name);
+      pk.rows.length > 0
+        ? pk.rows.map((r) => r.attname)
+        : resolved.filter((c) => c.key).map((c) => c.name);
     return { oid: relationOid, schema, table, columns: resolved, primaryKey };
   }
 
@@ -224,7 +239,12 @@ export class CatalogResolver {
       );
       const next: number[] = [];
       for (const raw of result.rows) {
-        const row = { ...raw, oid: Number(raw.oid), typelem: Number(raw.typelem), typbasetype: Number(raw.typbasetype) };
+        const row = {
+          ...raw,
+          oid: Number(raw.oid),
+          typelem: Number(raw.typelem),
+          typbasetype: Number(raw.typbasetype),
+        };
         rows.set(row.oid, row);
         for (const ref of [row.typelem, row.typbasetype]) {
           if (ref !== 0 && !this.types.has(ref) && !rows.has(ref)) next.push(ref);
@@ -239,7 +259,13 @@ export class CatalogResolver {
       if (!row || depth > 10) return { ...TEXT_TYPE, oid, name: `oid:${oid}` };
       let info: TypeInfo;
       if (row.typcategory === 'A' && row.typelem !== 0) {
-        info = { oid, name: row.typname, kind: 'array', element: build(row.typelem, depth + 1), delimiter: row.typdelim };
+        info = {
+          oid,
+          name: row.typname,
+          kind: 'array',
+          element: build(row.typelem, depth + 1),
+          delimiter: row.typdelim,
+        };
       } else if (row.typtype === 'd' && row.typbasetype !== 0) {
         // A domain keeps its base type's JSON form.
         const base = build(row.typbasetype, depth + 1);

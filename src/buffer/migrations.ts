@@ -66,7 +66,10 @@ export async function migrate(client: pg.Client | pg.PoolClient): Promise<number
     for (const m of MIGRATIONS) {
       if (have.has(m.version)) continue;
       await client.query(m.sql);
-      await client.query('INSERT INTO philotes_migrations (version, name) VALUES ($1, $2)', [m.version, m.name]);
+      await client.query('INSERT INTO philotes_migrations (version, name) VALUES ($1, $2)', [
+        m.version,
+        m.name,
+      ]);
       applied.push(m.version);
     }
     await client.query('COMMIT');

@@ -41,7 +41,10 @@ export class BufferStore {
     const client = await pool.connect();
     try {
       const applied = await migrate(client);
-      log.info({ applied }, applied.length > 0 ? 'buffer schema migrated' : 'buffer schema up to date');
+      log.info(
+        { applied },
+        applied.length > 0 ? 'buffer schema migrated' : 'buffer schema up to date',
+      );
     } finally {
       client.release();
     }
@@ -64,13 +67,24 @@ export class BufferStore {
       // Events of stored transactions carry commit LSNs below the checkpoint (which is the end
       // of the last stored commit record); anything at or past it belongs to a cut transaction.
       const removed = row
-        ? await client.query('DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn', [sourceId, row.lsn])
+        ? await client.query('DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn', [
+            sourceId,
+            row.lsn,
+          ])
         : await client.query('DELETE FROM cdc_events WHERE source_id = $1', [sourceId]);
       await client.query('COMMIT');
       if (removed.rowCount) {
-        this.log.info({ source: sourceId, removed: removed.rowCount }, 'removed events of an incomplete transaction');
+        this.log.info(
+          { source: sourceId, removed: removed.rowCount },
+          'removed events of an incomplete transaction',
+        );
       }
-      return row ? { lsn: row.lsn, transactionId: row.transaction_id === null ? null : Number(row.transaction_id) } : null;
+      return row
+        ? {
+            lsn: row.lsn,
+            transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
+          }
+        : null;
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       throw error;
@@ -80,7 +94,11 @@ export class BufferStore {
   }
 
   /** Stores batches (in order) and the checkpoint they reach, in one transaction. */
-  async storeBatches(sourceId: string, slot: string, batches: readonly BatchMessage[]): Promise<StoredGroup> {
+  async storeBatches(
+    sourceId: string,
+    slot: string,
+    batches: readonly BatchMessage[],
+  ): Promise<StoredGroup> {
     const client = await this.pool.connect();
     let broken = false;
     try {
@@ -110,7 +128,9 @@ export class BufferStore {
             {
               slot,
               source_committed_at:
-                last.checkpointCommitTimeMs === null ? null : new Date(last.checkpointCommitTimeMs).toISOString(),
+                last.checkpointCommitTimeMs === null
+                  ? null
+                  : new Date(last.checkpointCommitTimeMs).toISOString(),
             },
           ],
         );
@@ -127,7 +147,11 @@ export class BufferStore {
     }
   }
 
-  private async recordSchema(client: pg.PoolClient, sourceId: string, change: SchemaChange): Promise<boolean> {
+  private async recordSchema(
+    client: pg.PoolClient,
+    sourceId: string,
+    change: SchemaChange,
+  ): Promise<boolean> {
     const latest = await client.query<{ version: number; columns: unknown; primary_key: string[] }>(
       `SELECT version, columns, primary_key FROM cdc_schema_history
         WHERE source_id = $1 AND schema_name = $2 AND table_name = $3
@@ -136,13 +160,25 @@ export class BufferStore {
     );
     const row = latest.rows[0];
     const columns = JSON.stringify(change.columns);
-    if (row && JSON.stringify(row.columns) === columns && row.primary_key.join('\0') === change.primaryKey.join('\0')) {
+    if (
+      row &&
+      JSON.stringify(row.columns) === columns &&
+      row.primary_key.join('\0') === change.primaryKey.join('\0')
+    ) {
       return false;
     }
     await client.query(
       `INSERT INTO cdc_schema_history (source_id, schema_name, table_name, version, columns, primary_key, lsn)
        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)`,
-      [sourceId, change.schema, change.table, (row?.version ?? 0) + 1, columns, change.primaryKey, change.lsn],
+      [
+        sourceId,
+        change.schema,
+        change.table,
+        (row?.version ?? 0) + 1,
+        columns,
+        change.primaryKey,
+        change.lsn,
+      ],
     );
     return true;
   }

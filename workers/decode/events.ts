@@ -164,15 +164,13 @@ export class BatchBuilder {
       this.schemaChanges.push({
         schema: relation.schema,
         table: relation.table,
-        columns: relation.columns.map(
-          (c): ColumnInfo => ({
-            name: c.name,
-            type: c.type.name,
-            typeOid: c.type.oid,
-            typeMod: c.typeMod,
-            key: c.key,
-          }),
-        ),
+        columns: relation.columns.map((c): ColumnInfo => ({
+          name: c.name,
+          type: c.type.name,
+          typeOid: c.type.oid,
+          typeMod: c.typeMod,
+          key: c.key,
+        })),
         primaryKey: [...relation.primaryKey],
         lsn: this.inTransaction ? this.txCommitLsn : '0/0',
       });
@@ -281,7 +279,8 @@ export class BatchBuilder {
     let unchanged: string[] | null = null;
     for (let i = 0; i < values.length; i++) {
       const column = columns[i];
-      if (!column) throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
+      if (!column)
+        throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
       if (keyOnly && !column.key) continue;
       let value = values[i];
       if (value === UNCHANGED && fallback) value = fallback[i];
@@ -298,10 +297,17 @@ export class BatchBuilder {
 }
 
 function sameShape(a: ResolvedRelation, b: ResolvedRelation): boolean {
-  if (a.schema !== b.schema || a.table !== b.table || a.columns.length !== b.columns.length) return false;
+  if (a.schema !== b.schema || a.table !== b.table || a.columns.length !== b.columns.length)
+    return false;
   if (a.primaryKey.join('\0') !== b.primaryKey.join('\0')) return false;
   return a.columns.every((c, i) => {
     const d = b.columns[i];
-    return d !== undefined && c.name === d.name && c.type.oid === d.type.oid && c.typeMod === d.typeMod && c.key === d.key;
+    return (
+      d !== undefined &&
+      c.name === d.name &&
+      c.type.oid === d.type.oid &&
+      c.typeMod === d.typeMod &&
+      c.key === d.key
+    );
   });
 }

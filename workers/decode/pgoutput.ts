@@ -154,13 +154,13 @@ export function parsePgoutput(buf: Buffer): PgoutputMessage {
     case 0x55: {
       // 'U'
       const relationOid = r.u32();
-      let kind = r.u8();
+      const kind = r.u8();
       let beforeKind: 'K' | 'O' | null = null;
       let before: TupleValue[] | null = null;
       if (kind === 0x4b || kind === 0x4f) {
         beforeKind = kind === 0x4b ? 'K' : 'O';
         before = r.tuple();
-        kind = r.u8(); // 'N'
+        r.u8(); // 'N' introduces the new tuple
       }
       return { tag: 'update', relationOid, beforeKind, before, after: r.tuple() };
     }

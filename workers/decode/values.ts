@@ -82,13 +82,52 @@ const SCALARS: readonly TypeInfo[] = [
 
 /** [array oid, element oid] for the built-in array types. */
 const ARRAYS: ReadonlyArray<readonly [number, number]> = [
-  [1000, 16], [1001, 17], [1002, 18], [1003, 19], [1016, 20], [1005, 21], [1007, 23],
-  [1008, 24], [1009, 25], [1028, 26], [1010, 27], [1011, 28], [1012, 29], [199, 114],
-  [143, 142], [1017, 600], [1018, 601], [1019, 602], [1020, 603], [1027, 604], [629, 628],
-  [651, 650], [1021, 700], [1022, 701], [719, 718], [775, 774], [791, 790], [1040, 829],
-  [1041, 869], [1014, 1042], [1015, 1043], [1182, 1082], [1183, 1083], [1115, 1114],
-  [1185, 1184], [1187, 1186], [1270, 1266], [1561, 1560], [1563, 1562], [1231, 1700],
-  [2951, 2950], [3221, 3220], [3643, 3614], [3645, 3615], [3807, 3802], [271, 5069],
+  [1000, 16],
+  [1001, 17],
+  [1002, 18],
+  [1003, 19],
+  [1016, 20],
+  [1005, 21],
+  [1007, 23],
+  [1008, 24],
+  [1009, 25],
+  [1028, 26],
+  [1010, 27],
+  [1011, 28],
+  [1012, 29],
+  [199, 114],
+  [143, 142],
+  [1017, 600],
+  [1018, 601],
+  [1019, 602],
+  [1020, 603],
+  [1027, 604],
+  [629, 628],
+  [651, 650],
+  [1021, 700],
+  [1022, 701],
+  [719, 718],
+  [775, 774],
+  [791, 790],
+  [1040, 829],
+  [1041, 869],
+  [1014, 1042],
+  [1015, 1043],
+  [1182, 1082],
+  [1183, 1083],
+  [1115, 1114],
+  [1185, 1184],
+  [1187, 1186],
+  [1270, 1266],
+  [1561, 1560],
+  [1563, 1562],
+  [1231, 1700],
+  [2951, 2950],
+  [3221, 3220],
+  [3643, 3614],
+  [3645, 3615],
+  [3807, 3802],
+  [271, 5069],
 ];
 
 export const BUILTIN_TYPES: ReadonlyMap<number, TypeInfo> = (() => {
@@ -155,7 +194,11 @@ function arrayToJson(text: string, type: TypeInfo): string {
   const element = type.element ?? TEXT_TYPE;
   const parsed = parseArrayLiteral(text, type.delimiter ?? ',');
   const render = (item: ArrayItem): string =>
-    item === null ? 'null' : Array.isArray(item) ? `[${item.map(render).join(',')}]` : toJson(item, element);
+    item === null
+      ? 'null'
+      : Array.isArray(item)
+        ? `[${item.map(render).join(',')}]`
+        : toJson(item, element);
   return render(parsed);
 }
 
@@ -205,7 +248,8 @@ export function parseArrayLiteral(text: string, delimiter = ','): ArrayItem[] {
       const next = text[i];
       i++;
       if (next === '}') return items;
-      if (next !== delimiter) throw new Error(`malformed array literal at ${i - 1}: ${text.slice(0, 40)}`);
+      if (next !== delimiter)
+        throw new Error(`malformed array literal at ${i - 1}: ${text.slice(0, 40)}`);
     }
   };
   return parseLevel();
