@@ -1,0 +1,222 @@
+/**
+ * Drain benchmark: builds a write backlog on a throwaway source, then measures, in the same run,
+ * how fast PostgreSQL's own pg_recvlogical drains a twin slot to a file and how fast Philotes
+ * drains its slot durably into the buffer (start to last checkpoint committed).
+ *
+ *   npm run bench                 # all scenarios
+ *   npm run bench -- small        # one scenario: small | bulk | wide
+ *
+ * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
+ */
+import { spawn } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpus, totalmem, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { destroyAllClusters, startCluster, type Cluster } from '../test/helpers/cluster.js';
+import { PHILOTES_MAIN } from '../test/helpers/philotes.js';
+import { binDir, runTool } from './pg-tools.js';
+
+interface Scenario {
+  name: string;
+  description: string;
+  ddl: string;
+  /** A pgbench script; run with `clients` clients for `transactions` transactions each. */
+  script: string;
+  clients: number;
+  transactions: number;
+  rowsPerTransaction: number;
+}
+
+const SCENARIOS: Scenario[] = [
+  {
+    name: 'small',
+    description: '100k small transactions of 4 rows from 4 clients',
+    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`,
+    script: `\\set g random(1, 1000000)\nINSERT INTO bench_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`,
+    clients: 4,
+    transactions: 25_000,
+    rowsPerTransaction: 4,
+  },
+  {
+    name: 'bulk',
+    description: '8 bulk transactions of 50k rows from 2 clients',
+    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`,
+    script: `INSERT INTO bench_rows (k, v, note) SELECT i, i, 'row ' || i FROM generate_series(1, 50000) i;\n`,
+    clients: 2,
+    transactions: 4,
+    rowsPerTransaction: 50_000,
+  },
+  {
+    name: 'wide',
+    description: '20k transactions of 2 wide rows (24 columns, ~1 KB) from 4 clients',
+    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, ${Array.from({ length: 8 }, (_, i) => `t${i} text, n${i} numeric, ts${i} timestamptz`).join(', ')})`,
+    script: `INSERT INTO bench_rows (${Array.from({ length: 8 }, (_, i) => `t${i}, n${i}, ts${i}`).join(', ')}) SELECT ${Array.from({ length: 8 }, (_, i) => `repeat(md5(i::text), 3), i * ${i + 1}.25, now()`).join(', ')} FROM generate_series(1, 2) i;\n`,
+    clients: 4,
+    transactions: 5_000,
+    rowsPerTransaction: 2,
+  },
+];
+
+interface Result {
+  scenario: string;
+  description: string;
+  rows: number;
+  transactions: number;
+  walBytes: number;
+  recvlogical: { seconds: number; rowsPerSecond: number };
+  philotes: { seconds: number; rowsPerSecond: number; peakRssMb: number; cpuSeconds: number; cpuSecondsPerMillionRows: number };
+  ratio: number;
+}
+
+async function buildBacklog(source: Cluster, s: Scenario, work: string): Promise<{ target: string; walBytes: number }> {
+  const [start] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn', [], 'app');
+  const scriptFile = join(work, `${s.name}.sql`);
+  writeFileSync(scriptFile, s.script);
+  await runTool(join(binDir(), 'pgbench'), [
+    '-n', '-h', source.host, '-p', String(source.port), '-U', source.user,
+    '-c', String(s.clients), '-j', String(Math.min(s.clients, 2)), '-t', String(s.transactions), '-f', scriptFile, 'app',
+  ], { PGPASSWORD: source.password });
+  // A marker transaction after the backlog: once the checkpoint passes the position taken just
+  // before its commit, everything before it is stored.
+  const rows = await source.query<{ lsn: string }>(
+    `INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn`, [], 'app');
+  const [end] = await source.query<{ lsn: string; bytes: string }>(
+    `SELECT pg_current_wal_lsn()::text AS lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::text AS bytes`, [start!.lsn], 'app');
+  return { target: rows[0]!.lsn, walBytes: Number(end!.bytes) };
+}
+
+async function timeRecvlogical(source: Cluster, work: string): Promise<number> {
+  const [end] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn', [], 'app');
+  const out = join(work, 'recvlogical.out');
+  const started = performance.now();
+  await runTool(join(binDir(), 'pg_recvlogical'), [
+    '-h', source.host, '-p', String(source.port), '-U', source.user, '-d', 'app',
+    '--slot', 'twin', '--start', '--no-loop', '--endpos', end!.lsn,
+    '-o', 'proto_version=1', '-o', 'publication_names=philotes_pub', '-f', out,
+  ], { PGPASSWORD: source.password });
+  const seconds = (performance.now() - started) / 1000;
+  if (statSync(out).size === 0) throw new Error('pg_recvlogical wrote nothing');
+  return seconds;
+}
+
+function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
+  // Fields 14 and 15 of /proc/pid/stat (after the ')' of the command name): utime, stime in ticks.
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const ticks = Number(fields[11]) + Number(fields[12]);
+  return { rssPeakKb: Number(hwm?.[1] ?? 0), cpuSeconds: ticks / 100 };
+}
+
+async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
+  const env = {
+    PATH: process.env['PATH'] ?? '',
+    PHILOTES_CDC_SOURCE_URL: source.url('app'),
+    PHILOTES_CDC_SOURCE_ID: 'bench',
+    PHILOTES_BUFFER_URL: buffer.url('buffer'),
+    PHILOTES_METRICS_PORT: '0',
+    PHILOTES_LOG_LEVEL: 'warn',
+  };
+  const started = performance.now();
+  const child = spawn(process.execPath, [PHILOTES_MAIN], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  let seconds = 0;
+  for (;;) {
+    const rows = await buffer
+      .query<{ done: boolean }>(`SELECT lsn::pg_lsn > $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`, [target], 'buffer')
+      .catch(() => []);
+    if (rows[0]?.done) {
+      seconds = (performance.now() - started) / 1000;
+      break;
+    }
+    if (child.exitCode !== null) throw new Error(`philotes exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const stats = procStats(child.pid!);
+  child.kill('SIGTERM');
+  const code = await exited;
+  if (code !== 0) throw new Error(`philotes exited with ${code} after SIGTERM`);
+  return { seconds, ...stats };
+}
+
+async function runScenario(s: Scenario): Promise<Result> {
+  const work = join(tmpdir(), `philotes-bench-${process.pid}-${s.name}`);
+  mkdirSync(work, { recursive: true });
+  const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
+  try {
+    await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
+    await source.query(s.ddl, [], 'app');
+    await source.query('CREATE TABLE bench_marker (id int)', [], 'app');
+    await source.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], 'app');
+    await source.query(`SELECT pg_create_logical_replication_slot('philotes_cdc', 'pgoutput')`, [], 'app');
+    await source.query(`SELECT pg_create_logical_replication_slot('twin', 'pgoutput')`, [], 'app');
+    const { target, walBytes } = await buildBacklog(source, s, work);
+    const rows = s.clients * s.transactions * s.rowsPerTransaction;
+    const recv = await timeRecvlogical(source, work);
+    const ph = await timePhilotes(source, buffer, target);
+    const [stored] = await buffer.query<{ n: number }>(`SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'bench_rows'`, [], 'buffer');
+    if (stored!.n !== rows) throw new Error(`expected ${rows} events, found ${stored!.n}`);
+    return {
+      scenario: s.name,
+      description: s.description,
+      rows,
+      transactions: s.clients * s.transactions,
+      walBytes,
+      recvlogical: { seconds: round(recv), rowsPerSecond: Math.round(rows / recv) },
+      philotes: {
+        seconds: round(ph.seconds),
+        rowsPerSecond: Math.round(rows / ph.seconds),
+        peakRssMb: Math.round(ph.rssPeakKb / 1024),
+        cpuSeconds: round(ph.cpuSeconds),
+        cpuSecondsPerMillionRows: round((ph.cpuSeconds / rows) * 1e6),
+      },
+      ratio: round(recv / ph.seconds),
+    };
+  } finally {
+    await Promise.allSettled([source.destroy(), buffer.destroy()]);
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function round(n: number): number {
+  return Math.round(n * 1000) / 1000;
+}
+
+async function main(): Promise<void> {
+  const wanted = process.argv.slice(2);
+  const scenarios = wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
+  if (scenarios.length === 0) throw new Error(`unknown scenario; choose from ${SCENARIOS.map((s) => s.name).join(', ')}`);
+  const results: Result[] = [];
+  for (const s of scenarios) {
+    process.stderr.write(`bench: ${s.name}: ${s.description}\n`);
+    const r = await runScenario(s);
+    results.push(r);
+    process.stderr.write(
+      `bench: ${s.name}: pg_recvlogical ${r.recvlogical.rowsPerSecond} rows/s, philotes ${r.philotes.rowsPerSecond} rows/s (ratio ${r.ratio}), peak RSS ${r.philotes.peakRssMb} MB, ${r.philotes.cpuSecondsPerMillionRows} CPU s per million rows\n`,
+    );
+  }
+  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', memoryGb: Math.round(totalmem() / 2 ** 30), node: process.version };
+  console.table(
+    results.map((r) => ({
+      scenario: r.scenario,
+      rows: r.rows,
+      'recvlogical rows/s': r.recvlogical.rowsPerSecond,
+      'philotes rows/s': r.philotes.rowsPerSecond,
+      ratio: r.ratio,
+      'peak RSS MB': r.philotes.peakRssMb,
+      'CPU s / M rows': r.philotes.cpuSecondsPerMillionRows,
+    })),
+  );
+  mkdirSync('bench-results', { recursive: true });
+  const file = join('bench-results', `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+  writeFileSync(file, JSON.stringify({ machine, results }, null, 2));
+  process.stderr.write(`bench: wrote ${file}\n`);
+}
+
+main()
+  .catch((error: unknown) => {
+    process.stderr.write(`bench failed: ${error instanceof Error ? error.stack : String(error)}\n`);
+    process.exitCode = 1;
+  })
+  .finally(() => destroyAllClusters());
