@@ -295,8 +295,13 @@ export class SourceRunner {
   }
 
   updateLag(): void {
-    if (this.checkpointLsn === null || this.serverWalEnd === 0n) return;
-    const lag = this.serverWalEnd - parseLsn(this.checkpointLsn);
+    if (this.serverWalEnd === 0n) return;
+    // Idle confirmations move the confirmed position past the checkpoint (WAL written elsewhere
+    // holds nothing for us), so lag is measured from whichever is further.
+    let captured = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
+    if (this.confirmedLsn !== null && parseLsn(this.confirmedLsn) > captured) captured = parseLsn(this.confirmedLsn);
+    if (captured === 0n) return;
+    const lag = this.serverWalEnd - captured;
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
   }
 
@@ -361,7 +366,6 @@ export class SourceRunner {
         throw error;
       }
       if (freshCycle && !this.stopping) {
-        this.metrics.readerRestarts.inc({ source: this.source.id });
         await new Promise((r) => setTimeout(r, this.config.restartMinDelayMs));
       }
     }
@@ -380,7 +384,10 @@ export class SourceRunner {
   private async runOnce(): Promise<void> {
     this.setState('starting');
     const checkpoint = await this.store.prepareSource(this.source.id);
-    if (checkpoint) this.checkpointLsn = checkpoint.lsn;
+    if (checkpoint) {
+      this.checkpointLsn = checkpoint.lsn;
+      this.metrics.checkpointLsn.set({ source: this.source.id }, lsnToNumber(parseLsn(checkpoint.lsn)));
+    }
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
     const run = new ReaderRun(this, checkpoint?.lsn ?? null, this.pool);

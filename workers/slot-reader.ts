@@ -40,6 +40,8 @@ const REPLICATION_SESSION_OPTIONS = [
 
 /** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
 const STATUS_INTERVAL_MS = 5_000;
+/** How often the reader reports positions to the supervisor for metrics. */
+const PROGRESS_INTERVAL_MS = 1_000;
 
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
@@ -140,7 +142,7 @@ class SlotReader {
         { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
       );
       this.service = service;
-      service.on('data', (_lsn: string, raw: Buffer) => this.onData(raw));
+      service.on('data', (lsn: string, raw: Buffer) => this.onData(lsn, raw));
       service.on('heartbeat', (lsn: string, _ts: number, shouldRespond: boolean) =>
         this.onKeepalive(lsn, shouldRespond),
       );
@@ -153,6 +155,9 @@ class SlotReader {
           () => this.sendStatus(),
           Math.min(STATUS_INTERVAL_MS, this.task.checkpointIntervalMs),
         ),
+        // Positions for the lag metrics whether or not anything was confirmed: a stalled buffer
+        // must show as growing lag.
+        setInterval(() => this.reportProgress(), PROGRESS_INTERVAL_MS),
       );
 
       const streaming = service.subscribe(
@@ -179,9 +184,11 @@ class SlotReader {
 
   // ---- stream ----
 
-  private async onData(raw: Buffer): Promise<void> {
+  private async onData(lsn: string, raw: Buffer): Promise<void> {
     try {
       if (this.failed !== null || this.stopping) return; // dropped: never stored, never confirmed
+      const at = parseLsn(lsn);
+      if (at > this.serverWalEnd) this.serverWalEnd = at;
       const message = parsePgoutput(raw);
       const b = this.builder;
       switch (message.tag) {
@@ -337,11 +344,7 @@ class SlotReader {
     if (lsn > this.confirmedLsn) {
       this.confirmedLsn = lsn;
       this.sendStatus();
-      this.post({
-        type: 'progress',
-        serverWalEnd: this.walEndText(),
-        confirmedLsn: formatLsn(lsn),
-      });
+      this.reportProgress();
     } else if (answer) {
       this.sendStatus();
     }
@@ -357,8 +360,12 @@ class SlotReader {
       .catch((e: unknown) => this.fail(e));
   }
 
-  private walEndText(): string | null {
-    return this.serverWalEnd === 0n ? null : formatLsn(this.serverWalEnd);
+  private reportProgress(): void {
+    this.post({
+      type: 'progress',
+      serverWalEnd: this.serverWalEnd === 0n ? null : formatLsn(this.serverWalEnd),
+      confirmedLsn: this.confirmedLsn === 0n ? null : formatLsn(this.confirmedLsn),
+    });
   }
 
   // ---- lifecycle ----

@@ -117,7 +117,7 @@ export function startLoad(
            SELECT $1, 'n' || g || E'\\t"q"', g, g * 1.125, g / 3.0, g % 2 = 0,
                   jsonb_build_object('g', g, 'nested', jsonb_build_array(1, 'two', null)),
                   ARRAY['a', 'b c', NULL, 'd"e'], DATE '2024-02-29' + g, decode('00ff' || lpad(to_hex(g), 4, '0'), 'hex'),
-                  CASE WHEN g % 5 = 0 THEN repeat('x', 5000) || g END
+                  CASE WHEN g % 2 = 1 THEN (SELECT string_agg(md5(random()::text || i), '') FROM generate_series(1, 300) i) END
              FROM generate_series(1, 1 + ($2::int % 3)) g`,
           [clientNo, n],
         );

