@@ -171,15 +171,24 @@ function parseUrl(name: string, raw: string): Partial<Record<keyof ConnectionCon
   const out: Partial<Record<keyof ConnectionConfig, string>> = {};
   const socketHost = url.searchParams.get('host');
   if (socketHost) out.host = socketHost;
-  else if (url.hostname) out.host = decodeURIComponent(url.hostname.replace(/^\[|\]$/g, ''));
+  else if (url.hostname) out.host = decode(name, 'host', url.hostname.replace(/^\[|\]$/g, ''));
   if (url.port) out.port = url.port;
-  const database = decodeURIComponent(url.pathname.replace(/^\//, ''));
+  const database = decode(name, 'database', url.pathname.replace(/^\//, ''));
   if (database) out.database = database;
-  if (url.username) out.user = decodeURIComponent(url.username);
-  if (url.password) out.password = decodeURIComponent(url.password);
+  if (url.username) out.user = decode(name, 'user', url.username);
+  if (url.password) out.password = decode(name, 'password', url.password);
   const ssl = url.searchParams.get('sslmode');
   if (ssl) out.sslmode = ssl;
   return out;
+}
+
+/** Percent-decoding that fails with the variable's name and never the value. */
+function decode(name: string, part: string, raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new ConfigError(`${name} has an invalid percent-encoding in its ${part}`);
+  }
 }
 
 function identifier(env: Env, name: string, fallback: string): string {

@@ -79,8 +79,9 @@ export function textArrayLiteral(items: readonly string[]): string {
 /** PostgreSQL timestamps (µs since 2000-01-01) as ISO-8601 with microseconds. */
 export function pgTimeToIso(pgMicros: bigint): string {
   const unixMicros = pgMicros + PG_EPOCH_OFFSET_US;
-  const ms = unixMicros / 1000n;
-  const extra = Number(((unixMicros % 1000n) + 1000n) % 1000n);
+  // Floor, not truncation: before 1970 the remainder is negative.
+  const extra = ((unixMicros % 1000n) + 1000n) % 1000n;
+  const ms = (unixMicros - extra) / 1000n;
   const iso = new Date(Number(ms)).toISOString(); // ...ss.mmmZ
   return `${iso.slice(0, -1)}${String(extra).padStart(3, '0')}Z`;
 }

@@ -149,6 +149,9 @@ export const BUILTIN_TYPES: ReadonlyMap<number, TypeInfo> = (() => {
 
 export const TEXT_TYPE: TypeInfo = BUILTIN_TYPES.get(25)!;
 
+/** An unescaped \u0000 in JSON text (preceded by an even number of backslashes). */
+const JSON_NUL_ESCAPE = /(^|[^\\])(\\\\)*\\u0000/;
+
 const TIMESTAMP =
   /^(\d{4,})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?([+-]\d\d(?::\d\d(?::\d\d)?)?)?$/;
 
@@ -176,7 +179,9 @@ export function toJson(text: string, type: TypeInfo): string {
       // NaN and ±Infinity have no JSON number form.
       return /^[-+]?(NaN|Infinity)$/.test(text) ? JSON.stringify(text) : text;
     case 'json':
-      return text;
+      // json (not jsonb) accepts the escape \u0000, which the buffer's jsonb columns reject; such a
+      // value travels as its exact text instead of stalling the source on a failing COPY.
+      return JSON_NUL_ESCAPE.test(text) ? JSON.stringify(text) : text;
     case 'timestamp':
     case 'timestamptz':
       return JSON.stringify(isoTimestamp(text));

@@ -1,0 +1,404 @@
+import { describe, expect, it } from 'vitest';
+import { formatLsn } from '../../src/lsn.js';
+import {
+  BatchBuilder,
+  EVENT_COPY_COLUMNS,
+  copyEscape,
+  pgTimeToIso,
+  pgTimeToMs,
+  textArrayLiteral,
+  type ResolvedRelation,
+  type TakenBatch,
+} from '../../workers/decode/events.js';
+import { PG_EPOCH_OFFSET_US, UNCHANGED } from '../../workers/decode/pgoutput.js';
+import { BUILTIN_TYPES, type TypeInfo } from '../../workers/decode/values.js';
+
+function builtin(oid: number): TypeInfo {
+  const t = BUILTIN_TYPES.get(oid);
+  if (!t) throw new Error(`no type ${oid}`);
+  return t;
+}
+
+/** µs since 2000-01-01 for an ISO instant plus extra microseconds. */
+function pgTime(iso: string, extraMicros = 0): bigint {
+  return BigInt(Date.parse(iso)) * 1000n + BigInt(extraMicros) - PG_EPOCH_OFFSET_US;
+}
+
+const ORDERS_OID = 16_384;
+const ORDERS: ResolvedRelation = {
+  oid: ORDERS_OID,
+  schema: 'shop',
+  table: 'orders',
+  columns: [
+    { name: 'id', type: builtin(20), typeMod: -1, key: true },
+    { name: 'note', type: builtin(25), typeMod: -1, key: false },
+    { name: 'doc', type: builtin(114), typeMod: -1, key: false }, // json: spliced verbatim
+    { name: 'amount', type: builtin(1700), typeMod: (12 << 16) + 2 + 4, key: false },
+    { name: 'tags', type: builtin(1009), typeMod: -1, key: false },
+  ],
+  primaryKey: ['id'],
+};
+
+/** Undoes COPY text escaping for one field; `\N` is SQL NULL. */
+function unescapeCopy(field: string): string | null {
+  if (field === '\\N') return null;
+  return field.replace(/\\(.)/g, (_, c: string) =>
+    c === 'n' ? '\n' : c === 't' ? '\t' : c === 'r' ? '\r' : c,
+  );
+}
+
+type Row = Record<(typeof EVENT_COPY_COLUMNS)[number], string | null>;
+
+/** The batch's COPY text, parsed back into rows keyed by column. */
+function rows(batch: TakenBatch): Row[] {
+  expect(batch.data).toBeInstanceOf(ArrayBuffer);
+  const text = new TextDecoder('utf-8', { fatal: true }).decode(batch.data);
+  if (text === '') return [];
+  expect(text.endsWith('\n')).toBe(true);
+  return text
+    .slice(0, -1)
+    .split('\n')
+    .map((line) => {
+      const fields = line.split('\t');
+      expect(fields, line).toHaveLength(EVENT_COPY_COLUMNS.length);
+      return Object.fromEntries(
+        EVENT_COPY_COLUMNS.map((column, i) => [column, unescapeCopy(fields[i]!)]),
+      ) as Row;
+    });
+}
+
+const json = (text: string | null): unknown => (text === null ? null : JSON.parse(text));
+
+describe('copyEscape', () => {
+  it('leaves plain text alone', () => {
+    expect(copyEscape('plain text, "quotes" and {braces}')).toBe(
+      'plain text, "quotes" and {braces}',
+    );
+    expect(copyEscape('')).toBe('');
+  });
+
+  it('escapes backslash, tab, newline and carriage return', () => {
+    expect(copyEscape('a\tb\nc\rd\\e')).toBe('a\\tb\\nc\\rd\\\\e');
+    expect(copyEscape('\\N')).toBe('\\\\N'); // a literal "\N" is not NULL
+    expect(copyEscape('\\.')).toBe('\\\\.'); // nor the end-of-data marker
+    expect(unescapeCopy(copyEscape('x\\\ty\n\\n'))).toBe('x\\\ty\n\\n');
+  });
+});
+
+describe('textArrayLiteral', () => {
+  it('quotes every element and escapes quotes and backslashes', () => {
+    expect(textArrayLiteral([])).toBe('{}');
+    expect(textArrayLiteral(['id'])).toBe('{"id"}');
+    expect(textArrayLiteral(['tenant id', 'NULL', 'a,b'])).toBe('{"tenant id","NULL","a,b"}');
+    expect(textArrayLiteral(['say "hi"', 'back\\slash'])).toBe('{"say \\"hi\\"","back\\\\slash"}');
+  });
+});
+
+describe('pgTimeToIso', () => {
+  it('converts from the PostgreSQL epoch', () => {
+    expect(pgTimeToIso(0n)).toBe('2000-01-01T00:00:00.000000Z');
+    expect(pgTimeToIso(-PG_EPOCH_OFFSET_US)).toBe('1970-01-01T00:00:00.000000Z');
+  });
+
+  it('keeps microseconds', () => {
+    expect(pgTimeToIso(1n)).toBe('2000-01-01T00:00:00.000001Z');
+    expect(pgTimeToIso(123_456_789n)).toBe('2000-01-01T00:02:03.456789Z');
+    expect(pgTimeToIso(pgTime('2026-11-25T00:50:18.120Z', 345))).toBe(
+      '2026-11-25T00:50:18.120345Z',
+    );
+    expect(pgTimeToIso(pgTime('2026-11-25T00:50:18.999Z', 999))).toBe(
+      '2026-11-25T00:50:18.999999Z',
+    );
+    expect(pgTimeToIso(-1n)).toBe('1999-12-31T23:59:59.999999Z');
+  });
+
+  it('pgTimeToMs gives Unix milliseconds', () => {
+    expect(pgTimeToMs(pgTime('2026-11-25T00:50:18.120Z', 345))).toBe(
+      Date.parse('2026-11-25T00:50:18.120Z'),
+    );
+  });
+
+  // BUG (workers/decode/events.ts pgTimeToIso), low severity: BigInt division truncates toward
+  // zero, so before 1970 (negative Unix µs) the millisecond part is one too high whenever the
+  // sub-millisecond part is non-zero: -1500 µs prints as 23:59:59.999500 instead of .998500.
+  // Commit times are "now", so this needs a badly wrong clock to show. Fix: floor the division,
+  //   const extra = ((unixMicros % 1000n) + 1000n) % 1000n; const ms = (unixMicros - extra) / 1000n;
+  it('is exact before 1970 too', () => {
+    expect(pgTimeToIso(-PG_EPOCH_OFFSET_US - 1500n)).toBe('1969-12-31T23:59:59.998500Z');
+  });
+});
+
+describe('BatchBuilder', () => {
+  const FINAL_LSN = (1n << 32n) | 0x16b3748n; // 1/16B3748: a non-zero high word
+  const END_LSN = (1n << 32n) | 0x16b3790n;
+  const COMMIT_TIME = pgTime('2026-11-25T00:50:18.120Z', 345);
+  const XID = 771;
+
+  it('encodes a whole transaction as COPY rows, field by field', () => {
+    const b = new BatchBuilder('shop-eu');
+    expect(b.hasContent).toBe(false);
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    expect(b.isInTransaction).toBe(true);
+    b.relation(ORDERS);
+
+    // INSERT: a tab in text, raw newline and tab inside json (spliced verbatim), a text[].
+    b.insert(ORDERS_OID, [
+      '1',
+      'tab\there\\',
+      '{"n":\n\t12345678901234567890}',
+      '12.50',
+      '{a,"b c"}',
+    ]);
+    // UPDATE with the key changed ('K': key columns only) and an unchanged TOASTed doc.
+    b.update(
+      ORDERS_OID,
+      'K',
+      ['1', 'ignored', null, null, null],
+      ['2', 'new', UNCHANGED, '13.00', '{}'],
+    );
+    // UPDATE with REPLICA IDENTITY FULL ('O'): the old value fills in the unchanged doc.
+    b.update(
+      ORDERS_OID,
+      'O',
+      ['2', 'new', '{"kept": true}', '13.00', '{}'],
+      ['2', 'newer', UNCHANGED, '14.00', '{x}'],
+    );
+    // UPDATE without an old tuple, doc unchanged.
+    b.update(ORDERS_OID, null, null, ['2', 'newest', UNCHANGED, '15.00', '{NULL}']);
+    // DELETE with a 'K' tuple: only key columns in before, even if others carry values.
+    b.delete(ORDERS_OID, 'K', ['2', 'not part of the key', null, null, null]);
+    b.truncate([ORDERS_OID]);
+    b.commit(END_LSN, COMMIT_TIME);
+    expect(b.isInTransaction).toBe(false);
+    expect(b.rows).toBe(6);
+    expect(b.bytes).toBeGreaterThan(0);
+    expect(b.hasContent).toBe(true);
+
+    const batch = b.take();
+    expect(batch.rows).toBe(6);
+    expect(batch.counts).toEqual({ insert: 1, update: 3, delete: 1, truncate: 1 });
+    expect(batch.transactions).toBe(1);
+    expect(batch.checkpointLsn).toBe('1/16B3790'); // the commit's end LSN
+    expect(batch.checkpointLsn).toBe(formatLsn(END_LSN));
+    expect(batch.checkpointXid).toBe(XID);
+    expect(batch.checkpointCommitTimeMs).toBe(Date.parse('2026-11-25T00:50:18.120Z'));
+
+    const [ins, updK, updO, updNone, del, trunc] = rows(batch);
+    for (const [i, row] of [ins, updK, updO, updNone, del, trunc].entries()) {
+      expect(row).toMatchObject({
+        source_id: 'shop-eu',
+        lsn: '1/16B3748', // the transaction's commit LSN (Begin's final LSN)
+        seq: String(i + 1),
+        xid: '771',
+        committed_at: '2026-11-25T00:50:18.120345Z',
+        schema_name: 'shop',
+        table_name: 'orders',
+        primary_key: '{"id"}',
+      });
+    }
+
+    expect(ins!.operation).toBe('INSERT');
+    expect(ins!.before).toBeNull();
+    // json spliced verbatim: its raw newline and tab survive (COPY-escaped on the way).
+    expect(ins!.after).toBe(
+      '{"id":"1","note":"tab\\there\\\\","doc":{"n":\n\t12345678901234567890},"amount":"12.50","tags":["a","b c"]}',
+    );
+    expect(json(ins!.after)).toEqual({
+      id: '1',
+      note: 'tab\there\\',
+      doc: { n: expect.any(Number) }, // the exact digits are checked on the text above
+      amount: '12.50',
+      tags: ['a', 'b c'],
+    });
+    expect(ins!.unchanged_columns).toBeNull();
+
+    expect(updK!.operation).toBe('UPDATE');
+    expect(json(updK!.before)).toEqual({ id: '1' });
+    expect(json(updK!.after)).toEqual({ id: '2', note: 'new', amount: '13.00', tags: [] });
+    expect(updK!.after).not.toContain('"doc"'); // never reported as null
+    expect(updK!.unchanged_columns).toBe('{"doc"}');
+
+    expect(json(updO!.before)).toEqual({
+      id: '2',
+      note: 'new',
+      doc: { kept: true },
+      amount: '13.00',
+      tags: [],
+    });
+    expect(json(updO!.after)).toEqual({
+      id: '2',
+      note: 'newer',
+      doc: { kept: true },
+      amount: '14.00',
+      tags: ['x'],
+    });
+    expect(updO!.unchanged_columns).toBeNull();
+
+    expect(updNone!.before).toBeNull();
+    expect(json(updNone!.after)).toEqual({
+      id: '2',
+      note: 'newest',
+      amount: '15.00',
+      tags: [null],
+    });
+    expect(updNone!.unchanged_columns).toBe('{"doc"}');
+
+    expect(del!.operation).toBe('DELETE');
+    expect(json(del!.before)).toEqual({ id: '2' });
+    expect(del!.after).toBeNull();
+    expect(del!.unchanged_columns).toBeNull();
+
+    expect(trunc).toMatchObject({ operation: 'TRUNCATE', before: null, after: null });
+    expect(trunc!.unchanged_columns).toBeNull();
+
+    // Taking empties the builder.
+    expect(b.rows).toBe(0);
+    expect(b.hasContent).toBe(false);
+    const empty = b.take();
+    expect(empty.rows).toBe(0);
+    expect(empty.data.byteLength).toBe(0);
+    expect(empty.checkpointLsn).toBeNull();
+  });
+
+  it('escapes the source id and names with COPY special characters', () => {
+    const b = new BatchBuilder('a\\b');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation({
+      oid: 1,
+      schema: 'we\tird',
+      table: 'new\nline',
+      columns: [{ name: 'k"ey\\', type: builtin(23), typeMod: -1, key: true }],
+      primaryKey: ['k"ey\\'],
+    });
+    b.insert(1, ['7']);
+    b.commit(END_LSN, COMMIT_TIME);
+    const [row] = rows(b.take());
+    expect(row).toMatchObject({
+      source_id: 'a\\b',
+      schema_name: 'we\tird',
+      table_name: 'new\nline',
+      primary_key: '{"k\\"ey\\\\"}',
+    });
+    expect(json(row!.after)).toEqual({ 'k"ey\\': 7 });
+  });
+
+  it('a transaction split across two take() calls keeps its seq numbering', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, ['1', null, null, '1', '{}']);
+    b.insert(ORDERS_OID, ['2', null, null, '2', '{}']);
+
+    const first = b.take();
+    expect(first.rows).toBe(2);
+    expect(first.checkpointLsn).toBeNull(); // nothing committed yet
+    expect(first.transactions).toBe(0);
+    expect(first.schemaChanges).toHaveLength(1);
+    expect(rows(first).map((r) => r.seq)).toEqual(['1', '2']);
+    expect(b.isInTransaction).toBe(true);
+
+    b.insert(ORDERS_OID, ['3', null, null, '3', '{}']);
+    b.delete(ORDERS_OID, 'K', ['1', null, null, null, null]);
+    b.commit(END_LSN, COMMIT_TIME);
+    const second = b.take();
+    expect(second.rows).toBe(2);
+    expect(second.checkpointLsn).toBe(formatLsn(END_LSN));
+    expect(second.transactions).toBe(1);
+    expect(second.schemaChanges).toHaveLength(0);
+    expect(second.counts).toEqual({ insert: 1, update: 0, delete: 1, truncate: 0 });
+    const r = rows(second);
+    expect(r.map((x) => x.seq)).toEqual(['3', '4']);
+    expect(r.map((x) => x.lsn)).toEqual(['1/16B3748', '1/16B3748']);
+  });
+
+  it('several transactions in one batch: seq restarts, the checkpoint is the last commit', () => {
+    const b = new BatchBuilder('s');
+    b.begin(0x100n, COMMIT_TIME, 10);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, ['1', null, null, '1', '{}']);
+    b.commit(0x180n, COMMIT_TIME);
+    b.begin(0x200n, COMMIT_TIME + 1n, 11);
+    b.insert(ORDERS_OID, ['2', null, null, '2', '{}']);
+    b.insert(ORDERS_OID, ['3', null, null, '3', '{}']);
+    b.commit(0x280n, COMMIT_TIME + 1n);
+    const batch = b.take();
+    expect(batch.transactions).toBe(2);
+    expect(batch.checkpointLsn).toBe('0/280');
+    expect(batch.checkpointXid).toBe(11);
+    expect(rows(batch).map((r) => [r.lsn, r.seq, r.xid])).toEqual([
+      ['0/100', '1', '10'],
+      ['0/200', '1', '11'],
+      ['0/200', '2', '11'],
+    ]);
+  });
+
+  it('a transaction without changes still moves the checkpoint', () => {
+    const b = new BatchBuilder('s');
+    b.begin(0x100n, COMMIT_TIME, 10);
+    b.commit(0x180n, COMMIT_TIME);
+    expect(b.rows).toBe(0);
+    expect(b.hasContent).toBe(true);
+    const batch = b.take();
+    expect(batch.rows).toBe(0);
+    expect(batch.checkpointLsn).toBe('0/180');
+  });
+
+  it('records a schema version only when the shape changes', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.relation({ ...ORDERS }); // sent again, same shape
+    b.relation({
+      ...ORDERS,
+      columns: [...ORDERS.columns, { name: 'extra', type: builtin(16), typeMod: -1, key: false }],
+    });
+    const [v1, v2, ...rest] = b.take().schemaChanges;
+    expect(rest).toHaveLength(0);
+    expect(v1).toEqual({
+      schema: 'shop',
+      table: 'orders',
+      columns: [
+        { name: 'id', type: 'int8', typeOid: 20, typeMod: -1, key: true },
+        { name: 'note', type: 'text', typeOid: 25, typeMod: -1, key: false },
+        { name: 'doc', type: 'json', typeOid: 114, typeMod: -1, key: false },
+        { name: 'amount', type: 'numeric', typeOid: 1700, typeMod: (12 << 16) + 6, key: false },
+        { name: 'tags', type: '_text', typeOid: 1009, typeMod: -1, key: false },
+      ],
+      primaryKey: ['id'],
+      lsn: '1/16B3748',
+    });
+    expect(v2?.columns.map((c) => c.name)).toEqual([
+      'id',
+      'note',
+      'doc',
+      'amount',
+      'tags',
+      'extra',
+    ]);
+  });
+
+  it('hands over a transferable ArrayBuffer', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, ['1', 'é 🐘', null, '1', '{}']);
+    b.commit(END_LSN, COMMIT_TIME);
+    const batch = b.take();
+    const moved = structuredClone(batch.data, { transfer: [batch.data] });
+    expect(batch.data.byteLength).toBe(0); // detached: it really moved
+    expect(new TextDecoder().decode(moved)).toContain('"note":"é 🐘"');
+  });
+
+  it('refuses changes for an unknown relation or outside a transaction', () => {
+    const b = new BatchBuilder('s');
+    b.relation(ORDERS);
+    expect(() => b.insert(ORDERS_OID, ['1', null, null, '1', '{}'])).toThrow(
+      'pgoutput: change outside a transaction',
+    );
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    expect(() => b.insert(999, ['1'])).toThrow('pgoutput: change for unknown relation 999');
+    expect(() => b.insert(ORDERS_OID, ['1', null, null, '1', '{}', 'one too many'])).toThrow(
+      /more columns than relation/,
+    );
+  });
+});
