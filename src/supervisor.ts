@@ -299,7 +299,8 @@ export class SourceRunner {
     // Idle confirmations move the confirmed position past the checkpoint (WAL written elsewhere
     // holds nothing for us), so lag is measured from whichever is further.
     let captured = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
-    if (this.confirmedLsn !== null && parseLsn(this.confirmedLsn) > captured) captured = parseLsn(this.confirmedLsn);
+    if (this.confirmedLsn !== null && parseLsn(this.confirmedLsn) > captured)
+      captured = parseLsn(this.confirmedLsn);
     if (captured === 0n) return;
     const lag = this.serverWalEnd - captured;
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
@@ -386,7 +387,10 @@ export class SourceRunner {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) {
       this.checkpointLsn = checkpoint.lsn;
-      this.metrics.checkpointLsn.set({ source: this.source.id }, lsnToNumber(parseLsn(checkpoint.lsn)));
+      this.metrics.checkpointLsn.set(
+        { source: this.source.id },
+        lsnToNumber(parseLsn(checkpoint.lsn)),
+      );
     }
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');

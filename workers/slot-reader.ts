@@ -42,6 +42,8 @@ const REPLICATION_SESSION_OPTIONS = [
 const STATUS_INTERVAL_MS = 5_000;
 /** How often the reader reports positions to the supervisor for metrics. */
 const PROGRESS_INTERVAL_MS = 1_000;
+/** How long a stop waits for the server to take the final confirmation. */
+const FINAL_CONFIRM_TIMEOUT_MS = 5_000;
 
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
@@ -96,6 +98,11 @@ class SlotReader {
   private failed: unknown = null;
   private settle!: { resolve: () => void; reject: (e: unknown) => void };
   private readonly finished: Promise<void>;
+  private closeNow!: () => void;
+  /** Resolves when the reader closes; handlers parked during a stop wait on it. */
+  private readonly closing = new Promise<void>((resolve) => {
+    this.closeNow = resolve;
+  });
 
   constructor(private readonly task: ReaderTask) {
     this.log = createLogger(task.logLevel, {
@@ -186,7 +193,14 @@ class SlotReader {
 
   private async onData(lsn: string, raw: Buffer): Promise<void> {
     try {
-      if (this.failed !== null || this.stopping) return; // dropped: never stored, never confirmed
+      if (this.failed !== null) return; // dropped: never stored, never confirmed
+      if (this.stopping) {
+        // Dropped too, and we stop reading: while the socket is paused (flow control waits on
+        // this handler), a walsender busy sending a large transaction gets to read our final
+        // status update instead of failing on a connection we are about to close.
+        await this.closing;
+        return;
+      }
       const at = parseLsn(lsn);
       if (at > this.serverWalEnd) this.serverWalEnd = at;
       const message = parsePgoutput(raw);
@@ -381,14 +395,43 @@ class SlotReader {
       }
       if (this.failed !== null) return;
       this.confirm(true);
+      const reached = await this.waitForSlotConfirmation();
       this.log.info(
-        { confirmedLsn: formatLsn(this.confirmedLsn) },
+        { confirmedLsn: formatLsn(this.confirmedLsn), slotConfirmedFlushLsn: reached },
         'final position confirmed to source',
       );
       this.settle.resolve();
     } catch (error) {
       this.fail(error);
     }
+  }
+
+  /**
+   * A status update is fire-and-forget; before closing, make sure the server has taken it, by
+   * reading the slot back (and re-sending meanwhile). Bounded: the data is safe either way,
+   * since a restart resumes from the buffer checkpoint; only the slot's WAL retention is at stake.
+   */
+  private async waitForSlotConfirmation(): Promise<string | null> {
+    const deadline = Date.now() + FINAL_CONFIRM_TIMEOUT_MS;
+    let seen: string | null = null;
+    while (this.side && this.failed === null) {
+      const result = await this.side.query<{ lsn: string | null }>(
+        'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
+        [this.task.source.slot],
+      );
+      seen = result.rows[0]?.lsn ?? null;
+      if (seen !== null && parseLsn(seen) >= this.confirmedLsn) return seen;
+      if (Date.now() >= deadline) {
+        this.log.warn(
+          { confirmedLsn: formatLsn(this.confirmedLsn), slotConfirmedFlushLsn: seen },
+          'the source has not taken the final confirmation yet; it will be sent again on the next start',
+        );
+        return seen;
+      }
+      this.sendStatus();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return seen;
   }
 
   private fail(error: unknown, report = true): void {
@@ -409,6 +452,7 @@ class SlotReader {
   }
 
   private async close(): Promise<void> {
+    this.closeNow();
     for (const t of this.timers) clearInterval(t);
     if (this.flushTimer !== null) clearTimeout(this.flushTimer);
     const service = this.service;

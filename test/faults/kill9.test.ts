@@ -1,0 +1,99 @@
+/**
+ * kill -9 of the Philotes process during a steady write load, three times over. Whatever a kill
+ * interrupts (a COPY into the buffer, a half-stored large transaction, a confirmation to the
+ * source), the next process must resume from the checkpoint so the buffer ends up holding every
+ * committed change exactly once, in order.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  assertReplayMatchesSource,
+  checkItemHistories,
+  ITEMS_DDL,
+  readEvents,
+  startFixture,
+  startLoad,
+  waitForCatchUp,
+  waitForSlotActive,
+  type Fixture,
+} from '../helpers/fixture.js';
+import {
+  countEvents,
+  countSourceItems,
+  countEventsBeyondCheckpoint,
+  lsn,
+  outputTail,
+  readCheckpoint,
+  readLastEvent,
+  readSlot,
+  waitForEventGrowth,
+  waitForExit,
+} from '../helpers/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+
+const KILLS = 3;
+/** Events each process must store before it is killed: proof it was streaming, not starting. */
+const GROWTH_PER_ROUND = 300;
+
+describe('kill -9 during a steady write load', () => {
+  let f: Fixture;
+  let philotes: PhilotesProcess | undefined;
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query(ITEMS_DDL, [], 'app');
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await f?.destroy();
+  });
+
+  it('keeps every committed change exactly once across three kills', async () => {
+    // Batches of a few rows split most load transactions (up to 6 changes each) over several
+    // buffer transactions, so a kill regularly lands between the parts of one source transaction
+    // and the next start has to remove the stored part.
+    const env = f.env({ PHILOTES_CDC_BATCH_MAX_ROWS: '4' });
+    // The slot must exist before the first write: changes committed before it are not Philotes'
+    // to capture (there is no initial snapshot).
+    philotes = startPhilotes(env);
+    await waitForSlotActive(f.source);
+    const load = startLoad(f.source, { clients: 4 });
+    try {
+      for (let kill = 1; kill <= KILLS; kill++) {
+        await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH_PER_ROUND);
+        await philotes.kill9();
+        philotes = startPhilotes(env);
+      }
+      // The last process must stream under load too, not only drain after it.
+      await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH_PER_ROUND);
+    } finally {
+      const stats = await load.stop();
+      expect(stats.committedTransactions).toBeGreaterThan(0);
+    }
+
+    await waitForCatchUp(f);
+    const events = await readEvents(f.buffer);
+    const rows = checkItemHistories(events);
+    await assertReplayMatchesSource(f.source, rows);
+    const sourceRows = await countSourceItems(f.source);
+    expect(rows.size).toBe(sourceRows);
+
+    // A clean stop after catching up leaves a buffer a consumer can trust up to the checkpoint:
+    // nothing stored beyond it, and the checkpoint names the last stored transaction.
+    const current = philotes;
+    expect(current.signal('SIGTERM')).toBe(true);
+    const exit = await waitForExit(current, 30_000);
+    expect(exit, outputTail(current)).toEqual({ code: 0, signal: null });
+    expect(await countEventsBeyondCheckpoint(f.buffer)).toBe(0);
+    const checkpoint = await readCheckpoint(f.buffer);
+    const last = await readLastEvent(f.buffer);
+    expect(checkpoint).toBeDefined();
+    expect(last).toBeDefined();
+    expect(checkpoint!.transactionId).toBe(last!.xid);
+    expect(lsn(checkpoint!.lsn)).toBeGreaterThan(lsn(last!.lsn));
+    const slot = await readSlot(f.source);
+    expect(lsn(slot!.confirmedFlushLsn!)).toBeGreaterThanOrEqual(lsn(checkpoint!.lsn));
+    // The stop did not lose or add anything either.
+    expect(await countEvents(f.buffer)).toBe(events.length);
+  });
+});

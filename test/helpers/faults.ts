@@ -1,0 +1,168 @@
+/**
+ * Helpers for the fault-injection tests (test/faults/): what the buffer and the source's slot say
+ * right now, and deadlines that prove something does not hang. Every check reads data (rows in
+ * the buffer, pg_replication_slots), never log lines.
+ */
+import { parseLsn } from '../../src/lsn.js';
+import type { Cluster } from './cluster.js';
+import type { ExitStatus, PhilotesProcess } from './philotes.js';
+import { waitFor } from './poll.js';
+
+export interface StoredCheckpoint {
+  lsn: string;
+  transactionId: string | null;
+}
+
+export interface LastEvent {
+  lsn: string;
+  xid: string;
+}
+
+export interface SlotState {
+  active: boolean;
+  activePid: number | null;
+  confirmedFlushLsn: string | null;
+}
+
+/** Events stored for a source; 0 before Philotes has created the buffer schema. */
+export async function countEvents(buffer: Cluster, sourceId = 'app'): Promise<number> {
+  const [table] = await buffer.query<{ exists: boolean }>(
+    `SELECT to_regclass('public.cdc_events') IS NOT NULL AS exists`,
+    [],
+    'buffer',
+  );
+  if (!table?.exists) return 0;
+  const [row] = await buffer.query<{ n: number }>(
+    'SELECT count(*)::int AS n FROM cdc_events WHERE source_id = $1',
+    [sourceId],
+    'buffer',
+  );
+  return row?.n ?? 0;
+}
+
+/**
+ * Waits until at least `atLeast` more events are stored than `from`. A restart may first remove
+ * events beyond the checkpoint, so this only passes once new events have really been stored.
+ */
+export async function waitForEventGrowth(
+  buffer: Cluster,
+  from: number,
+  atLeast: number,
+  timeoutMs = 60_000,
+): Promise<number> {
+  return waitFor(
+    async () => {
+      const n = await countEvents(buffer);
+      return n >= from + atLeast ? n : false;
+    },
+    { what: `at least ${from + atLeast} stored events (had ${from})`, timeoutMs, intervalMs: 200 },
+  );
+}
+
+export async function readCheckpoint(
+  buffer: Cluster,
+  sourceId = 'app',
+): Promise<StoredCheckpoint | undefined> {
+  const [row] = await buffer.query<{ lsn: string; transaction_id: string | null }>(
+    'SELECT lsn, transaction_id::text FROM cdc_checkpoints WHERE source_id = $1',
+    [sourceId],
+    'buffer',
+  );
+  return row ? { lsn: row.lsn, transactionId: row.transaction_id } : undefined;
+}
+
+/** The stored event with the highest commit LSN (the last transaction stored). */
+export async function readLastEvent(
+  buffer: Cluster,
+  sourceId = 'app',
+): Promise<LastEvent | undefined> {
+  const [row] = await buffer.query<{ lsn: string; xid: string }>(
+    `SELECT lsn::text, xid::text FROM cdc_events WHERE source_id = $1
+      ORDER BY lsn DESC, seq DESC LIMIT 1`,
+    [sourceId],
+    'buffer',
+  );
+  return row;
+}
+
+/**
+ * Events at or past the checkpoint. Events carry their transaction's commit START LSN and the
+ * checkpoint is the last stored commit's END LSN, so a fully stored transaction is always below.
+ */
+export async function countEventsBeyondCheckpoint(
+  buffer: Cluster,
+  sourceId = 'app',
+): Promise<number> {
+  const [row] = await buffer.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM cdc_events e
+      WHERE e.source_id = $1
+        AND e.lsn >= coalesce((SELECT lsn::pg_lsn FROM cdc_checkpoints WHERE source_id = $1), '0/0')`,
+    [sourceId],
+    'buffer',
+  );
+  return row?.n ?? 0;
+}
+
+export async function readSlot(
+  source: Cluster,
+  slot = 'philotes_cdc',
+): Promise<SlotState | undefined> {
+  const [row] = await source.query<{
+    active: boolean;
+    active_pid: number | null;
+    confirmed_flush_lsn: string | null;
+  }>(
+    `SELECT active, active_pid, confirmed_flush_lsn::text
+       FROM pg_replication_slots WHERE slot_name = $1`,
+    [slot],
+    'app',
+  );
+  return row
+    ? { active: row.active, activePid: row.active_pid, confirmedFlushLsn: row.confirmed_flush_lsn }
+    : undefined;
+}
+
+/** LSNs compared as numbers: their text forms do not sort. */
+export function lsn(text: string): bigint {
+  return parseLsn(text);
+}
+
+/**
+ * Resolves with `p`, or rejects once `ms` have passed. Only for proving that something does not
+ * hang: the deadline is generous, never a measure of speed.
+ */
+export async function withDeadline<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([p, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Waits for the process to exit by itself; on the deadline, the error carries its last output. */
+export async function waitForExit(p: PhilotesProcess, ms: number): Promise<ExitStatus> {
+  try {
+    return await withDeadline(p.exited, ms, `philotes (pid ${p.pid}) exit`);
+  } catch (error) {
+    throw new Error(`${(error as Error).message}\n${outputTail(p)}`, { cause: error });
+  }
+}
+
+/** The end of a process's output, to make a failed assertion explain itself. */
+export function outputTail(p: PhilotesProcess, lines = 30): string {
+  return `--- philotes stdout (last ${lines}) ---\n${p.stdout.slice(-lines).join('\n')}\n--- stderr ---\n${p.stderr.slice(-lines).join('\n')}`;
+}
+
+/** Rows in the source's items table: the truth the buffer is compared with. */
+export async function countSourceItems(source: Cluster): Promise<number> {
+  const [row] = await source.query<{ n: number }>(
+    'SELECT count(*)::int AS n FROM items',
+    [],
+    'app',
+  );
+  return row?.n ?? 0;
+}
