@@ -30,6 +30,8 @@ export interface Config {
   readonly buffer: ConnectionConfig;
   /** How often the durable position is confirmed to each source. */
   readonly checkpointIntervalMs: number;
+  /** A replication connection silent for longer than this is treated as dead. */
+  readonly sourceTimeoutMs: number;
   /** A batch is sent to the supervisor when it holds this many rows ... */
   readonly batchMaxRows: number;
   /** ... or this many bytes of encoded events ... */
@@ -253,6 +255,7 @@ export function loadConfig(env: Env = process.env): Config {
     sources: Object.freeze([source]),
     buffer: connection(env, 'PHILOTES_BUFFER'),
     checkpointIntervalMs: duration(env, 'PHILOTES_CDC_CHECKPOINT_INTERVAL', '10s', 10, 3_600_000),
+    sourceTimeoutMs: duration(env, 'PHILOTES_CDC_SOURCE_TIMEOUT', '30s', 1000, 3_600_000),
     batchMaxRows: integer(env, 'PHILOTES_CDC_BATCH_MAX_ROWS', 5000, 1, 1_000_000),
     batchMaxBytes: integer(
       env,

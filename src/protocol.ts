@@ -12,6 +12,8 @@ export interface ReaderTask {
   /** Durable checkpoint to resume from, or null to start at the slot's confirmed position. */
   readonly startLsn: string | null;
   readonly checkpointIntervalMs: number;
+  /** Silence on the replication connection longer than this means it is dead. */
+  readonly sourceTimeoutMs: number;
   readonly batchMaxRows: number;
   readonly batchMaxBytes: number;
   readonly batchMaxWaitMs: number;

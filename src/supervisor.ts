@@ -109,6 +109,7 @@ class ReaderRun {
       source,
       startLsn,
       checkpointIntervalMs: config.checkpointIntervalMs,
+      sourceTimeoutMs: config.sourceTimeoutMs,
       batchMaxRows: config.batchMaxRows,
       batchMaxBytes: config.batchMaxBytes,
       batchMaxWaitMs: config.batchMaxWaitMs,

@@ -44,6 +44,8 @@ const STATUS_INTERVAL_MS = 5_000;
 const PROGRESS_INTERVAL_MS = 1_000;
 /** How long a stop waits for the server to take the final confirmation. */
 const FINAL_CONFIRM_TIMEOUT_MS = 5_000;
+/** How long closing may wait for the source to acknowledge the end of our connections. */
+const CLOSE_TIMEOUT_MS = 3_000;
 
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
@@ -56,8 +58,10 @@ class RawPgoutput {
   readonly name = 'pgoutput';
   received = 0;
   constructor(private readonly publication: string) {}
+  lastReceivedAt = Date.now();
   parse(buffer: Buffer): Buffer {
     this.received++;
+    this.lastReceivedAt = Date.now();
     return Buffer.from(buffer);
   }
   start(client: pg.Client, slot: string, lsn: string): Promise<unknown> {
@@ -87,6 +91,8 @@ class SlotReader {
   private idleWalEnd = 0n;
   private serverWalEnd = 0n;
   private replyRequested = false;
+  private lastHeardAt = Date.now();
+  private waitingForCredit = false;
 
   private flushChain: Promise<void> = Promise.resolve();
   private flushTimer: NodeJS.Timeout | null = null;
@@ -159,7 +165,11 @@ class SlotReader {
       this.timers.push(
         setInterval(() => this.confirm(false), this.task.checkpointIntervalMs),
         setInterval(
-          () => this.sendStatus(),
+          () => {
+            this.checkSourceSilence();
+            // Ask for a reply: the server's keepalive answers prove the connection is alive.
+            this.sendStatus(true);
+          },
           Math.min(STATUS_INTERVAL_MS, this.task.checkpointIntervalMs),
         ),
         // Positions for the lag metrics whether or not anything was confirmed: a stalled buffer
@@ -256,6 +266,7 @@ class SlotReader {
   }
 
   private onKeepalive(walEndText: string, shouldRespond: boolean): void {
+    this.lastHeardAt = Date.now();
     const walEnd = parseLsn(walEndText);
     if (walEnd > this.serverWalEnd) this.serverWalEnd = walEnd;
     // Keepalives arrive in stream order but ahead of queued data, hence the received/processed
@@ -289,7 +300,10 @@ class SlotReader {
     this.flushChain = this.flushChain.then(async () => {
       while (this.batchSeq - this.durableSeq >= this.task.maxInFlightBatches) {
         if (this.failed !== null) return;
+        this.waitingForCredit = true;
         await new Promise<void>((resolve) => this.creditWaiters.push(resolve));
+        this.waitingForCredit = false;
+        this.lastHeardAt = Date.now(); // the stream was paused by us, not silent
       }
       if (this.failed !== null || !this.builder.hasContent) return;
       const batch = this.builder.take();
@@ -365,12 +379,33 @@ class SlotReader {
     if (this.confirmedLsn >= this.serverWalEnd) this.replyRequested = false;
   }
 
-  private sendStatus(): void {
+  /**
+   * A connection can die without a reset (a partition, a frozen server): nothing arrives and the
+   * socket never errors. We ask the server for a reply with every periodic status update, so
+   * silence longer than the source timeout means the connection is gone. Not while we hold the
+   * stream paused waiting for the buffer: then silence is ours.
+   */
+  private checkSourceSilence(): void {
+    if (this.waitingForCredit || this.stopping || this.failed !== null) return;
+    const silent = Date.now() - Math.max(this.lastHeardAt, this.plugin.lastReceivedAt);
+    if (silent > this.task.sourceTimeoutMs) {
+      this.fail(
+        Object.assign(
+          new Error(`no message from the source for ${Math.round(silent / 1000)}s; reconnecting`),
+          {
+            code: 'SOURCE_TIMEOUT',
+          },
+        ),
+      );
+    }
+  }
+
+  private sendStatus(ping = false): void {
     if (this.failed !== null || !this.service || this.confirmedLsn === 0n) return;
     // The library reports (lsn + 1) as written/flushed/applied; ask for exactly confirmedLsn.
     // Confirming one byte too far could skip a commit record that starts right there.
     void this.service
-      .acknowledge(formatLsn(this.confirmedLsn - 1n))
+      .acknowledge(formatLsn(this.confirmedLsn - 1n), ping)
       .catch((e: unknown) => this.fail(e));
   }
 
@@ -457,7 +492,27 @@ class SlotReader {
     if (this.flushTimer !== null) clearTimeout(this.flushTimer);
     const service = this.service;
     this.service = null;
-    await Promise.allSettled([service?.destroy(), this.side?.end()]);
+    const side = this.side;
+    const ended = Promise.allSettled([service?.destroy(), side?.end()]);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      ended.then(() => false),
+      new Promise<boolean>(
+        (resolve) => (timer = setTimeout(() => resolve(true), CLOSE_TIMEOUT_MS)),
+      ),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) {
+      // A dead peer never answers the goodbye: drop the sockets so the thread holds nothing.
+      // (pg keeps the socket on `connection.stream`; the library keeps its client on `_client`.)
+      const replication = (service as unknown as { _client?: unknown } | null)?._client;
+      for (const client of [replication, side]) {
+        (
+          client as { connection?: { stream?: { destroy(): void } } } | null | undefined
+        )?.connection?.stream?.destroy();
+      }
+      this.log.warn('connections to the source did not close in time; dropped them');
+    }
     this.log.info('reader closed');
     this.log.flush();
   }
