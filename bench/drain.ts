@@ -119,7 +119,9 @@ async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
     PHILOTES_LOG_LEVEL: 'warn',
   };
   const started = performance.now();
-  const child = spawn(process.execPath, [PHILOTES_MAIN], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  // PHILOTES_BENCH_NODE_FLAGS='--cpu-prof --cpu-prof-dir=/tmp/prof' profiles every thread.
+  const nodeFlags = (process.env['PHILOTES_BENCH_NODE_FLAGS'] ?? '').split(' ').filter(Boolean);
+  const child = spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], { env, stdio: ['ignore', 'inherit', 'inherit'] });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let seconds = 0;
   for (;;) {

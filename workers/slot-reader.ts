@@ -50,19 +50,16 @@ const CLOSE_TIMEOUT_MS = 3_000;
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
 /**
- * A pgoutput "plugin" for pg-logical-replication that only copies each payload: the real decoding
- * happens in the (ordered, flow-controlled) data handler. The copy is needed because pg reuses
- * its read buffer, and the library queues messages while our handler is busy.
+ * A pgoutput "plugin" for pg-logical-replication that hands each payload through untouched: the
+ * decoding happens in the data handler. Also notes when the source last said anything.
  */
 class RawPgoutput {
   readonly name = 'pgoutput';
-  received = 0;
   constructor(private readonly publication: string) {}
   lastReceivedAt = Date.now();
   parse(buffer: Buffer): Buffer {
-    this.received++;
     this.lastReceivedAt = Date.now();
-    return Buffer.from(buffer);
+    return buffer;
   }
   start(client: pg.Client, slot: string, lsn: string): Promise<unknown> {
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
@@ -80,7 +77,11 @@ class SlotReader {
   private service: LogicalReplicationService | null = null;
   private resolver: CatalogResolver | null = null;
 
-  private processed = 0;
+  /** Messages read while blocked, handled in order once the block ends. */
+  private readonly queue: Buffer[] = [];
+  /** Why reading is paused, if it is. */
+  private blocked: 'catalog' | 'buffer' | null = null;
+  private blockedWork: Promise<void> | null = null;
   private batchSeq = 0;
   private durableSeq = 0;
   /** Everything up to here is committed in the buffer. */
@@ -92,9 +93,7 @@ class SlotReader {
   private serverWalEnd = 0n;
   private replyRequested = false;
   private lastHeardAt = Date.now();
-  private waitingForCredit = false;
 
-  private flushChain: Promise<void> = Promise.resolve();
   private flushTimer: NodeJS.Timeout | null = null;
   private creditWaiters: Array<() => void> = [];
   private durableWaiters: Array<() => void> = [];
@@ -104,11 +103,6 @@ class SlotReader {
   private failed: unknown = null;
   private settle!: { resolve: () => void; reject: (e: unknown) => void };
   private readonly finished: Promise<void>;
-  private closeNow!: () => void;
-  /** Resolves when the reader closes; handlers parked during a stop wait on it. */
-  private readonly closing = new Promise<void>((resolve) => {
-    this.closeNow = resolve;
-  });
 
   constructor(private readonly task: ReaderTask) {
     this.log = createLogger(task.logLevel, {
@@ -152,10 +146,10 @@ class SlotReader {
         { ...options, options: REPLICATION_SESSION_OPTIONS },
         // timeoutSeconds: 0 turns off the library's own timer, which would confirm the last
         // *received* LSN. We send every status update ourselves.
-        { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
+        { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: false } },
       );
       this.service = service;
-      service.on('data', (lsn: string, raw: Buffer) => this.onData(lsn, raw));
+      service.on('data', (_lsn: string, raw: Buffer) => this.onData(raw));
       service.on('heartbeat', (lsn: string, _ts: number, shouldRespond: boolean) =>
         this.onKeepalive(lsn, shouldRespond),
       );
@@ -201,18 +195,28 @@ class SlotReader {
 
   // ---- stream ----
 
-  private async onData(lsn: string, raw: Buffer): Promise<void> {
+  /**
+   * Called synchronously for every XLogData message, in stream order. (The library's own flow
+   * control is off: its per-message promise queue cost more than our decoding, and it let
+   * keepalives overtake queued data.) Most messages are decoded on the spot. One that needs async
+   * work — a relation's catalog lookup, or waiting for room in flight — pauses the socket; the
+   * messages already read behind it wait in `queue`, copied because pg reuses its read buffer.
+   */
+  private onData(raw: Buffer): void {
+    if (this.failed !== null) return; // dropped: never stored, never confirmed
+    if (this.stopping) {
+      this.pauseStream(); // dropped too; see stop()
+      return;
+    }
+    if (this.blocked !== null || this.queue.length > 0) {
+      this.queue.push(Buffer.from(raw));
+      return;
+    }
+    this.handle(raw);
+  }
+
+  private handle(raw: Buffer): void {
     try {
-      if (this.failed !== null) return; // dropped: never stored, never confirmed
-      if (this.stopping) {
-        // Dropped too, and we stop reading: while the socket is paused (flow control waits on
-        // this handler), a walsender busy sending a large transaction gets to read our final
-        // status update instead of failing on a connection we are about to close.
-        await this.closing;
-        return;
-      }
-      const at = parseLsn(lsn);
-      if (at > this.serverWalEnd) this.serverWalEnd = at;
       const message = parsePgoutput(raw);
       const b = this.builder;
       switch (message.tag) {
@@ -221,16 +225,21 @@ class SlotReader {
           break;
         case 'commit':
           b.commit(message.endLsn, message.commitTime);
+          if (message.endLsn > this.serverWalEnd) this.serverWalEnd = message.endLsn;
           break;
         case 'relation': {
-          const resolved = await this.resolver!.resolveRelation(
-            message.relationOid,
-            message.schema,
-            message.name,
-            message.columns,
-          );
-          b.relation(resolved);
-          break;
+          const resolver = this.resolver!;
+          this.block('catalog', async () => {
+            b.relation(
+              await resolver.resolveRelation(
+                message.relationOid,
+                message.schema,
+                message.name,
+                message.columns,
+              ),
+            );
+          });
+          return;
         }
         case 'insert':
           b.insert(message.relationOid, message.after);
@@ -249,28 +258,68 @@ class SlotReader {
         case 'message':
           break;
       }
-      if (b.rows >= this.task.batchMaxRows || b.bytes >= this.task.batchMaxBytes) {
-        // Awaiting here keeps the library's flow control paused: bounded memory.
-        await this.flush();
-      } else if (b.hasContent && this.flushTimer === null) {
-        this.flushTimer = setTimeout(() => {
-          this.flushTimer = null;
-          void this.flush();
-        }, this.task.batchMaxWaitMs);
-      }
+      if (b.rows >= this.task.batchMaxRows || b.bytes >= this.task.batchMaxBytes) this.flush();
+      else this.scheduleFlush();
     } catch (error) {
       this.fail(error);
-    } finally {
-      this.processed++;
     }
+  }
+
+  /** Pauses reading until `work` is done, then handles what queued up meanwhile. */
+  private block(reason: 'catalog' | 'buffer', work: () => Promise<void>): void {
+    this.blocked = reason;
+    this.pauseStream();
+    this.blockedWork = work().then(
+      () => {
+        this.blocked = null;
+        this.blockedWork = null;
+        // The stream was paused by us, not silent.
+        this.lastHeardAt = Date.now();
+        this.drainQueue();
+      },
+      (error: unknown) => this.fail(error),
+    );
+  }
+
+  private drainQueue(): void {
+    while (this.blocked === null && this.queue.length > 0 && this.failed === null) {
+      if (this.stopping) {
+        this.queue.length = 0;
+        return;
+      }
+      this.handle(this.queue.shift()!);
+    }
+    if (this.blocked !== null || this.failed !== null || this.stopping) return;
+    this.scheduleFlush();
+    this.resumeStream();
+  }
+
+  /**
+   * pg-logical-replication keeps the pg connection (and its socket) on `_connection`; it pauses
+   * that same socket for its own flow control. Pausing it is our backpressure.
+   */
+  private stream(): { pause(): void; resume(): void } | undefined {
+    return (
+      this.service as unknown as {
+        _connection?: { stream?: { pause(): void; resume(): void } };
+      } | null
+    )?._connection?.stream;
+  }
+
+  private pauseStream(): void {
+    this.stream()?.pause();
+  }
+
+  private resumeStream(): void {
+    this.stream()?.resume();
   }
 
   private onKeepalive(walEndText: string, shouldRespond: boolean): void {
     this.lastHeardAt = Date.now();
     const walEnd = parseLsn(walEndText);
     if (walEnd > this.serverWalEnd) this.serverWalEnd = walEnd;
-    // Keepalives arrive in stream order but ahead of queued data, hence the received/processed
-    // comparison: only when every received message is handled and stored is the WAL end ours.
+    // Keepalives come in stream order with the data: when everything before this one is handled
+    // and stored, the server's WAL end holds nothing more for us.
     if (!this.stopping && this.isIdle() && walEnd > this.idleWalEnd) this.idleWalEnd = walEnd;
     if (shouldRespond) {
       // The server asks for a reply (its shutdown waits for one): answer at once, with the best
@@ -282,7 +331,8 @@ class SlotReader {
 
   private isIdle(): boolean {
     return (
-      this.plugin.received === this.processed &&
+      this.blocked === null &&
+      this.queue.length === 0 &&
       !this.builder.isInTransaction &&
       !this.builder.hasContent &&
       this.batchSeq === this.durableSeq
@@ -291,40 +341,61 @@ class SlotReader {
 
   // ---- batches ----
 
-  /** Sends the pending batch once there is room in flight; serialized. */
-  private flush(): Promise<void> {
+  private scheduleFlush(): void {
+    if (this.flushTimer !== null || !this.builder.hasContent) return;
+    this.flushTimer = setTimeout(() => {
+      this.flushTimer = null;
+      // While blocked, what is pending goes out when the block ends (drainQueue reschedules).
+      if (this.blocked === null && this.failed === null) this.flush();
+    }, this.task.batchMaxWaitMs);
+  }
+
+  /** Sends the pending batch, or, with no room in flight, pauses reading until there is. */
+  private flush(): void {
     if (this.flushTimer !== null) {
       clearTimeout(this.flushTimer);
       this.flushTimer = null;
     }
-    this.flushChain = this.flushChain.then(async () => {
-      while (this.batchSeq - this.durableSeq >= this.task.maxInFlightBatches) {
-        if (this.failed !== null) return;
-        this.waitingForCredit = true;
-        await new Promise<void>((resolve) => this.creditWaiters.push(resolve));
-        this.waitingForCredit = false;
-        this.lastHeardAt = Date.now(); // the stream was paused by us, not silent
-      }
-      if (this.failed !== null || !this.builder.hasContent) return;
-      const batch = this.builder.take();
-      this.batchSeq++;
-      this.task.port.postMessage(
-        {
-          type: 'batch',
-          seq: this.batchSeq,
-          data: batch.data,
-          rows: batch.rows,
-          counts: batch.counts,
-          checkpointLsn: batch.checkpointLsn,
-          checkpointXid: batch.checkpointXid,
-          checkpointCommitTimeMs: batch.checkpointCommitTimeMs,
-          transactions: batch.transactions,
-          schemaChanges: batch.schemaChanges,
-        } satisfies WorkerMessage,
-        [batch.data],
-      );
+    if (!this.builder.hasContent) return;
+    if (this.hasCredit()) {
+      this.send();
+      return;
+    }
+    this.block('buffer', async () => {
+      await this.waitForCredit();
+      if (this.failed === null) this.send();
     });
-    return this.flushChain;
+  }
+
+  private hasCredit(): boolean {
+    return this.batchSeq - this.durableSeq < this.task.maxInFlightBatches;
+  }
+
+  private async waitForCredit(): Promise<void> {
+    while (!this.hasCredit() && this.failed === null) {
+      await new Promise<void>((resolve) => this.creditWaiters.push(resolve));
+    }
+  }
+
+  private send(): void {
+    if (!this.builder.hasContent) return;
+    const batch = this.builder.take();
+    this.batchSeq++;
+    this.task.port.postMessage(
+      {
+        type: 'batch',
+        seq: this.batchSeq,
+        data: batch.data,
+        rows: batch.rows,
+        counts: batch.counts,
+        checkpointLsn: batch.checkpointLsn,
+        checkpointXid: batch.checkpointXid,
+        checkpointCommitTimeMs: batch.checkpointCommitTimeMs,
+        transactions: batch.transactions,
+        schemaChanges: batch.schemaChanges,
+      } satisfies WorkerMessage,
+      [batch.data],
+    );
   }
 
   private onSupervisorMessage(message: SupervisorMessage): void {
@@ -386,7 +457,7 @@ class SlotReader {
    * stream paused waiting for the buffer: then silence is ours.
    */
   private checkSourceSilence(): void {
-    if (this.waitingForCredit || this.stopping || this.failed !== null) return;
+    if (this.blocked === 'buffer' || this.stopping || this.failed !== null) return;
     const silent = Date.now() - Math.max(this.lastHeardAt, this.plugin.lastReceivedAt);
     if (silent > this.task.sourceTimeoutMs) {
       this.fail(
@@ -424,7 +495,15 @@ class SlotReader {
     this.stopping = true;
     this.log.info('stop requested: storing what is in flight');
     try {
-      await this.flush();
+      // Stop reading. What was read but not handled is dropped (never stored, never confirmed;
+      // the next run reads it again). With our socket paused, a walsender busy sending a large
+      // transaction gets to read our final status update instead of failing on a closed socket.
+      this.pauseStream();
+      this.queue.length = 0;
+      if (this.blockedWork) await this.blockedWork;
+      await this.waitForCredit();
+      if (this.failed !== null) return;
+      this.send();
       if (this.batchSeq !== this.durableSeq && this.failed === null) {
         await new Promise<void>((resolve) => this.durableWaiters.push(resolve));
       }
@@ -487,7 +566,6 @@ class SlotReader {
   }
 
   private async close(): Promise<void> {
-    this.closeNow();
     for (const t of this.timers) clearInterval(t);
     if (this.flushTimer !== null) clearTimeout(this.flushTimer);
     const service = this.service;
