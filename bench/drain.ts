@@ -64,36 +64,99 @@ interface Result {
   transactions: number;
   walBytes: number;
   recvlogical: { seconds: number; rowsPerSecond: number };
-  philotes: { seconds: number; rowsPerSecond: number; peakRssMb: number; cpuSeconds: number; cpuSecondsPerMillionRows: number };
+  philotes: {
+    seconds: number;
+    rowsPerSecond: number;
+    peakRssMb: number;
+    cpuSeconds: number;
+    cpuSecondsPerMillionRows: number;
+  };
   ratio: number;
 }
 
-async function buildBacklog(source: Cluster, s: Scenario, work: string): Promise<{ target: string; walBytes: number }> {
-  const [start] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn', [], 'app');
+async function buildBacklog(
+  source: Cluster,
+  s: Scenario,
+  work: string,
+): Promise<{ target: string; walBytes: number }> {
+  const [start] = await source.query<{ lsn: string }>(
+    'SELECT pg_current_wal_lsn()::text AS lsn',
+    [],
+    'app',
+  );
   const scriptFile = join(work, `${s.name}.sql`);
   writeFileSync(scriptFile, s.script);
-  await runTool(join(binDir(), 'pgbench'), [
-    '-n', '-h', source.host, '-p', String(source.port), '-U', source.user,
-    '-c', String(s.clients), '-j', String(Math.min(s.clients, 2)), '-t', String(s.transactions), '-f', scriptFile, 'app',
-  ], { PGPASSWORD: source.password });
+  await runTool(
+    join(binDir(), 'pgbench'),
+    [
+      '-n',
+      '-h',
+      source.host,
+      '-p',
+      String(source.port),
+      '-U',
+      source.user,
+      '-c',
+      String(s.clients),
+      '-j',
+      String(Math.min(s.clients, 2)),
+      '-t',
+      String(s.transactions),
+      '-f',
+      scriptFile,
+      'app',
+    ],
+    { PGPASSWORD: source.password },
+  );
   // A marker transaction after the backlog: once the checkpoint passes the position taken just
   // before its commit, everything before it is stored.
   const rows = await source.query<{ lsn: string }>(
-    `INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn`, [], 'app');
+    `INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
+    [],
+    'app',
+  );
   const [end] = await source.query<{ lsn: string; bytes: string }>(
-    `SELECT pg_current_wal_lsn()::text AS lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::text AS bytes`, [start!.lsn], 'app');
+    `SELECT pg_current_wal_lsn()::text AS lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::text AS bytes`,
+    [start!.lsn],
+    'app',
+  );
   return { target: rows[0]!.lsn, walBytes: Number(end!.bytes) };
 }
 
 async function timeRecvlogical(source: Cluster, work: string): Promise<number> {
-  const [end] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn', [], 'app');
+  const [end] = await source.query<{ lsn: string }>(
+    'SELECT pg_current_wal_lsn()::text AS lsn',
+    [],
+    'app',
+  );
   const out = join(work, 'recvlogical.out');
   const started = performance.now();
-  await runTool(join(binDir(), 'pg_recvlogical'), [
-    '-h', source.host, '-p', String(source.port), '-U', source.user, '-d', 'app',
-    '--slot', 'twin', '--start', '--no-loop', '--endpos', end!.lsn,
-    '-o', 'proto_version=1', '-o', 'publication_names=philotes_pub', '-f', out,
-  ], { PGPASSWORD: source.password });
+  await runTool(
+    join(binDir(), 'pg_recvlogical'),
+    [
+      '-h',
+      source.host,
+      '-p',
+      String(source.port),
+      '-U',
+      source.user,
+      '-d',
+      'app',
+      '--slot',
+      'twin',
+      '--start',
+      '--no-loop',
+      '--endpos',
+      end!.lsn,
+      '-o',
+      'proto_version=1',
+      '-o',
+      'publication_names=philotes_pub',
+      '-f',
+      out,
+    ],
+    { PGPASSWORD: source.password },
+  );
   const seconds = (performance.now() - started) / 1000;
   if (statSync(out).size === 0) throw new Error('pg_recvlogical wrote nothing');
   return seconds;
@@ -121,12 +184,19 @@ async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
   const started = performance.now();
   // PHILOTES_BENCH_NODE_FLAGS='--cpu-prof --cpu-prof-dir=/tmp/prof' profiles every thread.
   const nodeFlags = (process.env['PHILOTES_BENCH_NODE_FLAGS'] ?? '').split(' ').filter(Boolean);
-  const child = spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], { env, stdio: ['ignore', 'inherit', 'inherit'] });
+  const child = spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], {
+    env,
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  let seconds = 0;
+  let seconds: number;
   for (;;) {
     const rows = await buffer
-      .query<{ done: boolean }>(`SELECT lsn::pg_lsn > $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`, [target], 'buffer')
+      .query<{ done: boolean }>(
+        `SELECT lsn::pg_lsn > $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`,
+        [target],
+        'buffer',
+      )
       .catch(() => []);
     if (rows[0]?.done) {
       seconds = (performance.now() - started) / 1000;
@@ -151,13 +221,21 @@ async function runScenario(s: Scenario): Promise<Result> {
     await source.query(s.ddl, [], 'app');
     await source.query('CREATE TABLE bench_marker (id int)', [], 'app');
     await source.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], 'app');
-    await source.query(`SELECT pg_create_logical_replication_slot('philotes_cdc', 'pgoutput')`, [], 'app');
+    await source.query(
+      `SELECT pg_create_logical_replication_slot('philotes_cdc', 'pgoutput')`,
+      [],
+      'app',
+    );
     await source.query(`SELECT pg_create_logical_replication_slot('twin', 'pgoutput')`, [], 'app');
     const { target, walBytes } = await buildBacklog(source, s, work);
     const rows = s.clients * s.transactions * s.rowsPerTransaction;
     const recv = await timeRecvlogical(source, work);
     const ph = await timePhilotes(source, buffer, target);
-    const [stored] = await buffer.query<{ n: number }>(`SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'bench_rows'`, [], 'buffer');
+    const [stored] = await buffer.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'bench_rows'`,
+      [],
+      'buffer',
+    );
     if (stored!.n !== rows) throw new Error(`expected ${rows} events, found ${stored!.n}`);
     return {
       scenario: s.name,
@@ -187,8 +265,10 @@ function round(n: number): number {
 
 async function main(): Promise<void> {
   const wanted = process.argv.slice(2);
-  const scenarios = wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
-  if (scenarios.length === 0) throw new Error(`unknown scenario; choose from ${SCENARIOS.map((s) => s.name).join(', ')}`);
+  const scenarios =
+    wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
+  if (scenarios.length === 0)
+    throw new Error(`unknown scenario; choose from ${SCENARIOS.map((s) => s.name).join(', ')}`);
   const results: Result[] = [];
   for (const s of scenarios) {
     process.stderr.write(`bench: ${s.name}: ${s.description}\n`);
@@ -198,7 +278,12 @@ async function main(): Promise<void> {
       `bench: ${s.name}: pg_recvlogical ${r.recvlogical.rowsPerSecond} rows/s, philotes ${r.philotes.rowsPerSecond} rows/s (ratio ${r.ratio}), peak RSS ${r.philotes.peakRssMb} MB, ${r.philotes.cpuSecondsPerMillionRows} CPU s per million rows\n`,
     );
   }
-  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model ?? 'unknown', memoryGb: Math.round(totalmem() / 2 ** 30), node: process.version };
+  const machine = {
+    cpus: cpus().length,
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memoryGb: Math.round(totalmem() / 2 ** 30),
+    node: process.version,
+  };
   console.table(
     results.map((r) => ({
       scenario: r.scenario,
@@ -211,7 +296,10 @@ async function main(): Promise<void> {
     })),
   );
   mkdirSync('bench-results', { recursive: true });
-  const file = join('bench-results', `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+  const file = join(
+    'bench-results',
+    `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
+  );
   writeFileSync(file, JSON.stringify({ machine, results }, null, 2));
   process.stderr.write(`bench: wrote ${file}\n`);
 }

@@ -11,16 +11,25 @@ export function binDir(): string {
   if (fromEnv) return fromEnv;
   const debian = '/usr/lib/postgresql/15/bin';
   if (existsSync(join(debian, 'pg_recvlogical'))) return debian;
-  throw new Error('PostgreSQL client tools not found: install postgresql-15 or set PHILOTES_PG_BIN');
+  throw new Error(
+    'PostgreSQL client tools not found: install postgresql-15 or set PHILOTES_PG_BIN',
+  );
 }
 
 /** Runs a client tool to completion; rejects with its stderr on failure. */
-export async function runTool(file: string, args: string[], env: Record<string, string> = {}): Promise<string> {
+export async function runTool(
+  file: string,
+  args: string[],
+  env: Record<string, string> = {},
+): Promise<string> {
   try {
-    const { stdout } = await execFileAsync(file, args, { env: { ...process.env, ...env }, maxBuffer: 64 * 1024 * 1024 });
+    const { stdout } = await execFileAsync(file, args, {
+      env: { ...process.env, ...env },
+      maxBuffer: 64 * 1024 * 1024,
+    });
     return stdout;
   } catch (error) {
     const e = error as { stderr?: string; message: string };
-    throw new Error(`${file} failed: ${e.stderr?.trim() || e.message}`);
+    throw new Error(`${file} failed: ${e.stderr?.trim() || e.message}`, { cause: error });
   }
 }

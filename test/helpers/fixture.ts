@@ -33,7 +33,9 @@ export const ITEMS_DDL = `
     big text
   )`;
 
-export async function startFixture(opts: { sourceSettings?: Record<string, string> } = {}): Promise<Fixture> {
+export async function startFixture(
+  opts: { sourceSettings?: Record<string, string> } = {},
+): Promise<Fixture> {
   const [source, buffer] = await Promise.all([
     startCluster({ settings: opts.sourceSettings ?? {} }),
     startCluster(),
@@ -108,7 +110,10 @@ export function startLoad(
   const loops = Array.from({ length: clients }, async (_, clientNo) => {
     let client: pg.Client | null = null;
     let n = 0;
-    while (!stopped && (opts.maxTransactions === undefined || stats.committedTransactions < opts.maxTransactions)) {
+    while (
+      !stopped &&
+      (opts.maxTransactions === undefined || stats.committedTransactions < opts.maxTransactions)
+    ) {
       try {
         client ??= await connect(source, opts.database ?? 'app');
         await client.query('BEGIN');
@@ -170,7 +175,11 @@ export interface EventRow {
   unchanged_columns: string[] | null;
 }
 
-export async function readEvents(buffer: Cluster, sourceId = 'app', table?: string): Promise<EventRow[]> {
+export async function readEvents(
+  buffer: Cluster,
+  sourceId = 'app',
+  table?: string,
+): Promise<EventRow[]> {
   return buffer.query<EventRow & Record<string, unknown>>(
     `SELECT lsn::text, seq, operation, table_name, before, after, primary_key, unchanged_columns
        FROM cdc_events WHERE source_id = $1 ${table ? 'AND table_name = $2' : ''}
@@ -199,13 +208,16 @@ export function checkItemHistories(events: EventRow[]): Map<string, Record<strin
     const prev = rows.get(id);
     if (e.operation === 'INSERT') {
       if (prev) throw new Error(`duplicate INSERT for id ${id} at ${e.lsn}/${e.seq}`);
-      if (e.after!.version !== 0) throw new Error(`INSERT of id ${id} with version ${String(e.after!.version)}`);
+      if (e.after!.version !== 0)
+        throw new Error(`INSERT of id ${id} with version ${String(e.after!.version)}`);
       rows.set(id, e.after!);
     } else if (e.operation === 'UPDATE') {
       if (!prev) throw new Error(`UPDATE of unknown id ${id} at ${e.lsn}/${e.seq}`);
       const expected = (prev.version as number) + 1;
       if (e.after!.version !== expected) {
-        throw new Error(`id ${id}: UPDATE to version ${String(e.after!.version)} after ${String(prev.version)} (lost or repeated change) at ${e.lsn}/${e.seq}`);
+        throw new Error(
+          `id ${id}: UPDATE to version ${String(e.after!.version)} after ${String(prev.version)} (lost or repeated change) at ${e.lsn}/${e.seq}`,
+        );
       }
       // An unchanged TOASTed column is left out of `after` and named in unchanged_columns.
       const merged: Record<string, unknown> = { ...e.after! };
@@ -235,16 +247,19 @@ export async function assertReplayMatchesSource(
   try {
     await client.query(ITEMS_DDL);
     for (const row of rows.values()) {
-      await client.query('INSERT INTO items SELECT * FROM jsonb_populate_record(NULL::items, $1::jsonb)', [
-        JSON.stringify(row),
-      ]);
+      await client.query(
+        'INSERT INTO items SELECT * FROM jsonb_populate_record(NULL::items, $1::jsonb)',
+        [JSON.stringify(row)],
+      );
     }
     const digest = `SELECT count(*)::int AS n, coalesce(md5(string_agg(t::text, E'\\n' ORDER BY id)), '') AS md5 FROM items t`;
     const [replayed] = (await client.query<{ n: number; md5: string }>(digest)).rows;
     const [actual] = await source.query<{ n: number; md5: string }>(digest, [], 'app');
     if (replayed!.n !== actual!.n || replayed!.md5 !== actual!.md5) {
       const diff = await findDifference(source, client);
-      throw new Error(`replayed buffer differs from source: ${replayed!.n} rows vs ${actual!.n}; ${diff}`);
+      throw new Error(
+        `replayed buffer differs from source: ${replayed!.n} rows vs ${actual!.n}; ${diff}`,
+      );
     }
   } finally {
     await client.end();
@@ -252,12 +267,21 @@ export async function assertReplayMatchesSource(
 }
 
 async function findDifference(source: Cluster, replica: pg.Client): Promise<string> {
-  const a = await source.query<{ id: string; t: string }>('SELECT id::text, t::text AS t FROM items t ORDER BY id', [], 'app');
-  const b = (await replica.query<{ id: string; t: string }>('SELECT id::text, t::text AS t FROM items t ORDER BY id')).rows;
+  const a = await source.query<{ id: string; t: string }>(
+    'SELECT id::text, t::text AS t FROM items t ORDER BY id',
+    [],
+    'app',
+  );
+  const b = (
+    await replica.query<{ id: string; t: string }>(
+      'SELECT id::text, t::text AS t FROM items t ORDER BY id',
+    )
+  ).rows;
   const mb = new Map(b.map((r) => [r.id, r.t]));
   for (const r of a) {
     const other = mb.get(r.id);
-    if (other !== r.t) return `first difference at id ${r.id}: source ${r.t.slice(0, 300)} / replay ${String(other).slice(0, 300)}`;
+    if (other !== r.t)
+      return `first difference at id ${r.id}: source ${r.t.slice(0, 300)} / replay ${String(other).slice(0, 300)}`;
     mb.delete(r.id);
   }
   const extra = [...mb.keys()][0];
@@ -266,7 +290,11 @@ async function findDifference(source: Cluster, replica: pg.Client): Promise<stri
 
 /** Waits until the stored checkpoint has reached the source's current WAL position. */
 export async function waitForCatchUp(f: Fixture, timeoutMs = 120_000): Promise<void> {
-  const [target] = await f.source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn', [], 'app');
+  const [target] = await f.source.query<{ lsn: string }>(
+    'SELECT pg_current_wal_lsn()::text AS lsn',
+    [],
+    'app',
+  );
   // A transaction touching no published table leaves nothing to store, so compare against the
   // slot's own progress as well: caught up when the slot has passed the target.
   await waitFor(

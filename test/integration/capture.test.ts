@@ -32,7 +32,11 @@ describe('capture one source', () => {
 
   it('stores inserts, updates, deletes and truncates from concurrent clients once, in commit order', async () => {
     const load = startLoad(f.source, { clients: 4, maxTransactions: 300 });
-    await f.source.query(`INSERT INTO other SELECT g, 'note ' || g FROM generate_series(1, 10) g`, [], 'app');
+    await f.source.query(
+      `INSERT INTO other SELECT g, 'note ' || g FROM generate_series(1, 10) g`,
+      [],
+      'app',
+    );
     await f.source.query('TRUNCATE other', [], 'app');
     const stats = await load.finished();
     expect(stats.committedTransactions).toBeGreaterThanOrEqual(300);
@@ -44,7 +48,9 @@ describe('capture one source', () => {
 
     // The load updates rows with large, incompressible `big` values without touching them: those
     // arrive as unchanged TOAST and must be marked so, never reported as null.
-    const toastUpdates = events.filter((e) => e.operation === 'UPDATE' && e.unchanged_columns?.includes('big'));
+    const toastUpdates = events.filter(
+      (e) => e.operation === 'UPDATE' && e.unchanged_columns?.includes('big'),
+    );
     expect(toastUpdates.length).toBeGreaterThan(0);
     for (const e of toastUpdates) expect(e.after).not.toHaveProperty('big');
 
@@ -52,7 +58,11 @@ describe('capture one source', () => {
     expect(other.map((e) => e.operation)).toEqual([...Array(10).fill('INSERT'), 'TRUNCATE']);
     // Commit order: (lsn, seq) strictly increasing is how they were read; check lsn never decreases
     // against the source's own commit order for one client's transactions.
-    const [{ n: sourceRows }] = await f.source.query<{ n: number }>('SELECT count(*)::int AS n FROM items', [], 'app');
+    const [{ n: sourceRows }] = await f.source.query<{ n: number }>(
+      'SELECT count(*)::int AS n FROM items',
+      [],
+      'app',
+    );
     expect(rows.size).toBe(sourceRows);
   });
 });
