@@ -7,6 +7,7 @@ import { parseLsn } from '../../src/lsn.js';
 import type { Cluster } from './cluster.js';
 import type { ExitStatus, PhilotesProcess } from './philotes.js';
 import { waitFor } from './poll.js';
+import { onProcessEnd } from './process-end.js';
 
 export interface StoredCheckpoint {
   lsn: string;
@@ -165,4 +166,110 @@ export async function countSourceItems(source: Cluster): Promise<number> {
     'app',
   );
   return row?.n ?? 0;
+}
+
+/**
+ * The sum of a metric's samples for one source in Philotes' /metrics (served on `port`), or
+ * undefined when the family has no sample for that source.
+ */
+export async function readMetric(
+  port: number,
+  name: string,
+  sourceId = 'app',
+): Promise<number | undefined> {
+  const res = await fetch(`http://127.0.0.1:${port}/metrics`, {
+    signal: AbortSignal.timeout(10_000),
+  });
+  if (!res.ok) throw new Error(`/metrics answered ${res.status}`);
+  const body = await res.text();
+  let sum: number | undefined;
+  for (const line of body.split('\n')) {
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\} (\S+)$/.exec(line);
+    if (!match || match[1] !== name || !match[2]!.includes(`source="${sourceId}"`)) continue;
+    sum = (sum ?? 0) + Number(match[3]);
+  }
+  return sum;
+}
+
+/** Waits until a counter on /metrics has reached `atLeast`; resolves with its value. */
+export async function waitForMetric(
+  port: number,
+  name: string,
+  atLeast: number,
+  timeoutMs = 60_000,
+): Promise<number> {
+  return waitFor(
+    async () => {
+      const value = await readMetric(port, name);
+      return value !== undefined && value >= atLeast ? value : false;
+    },
+    { what: `${name} >= ${atLeast}`, timeoutMs, intervalMs: 200 },
+  );
+}
+
+/** Waits until the slot is active again, held by a walsender other than `previousPid`. */
+export async function waitForNewWalsender(
+  source: Cluster,
+  previousPid: number | null,
+  timeoutMs = 60_000,
+): Promise<number> {
+  return waitFor(
+    async () => {
+      const slot = await readSlot(source);
+      return slot?.active === true && slot.activePid !== null && slot.activePid !== previousPid
+        ? slot.activePid
+        : false;
+    },
+    { what: `the slot to be active with a walsender other than ${previousPid}`, timeoutMs },
+  );
+}
+
+/**
+ * Calls `sample` every `intervalMs` for `durationMs` (at least twice) and resolves with what it
+ * returned. Unlike `waitFor`, a throw ends the sampling and rejects: it is a failed check.
+ */
+export async function sampleFor<T>(
+  durationMs: number,
+  what: string,
+  sample: () => Promise<T>,
+  intervalMs = 250,
+): Promise<T[]> {
+  const samples: T[] = [];
+  const until = Date.now() + durationMs;
+  let failure: { error: unknown } | undefined;
+  await waitFor(
+    async () => {
+      try {
+        samples.push(await sample());
+      } catch (error) {
+        failure = { error };
+        return true;
+      }
+      return samples.length >= 2 && Date.now() >= until;
+    },
+    { what: `sampling ${what}`, timeoutMs: durationMs + 60_000, intervalMs },
+  );
+  if (failure) throw failure.error;
+  return samples;
+}
+
+/**
+ * Freezes a process with SIGSTOP (a hung server process: it holds its sockets and answers
+ * nothing). Returns the function that thaws it; the thaw also runs when the test process ends, so
+ * a failing test never leaves a frozen process behind. Thawing twice is harmless.
+ */
+export function freezeProcess(pid: number): () => void {
+  let thawed = false;
+  const thaw = (): void => {
+    if (thawed) return;
+    thawed = true;
+    try {
+      process.kill(pid, 'SIGCONT');
+    } catch {
+      // Already gone.
+    }
+  };
+  onProcessEnd(thaw);
+  process.kill(pid, 'SIGSTOP');
+  return thaw;
 }
