@@ -125,9 +125,9 @@ class ReaderRun {
   }
 
   /** Resolves when the reader stopped cleanly; rejects with why it did not. */
-  async wait(): Promise<void> {
+  async wait(lockLost: Promise<never>): Promise<void> {
     try {
-      const result = await Promise.race([this.task, this.writerFailed]);
+      const result = await Promise.race([this.task, this.writerFailed, lockLost]);
       if (result.error) throw new ReaderError(result.error);
     } catch (error) {
       await this.abort();
@@ -385,6 +385,20 @@ export class SourceRunner {
 
   private async runOnce(): Promise<void> {
     this.setState('starting');
+    const lock = await this.store.lockSource(this.source.id);
+    if (!lock) {
+      throw new Error(
+        `another Philotes process is capturing source "${this.source.id}" into this buffer (it holds the source's lock); retrying until it stops`,
+      );
+    }
+    try {
+      await this.runLocked(lock.lost);
+    } finally {
+      await lock.release();
+    }
+  }
+
+  private async runLocked(lockLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) {
       this.checkpointLsn = checkpoint.lsn;
@@ -398,7 +412,7 @@ export class SourceRunner {
     const run = new ReaderRun(this, checkpoint?.lsn ?? null, this.pool);
     this.current = run;
     try {
-      await run.wait();
+      await run.wait(lockLost);
       this.log.info('reader stopped cleanly');
     } finally {
       this.current = null;

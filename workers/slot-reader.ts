@@ -131,6 +131,14 @@ class SlotReader {
       const prepared = await prepareSource(this.side, source, this.log);
       this.resolver = new CatalogResolver(this.side);
 
+      if (prepared.slotCreated && this.task.startLsn !== null) {
+        // The buffer has a checkpoint from an earlier slot: whatever was committed between that
+        // slot's end and this slot's creation is not in any stream any more.
+        this.log.warn(
+          { checkpoint: this.task.startLsn, slot: source.slot },
+          'replication slot was missing and has been created anew: changes committed since the last checkpoint and before now are not captured',
+        );
+      }
       const start = this.task.startLsn ?? prepared.confirmedFlushLsn ?? '0/0';
       this.durableLsn = parseLsn(start);
       this.confirmedLsn = this.durableLsn;

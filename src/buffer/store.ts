@@ -26,18 +26,26 @@ export interface StoredGroup {
   readonly schemaVersionsAdded: number;
 }
 
+export interface SourceLock {
+  /** Rejects if the connection holding the lock is lost (and with it, the lock). */
+  readonly lost: Promise<never>;
+  release(): Promise<void>;
+}
+
 export class BufferStore {
   private constructor(
     private readonly pool: pg.Pool,
+    private readonly clientOptions: pg.ClientConfig,
     private readonly log: Logger,
   ) {}
 
   static async open(conn: ConnectionConfig, log: Logger, poolSize: number): Promise<BufferStore> {
-    const pool = new pg.Pool({ ...pgClientOptions(conn, 'philotes:buffer'), max: poolSize });
+    const options = pgClientOptions(conn, 'philotes:buffer');
+    const pool = new pg.Pool({ ...options, max: poolSize });
     // An idle client that loses its connection must not crash the process; the next query
     // on a fresh client reports the problem where it can be handled.
     pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
-    const store = new BufferStore(pool, log);
+    const store = new BufferStore(pool, { ...options, application_name: 'philotes:lock' }, log);
     const client = await pool.connect();
     try {
       const applied = await migrate(client);
@@ -91,6 +99,51 @@ export class BufferStore {
     } finally {
       client.release();
     }
+  }
+
+  /**
+   * Takes the buffer's session-level advisory lock for a source, on a connection of its own that
+   * holds it for the whole reader run. Two processes capturing one source (a rolling deploy, a
+   * copy-pasted config) would otherwise interleave: one's start-up cleanup could delete the part
+   * of a large transaction the other has stored. Returns null if another process holds it.
+   */
+  async lockSource(sourceId: string): Promise<SourceLock | null> {
+    const client = new pg.Client(this.clientOptions);
+    let onLost!: (error: Error) => void;
+    const lost = new Promise<never>((_, reject) => {
+      onLost = reject;
+    });
+    lost.catch(() => undefined);
+    let released = false;
+    client.on('error', (error) => onLost(error));
+    client.on('end', () => {
+      if (!released)
+        onLost(new Error(`lost the buffer connection holding the lock for source "${sourceId}"`));
+    });
+    await client.connect();
+    try {
+      const result = await client.query<{ locked: boolean }>(
+        `SELECT pg_try_advisory_lock(hashtextextended('philotes:source:' || $1, 0)) AS locked`,
+        [sourceId],
+      );
+      if (!result.rows[0]?.locked) {
+        released = true;
+        await client.end();
+        return null;
+      }
+    } catch (error) {
+      released = true;
+      await client.end().catch(() => undefined);
+      throw error;
+    }
+    return {
+      lost,
+      release: async () => {
+        released = true;
+        // Ending the session releases the lock.
+        await client.end().catch(() => undefined);
+      },
+    };
   }
 
   /** Stores batches (in order) and the checkpoint they reach, in one transaction. */

@@ -1,0 +1,86 @@
+/**
+ * Two Philotes processes started for the same source and buffer (a rolling deploy, a duplicated
+ * config). Only one may capture at a time: the second waits on the buffer's lock for the source
+ * and takes over when the first stops, and the buffer still holds every change exactly once.
+ * Small batches split load transactions across buffer transactions, so a second process that
+ * cleaned up "beyond the checkpoint" while the first was storing would cut a transaction.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  assertReplayMatchesSource,
+  checkItemHistories,
+  ITEMS_DDL,
+  readEvents,
+  startFixture,
+  startLoad,
+  waitForCatchUp,
+  waitForSlotActive,
+  type Fixture,
+} from '../helpers/fixture.js';
+import {
+  countEvents,
+  countSourceItems,
+  waitForEventGrowth,
+  waitForExit,
+} from '../helpers/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+import { waitFor } from '../helpers/poll.js';
+
+describe('two processes for one source', () => {
+  let f: Fixture;
+  const processes: PhilotesProcess[] = [];
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query(ITEMS_DDL, [], 'app');
+  });
+
+  afterAll(async () => {
+    for (const p of processes) await p.kill9();
+    await f?.destroy();
+  });
+
+  it('lets one capture at a time and hands over without losing or repeating a change', async () => {
+    const env = f.env({ PHILOTES_CDC_BATCH_MAX_ROWS: '3', PHILOTES_RESTART_MAX_DELAY: '500ms' });
+    const first = startPhilotes(env);
+    processes.push(first);
+    await waitForSlotActive(f.source);
+    const load = startLoad(f.source, { clients: 3 });
+    try {
+      const second = startPhilotes(env);
+      processes.push(second);
+      // Both run side by side under load for a while; the second keeps retrying the lock.
+      await waitForEventGrowth(f.buffer, await countEvents(f.buffer), 400);
+      const [holders] = await f.buffer.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+          WHERE l.locktype = 'advisory' AND a.application_name = 'philotes:lock'`,
+        [],
+        'buffer',
+      );
+      expect(holders!.n).toBe(1);
+      expect(second.proc.exitCode).toBeNull();
+
+      first.signal('SIGTERM');
+      expect((await waitForExit(first, 30_000)).code).toBe(0);
+      // The second takes over the slot and keeps storing.
+      await waitFor(
+        async () => {
+          const rows = await f.source.query<{ active: boolean }>(
+            `SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
+            [],
+            'app',
+          );
+          return rows[0]?.active === true;
+        },
+        { what: 'the second process to stream', timeoutMs: 60_000 },
+      );
+      await waitForEventGrowth(f.buffer, await countEvents(f.buffer), 200);
+    } finally {
+      await load.stop();
+    }
+    await waitForCatchUp(f);
+    const rows = checkItemHistories(await readEvents(f.buffer));
+    await assertReplayMatchesSource(f.source, rows);
+    expect(rows.size).toBe(await countSourceItems(f.source));
+  });
+});
