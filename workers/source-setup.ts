@@ -47,6 +47,16 @@ export async function prepareSource(
     );
   }
 
+  const role = await client.query<{ ok: boolean; name: string }>(
+    `SELECT (rolsuper OR rolreplication) AS ok, rolname AS name FROM pg_roles WHERE rolname = current_user`,
+  );
+  if (role.rows[0] && !role.rows[0].ok) {
+    throw new FatalSourceError(
+      `user "${role.rows[0].name}" on ${where(source)} cannot use replication slot "${source.slot}": it needs the REPLICATION attribute (ALTER ROLE ${role.rows[0].name} REPLICATION)`,
+      'NO_REPLICATION_ATTRIBUTE',
+    );
+  }
+
   const publicationCreated = await ensurePublication(client, source, log);
   const slot = await ensureSlot(client, source, log);
   return { serverVersion, publicationCreated, ...slot };

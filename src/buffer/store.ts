@@ -205,21 +205,17 @@ export class BufferStore {
     sourceId: string,
     change: SchemaChange,
   ): Promise<boolean> {
-    const latest = await client.query<{ version: number; columns: unknown; primary_key: string[] }>(
-      `SELECT version, columns, primary_key FROM cdc_schema_history
+    const columns = JSON.stringify(change.columns);
+    // Compared as jsonb: the stored value comes back with jsonb's own key order.
+    const latest = await client.query<{ version: number; same: boolean }>(
+      `SELECT version, (columns = $4::jsonb AND primary_key = $5::text[]) AS same
+         FROM cdc_schema_history
         WHERE source_id = $1 AND schema_name = $2 AND table_name = $3
         ORDER BY version DESC LIMIT 1`,
-      [sourceId, change.schema, change.table],
+      [sourceId, change.schema, change.table, columns, change.primaryKey],
     );
     const row = latest.rows[0];
-    const columns = JSON.stringify(change.columns);
-    if (
-      row &&
-      JSON.stringify(row.columns) === columns &&
-      row.primary_key.join('\0') === change.primaryKey.join('\0')
-    ) {
-      return false;
-    }
+    if (row?.same) return false;
     await client.query(
       `INSERT INTO cdc_schema_history (source_id, schema_name, table_name, version, columns, primary_key, lsn)
        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)`,

@@ -84,7 +84,8 @@ describe('toJson scalars', () => {
 
   it('float4/float8 as numbers, NaN and ±Infinity as strings', () => {
     expect(json('1.5', 'float8')).toBe('1.5');
-    expect(json('-0', 'float8')).toBe('-0');
+    // jsonb would store the number -0 as 0: the sign travels in a string.
+    expect(json('-0', 'float8')).toBe('"-0"');
     expect(json('1e+300', 'float8')).toBe('1e+300');
     expect(json('1.2345678901234568e-07', 'float8')).toBe('1.2345678901234568e-07');
     expect(json('3.4028235e+38', 'float4')).toBe('3.4028235e+38');
@@ -241,8 +242,9 @@ describe('arrays', () => {
 
   it('skips a bounds prefix', () => {
     expect(parseArrayLiteral('[0:1]={1,2}')).toEqual(['1', '2']);
-    expect(json('[0:1]={1,2}', '_int4')).toBe('[1,2]');
-    expect(json('[1:2][3:4]={{1,2},{3,4}}', '_int4')).toBe('[[1,2],[3,4]]');
+    // A JSON array has no lower bound: the PostgreSQL text travels instead, and reads back exactly.
+    expect(json('[0:1]={1,2}', '_int4')).toBe('"[0:1]={1,2}"');
+    expect(json('[1:2][3:4]={{1,2},{3,4}}', '_int4')).toBe('"[1:2][3:4]={{1,2},{3,4}}"');
   });
 
   it('rejects malformed literals', () => {

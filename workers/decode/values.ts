@@ -176,8 +176,8 @@ export function toJson(text: string, type: TypeInfo): string {
     case 'number':
       return text;
     case 'float':
-      // NaN and ±Infinity have no JSON number form.
-      return /^[-+]?(NaN|Infinity)$/.test(text) ? JSON.stringify(text) : text;
+      // NaN and ±Infinity have no JSON number form, and jsonb turns the number -0 into 0.
+      return /^[-+]?(NaN|Infinity)$|^-0$/.test(text) ? JSON.stringify(text) : text;
     case 'json':
       // json (not jsonb) accepts the escape \u0000, which the buffer's jsonb columns reject; such a
       // value travels as its exact text instead of stalling the source on a failing COPY.
@@ -196,6 +196,9 @@ export function toJson(text: string, type: TypeInfo): string {
 type ArrayItem = string | null | ArrayItem[];
 
 function arrayToJson(text: string, type: TypeInfo): string {
+  // Explicit lower bounds ('[0:1]={1,2}') have no JSON array form: keep PostgreSQL's text, which
+  // reads back exactly.
+  if (text.startsWith('[')) return JSON.stringify(text);
   const element = type.element ?? TEXT_TYPE;
   const parsed = parseArrayLiteral(text, type.delimiter ?? ',');
   const render = (item: ArrayItem): string =>

@@ -1,0 +1,180 @@
+/**
+ * The buffer database fails while Philotes streams under a write load: it crashes (immediate
+ * restart), it is down for several backoff rounds, and it blocks (a lock held on cdc_events).
+ * The same process must recover by itself each time, the source slot must never be confirmed
+ * past what the buffer has stored, and every committed change must land exactly once, in order.
+ */
+import type pg from 'pg';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../helpers/cluster.js';
+import {
+  assertReplayMatchesSource,
+  checkItemHistories,
+  connect,
+  ITEMS_DDL,
+  readEvents,
+  startFixture,
+  startLoad,
+  waitForCatchUp,
+  waitForSlotActive,
+  type Fixture,
+} from '../helpers/fixture.js';
+import {
+  countEvents,
+  countEventsBeyondCheckpoint,
+  countSourceItems,
+  lsn,
+  outputTail,
+  readCheckpoint,
+  readMetric,
+  readSlot,
+  sampleFor,
+  waitForEventGrowth,
+  waitForExit,
+  waitForMetric,
+} from '../helpers/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+import { waitFor } from '../helpers/poll.js';
+
+const GROWTH = 200;
+const RESTARTS = 'philotes_reader_restarts_total';
+
+describe('buffer database outages while streaming', () => {
+  let f: Fixture;
+  let philotes: PhilotesProcess;
+  let metricsPort: number;
+  let load: ReturnType<typeof startLoad> | undefined;
+  let locker: pg.Client | undefined;
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query(ITEMS_DDL, [], 'app');
+    metricsPort = await freePort();
+    philotes = startPhilotes(f.env({ PHILOTES_METRICS_PORT: String(metricsPort) }));
+    await waitForSlotActive(f.source);
+  });
+
+  afterAll(async () => {
+    await locker?.end().catch(() => undefined);
+    await load?.stop();
+    await philotes?.kill9();
+    await f?.destroy();
+  });
+
+  /** Stops the load, waits for Philotes to catch up, and checks the whole buffer. */
+  async function expectExactlyOnce(): Promise<void> {
+    const stats = await load!.stop();
+    load = undefined;
+    expect(stats.committedTransactions).toBeGreaterThan(0);
+    await waitForCatchUp(f);
+    const rows = checkItemHistories(await readEvents(f.buffer));
+    await assertReplayMatchesSource(f.source, rows);
+    expect(rows.size).toBe(await countSourceItems(f.source));
+    // The same process recovered: a buffer outage is no reason for Philotes to exit.
+    expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
+  }
+
+  it('recovers by itself from a buffer crash (immediate restart) mid-store', async () => {
+    load = startLoad(f.source, { clients: 4 });
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+    const restarts = (await readMetric(metricsPort, RESTARTS)) ?? 0;
+    await f.buffer.restart('immediate');
+    // Storing failed, so the reader run was restarted; then new changes reach the buffer again.
+    await waitForMetric(metricsPort, RESTARTS, restarts + 1);
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+    await expectExactlyOnce();
+  });
+
+  it('waits out a buffer that is down for several backoff rounds, then stores everything', async () => {
+    load = startLoad(f.source, { clients: 4 });
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+    const restarts = (await readMetric(metricsPort, RESTARTS)) ?? 0;
+    await f.buffer.stop('fast');
+    try {
+      // Each failed attempt to prepare a new run against the dead buffer counts as a restart.
+      await waitForMetric(metricsPort, RESTARTS, restarts + 2);
+      // No reader holds the slot while there is nowhere to store what it would read.
+      await waitFor(async () => (await readSlot(f.source))?.active === false, {
+        what: 'the slot to be released while the buffer is down',
+      });
+      // Writes go on meanwhile: they must all arrive once the buffer is back.
+      const committed = load.stats.committedTransactions;
+      await waitFor(() => load!.stats.committedTransactions >= committed + 50, {
+        what: '50 more source transactions while the buffer is down',
+        timeoutMs: 60_000,
+      });
+      expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
+    } finally {
+      await f.buffer.start();
+    }
+    await waitForSlotActive(f.source);
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+    await expectExactlyOnce();
+  });
+
+  it('never confirms to the source past the checkpoint while stores are blocked', async () => {
+    load = startLoad(f.source, { clients: 4 });
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+
+    locker = await connect(f.buffer, 'buffer');
+    await locker.query('BEGIN');
+    // Granted once the store in progress (if any) commits; every later store waits behind it.
+    await locker.query('LOCK TABLE cdc_events IN ACCESS EXCLUSIVE MODE');
+    try {
+      // cdc_checkpoints is not locked: read on other connections while the stores wait.
+      const checkpoint = await readCheckpoint(f.buffer);
+      expect(checkpoint).toBeDefined();
+      const stored = lsn(checkpoint!.lsn);
+      // Proof the fault is real: a Philotes store is waiting for our lock ...
+      await waitFor(
+        async () => {
+          const [row] = await f.buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_stat_activity
+              WHERE application_name = 'philotes:buffer' AND wait_event_type = 'Lock'`,
+          );
+          return (row?.n ?? 0) > 0;
+        },
+        { what: 'a Philotes store to wait for the lock on cdc_events' },
+      );
+      // ... and the source keeps committing changes there is nowhere to store.
+      const committed = load.stats.committedTransactions;
+      await waitFor(() => load!.stats.committedTransactions >= committed + 50, {
+        what: '50 more source transactions while stores are blocked',
+        timeoutMs: 60_000,
+      });
+
+      // Several checkpoint intervals (1 s): a confirmation of anything read but not stored
+      // would show. Nothing is stored, so the checkpoint must not move either.
+      const samples = await sampleFor(3_000, 'the slot and the checkpoint', async () => {
+        const slot = await readSlot(f.source);
+        const now = await readCheckpoint(f.buffer);
+        return { confirmed: slot?.confirmedFlushLsn ?? null, checkpoint: now?.lsn ?? null };
+      });
+      for (const s of samples) {
+        expect(s.checkpoint, JSON.stringify(samples)).toBe(checkpoint!.lsn);
+        expect(s.confirmed, JSON.stringify(samples)).not.toBeNull();
+        expect(
+          lsn(s.confirmed!) <= stored,
+          `confirmed_flush_lsn ${s.confirmed} passed the stored checkpoint ${checkpoint!.lsn}: ${JSON.stringify(samples)}`,
+        ).toBe(true);
+      }
+      expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
+    } finally {
+      await locker.query('COMMIT').catch(() => undefined);
+      await locker.end().catch(() => undefined);
+      locker = undefined;
+    }
+    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+    await expectExactlyOnce();
+  });
+
+  it('leaves a consistent buffer and checkpoint on SIGTERM after all three outages', async () => {
+    expect(philotes.signal('SIGTERM')).toBe(true);
+    const exit = await waitForExit(philotes, 30_000);
+    expect(exit, outputTail(philotes)).toEqual({ code: 0, signal: null });
+    expect(await countEventsBeyondCheckpoint(f.buffer)).toBe(0);
+    const checkpoint = await readCheckpoint(f.buffer);
+    const slot = await readSlot(f.source);
+    expect(lsn(slot!.confirmedFlushLsn!)).toBeGreaterThanOrEqual(lsn(checkpoint!.lsn));
+  });
+});
