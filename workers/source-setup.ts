@@ -72,26 +72,8 @@ async function ensurePublication(
   ]);
   if (existing.rowCount) {
     log.info({ publication: source.publication }, 'publication exists');
-    const published = await tablesWithoutIdentity(client, source.publication);
-    if (published.length > 0) {
-      log.warn(
-        { publication: source.publication, tables: published.slice(0, 50) },
-        'published tables without a replica identity: UPDATE and DELETE on them fail on the source; give them a primary key or REPLICA IDENTITY FULL',
-      );
-    }
+    await warnAboutIdentity(client, source.publication, log);
     return false;
-  }
-  // Publishing a table without a replica identity makes the application's UPDATEs and DELETEs on
-  // it fail. We never do that to a database on our own initiative.
-  const unsafe = await tablesWithoutIdentity(client, null, source.tables);
-  if (unsafe.length > 0) {
-    const list =
-      unsafe.slice(0, 10).join(', ') +
-      (unsafe.length > 10 ? ` and ${unsafe.length - 10} more` : '');
-    throw new FatalSourceError(
-      `not creating publication "${source.publication}" on ${where(source)}: ${unsafe.length} table(s) have no primary key or replica identity (${list}), and publishing them would make UPDATE and DELETE on them fail; give them a primary key or REPLICA IDENTITY FULL, list the tables to capture in PHILOTES_CDC_TABLES, or create the publication yourself`,
-      'NO_REPLICA_IDENTITY',
-    );
   }
   const target =
     source.tables.length === 0
@@ -126,18 +108,30 @@ async function ensurePublication(
     throw error;
   }
   log.info({ publication: source.publication, target }, 'publication created');
+  await warnAboutIdentity(client, source.publication, log);
   return true;
 }
 
 /**
- * Tables (in a publication, or the given ones, or every ordinary table) whose UPDATE and DELETE
- * would fail once published: no primary key under the default replica identity, or identity NONE.
+ * PostgreSQL rejects UPDATE and DELETE on a published table that has no replica identity (no
+ * primary key under the default identity, or identity NONE). Insert-only tables are fine, which
+ * is why this warns rather than refuses; an operator must see it either way.
  */
-async function tablesWithoutIdentity(
+async function warnAboutIdentity(
   client: pg.Client,
-  publication: string | null,
-  tables: readonly string[] = [],
-): Promise<string[]> {
+  publication: string,
+  log: Logger,
+): Promise<void> {
+  const tables = await tablesWithoutIdentity(client, publication);
+  if (tables.length === 0) return;
+  log.warn(
+    { publication, tables: tables.slice(0, 50), count: tables.length },
+    'published tables without a primary key or replica identity: UPDATE and DELETE on them fail on the source (inserts are fine); give them a primary key or REPLICA IDENTITY FULL, or leave them out with PHILOTES_CDC_TABLES',
+  );
+}
+
+/** Tables in a publication that have no usable replica identity. */
+async function tablesWithoutIdentity(client: pg.Client, publication: string): Promise<string[]> {
   const result = await client.query<{ name: string }>(
     `SELECT format('%I.%I', n.nspname, c.relname) AS name
        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -146,14 +140,11 @@ async function tablesWithoutIdentity(
         AND (c.relreplident = 'n'
              OR (c.relreplident = 'd' AND NOT EXISTS (
                    SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-        AND ($1::text IS NULL OR EXISTS (
+        AND EXISTS (
               SELECT 1 FROM pg_publication_tables pt
-               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname))
-        AND (cardinality($2::text[]) = 0
-             OR n.nspname || '.' || c.relname = ANY($2::text[])
-             OR (n.nspname = 'public' AND c.relname = ANY($2::text[])))
+               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
       ORDER BY 1`,
-    [publication, tables],
+    [publication],
   );
   return result.rows.map((r) => r.name);
 }
