@@ -4,7 +4,7 @@
  * drains its slot durably into the buffer (start to last checkpoint committed).
  *
  *   npm run bench                 # all scenarios
- *   npm run bench -- small        # one scenario: small | bulk | wide
+ *   npm run bench -- small        # one scenario: small | bulk | wide | latency
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  */
@@ -259,6 +259,136 @@ async function runScenario(s: Scenario): Promise<Result> {
   }
 }
 
+interface LatencyResult {
+  scenario: 'latency';
+  description: string;
+  targetTps: number;
+  transactions: number;
+  p50Ms: number;
+  p95Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+/**
+ * Steady load at LATENCY_TPS transactions per second while Philotes streams; latency per source
+ * transaction is the buffer's stored_at (now() of the buffer transaction that stored it) minus the
+ * source commit time. Both clusters share this machine's clock. The buffer transaction's own COPY
+ * and commit come on top (see philotes_buffer_commit_duration_seconds).
+ */
+const LATENCY_TPS = 1000;
+const LATENCY_SECONDS = 20;
+
+async function runLatency(): Promise<LatencyResult> {
+  const work = join(tmpdir(), `philotes-bench-${process.pid}-latency`);
+  mkdirSync(work, { recursive: true });
+  const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
+  let child: ReturnType<typeof spawn> | null = null;
+  try {
+    await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
+    await source.query(
+      `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`,
+      [],
+      'app',
+    );
+    child = spawn(process.execPath, [PHILOTES_MAIN], {
+      env: {
+        PATH: process.env['PATH'] ?? '',
+        PHILOTES_CDC_SOURCE_URL: source.url('app'),
+        PHILOTES_CDC_SOURCE_ID: 'bench',
+        PHILOTES_BUFFER_URL: buffer.url('buffer'),
+        PHILOTES_METRICS_PORT: '0',
+        PHILOTES_LOG_LEVEL: 'warn',
+      },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    for (;;) {
+      const rows = await source.query<{ active: boolean }>(
+        'SELECT active FROM pg_replication_slots',
+        [],
+        'app',
+      );
+      if (rows[0]?.active) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const scriptFile = join(work, 'latency.sql');
+    writeFileSync(scriptFile, `INSERT INTO bench_rows (k, v, note) VALUES (1, 2, 'latency');\n`);
+    await runTool(
+      join(binDir(), 'pgbench'),
+      [
+        '-n',
+        '-h',
+        source.host,
+        '-p',
+        String(source.port),
+        '-U',
+        source.user,
+        '-c',
+        '4',
+        '-j',
+        '2',
+        '-R',
+        String(LATENCY_TPS),
+        '-T',
+        String(LATENCY_SECONDS),
+        '-f',
+        scriptFile,
+        'app',
+      ],
+      { PGPASSWORD: source.password },
+    );
+    const [count] = await source.query<{ n: number }>(
+      'SELECT count(*)::int AS n FROM bench_rows',
+      [],
+      'app',
+    );
+    for (;;) {
+      const [row] = await buffer.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'bench_rows'`,
+        [],
+        'buffer',
+      );
+      if (row!.n >= count!.n) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    // The first two seconds warm up (JIT, connections); they are left out.
+    const [stats] = await buffer.query<{
+      n: number;
+      p50: number;
+      p95: number;
+      p99: number;
+      max: number;
+    }>(
+      `WITH t AS (SELECT lsn, min(stored_at) AS stored, min(committed_at) AS committed FROM cdc_events
+                   WHERE table_name = 'bench_rows' GROUP BY lsn),
+            w AS (SELECT extract(epoch FROM stored - committed) * 1000 AS ms FROM t
+                   WHERE committed >= (SELECT min(committed) FROM t) + interval '2 seconds')
+       SELECT count(*)::int AS n,
+              percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+              percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95,
+              percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+              max(ms) AS max
+         FROM w`,
+      [],
+      'buffer',
+    );
+    return {
+      scenario: 'latency',
+      description: `${LATENCY_TPS} single-row transactions/s for ${LATENCY_SECONDS} s from 4 clients`,
+      targetTps: LATENCY_TPS,
+      transactions: stats!.n,
+      p50Ms: round(Number(stats!.p50)),
+      p95Ms: round(Number(stats!.p95)),
+      p99Ms: round(Number(stats!.p99)),
+      maxMs: round(Number(stats!.max)),
+    };
+  } finally {
+    child?.kill('SIGTERM');
+    await Promise.allSettled([source.destroy(), buffer.destroy()]);
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
 function round(n: number): number {
   return Math.round(n * 1000) / 1000;
 }
@@ -267,8 +397,12 @@ async function main(): Promise<void> {
   const wanted = process.argv.slice(2);
   const scenarios =
     wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
-  if (scenarios.length === 0)
-    throw new Error(`unknown scenario; choose from ${SCENARIOS.map((s) => s.name).join(', ')}`);
+  const latencyWanted = wanted.length === 0 || wanted.includes('latency');
+  if (scenarios.length === 0 && !latencyWanted) {
+    throw new Error(
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency'].join(', ')}`,
+    );
+  }
   const results: Result[] = [];
   for (const s of scenarios) {
     process.stderr.write(`bench: ${s.name}: ${s.description}\n`);
@@ -284,23 +418,34 @@ async function main(): Promise<void> {
     memoryGb: Math.round(totalmem() / 2 ** 30),
     node: process.version,
   };
-  console.table(
-    results.map((r) => ({
-      scenario: r.scenario,
-      rows: r.rows,
-      'recvlogical rows/s': r.recvlogical.rowsPerSecond,
-      'philotes rows/s': r.philotes.rowsPerSecond,
-      ratio: r.ratio,
-      'peak RSS MB': r.philotes.peakRssMb,
-      'CPU s / M rows': r.philotes.cpuSecondsPerMillionRows,
-    })),
-  );
+  if (results.length > 0)
+    console.table(
+      results.map((r) => ({
+        scenario: r.scenario,
+        rows: r.rows,
+        'recvlogical rows/s': r.recvlogical.rowsPerSecond,
+        'philotes rows/s': r.philotes.rowsPerSecond,
+        ratio: r.ratio,
+        'peak RSS MB': r.philotes.peakRssMb,
+        'CPU s / M rows': r.philotes.cpuSecondsPerMillionRows,
+      })),
+    );
+  let latency: LatencyResult | null = null;
+  if (latencyWanted) {
+    process.stderr.write(
+      `bench: latency: ${LATENCY_TPS} transactions/s for ${LATENCY_SECONDS} s\n`,
+    );
+    latency = await runLatency();
+    process.stderr.write(
+      `bench: latency: p50 ${latency.p50Ms} ms, p95 ${latency.p95Ms} ms, p99 ${latency.p99Ms} ms, max ${latency.maxMs} ms over ${latency.transactions} transactions\n`,
+    );
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
     `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
   );
-  writeFileSync(file, JSON.stringify({ machine, results }, null, 2));
+  writeFileSync(file, JSON.stringify({ machine, results, latency }, null, 2));
   process.stderr.write(`bench: wrote ${file}\n`);
 }
 
