@@ -45,6 +45,12 @@ export class BufferStore {
     // An idle client that loses its connection must not crash the process; the next query
     // on a fresh client reports the problem where it can be handled.
     pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
+    // pg-pool drops its own 'error' listener while a client is checked out; a connection lost
+    // mid-COPY would then be an unhandled 'error' event and kill the process. The failing query
+    // rejects as well, and that is where the failure is handled (rollback, reader restart).
+    pool.on('connect', (client) =>
+      client.on('error', (error) => log.warn({ err: error }, 'buffer connection lost')),
+    );
     const store = new BufferStore(pool, { ...options, application_name: 'philotes:lock' }, log);
     const client = await pool.connect();
     try {

@@ -27,6 +27,7 @@ import {
   waitForEventGrowth,
   waitForExit,
   waitForMetric,
+  whileRunning,
   waitForNewWalsender,
 } from '../helpers/faults.js';
 import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
@@ -41,6 +42,7 @@ describe('walsender failures while streaming', () => {
   let philotes: PhilotesProcess;
   let metricsPort: number;
   let load: ReturnType<typeof startLoad> | undefined;
+  let thaw: (() => void) | undefined;
 
   beforeAll(async () => {
     f = await startFixture();
@@ -59,6 +61,7 @@ describe('walsender failures while streaming', () => {
   });
 
   afterAll(async () => {
+    thaw?.();
     await load?.stop();
     await philotes?.kill9();
     await f?.destroy();
@@ -77,59 +80,61 @@ describe('walsender failures while streaming', () => {
     expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
   }
 
-  it(`reconnects after its walsender is terminated, ${TERMINATIONS} times`, async () => {
-    load = startLoad(f.source, { clients: 4 });
-    for (let i = 1; i <= TERMINATIONS; i++) {
+  it(`reconnects after its walsender is terminated, ${TERMINATIONS} times`, () =>
+    whileRunning(philotes, async () => {
+      load = startLoad(f.source, { clients: 4 });
+      for (let i = 1; i <= TERMINATIONS; i++) {
+        await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+        const before = await readSlot(f.source);
+        expect(before?.active).toBe(true);
+        const [terminated] = await f.source.query<{ ok: boolean }>(
+          'SELECT pg_terminate_backend($1) AS ok',
+          [before!.activePid],
+        );
+        expect(terminated?.ok).toBe(true);
+        await waitForNewWalsender(f.source, before!.activePid);
+      }
+      await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+      await expectExactlyOnce();
+    }));
+
+  it('drops a frozen walsender after the source timeout and resumes from the slot', () =>
+    whileRunning(philotes, async () => {
+      load = startLoad(f.source, { clients: 4 });
       await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
       const before = await readSlot(f.source);
       expect(before?.active).toBe(true);
-      const [terminated] = await f.source.query<{ ok: boolean }>(
-        'SELECT pg_terminate_backend($1) AS ok',
-        [before!.activePid],
+      const frozenPid = before!.activePid!;
+      const restarts = (await readMetric(metricsPort, RESTARTS)) ?? 0;
+
+      thaw = freezeProcess(frozenPid);
+      try {
+        // Philotes hears nothing and gives the connection up (one restart), then tries the slot
+        // again and is refused while the frozen walsender still holds it (another), and goes on.
+        await waitForMetric(metricsPort, RESTARTS, restarts + 2);
+        // Writes during the freeze: none can be streamed until the walsender is gone.
+        const committed = load.stats.committedTransactions;
+        await waitFor(() => load!.stats.committedTransactions >= committed + 50, {
+          what: '50 more source transactions while the walsender is frozen',
+          timeoutMs: 60_000,
+        });
+        expect((await readSlot(f.source))?.activePid).toBe(frozenPid);
+        expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
+      } finally {
+        thaw();
+      }
+
+      // Thawed, the walsender finds its client gone and exits, which frees the slot.
+      await waitFor(
+        async () =>
+          (await f.source.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [frozenPid]))
+            .length === 0,
+        { what: `the thawed walsender ${frozenPid} to exit`, timeoutMs: 60_000 },
       );
-      expect(terminated?.ok).toBe(true);
-      await waitForNewWalsender(f.source, before!.activePid);
-    }
-    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
-    await expectExactlyOnce();
-  });
-
-  it('drops a frozen walsender after the source timeout and resumes from the slot', async () => {
-    load = startLoad(f.source, { clients: 4 });
-    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
-    const before = await readSlot(f.source);
-    expect(before?.active).toBe(true);
-    const frozenPid = before!.activePid!;
-    const restarts = (await readMetric(metricsPort, RESTARTS)) ?? 0;
-
-    const thaw = freezeProcess(frozenPid);
-    try {
-      // Philotes hears nothing and gives the connection up (one restart), then tries the slot
-      // again and is refused while the frozen walsender still holds it (another), and goes on.
-      await waitForMetric(metricsPort, RESTARTS, restarts + 2);
-      // Writes during the freeze: none can be streamed until the walsender is gone.
-      const committed = load.stats.committedTransactions;
-      await waitFor(() => load!.stats.committedTransactions >= committed + 50, {
-        what: '50 more source transactions while the walsender is frozen',
-        timeoutMs: 60_000,
-      });
-      expect((await readSlot(f.source))?.activePid).toBe(frozenPid);
-      expect(philotes.proc.exitCode, outputTail(philotes)).toBeNull();
-    } finally {
-      thaw();
-    }
-
-    // Thawed, the walsender finds its client gone and exits, which frees the slot.
-    await waitFor(
-      async () =>
-        (await f.source.query('SELECT 1 FROM pg_stat_activity WHERE pid = $1', [frozenPid]))
-          .length === 0,
-      { what: `the thawed walsender ${frozenPid} to exit`, timeoutMs: 60_000 },
-    );
-    await waitForNewWalsender(f.source, frozenPid);
-    await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
-    await expectExactlyOnce();
-  });
+      await waitForNewWalsender(f.source, frozenPid);
+      await waitForEventGrowth(f.buffer, await countEvents(f.buffer), GROWTH);
+      await expectExactlyOnce();
+    }));
 
   it('stops cleanly afterwards', async () => {
     expect(philotes.signal('SIGTERM')).toBe(true);

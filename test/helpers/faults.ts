@@ -273,3 +273,16 @@ export function freezeProcess(pid: number): () => void {
   process.kill(pid, 'SIGSTOP');
   return thaw;
 }
+
+/**
+ * Runs `body`, failing at once if Philotes exits meanwhile: a test waiting for a recovery then
+ * reports the crash and its output, instead of timing out on some later wait.
+ */
+export async function whileRunning<T>(p: PhilotesProcess, body: () => Promise<T>): Promise<T> {
+  const exited = p.exited.then((status) => {
+    throw new Error(
+      `philotes (pid ${p.pid}) exited during the test (code ${status.code}, signal ${status.signal})\n${outputTail(p)}`,
+    );
+  });
+  return Promise.race([body(), exited]);
+}
