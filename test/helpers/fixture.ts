@@ -308,3 +308,20 @@ export async function waitForCatchUp(f: Fixture, timeoutMs = 120_000): Promise<v
     { what: `slot to confirm ${target!.lsn}`, timeoutMs },
   );
 }
+
+/**
+ * After the load has stopped: waits until Philotes has caught up, then checks the whole buffer
+ * (every item's history exactly once and in order, the replay equals the source, nothing missing).
+ */
+export async function expectEveryChangeOnce(f: Fixture): Promise<void> {
+  await waitForCatchUp(f);
+  const rows = checkItemHistories(await readEvents(f.buffer));
+  await assertReplayMatchesSource(f.source, rows);
+  const [count] = await f.source.query<{ n: number }>(
+    'SELECT count(*)::int AS n FROM items',
+    [],
+    'app',
+  );
+  if (rows.size !== count!.n)
+    throw new Error(`buffer describes ${rows.size} items, source has ${count!.n}`);
+}
