@@ -78,16 +78,25 @@ export function textArrayLiteral(items: readonly string[]): string {
 
 /** PostgreSQL timestamps (µs since 2000-01-01) as ISO-8601 with microseconds. */
 export function pgTimeToIso(pgMicros: bigint): string {
-  const unixMicros = pgMicros + PG_EPOCH_OFFSET_US;
-  // Floor, not truncation: before 1970 the remainder is negative.
-  const extra = ((unixMicros % 1000n) + 1000n) % 1000n;
-  const ms = (unixMicros - extra) / 1000n;
-  const iso = new Date(Number(ms)).toISOString(); // ...ss.mmmZ
-  return `${iso.slice(0, -1)}${String(extra).padStart(3, '0')}Z`;
+  // As a Number: exact for any time within ±285 years of 1970 (2^53 µs), which commit times are.
+  const unixMicros = Number(pgMicros) + PG_EPOCH_OFFSET_US_NUMBER;
+  // Floor, not truncation: before 1970 the remainder would be negative.
+  const second = Math.floor(unixMicros / 1_000_000);
+  const micros = unixMicros - second * 1_000_000;
+  // Commits come many to a second: format the date and time once per second.
+  if (second !== cachedSecond) {
+    cachedSecond = second;
+    cachedPrefix = new Date(second * 1000).toISOString().slice(0, -4); // 'YYYY-MM-DDTHH:MM:SS.'
+  }
+  return `${cachedPrefix}${String(micros).padStart(6, '0')}Z`;
 }
 
+const PG_EPOCH_OFFSET_US_NUMBER = Number(PG_EPOCH_OFFSET_US);
+let cachedSecond = Number.NaN;
+let cachedPrefix = '';
+
 export function pgTimeToMs(pgMicros: bigint): number {
-  return Number((pgMicros + PG_EPOCH_OFFSET_US) / 1000n);
+  return Math.floor((Number(pgMicros) + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
 }
 
 export class BatchBuilder {
@@ -102,7 +111,8 @@ export class BatchBuilder {
   private txCommitLsn = '';
 
   // The batch being filled.
-  private chunks: string[] = [];
+  /** The pending rows, UTF-8, written as they come: no join, no second encoding pass. */
+  private buffer = Buffer.allocUnsafeSlow(1 << 20);
   private rowCount = 0;
   private byteCount = 0;
   private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
@@ -119,7 +129,7 @@ export class BatchBuilder {
     return this.rowCount;
   }
 
-  /** Approximate UTF-16 length of the pending rows: a cheap stand-in for their byte size. */
+  /** UTF-8 bytes of the pending rows. */
   get bytes(): number {
     return this.byteCount;
   }
@@ -219,10 +229,12 @@ export class BatchBuilder {
 
   /** Hands over the batch as one transferable buffer and starts a new one. */
   take(): TakenBatch {
-    const text = this.chunks.join('');
-    // TextEncoder gives a fresh ArrayBuffer we may transfer; Buffer.from could hand out a slice
-    // of Node's shared pool, and transferring that would detach the pool.
-    const data = new TextEncoder().encode(text).buffer as ArrayBuffer;
+    // A copy of exactly the used bytes into a fresh ArrayBuffer, which we may transfer; the
+    // working buffer stays ours for the next batch.
+    const data = this.buffer.buffer.slice(
+      this.buffer.byteOffset,
+      this.buffer.byteOffset + this.byteCount,
+    );
     const batch: TakenBatch = {
       data,
       rows: this.rowCount,
@@ -233,7 +245,6 @@ export class BatchBuilder {
       transactions: this.transactions,
       schemaChanges: this.schemaChanges,
     };
-    this.chunks = [];
     this.rowCount = 0;
     this.byteCount = 0;
     this.counts = { insert: 0, update: 0, delete: 0, truncate: 0 };
@@ -263,9 +274,15 @@ export class BatchBuilder {
       `${this.txPrefix}${this.txSeq}${this.txMiddle}${enc.location}${operation}\t` +
       `${before === null ? '\\N' : copyEscape(before)}\t${after === null ? '\\N' : copyEscape(after)}\t` +
       `${enc.primaryKey}\t${unchanged && unchanged.length > 0 ? copyEscape(textArrayLiteral(unchanged)) : '\\N'}\n`;
-    this.chunks.push(row);
+    // A UTF-16 unit takes at most 3 UTF-8 bytes.
+    const room = row.length * 3;
+    if (this.byteCount + room > this.buffer.length) {
+      const grown = Buffer.allocUnsafeSlow(Math.max(this.buffer.length * 2, this.byteCount + room));
+      this.buffer.copy(grown, 0, 0, this.byteCount);
+      this.buffer = grown;
+    }
+    this.byteCount += this.buffer.write(row, this.byteCount);
     this.rowCount++;
-    this.byteCount += row.length;
   }
 
   private rowJson(

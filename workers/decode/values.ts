@@ -149,6 +149,10 @@ export const BUILTIN_TYPES: ReadonlyMap<number, TypeInfo> = (() => {
 
 export const TEXT_TYPE: TypeInfo = BUILTIN_TYPES.get(25)!;
 
+function isDigit(code: number): boolean {
+  return code >= 48 && code <= 57;
+}
+
 /** An unescaped \u0000 in JSON text (preceded by an even number of backslashes). */
 const JSON_NUL_ESCAPE = /(^|[^\\])(\\\\)*\\u0000/;
 
@@ -157,6 +161,19 @@ const TIMESTAMP =
 
 /** '2026-11-25 00:50:18.12+00' -> '2026-11-25T00:50:18.120000Z'. BC dates and ±infinity stay as PostgreSQL prints them. */
 export function isoTimestamp(text: string): string {
+  // Fast path for what DateStyle=ISO, TimeZone=UTC prints: 'YYYY-MM-DD HH:MM:SS[.f…][+00]'.
+  if (text.length >= 19 && text.charCodeAt(4) === 45 && text.charCodeAt(10) === 32) {
+    let end = 19;
+    if (text.charCodeAt(19) === 46) {
+      end = 20;
+      while (end < text.length && end < 26 && isDigit(text.charCodeAt(end))) end++;
+    }
+    const rest = text.length === end ? '' : text.slice(end);
+    if (rest === '' || rest === '+00') {
+      const fraction = end > 20 ? text.slice(20, end).padEnd(6, '0') : '000000';
+      return `${text.slice(0, 10)}T${text.slice(11, 19)}.${fraction}${rest === '' ? '' : 'Z'}`;
+    }
+  }
   const m = TIMESTAMP.exec(text);
   if (!m) return text;
   const fraction = (m[7] ?? '').padEnd(6, '0');
