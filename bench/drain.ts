@@ -8,13 +8,13 @@
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/helpers/cluster.js';
 import { PHILOTES_MAIN } from '../test/helpers/philotes.js';
-import { binDir, runTool } from './pg-tools.js';
+import { binDir, pgbench, runTool } from './pg-tools.js';
 
 interface Scenario {
   name: string;
@@ -48,11 +48,11 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'wide',
-    description: '20k transactions of 2 wide rows (24 columns, ~1 KB) from 4 clients',
+    description: '50k transactions of 2 wide rows (24 columns, ~1 KB) from 4 clients',
     ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, ${Array.from({ length: 8 }, (_, i) => `t${i} text, n${i} numeric, ts${i} timestamptz`).join(', ')})`,
     script: `INSERT INTO bench_rows (${Array.from({ length: 8 }, (_, i) => `t${i}, n${i}, ts${i}`).join(', ')}) SELECT ${Array.from({ length: 8 }, (_, i) => `repeat(md5(i::text), 3), i * ${i + 1}.25, now()`).join(', ')} FROM generate_series(1, 2) i;\n`,
     clients: 4,
-    transactions: 5_000,
+    transactions: 12_500,
     rowsPerTransaction: 2,
   },
 ];
@@ -86,28 +86,17 @@ async function buildBacklog(
   );
   const scriptFile = join(work, `${s.name}.sql`);
   writeFileSync(scriptFile, s.script);
-  await runTool(
-    join(binDir(), 'pgbench'),
-    [
-      '-n',
-      '-h',
-      source.host,
-      '-p',
-      String(source.port),
-      '-U',
-      source.user,
-      '-c',
-      String(s.clients),
-      '-j',
-      String(Math.min(s.clients, 2)),
-      '-t',
-      String(s.transactions),
-      '-f',
-      scriptFile,
-      'app',
-    ],
-    { PGPASSWORD: source.password },
-  );
+  await pgbench(source, [
+    '-n',
+    '-c',
+    String(s.clients),
+    '-j',
+    String(Math.min(s.clients, 2)),
+    '-t',
+    String(s.transactions),
+    '-f',
+    scriptFile,
+  ]);
   // A marker transaction after the backlog: once the checkpoint passes the position taken just
   // before its commit, everything before it is stored.
   const rows = await source.query<{ lsn: string }>(
@@ -172,22 +161,26 @@ function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
   return { rssPeakKb: Number(hwm?.[1] ?? 0), cpuSeconds: ticks / 100 };
 }
 
-async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
-  const env = {
-    PATH: process.env['PATH'] ?? '',
-    PHILOTES_CDC_SOURCE_URL: source.url('app'),
-    PHILOTES_CDC_SOURCE_ID: 'bench',
-    PHILOTES_BUFFER_URL: buffer.url('buffer'),
-    PHILOTES_METRICS_PORT: '0',
-    PHILOTES_LOG_LEVEL: 'warn',
-  };
-  const started = performance.now();
+/** The real CLI, as an operator runs it, with default settings. */
+function spawnPhilotes(source: Cluster, buffer: Cluster): ChildProcess {
   // PHILOTES_BENCH_NODE_FLAGS='--cpu-prof --cpu-prof-dir=/tmp/prof' profiles every thread.
   const nodeFlags = (process.env['PHILOTES_BENCH_NODE_FLAGS'] ?? '').split(' ').filter(Boolean);
-  const child = spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], {
-    env,
+  return spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], {
+    env: {
+      PATH: process.env['PATH'] ?? '',
+      PHILOTES_CDC_SOURCE_URL: source.url('app'),
+      PHILOTES_CDC_SOURCE_ID: 'bench',
+      PHILOTES_BUFFER_URL: buffer.url('buffer'),
+      PHILOTES_METRICS_PORT: '0',
+      PHILOTES_LOG_LEVEL: 'warn',
+    },
     stdio: ['ignore', 'inherit', 'inherit'],
   });
+}
+
+async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
+  const started = performance.now();
+  const child = spawnPhilotes(source, buffer);
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let seconds: number;
   for (;;) {
@@ -283,7 +276,7 @@ async function runLatency(): Promise<LatencyResult> {
   const work = join(tmpdir(), `philotes-bench-${process.pid}-latency`);
   mkdirSync(work, { recursive: true });
   const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
-  let child: ReturnType<typeof spawn> | null = null;
+  let child: ChildProcess | null = null;
   try {
     await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
     await source.query(
@@ -291,17 +284,7 @@ async function runLatency(): Promise<LatencyResult> {
       [],
       'app',
     );
-    child = spawn(process.execPath, [PHILOTES_MAIN], {
-      env: {
-        PATH: process.env['PATH'] ?? '',
-        PHILOTES_CDC_SOURCE_URL: source.url('app'),
-        PHILOTES_CDC_SOURCE_ID: 'bench',
-        PHILOTES_BUFFER_URL: buffer.url('buffer'),
-        PHILOTES_METRICS_PORT: '0',
-        PHILOTES_LOG_LEVEL: 'warn',
-      },
-      stdio: ['ignore', 'inherit', 'inherit'],
-    });
+    child = spawnPhilotes(source, buffer);
     for (;;) {
       const rows = await source.query<{ active: boolean }>(
         'SELECT active FROM pg_replication_slots',
@@ -313,30 +296,19 @@ async function runLatency(): Promise<LatencyResult> {
     }
     const scriptFile = join(work, 'latency.sql');
     writeFileSync(scriptFile, `INSERT INTO bench_rows (k, v, note) VALUES (1, 2, 'latency');\n`);
-    await runTool(
-      join(binDir(), 'pgbench'),
-      [
-        '-n',
-        '-h',
-        source.host,
-        '-p',
-        String(source.port),
-        '-U',
-        source.user,
-        '-c',
-        '4',
-        '-j',
-        '2',
-        '-R',
-        String(LATENCY_TPS),
-        '-T',
-        String(LATENCY_SECONDS),
-        '-f',
-        scriptFile,
-        'app',
-      ],
-      { PGPASSWORD: source.password },
-    );
+    await pgbench(source, [
+      '-n',
+      '-c',
+      '4',
+      '-j',
+      '2',
+      '-R',
+      String(LATENCY_TPS),
+      '-T',
+      String(LATENCY_SECONDS),
+      '-f',
+      scriptFile,
+    ]);
     const [count] = await source.query<{ n: number }>(
       'SELECT count(*)::int AS n FROM bench_rows',
       [],

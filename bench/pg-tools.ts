@@ -3,6 +3,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import type { Cluster } from '../test/helpers/cluster.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -32,4 +33,13 @@ export async function runTool(
     const e = error as { stderr?: string; message: string };
     throw new Error(`${file} failed: ${e.stderr?.trim() || e.message}`, { cause: error });
   }
+}
+
+/** Runs pgbench against a cluster's database with the given options. */
+export function pgbench(source: Cluster, args: string[], database = 'app'): Promise<string> {
+  return runTool(
+    join(binDir(), 'pgbench'),
+    ['-h', source.host, '-p', String(source.port), '-U', source.user, ...args, database],
+    { PGPASSWORD: source.password },
+  );
 }

@@ -7,20 +7,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { destroyAllClusters, startCluster } from '../test/helpers/cluster.js';
 import { PHILOTES_MAIN } from '../test/helpers/philotes.js';
-import { binDir, runTool } from './pg-tools.js';
+import { pgbench } from './pg-tools.js';
 
 async function main(): Promise<void> {
   const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
   await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
-  const pgbench = (args: string[]) =>
-    runTool(
-      `${binDir()}/pgbench`,
-      ['-h', source.host, '-p', String(source.port), '-U', source.user, ...args, 'app'],
-      {
-        PGPASSWORD: source.password,
-      },
-    );
-  await pgbench(['-i', '-s', '2', '-q']);
+  await pgbench(source, ['-i', '-s', '2', '-q']);
   const env = {
     PATH: process.env['PATH'] ?? '',
     PHILOTES_CDC_SOURCE_URL: source.url('app'),
@@ -42,7 +34,7 @@ async function main(): Promise<void> {
     if (rows[0]?.active) break;
     await new Promise((r) => setTimeout(r, 100));
   }
-  const load = pgbench(['-c', '4', '-j', '2', '-T', '12']);
+  const load = pgbench(source, ['-c', '4', '-j', '2', '-T', '12']);
   for (let i = 0; i < 2; i++) {
     await new Promise((r) => setTimeout(r, 4000));
     philotes.kill('SIGKILL');
