@@ -33,9 +33,9 @@ function json(text: string, typeName: string): string {
 describe('type table', () => {
   it('maps the well-known OIDs', () => {
     expect(BUILTIN_TYPES.get(16)).toMatchObject({ name: 'bool', kind: 'bool' });
-    expect(BUILTIN_TYPES.get(20)).toMatchObject({ name: 'int8', kind: 'string' });
+    expect(BUILTIN_TYPES.get(20)).toMatchObject({ name: 'int8', kind: 'quoted' });
     expect(BUILTIN_TYPES.get(23)).toMatchObject({ name: 'int4', kind: 'number' });
-    expect(BUILTIN_TYPES.get(1700)).toMatchObject({ name: 'numeric', kind: 'string' });
+    expect(BUILTIN_TYPES.get(1700)).toMatchObject({ name: 'numeric', kind: 'quoted' });
     expect(BUILTIN_TYPES.get(3802)).toMatchObject({ name: 'jsonb', kind: 'json' });
     expect(BUILTIN_TYPES.get(1184)).toMatchObject({ name: 'timestamptz', kind: 'timestamptz' });
     expect(TEXT_TYPE).toMatchObject({ oid: 25, name: 'text', kind: 'string' });

@@ -6,7 +6,7 @@
 import type { ColumnInfo, OperationCounts, SchemaChange } from '../../src/protocol.js';
 import { formatLsn } from '../../src/lsn.js';
 import { PG_EPOCH_OFFSET_US, UNCHANGED, type TupleValue } from './pgoutput.js';
-import { toJson, type TypeInfo } from './values.js';
+import { mayNeedCopyEscape, toJson, type TypeInfo } from './values.js';
 
 /** Column order of the COPY into cdc_events; the buffer writer uses the same list. */
 export const EVENT_COPY_COLUMNS = [
@@ -44,6 +44,8 @@ interface RelationEncoding {
   readonly relation: ResolvedRelation;
   /** '"name":' for each column, computed once. */
   readonly jsonKeys: readonly string[];
+  /** Whether some column name needs COPY escaping (then every row of this table is escaped). */
+  readonly keysNeedEscape: boolean;
   /** 'schema\ttable\t' already COPY-escaped. */
   readonly location: string;
   /** The primary_key array literal, COPY-escaped. */
@@ -97,6 +99,18 @@ let cachedPrefix = '';
 
 export function pgTimeToMs(pgMicros: bigint): number {
   return Math.floor((Number(pgMicros) + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
+}
+
+/** A row as JSON, and whether it holds anything COPY must escape. */
+interface RowJson {
+  readonly json: string;
+  readonly unchanged: string[] | null;
+  readonly escape: boolean;
+}
+
+function copyField(row: RowJson | null): string {
+  if (row === null) return '\\N';
+  return row.escape ? copyEscape(row.json) : row.json;
 }
 
 export class BatchBuilder {
@@ -168,6 +182,7 @@ export class BatchBuilder {
     this.relations.set(relation.oid, {
       relation,
       jsonKeys: relation.columns.map((c) => `${JSON.stringify(c.name)}:`),
+      keysNeedEscape: relation.columns.some((c) => COPY_SPECIAL.test(JSON.stringify(c.name))),
       location: `${copyEscape(relation.schema)}\t${copyEscape(relation.table)}\t`,
       primaryKey: copyEscape(textArrayLiteral(relation.primaryKey)),
     });
@@ -195,7 +210,7 @@ export class BatchBuilder {
   insert(relationOid: number, after: TupleValue[]): void {
     const enc = this.encoding(relationOid);
     const a = this.rowJson(enc, after, false, null);
-    this.push(enc, 'INSERT', null, a.json, a.unchanged);
+    this.push(enc, 'INSERT', null, a, a.unchanged);
     this.counts.insert++;
   }
 
@@ -209,14 +224,14 @@ export class BatchBuilder {
     // With REPLICA IDENTITY FULL the old row carries the real value of an unchanged TOAST column.
     const b = before ? this.rowJson(enc, before, beforeKind === 'K', null) : null;
     const a = this.rowJson(enc, after, false, beforeKind === 'O' ? before : null);
-    this.push(enc, 'UPDATE', b?.json ?? null, a.json, a.unchanged);
+    this.push(enc, 'UPDATE', b, a, a.unchanged);
     this.counts.update++;
   }
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleValue[]): void {
     const enc = this.encoding(relationOid);
     const b = this.rowJson(enc, before, beforeKind === 'K', null);
-    this.push(enc, 'DELETE', b.json, null, null);
+    this.push(enc, 'DELETE', b, null, null);
     this.counts.delete++;
   }
 
@@ -264,15 +279,15 @@ export class BatchBuilder {
   private push(
     enc: RelationEncoding,
     operation: string,
-    before: string | null,
-    after: string | null,
+    before: RowJson | null,
+    after: RowJson | null,
     unchanged: string[] | null,
   ): void {
     if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
     this.txSeq++;
     const row =
       `${this.txPrefix}${this.txSeq}${this.txMiddle}${enc.location}${operation}\t` +
-      `${before === null ? '\\N' : copyEscape(before)}\t${after === null ? '\\N' : copyEscape(after)}\t` +
+      `${copyField(before)}\t${copyField(after)}\t` +
       `${enc.primaryKey}\t${unchanged && unchanged.length > 0 ? copyEscape(textArrayLiteral(unchanged)) : '\\N'}\n`;
     // A UTF-16 unit takes at most 3 UTF-8 bytes.
     const room = row.length * 3;
@@ -290,11 +305,12 @@ export class BatchBuilder {
     values: TupleValue[],
     keyOnly: boolean,
     fallback: TupleValue[] | null,
-  ): { json: string; unchanged: string[] | null } {
+  ): RowJson {
     const columns = enc.relation.columns;
     let json = '{';
     let first = true;
     let unchanged: string[] | null = null;
+    let escape = enc.keysNeedEscape;
     for (let i = 0; i < values.length; i++) {
       const column = columns[i];
       if (!column)
@@ -307,10 +323,15 @@ export class BatchBuilder {
         (unchanged ??= []).push(column.name);
         continue;
       }
-      json += `${first ? '' : ','}${enc.jsonKeys[i]}${value === null ? 'null' : toJson(value, column.type)}`;
+      let fragment = 'null';
+      if (value !== null) {
+        fragment = toJson(value, column.type);
+        if (!escape && mayNeedCopyEscape(column.type.kind)) escape = COPY_SPECIAL.test(fragment);
+      }
+      json += `${first ? '' : ','}${enc.jsonKeys[i]}${fragment}`;
       first = false;
     }
-    return { json: `${json}}`, unchanged };
+    return { json: `${json}}`, unchanged, escape };
   }
 }
 

@@ -12,7 +12,8 @@ export type ValueKind =
   | 'bool'
   | 'number' // int2, int4, oid and friends: the text is already a JSON number
   | 'float' // float4/float8: a JSON number, or a string for NaN and ±Infinity
-  | 'string' // int8, numeric, text, uuid and anything without a better JSON form
+  | 'string' // text and anything without a better JSON form
+  | 'quoted' // int8, numeric, uuid, dates…: a JSON string whose text never needs escaping
   | 'json' // json and jsonb: spliced as is
   | 'timestamp' // without time zone: ISO-8601 with microseconds, no zone
   | 'timestamptz' // ISO-8601 with microseconds, 'Z'
@@ -35,13 +36,13 @@ const SCALARS: readonly TypeInfo[] = [
   scalar(17, 'bytea', 'bytea'),
   scalar(18, 'char', 'string'),
   scalar(19, 'name', 'string'),
-  scalar(20, 'int8', 'string'),
+  scalar(20, 'int8', 'quoted'),
   scalar(21, 'int2', 'number'),
   scalar(23, 'int4', 'number'),
   scalar(24, 'regproc', 'string'),
   scalar(25, 'text', 'string'),
   scalar(26, 'oid', 'number'),
-  scalar(27, 'tid', 'string'),
+  scalar(27, 'tid', 'quoted'),
   scalar(28, 'xid', 'number'),
   scalar(29, 'cid', 'number'),
   scalar(114, 'json', 'json'),
@@ -52,32 +53,32 @@ const SCALARS: readonly TypeInfo[] = [
   scalar(603, 'box', 'string'),
   scalar(604, 'polygon', 'string'),
   scalar(628, 'line', 'string'),
-  scalar(650, 'cidr', 'string'),
+  scalar(650, 'cidr', 'quoted'),
   scalar(700, 'float4', 'float'),
   scalar(701, 'float8', 'float'),
   scalar(718, 'circle', 'string'),
-  scalar(774, 'macaddr8', 'string'),
+  scalar(774, 'macaddr8', 'quoted'),
   scalar(790, 'money', 'string'),
-  scalar(829, 'macaddr', 'string'),
-  scalar(869, 'inet', 'string'),
+  scalar(829, 'macaddr', 'quoted'),
+  scalar(869, 'inet', 'quoted'),
   scalar(1042, 'bpchar', 'string'),
   scalar(1043, 'varchar', 'string'),
-  scalar(1082, 'date', 'string'),
-  scalar(1083, 'time', 'string'),
+  scalar(1082, 'date', 'quoted'),
+  scalar(1083, 'time', 'quoted'),
   scalar(1114, 'timestamp', 'timestamp'),
   scalar(1184, 'timestamptz', 'timestamptz'),
-  scalar(1186, 'interval', 'string'),
-  scalar(1266, 'timetz', 'string'),
-  scalar(1560, 'bit', 'string'),
-  scalar(1562, 'varbit', 'string'),
-  scalar(1700, 'numeric', 'string'),
-  scalar(2950, 'uuid', 'string'),
-  scalar(3220, 'pg_lsn', 'string'),
+  scalar(1186, 'interval', 'quoted'),
+  scalar(1266, 'timetz', 'quoted'),
+  scalar(1560, 'bit', 'quoted'),
+  scalar(1562, 'varbit', 'quoted'),
+  scalar(1700, 'numeric', 'quoted'),
+  scalar(2950, 'uuid', 'quoted'),
+  scalar(3220, 'pg_lsn', 'quoted'),
   scalar(3614, 'tsvector', 'string'),
   scalar(3615, 'tsquery', 'string'),
   scalar(3802, 'jsonb', 'json'),
   scalar(4089, 'regnamespace', 'string'),
-  scalar(5069, 'xid8', 'string'),
+  scalar(5069, 'xid8', 'quoted'),
 ];
 
 /** [array oid, element oid] for the built-in array types. */
@@ -185,6 +186,14 @@ export function isoTimestamp(text: string): string {
   return `${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}.${fraction}${suffix}`;
 }
 
+/**
+ * Whether a fragment of this kind may hold a backslash or a control character (and so needs COPY
+ * escaping). The others are plain by construction, which spares a scan of every row.
+ */
+export function mayNeedCopyEscape(kind: ValueKind): boolean {
+  return kind === 'string' || kind === 'bytea' || kind === 'json' || kind === 'array';
+}
+
 /** One PostgreSQL text value as a JSON fragment. */
 export function toJson(text: string, type: TypeInfo): string {
   switch (type.kind) {
@@ -201,7 +210,10 @@ export function toJson(text: string, type: TypeInfo): string {
       return JSON_NUL_ESCAPE.test(text) ? JSON.stringify(text) : text;
     case 'timestamp':
     case 'timestamptz':
-      return JSON.stringify(isoTimestamp(text));
+      return `"${isoTimestamp(text)}"`;
+    case 'quoted':
+      // Their output is digits, letters and punctuation other than '"' and '\'.
+      return `"${text}"`;
     case 'array':
       return arrayToJson(text, type);
     case 'string':
