@@ -5,6 +5,7 @@
  */
 import type { MessagePort } from 'node:worker_threads';
 import type { SourceConfig } from './config.js';
+import type { DatabaseIdentity } from './database-identity.js';
 
 /** The task piscina hands to a thread: read one slot until told to stop. */
 export interface ReaderTask {
@@ -19,6 +20,8 @@ export interface ReaderTask {
   readonly batchMaxWaitMs: number;
   readonly maxInFlightBatches: number;
   readonly logLevel: string;
+  /** The buffer database's identity: if the source is the same database, its tables are skipped. */
+  readonly buffer: DatabaseIdentity;
   readonly port: MessagePort;
 }
 

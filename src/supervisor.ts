@@ -115,6 +115,7 @@ class ReaderRun {
       batchMaxWaitMs: config.batchMaxWaitMs,
       maxInFlightBatches: config.maxInFlightBatches,
       logLevel: config.logLevel,
+      buffer: runner.store.identity,
       port: this.channel.port2,
     };
     this.task = pool.run(task, {

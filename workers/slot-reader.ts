@@ -10,6 +10,11 @@ import pg from 'pg';
 import { LogicalReplicationService } from 'pg-logical-replication';
 import { pgClientOptions } from '../src/config.js';
 import { toErrorInfo } from '../src/errors.js';
+import {
+  BUFFER_TABLES,
+  DATABASE_IDENTITY_SQL,
+  type DatabaseIdentity,
+} from '../src/database-identity.js';
 import { createLogger, safeConnection, type Logger } from '../src/logger.js';
 import { formatLsn, parseLsn } from '../src/lsn.js';
 import type {
@@ -77,6 +82,9 @@ class SlotReader {
   private service: LogicalReplicationService | null = null;
   private resolver: CatalogResolver | null = null;
 
+  /** 'schema.table' of tables never captured (the buffer's own, when source and buffer coincide). */
+  private readonly skippedTables = new Set<string>();
+  private readonly skippedRelations = new Set<number>();
   /** Messages read while blocked, handled in order once the block ends. */
   private readonly queue: Buffer[] = [];
   /** Why reading is paused, if it is. */
@@ -129,6 +137,16 @@ class SlotReader {
       await this.side.connect();
       this.log.info({ connection: safeConnection(source.connection) }, 'connected to source');
       const prepared = await prepareSource(this.side, source, this.log);
+      const identity = await this.side.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
+      if (identity.rows[0]?.identity === this.task.buffer.identity) {
+        // Capturing the buffer's own tables would feed every stored event back in as a change.
+        for (const table of BUFFER_TABLES)
+          this.skippedTables.add(`${this.task.buffer.schema}.${table}`);
+        this.log.info(
+          { tables: [...this.skippedTables] },
+          'the source database is also the buffer: Philotes leaves its own tables out',
+        );
+      }
       this.resolver = new CatalogResolver(this.side);
 
       if (prepared.slotCreated && this.task.startLsn !== null) {
@@ -236,6 +254,10 @@ class SlotReader {
           if (message.endLsn > this.serverWalEnd) this.serverWalEnd = message.endLsn;
           break;
         case 'relation': {
+          if (this.skippedTables.has(`${message.schema}.${message.name}`)) {
+            this.skippedRelations.add(message.relationOid);
+            return;
+          }
           const resolver = this.resolver!;
           this.block('catalog', async () => {
             b.relation(
@@ -250,16 +272,19 @@ class SlotReader {
           return;
         }
         case 'insert':
+          if (this.skippedRelations.has(message.relationOid)) return;
           b.insert(message.relationOid, message.after);
           break;
         case 'update':
+          if (this.skippedRelations.has(message.relationOid)) return;
           b.update(message.relationOid, message.beforeKind, message.before, message.after);
           break;
         case 'delete':
+          if (this.skippedRelations.has(message.relationOid)) return;
           b.delete(message.relationOid, message.beforeKind, message.before);
           break;
         case 'truncate':
-          b.truncate(message.relationOids);
+          b.truncate(message.relationOids.filter((oid) => !this.skippedRelations.has(oid)));
           break;
         case 'type':
         case 'origin':

@@ -11,6 +11,7 @@ import { pgClientOptions, type ConnectionConfig } from '../config.js';
 import type { Logger } from '../logger.js';
 import type { BatchMessage, SchemaChange } from '../protocol.js';
 import { EVENT_COPY_COLUMNS } from '../../workers/decode/events.js';
+import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../database-identity.js';
 import { migrate } from './migrations.js';
 
 const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STDIN`;
@@ -33,6 +34,9 @@ export interface SourceLock {
 }
 
 export class BufferStore {
+  /** Which database this is, so a reader can tell when its source is this same database. */
+  identity: DatabaseIdentity = { identity: '', schema: '' };
+
   private constructor(
     private readonly pool: pg.Pool,
     private readonly clientOptions: pg.ClientConfig,
@@ -55,6 +59,8 @@ export class BufferStore {
     const client = await pool.connect();
     try {
       const applied = await migrate(client);
+      const identity = await client.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
+      if (identity.rows[0]) store.identity = identity.rows[0];
       log.info(
         { applied },
         applied.length > 0 ? 'buffer schema migrated' : 'buffer schema up to date',

@@ -332,15 +332,15 @@ describe('BatchBuilder', () => {
     ]);
   });
 
-  it('a transaction without changes still moves the checkpoint', () => {
+  it('a transaction without changes is nothing to send, but its checkpoint rides with the next batch', () => {
     const b = new BatchBuilder('s');
     b.begin(0x100n, COMMIT_TIME, 10);
     b.commit(0x180n, COMMIT_TIME);
     expect(b.rows).toBe(0);
-    expect(b.hasContent).toBe(true);
-    const batch = b.take();
-    expect(batch.rows).toBe(0);
-    expect(batch.checkpointLsn).toBe('0/180');
+    expect(b.hasContent).toBe(false);
+    const empty = b.take();
+    expect(empty.rows).toBe(0);
+    expect(empty.checkpointLsn).toBe('0/180');
   });
 
   it('records a schema version only when the shape changes', () => {

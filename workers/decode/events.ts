@@ -148,9 +148,14 @@ export class BatchBuilder {
     return this.byteCount;
   }
 
-  /** Whether taking now would store anything (rows, a checkpoint or a schema version). */
+  /**
+   * Whether there is anything to store: events or a schema version. A checkpoint alone is not
+   * sent; it rides with the next batch. Storing it by itself would gain nothing (transactions
+   * without events hold nothing to lose, and the idle confirmation already frees their WAL), and
+   * when the source is the buffer database, every such store would be a new transaction to read.
+   */
   get hasContent(): boolean {
-    return this.rowCount > 0 || this.checkpoint !== null || this.schemaChanges.length > 0;
+    return this.rowCount > 0 || this.schemaChanges.length > 0;
   }
 
   get isInTransaction(): boolean {
