@@ -173,6 +173,10 @@ function spawnPhilotes(source: Cluster, buffer: Cluster): ChildProcess {
       PHILOTES_BUFFER_URL: buffer.url('buffer'),
       PHILOTES_METRICS_PORT: '0',
       PHILOTES_LOG_LEVEL: 'warn',
+      // PHILOTES_CDC_* settings from the bench's own environment, for tuning experiments.
+      ...(Object.fromEntries(
+        Object.entries(process.env).filter(([k]) => k.startsWith('PHILOTES_CDC_')),
+      ) as Record<string, string>),
     },
     stdio: ['ignore', 'inherit', 'inherit'],
   });
