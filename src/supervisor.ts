@@ -90,6 +90,7 @@ class ReaderRun {
   private readonly abortController = new AbortController();
   private readonly queue: BatchMessage[] = [];
   private writing = false;
+  private aborted = false;
   private writeError: unknown = null;
   private onWriterFailed!: (error: unknown) => void;
   private readonly writerFailed = new Promise<never>((_, reject) => {
@@ -148,6 +149,10 @@ class ReaderRun {
    * is stored after the next run has cleaned up beyond the checkpoint.
    */
   async abort(): Promise<void> {
+    // From here on nothing more is stored from this run: batches still in the queue or still on
+    // their way over the port are dropped, never written after an earlier one was dropped (that
+    // would move the checkpoint past a gap). The next run re-reads them from the checkpoint.
+    this.aborted = true;
     this.queue.length = 0;
     this.send({ type: 'abort' });
     const timer = setTimeout(() => this.abortController.abort(), ABORT_GRACE_MS);
@@ -181,7 +186,7 @@ class ReaderRun {
         );
         break;
       case 'batch':
-        if (this.writeError !== null) return;
+        if (this.writeError !== null || this.aborted) return;
         this.queue.push(message);
         metrics.queuedBatches.set(labels, this.queue.length);
         void this.drain();
@@ -207,7 +212,7 @@ class ReaderRun {
     const { metrics, source, store, log } = this.runner;
     const labels = { source: source.id };
     try {
-      while (this.queue.length > 0 && this.writeError === null) {
+      while (this.queue.length > 0 && this.writeError === null && !this.aborted) {
         const group: BatchMessage[] = [];
         let bytes = 0;
         while (
