@@ -11,7 +11,7 @@ import { isFatal } from './errors.js';
 import { startHttpServer } from './http.js';
 import { createLogger, safeConnection, type Logger } from './logger.js';
 import { Metrics } from './metrics.js';
-import { Supervisor } from './supervisor.js';
+import { createReaderPool, Supervisor } from './supervisor.js';
 import { BufferStore } from './buffer/store.js';
 
 const EXIT_OK = 0;
@@ -52,6 +52,7 @@ async function main(): Promise<void> {
   const log = createLogger(config.logLevel, { source: config.sources.map((s) => s.id).join(',') });
   log.info({ sources: config.sources.length }, 'philotes starting');
 
+  const pool = createReaderPool(config.sources.length);
   let store: BufferStore;
   try {
     store = await openBuffer(config, log);
@@ -62,7 +63,7 @@ async function main(): Promise<void> {
   }
 
   const metrics = new Metrics();
-  const supervisor = new Supervisor(config, store, metrics, log);
+  const supervisor = new Supervisor(config, pool, store, metrics, log);
   let server: http.Server | null = null;
   if (config.metricsPort !== 0) {
     try {

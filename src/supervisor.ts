@@ -30,26 +30,32 @@ const ABORT_GRACE_MS = 5_000;
 
 export type SourceState = 'starting' | 'streaming' | 'backoff' | 'stopping' | 'stopped' | 'failed';
 
+/**
+ * One thread per source, kept for the life of the process. Created before the buffer is opened,
+ * so that the threads load their modules while the buffer connects.
+ */
+export function createReaderPool(threads: number): Piscina {
+  return new Piscina({
+    filename: READER_FILE,
+    minThreads: threads,
+    maxThreads: threads,
+    idleTimeout: Infinity,
+    concurrentTasksPerWorker: 1,
+    // 'sync' atomics freeze handles a task leaves open; our tasks are long-lived streams.
+    atomics: 'disabled',
+  });
+}
+
 export class Supervisor {
-  private readonly pool: Piscina;
   readonly runners: SourceRunner[];
 
   constructor(
-    private readonly config: Config,
+    config: Config,
+    private readonly pool: Piscina,
     store: BufferStore,
     metrics: Metrics,
     log: Logger,
   ) {
-    const threads = config.sources.length;
-    this.pool = new Piscina({
-      filename: READER_FILE,
-      minThreads: threads,
-      maxThreads: threads,
-      idleTimeout: Infinity,
-      concurrentTasksPerWorker: 1,
-      // 'sync' atomics freeze handles a task leaves open; our tasks are long-lived streams.
-      atomics: 'disabled',
-    });
     this.runners = config.sources.map(
       (source) =>
         new SourceRunner(
