@@ -85,8 +85,28 @@ async function runPg(bin: string, args: string[]): Promise<string> {
   }
 }
 
+let osUserChecked = false;
+
+/**
+ * As root, PostgreSQL runs as the `postgres` OS user. Debian's postgresql package creates it; a
+ * machine that has only the embedded binaries may not have it, so create it once (as the demo
+ * does), instead of failing every test on a fresh machine.
+ */
+function ensureOsUser(): void {
+  if (!isRoot || osUserChecked) return;
+  osUserChecked = true;
+  if (spawnSync('id', ['-u', OS_USER]).status === 0) return;
+  const made = spawnSync('useradd', ['--system', '--user-group', '--no-create-home', OS_USER]);
+  if (made.status !== 0) {
+    throw new Error(
+      `cannot create the ${OS_USER} OS user to run PostgreSQL: ${String(made.stderr)}`,
+    );
+  }
+}
+
 async function chownToOsUser(path: string): Promise<void> {
   if (!isRoot) return;
+  ensureOsUser();
   // "user:" = the user's login group, whatever it is called on this host.
   await execFileAsync('chown', ['-R', `${OS_USER}:`, path]);
 }
