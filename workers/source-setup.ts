@@ -47,8 +47,13 @@ export async function prepareSource(
     );
   }
 
+  // Amazon RDS grants replication through membership of rds_replication, not the attribute.
   const role = await client.query<{ ok: boolean; name: string }>(
-    `SELECT (rolsuper OR rolreplication) AS ok, rolname AS name FROM pg_roles WHERE rolname = current_user`,
+    `SELECT (r.rolsuper OR r.rolreplication OR EXISTS (
+              SELECT 1 FROM pg_roles g
+               WHERE g.rolname = 'rds_replication' AND pg_has_role(current_user, g.oid, 'member'))) AS ok,
+            r.rolname AS name
+       FROM pg_roles r WHERE r.rolname = current_user`,
   );
   if (role.rows[0] && !role.rows[0].ok) {
     throw new FatalSourceError(
