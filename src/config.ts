@@ -4,6 +4,9 @@
  * echo a password or a connection URL (which may carry one).
  */
 
+import { readFileSync } from 'node:fs';
+import type { ConnectionOptions } from 'node:tls';
+
 export type SslMode = 'disable' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
 
 export interface ConnectionConfig {
@@ -13,6 +16,8 @@ export interface ConnectionConfig {
   readonly user: string;
   readonly password: string | undefined;
   readonly sslmode: SslMode;
+  /** PEM of the CA that signs the server's certificate (from `_SSLROOTCERT`), for verify-*. */
+  readonly sslRootCert: string | undefined;
 }
 
 export interface SourceConfig {
@@ -154,7 +159,30 @@ function connection(env: Env, prefix: string): ConnectionConfig {
   const sslName =
     get(env, `${prefix}_SSLMODE`) !== undefined ? `${prefix}_SSLMODE` : `${prefix}_URL sslmode`;
   const sslmode = sslMode(sslName, get(env, `${prefix}_SSLMODE`) ?? fromUrl.sslmode, 'prefer');
-  return Object.freeze({ host, port: Number(portRaw), database, user, password, sslmode });
+  const certName =
+    get(env, `${prefix}_SSLROOTCERT`) !== undefined
+      ? `${prefix}_SSLROOTCERT`
+      : `${prefix}_URL sslrootcert`;
+  const certPath = get(env, `${prefix}_SSLROOTCERT`) ?? fromUrl.sslRootCert;
+  let sslRootCert: string | undefined;
+  if (certPath !== undefined) {
+    try {
+      sslRootCert = readFileSync(certPath, 'utf8');
+    } catch (error) {
+      throw new ConfigError(
+        `${certName} cannot be read: ${(error as NodeJS.ErrnoException).code ?? 'error'} ${certPath}`,
+      );
+    }
+  }
+  return Object.freeze({
+    host,
+    port: Number(portRaw),
+    database,
+    user,
+    password,
+    sslmode,
+    sslRootCert,
+  });
 }
 
 function parseUrl(name: string, raw: string): Partial<Record<keyof ConnectionConfig, string>> {
@@ -181,6 +209,8 @@ function parseUrl(name: string, raw: string): Partial<Record<keyof ConnectionCon
   if (url.password) out.password = decode(name, 'password', url.password);
   const ssl = url.searchParams.get('sslmode');
   if (ssl) out.sslmode = ssl;
+  const rootCert = url.searchParams.get('sslrootcert');
+  if (rootCert) out.sslRootCert = rootCert;
   return out;
 }
 
@@ -284,12 +314,12 @@ export function pgClientOptions(conn: ConnectionConfig, applicationName: string)
     user: conn.user,
     password: conn.password,
     application_name: applicationName,
-    ssl: sslOption(conn.sslmode),
+    ssl: sslOption(conn.sslmode, conn.sslRootCert),
     connectionTimeoutMillis: 10_000,
   };
 }
 
-function sslOption(mode: SslMode): false | { rejectUnauthorized: boolean } {
+function sslOption(mode: SslMode, ca: string | undefined): false | ConnectionOptions {
   switch (mode) {
     case 'disable':
       return false;
@@ -300,7 +330,13 @@ function sslOption(mode: SslMode): false | { rejectUnauthorized: boolean } {
     case 'require':
       return { rejectUnauthorized: false };
     case 'verify-ca':
+      // The chain is checked, the host name is not (libpq's meaning of verify-ca).
+      return {
+        rejectUnauthorized: true,
+        ...(ca ? { ca } : {}),
+        checkServerIdentity: () => undefined,
+      };
     case 'verify-full':
-      return { rejectUnauthorized: true };
+      return { rejectUnauthorized: true, ...(ca ? { ca } : {}) };
   }
 }

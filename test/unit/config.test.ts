@@ -1,3 +1,6 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ConfigError, loadConfig, parseDuration, type Config } from '../../src/config.js';
 
@@ -406,12 +409,7 @@ describe('passwords never appear in error messages', () => {
     }
   });
 
-  // BUG (src/config.ts parseUrl): decodeURIComponent throws a bare URIError ("URI malformed") for
-  // a stray '%' in the URL's password, user or database. It is not a ConfigError, so main.ts
-  // exits 1 (not 2) with "philotes: URI malformed", naming no variable. Fix: decode with a
-  // helper that catches URIError and throws
-  //   new ConfigError(`${name} has an invalid percent-encoding in its <part>`)
-  // (without echoing the value).
+  // A stray '%' must be a ConfigError naming the variable (exit 2), not a bare URIError.
   it.each([
     `postgres://admin:50%off${SECRET}@db.internal/app`,
     `postgres://adm%in:${SECRET}@db.internal/app`,
@@ -420,5 +418,33 @@ describe('passwords never appear in error messages', () => {
     const error = configError(() => load({ PHILOTES_CDC_SOURCE_URL: url }));
     expect(error.message).toMatch(/^PHILOTES_CDC_SOURCE_URL /);
     expect(error.message).not.toContain(SECRET);
+  });
+});
+
+describe('sslrootcert', () => {
+  it('reads the CA file named by _SSLROOTCERT or the URL, for verify-ca/verify-full', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'philotes-ca-'));
+    const file = join(dir, 'ca.pem');
+    writeFileSync(file, '-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n');
+    try {
+      const viaVar = load({
+        PHILOTES_CDC_SOURCE_SSLMODE: 'verify-full',
+        PHILOTES_CDC_SOURCE_SSLROOTCERT: file,
+      });
+      expect(viaVar.sources[0]!.connection.sslRootCert).toContain('BEGIN CERTIFICATE');
+      const viaUrl = load({
+        PHILOTES_CDC_SOURCE_URL: `postgres://u:p@h/db?sslmode=verify-ca&sslrootcert=${encodeURIComponent(file)}`,
+      });
+      expect(viaUrl.sources[0]!.connection.sslRootCert).toContain('BEGIN CERTIFICATE');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a missing CA file stops start-up naming the variable', () => {
+    const error = configError(() => load({ PHILOTES_BUFFER_SSLROOTCERT: '/nonexistent/ca.pem' }));
+    expect(error.message).toBe(
+      'PHILOTES_BUFFER_SSLROOTCERT cannot be read: ENOENT /nonexistent/ca.pem',
+    );
   });
 });
