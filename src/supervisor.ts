@@ -246,11 +246,7 @@ class ReaderRun {
         }
         const last = group[group.length - 1]!;
         const lastCommit = [...group].reverse().find((b) => b.checkpointCommitTimeMs !== null);
-        if (stored.checkpointLsn !== null) {
-          this.runner.checkpointLsn = stored.checkpointLsn;
-          metrics.checkpointLsn.set(labels, lsnToNumber(parseLsn(stored.checkpointLsn)));
-          this.runner.updateLag();
-        }
+        if (stored.checkpointLsn !== null) this.runner.noteCheckpoint(stored.checkpointLsn);
         if (lastCommit?.checkpointCommitTimeMs != null) {
           metrics.lastCommitTimestamp.set(labels, lastCommit.checkpointCommitTimeMs / 1000);
           metrics.commitLagSeconds.observe(
@@ -307,13 +303,20 @@ export class SourceRunner {
     this.metrics.readerUp.set({ source: this.source.id }, state === 'streaming' ? 1 : 0);
   }
 
+  /** The checkpoint now stored in the buffer: for /healthz, the gauge and the lag. */
+  noteCheckpoint(lsn: string): void {
+    this.checkpointLsn = lsn;
+    this.metrics.checkpointLsn.set({ source: this.source.id }, lsnToNumber(parseLsn(lsn)));
+    this.updateLag();
+  }
+
   updateLag(): void {
     if (this.serverWalEnd === 0n) return;
     // Idle confirmations move the confirmed position past the checkpoint (WAL written elsewhere
     // holds nothing for us), so lag is measured from whichever is further.
-    let captured = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
-    if (this.confirmedLsn !== null && parseLsn(this.confirmedLsn) > captured)
-      captured = parseLsn(this.confirmedLsn);
+    const checkpoint = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
+    const confirmed = this.confirmedLsn === null ? 0n : parseLsn(this.confirmedLsn);
+    const captured = confirmed > checkpoint ? confirmed : checkpoint;
     if (captured === 0n) return;
     const lag = this.serverWalEnd - captured;
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
@@ -412,13 +415,7 @@ export class SourceRunner {
 
   private async runLocked(lockLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
-    if (checkpoint) {
-      this.checkpointLsn = checkpoint.lsn;
-      this.metrics.checkpointLsn.set(
-        { source: this.source.id },
-        lsnToNumber(parseLsn(checkpoint.lsn)),
-      );
-    }
+    if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
     const run = new ReaderRun(this, checkpoint?.lsn ?? null, this.pool);

@@ -52,8 +52,6 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
   },
 ];
 
-export const LATEST_SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1]!.version;
-
 export async function migrate(client: pg.Client | pg.PoolClient): Promise<number[]> {
   const applied: number[] = [];
   await client.query('BEGIN');
