@@ -7,6 +7,8 @@
  *   npm run bench -- small        # one scenario: small | bulk | wide | latency
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
+ * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
+ * flags (e.g. '--cpu-prof --cpu-prof-dir=/tmp/prof'); PHILOTES_CDC_* settings pass through.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -63,13 +65,17 @@ interface Result {
   rows: number;
   transactions: number;
   walBytes: number;
-  recvlogical: { seconds: number; rowsPerSecond: number };
+  recvlogical: { seconds: number; rowsPerSecond: number; walsenderCpuSeconds: number };
   philotes: {
     seconds: number;
     rowsPerSecond: number;
     peakRssMb: number;
     cpuSeconds: number;
     cpuSecondsPerMillionRows: number;
+    /** CPU of the source's walsender (and setup connection) while Philotes drained. */
+    walsenderCpuSeconds: number;
+    /** CPU of the buffer's backends storing the events. */
+    bufferCpuSeconds: number;
   };
   ratio: number;
 }
@@ -112,7 +118,7 @@ async function buildBacklog(
   return { target: rows[0]!.lsn, walBytes: Number(end!.bytes) };
 }
 
-async function timeRecvlogical(source: Cluster, work: string): Promise<number> {
+async function timeRecvlogical(source: Cluster, work: string, slot = 'twin'): Promise<number> {
   const [end] = await source.query<{ lsn: string }>(
     'SELECT pg_current_wal_lsn()::text AS lsn',
     [],
@@ -132,7 +138,7 @@ async function timeRecvlogical(source: Cluster, work: string): Promise<number> {
       '-d',
       'app',
       '--slot',
-      'twin',
+      slot,
       '--start',
       '--no-loop',
       '--endpos',
@@ -149,6 +155,34 @@ async function timeRecvlogical(source: Cluster, work: string): Promise<number> {
   const seconds = (performance.now() - started) / 1000;
   if (statSync(out).size === 0) throw new Error('pg_recvlogical wrote nothing');
   return seconds;
+}
+
+/**
+ * CPU seconds of a cluster's exited backends: the postmaster reaps them, so their time lands in
+ * its cutime/cstime. Read before and after a phase, the difference is what the walsender (source)
+ * or the COPY backends (buffer) spent on it, once their connections have ended.
+ */
+function reapedChildCpuSeconds(cluster: Cluster): number {
+  const pid = Number(readFileSync(join(cluster.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[13]) + Number(fields[14])) / 100;
+}
+
+/** Waits until no other backend is connected to `database` (so its CPU has been reaped). */
+async function waitForBackendsGone(cluster: Cluster, database: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const [row] = await cluster.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM pg_stat_activity
+        WHERE pid <> pg_backend_pid() AND (datname = $1 OR backend_type = 'walsender')`,
+      [database],
+      database,
+    );
+    if (row!.n === 0) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`backends on ${database} did not exit`);
 }
 
 function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
@@ -172,7 +206,7 @@ function spawnPhilotes(source: Cluster, buffer: Cluster): ChildProcess {
       PHILOTES_CDC_SOURCE_ID: 'bench',
       PHILOTES_BUFFER_URL: buffer.url('buffer'),
       PHILOTES_METRICS_PORT: '0',
-      PHILOTES_LOG_LEVEL: 'warn',
+      PHILOTES_LOG_LEVEL: process.env['PHILOTES_BENCH_LOG_LEVEL'] ?? 'warn',
       // PHILOTES_CDC_* settings from the bench's own environment, for tuning experiments.
       ...(Object.fromEntries(
         Object.entries(process.env).filter(([k]) => k.startsWith('PHILOTES_CDC_')),
@@ -226,8 +260,15 @@ async function runScenario(s: Scenario): Promise<Result> {
     await source.query(`SELECT pg_create_logical_replication_slot('twin', 'pgoutput')`, [], 'app');
     const { target, walBytes } = await buildBacklog(source, s, work);
     const rows = s.clients * s.transactions * s.rowsPerTransaction;
+    const sourceCpu0 = reapedChildCpuSeconds(source);
     const recv = await timeRecvlogical(source, work);
+    await waitForBackendsGone(source, 'app');
+    const sourceCpu1 = reapedChildCpuSeconds(source);
+    const bufferCpu0 = reapedChildCpuSeconds(buffer);
     const ph = await timePhilotes(source, buffer, target);
+    await Promise.all([waitForBackendsGone(source, 'app'), waitForBackendsGone(buffer, 'buffer')]);
+    const sourceCpu2 = reapedChildCpuSeconds(source);
+    const bufferCpu1 = reapedChildCpuSeconds(buffer);
     const [stored] = await buffer.query<{ n: number }>(
       `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'bench_rows'`,
       [],
@@ -240,13 +281,19 @@ async function runScenario(s: Scenario): Promise<Result> {
       rows,
       transactions: s.clients * s.transactions,
       walBytes,
-      recvlogical: { seconds: round(recv), rowsPerSecond: Math.round(rows / recv) },
+      recvlogical: {
+        seconds: round(recv),
+        rowsPerSecond: Math.round(rows / recv),
+        walsenderCpuSeconds: round(sourceCpu1 - sourceCpu0),
+      },
       philotes: {
         seconds: round(ph.seconds),
         rowsPerSecond: Math.round(rows / ph.seconds),
         peakRssMb: Math.round(ph.rssPeakKb / 1024),
         cpuSeconds: round(ph.cpuSeconds),
         cpuSecondsPerMillionRows: round((ph.cpuSeconds / rows) * 1e6),
+        walsenderCpuSeconds: round(sourceCpu2 - sourceCpu1),
+        bufferCpuSeconds: round(bufferCpu1 - bufferCpu0),
       },
       ratio: round(recv / ph.seconds),
     };
@@ -385,7 +432,8 @@ async function main(): Promise<void> {
     const r = await runScenario(s);
     results.push(r);
     process.stderr.write(
-      `bench: ${s.name}: pg_recvlogical ${r.recvlogical.rowsPerSecond} rows/s, philotes ${r.philotes.rowsPerSecond} rows/s (ratio ${r.ratio}), peak RSS ${r.philotes.peakRssMb} MB, ${r.philotes.cpuSecondsPerMillionRows} CPU s per million rows\n`,
+      `bench: ${s.name}: pg_recvlogical ${r.recvlogical.rowsPerSecond} rows/s, philotes ${r.philotes.rowsPerSecond} rows/s (ratio ${r.ratio}), peak RSS ${r.philotes.peakRssMb} MB, ${r.philotes.cpuSecondsPerMillionRows} CPU s per million rows\n` +
+        `bench: ${s.name}: CPU seconds: walsender ${r.recvlogical.walsenderCpuSeconds} for pg_recvlogical; for Philotes: walsender ${r.philotes.walsenderCpuSeconds}, buffer backends ${r.philotes.bufferCpuSeconds}, philotes ${r.philotes.cpuSeconds}\n`,
     );
   }
   const machine = {

@@ -24,7 +24,12 @@ import type {
   WorkerMessage,
 } from '../src/protocol.js';
 import { BatchBuilder } from './decode/events.js';
-import { parsePgoutput } from './decode/pgoutput.js';
+import {
+  PgoutputDecoder,
+  type PgoutputHandler,
+  type PgoutputMessage,
+  type TupleView,
+} from './decode/pgoutput.js';
 import { CatalogResolver, prepareSource } from './source-setup.js';
 
 if (isMainThread) {
@@ -54,19 +59,33 @@ const CLOSE_TIMEOUT_MS = 3_000;
 
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
+/** pg's own copyData listener on the connection (a no-op for our query); it stays. */
+const PG_COPY_DATA_LISTENER = 'bound _handleCopyData';
+
 /**
- * A pgoutput "plugin" for pg-logical-replication that hands each payload through untouched: the
- * decoding happens in the data handler. Also notes when the source last said anything.
+ * The "plugin" pg-logical-replication calls to start streaming. It sends START_REPLICATION and
+ * takes the stream over: the library has just attached its copyData listener, which per message
+ * formats an LSN string, emits an event and creates a promise, costing more than our whole
+ * decoding. We detach it and hand each CopyData payload (XLogData or keepalive) to the reader.
+ * The library still owns the connection: connecting, errors, status updates, closing.
  */
-class RawPgoutput {
+class StreamTakeover {
   readonly name = 'pgoutput';
-  constructor(private readonly publication: string) {}
-  lastReceivedAt = Date.now();
+  constructor(
+    private readonly publication: string,
+    private readonly onCopyData: (chunk: Buffer) => void,
+  ) {}
   parse(buffer: Buffer): Buffer {
-    this.lastReceivedAt = Date.now();
-    return buffer;
+    return buffer; // unused: the library's listener is gone before the first message
   }
   start(client: pg.Client, slot: string, lsn: string): Promise<unknown> {
+    const connection = (client as unknown as { connection: NodeJS.EventEmitter }).connection;
+    for (const listener of connection.listeners('copyData') as Array<
+      (...args: unknown[]) => void
+    >) {
+      if (listener.name !== PG_COPY_DATA_LISTENER) connection.removeListener('copyData', listener);
+    }
+    connection.on('copyData', (message: { chunk: Buffer }) => this.onCopyData(message.chunk));
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
     return client.query(
       `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"')`,
@@ -74,10 +93,17 @@ class RawPgoutput {
   }
 }
 
-class SlotReader {
+/** XLogData: 'w', start LSN, end LSN, send time (8 bytes each), then the pgoutput message. */
+const XLOG_DATA = 0x77;
+const XLOG_DATA_HEADER = 25;
+/** Primary keepalive: 'k', WAL end (8), send time (8), reply requested (1). */
+const KEEPALIVE = 0x6b;
+
+class SlotReader implements PgoutputHandler {
   private readonly log: Logger;
   private readonly builder: BatchBuilder;
-  private readonly plugin: RawPgoutput;
+  private readonly decoder = new PgoutputDecoder();
+  private readonly plugin: StreamTakeover;
   private side: pg.Client | null = null;
   private service: LogicalReplicationService | null = null;
   private resolver: CatalogResolver | null = null;
@@ -99,8 +125,13 @@ class SlotReader {
   /** A WAL end seen while nothing of ours was in flight: safe to confirm. */
   private idleWalEnd = 0n;
   private serverWalEnd = 0n;
+  /** The end of the last commit read (a Number: it moves with every transaction). */
+  private lastCommitEnd = 0;
   private replyRequested = false;
   private lastHeardAt = Date.now();
+  /** Counts every message from the source; the silence check compares it, not the clock. */
+  private received = 0;
+  private receivedAtLastCheck = 0;
 
   private flushTimer: NodeJS.Timeout | null = null;
   private creditWaiters: Array<() => void> = [];
@@ -119,7 +150,7 @@ class SlotReader {
       thread: 'reader',
     });
     this.builder = new BatchBuilder(task.source.id);
-    this.plugin = new RawPgoutput(task.source.publication);
+    this.plugin = new StreamTakeover(task.source.publication, (chunk) => this.onCopyData(chunk));
     this.finished = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };
     });
@@ -175,10 +206,6 @@ class SlotReader {
         { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: false } },
       );
       this.service = service;
-      service.on('data', (_lsn: string, raw: Buffer) => this.onData(raw));
-      service.on('heartbeat', (lsn: string, _ts: number, shouldRespond: boolean) =>
-        this.onKeepalive(lsn, shouldRespond),
-      );
       service.on('error', (error: unknown) => this.fail(error));
       service.on('start', () => this.log.info({ startLsn: start }, 'streaming started'));
 
@@ -222,79 +249,103 @@ class SlotReader {
   // ---- stream ----
 
   /**
-   * Called synchronously for every XLogData message, in stream order. (The library's own flow
-   * control is off: its per-message promise queue cost more than our decoding, and it let
-   * keepalives overtake queued data.) Most messages are decoded on the spot. One that needs async
-   * work — a relation's catalog lookup, or waiting for room in flight — pauses the socket; the
-   * messages already read behind it wait in `queue`, copied because pg reuses its read buffer.
+   * Called synchronously for every CopyData message of the stream, in order. Most are decoded on
+   * the spot. One that needs async work — a relation's catalog lookup, or waiting for room in
+   * flight — pauses the socket; the messages already read behind it wait in `queue`, copied
+   * because pg reuses its read buffer. Keepalives wait in line too: the idle check they make
+   * holds only once everything before them is handled.
    */
-  private onData(raw: Buffer): void {
+  private onCopyData(chunk: Buffer): void {
+    this.received++;
     if (this.failed !== null) return; // dropped: never stored, never confirmed
     if (this.stopping) {
       this.pauseStream(); // dropped too; see stop()
       return;
     }
     if (this.blocked !== null || this.queue.length > 0) {
-      this.queue.push(Buffer.from(raw));
+      this.queue.push(Buffer.from(chunk));
       return;
     }
-    this.handle(raw);
+    this.handle(chunk);
   }
 
-  private handle(raw: Buffer): void {
+  private handle(chunk: Buffer): void {
     try {
-      const message = parsePgoutput(raw);
-      const b = this.builder;
-      switch (message.tag) {
-        case 'begin':
-          b.begin(message.finalLsn, message.commitTime, message.xid);
-          break;
-        case 'commit':
-          b.commit(message.endLsn, message.commitTime);
-          if (message.endLsn > this.serverWalEnd) this.serverWalEnd = message.endLsn;
-          break;
-        case 'relation': {
-          if (this.skippedTables.has(`${message.schema}.${message.name}`)) {
-            this.skippedRelations.add(message.relationOid);
-            return;
-          }
-          const resolver = this.resolver!;
-          this.block('catalog', async () => {
-            b.relation(
-              await resolver.resolveRelation(
-                message.relationOid,
-                message.schema,
-                message.name,
-                message.columns,
-              ),
-            );
-          });
-          return;
-        }
-        case 'insert':
-          if (this.skippedRelations.has(message.relationOid)) return;
-          b.insert(message.relationOid, message.after);
-          break;
-        case 'update':
-          if (this.skippedRelations.has(message.relationOid)) return;
-          b.update(message.relationOid, message.beforeKind, message.before, message.after);
-          break;
-        case 'delete':
-          if (this.skippedRelations.has(message.relationOid)) return;
-          b.delete(message.relationOid, message.beforeKind, message.before);
-          break;
-        case 'truncate':
-          b.truncate(message.relationOids.filter((oid) => !this.skippedRelations.has(oid)));
-          break;
-        case 'type':
-        case 'origin':
-        case 'message':
-          break;
+      if (chunk[0] === XLOG_DATA) {
+        this.decoder.decode(chunk, XLOG_DATA_HEADER, this);
+        if (this.blocked !== null) return;
+        const b = this.builder;
+        if (b.rows >= this.task.batchMaxRows || b.bytes >= this.task.batchMaxBytes) this.flush();
+        else this.scheduleFlush();
+      } else if (chunk[0] === KEEPALIVE) {
+        const walEnd = chunk.readBigUInt64BE(1);
+        this.onKeepalive(walEnd, chunk[17] === 1);
       }
-      if (b.rows >= this.task.batchMaxRows || b.bytes >= this.task.batchMaxBytes) this.flush();
-      else this.scheduleFlush();
     } catch (error) {
       this.fail(error);
+    }
+  }
+
+  // ---- PgoutputHandler: called by the decoder, synchronously, per message ----
+
+  begin(finalLsn: number, commitTime: number, xid: number): void {
+    this.builder.begin(finalLsn, commitTime, xid);
+  }
+
+  commit(endLsn: number, commitTime: number): void {
+    this.builder.commit(endLsn, commitTime);
+    if (endLsn > this.lastCommitEnd) this.lastCommitEnd = endLsn;
+  }
+
+  insert(relationOid: number, after: TupleView): void {
+    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    this.builder.insert(relationOid, after);
+  }
+
+  update(
+    relationOid: number,
+    beforeKind: 'K' | 'O' | null,
+    before: TupleView | null,
+    after: TupleView,
+  ): void {
+    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    this.builder.update(relationOid, beforeKind, before, after);
+  }
+
+  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
+    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    this.builder.delete(relationOid, beforeKind, before);
+  }
+
+  other(message: PgoutputMessage): void {
+    switch (message.tag) {
+      case 'relation': {
+        if (this.skippedTables.has(`${message.schema}.${message.name}`)) {
+          this.skippedRelations.add(message.relationOid);
+          return;
+        }
+        const resolver = this.resolver!;
+        const b = this.builder;
+        this.block('catalog', async () => {
+          b.relation(
+            await resolver.resolveRelation(
+              message.relationOid,
+              message.schema,
+              message.name,
+              message.columns,
+            ),
+          );
+        });
+        return;
+      }
+      case 'truncate':
+        this.builder.truncate(
+          message.relationOids.filter((oid) => !this.skippedRelations.has(oid)),
+        );
+        return;
+      default:
+        // Type, Origin and logical decoding messages carry nothing we store.
+        return;
     }
   }
 
@@ -347,9 +398,9 @@ class SlotReader {
     this.stream()?.resume();
   }
 
-  private onKeepalive(walEndText: string, shouldRespond: boolean): void {
+  private onKeepalive(walEnd: bigint, shouldRespond: boolean): void {
     this.lastHeardAt = Date.now();
-    const walEnd = parseLsn(walEndText);
+    this.noteCommitEnds();
     if (walEnd > this.serverWalEnd) this.serverWalEnd = walEnd;
     // Keepalives come in stream order with the data: when everything before this one is handled
     // and stored, the server's WAL end holds nothing more for us.
@@ -359,6 +410,13 @@ class SlotReader {
       // position that is safe, instead of waiting for the next checkpoint interval.
       this.replyRequested = true;
       this.confirm(true);
+    }
+  }
+
+  /** Folds the commits read since into serverWalEnd (kept as a Number on the hot path). */
+  private noteCommitEnds(): void {
+    if (this.lastCommitEnd > 0 && BigInt(this.lastCommitEnd) > this.serverWalEnd) {
+      this.serverWalEnd = BigInt(this.lastCommitEnd);
     }
   }
 
@@ -480,6 +538,7 @@ class SlotReader {
     } else if (answer) {
       this.sendStatus();
     }
+    this.noteCommitEnds();
     if (this.confirmedLsn >= this.serverWalEnd) this.replyRequested = false;
   }
 
@@ -491,7 +550,11 @@ class SlotReader {
    */
   private checkSourceSilence(): void {
     if (this.blocked === 'buffer' || this.stopping || this.failed !== null) return;
-    const silent = Date.now() - Math.max(this.lastHeardAt, this.plugin.lastReceivedAt);
+    if (this.received !== this.receivedAtLastCheck) {
+      this.receivedAtLastCheck = this.received;
+      this.lastHeardAt = Date.now();
+    }
+    const silent = Date.now() - this.lastHeardAt;
     if (silent > this.task.sourceTimeoutMs) {
       this.fail(
         Object.assign(
@@ -514,6 +577,7 @@ class SlotReader {
   }
 
   private reportProgress(): void {
+    this.noteCommitEnds();
     this.post({
       type: 'progress',
       serverWalEnd: this.serverWalEnd === 0n ? null : formatLsn(this.serverWalEnd),

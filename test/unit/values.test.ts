@@ -1,10 +1,13 @@
 import { describe, expect, it } from 'vitest';
+import { CopyText, copyEscape } from '../../workers/decode/copy-text.js';
+import { TupleView } from '../../workers/decode/pgoutput.js';
 import {
   BUILTIN_TYPES,
   TEXT_TYPE,
   isoTimestamp,
   parseArrayLiteral,
   toJson,
+  writeJson,
   type TypeInfo,
 } from '../../workers/decode/values.js';
 
@@ -251,5 +254,88 @@ describe('arrays', () => {
     expect(() => parseArrayLiteral('1,2')).toThrow(/malformed array literal/);
     expect(() => parseArrayLiteral('[0:1]{1,2}')).toThrow(/malformed array literal/);
     expect(() => parseArrayLiteral('{1,2]')).toThrow(/malformed array literal/);
+  });
+});
+
+describe('writeJson: the byte path equals toJson, COPY-escaped', () => {
+  const CONTROL = Array.from({ length: 32 }, (_, c) => String.fromCharCode(c)).join('');
+  const SAMPLES: Record<string, string[]> = {
+    text: [
+      '',
+      'plain',
+      'say "hi"',
+      'back\\slash \\N \\.',
+      `every control character: ${CONTROL}`,
+      'tab\there, new\nline, cr\r',
+      'é ü ß 日本 🐘 \u2028 \u2029 \u007f',
+      'x'.repeat(5000) + '"\n',
+    ],
+    bytea: ['\\x', '\\xdeadbeef00'],
+    int4: ['0', '-2147483648', '2147483647'],
+    int8: ['-9223372036854775808', '42'],
+    numeric: ['12.50', 'NaN', '-0.000001', 'Infinity'],
+    bool: ['t', 'f'],
+    float8: ['1.5', '-0', '0', 'NaN', 'Infinity', '-Infinity', '1e+300', '-1.2345e-300', '+5'],
+    float4: ['3.4028235e+38', '-0', '-1'],
+    uuid: ['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'],
+    date: ['2026-11-25', 'infinity', '4713-01-01 BC'],
+    timestamptz: [
+      '2026-11-25 00:50:18+00',
+      '2026-11-25 00:50:18.1+00',
+      '2026-11-25 00:50:18.123456+00',
+      '2026-11-25 00:50:18.+00',
+      '2026-11-25 00:50:18.12+05:30',
+      '2026-11-25 00:50:18.12-08',
+      '12026-11-25 00:50:18+00',
+      '0044-03-15 12:00:00+00 BC',
+      'infinity',
+      '-infinity',
+    ],
+    timestamp: ['2026-11-25 00:50:18', '2026-11-25 00:50:18.999999', '1999-12-31 23:59:59.5 BC'],
+    json: [
+      '{"a": 1}',
+      '{"n":\n\t12345678901234567890}',
+      '"\\u0000"',
+      '{"a":"\\\\u0000"}',
+      '["\\\\", "\\"", "\\n", "\\u00e9"]',
+      '{"k\\u0000": 1}',
+      'null',
+    ],
+    jsonb: ['{"a": [1, 2.50, "é"]}', '"\\u0000x"'],
+    _int4: ['{1,2,NULL}', '[0:1]={1,2}'],
+    _text: ['{"a b","\\"q\\"",NULL,"NULL"}'],
+    interval: ['P1Y2M3DT4H5M6.5S'],
+    inet: ['192.168.0.1/24'],
+    money: ['$1,000.00'],
+  };
+
+  for (const [typeName, texts] of Object.entries(SAMPLES)) {
+    it(typeName, () => {
+      const t = type(typeName);
+      const view = TupleView.of(texts);
+      for (let i = 0; i < texts.length; i++) {
+        const out = new CopyText(4);
+        writeJson(out, view, i, t);
+        const written = out.buf.toString('utf8', 0, out.length);
+        expect(written, JSON.stringify(texts[i])).toBe(copyEscape(toJson(texts[i]!, t)));
+      }
+    });
+  }
+
+  it('writes LSNs and decimals as PostgreSQL prints them', () => {
+    const out = new CopyText(1);
+    out.lsn(0);
+    out.byte(32);
+    out.lsn(2 ** 32 + 0x16b3748);
+    out.byte(32);
+    out.lsn(0x1fffff * 2 ** 32 + 0xabcdef0); // the largest high word a Number holds exactly
+    out.byte(32);
+    for (const n of [0, 7, 10, 99, 4294967295, 2 ** 53 - 1]) {
+      out.decimal(n);
+      out.byte(32);
+    }
+    expect(out.buf.toString('latin1', 0, out.length)).toBe(
+      '0/0 1/16B3748 1FFFFF/ABCDEF0 0 7 10 99 4294967295 9007199254740991 ',
+    );
   });
 });

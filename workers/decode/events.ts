@@ -1,12 +1,14 @@
 /**
  * Turns decoded pgoutput changes into rows of cdc_events in COPY text format, accumulated into
  * one batch at a time. Building COPY text here, in the reader thread, means the supervisor never
- * parses or re-serializes an event: it streams the bytes it is handed into the buffer.
+ * parses or re-serializes an event: it streams the bytes it is handed into the buffer. Values go
+ * from the message's bytes to the batch's bytes (see copy-text.ts); a row allocates nothing.
  */
 import type { ColumnInfo, OperationCounts, SchemaChange } from '../../src/protocol.js';
 import { formatLsn } from '../../src/lsn.js';
-import { PG_EPOCH_OFFSET_US, UNCHANGED, type TupleValue } from './pgoutput.js';
-import { mayNeedCopyEscape, toJson, type TypeInfo } from './values.js';
+import { CopyText, copyEscape } from './copy-text.js';
+import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
+import { writeJson, type TypeInfo } from './values.js';
 
 /** Column order of the COPY into cdc_events; the buffer writer uses the same list. */
 export const EVENT_COPY_COLUMNS = [
@@ -42,14 +44,12 @@ export interface ResolvedRelation {
 
 interface RelationEncoding {
   readonly relation: ResolvedRelation;
-  /** '"name":' for each column, computed once. */
-  readonly jsonKeys: readonly string[];
-  /** Whether some column name needs COPY escaping (then every row of this table is escaped). */
-  readonly keysNeedEscape: boolean;
-  /** 'schema\ttable\t' already COPY-escaped. */
-  readonly location: string;
-  /** The primary_key array literal, COPY-escaped. */
-  readonly primaryKey: string;
+  /** '"name":' for each column, COPY-escaped UTF-8, computed once. */
+  readonly keys: readonly Uint8Array[];
+  /** 'schema\ttable\t', COPY-escaped. */
+  readonly location: Uint8Array;
+  /** The primary_key array literal and its tab, COPY-escaped. */
+  readonly primaryKey: Uint8Array;
 }
 
 export interface TakenBatch {
@@ -63,25 +63,15 @@ export interface TakenBatch {
   readonly schemaChanges: SchemaChange[];
 }
 
-const COPY_SPECIAL = /[\\\n\r\t]/;
-
-/** Escapes a value for COPY text format (tab-separated, backslash escapes). */
-export function copyEscape(text: string): string {
-  if (!COPY_SPECIAL.test(text)) return text;
-  return text.replace(/[\\\n\r\t]/g, (c) =>
-    c === '\\' ? '\\\\' : c === '\n' ? '\\n' : c === '\r' ? '\\r' : '\\t',
-  );
-}
-
 /** A PostgreSQL text[] literal with every element quoted. */
 export function textArrayLiteral(items: readonly string[]): string {
   return `{${items.map((s) => `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`).join(',')}}`;
 }
 
 /** PostgreSQL timestamps (µs since 2000-01-01) as ISO-8601 with microseconds. */
-export function pgTimeToIso(pgMicros: bigint): string {
-  // As a Number: exact for any time within ±285 years of 1970 (2^53 µs), which commit times are.
-  const unixMicros = Number(pgMicros) + PG_EPOCH_OFFSET_US_NUMBER;
+export function pgTimeToIso(pgMicros: number): string {
+  // A Number is exact for any time within ±285 years of 1970 (2^53 µs), which commit times are.
+  const unixMicros = pgMicros + PG_EPOCH_OFFSET_US_NUMBER;
   // Floor, not truncation: before 1970 the remainder would be negative.
   const second = Math.floor(unixMicros / 1_000_000);
   const micros = unixMicros - second * 1_000_000;
@@ -97,46 +87,47 @@ const PG_EPOCH_OFFSET_US_NUMBER = Number(PG_EPOCH_OFFSET_US);
 let cachedSecond = Number.NaN;
 let cachedPrefix = '';
 
-export function pgTimeToMs(pgMicros: bigint): number {
-  return Math.floor((Number(pgMicros) + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
+export function pgTimeToMs(pgMicros: number): number {
+  return Math.floor((pgMicros + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
 }
 
-/** A row as JSON, and whether it holds anything COPY must escape. */
-interface RowJson {
-  readonly json: string;
-  readonly unchanged: string[] | null;
-  readonly escape: boolean;
-}
-
-function copyField(row: RowJson | null): string {
-  if (row === null) return '\\N';
-  return row.escape ? copyEscape(row.json) : row.json;
-}
+const ascii = (text: string): Uint8Array => Buffer.from(text, 'utf8');
+const TAB = 0x09;
+const NEWLINE = 0x0a;
+const COMMA = 0x2c;
+const NULL_FIELD = ascii('\\N');
+const NULL_JSON = ascii('null');
+const OPERATIONS = {
+  INSERT: ascii('INSERT\t'),
+  UPDATE: ascii('UPDATE\t'),
+  DELETE: ascii('DELETE\t'),
+  TRUNCATE: ascii('TRUNCATE\t'),
+} as const;
 
 export class BatchBuilder {
   private readonly relations = new Map<number, RelationEncoding>();
-  private readonly sourceField: string;
+  private readonly sourceField: Uint8Array;
 
-  // The open transaction, if any.
+  // The open transaction, if any. Its fixed parts of every row are prepared once, as bytes.
   private inTransaction = false;
-  private txPrefix = ''; // 'source\tlsn\t'
-  private txMiddle = ''; // '\txid\tcommitted_at\t'
+  private readonly txHead = new CopyText(64); // 'source\tlsn\t'
+  private readonly txMiddle = new CopyText(64); // '\txid\tcommitted_at\t'
   private txSeq = 0;
-  private txCommitLsn = '';
-
-  // The batch being filled.
-  /** The pending rows, UTF-8, written as they come: no join, no second encoding pass. */
-  private buffer = Buffer.allocUnsafeSlow(1 << 20);
-  private rowCount = 0;
-  private byteCount = 0;
-  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
-  private checkpoint: { lsn: string; xid: number; commitTimeMs: number } | null = null;
-  private transactions = 0;
-  private schemaChanges: SchemaChange[] = [];
+  private txFinalLsn = 0;
   private currentXid = 0;
 
+  // The batch being filled: the rows' UTF-8, written as they come.
+  private readonly out = new CopyText(1 << 20);
+  private rowCount = 0;
+  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
+  private checkpointLsn = -1;
+  private checkpointXid = 0;
+  private checkpointCommitTime = 0;
+  private transactions = 0;
+  private schemaChanges: SchemaChange[] = [];
+
   constructor(sourceId: string) {
-    this.sourceField = copyEscape(sourceId);
+    this.sourceField = ascii(`${copyEscape(sourceId)}\t`);
   }
 
   get rows(): number {
@@ -145,7 +136,7 @@ export class BatchBuilder {
 
   /** UTF-8 bytes of the pending rows. */
   get bytes(): number {
-    return this.byteCount;
+    return this.out.length;
   }
 
   /**
@@ -162,23 +153,32 @@ export class BatchBuilder {
     return this.inTransaction;
   }
 
-  begin(finalLsn: bigint, commitTime: bigint, xid: number): void {
+  /** LSNs and times are Numbers here (see PgoutputHandler); times are µs since 2000-01-01. */
+  begin(finalLsn: number, commitTime: number, xid: number): void {
     this.inTransaction = true;
-    this.txCommitLsn = formatLsn(finalLsn);
-    this.txPrefix = `${this.sourceField}\t${this.txCommitLsn}\t`;
-    this.txMiddle = `\t${xid}\t${pgTimeToIso(commitTime)}\t`;
+    this.txFinalLsn = finalLsn;
     this.txSeq = 0;
     this.currentXid = xid;
+    const head = this.txHead;
+    head.length = 0;
+    head.bytes(this.sourceField);
+    head.lsn(finalLsn);
+    head.byte(TAB);
+    const middle = this.txMiddle;
+    middle.length = 0;
+    middle.byte(TAB);
+    middle.decimal(xid);
+    middle.byte(TAB);
+    middle.text(pgTimeToIso(commitTime));
+    middle.byte(TAB);
   }
 
-  commit(endLsn: bigint, commitTime: bigint): void {
+  commit(endLsn: number, commitTime: number): void {
     this.inTransaction = false;
     this.transactions++;
-    this.checkpoint = {
-      lsn: formatLsn(endLsn),
-      xid: this.currentXid,
-      commitTimeMs: pgTimeToMs(commitTime),
-    };
+    this.checkpointLsn = endLsn;
+    this.checkpointXid = this.currentXid;
+    this.checkpointCommitTime = commitTime;
   }
 
   /** Registers (or replaces) a relation; records a schema version when its shape is new. */
@@ -186,10 +186,9 @@ export class BatchBuilder {
     const previous = this.relations.get(relation.oid)?.relation;
     this.relations.set(relation.oid, {
       relation,
-      jsonKeys: relation.columns.map((c) => `${JSON.stringify(c.name)}:`),
-      keysNeedEscape: relation.columns.some((c) => COPY_SPECIAL.test(JSON.stringify(c.name))),
-      location: `${copyEscape(relation.schema)}\t${copyEscape(relation.table)}\t`,
-      primaryKey: copyEscape(textArrayLiteral(relation.primaryKey)),
+      keys: relation.columns.map((c) => ascii(copyEscape(`${JSON.stringify(c.name)}:`))),
+      location: ascii(`${copyEscape(relation.schema)}\t${copyEscape(relation.table)}\t`),
+      primaryKey: ascii(`${copyEscape(textArrayLiteral(relation.primaryKey))}\t`),
     });
     if (!previous || !sameShape(previous, relation)) {
       this.schemaChanges.push({
@@ -203,7 +202,7 @@ export class BatchBuilder {
           key: c.key,
         })),
         primaryKey: [...relation.primaryKey],
-        lsn: this.inTransaction ? this.txCommitLsn : '0/0',
+        lsn: this.inTransaction ? formatLsn(BigInt(this.txFinalLsn)) : '0/0',
       });
     }
   }
@@ -212,63 +211,66 @@ export class BatchBuilder {
     return this.relations.has(oid);
   }
 
-  insert(relationOid: number, after: TupleValue[]): void {
-    const enc = this.encoding(relationOid);
-    const a = this.rowJson(enc, after, false, null);
-    this.push(enc, 'INSERT', null, a, a.unchanged);
+  insert(relationOid: number, after: TupleView): void {
+    this.push(this.encoding(relationOid), OPERATIONS.INSERT, null, false, after, null);
     this.counts.insert++;
   }
 
   update(
     relationOid: number,
     beforeKind: 'K' | 'O' | null,
-    before: TupleValue[] | null,
-    after: TupleValue[],
+    before: TupleView | null,
+    after: TupleView,
   ): void {
-    const enc = this.encoding(relationOid);
     // With REPLICA IDENTITY FULL the old row carries the real value of an unchanged TOAST column.
-    const b = before ? this.rowJson(enc, before, beforeKind === 'K', null) : null;
-    const a = this.rowJson(enc, after, false, beforeKind === 'O' ? before : null);
-    this.push(enc, 'UPDATE', b, a, a.unchanged);
+    const fallback = beforeKind === 'O' ? before : null;
+    this.push(
+      this.encoding(relationOid),
+      OPERATIONS.UPDATE,
+      before,
+      beforeKind === 'K',
+      after,
+      fallback,
+    );
     this.counts.update++;
   }
 
-  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleValue[]): void {
-    const enc = this.encoding(relationOid);
-    const b = this.rowJson(enc, before, beforeKind === 'K', null);
-    this.push(enc, 'DELETE', b, null, null);
+  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
+    this.push(
+      this.encoding(relationOid),
+      OPERATIONS.DELETE,
+      before,
+      beforeKind === 'K',
+      null,
+      null,
+    );
     this.counts.delete++;
   }
 
   truncate(relationOids: number[]): void {
     for (const oid of relationOids) {
-      this.push(this.encoding(oid), 'TRUNCATE', null, null, null);
+      this.push(this.encoding(oid), OPERATIONS.TRUNCATE, null, false, null, null);
       this.counts.truncate++;
     }
   }
 
   /** Hands over the batch as one transferable buffer and starts a new one. */
   take(): TakenBatch {
-    // A copy of exactly the used bytes into a fresh ArrayBuffer, which we may transfer; the
-    // working buffer stays ours for the next batch.
-    const data = this.buffer.buffer.slice(
-      this.buffer.byteOffset,
-      this.buffer.byteOffset + this.byteCount,
-    );
+    const committed = this.checkpointLsn >= 0;
     const batch: TakenBatch = {
-      data,
+      // A copy of exactly the used bytes, which we may transfer; the working buffer stays ours.
+      data: this.out.take(),
       rows: this.rowCount,
       counts: this.counts,
-      checkpointLsn: this.checkpoint?.lsn ?? null,
-      checkpointXid: this.checkpoint?.xid ?? null,
-      checkpointCommitTimeMs: this.checkpoint?.commitTimeMs ?? null,
+      checkpointLsn: committed ? formatLsn(BigInt(this.checkpointLsn)) : null,
+      checkpointXid: committed ? this.checkpointXid : null,
+      checkpointCommitTimeMs: committed ? pgTimeToMs(this.checkpointCommitTime) : null,
       transactions: this.transactions,
       schemaChanges: this.schemaChanges,
     };
     this.rowCount = 0;
-    this.byteCount = 0;
     this.counts = { insert: 0, update: 0, delete: 0, truncate: 0 };
-    this.checkpoint = null;
+    this.checkpointLsn = -1;
     this.transactions = 0;
     this.schemaChanges = [];
     return batch;
@@ -281,62 +283,78 @@ export class BatchBuilder {
     return enc;
   }
 
+  /** Writes one cdc_events row. */
   private push(
     enc: RelationEncoding,
-    operation: string,
-    before: RowJson | null,
-    after: RowJson | null,
-    unchanged: string[] | null,
+    operation: Uint8Array,
+    before: TupleView | null,
+    beforeKeyOnly: boolean,
+    after: TupleView | null,
+    fallback: TupleView | null,
   ): void {
     if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
-    this.txSeq++;
-    const row =
-      `${this.txPrefix}${this.txSeq}${this.txMiddle}${enc.location}${operation}\t` +
-      `${copyField(before)}\t${copyField(after)}\t` +
-      `${enc.primaryKey}\t${unchanged && unchanged.length > 0 ? copyEscape(textArrayLiteral(unchanged)) : '\\N'}\n`;
-    // A UTF-16 unit takes at most 3 UTF-8 bytes.
-    const room = row.length * 3;
-    if (this.byteCount + room > this.buffer.length) {
-      const grown = Buffer.allocUnsafeSlow(Math.max(this.buffer.length * 2, this.byteCount + room));
-      this.buffer.copy(grown, 0, 0, this.byteCount);
-      this.buffer = grown;
+    const out = this.out;
+    const rowStart = out.length;
+    try {
+      out.bytes(this.txHead.buf, 0, this.txHead.length);
+      out.decimal(this.txSeq + 1);
+      out.bytes(this.txMiddle.buf, 0, this.txMiddle.length);
+      out.bytes(enc.location);
+      out.bytes(operation);
+      if (before) this.writeRow(enc, before, beforeKeyOnly, null);
+      else out.bytes(NULL_FIELD);
+      out.byte(TAB);
+      let unchanged: string[] | null = null;
+      if (after) unchanged = this.writeRow(enc, after, false, fallback);
+      else out.bytes(NULL_FIELD);
+      out.byte(TAB);
+      out.bytes(enc.primaryKey);
+      if (unchanged) out.escapedText(textArrayLiteral(unchanged));
+      else out.bytes(NULL_FIELD);
+      out.byte(NEWLINE);
+    } catch (error) {
+      out.length = rowStart; // no half row in the batch
+      throw error;
     }
-    this.byteCount += this.buffer.write(row, this.byteCount);
+    this.txSeq++;
     this.rowCount++;
   }
 
-  private rowJson(
+  /**
+   * A tuple as a JSON object. Returns the columns left out because their value is an unchanged
+   * TOASTed one that was not sent: never reported as null, they are named in unchanged_columns.
+   */
+  private writeRow(
     enc: RelationEncoding,
-    values: TupleValue[],
+    tuple: TupleView,
     keyOnly: boolean,
-    fallback: TupleValue[] | null,
-  ): RowJson {
+    fallback: TupleView | null,
+  ): string[] | null {
     const columns = enc.relation.columns;
-    let json = '{';
-    let first = true;
+    const n = tuple.count;
+    if (n > columns.length)
+      throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
+    const out = this.out;
     let unchanged: string[] | null = null;
-    let escape = enc.keysNeedEscape;
-    for (let i = 0; i < values.length; i++) {
-      const column = columns[i];
-      if (!column)
-        throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
+    let first = true;
+    out.byte(0x7b); // {
+    for (let i = 0; i < n; i++) {
+      const column = columns[i]!;
       if (keyOnly && !column.key) continue;
-      let value = values[i];
-      if (value === UNCHANGED && fallback) value = fallback[i];
-      if (value === UNCHANGED || value === undefined) {
-        // Never report an unchanged TOASTed value as null: leave it out and name it.
+      let source = tuple;
+      if (source.isUnchanged(i) && fallback !== null && i < fallback.count) source = fallback;
+      if (source.isUnchanged(i)) {
         (unchanged ??= []).push(column.name);
         continue;
       }
-      let fragment = 'null';
-      if (value !== null) {
-        fragment = toJson(value, column.type);
-        if (!escape && mayNeedCopyEscape(column.type.kind)) escape = COPY_SPECIAL.test(fragment);
-      }
-      json += `${first ? '' : ','}${enc.jsonKeys[i]}${fragment}`;
+      if (!first) out.byte(COMMA);
       first = false;
+      out.bytes(enc.keys[i]!);
+      if (source.isNull(i)) out.bytes(NULL_JSON);
+      else writeJson(out, source, i, column.type);
     }
-    return { json: `${json}}`, unchanged, escape };
+    out.byte(0x7d); // }
+    return unchanged;
   }
 }
 

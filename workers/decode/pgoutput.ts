@@ -95,35 +95,184 @@ class Reader {
     return b;
   }
   tuple(): TupleValue[] {
-    const n = this.i16();
-    const values = new Array<TupleValue>(n);
+    const view = new TupleView();
+    this.offset = view.read(this.buf, this.offset);
+    return view.values();
+  }
+}
+
+const KIND_NULL = 0x6e; // 'n'
+const KIND_UNCHANGED = 0x75; // 'u'
+const KIND_TEXT = 0x74; // 't'
+
+/**
+ * One TupleData, located in the message without copying or decoding it: per column its kind
+ * ('n' NULL, 'u' unchanged TOAST, 't' text) and where its text bytes are. The hot path writes
+ * COPY bytes straight from here; a reader keeps two views and reuses them for every row.
+ */
+export class TupleView {
+  buf: Buffer = EMPTY;
+  count = 0;
+  kinds = new Uint8Array(32);
+  starts = new Int32Array(32);
+  ends = new Int32Array(32);
+
+  /** Locates the tuple that starts at `offset`; returns the offset just after it. */
+  read(buf: Buffer, offset: number): number {
+    if (offset + 2 > buf.length) throw new RangeError('pgoutput: truncated tuple');
+    const n = (buf[offset]! << 8) | buf[offset + 1]!;
+    let off = offset + 2;
+    if (n > this.kinds.length) this.grow(n);
+    const { kinds, starts, ends } = this;
     for (let i = 0; i < n; i++) {
-      const kind = this.u8();
-      switch (kind) {
-        case 0x6e: // 'n'
-          values[i] = null;
-          break;
-        case 0x75: // 'u'
-          values[i] = UNCHANGED;
-          break;
-        case 0x74: {
-          // 't'
-          const len = this.i32();
-          // utf8Slice is what toString('utf8', …) calls after checking its arguments; on the
-          // hot path (every value of every row) the wrapper cost as much as the decoding.
-          values[i] = (this.buf as unknown as Utf8Sliceable).utf8Slice(
-            this.offset,
-            this.offset + len,
-          );
-          this.offset += len;
-          break;
-        }
-        default:
-          // 'b' (binary) is only sent when asked for; we never ask.
-          throw new Error(`pgoutput: unexpected tuple value kind 0x${kind.toString(16)}`);
+      const kind = buf[off++];
+      if (kind === KIND_TEXT) {
+        if (off + 4 > buf.length) throw new RangeError('pgoutput: truncated tuple');
+        const len = buf.readInt32BE(off);
+        off += 4;
+        if (len < 0 || off + len > buf.length) throw new RangeError('pgoutput: truncated tuple');
+        starts[i] = off;
+        ends[i] = off + len;
+        off += len;
+      } else if (kind !== KIND_NULL && kind !== KIND_UNCHANGED) {
+        if (kind === undefined) throw new RangeError('pgoutput: truncated tuple');
+        // 'b' (binary) is only sent when asked for; we never ask.
+        throw new Error(`pgoutput: unexpected tuple value kind 0x${kind.toString(16)}`);
       }
+      kinds[i] = kind;
+    }
+    this.buf = buf;
+    this.count = n;
+    return off;
+  }
+
+  isNull(i: number): boolean {
+    return this.kinds[i] === KIND_NULL;
+  }
+
+  isUnchanged(i: number): boolean {
+    return this.kinds[i] === KIND_UNCHANGED;
+  }
+
+  /** Column i's text (for the slow paths; the hot path copies bytes). */
+  text(i: number): string {
+    // utf8Slice is what toString('utf8', …) calls after checking its arguments.
+    return (this.buf as unknown as Utf8Sliceable).utf8Slice(this.starts[i]!, this.ends[i]!);
+  }
+
+  values(): TupleValue[] {
+    const values = new Array<TupleValue>(this.count);
+    for (let i = 0; i < this.count; i++) {
+      values[i] = this.isNull(i) ? null : this.isUnchanged(i) ? UNCHANGED : this.text(i);
     }
     return values;
+  }
+
+  /** A view of a tuple encoded from values (tests, and anything not read off the wire). */
+  static of(values: readonly TupleValue[]): TupleView {
+    const parts: Buffer[] = [Buffer.from([values.length >> 8, values.length & 0xff])];
+    for (const v of values) {
+      if (v === null) parts.push(Buffer.from([KIND_NULL]));
+      else if (v === UNCHANGED) parts.push(Buffer.from([KIND_UNCHANGED]));
+      else {
+        const text = Buffer.from(v, 'utf8');
+        const head = Buffer.alloc(5);
+        head[0] = KIND_TEXT;
+        head.writeInt32BE(text.length, 1);
+        parts.push(head, text);
+      }
+    }
+    const view = new TupleView();
+    view.read(Buffer.concat(parts), 0);
+    return view;
+  }
+
+  private grow(n: number): void {
+    this.kinds = new Uint8Array(n);
+    this.starts = new Int32Array(n);
+    this.ends = new Int32Array(n);
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * The row-level messages, decoded without allocating: what the reader calls for each. Every other
+ * message (Relation, Truncate, Type, Origin, logical Message) comes as a parsed object to `other`.
+ * LSNs and times are Numbers: exact below 2^53 (8 PiB of WAL; ±285 years of microseconds).
+ */
+export interface PgoutputHandler {
+  begin(finalLsn: number, commitTimeUs: number, xid: number): void;
+  commit(endLsn: number, commitTimeUs: number): void;
+  insert(relationOid: number, after: TupleView): void;
+  update(
+    relationOid: number,
+    beforeKind: 'K' | 'O' | null,
+    before: TupleView | null,
+    after: TupleView,
+  ): void;
+  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void;
+  other(message: PgoutputMessage): void;
+}
+
+/** An unsigned 64-bit big-endian integer as a Number (exact below 2^53). */
+function u64Number(buf: Buffer, offset: number): number {
+  return buf.readUInt32BE(offset) * 4294967296 + buf.readUInt32BE(offset + 4);
+}
+
+function i64Number(buf: Buffer, offset: number): number {
+  return buf.readInt32BE(offset) * 4294967296 + buf.readUInt32BE(offset + 4);
+}
+
+/** Decodes the pgoutput message at buf[offset…] and calls the handler; two reused tuple views. */
+export class PgoutputDecoder {
+  private readonly before = new TupleView();
+  private readonly after = new TupleView();
+
+  decode(buf: Buffer, offset: number, h: PgoutputHandler): void {
+    switch (buf[offset]) {
+      case 0x42: // 'B'
+        h.begin(
+          u64Number(buf, offset + 1),
+          i64Number(buf, offset + 9),
+          buf.readUInt32BE(offset + 17),
+        );
+        return;
+      case 0x43: // 'C': flags, commit LSN, end LSN, commit time
+        h.commit(u64Number(buf, offset + 10), i64Number(buf, offset + 18));
+        return;
+      case 0x49: {
+        // 'I': relation, 'N', new tuple
+        const oid = buf.readUInt32BE(offset + 1);
+        this.after.read(buf, offset + 6);
+        h.insert(oid, this.after);
+        return;
+      }
+      case 0x55: {
+        // 'U': relation, optional 'K'/'O' old tuple, 'N' new tuple
+        const oid = buf.readUInt32BE(offset + 1);
+        const kind = buf[offset + 5];
+        if (kind === 0x4b || kind === 0x4f) {
+          const next = this.before.read(buf, offset + 6);
+          this.after.read(buf, next + 1);
+          h.update(oid, kind === 0x4b ? 'K' : 'O', this.before, this.after);
+        } else {
+          this.after.read(buf, offset + 6);
+          h.update(oid, null, null, this.after);
+        }
+        return;
+      }
+      case 0x44: {
+        // 'D': relation, 'K'/'O', old tuple
+        const oid = buf.readUInt32BE(offset + 1);
+        const kind = buf[offset + 5] === 0x4b ? 'K' : 'O';
+        this.before.read(buf, offset + 6);
+        h.delete(oid, kind, this.before);
+        return;
+      }
+      default:
+        h.other(parsePgoutput(buf.subarray(offset)));
+    }
   }
 }
 

@@ -8,6 +8,9 @@
  * and json/jsonb spliced verbatim (re-parsing would round large numbers).
  */
 
+import type { CopyText } from './copy-text.js';
+import type { TupleView } from './pgoutput.js';
+
 export type ValueKind =
   | 'bool'
   | 'number' // int2, int4, oid and friends: the text is already a JSON number
@@ -186,14 +189,6 @@ export function isoTimestamp(text: string): string {
   return `${m[1]}-${m[2]}-${m[3]}T${m[4]}:${m[5]}:${m[6]}.${fraction}${suffix}`;
 }
 
-/**
- * Whether a fragment of this kind may hold a backslash or a control character (and so needs COPY
- * escaping). The others are plain by construction, which spares a scan of every row.
- */
-export function mayNeedCopyEscape(kind: ValueKind): boolean {
-  return kind === 'string' || kind === 'bytea' || kind === 'json' || kind === 'array';
-}
-
 /** One PostgreSQL text value as a JSON fragment. */
 export function toJson(text: string, type: TypeInfo): string {
   switch (type.kind) {
@@ -220,6 +215,94 @@ export function toJson(text: string, type: TypeInfo): string {
     case 'bytea':
       return JSON.stringify(text);
   }
+}
+
+/**
+ * Column i of a tuple (a 't' value) as a JSON fragment, written COPY-escaped into `out` straight
+ * from the message bytes. The common kinds are done byte by byte; whatever does not fit their
+ * fast path (arrays, NaN, BC dates, json holding \u0000) goes through toJson on the text.
+ */
+export function writeJson(out: CopyText, tuple: TupleView, i: number, type: TypeInfo): void {
+  const src = tuple.buf;
+  const start = tuple.starts[i]!;
+  const end = tuple.ends[i]!;
+  switch (type.kind) {
+    case 'number':
+      out.bytes(src, start, end);
+      return;
+    case 'bool':
+      out.text(src[start] === 0x74 ? 'true' : 'false');
+      return;
+    case 'quoted':
+      out.byte(0x22);
+      out.bytes(src, start, end);
+      out.byte(0x22);
+      return;
+    case 'string':
+    case 'bytea':
+      out.jsonString(src, start, end);
+      return;
+    case 'float':
+      if (isPlainFloat(src, start, end)) {
+        out.bytes(src, start, end);
+        return;
+      }
+      break;
+    case 'timestamp':
+    case 'timestamptz':
+      if (writeIsoTimestamp(out, src, start, end)) return;
+      break;
+    case 'json':
+      if (out.jsonVerbatim(src, start, end)) return;
+      break;
+    case 'array':
+      break;
+  }
+  out.escapedText(toJson(tuple.text(i), type));
+}
+
+/** Not NaN, ±Infinity or -0 (which need the string form; see toJson). */
+function isPlainFloat(src: Uint8Array, start: number, end: number): boolean {
+  let first = src[start];
+  if (first === 0x2d || first === 0x2b) {
+    if (end - start === 2 && first === 0x2d && src[start + 1] === 0x30) return false; // -0
+    first = src[start + 1];
+  }
+  return first !== 0x4e && first !== 0x49; // 'N'aN, 'I'nfinity
+}
+
+/** The byte form of isoTimestamp's fast path; false when the text needs the slow path. */
+function writeIsoTimestamp(out: CopyText, src: Uint8Array, start: number, end: number): boolean {
+  const len = end - start;
+  if (len < 19 || src[start + 4] !== 0x2d || src[start + 10] !== 0x20) return false;
+  let fractionEnd = start + 19;
+  if (src[fractionEnd] === 0x2e && fractionEnd < end) {
+    fractionEnd++;
+    while (fractionEnd < end && fractionEnd < start + 26 && isDigit(src[fractionEnd]!))
+      fractionEnd++;
+  }
+  const rest = end - fractionEnd;
+  const utc =
+    rest === 3 &&
+    src[fractionEnd] === 0x2b &&
+    src[fractionEnd + 1] === 0x30 &&
+    src[fractionEnd + 2] === 0x30;
+  if (rest !== 0 && !utc) return false;
+  out.ensure(30);
+  const o = out.buf;
+  let p = out.length;
+  o[p++] = 0x22;
+  for (let k = start; k < start + 10; k++) o[p++] = src[k]!;
+  o[p++] = 0x54; // T
+  for (let k = start + 11; k < start + 19; k++) o[p++] = src[k]!;
+  o[p++] = 0x2e;
+  let digits = 0;
+  for (let k = start + 20; k < fractionEnd; k++, digits++) o[p++] = src[k]!;
+  for (; digits < 6; digits++) o[p++] = 0x30;
+  if (utc) o[p++] = 0x5a; // Z
+  o[p++] = 0x22;
+  out.length = p;
+  return true;
 }
 
 type ArrayItem = string | null | ArrayItem[];
