@@ -218,6 +218,9 @@ function spawnPhilotes(source: Cluster, buffer: Cluster): ChildProcess {
 
 async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {
   const started = performance.now();
+  if (process.env['PHILOTES_BENCH_LOG_LEVEL']) {
+    process.stderr.write(`bench: starting philotes at ${new Date().toISOString()}\n`);
+  }
   const child = spawnPhilotes(source, buffer);
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   let seconds: number;

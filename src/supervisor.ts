@@ -19,8 +19,6 @@ import type {
 } from './protocol.js';
 import type { BufferStore } from './buffer/store.js';
 
-const READER_FILE = new URL('../workers/slot-reader.js', import.meta.url).href;
-
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
 const HEALTHY_RUN_MS = 60_000;
 /** Coalesce at most this much queued data into one buffer transaction. */
@@ -29,22 +27,6 @@ const MAX_GROUP_BYTES = 64 * 1024 * 1024;
 const ABORT_GRACE_MS = 5_000;
 
 export type SourceState = 'starting' | 'streaming' | 'backoff' | 'stopping' | 'stopped' | 'failed';
-
-/**
- * One thread per source, kept for the life of the process. Created before the buffer is opened,
- * so that the threads load their modules while the buffer connects.
- */
-export function createReaderPool(threads: number): Piscina {
-  return new Piscina({
-    filename: READER_FILE,
-    minThreads: threads,
-    maxThreads: threads,
-    idleTimeout: Infinity,
-    concurrentTasksPerWorker: 1,
-    // 'sync' atomics freeze handles a task leaves open; our tasks are long-lived streams.
-    atomics: 'disabled',
-  });
-}
 
 export class Supervisor {
   readonly runners: SourceRunner[];
