@@ -10,11 +10,13 @@ import { from as copyFrom } from 'pg-copy-streams';
 import { pgClientOptions, type ConnectionConfig } from '../config.js';
 import type { Logger } from '../logger.js';
 import type { BatchMessage, SchemaChange } from '../protocol.js';
+import { COPY_BINARY_HEADER, COPY_BINARY_TRAILER } from '../../workers/decode/copy-buffer.js';
 import { EVENT_COPY_COLUMNS } from '../../workers/decode/events.js';
 import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../database-identity.js';
 import { migrate } from './migrations.js';
 
-const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STDIN`;
+/** The readers send rows in binary COPY format; a COPY adds the header and the trailer. */
+const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STDIN (FORMAT binary)`;
 
 export interface Checkpoint {
   readonly lsn: string;
@@ -170,7 +172,10 @@ export class BufferStore {
       await client.query('BEGIN');
       const data = batches.filter((b) => b.rows > 0).map((b) => Buffer.from(b.data));
       if (data.length > 0) {
-        await pipeline(Readable.from(data), client.query(copyFrom(COPY_EVENTS)));
+        await pipeline(
+          Readable.from([COPY_BINARY_HEADER, ...data, COPY_BINARY_TRAILER]),
+          client.query(copyFrom(COPY_EVENTS)),
+        );
       }
       let schemaVersionsAdded = 0;
       for (const batch of batches) {

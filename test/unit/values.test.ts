@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { CopyText, copyEscape } from '../../workers/decode/copy-text.js';
+import { CopyBuffer } from '../../workers/decode/copy-buffer.js';
 import { TupleView } from '../../workers/decode/pgoutput.js';
 import {
   BUILTIN_TYPES,
@@ -257,7 +257,7 @@ describe('arrays', () => {
   });
 });
 
-describe('writeJson: the byte path equals toJson, COPY-escaped', () => {
+describe('writeJson: the byte path equals toJson', () => {
   const CONTROL = Array.from({ length: 32 }, (_, c) => String.fromCharCode(c)).join('');
   const SAMPLES: Record<string, string[]> = {
     text: [
@@ -314,28 +314,66 @@ describe('writeJson: the byte path equals toJson, COPY-escaped', () => {
       const t = type(typeName);
       const view = TupleView.of(texts);
       for (let i = 0; i < texts.length; i++) {
-        const out = new CopyText(4);
+        const out = new CopyBuffer(4);
         writeJson(out, view, i, t);
         const written = out.buf.toString('utf8', 0, out.length);
-        expect(written, JSON.stringify(texts[i])).toBe(copyEscape(toJson(texts[i]!, t)));
+        expect(written, JSON.stringify(texts[i])).toBe(toJson(texts[i]!, t));
       }
     });
   }
 
-  it('writes LSNs and decimals as PostgreSQL prints them', () => {
-    const out = new CopyText(1);
-    out.lsn(0);
-    out.byte(32);
-    out.lsn(2 ** 32 + 0x16b3748);
-    out.byte(32);
-    out.lsn(0x1fffff * 2 ** 32 + 0xabcdef0); // the largest high word a Number holds exactly
-    out.byte(32);
-    for (const n of [0, 7, 10, 99, 4294967295, 2 ** 53 - 1]) {
-      out.decimal(n);
-      out.byte(32);
+  it('writes binary integers and fields as PostgreSQL reads them', () => {
+    const out = new CopyBuffer(1);
+    const values = [
+      0,
+      1,
+      -1,
+      2 ** 32 + 0x16b3748,
+      2 ** 53 - 1,
+      -(2 ** 53 - 1),
+      -946_684_800_000_000,
+    ];
+    for (const n of values) out.int64(n);
+    out.int32(-2);
+    out.int16(12);
+    out.nullField();
+    out.textField('é\t"x"');
+    out.textArrayField([]);
+    out.textArrayField(['id', 'ü']);
+    const b = out.buf.subarray(0, out.length);
+    let p = 0;
+    for (const n of values) {
+      expect(b.readBigInt64BE(p)).toBe(BigInt(n));
+      p += 8;
     }
-    expect(out.buf.toString('latin1', 0, out.length)).toBe(
-      '0/0 1/16B3748 1FFFFF/ABCDEF0 0 7 10 99 4294967295 9007199254740991 ',
-    );
+    expect(b.readInt32BE(p)).toBe(-2);
+    expect(b.readInt16BE(p + 4)).toBe(12);
+    expect(b.readInt32BE(p + 6)).toBe(-1);
+    p += 10;
+    expect(b.readInt32BE(p)).toBe(6); // bytes, not characters
+    expect(b.toString('utf8', p + 4, p + 10)).toBe('é\t"x"');
+    p += 10;
+    // An empty text[]: no dimensions, no NULLs, element type text.
+    expect([
+      b.readInt32BE(p),
+      b.readInt32BE(p + 4),
+      b.readInt32BE(p + 8),
+      b.readInt32BE(p + 12),
+    ]).toEqual([12, 0, 0, 25]);
+    p += 16;
+    // ['id', 'ü']: one dimension of 2 from 1, then each element with its length.
+    expect(b.readInt32BE(p)).toBe(12 + 8 + 6 + 6);
+    expect([
+      b.readInt32BE(p + 4),
+      b.readInt32BE(p + 8),
+      b.readInt32BE(p + 12),
+      b.readInt32BE(p + 16),
+      b.readInt32BE(p + 20),
+    ]).toEqual([1, 0, 25, 2, 1]);
+    expect(b.readInt32BE(p + 24)).toBe(2);
+    expect(b.toString('utf8', p + 28, p + 30)).toBe('id');
+    expect(b.readInt32BE(p + 30)).toBe(2);
+    expect(b.toString('utf8', p + 34, p + 36)).toBe('ü');
+    expect(p + 36).toBe(b.length);
   });
 });

@@ -1,12 +1,12 @@
 /**
- * Turns decoded pgoutput changes into rows of cdc_events in COPY text format, accumulated into
- * one batch at a time. Building COPY text here, in the reader thread, means the supervisor never
+ * Turns decoded pgoutput changes into rows of cdc_events in binary COPY format, accumulated into
+ * one batch at a time. Building the rows here, in the reader thread, means the supervisor never
  * parses or re-serializes an event: it streams the bytes it is handed into the buffer. Values go
- * from the message's bytes to the batch's bytes (see copy-text.ts); a row allocates nothing.
+ * from the message's bytes to the batch's bytes (see copy-buffer.ts); a row allocates nothing.
  */
 import type { ColumnInfo, OperationCounts, SchemaChange } from '../../src/protocol.js';
 import { formatLsn } from '../../src/lsn.js';
-import { CopyText, copyEscape } from './copy-text.js';
+import { CopyBuffer } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
 import { writeJson, type TypeInfo } from './values.js';
 
@@ -44,11 +44,16 @@ export interface ResolvedRelation {
 
 interface RelationEncoding {
   readonly relation: ResolvedRelation;
-  /** '"name":' for each column, COPY-escaped UTF-8, computed once. */
+  /** '"name":' for each column, UTF-8, computed once. */
   readonly keys: readonly Uint8Array[];
-  /** 'schema\ttable\t', COPY-escaped. */
+  /**
+   * The order to write columns in: jsonb's own key order (shorter names first, then bytewise).
+   * jsonb keeps no order of its own, and input already in its order spares the buffer a sort.
+   */
+  readonly order: Int32Array;
+  /** The schema_name and table_name fields. */
   readonly location: Uint8Array;
-  /** The primary_key array literal and its tab, COPY-escaped. */
+  /** The primary_key field. */
   readonly primaryKey: Uint8Array;
 }
 
@@ -63,61 +68,53 @@ export interface TakenBatch {
   readonly schemaChanges: SchemaChange[];
 }
 
-/** A PostgreSQL text[] literal with every element quoted. */
-export function textArrayLiteral(items: readonly string[]): string {
-  return `{${items.map((s) => `"${s.replace(/[\\"]/g, (c) => `\\${c}`)}"`).join(',')}}`;
-}
-
-/** PostgreSQL timestamps (µs since 2000-01-01) as ISO-8601 with microseconds. */
-export function pgTimeToIso(pgMicros: number): string {
-  // A Number is exact for any time within ±285 years of 1970 (2^53 µs), which commit times are.
-  const unixMicros = pgMicros + PG_EPOCH_OFFSET_US_NUMBER;
-  // Floor, not truncation: before 1970 the remainder would be negative.
-  const second = Math.floor(unixMicros / 1_000_000);
-  const micros = unixMicros - second * 1_000_000;
-  // Commits come many to a second: format the date and time once per second.
-  if (second !== cachedSecond) {
-    cachedSecond = second;
-    cachedPrefix = new Date(second * 1000).toISOString().slice(0, -4); // 'YYYY-MM-DDTHH:MM:SS.'
-  }
-  return `${cachedPrefix}${String(micros).padStart(6, '0')}Z`;
-}
-
 const PG_EPOCH_OFFSET_US_NUMBER = Number(PG_EPOCH_OFFSET_US);
-let cachedSecond = Number.NaN;
-let cachedPrefix = '';
 
+/** PostgreSQL timestamps (µs since 2000-01-01) as Unix milliseconds. */
 export function pgTimeToMs(pgMicros: number): number {
   return Math.floor((pgMicros + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
 }
 
-const ascii = (text: string): Uint8Array => Buffer.from(text, 'utf8');
-const TAB = 0x09;
-const NEWLINE = 0x0a;
-const COMMA = 0x2c;
-const NULL_FIELD = ascii('\\N');
-const NULL_JSON = ascii('null');
+/** Prepared fields: a value's bytes once, copied into every row that needs them. */
+function fields(write: (out: CopyBuffer) => void): Uint8Array {
+  const out = new CopyBuffer(64);
+  write(out);
+  return out.buf.subarray(0, out.length);
+}
+
+const FIELD_COUNT = EVENT_COPY_COLUMNS.length;
+const NULL_FIELD = fields((out) => out.nullField());
+const NULL_JSON = Buffer.from('null');
+const JSONB_VERSION = 1;
 const OPERATIONS = {
-  INSERT: ascii('INSERT\t'),
-  UPDATE: ascii('UPDATE\t'),
-  DELETE: ascii('DELETE\t'),
-  TRUNCATE: ascii('TRUNCATE\t'),
+  INSERT: fields((out) => out.textField('INSERT')),
+  UPDATE: fields((out) => out.textField('UPDATE')),
+  DELETE: fields((out) => out.textField('DELETE')),
+  TRUNCATE: fields((out) => out.textField('TRUNCATE')),
 } as const;
+
+/** jsonb's key order: by length in bytes, then bytewise. */
+function jsonbKeyOrder(names: readonly string[]): Int32Array {
+  const bytes = names.map((n) => Buffer.from(n, 'utf8'));
+  const order = names.map((_, i) => i);
+  order.sort((a, b) => bytes[a]!.length - bytes[b]!.length || Buffer.compare(bytes[a]!, bytes[b]!));
+  return Int32Array.from(order);
+}
 
 export class BatchBuilder {
   private readonly relations = new Map<number, RelationEncoding>();
   private readonly sourceField: Uint8Array;
 
-  // The open transaction, if any. Its fixed parts of every row are prepared once, as bytes.
+  // The open transaction, if any. Its fixed fields are prepared once, as bytes.
   private inTransaction = false;
-  private readonly txHead = new CopyText(64); // 'source\tlsn\t'
-  private readonly txMiddle = new CopyText(64); // '\txid\tcommitted_at\t'
+  private readonly txHead = new CopyBuffer(64); // field count, source_id, lsn
+  private readonly txMiddle = new CopyBuffer(64); // xid, committed_at
   private txSeq = 0;
   private txFinalLsn = 0;
   private currentXid = 0;
 
-  // The batch being filled: the rows' UTF-8, written as they come.
-  private readonly out = new CopyText(1 << 20);
+  // The batch being filled: the rows, written as they come.
+  private readonly out = new CopyBuffer(1 << 20);
   private rowCount = 0;
   private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
   private checkpointLsn = -1;
@@ -127,14 +124,14 @@ export class BatchBuilder {
   private schemaChanges: SchemaChange[] = [];
 
   constructor(sourceId: string) {
-    this.sourceField = ascii(`${copyEscape(sourceId)}\t`);
+    this.sourceField = fields((out) => out.textField(sourceId));
   }
 
   get rows(): number {
     return this.rowCount;
   }
 
-  /** UTF-8 bytes of the pending rows. */
+  /** Bytes of the pending rows. */
   get bytes(): number {
     return this.out.length;
   }
@@ -161,16 +158,14 @@ export class BatchBuilder {
     this.currentXid = xid;
     const head = this.txHead;
     head.length = 0;
+    head.int16(FIELD_COUNT);
     head.bytes(this.sourceField);
-    head.lsn(finalLsn);
-    head.byte(TAB);
+    head.int64Field(finalLsn);
     const middle = this.txMiddle;
     middle.length = 0;
-    middle.byte(TAB);
-    middle.decimal(xid);
-    middle.byte(TAB);
-    middle.text(pgTimeToIso(commitTime));
-    middle.byte(TAB);
+    middle.int64Field(xid);
+    // timestamptz's binary form is this very number: µs since 2000-01-01 UTC.
+    middle.int64Field(commitTime);
   }
 
   commit(endLsn: number, commitTime: number): void {
@@ -186,9 +181,13 @@ export class BatchBuilder {
     const previous = this.relations.get(relation.oid)?.relation;
     this.relations.set(relation.oid, {
       relation,
-      keys: relation.columns.map((c) => ascii(copyEscape(`${JSON.stringify(c.name)}:`))),
-      location: ascii(`${copyEscape(relation.schema)}\t${copyEscape(relation.table)}\t`),
-      primaryKey: ascii(`${copyEscape(textArrayLiteral(relation.primaryKey))}\t`),
+      keys: relation.columns.map((c) => Buffer.from(`${JSON.stringify(c.name)}:`)),
+      order: jsonbKeyOrder(relation.columns.map((c) => c.name)),
+      location: fields((out) => {
+        out.textField(relation.schema);
+        out.textField(relation.table);
+      }),
+      primaryKey: fields((out) => out.textArrayField(relation.primaryKey)),
     });
     if (!previous || !sameShape(previous, relation)) {
       this.schemaChanges.push({
@@ -297,21 +296,18 @@ export class BatchBuilder {
     const rowStart = out.length;
     try {
       out.bytes(this.txHead.buf, 0, this.txHead.length);
-      out.decimal(this.txSeq + 1);
+      out.int32Field(this.txSeq + 1);
       out.bytes(this.txMiddle.buf, 0, this.txMiddle.length);
       out.bytes(enc.location);
       out.bytes(operation);
-      if (before) this.writeRow(enc, before, beforeKeyOnly, null);
+      if (before) this.writeJsonb(enc, before, beforeKeyOnly, null);
       else out.bytes(NULL_FIELD);
-      out.byte(TAB);
       let unchanged: string[] | null = null;
-      if (after) unchanged = this.writeRow(enc, after, false, fallback);
+      if (after) unchanged = this.writeJsonb(enc, after, false, fallback);
       else out.bytes(NULL_FIELD);
-      out.byte(TAB);
       out.bytes(enc.primaryKey);
-      if (unchanged) out.escapedText(textArrayLiteral(unchanged));
+      if (unchanged) out.textArrayField(unchanged);
       else out.bytes(NULL_FIELD);
-      out.byte(NEWLINE);
     } catch (error) {
       out.length = rowStart; // no half row in the batch
       throw error;
@@ -321,10 +317,11 @@ export class BatchBuilder {
   }
 
   /**
-   * A tuple as a JSON object. Returns the columns left out because their value is an unchanged
-   * TOASTed one that was not sent: never reported as null, they are named in unchanged_columns.
+   * A tuple as a jsonb field holding a JSON object. Returns the columns left out because their
+   * value is an unchanged TOASTed one that was not sent: never reported as null, they are named
+   * in unchanged_columns.
    */
-  private writeRow(
+  private writeJsonb(
     enc: RelationEncoding,
     tuple: TupleView,
     keyOnly: boolean,
@@ -335,26 +332,33 @@ export class BatchBuilder {
     if (n > columns.length)
       throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
     const out = this.out;
-    let unchanged: string[] | null = null;
+    const field = out.openField();
+    out.byte(JSONB_VERSION);
+    let unchanged: number[] | null = null;
     let first = true;
     out.byte(0x7b); // {
-    for (let i = 0; i < n; i++) {
+    const order = enc.order;
+    for (let k = 0; k < order.length; k++) {
+      const i = order[k]!;
+      if (i >= n) continue; // a tuple shorter than its relation
       const column = columns[i]!;
       if (keyOnly && !column.key) continue;
       let source = tuple;
       if (source.isUnchanged(i) && fallback !== null && i < fallback.count) source = fallback;
       if (source.isUnchanged(i)) {
-        (unchanged ??= []).push(column.name);
+        (unchanged ??= []).push(i);
         continue;
       }
-      if (!first) out.byte(COMMA);
+      if (!first) out.byte(0x2c); // ,
       first = false;
       out.bytes(enc.keys[i]!);
       if (source.isNull(i)) out.bytes(NULL_JSON);
       else writeJson(out, source, i, column.type);
     }
     out.byte(0x7d); // }
-    return unchanged;
+    out.closeField(field);
+    // Named in column order, whatever order the keys went in.
+    return unchanged && unchanged.sort((a, b) => a - b).map((i) => columns[i]!.name);
   }
 }
 

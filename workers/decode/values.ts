@@ -8,7 +8,7 @@
  * and json/jsonb spliced verbatim (re-parsing would round large numbers).
  */
 
-import type { CopyText } from './copy-text.js';
+import type { CopyBuffer } from './copy-buffer.js';
 import type { TupleView } from './pgoutput.js';
 
 export type ValueKind =
@@ -218,11 +218,11 @@ export function toJson(text: string, type: TypeInfo): string {
 }
 
 /**
- * Column i of a tuple (a 't' value) as a JSON fragment, written COPY-escaped into `out` straight
- * from the message bytes. The common kinds are done byte by byte; whatever does not fit their
+ * Column i of a tuple (a 't' value) as a JSON fragment, written into `out` straight from the
+ * message bytes. The common kinds are done byte by byte; whatever does not fit their
  * fast path (arrays, NaN, BC dates, json holding \u0000) goes through toJson on the text.
  */
-export function writeJson(out: CopyText, tuple: TupleView, i: number, type: TypeInfo): void {
+export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: TypeInfo): void {
   const src = tuple.buf;
   const start = tuple.starts[i]!;
   const end = tuple.ends[i]!;
@@ -258,7 +258,7 @@ export function writeJson(out: CopyText, tuple: TupleView, i: number, type: Type
     case 'array':
       break;
   }
-  out.escapedText(toJson(tuple.text(i), type));
+  out.text(toJson(tuple.text(i), type));
 }
 
 /** Not NaN, ±Infinity or -0 (which need the string form; see toJson). */
@@ -272,7 +272,7 @@ function isPlainFloat(src: Uint8Array, start: number, end: number): boolean {
 }
 
 /** The byte form of isoTimestamp's fast path; false when the text needs the slow path. */
-function writeIsoTimestamp(out: CopyText, src: Uint8Array, start: number, end: number): boolean {
+function writeIsoTimestamp(out: CopyBuffer, src: Uint8Array, start: number, end: number): boolean {
   const len = end - start;
   if (len < 19 || src[start + 4] !== 0x2d || src[start + 10] !== 0x20) return false;
   let fractionEnd = start + 19;
