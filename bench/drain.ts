@@ -318,10 +318,10 @@ interface LatencyResult {
 }
 
 /**
- * Steady load at LATENCY_TPS transactions per second while Philotes streams; latency per source
- * transaction is the buffer's stored_at (now() of the buffer transaction that stored it) minus the
- * source commit time. Both clusters share this machine's clock. The buffer transaction's own COPY
- * and commit come on top (see philotes_buffer_commit_duration_seconds).
+ * Steady load at LATENCY_TPS transactions per second while Philotes streams. Latency per source
+ * transaction is the commit time of the buffer transaction that stored it (track_commit_timestamp
+ * on the buffer cluster) minus the source commit time: the whole way, until durable in the buffer.
+ * Both clusters share this machine's clock.
  */
 const LATENCY_TPS = 1000;
 const LATENCY_SECONDS = 20;
@@ -329,7 +329,10 @@ const LATENCY_SECONDS = 20;
 async function runLatency(): Promise<LatencyResult> {
   const work = join(tmpdir(), `philotes-bench-${process.pid}-latency`);
   mkdirSync(work, { recursive: true });
-  const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
+  const [source, buffer] = await Promise.all([
+    startCluster(),
+    startCluster({ settings: { track_commit_timestamp: 'on' } }),
+  ]);
   let child: ChildProcess | null = null;
   try {
     await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
@@ -385,8 +388,9 @@ async function runLatency(): Promise<LatencyResult> {
       p99: number;
       max: number;
     }>(
-      `WITH t AS (SELECT lsn, min(stored_at) AS stored, min(committed_at) AS committed FROM cdc_events
-                   WHERE table_name = 'bench_rows' GROUP BY lsn),
+      `WITH t AS (SELECT lsn, min(pg_xact_commit_timestamp(xmin)) AS stored,
+                         min(committed_at) AS committed
+                    FROM cdc_events WHERE table_name = 'bench_rows' GROUP BY lsn),
             w AS (SELECT extract(epoch FROM stored - committed) * 1000 AS ms FROM t
                    WHERE committed >= (SELECT min(committed) FROM t) + interval '2 seconds')
        SELECT count(*)::int AS n,

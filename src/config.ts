@@ -41,7 +41,10 @@ export interface Config {
   readonly batchMaxRows: number;
   /** ... or this many bytes of encoded events ... */
   readonly batchMaxBytes: number;
-  /** ... or when its first row has waited this long. */
+  /**
+   * ... or when its first row has waited this long; 0 (the default): as soon as the reader has
+   * handled everything the source has sent so far.
+   */
   readonly batchMaxWaitMs: number;
   /** Batches a worker may have sent but not seen stored before it stops reading the slot. */
   readonly maxInFlightBatches: number;
@@ -294,7 +297,7 @@ export function loadConfig(env: Env = process.env): Config {
       1024,
       256 * 1024 * 1024,
     ),
-    batchMaxWaitMs: duration(env, 'PHILOTES_CDC_BATCH_MAX_WAIT', '20ms', 1, 60_000),
+    batchMaxWaitMs: duration(env, 'PHILOTES_CDC_BATCH_MAX_WAIT', '0ms', 0, 60_000),
     maxInFlightBatches: integer(env, 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES', 4, 1, 64),
     metricsPort: integer(env, 'PHILOTES_METRICS_PORT', 9753, 0, 65535),
     metricsHost: get(env, 'PHILOTES_METRICS_HOST') ?? '0.0.0.0',

@@ -133,7 +133,8 @@ class SlotReader implements PgoutputHandler {
   private received = 0;
   private receivedAtLastCheck = 0;
 
-  private flushTimer: NodeJS.Timeout | null = null;
+  /** Cancels the pending batch's scheduled send, if one is scheduled. */
+  private cancelScheduledFlush: (() => void) | null = null;
   private creditWaiters: Array<() => void> = [];
   private durableWaiters: Array<() => void> = [];
   private timers: NodeJS.Timeout[] = [];
@@ -432,20 +433,35 @@ class SlotReader implements PgoutputHandler {
 
   // ---- batches ----
 
+  /**
+   * A batch that is not full goes out once the reader has handled everything the source has sent
+   * so far: setImmediate runs after the event loop has read what the socket holds (libuv reads up
+   * to 32 chunks per turn), so while a backlog drains batches still fill up, and once caught up
+   * a change is sent at once. With PHILOTES_CDC_BATCH_MAX_WAIT > 0 it waits that long for more
+   * instead: fewer, larger buffer transactions at low rates, for that much latency.
+   */
   private scheduleFlush(): void {
-    if (this.flushTimer !== null || !this.builder.hasContent) return;
-    this.flushTimer = setTimeout(() => {
-      this.flushTimer = null;
+    if (this.cancelScheduledFlush !== null || !this.builder.hasContent) return;
+    const send = () => {
+      this.cancelScheduledFlush = null;
       // While blocked, what is pending goes out when the block ends (drainQueue reschedules).
       if (this.blocked === null && this.failed === null) this.flush();
-    }, this.task.batchMaxWaitMs);
+    };
+    const wait = this.task.batchMaxWaitMs;
+    if (wait === 0) {
+      const immediate = setImmediate(send);
+      this.cancelScheduledFlush = () => clearImmediate(immediate);
+    } else {
+      const timer = setTimeout(send, wait);
+      this.cancelScheduledFlush = () => clearTimeout(timer);
+    }
   }
 
   /** Sends the pending batch, or, with no room in flight, pauses reading until there is. */
   private flush(): void {
-    if (this.flushTimer !== null) {
-      clearTimeout(this.flushTimer);
-      this.flushTimer = null;
+    if (this.cancelScheduledFlush !== null) {
+      this.cancelScheduledFlush();
+      this.cancelScheduledFlush = null;
     }
     if (!this.builder.hasContent) return;
     if (this.hasCredit()) {
@@ -664,7 +680,7 @@ class SlotReader implements PgoutputHandler {
 
   private async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
-    if (this.flushTimer !== null) clearTimeout(this.flushTimer);
+    this.cancelScheduledFlush?.();
     const service = this.service;
     this.service = null;
     const side = this.side;

@@ -63,6 +63,10 @@ describe('loadConfig defaults', () => {
     expect(config.checkpointIntervalMs).toBe(10_000);
     expect(config.logLevel).toBe('info');
     expect(config.metricsPort).toBe(9753);
+    expect(config.batchMaxRows).toBe(5000);
+    // 0: a batch goes out as soon as the reader has caught up with the source.
+    expect(config.batchMaxWaitMs).toBe(0);
+    expect(loadConfig({ ...MINIMAL, PHILOTES_CDC_BATCH_MAX_WAIT: '50ms' }).batchMaxWaitMs).toBe(50);
   });
 
   it('defaults the source id to the slot name, whatever the slot is called', () => {
@@ -332,6 +336,10 @@ describe('error messages name the variable', () => {
     [
       { PHILOTES_METRICS_PORT: '-1' },
       'PHILOTES_METRICS_PORT must be an integer between 0 and 65535, got "-1"',
+    ],
+    [
+      { PHILOTES_CDC_BATCH_MAX_WAIT: '2m' },
+      'PHILOTES_CDC_BATCH_MAX_WAIT must be between 0ms and 1m, got "2m"',
     ],
     [
       { PHILOTES_CDC_BATCH_MAX_ROWS: '0' },

@@ -345,6 +345,28 @@ describe('BatchBuilder', () => {
     expect(r.map((x) => x.lsn)).toEqual(['1/16B3748', '1/16B3748']);
   });
 
+  // The commit of a transaction whose events all went out in an earlier batch arrives into an
+  // empty builder. It must still be sent: until the buffer's checkpoint passes it, a restart
+  // deletes those events as an incomplete transaction, while an idle reader would already have
+  // confirmed the source past it. (Found by the schema-history and observability tests once
+  // batches went out as soon as the reader caught up.)
+  it('the commit of a transaction whose events went out earlier is content of its own', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
+    expect(b.take().rows).toBe(1);
+    expect(b.hasContent).toBe(false); // still in the transaction: nothing to store yet
+    b.commit(END_LSN, COMMIT_TIME);
+    expect(b.rows).toBe(0);
+    expect(b.hasContent).toBe(true);
+    const commitOnly = b.take();
+    expect(commitOnly.rows).toBe(0);
+    expect(commitOnly.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
+    expect(commitOnly.transactions).toBe(1);
+    expect(b.hasContent).toBe(false);
+  });
+
   it('several transactions in one batch: seq restarts, the checkpoint is the last commit', () => {
     const b = new BatchBuilder('s');
     b.begin(0x100, COMMIT_TIME, 10);

@@ -118,6 +118,8 @@ export class BatchBuilder {
   private rowCount = 0;
   private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
   private checkpointLsn = -1;
+  /** The pending checkpoint completes a transaction with events in an earlier batch. */
+  private commitMustBeStored = false;
   private checkpointXid = 0;
   private checkpointCommitTime = 0;
   private transactions = 0;
@@ -137,13 +139,18 @@ export class BatchBuilder {
   }
 
   /**
-   * Whether there is anything to store: events or a schema version. A checkpoint alone is not
-   * sent; it rides with the next batch. Storing it by itself would gain nothing (transactions
-   * without events hold nothing to lose, and the idle confirmation already frees their WAL), and
-   * when the source is the buffer database, every such store would be a new transaction to read.
+   * Whether there is anything to store: events, a schema version, or the commit of a transaction
+   * whose events went out in an earlier batch. That commit must be stored: until the checkpoint
+   * passes it, those events count as an incomplete transaction (a restart deletes them), yet the
+   * reader, having nothing else pending, would confirm the source past it.
+   *
+   * The commit of a transaction without events is not sent alone; it rides with the next batch.
+   * Storing it by itself would gain nothing (it holds nothing to lose, and the idle confirmation
+   * already frees its WAL), and when the source is the buffer database, every such store would
+   * be a new transaction to read.
    */
   get hasContent(): boolean {
-    return this.rowCount > 0 || this.schemaChanges.length > 0;
+    return this.rowCount > 0 || this.schemaChanges.length > 0 || this.commitMustBeStored;
   }
 
   get isInTransaction(): boolean {
@@ -174,6 +181,8 @@ export class BatchBuilder {
     this.checkpointLsn = endLsn;
     this.checkpointXid = this.currentXid;
     this.checkpointCommitTime = commitTime;
+    // Its events (txSeq of them) are in this batch or an earlier one; either way it must go out.
+    if (this.txSeq > 0) this.commitMustBeStored = true;
   }
 
   /** Registers (or replaces) a relation; records a schema version when its shape is new. */
@@ -270,6 +279,7 @@ export class BatchBuilder {
     this.rowCount = 0;
     this.counts = { insert: 0, update: 0, delete: 0, truncate: 0 };
     this.checkpointLsn = -1;
+    this.commitMustBeStored = false;
     this.transactions = 0;
     this.schemaChanges = [];
     return batch;
