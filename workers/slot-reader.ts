@@ -150,7 +150,7 @@ class SlotReader implements PgoutputHandler {
       slot: task.source.slot,
       thread: 'reader',
     });
-    this.builder = new BatchBuilder(task.source.id);
+    this.builder = new BatchBuilder(task.source.id, task.batchMaxBytes);
     this.plugin = new StreamTakeover(task.source.publication, (chunk) => this.onCopyData(chunk));
     this.finished = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };

@@ -322,6 +322,23 @@ describe('writeJson: the byte path equals toJson', () => {
     });
   }
 
+  it('a large value: sized by counting its escapes, the same JSON', () => {
+    const text = `${'a"\\\n\u0001é'.repeat(40_000)}🐘`;
+    const out = new CopyBuffer(16);
+    writeJson(out, TupleView.of([text]), 0, TEXT_TYPE);
+    expect(out.buf.toString('utf8', 0, out.length)).toBe(JSON.stringify(text));
+  });
+
+  it('lets go of a buffer one huge row grew, once it is taken', () => {
+    const out = new CopyBuffer(1024, 4096);
+    out.bytes(Buffer.alloc(100_000, 120));
+    expect(out.take().byteLength).toBe(100_000);
+    expect(out.buf.length).toBe(1024);
+    out.bytes(Buffer.alloc(3000, 120));
+    out.take();
+    expect(out.buf.length).toBe(3000); // grown, and within what it keeps
+  });
+
   it('writes binary integers and fields as PostgreSQL reads them', () => {
     const out = new CopyBuffer(1);
     const values = [

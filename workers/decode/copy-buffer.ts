@@ -46,11 +46,21 @@ interface Utf8Writable {
   utf8Write(text: string, offset: number): number;
 }
 
+/** Above this, a value's escaped size is counted rather than reserved at its worst case. */
+const LARGE_VALUE_BYTES = 64 * 1024;
+
 export class CopyBuffer {
   buf: Buffer;
   length = 0;
 
-  constructor(initialBytes = 1 << 20) {
+  /**
+   * @param initialBytes the buffer's starting size.
+   * @param keepBytes after take(), a buffer grown beyond this is let go for a fresh one.
+   */
+  constructor(
+    private readonly initialBytes = 1 << 20,
+    private readonly keepBytes = 16 * initialBytes,
+  ) {
     this.buf = Buffer.allocUnsafeSlow(initialBytes);
   }
 
@@ -68,6 +78,9 @@ export class CopyBuffer {
     const { buffer, byteOffset } = this.buf as Buffer & { buffer: ArrayBuffer };
     const data = buffer.slice(byteOffset, byteOffset + this.length);
     this.length = 0;
+    // One huge row (a large TOASTed value) must not pin its size for the life of the reader.
+    if (this.buf.length > 16 * this.initialBytes)
+      this.buf = Buffer.allocUnsafeSlow(this.initialBytes);
     return data;
   }
 
@@ -179,8 +192,10 @@ export class CopyBuffer {
 
   /** UTF-8 text as a JSON string literal: exactly what JSON.stringify gives for it. */
   jsonString(src: Uint8Array, start: number, end: number): void {
-    // Worst case: a control character becomes \u00XX, 6 bytes.
-    this.ensure((end - start) * 6 + 2);
+    // Worst case: a control character becomes \u00XX, 6 bytes. Reserving that is cheap for
+    // ordinary values; for a large one, count what it really needs.
+    const n = end - start;
+    this.ensure(n <= LARGE_VALUE_BYTES ? n * 6 + 2 : escapedJsonLength(src, start, end) + 2);
     const out = this.buf;
     let p = this.length;
     out[p++] = QUOTE;
@@ -230,4 +245,15 @@ export class CopyBuffer {
     this.bytes(src, start, end);
     return true;
   }
+}
+
+/** The length of UTF-8 text once escaped as JSON string content. */
+function escapedJsonLength(src: Uint8Array, start: number, end: number): number {
+  let n = end - start;
+  for (let i = start; i < end; i++) {
+    const c = src[i]!;
+    if (c >= 0x20 && c !== QUOTE && c !== BACKSLASH) continue;
+    n += JSON_ESCAPE_LETTER[c] !== 0 ? 1 : 5;
+  }
+  return n;
 }

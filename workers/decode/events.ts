@@ -114,7 +114,7 @@ export class BatchBuilder {
   private currentXid = 0;
 
   // The batch being filled: the rows, written as they come.
-  private readonly out = new CopyBuffer(1 << 20);
+  private readonly out: CopyBuffer;
   private rowCount = 0;
   private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
   private checkpointLsn = -1;
@@ -125,8 +125,10 @@ export class BatchBuilder {
   private transactions = 0;
   private schemaChanges: SchemaChange[] = [];
 
-  constructor(sourceId: string) {
+  /** @param batchMaxBytes the batch size limit: the working buffer is kept up to twice that. */
+  constructor(sourceId: string, batchMaxBytes = 4 * 1024 * 1024) {
     this.sourceField = fields((out) => out.textField(sourceId));
+    this.out = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));
   }
 
   get rows(): number {
