@@ -293,7 +293,7 @@ class SlotReader implements PgoutputHandler {
     this.builder.begin(finalLsn, commitTime, xid);
   }
 
-  commit(endLsn: number, commitTime: number): void {
+  commit(_commitLsn: number, endLsn: number, commitTime: number): void {
     this.builder.commit(endLsn, commitTime);
     if (endLsn > this.lastCommitEnd) this.lastCommitEnd = endLsn;
   }

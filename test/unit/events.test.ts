@@ -8,12 +8,8 @@ import {
   type ResolvedRelation,
   type TakenBatch,
 } from '../../workers/decode/events.js';
-import {
-  PG_EPOCH_OFFSET_US,
-  TupleView,
-  UNCHANGED,
-  type TupleValue,
-} from '../../workers/decode/pgoutput.js';
+import { PG_EPOCH_OFFSET_US } from '../../workers/decode/pgoutput.js';
+import { tupleView as T, UNCHANGED } from '../helpers/pgoutput.js';
 import { BUILTIN_TYPES, type TypeInfo } from '../../workers/decode/values.js';
 
 function builtin(oid: number): TypeInfo {
@@ -28,9 +24,6 @@ function pgTime(iso: string, extraMicros = 0): number {
 }
 
 const EPOCH = Number(PG_EPOCH_OFFSET_US);
-
-/** A tuple as the decoder hands it over. */
-const T = (values: TupleValue[]): TupleView => TupleView.of(values);
 
 const ORDERS_OID = 16_384;
 const ORDERS: ResolvedRelation = {

@@ -1,91 +1,21 @@
 /**
  * pgoutput messages built by hand, byte by byte, after
- * https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html (protocol 1).
+ * https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html (protocol 1),
+ * decoded the way the reader decodes them: PgoutputDecoder, which hands the rare messages to
+ * parsePgoutput.
  */
 import { describe, expect, it } from 'vitest';
-import { UNCHANGED, parsePgoutput, type TupleValue } from '../../workers/decode/pgoutput.js';
-
-/** Big-endian message writer with the protocol's field types. */
-class Msg {
-  private readonly parts: Buffer[] = [];
-
-  constructor(tag: string) {
-    this.byte(tag);
-  }
-  byte(c: string): this {
-    return this.int8(c.charCodeAt(0));
-  }
-  int8(n: number): this {
-    const b = Buffer.alloc(1);
-    b.writeUInt8(n);
-    this.parts.push(b);
-    return this;
-  }
-  int16(n: number): this {
-    const b = Buffer.alloc(2);
-    b.writeInt16BE(n);
-    this.parts.push(b);
-    return this;
-  }
-  int32(n: number): this {
-    const b = Buffer.alloc(4);
-    b.writeInt32BE(n);
-    this.parts.push(b);
-    return this;
-  }
-  uint32(n: number): this {
-    const b = Buffer.alloc(4);
-    b.writeUInt32BE(n);
-    this.parts.push(b);
-    return this;
-  }
-  int64(n: bigint): this {
-    const b = Buffer.alloc(8);
-    b.writeBigInt64BE(n);
-    this.parts.push(b);
-    return this;
-  }
-  uint64(n: bigint): this {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(n);
-    this.parts.push(b);
-    return this;
-  }
-  string(s: string): this {
-    this.parts.push(Buffer.from(s, 'utf8'), Buffer.from([0]));
-    return this;
-  }
-  raw(b: Buffer): this {
-    this.parts.push(b);
-    return this;
-  }
-  /** TupleData: Int16 column count, then 'n' | 'u' | 't' Int32 length + bytes per column. */
-  tuple(values: TupleValue[]): this {
-    this.int16(values.length);
-    for (const v of values) {
-      if (v === null) this.byte('n');
-      else if (v === UNCHANGED) this.byte('u');
-      else {
-        const bytes = Buffer.from(v, 'utf8');
-        this.byte('t').int32(bytes.length).raw(bytes);
-      }
-    }
-    return this;
-  }
-  build(): Buffer {
-    return Buffer.concat(this.parts);
-  }
-}
+import { Msg, UNCHANGED, decodeMessage, type TupleValue } from '../helpers/pgoutput.js';
 
 const LSN = (1n << 32n) | 0x16b3748n; // 1/16B3748
 const END_LSN = (1n << 32n) | 0x16b3790n;
 const TIME = 817_347_018_120_345n; // µs since 2000-01-01
 const BIG_OID = 0x8000_0001; // above 2^31: must not come out negative
 
-describe('parsePgoutput', () => {
+describe('pgoutput decoding', () => {
   it("Begin 'B'", () => {
     const msg = new Msg('B').uint64(LSN).int64(TIME).uint32(0xffff_fffe).build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'begin',
       finalLsn: LSN,
       commitTime: TIME,
@@ -95,7 +25,7 @@ describe('parsePgoutput', () => {
 
   it("Commit 'C'", () => {
     const msg = new Msg('C').int8(0).uint64(LSN).uint64(END_LSN).int64(TIME).build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'commit',
       commitLsn: LSN,
       endLsn: END_LSN,
@@ -105,12 +35,12 @@ describe('parsePgoutput', () => {
 
   it('a commit time before 2000 is negative', () => {
     const msg = new Msg('C').int8(0).uint64(LSN).uint64(END_LSN).int64(-1n).build();
-    expect(parsePgoutput(msg)).toMatchObject({ commitTime: -1n });
+    expect(decodeMessage(msg)).toMatchObject({ commitTime: -1n });
   });
 
   it("Origin 'O'", () => {
     const msg = new Msg('O').uint64(LSN).string('pg_16390').build();
-    expect(parsePgoutput(msg)).toEqual({ tag: 'origin', lsn: LSN, name: 'pg_16390' });
+    expect(decodeMessage(msg)).toEqual({ tag: 'origin', lsn: LSN, name: 'pg_16390' });
   });
 
   it("Relation 'R'", () => {
@@ -133,7 +63,7 @@ describe('parsePgoutput', () => {
       .uint32(25)
       .int32(-1)
       .build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'relation',
       relationOid: BIG_OID,
       schema: 'shop',
@@ -149,7 +79,7 @@ describe('parsePgoutput', () => {
 
   it('Relation with REPLICA IDENTITY FULL, pg_catalog (empty namespace) and no columns', () => {
     const msg = new Msg('R').uint32(42).string('').string('t').byte('f').int16(0).build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'relation',
       relationOid: 42,
       schema: '',
@@ -161,7 +91,7 @@ describe('parsePgoutput', () => {
 
   it("Type 'Y'", () => {
     const msg = new Msg('Y').uint32(16_500).string('shop').string('mood').build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'type',
       typeOid: 16_500,
       schema: 'shop',
@@ -172,7 +102,7 @@ describe('parsePgoutput', () => {
   it("Insert 'I' with 't', 'n' and 'u' values", () => {
     const after: TupleValue[] = ['42', null, UNCHANGED, '', 'é 🐘 tab\t"q"', '{"a": [1, 2]}'];
     const msg = new Msg('I').uint32(BIG_OID).byte('N').tuple(after).build();
-    const parsed = parsePgoutput(msg);
+    const parsed = decodeMessage(msg);
     expect(parsed).toEqual({ tag: 'insert', relationOid: BIG_OID, after });
     // The unchanged marker is the exported symbol, not null or undefined.
     expect(parsed.tag === 'insert' && parsed.after[2]).toBe(UNCHANGED);
@@ -180,12 +110,12 @@ describe('parsePgoutput', () => {
 
   it("'t' lengths count bytes, not characters", () => {
     const msg = new Msg('I').uint32(1).byte('N').tuple(['🐘🐘', 'x']).build();
-    expect(parsePgoutput(msg)).toMatchObject({ after: ['🐘🐘', 'x'] });
+    expect(decodeMessage(msg)).toMatchObject({ after: ['🐘🐘', 'x'] });
   });
 
   it("Update 'U' with only the new tuple", () => {
     const msg = new Msg('U').uint32(7).byte('N').tuple(['1', 'new']).build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'update',
       relationOid: 7,
       beforeKind: null,
@@ -202,7 +132,7 @@ describe('parsePgoutput', () => {
       .byte('N')
       .tuple(['2', UNCHANGED])
       .build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'update',
       relationOid: 7,
       beforeKind: 'K',
@@ -219,7 +149,7 @@ describe('parsePgoutput', () => {
       .byte('N')
       .tuple(['1', UNCHANGED])
       .build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'update',
       relationOid: 7,
       beforeKind: 'O',
@@ -230,14 +160,14 @@ describe('parsePgoutput', () => {
 
   it("Delete 'D' with a 'K' or an 'O' tuple", () => {
     const key = new Msg('D').uint32(7).byte('K').tuple(['1', null]).build();
-    expect(parsePgoutput(key)).toEqual({
+    expect(decodeMessage(key)).toEqual({
       tag: 'delete',
       relationOid: 7,
       beforeKind: 'K',
       before: ['1', null],
     });
     const old = new Msg('D').uint32(7).byte('O').tuple(['1', 'gone']).build();
-    expect(parsePgoutput(old)).toEqual({
+    expect(decodeMessage(old)).toEqual({
       tag: 'delete',
       relationOid: 7,
       beforeKind: 'O',
@@ -258,7 +188,7 @@ describe('parsePgoutput', () => {
       .uint32(16_390)
       .uint32(BIG_OID)
       .build();
-    expect(parsePgoutput(msg)).toEqual({
+    expect(decodeMessage(msg)).toEqual({
       tag: 'truncate',
       cascade,
       restartIdentity,
@@ -269,7 +199,7 @@ describe('parsePgoutput', () => {
   it("Message 'M', transactional or not", () => {
     const content = Buffer.from([0, 1, 2, 0xff]);
     const tx = new Msg('M').int8(1).uint64(LSN).string('philotes').int32(4).raw(content).build();
-    const parsed = parsePgoutput(tx);
+    const parsed = decodeMessage(tx);
     expect(parsed).toMatchObject({
       tag: 'message',
       transactional: true,
@@ -278,33 +208,33 @@ describe('parsePgoutput', () => {
     });
     expect(parsed.tag === 'message' && [...parsed.content]).toEqual([0, 1, 2, 0xff]);
     const plain = new Msg('M').int8(0).uint64(LSN).string('hb').int32(0).build();
-    expect(parsePgoutput(plain)).toMatchObject({ transactional: false, prefix: 'hb' });
+    expect(decodeMessage(plain)).toMatchObject({ transactional: false, prefix: 'hb' });
   });
 
   it('parses a message that sits inside a larger buffer (a subarray)', () => {
     const msg = new Msg('I').uint32(9).byte('N').tuple(['a', null]).build();
     const big = Buffer.concat([Buffer.from('garbage'), msg, Buffer.from('more')]);
     const view = big.subarray(7, 7 + msg.length);
-    expect(parsePgoutput(view)).toEqual({ tag: 'insert', relationOid: 9, after: ['a', null] });
+    expect(decodeMessage(view)).toEqual({ tag: 'insert', relationOid: 9, after: ['a', null] });
   });
 
   it('throws on an unknown tag', () => {
-    expect(() => parsePgoutput(Buffer.from('Z'))).toThrow('pgoutput: unknown message tag 0x5a');
+    expect(() => decodeMessage(Buffer.from('Z'))).toThrow('pgoutput: unknown message tag 0x5a');
     // Protocol 2 streaming messages are not asked for, so not understood.
-    expect(() => parsePgoutput(new Msg('S').uint32(1).int8(1).build())).toThrow(
+    expect(() => decodeMessage(new Msg('S').uint32(1).int8(1).build())).toThrow(
       'pgoutput: unknown message tag 0x53',
     );
   });
 
   it("throws on binary ('b') tuple values, which we never request", () => {
     const msg = new Msg('I').uint32(1).byte('N').int16(1).byte('b').int32(1).int8(0).build();
-    expect(() => parsePgoutput(msg)).toThrow('pgoutput: unexpected tuple value kind 0x62');
+    expect(() => decodeMessage(msg)).toThrow('pgoutput: unexpected tuple value kind 0x62');
   });
 
   it('throws on an unterminated string and on a truncated message', () => {
     const unterminated = new Msg('O').uint64(LSN).raw(Buffer.from('no-nul')).build();
-    expect(() => parsePgoutput(unterminated)).toThrow('pgoutput: unterminated string');
+    expect(() => decodeMessage(unterminated)).toThrow('pgoutput: unterminated string');
     const truncated = new Msg('B').uint64(LSN).build();
-    expect(() => parsePgoutput(truncated)).toThrow(RangeError);
+    expect(() => decodeMessage(truncated)).toThrow(RangeError);
   });
 });

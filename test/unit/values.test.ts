@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { CopyBuffer } from '../../workers/decode/copy-buffer.js';
-import { TupleView } from '../../workers/decode/pgoutput.js';
+import { tupleView } from '../helpers/pgoutput.js';
 import {
   BUILTIN_TYPES,
   TEXT_TYPE,
@@ -312,7 +312,7 @@ describe('writeJson: the byte path equals toJson', () => {
   for (const [typeName, texts] of Object.entries(SAMPLES)) {
     it(typeName, () => {
       const t = type(typeName);
-      const view = TupleView.of(texts);
+      const view = tupleView(texts);
       for (let i = 0; i < texts.length; i++) {
         const out = new CopyBuffer(4);
         writeJson(out, view, i, t);
@@ -325,7 +325,7 @@ describe('writeJson: the byte path equals toJson', () => {
   it('a large value: sized by counting its escapes, the same JSON', () => {
     const text = `${'a"\\\n\u0001é'.repeat(40_000)}🐘`;
     const out = new CopyBuffer(16);
-    writeJson(out, TupleView.of([text]), 0, TEXT_TYPE);
+    writeJson(out, tupleView([text]), 0, TEXT_TYPE);
     expect(out.buf.toString('utf8', 0, out.length)).toBe(JSON.stringify(text));
   });
 

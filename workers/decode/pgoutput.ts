@@ -1,14 +1,13 @@
 /**
- * pgoutput protocol (version 1) messages, parsed from the bytes of one XLogData payload.
- * We parse ourselves rather than use pg-logical-replication's parser because that one runs every
+ * pgoutput protocol (version 1) messages, decoded from the bytes of one XLogData payload.
+ * We decode ourselves rather than use pg-logical-replication's parser because that one runs every
  * value through pg's global type parsers (timestamps become Dates and lose microseconds) and
  * produces objects that cannot cross a MessagePort. Tuple values stay as the server's text.
  * Reference: https://www.postgresql.org/docs/current/protocol-logicalrep-message-formats.html
+ *
+ * Two paths: PgoutputDecoder reads the row-level messages (Begin, Commit, Insert, Update, Delete)
+ * in place, without allocating; parsePgoutput turns the rare others into objects.
  */
-
-/** A column value in a tuple: its text, SQL NULL, or "unchanged TOASTed value, not sent". */
-export const UNCHANGED = Symbol('unchanged-toast');
-export type TupleValue = string | null | typeof UNCHANGED;
 
 export interface RelationColumn {
   readonly flags: number; // 1 = part of the replica identity
@@ -17,9 +16,8 @@ export interface RelationColumn {
   readonly typeMod: number;
 }
 
+/** The messages other than the row-level ones (see PgoutputDecoder). */
 export type PgoutputMessage =
-  | { tag: 'begin'; finalLsn: bigint; commitTime: bigint; xid: number }
-  | { tag: 'commit'; commitLsn: bigint; endLsn: bigint; commitTime: bigint }
   | { tag: 'origin'; lsn: bigint; name: string }
   | {
       tag: 'relation';
@@ -30,16 +28,6 @@ export type PgoutputMessage =
       columns: RelationColumn[];
     }
   | { tag: 'type'; typeOid: number; schema: string; name: string }
-  | { tag: 'insert'; relationOid: number; after: TupleValue[] }
-  | {
-      tag: 'update';
-      relationOid: number;
-      /** 'K': the old key (key columns only), 'O': the whole old row, absent: neither sent. */
-      beforeKind: 'K' | 'O' | null;
-      before: TupleValue[] | null;
-      after: TupleValue[];
-    }
-  | { tag: 'delete'; relationOid: number; beforeKind: 'K' | 'O'; before: TupleValue[] }
   | { tag: 'truncate'; cascade: boolean; restartIdentity: boolean; relationOids: number[] }
   | { tag: 'message'; transactional: boolean; lsn: bigint; prefix: string; content: Buffer };
 
@@ -77,11 +65,6 @@ class Reader {
     this.offset += 8;
     return v;
   }
-  i64(): bigint {
-    const v = this.buf.readBigInt64BE(this.offset);
-    this.offset += 8;
-    return v;
-  }
   cstring(): string {
     const end = this.buf.indexOf(0, this.offset);
     if (end < 0) throw new Error('pgoutput: unterminated string');
@@ -93,11 +76,6 @@ class Reader {
     const b = this.buf.subarray(this.offset, this.offset + n);
     this.offset += n;
     return b;
-  }
-  tuple(): TupleValue[] {
-    const view = new TupleView();
-    this.offset = view.read(this.buf, this.offset);
-    return view.values();
   }
 }
 
@@ -160,33 +138,6 @@ export class TupleView {
     return (this.buf as unknown as Utf8Sliceable).utf8Slice(this.starts[i]!, this.ends[i]!);
   }
 
-  values(): TupleValue[] {
-    const values = new Array<TupleValue>(this.count);
-    for (let i = 0; i < this.count; i++) {
-      values[i] = this.isNull(i) ? null : this.isUnchanged(i) ? UNCHANGED : this.text(i);
-    }
-    return values;
-  }
-
-  /** A view of a tuple encoded from values (tests, and anything not read off the wire). */
-  static of(values: readonly TupleValue[]): TupleView {
-    const parts: Buffer[] = [Buffer.from([values.length >> 8, values.length & 0xff])];
-    for (const v of values) {
-      if (v === null) parts.push(Buffer.from([KIND_NULL]));
-      else if (v === UNCHANGED) parts.push(Buffer.from([KIND_UNCHANGED]));
-      else {
-        const text = Buffer.from(v, 'utf8');
-        const head = Buffer.alloc(5);
-        head[0] = KIND_TEXT;
-        head.writeInt32BE(text.length, 1);
-        parts.push(head, text);
-      }
-    }
-    const view = new TupleView();
-    view.read(Buffer.concat(parts), 0);
-    return view;
-  }
-
   private grow(n: number): void {
     this.kinds = new Uint8Array(n);
     this.starts = new Int32Array(n);
@@ -203,7 +154,7 @@ const EMPTY = Buffer.alloc(0);
  */
 export interface PgoutputHandler {
   begin(finalLsn: number, commitTimeUs: number, xid: number): void;
-  commit(endLsn: number, commitTimeUs: number): void;
+  commit(commitLsn: number, endLsn: number, commitTimeUs: number): void;
   insert(relationOid: number, after: TupleView): void;
   update(
     relationOid: number,
@@ -239,7 +190,11 @@ export class PgoutputDecoder {
         );
         return;
       case 0x43: // 'C': flags, commit LSN, end LSN, commit time
-        h.commit(u64Number(buf, offset + 10), i64Number(buf, offset + 18));
+        h.commit(
+          u64Number(buf, offset + 2),
+          u64Number(buf, offset + 10),
+          i64Number(buf, offset + 18),
+        );
         return;
       case 0x49: {
         // 'I': relation, 'N', new tuple
@@ -276,17 +231,11 @@ export class PgoutputDecoder {
   }
 }
 
+/** One of the messages PgoutputDecoder leaves to `other`, as an object. */
 export function parsePgoutput(buf: Buffer): PgoutputMessage {
   const r = new Reader(buf);
   const tag = r.u8();
   switch (tag) {
-    case 0x42: // 'B'
-      return { tag: 'begin', finalLsn: r.u64(), commitTime: r.i64(), xid: r.u32() };
-    case 0x43: {
-      // 'C'
-      r.u8(); // flags, unused
-      return { tag: 'commit', commitLsn: r.u64(), endLsn: r.u64(), commitTime: r.i64() };
-    }
     case 0x4f: // 'O'
       return { tag: 'origin', lsn: r.u64(), name: r.cstring() };
     case 0x52: {
@@ -304,31 +253,6 @@ export function parsePgoutput(buf: Buffer): PgoutputMessage {
     }
     case 0x59: // 'Y'
       return { tag: 'type', typeOid: r.u32(), schema: r.cstring(), name: r.cstring() };
-    case 0x49: {
-      // 'I'
-      const relationOid = r.u32();
-      r.u8(); // 'N'
-      return { tag: 'insert', relationOid, after: r.tuple() };
-    }
-    case 0x55: {
-      // 'U'
-      const relationOid = r.u32();
-      const kind = r.u8();
-      let beforeKind: 'K' | 'O' | null = null;
-      let before: TupleValue[] | null = null;
-      if (kind === 0x4b || kind === 0x4f) {
-        beforeKind = kind === 0x4b ? 'K' : 'O';
-        before = r.tuple();
-        r.u8(); // 'N' introduces the new tuple
-      }
-      return { tag: 'update', relationOid, beforeKind, before, after: r.tuple() };
-    }
-    case 0x44: {
-      // 'D'
-      const relationOid = r.u32();
-      const beforeKind = r.u8() === 0x4b ? 'K' : 'O';
-      return { tag: 'delete', relationOid, beforeKind, before: r.tuple() };
-    }
     case 0x54: {
       // 'T'
       const n = r.u32();
