@@ -124,7 +124,8 @@ class SlotReader implements PgoutputHandler {
   private confirmedLsn = 0n;
   /** A WAL end seen while nothing of ours was in flight: safe to confirm. */
   private idleWalEnd = 0n;
-  private serverWalEnd = 0n;
+  /** The WAL end the last keepalive reported. */
+  private keepaliveWalEnd = 0n;
   /** The end of the last commit read (a Number: it moves with every transaction). */
   private lastCommitEnd = 0;
   private replyRequested = false;
@@ -299,7 +300,7 @@ class SlotReader implements PgoutputHandler {
   }
 
   insert(relationOid: number, after: TupleView): void {
-    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    if (this.isSkipped(relationOid)) return;
     this.builder.insert(relationOid, after);
   }
 
@@ -309,13 +310,18 @@ class SlotReader implements PgoutputHandler {
     before: TupleView | null,
     after: TupleView,
   ): void {
-    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    if (this.isSkipped(relationOid)) return;
     this.builder.update(relationOid, beforeKind, before, after);
   }
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
-    if (this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid)) return;
+    if (this.isSkipped(relationOid)) return;
     this.builder.delete(relationOid, beforeKind, before);
+  }
+
+  /** A table never captured (the buffer's own, when source and buffer coincide). */
+  private isSkipped(relationOid: number): boolean {
+    return this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid);
   }
 
   other(message: PgoutputMessage): void {
@@ -340,9 +346,7 @@ class SlotReader implements PgoutputHandler {
         return;
       }
       case 'truncate':
-        this.builder.truncate(
-          message.relationOids.filter((oid) => !this.skippedRelations.has(oid)),
-        );
+        this.builder.truncate(message.relationOids.filter((oid) => !this.isSkipped(oid)));
         return;
       default:
         // Type, Origin and logical decoding messages carry nothing we store.
@@ -401,8 +405,7 @@ class SlotReader implements PgoutputHandler {
 
   private onKeepalive(walEnd: bigint, shouldRespond: boolean): void {
     this.lastHeardAt = Date.now();
-    this.noteCommitEnds();
-    if (walEnd > this.serverWalEnd) this.serverWalEnd = walEnd;
+    if (walEnd > this.keepaliveWalEnd) this.keepaliveWalEnd = walEnd;
     // Keepalives come in stream order with the data: when everything before this one is handled
     // and stored, the server's WAL end holds nothing more for us.
     if (!this.stopping && this.isIdle() && walEnd > this.idleWalEnd) this.idleWalEnd = walEnd;
@@ -414,11 +417,10 @@ class SlotReader implements PgoutputHandler {
     }
   }
 
-  /** Folds the commits read since into serverWalEnd (kept as a Number on the hot path). */
-  private noteCommitEnds(): void {
-    if (this.lastCommitEnd > 0 && BigInt(this.lastCommitEnd) > this.serverWalEnd) {
-      this.serverWalEnd = BigInt(this.lastCommitEnd);
-    }
+  /** How far the server's WAL is known to reach: its last keepalive, or a later commit. */
+  private get serverWalEnd(): bigint {
+    const commitEnd = BigInt(this.lastCommitEnd);
+    return commitEnd > this.keepaliveWalEnd ? commitEnd : this.keepaliveWalEnd;
   }
 
   private isIdle(): boolean {
@@ -554,7 +556,6 @@ class SlotReader implements PgoutputHandler {
     } else if (answer) {
       this.sendStatus();
     }
-    this.noteCommitEnds();
     if (this.confirmedLsn >= this.serverWalEnd) this.replyRequested = false;
   }
 
@@ -593,10 +594,10 @@ class SlotReader implements PgoutputHandler {
   }
 
   private reportProgress(): void {
-    this.noteCommitEnds();
+    const serverWalEnd = this.serverWalEnd;
     this.post({
       type: 'progress',
-      serverWalEnd: this.serverWalEnd === 0n ? null : formatLsn(this.serverWalEnd),
+      serverWalEnd: serverWalEnd === 0n ? null : formatLsn(serverWalEnd),
       confirmedLsn: this.confirmedLsn === 0n ? null : formatLsn(this.confirmedLsn),
     });
   }
