@@ -164,9 +164,21 @@ async function timeRecvlogical(source: Cluster, work: string, slot = 'twin'): Pr
  */
 function reapedChildCpuSeconds(cluster: Cluster): number {
   const pid = Number(readFileSync(join(cluster.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
+  return cpuSeconds(pid).children;
+}
+
+/**
+ * CPU seconds from /proc/pid/stat: the process's own (utime + stime, fields 14 and 15) and that
+ * of its children it has reaped (cutime + cstime, fields 16 and 17). Clock ticks are 1/100 s.
+ */
+function cpuSeconds(pid: number): { own: number; children: number } {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(fields[13]) + Number(fields[14])) / 100;
+  // Fields counted from the state (field 3), after the ')' closing the command name.
+  const f = stat
+    .slice(stat.lastIndexOf(')') + 2)
+    .split(' ')
+    .map(Number);
+  return { own: (f[11]! + f[12]!) / 100, children: (f[13]! + f[14]!) / 100 };
 }
 
 /** Waits until no other backend is connected to `database` (so its CPU has been reaped). */
@@ -188,11 +200,7 @@ async function waitForBackendsGone(cluster: Cluster, database: string): Promise<
 function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
-  // Fields 14 and 15 of /proc/pid/stat (after the ')' of the command name): utime, stime in ticks.
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]);
-  return { rssPeakKb: Number(hwm?.[1] ?? 0), cpuSeconds: ticks / 100 };
+  return { rssPeakKb: Number(hwm?.[1] ?? 0), cpuSeconds: cpuSeconds(pid).own };
 }
 
 /** The real CLI, as an operator runs it, with default settings. */
