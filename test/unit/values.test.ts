@@ -108,13 +108,9 @@ describe('toJson scalars', () => {
     expect(json('123456789012345678901234567890', 'jsonb')).toBe('123456789012345678901234567890');
   });
 
-  // BUG (workers/decode/values.ts toJson, kind 'json'): the `json` type (unlike jsonb) accepts
-  // the escape \u0000, and toJson splices it verbatim into the event. cdc_events.before/after
-  // are jsonb, which rejects it ("unsupported Unicode escape sequence"): the COPY of that batch
-  // fails on every retry and the source stalls on this one row. Checked against PostgreSQL 15.
-  // Suggested fix: for a json (oid 114, not jsonb) value whose text holds an unescaped \u0000,
-  // emit JSON.stringify(text) (the exact text as a string: lossless) or mark the column like an
-  // unchanged one; same for elements of json[].
+  // The json type (unlike jsonb) accepts the escape \u0000; cdc_events.before/after are jsonb,
+  // which rejects it, so the COPY of that batch would fail on every retry and stall the source.
+  // Such a value travels as its exact text, a JSON string. Checked against PostgreSQL 15.
   it('a json value holding \\u0000 still fits the jsonb buffer', () => {
     const out = json('{"a": "x\\u0000y"}', 'json');
     expect(hasNulEscape(out)).toBe(false);
