@@ -282,6 +282,9 @@ class SlotReader implements PgoutputHandler {
       } else if (chunk[0] === KEEPALIVE) {
         const walEnd = chunk.readBigUInt64BE(1);
         this.onKeepalive(walEnd, chunk[17] === 1);
+      } else {
+        // Never skipped silently: positions after it would be confirmed as if it held nothing.
+        throw new Error(`replication stream: unexpected message type 0x${chunk[0]?.toString(16)}`);
       }
     } catch (error) {
       this.fail(error);
