@@ -18,5 +18,6 @@ export const BUFFER_TABLES = [
   'cdc_events',
   'cdc_checkpoints',
   'cdc_schema_history',
+  'cdc_gaps',
   'philotes_migrations',
 ];

@@ -10,6 +10,8 @@ export class FatalSourceError extends Error {
   constructor(
     message: string,
     readonly code: string,
+    /** Structured facts for logs and /readyz (positions, sizes); never secrets. */
+    readonly details?: Readonly<Record<string, string | number | boolean | null>>,
   ) {
     super(message);
   }
@@ -57,10 +59,12 @@ export function isFatal(error: unknown): boolean {
 export function toErrorInfo(error: unknown): ErrorInfo {
   if (error instanceof Error) {
     const code = (error as { code?: unknown }).code;
+    const details = (error as { details?: ErrorInfo['details'] }).details;
     return {
       name: error.name,
       message: error.message,
       ...(typeof code === 'string' ? { code } : {}),
+      ...(details !== undefined ? { details } : {}),
       fatal: isFatal(error),
       ...(error.stack !== undefined ? { stack: error.stack } : {}),
     };
@@ -72,10 +76,12 @@ export function toErrorInfo(error: unknown): ErrorInfo {
 export class ReaderError extends Error {
   readonly code: string | undefined;
   readonly fatal: boolean;
+  readonly details: ErrorInfo['details'];
   constructor(info: ErrorInfo) {
     super(info.message);
     this.name = info.name;
     this.code = info.code;
+    this.details = info.details;
     this.fatal = info.fatal;
     if (info.stack !== undefined) this.stack = info.stack;
   }

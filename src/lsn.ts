@@ -16,3 +16,17 @@ export function formatLsn(lsn: bigint): string {
 export function lsnToNumber(lsn: bigint): number {
   return Number(lsn);
 }
+
+/** A WAL distance for people: "123 B", "4.5 MB", "1.2 GB". */
+export function formatBytes(bytes: bigint): string {
+  const n = Number(bytes < 0n ? -bytes : bytes);
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  const text = unit === 0 ? String(value) : value.toFixed(value < 10 ? 1 : 0);
+  return `${bytes < 0n ? '-' : ''}${text} ${units[unit]}`;
+}

@@ -10,8 +10,12 @@ import type { DatabaseIdentity } from './database-identity.js';
 /** The task piscina hands to a thread: read one slot until told to stop. */
 export interface ReaderTask {
   readonly source: SourceConfig;
-  /** Durable checkpoint to resume from, or null to start at the slot's confirmed position. */
-  readonly startLsn: string | null;
+  /**
+   * What the buffer holds for this source: the checkpoint to resume from, and the furthest
+   * position Philotes recorded before confirming it to the slot (null: written by a version
+   * that did not record it). Null for a source new to the buffer.
+   */
+  readonly checkpoint: { readonly lsn: string; readonly confirmedLsn: string | null } | null;
   readonly checkpointIntervalMs: number;
   /** Silence on the replication connection longer than this means it is dead. */
   readonly sourceTimeoutMs: number;
@@ -90,10 +94,22 @@ export interface ErrorInfo {
   readonly message: string;
   readonly code?: string;
   readonly fatal: boolean;
+  /** Structured facts of a fatal source error (positions, the gap). */
+  readonly details?: Readonly<Record<string, string | number | boolean | null>>;
   readonly stack?: string;
 }
 
-export type WorkerMessage = ReadyMessage | BatchMessage | ProgressMessage;
+/**
+ * Record in the buffer that Philotes may confirm the slot up to `lsn` (a position past the stored
+ * checkpoint that holds nothing of ours). Sent before confirming such a position, so that a slot
+ * found further on at the next start was moved by someone else.
+ */
+export interface RecordMessage {
+  readonly type: 'record';
+  readonly lsn: string;
+}
+
+export type WorkerMessage = ReadyMessage | BatchMessage | ProgressMessage | RecordMessage;
 
 // ---- supervisor -> worker ----
 
@@ -115,7 +131,13 @@ export interface AbortMessage {
   readonly type: 'abort';
 }
 
-export type SupervisorMessage = DurableMessage | StopMessage | AbortMessage;
+/** The buffer now records `lsn` as confirmable (the answer to a RecordMessage). */
+export interface RecordedMessage {
+  readonly type: 'recorded';
+  readonly lsn: string;
+}
+
+export type SupervisorMessage = DurableMessage | StopMessage | AbortMessage | RecordedMessage;
 
 /**
  * What a reader task resolves with. A failure is returned rather than thrown: a thrown error

@@ -29,8 +29,9 @@ async function openBuffer(config: Config, log: Logger): Promise<BufferStore> {
 }
 
 export async function run(config: Config, pool: Piscina): Promise<void> {
-  const log = createLogger(config.logLevel, { source: config.sources.map((s) => s.id).join(',') });
-  log.info({ sources: config.sources.length }, 'philotes starting');
+  // Process-wide lines carry no `source`; each source's lines get it once, from its child logger.
+  const log = createLogger(config.logLevel);
+  log.info({ sources: config.sources.map((s) => s.id) }, 'philotes starting');
 
   let store: BufferStore;
   try {

@@ -17,7 +17,7 @@ import type {
   SupervisorMessage,
   WorkerMessage,
 } from './protocol.js';
-import type { BufferStore } from './buffer/store.js';
+import type { BufferStore, Checkpoint } from './buffer/store.js';
 
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
 const HEALTHY_RUN_MS = 60_000;
@@ -88,7 +88,7 @@ class ReaderRun {
 
   constructor(
     private readonly runner: SourceRunner,
-    startLsn: string | null,
+    checkpoint: Checkpoint | null,
     pool: Piscina,
   ) {
     this.writerFailed.catch(() => undefined);
@@ -96,7 +96,8 @@ class ReaderRun {
     this.channel.port1.on('message', (message: WorkerMessage) => this.onMessage(message));
     const task: ReaderTask = {
       source,
-      startLsn,
+      checkpoint:
+        checkpoint === null ? null : { lsn: checkpoint.lsn, confirmedLsn: checkpoint.confirmedLsn },
       checkpointIntervalMs: config.checkpointIntervalMs,
       sourceTimeoutMs: config.sourceTimeoutMs,
       batchMaxRows: config.batchMaxRows,
@@ -179,6 +180,9 @@ class ReaderRun {
         metrics.queuedBatches.set(labels, this.queue.length);
         void this.drain();
         break;
+      case 'record':
+        void this.recordConfirmable(message.lsn);
+        break;
       case 'progress':
         if (message.confirmedLsn !== null) {
           this.runner.confirmedLsn = message.confirmedLsn;
@@ -191,6 +195,27 @@ class ReaderRun {
         }
         break;
     }
+  }
+
+  /** Records a position the reader wants to confirm past the checkpoint, then lets it. */
+  private async recordConfirmable(lsn: string): Promise<void> {
+    if (this.writeError !== null || this.aborted) return;
+    const { source, store } = this.runner;
+    try {
+      await store.recordConfirmable(source.id, source.slot, lsn);
+      this.send({ type: 'recorded', lsn });
+    } catch (error) {
+      this.failWriter(error, 'recording a confirmable position in the buffer failed');
+    }
+  }
+
+  private failWriter(error: unknown, what: string): void {
+    if (this.writeError !== null) return;
+    this.writeError = error;
+    this.queue.length = 0;
+    this.runner.metrics.queuedBatches.set({ source: this.runner.source.id }, 0);
+    this.runner.log.error({ err: error }, what);
+    this.onWriterFailed(error);
   }
 
   /** Stores queued batches in order, several per buffer transaction when they pile up. */
@@ -244,11 +269,7 @@ class ReaderRun {
         this.send({ type: 'durable', seq: last.seq, lsn: stored.checkpointLsn });
       }
     } catch (error) {
-      this.writeError = error;
-      this.queue.length = 0;
-      metrics.queuedBatches.set(labels, 0);
-      log.error({ err: error }, 'storing a batch in the buffer failed');
-      this.onWriterFailed(error);
+      this.failWriter(error, 'storing a batch in the buffer failed');
     } finally {
       this.writing = false;
     }
@@ -400,7 +421,7 @@ export class SourceRunner {
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
-    const run = new ReaderRun(this, checkpoint?.lsn ?? null, this.pool);
+    const run = new ReaderRun(this, checkpoint, this.pool);
     this.current = run;
     try {
       await run.wait(lockLost);

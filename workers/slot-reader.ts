@@ -30,6 +30,7 @@ import {
   type PgoutputMessage,
   type TupleView,
 } from './decode/pgoutput.js';
+import { currentWalLsn, findGap, gapError, readSlotState } from '../src/source-admin.js';
 import { CatalogResolver, prepareSource } from './source-setup.js';
 
 if (isMainThread) {
@@ -114,12 +115,24 @@ class SlotReader implements PgoutputHandler {
   /** Messages read while blocked, handled in order once the block ends. */
   private readonly queue: Buffer[] = [];
   /** Why reading is paused, if it is. */
-  private blocked: 'catalog' | 'buffer' | null = null;
+  private blocked: 'catalog' | 'slot' | 'buffer' | null = null;
   private blockedWork: Promise<void> | null = null;
   private batchSeq = 0;
   private durableSeq = 0;
+  /** Where this run started streaming: the checkpoint, or where a new capture begins. */
+  private startLsn = 0n;
   /** Everything up to here is committed in the buffer. */
   private durableLsn = 0n;
+  /**
+   * The buffer records that Philotes may confirm the slot this far. Nothing past it (or past
+   * durableLsn) is ever confirmed: at the next start, a slot further on was moved by someone else.
+   */
+  private recordedLsn = 0n;
+  /** The furthest position asked to be recorded. */
+  private recordRequested = 0n;
+  private recordWaiters: Array<{ lsn: bigint; resolve: () => void }> = [];
+  /** The slot is checked once more after streaming starts, before anything is handled. */
+  private slotVerified = false;
   /** What we last told the source. */
   private confirmedLsn = 0n;
   /** A WAL end seen while nothing of ours was in flight: safe to confirm. */
@@ -169,7 +182,19 @@ class SlotReader implements PgoutputHandler {
       this.side.on('error', (error) => this.fail(error));
       await this.side.connect();
       this.log.info({ connection: safeConnection(source.connection) }, 'connected to source');
-      const prepared = await prepareSource(this.side, source, this.log);
+      const checkpoint = this.task.checkpoint;
+      const prepared = await prepareSource(
+        this.side,
+        source,
+        this.log,
+        checkpoint === null
+          ? null
+          : {
+              checkpointLsn: parseLsn(checkpoint.lsn),
+              confirmedLsn:
+                checkpoint.confirmedLsn === null ? null : parseLsn(checkpoint.confirmedLsn),
+            },
+      );
       const identity = await this.side.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
       if (identity.rows[0]?.identity === this.task.buffer.identity) {
         // Capturing the buffer's own tables would feed every stored event back in as a change.
@@ -180,19 +205,15 @@ class SlotReader implements PgoutputHandler {
           'the source database is also the buffer: Philotes leaves its own tables out',
         );
       }
-      this.resolver = new CatalogResolver(this.side);
+      this.resolver = new CatalogResolver(this.side, this.log);
 
-      if (prepared.slotCreated && this.task.startLsn !== null) {
-        // The buffer has a checkpoint from an earlier slot: whatever was committed between that
-        // slot's end and this slot's creation is not in any stream any more.
-        this.log.warn(
-          { checkpoint: this.task.startLsn, slot: source.slot },
-          'replication slot was missing and has been created anew: changes committed since the last checkpoint and before now are not captured',
-        );
-      }
-      const start = this.task.startLsn ?? prepared.confirmedFlushLsn ?? '0/0';
-      this.durableLsn = parseLsn(start);
-      this.confirmedLsn = this.durableLsn;
+      this.startLsn = prepared.startLsn;
+      this.durableLsn = prepared.startLsn;
+      this.confirmedLsn = prepared.startLsn;
+      if (prepared.mustRecord) await this.record(prepared.recordedLsn);
+      else this.recordedLsn = prepared.recordedLsn;
+      if (this.failed !== null) throw this.failed;
+      const start = formatLsn(prepared.startLsn);
       this.post({
         type: 'ready',
         startLsn: start,
@@ -264,11 +285,30 @@ class SlotReader implements PgoutputHandler {
       this.pauseStream(); // dropped too; see stop()
       return;
     }
+    if (!this.slotVerified) {
+      this.slotVerified = true;
+      this.queue.push(Buffer.from(chunk));
+      this.block('slot', () => this.verifySlot());
+      return;
+    }
     if (this.blocked !== null || this.queue.length > 0) {
       this.queue.push(Buffer.from(chunk));
       return;
     }
     this.handle(chunk);
+  }
+
+  /**
+   * The check prepareSource made before streaming, once more now that this connection holds the
+   * slot and nobody else can move it: another client could have streamed it in between. Nothing
+   * of the stream is handled before this passes.
+   */
+  private async verifySlot(): Promise<void> {
+    const { source } = this.task;
+    const slot = await readSlotState(this.side!, source.slot);
+    const record = { checkpointLsn: this.startLsn, confirmedLsn: this.recordedLsn };
+    const gap = findGap(record, slot, await currentWalLsn(this.side!));
+    if (gap !== null) throw gapError(source, gap, slot, this.startLsn);
   }
 
   private handle(chunk: Buffer): void {
@@ -337,17 +377,13 @@ class SlotReader implements PgoutputHandler {
         const resolver = this.resolver!;
         const b = this.builder;
         this.block('catalog', async () => {
-          b.relation(
-            await resolver.resolveRelation(
-              message.relationOid,
-              message.schema,
-              message.name,
-              message.columns,
-            ),
-          );
+          b.relation(await resolver.resolveRelation(message));
         });
         return;
       }
+      case 'type':
+        this.resolver!.noteType(message.typeOid, message.name);
+        return;
       case 'truncate':
         this.builder.truncate(message.relationOids.filter((oid) => !this.isSkipped(oid)));
         return;
@@ -358,7 +394,7 @@ class SlotReader implements PgoutputHandler {
   }
 
   /** Pauses reading until `work` is done, then handles what queued up meanwhile. */
-  private block(reason: 'catalog' | 'buffer', work: () => Promise<void>): void {
+  private block(reason: 'catalog' | 'slot' | 'buffer', work: () => Promise<void>): void {
     this.blocked = reason;
     this.pauseStream();
     this.blockedWork = work().then(
@@ -524,6 +560,16 @@ class SlotReader implements PgoutputHandler {
         if (this.replyRequested) this.confirm(true);
         break;
       }
+      case 'recorded': {
+        const lsn = parseLsn(message.lsn);
+        if (lsn > this.recordedLsn) this.recordedLsn = lsn;
+        const waiting = this.recordWaiters;
+        this.recordWaiters = waiting.filter((w) => w.lsn > this.recordedLsn);
+        for (const w of waiting) if (w.lsn <= this.recordedLsn) w.resolve();
+        // The confirmation that asked for this record can go out now.
+        if (!this.stopping) this.confirm(this.replyRequested);
+        break;
+      }
       case 'stop':
         void this.stop();
         break;
@@ -548,10 +594,15 @@ class SlotReader implements PgoutputHandler {
   /**
    * Confirms the safe position to the source. Called once per checkpoint interval, when the
    * server asks for a reply, and at shutdown: confirmations are coalesced, not sent per batch.
+   * A safe position past what the buffer records (an idle WAL end) is recorded first and
+   * confirmed when the supervisor reports it recorded.
    */
   private confirm(answer: boolean): void {
     if (this.failed !== null) return;
-    const lsn = this.safeLsn();
+    const safe = this.safeLsn();
+    const limit = this.durableLsn > this.recordedLsn ? this.durableLsn : this.recordedLsn;
+    if (safe > limit) this.requestRecord(safe);
+    const lsn = safe < limit ? safe : limit;
     if (lsn > this.confirmedLsn) {
       this.confirmedLsn = lsn;
       this.sendStatus();
@@ -560,6 +611,20 @@ class SlotReader implements PgoutputHandler {
       this.sendStatus();
     }
     if (this.confirmedLsn >= this.serverWalEnd) this.replyRequested = false;
+  }
+
+  private requestRecord(lsn: bigint): void {
+    if (lsn <= this.recordRequested || lsn <= this.recordedLsn) return;
+    this.recordRequested = lsn;
+    this.post({ type: 'record', lsn: formatLsn(lsn) });
+  }
+
+  /** Resolves once the buffer records `lsn` as confirmable (or the reader has failed). */
+  private async record(lsn: bigint): Promise<void> {
+    if (lsn <= this.recordedLsn || this.failed !== null) return;
+    const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
+    this.requestRecord(lsn);
+    await recorded;
   }
 
   /**
@@ -625,6 +690,8 @@ class SlotReader implements PgoutputHandler {
         await new Promise<void>((resolve) => this.durableWaiters.push(resolve));
       }
       if (this.failed !== null) return;
+      await this.record(this.safeLsn());
+      if (this.failed !== null) return;
       this.confirm(true);
       const reached = await this.waitForSlotConfirmation();
       this.log.info(
@@ -671,6 +738,7 @@ class SlotReader implements PgoutputHandler {
     if (report) this.log.error({ err: error }, 'reader failed');
     for (const w of this.creditWaiters.splice(0)) w();
     for (const w of this.durableWaiters.splice(0)) w();
+    for (const w of this.recordWaiters.splice(0)) w.resolve();
     this.settle.reject(error);
   }
 

@@ -7,6 +7,20 @@ import type pg from 'pg';
 import type { SourceConfig } from '../src/config.js';
 import { FatalSourceError } from '../src/errors.js';
 import type { Logger } from '../src/logger.js';
+import { formatLsn } from '../src/lsn.js';
+import {
+  checkSlotKind,
+  createPublication,
+  createSlot,
+  currentWalLsn,
+  findGap,
+  gapError,
+  publicationExists,
+  publicationMissingError,
+  readSlotState,
+  where,
+  type SlotState,
+} from '../src/source-admin.js';
 import type { ResolvedColumn, ResolvedRelation } from './decode/events.js';
 import type { RelationColumn } from './decode/pgoutput.js';
 import { BUILTIN_TYPES, TEXT_TYPE, type TypeInfo, type ValueKind } from './decode/values.js';
@@ -15,18 +29,28 @@ export interface PreparedSource {
   readonly serverVersion: number;
   readonly slotCreated: boolean;
   readonly publicationCreated: boolean;
-  /** The slot's confirmed_flush_lsn, where the server resumes without an explicit start. */
-  readonly confirmedFlushLsn: string | null;
+  /** Where streaming starts: the buffer's checkpoint, or where a slot new to the buffer starts. */
+  readonly startLsn: bigint;
+  /** The furthest position Philotes may confirm to the slot without recording it first. */
+  readonly recordedLsn: bigint;
+  /**
+   * recordedLsn is not in the buffer yet (a source new to the buffer, or one written by an
+   * earlier version): record it before streaming, so the buffer always knows where this slot's
+   * capture stands.
+   */
+  readonly mustRecord: boolean;
 }
 
-function where(source: SourceConfig): string {
-  return `${source.connection.host}:${source.connection.port}/${source.connection.database}`;
-}
-
+/**
+ * Preflight checks, then the publication and the slot. With a checkpoint in the buffer, nothing
+ * is created that would hide a gap: a missing slot or publication, an invalidated slot, or a
+ * slot another client has advanced stops the source with the gap and the way out.
+ */
 export async function prepareSource(
   client: pg.Client,
   source: SourceConfig,
   log: Logger,
+  record: { checkpointLsn: bigint; confirmedLsn: bigint | null } | null,
 ): Promise<PreparedSource> {
   const settings = await client.query<{ wal_level: string; version: string }>(
     `SELECT current_setting('wal_level') AS wal_level, current_setting('server_version_num') AS version`,
@@ -62,59 +86,127 @@ export async function prepareSource(
     );
   }
 
-  const publicationCreated = await ensurePublication(client, source, log);
-  const slot = await ensureSlot(client, source, log);
-  return { serverVersion, publicationCreated, ...slot };
+  let publicationCreated = false;
+  if (await publicationExists(client, source.publication)) {
+    log.info({ publication: source.publication }, 'publication exists');
+  } else if (record !== null) {
+    throw publicationMissingError(
+      source,
+      `does not exist on ${where(source)}, but the buffer holds this source's changes up to ${formatLsn(record.checkpointLsn)}: it was dropped (or the configured name changed) after that point`,
+      null,
+    );
+  } else {
+    publicationCreated = await createPublication(client, source, log);
+  }
+  await warnAboutIdentity(client, source.publication, log);
+
+  if (record !== null)
+    return { serverVersion, publicationCreated, ...(await checkSlot(client, source, log, record)) };
+  return {
+    serverVersion,
+    publicationCreated,
+    ...(await newCapture(client, source, log, publicationCreated)),
+  };
 }
 
-async function ensurePublication(
+/** A source the buffer has a checkpoint for: the slot must deliver everything after it. */
+async function checkSlot(
   client: pg.Client,
   source: SourceConfig,
   log: Logger,
-): Promise<boolean> {
-  const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [
-    source.publication,
-  ]);
-  if (existing.rowCount) {
-    log.info({ publication: source.publication }, 'publication exists');
-    await warnAboutIdentity(client, source.publication, log);
-    return false;
-  }
-  const target =
-    source.tables.length === 0
-      ? 'FOR ALL TABLES'
-      : `FOR TABLE ${source.tables
-          .map((t) =>
-            t
-              .split('.')
-              .map((part) => client.escapeIdentifier(part))
-              .join('.'),
-          )
-          .join(', ')}`;
-  try {
-    await client.query(
-      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}`,
+  record: { checkpointLsn: bigint; confirmedLsn: bigint | null },
+): Promise<{ slotCreated: false; startLsn: bigint; recordedLsn: bigint; mustRecord: boolean }> {
+  const slot = await readSlotState(client, source.slot);
+  if (slot !== null) checkSlotKind(source, slot);
+  let confirmedLsn = record.confirmedLsn;
+  const mustRecord = confirmedLsn === null;
+  if (confirmedLsn === null) {
+    // A buffer written before Philotes recorded its confirmations: its idle confirmations may
+    // have moved the slot past the checkpoint, and nothing tells them apart from another
+    // client's. Trust the slot this once; from now on every confirmation is recorded first.
+    const slotLsn = slot?.confirmedFlushLsn ?? null;
+    confirmedLsn =
+      slotLsn !== null && slotLsn > record.checkpointLsn ? slotLsn : record.checkpointLsn;
+    log.warn(
+      {
+        checkpoint: formatLsn(record.checkpointLsn),
+        slotConfirmedFlushLsn: formatLsn(confirmedLsn),
+      },
+      'the buffer holds no record of the positions an earlier Philotes confirmed to this slot; taking the slot position as ours this once',
     );
-  } catch (error) {
-    if ((error as { code?: string }).code === '42710') return false; // created concurrently
-    const code = (error as { code?: string }).code;
-    if (code === '42501') {
-      throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (create it as a superuser, or list tables you own in PHILOTES_CDC_TABLES)`,
-        code,
-      );
-    }
-    if (code === '42P01') {
-      throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (check PHILOTES_CDC_TABLES)`,
-        code,
-      );
-    }
-    throw error;
   }
-  log.info({ publication: source.publication, target }, 'publication created');
-  await warnAboutIdentity(client, source.publication, log);
-  return true;
+  const durable = { checkpointLsn: record.checkpointLsn, confirmedLsn };
+  const gap = findGap(durable, slot, await currentWalLsn(client));
+  if (gap !== null) throw gapError(source, gap, slot, record.checkpointLsn);
+  warnAboutRetention(slot!, log);
+  log.info(
+    {
+      confirmedFlushLsn:
+        slot!.confirmedFlushLsn === null ? null : formatLsn(slot!.confirmedFlushLsn),
+    },
+    'replication slot exists and can deliver every change after the checkpoint',
+  );
+  const recordedLsn = confirmedLsn > record.checkpointLsn ? confirmedLsn : record.checkpointLsn;
+  return { slotCreated: false, startLsn: record.checkpointLsn, recordedLsn, mustRecord };
+}
+
+/** A source new to the buffer: use the slot if there is one, else create it. */
+async function newCapture(
+  client: pg.Client,
+  source: SourceConfig,
+  log: Logger,
+  publicationCreated: boolean,
+): Promise<{ slotCreated: boolean; startLsn: bigint; recordedLsn: bigint; mustRecord: true }> {
+  let slot = await readSlotState(client, source.slot);
+  let slotCreated = false;
+  if (slot === null) {
+    slotCreated = await createSlot(client, source);
+    if (slotCreated) log.info('replication slot created');
+    slot = await readSlotState(client, source.slot);
+    if (slot === null)
+      throw new Error(`replication slot "${source.slot}" vanished right after creation`);
+  } else {
+    log.info(
+      {
+        confirmedFlushLsn:
+          slot.confirmedFlushLsn === null ? null : formatLsn(slot.confirmedFlushLsn),
+      },
+      'replication slot exists; the buffer has no checkpoint for this source yet, so capture starts where the slot is',
+    );
+  }
+  checkSlotKind(source, slot);
+  if (slot.walStatus === 'lost' || slot.invalidationReason !== null) {
+    throw new FatalSourceError(
+      `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot.invalidationReason ?? 'wal_status lost'}) and cannot be read; the buffer has no checkpoint for this source, so nothing stored is at stake: drop the slot (SELECT pg_drop_replication_slot('${source.slot}')) and start again`,
+      'SLOT_INVALIDATED',
+    );
+  }
+  warnAboutRetention(slot, log);
+  let startLsn = slot.confirmedFlushLsn ?? 0n;
+  if (publicationCreated && !slotCreated) {
+    // The slot is older than the publication just created: changes between the two cannot be
+    // decoded with it (the publication did not exist then). Nothing is promised for a source
+    // new to the buffer, so capture starts after the publication.
+    const now = await currentWalLsn(client);
+    if (now > startLsn) {
+      log.info(
+        { slotConfirmedFlushLsn: formatLsn(startLsn), startLsn: formatLsn(now) },
+        'the slot is older than the publication just created: capture starts after the publication',
+      );
+      startLsn = now;
+    }
+  }
+  return { slotCreated, startLsn, recordedLsn: startLsn, mustRecord: true };
+}
+
+/** A slot about to lose WAL it still needs is worth a loud line before it happens. */
+function warnAboutRetention(slot: SlotState, log: Logger): void {
+  if (slot.walStatus === 'unreserved') {
+    log.warn(
+      { walStatus: slot.walStatus },
+      'the replication slot is about to lose WAL it has not delivered yet (wal_status unreserved, beyond max_slot_wal_keep_size): if it is invalidated, changes are lost and the source stops',
+    );
+  }
 }
 
 /**
@@ -154,83 +246,6 @@ async function tablesWithoutIdentity(client: pg.Client, publication: string): Pr
   return result.rows.map((r) => r.name);
 }
 
-interface SlotRow {
-  plugin: string | null;
-  slot_type: string;
-  database: string | null;
-  wal_status: string | null;
-  confirmed_flush_lsn: string | null;
-}
-
-async function readSlot(client: pg.Client, slot: string): Promise<SlotRow | undefined> {
-  const result = await client.query<SlotRow>(
-    `SELECT plugin, slot_type, database, wal_status, confirmed_flush_lsn::text AS confirmed_flush_lsn
-       FROM pg_replication_slots WHERE slot_name = $1`,
-    [slot],
-  );
-  return result.rows[0];
-}
-
-async function ensureSlot(
-  client: pg.Client,
-  source: SourceConfig,
-  log: Logger,
-): Promise<{ slotCreated: boolean; confirmedFlushLsn: string | null }> {
-  let slot = await readSlot(client, source.slot);
-  let slotCreated = false;
-  if (!slot) {
-    try {
-      // Waits for transactions running now to finish: a consistent starting point.
-      await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [
-        source.slot,
-      ]);
-      slotCreated = true;
-      log.info({ slot: source.slot }, 'replication slot created');
-    } catch (error) {
-      const code = (error as { code?: string }).code;
-      if (code === '42501') {
-        throw new FatalSourceError(
-          `cannot create replication slot "${source.slot}" on ${where(source)}: the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)`,
-          code,
-        );
-      }
-      if (code === '53400') {
-        throw new FatalSourceError(
-          `cannot create replication slot "${source.slot}" on ${where(source)}: all replication slots are in use (raise max_replication_slots)`,
-          code,
-        );
-      }
-      if (code !== '42710') throw error; // 42710: created concurrently, read it below
-    }
-    slot = await readSlot(client, source.slot);
-    if (!slot) throw new Error(`replication slot "${source.slot}" vanished right after creation`);
-  } else {
-    log.info(
-      { slot: source.slot, confirmedFlushLsn: slot.confirmed_flush_lsn },
-      'replication slot exists',
-    );
-  }
-  if (slot.slot_type !== 'logical' || slot.plugin !== 'pgoutput') {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" on ${where(source)} is a ${slot.slot_type} slot with plugin ${slot.plugin ?? 'none'}; Philotes needs a logical pgoutput slot (choose another PHILOTES_CDC_REPLICATION_SLOT)`,
-      'SLOT_WRONG_KIND',
-    );
-  }
-  if (slot.database !== source.connection.database) {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" belongs to database "${slot.database}", not "${source.connection.database}"`,
-      'SLOT_WRONG_DATABASE',
-    );
-  }
-  if (slot.wal_status === 'lost') {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" on ${where(source)} has been invalidated (its WAL was removed, see max_slot_wal_keep_size); changes since its last confirmed position are gone: drop the slot and re-snapshot`,
-      'SLOT_INVALIDATED',
-    );
-  }
-  return { slotCreated, confirmedFlushLsn: slot.confirmed_flush_lsn };
-}
-
 interface TypeRow {
   oid: number;
   typname: string;
@@ -241,30 +256,62 @@ interface TypeRow {
   typbasetype: number;
 }
 
+/** What a Relation message says about a table: its shape at that point of the WAL. */
+export interface StreamRelation {
+  readonly relationOid: number;
+  readonly schema: string;
+  readonly name: string;
+  /** pg_class.relreplident as it was: 'd' default (primary key), 'f' full, 'i' index, 'n' nothing. */
+  readonly replicaIdentity: string;
+  readonly columns: readonly RelationColumn[];
+}
+
 /**
  * Resolves relation columns to value types and primary keys. Built-in types need no query;
  * others (enums, domains, arrays of them, extension types) are looked up once and cached.
+ *
+ * The stream is the truth about a table at each point of the WAL; the catalog describes it as
+ * it is now, which differs whenever the reader is behind a DDL (stopped, restarting, lagging).
+ * So shape, names and key flags come from the Relation message, type names from the Type
+ * messages the stream sends with it, and the catalog only adds what the stream does not carry
+ * (a type's kind, the primary key's column order, the primary key under a non-default replica
+ * identity) and only where it agrees with the stream.
  */
 export class CatalogResolver {
   private readonly types = new Map<number, TypeInfo>(BUILTIN_TYPES);
+  /** Type names as the stream's Type messages gave them (they may have been renamed since). */
+  private readonly streamTypeNames = new Map<number, string>();
 
-  constructor(private readonly client: pg.Client) {}
+  constructor(
+    private readonly client: pg.Client,
+    private readonly log?: Logger,
+  ) {}
 
-  async resolveRelation(
-    relationOid: number,
-    schema: string,
-    table: string,
-    columns: readonly RelationColumn[],
-  ): Promise<ResolvedRelation> {
+  /** A Type message: the name of a non-built-in type at this point of the WAL. */
+  noteType(typeOid: number, name: string): void {
+    this.streamTypeNames.set(typeOid, name);
+  }
+
+  async resolveRelation(relation: StreamRelation): Promise<ResolvedRelation> {
+    const { relationOid, schema, name: table, columns } = relation;
     await this.loadTypes(columns.map((c) => c.typeOid));
-    const resolved: ResolvedColumn[] = columns.map((c) => ({
-      name: c.name,
-      type: this.types.get(c.typeOid) ?? { ...TEXT_TYPE, oid: c.typeOid, name: `oid:${c.typeOid}` },
-      typeMod: c.typeMod,
-      key: (c.flags & 1) !== 0,
-    }));
-    // The catalog is read as it is now, not as it was at this point of the WAL; a table dropped
-    // since has no row, and then the replica identity columns stand in for the key.
+    const resolved: ResolvedColumn[] = columns.map((c) => {
+      const type = this.types.get(c.typeOid) ?? {
+        ...TEXT_TYPE,
+        oid: c.typeOid,
+        name: `oid:${c.typeOid}`,
+      };
+      const streamName = this.streamTypeNames.get(c.typeOid);
+      return {
+        name: c.name,
+        type:
+          streamName !== undefined && streamName !== type.name
+            ? { ...type, name: streamName }
+            : type,
+        typeMod: c.typeMod,
+        key: (c.flags & 1) !== 0,
+      };
+    });
     const pk = await this.client.query<{ attname: string }>(
       `SELECT a.attname
          FROM pg_index i
@@ -274,11 +321,22 @@ export class CatalogResolver {
         ORDER BY k.ord`,
       [relationOid],
     );
-    const primaryKey =
-      pk.rows.length > 0
-        ? pk.rows.map((r) => r.attname)
-        : resolved.filter((c) => c.key).map((c) => c.name);
-    return { oid: relationOid, schema, table, columns: resolved, primaryKey };
+    const primaryKey = choosePrimaryKey(
+      relation.replicaIdentity,
+      resolved,
+      pk.rows.map((r) => r.attname),
+    );
+    if (primaryKey.contradicted) {
+      this.log?.info(
+        {
+          table: `${schema}.${table}`,
+          catalogPrimaryKey: primaryKey.catalog,
+          primaryKey: primaryKey.names,
+        },
+        'the primary key in the catalog today does not match this point of the stream (the table changed since); the key comes from the stream',
+      );
+    }
+    return { oid: relationOid, schema, table, columns: resolved, primaryKey: primaryKey.names };
   }
 
   private async loadTypes(oids: readonly number[]): Promise<void> {
@@ -332,4 +390,32 @@ export class CatalogResolver {
     };
     for (const oid of rows.keys()) build(oid, 0);
   }
+}
+
+/**
+ * The primary key of a relation at a point of the stream.
+ *
+ * Under the default replica identity the stream's key flags mark exactly the primary key's
+ * columns as they were then: they are the truth, and the catalog only contributes the key's
+ * column order, when it names the same columns. Under REPLICA IDENTITY FULL, USING INDEX or
+ * NOTHING the stream does not say which columns form the primary key: the catalog's is taken when
+ * every column it names is in the stream's column list, otherwise (a key column renamed or
+ * dropped since) the replica identity columns stand in, as for a table without a primary key.
+ */
+export function choosePrimaryKey(
+  replicaIdentity: string,
+  columns: ReadonlyArray<{ readonly name: string; readonly key: boolean }>,
+  catalogPrimaryKey: readonly string[],
+): { names: string[]; catalog: string[]; contradicted: boolean } {
+  const flagged = columns.filter((c) => c.key).map((c) => c.name);
+  const catalog = [...catalogPrimaryKey];
+  if (replicaIdentity === 'd') {
+    const sameSet =
+      catalog.length === flagged.length && catalog.every((name) => flagged.includes(name));
+    return { names: sameSet ? catalog : flagged, catalog, contradicted: !sameSet };
+  }
+  const names = new Set(columns.map((c) => c.name));
+  const fits = catalog.every((name) => names.has(name));
+  if (catalog.length > 0 && fits) return { names: catalog, catalog, contradicted: false };
+  return { names: flagged, catalog, contradicted: catalog.length > 0 };
 }

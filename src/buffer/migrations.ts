@@ -50,6 +50,30 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       );
     `,
   },
+  {
+    version: 2,
+    name: 'confirmable positions, gaps',
+    sql: `
+      -- The furthest position Philotes may have confirmed to the source's slot, written before
+      -- it is confirmed: a slot found further on was moved by someone else. NULL in rows written
+      -- by version 1, which did not record it.
+      ALTER TABLE cdc_checkpoints ADD COLUMN IF NOT EXISTS confirmed_lsn pg_lsn;
+      -- Changes that could not be delivered, recorded when an operator accepts the loss
+      -- (philotes-worker reset-source --accept-gap). Changes of the source committed between
+      -- from_lsn and to_lsn may be missing from cdc_events.
+      CREATE TABLE IF NOT EXISTS cdc_gaps (
+        id bigserial PRIMARY KEY,
+        source_id text NOT NULL,
+        slot_name text NOT NULL,
+        from_lsn pg_lsn NOT NULL,
+        to_lsn pg_lsn NOT NULL,
+        reason text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        details jsonb
+      );
+      CREATE INDEX IF NOT EXISTS cdc_gaps_source_lsn ON cdc_gaps (source_id, from_lsn);
+    `,
+  },
 ];
 
 export async function migrate(client: pg.Client | pg.PoolClient): Promise<number[]> {

@@ -21,6 +21,8 @@ const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STD
 export interface Checkpoint {
   readonly lsn: string;
   readonly transactionId: number | null;
+  /** How far Philotes may have confirmed the slot (null in rows written by version 1). */
+  readonly confirmedLsn: string | null;
 }
 
 export interface StoredGroup {
@@ -81,8 +83,12 @@ export class BufferStore {
     const client = await this.pool.connect();
     try {
       await client.query('BEGIN');
-      const result = await client.query<{ lsn: string; transaction_id: string | null }>(
-        'SELECT lsn, transaction_id FROM cdc_checkpoints WHERE source_id = $1 FOR UPDATE',
+      const result = await client.query<{
+        lsn: string;
+        transaction_id: string | null;
+        confirmed_lsn: string | null;
+      }>(
+        'SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1 FOR UPDATE',
         [sourceId],
       );
       const row = result.rows[0];
@@ -105,6 +111,7 @@ export class BufferStore {
         ? {
             lsn: row.lsn,
             transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
+            confirmedLsn: row.confirmed_lsn,
           }
         : null;
     } catch (error) {
@@ -186,11 +193,12 @@ export class BufferStore {
       const last = [...batches].reverse().find((b) => b.checkpointLsn !== null);
       if (last?.checkpointLsn) {
         await client.query(
-          `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata)
-           VALUES ($1, $2, $3, now(), $4)
+          `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn)
+           VALUES ($1, $2::text, $3, now(), $4, $2::text::pg_lsn)
            ON CONFLICT (source_id) DO UPDATE
              SET lsn = EXCLUDED.lsn, transaction_id = EXCLUDED.transaction_id,
-                 committed_at = EXCLUDED.committed_at, metadata = EXCLUDED.metadata`,
+                 committed_at = EXCLUDED.committed_at, metadata = EXCLUDED.metadata,
+                 confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn)`,
           [
             sourceId,
             last.checkpointLsn,
@@ -215,6 +223,20 @@ export class BufferStore {
       // A client whose transaction failed midway (e.g. the server went away) is not reused.
       client.release(broken);
     }
+  }
+
+  /**
+   * Records that Philotes may confirm the slot up to `lsn`, before it does. For a source new to
+   * the buffer this is also its first checkpoint: capture starts there, nothing before it is owed.
+   */
+  async recordConfirmable(sourceId: string, slot: string, lsn: string): Promise<void> {
+    await this.pool.query(
+      `INSERT INTO cdc_checkpoints (source_id, lsn, committed_at, metadata, confirmed_lsn)
+       VALUES ($1, $2::text, now(), $3, $2::text::pg_lsn)
+       ON CONFLICT (source_id) DO UPDATE
+         SET confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn)`,
+      [sourceId, lsn, { slot, capture_started_at: lsn }],
+    );
   }
 
   private async recordSchema(

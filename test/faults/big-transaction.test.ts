@@ -236,7 +236,9 @@ describe('a 200,000-row transaction', () => {
       // Make "some but not all rows stored" a state we can wait for instead of a race: batches
       // in the middle of a transaction store events only, while the batch holding its commit also
       // writes the checkpoint. With cdc_checkpoints locked, the middle batches commit and the last
-      // one waits, so the crash below always lands part-way through the transaction.
+      // one waits, so the crash below always lands part-way through the transaction. (An idle
+      // confirmation's record of its position waits on the lock too; the wait below is for the
+      // checkpoint upsert of a stored transaction, which names transaction_id.)
       locker = await connect(f.buffer, 'buffer');
       await locker.query('BEGIN');
       await locker.query('LOCK TABLE cdc_checkpoints IN EXCLUSIVE MODE');
@@ -248,7 +250,7 @@ describe('a 200,000-row transaction', () => {
             await f.buffer.query(
               `SELECT 1 FROM pg_stat_activity
                 WHERE application_name = 'philotes:buffer' AND wait_event_type = 'Lock'
-                  AND query LIKE '%cdc_checkpoints%'`,
+                  AND query LIKE '%INTO cdc_checkpoints%transaction_id%'`,
               [],
               'buffer',
             )

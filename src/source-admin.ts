@@ -1,0 +1,275 @@
+/**
+ * Source-side administration over an ordinary (non-replication) connection, shared by the reader
+ * thread and the operator's `reset-source` command: the publication, the slot and its state, and
+ * the continuity rule — whether the slot can still deliver every change after the buffer's
+ * checkpoint. A leaf module: it imports only other leaf modules.
+ *
+ * Why the rule is needed: the server starts a stream at max(requested LSN, the slot's
+ * confirmed_flush_lsn) and silently skips what lies between, and a slot dropped and created again
+ * starts at "now". Either is a silent gap unless the client compares the slot with its own
+ * durable record before streaming.
+ */
+import type pg from 'pg';
+import type { SourceConfig } from './config.js';
+import { FatalSourceError } from './errors.js';
+import type { Logger } from './logger.js';
+import { formatBytes, formatLsn, parseLsn } from './lsn.js';
+
+export interface SlotState {
+  readonly plugin: string | null;
+  readonly slotType: string;
+  readonly database: string | null;
+  readonly active: boolean;
+  readonly activePid: number | null;
+  /** reserved, extended, unreserved, lost (PostgreSQL 13+); null before. */
+  readonly walStatus: string | null;
+  /** Why the slot was invalidated (PostgreSQL 17+: wal_removed, rows_removed, ...), if it was. */
+  readonly invalidationReason: string | null;
+  readonly confirmedFlushLsn: bigint | null;
+  readonly restartLsn: bigint | null;
+}
+
+export function where(source: SourceConfig): string {
+  return `${source.connection.host}:${source.connection.port}/${source.connection.database}`;
+}
+
+/** The slot as pg_replication_slots shows it now, or null if there is no such slot. */
+export async function readSlotState(client: pg.Client, slot: string): Promise<SlotState | null> {
+  // to_jsonb: the view gains columns from version to version (conflicting in 16,
+  // invalidation_reason in 17); read the ones this server has.
+  const result = await client.query<{ s: Record<string, unknown> }>(
+    'SELECT to_jsonb(s) AS s FROM pg_replication_slots s WHERE slot_name = $1',
+    [slot],
+  );
+  const s = result.rows[0]?.s;
+  if (!s) return null;
+  const text = (key: string): string | null => (typeof s[key] === 'string' ? s[key] : null);
+  const lsn = (key: string): bigint | null => {
+    const v = text(key);
+    return v === null ? null : parseLsn(v);
+  };
+  const conflicting = s['conflicting'] === true;
+  return {
+    plugin: text('plugin'),
+    slotType: text('slot_type') ?? 'unknown',
+    database: text('database'),
+    active: s['active'] === true,
+    activePid: typeof s['active_pid'] === 'number' ? s['active_pid'] : null,
+    walStatus: text('wal_status'),
+    invalidationReason: text('invalidation_reason') ?? (conflicting ? 'conflict' : null),
+    confirmedFlushLsn: lsn('confirmed_flush_lsn'),
+    restartLsn: lsn('restart_lsn'),
+  };
+}
+
+/** The source's WAL position now (its replay position on a standby). */
+export async function currentWalLsn(client: pg.Client): Promise<bigint> {
+  const result = await client.query<{ lsn: string }>(
+    `SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                  ELSE pg_current_wal_lsn() END)::text AS lsn`,
+  );
+  return parseLsn(result.rows[0]!.lsn);
+}
+
+/** Creates the slot; false if it was created concurrently (read it back either way). */
+export async function createSlot(client: pg.Client, source: SourceConfig): Promise<boolean> {
+  try {
+    // Waits for transactions running now to finish: a consistent starting point.
+    await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [source.slot]);
+    return true;
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code === '42501') {
+      throw new FatalSourceError(
+        `cannot create replication slot "${source.slot}" on ${where(source)}: the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)`,
+        code,
+      );
+    }
+    if (code === '53400') {
+      throw new FatalSourceError(
+        `cannot create replication slot "${source.slot}" on ${where(source)}: all replication slots are in use (raise max_replication_slots)`,
+        code,
+      );
+    }
+    if (code === '42710') return false; // created concurrently
+    throw error;
+  }
+}
+
+/** Fails plainly if the slot is not one Philotes can read for this source. */
+export function checkSlotKind(source: SourceConfig, slot: SlotState): void {
+  if (slot.slotType !== 'logical' || slot.plugin !== 'pgoutput') {
+    throw new FatalSourceError(
+      `replication slot "${source.slot}" on ${where(source)} is a ${slot.slotType} slot with plugin ${slot.plugin ?? 'none'}; Philotes needs a logical pgoutput slot (choose another PHILOTES_CDC_REPLICATION_SLOT)`,
+      'SLOT_WRONG_KIND',
+    );
+  }
+  if (slot.database !== source.connection.database) {
+    throw new FatalSourceError(
+      `replication slot "${source.slot}" belongs to database "${slot.database}", not "${source.connection.database}"`,
+      'SLOT_WRONG_DATABASE',
+    );
+  }
+}
+
+// ---- continuity ----
+
+/** What the buffer knows about a source's progress. */
+export interface DurableRecord {
+  /** End of the last stored transaction's commit: everything before it is in the buffer. */
+  readonly checkpointLsn: bigint;
+  /**
+   * The furthest position Philotes may have confirmed to the slot, recorded in the buffer before
+   * it was confirmed (idle confirmations pass the checkpoint). Never behind the checkpoint.
+   */
+  readonly confirmedLsn: bigint;
+}
+
+export type GapReason =
+  'slot_missing' | 'slot_invalidated' | 'slot_advanced' | 'publication_missing' | 'skip_to_current';
+
+export interface Gap {
+  readonly reason: GapReason;
+  /** Everything up to here is in the buffer. */
+  readonly fromLsn: bigint;
+  /** The slot can deliver from here on (for a missing or lost slot: the source's WAL now). */
+  readonly toLsn: bigint;
+}
+
+/**
+ * Whether the slot can deliver every change after what the buffer holds. Anything past
+ * `record.confirmedLsn` that the slot has already confirmed was confirmed by someone else.
+ */
+export function findGap(
+  record: DurableRecord,
+  slot: SlotState | null,
+  currentWal: bigint,
+): Gap | null {
+  const fromLsn =
+    record.confirmedLsn > record.checkpointLsn ? record.confirmedLsn : record.checkpointLsn;
+  if (slot === null) return { reason: 'slot_missing', fromLsn, toLsn: currentWal };
+  if (slot.walStatus === 'lost' || slot.invalidationReason !== null) {
+    return { reason: 'slot_invalidated', fromLsn, toLsn: currentWal };
+  }
+  if (slot.confirmedFlushLsn !== null && slot.confirmedFlushLsn > fromLsn) {
+    return { reason: 'slot_advanced', fromLsn, toLsn: slot.confirmedFlushLsn };
+  }
+  return null;
+}
+
+/** The operator command that records a gap and lets capture go on. */
+export function resetCommand(sourceId: string, extra = ''): string {
+  return `philotes-worker reset-source --source ${sourceId} --accept-gap${extra}`;
+}
+
+/** The fatal error for a gap: what happened, the positions, the size, and the way out. */
+export function gapError(
+  source: SourceConfig,
+  gap: Gap,
+  slot: SlotState | null,
+  checkpointLsn: bigint,
+): FatalSourceError {
+  const from = formatLsn(gap.fromLsn);
+  const to = formatLsn(gap.toLsn);
+  const size = formatBytes(gap.toLsn - gap.fromLsn);
+  const head = `source "${source.id}" stopped to avoid a silent gap:`;
+  let what: string;
+  let code: string;
+  switch (gap.reason) {
+    case 'slot_missing':
+      code = 'SLOT_MISSING';
+      what = `replication slot "${source.slot}" does not exist on ${where(source)}, but the buffer holds this source's changes up to ${from}; changes committed since then (${from} to ${to} now, ${size} of WAL) can no longer be delivered (was the slot dropped?). Philotes never creates a new slot under an existing checkpoint.`;
+      break;
+    case 'slot_invalidated':
+      code = 'SLOT_INVALIDATED';
+      what = `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot?.invalidationReason ?? `wal_status ${slot?.walStatus ?? 'lost'}`}): the WAL after the buffer's checkpoint ${from} was removed before Philotes read it, so changes from ${from} to ${to} (${size} of WAL) are lost. max_slot_wal_keep_size limits what a slot may retain.`;
+      break;
+    case 'slot_advanced':
+      code = 'SLOT_ADVANCED';
+      what = `replication slot "${source.slot}" on ${where(source)} was advanced by another client to ${to}, past the buffer's checkpoint ${formatLsn(checkpointLsn)} and past anything Philotes confirmed (${from}); the server will not send the changes between ${from} and ${to} (${size} of WAL) again. Make sure nothing else reads this slot.`;
+      break;
+    default:
+      code = 'GAP';
+      what = `changes between ${from} and ${to} cannot be delivered.`;
+  }
+  return new FatalSourceError(
+    `${head} ${what} To record the gap in the buffer (cdc_gaps) and resume at ${gap.reason === 'slot_advanced' ? to : 'a new slot'}: ${resetCommand(source.id)}`,
+    code,
+    {
+      gapFromLsn: from,
+      gapToLsn: to,
+      gapBytes: Number(gap.toLsn - gap.fromLsn),
+      slot: source.slot,
+    },
+  );
+}
+
+// ---- publication ----
+
+/** Whether the publication exists now. */
+export async function publicationExists(client: pg.Client, publication: string): Promise<boolean> {
+  const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [
+    publication,
+  ]);
+  return (existing.rowCount ?? 0) > 0;
+}
+
+/** Creates the publication; false if it was created concurrently. */
+export async function createPublication(
+  client: pg.Client,
+  source: SourceConfig,
+  log: Logger,
+): Promise<boolean> {
+  const target =
+    source.tables.length === 0
+      ? 'FOR ALL TABLES'
+      : `FOR TABLE ${source.tables
+          .map((t) =>
+            t
+              .split('.')
+              .map((part) => client.escapeIdentifier(part))
+              .join('.'),
+          )
+          .join(', ')}`;
+  try {
+    await client.query(
+      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}`,
+    );
+  } catch (error) {
+    const code = (error as { code?: string }).code;
+    if (code === '42710') return false; // created concurrently
+    if (code === '42501') {
+      throw new FatalSourceError(
+        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (create it as a superuser, or list tables you own in PHILOTES_CDC_TABLES)`,
+        code,
+      );
+    }
+    if (code === '42P01') {
+      throw new FatalSourceError(
+        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (check PHILOTES_CDC_TABLES)`,
+        code,
+      );
+    }
+    throw error;
+  }
+  log.info({ publication: source.publication, target }, 'publication created');
+  return true;
+}
+
+/**
+ * The error for a publication the slot cannot decode with: decoding uses the catalog as it was
+ * at each point of the WAL, so a publication dropped (or first created) after the checkpoint does
+ * not exist for the changes in between, even once it exists again today. The only way past those
+ * changes is to skip them, which is a gap the operator must accept.
+ */
+export function publicationMissingError(
+  source: SourceConfig,
+  detail: string,
+  atLsn: string | null,
+): FatalSourceError {
+  return new FatalSourceError(
+    `source "${source.id}" stopped: publication "${source.publication}" ${detail}. Decoding reads the catalog as it was at each point of the WAL, so creating the publication again does not make the changes committed while it was missing decodable: they cannot be delivered. To create the publication if needed, skip the slot to the source's current position and record the gap in the buffer (cdc_gaps): ${resetCommand(source.id, ' --skip-to-current')}`,
+    'PUBLICATION_MISSING',
+    { publication: source.publication, slot: source.slot, atLsn },
+  );
+}

@@ -1,0 +1,204 @@
+/**
+ * The rules that keep a gap from passing silently, table-driven: whether a slot can still deliver
+ * everything after the buffer's record, and where an event's primary key comes from.
+ */
+import { describe, expect, it } from 'vitest';
+import type { SourceConfig } from '../../src/config.js';
+import { isFatal } from '../../src/errors.js';
+import { formatBytes, parseLsn } from '../../src/lsn.js';
+import { findGap, gapError, type SlotState } from '../../src/source-admin.js';
+import { choosePrimaryKey } from '../../workers/source-setup.js';
+
+const L = parseLsn;
+
+function slot(overrides: Partial<SlotState> = {}): SlotState {
+  return {
+    plugin: 'pgoutput',
+    slotType: 'logical',
+    database: 'app',
+    active: false,
+    activePid: null,
+    walStatus: 'reserved',
+    invalidationReason: null,
+    confirmedFlushLsn: L('0/3000'),
+    restartLsn: L('0/2000'),
+    ...overrides,
+  };
+}
+
+const SOURCE: SourceConfig = {
+  id: 'orders',
+  connection: {
+    host: 'db.internal',
+    port: 5432,
+    database: 'app',
+    user: 'cdc',
+    password: 'pw-never-shown',
+    sslmode: 'prefer',
+    sslRootCert: undefined,
+  },
+  slot: 'philotes_orders',
+  publication: 'philotes_pub',
+  tables: [],
+};
+
+describe('findGap', () => {
+  const now = L('0/9000');
+  const cases: Array<{
+    name: string;
+    record: { checkpointLsn: bigint; confirmedLsn: bigint };
+    slot: SlotState | null;
+    expected: ReturnType<typeof findGap>;
+  }> = [
+    {
+      name: 'slot behind the checkpoint (a final confirmation that did not arrive): no gap',
+      record: { checkpointLsn: L('0/4000'), confirmedLsn: L('0/4000') },
+      slot: slot({ confirmedFlushLsn: L('0/3000') }),
+      expected: null,
+    },
+    {
+      name: 'slot exactly at the checkpoint: no gap',
+      record: { checkpointLsn: L('0/3000'), confirmedLsn: L('0/3000') },
+      slot: slot(),
+      expected: null,
+    },
+    {
+      name: 'slot moved by our own recorded idle confirmation: no gap',
+      record: { checkpointLsn: L('0/1000'), confirmedLsn: L('0/3000') },
+      slot: slot({ confirmedFlushLsn: L('0/3000') }),
+      expected: null,
+    },
+    {
+      name: 'slot one byte past anything we recorded: advanced by someone else',
+      record: { checkpointLsn: L('0/1000'), confirmedLsn: L('0/2FFF') },
+      slot: slot({ confirmedFlushLsn: L('0/3000') }),
+      expected: { reason: 'slot_advanced', fromLsn: L('0/2FFF'), toLsn: L('0/3000') },
+    },
+    {
+      name: 'slot missing under a checkpoint',
+      record: { checkpointLsn: L('0/1000'), confirmedLsn: L('0/1000') },
+      slot: null,
+      expected: { reason: 'slot_missing', fromLsn: L('0/1000'), toLsn: now },
+    },
+    {
+      name: 'slot invalidated (wal_status lost)',
+      record: { checkpointLsn: L('0/1000'), confirmedLsn: L('0/1800') },
+      slot: slot({ walStatus: 'lost', confirmedFlushLsn: L('0/1000') }),
+      expected: { reason: 'slot_invalidated', fromLsn: L('0/1800'), toLsn: now },
+    },
+    {
+      name: 'slot invalidated with a reason (PostgreSQL 17+) even before wal_status says lost',
+      record: { checkpointLsn: L('0/1000'), confirmedLsn: L('0/1000') },
+      slot: slot({ walStatus: 'unreserved', invalidationReason: 'wal_removed' }),
+      expected: { reason: 'slot_invalidated', fromLsn: L('0/1000'), toLsn: now },
+    },
+    {
+      name: 'a 64-bit position past 4 GB compares as a number, not as text',
+      record: { checkpointLsn: L('1/0'), confirmedLsn: L('1/0') },
+      slot: slot({ confirmedFlushLsn: L('0/FFFFFFFF') }),
+      expected: null,
+    },
+  ];
+  for (const c of cases) {
+    it(c.name, () => {
+      expect(findGap(c.record, c.slot, now)).toEqual(c.expected);
+    });
+  }
+
+  it('gapError says what happened, the positions, the size and the way out, and is fatal', () => {
+    const error = gapError(
+      SOURCE,
+      { reason: 'slot_advanced', fromLsn: L('0/1000'), toLsn: L('0/101000') },
+      slot({ confirmedFlushLsn: L('0/101000') }),
+      L('0/1000'),
+    );
+    expect(isFatal(error)).toBe(true);
+    expect(error.code).toBe('SLOT_ADVANCED');
+    expect(error.message).toContain('0/1000');
+    expect(error.message).toContain('0/101000');
+    expect(error.message).toContain('1.0 MB');
+    expect(error.message).toContain('reset-source --source orders --accept-gap');
+    expect(error.message).not.toContain('pw-never-shown');
+    expect(error.details).toMatchObject({ gapFromLsn: '0/1000', gapToLsn: '0/101000' });
+  });
+
+  it('formatBytes', () => {
+    expect(formatBytes(0n)).toBe('0 B');
+    expect(formatBytes(1023n)).toBe('1023 B');
+    expect(formatBytes(1536n)).toBe('1.5 kB');
+    expect(formatBytes(200n * 1024n * 1024n)).toBe('200 MB');
+  });
+});
+
+describe('choosePrimaryKey', () => {
+  const col = (name: string, key = false) => ({ name, key });
+  const cases: Array<{
+    name: string;
+    identity: string;
+    columns: Array<{ name: string; key: boolean }>;
+    catalog: string[];
+    expected: string[];
+  }> = [
+    {
+      name: 'default identity: the stream flags are the key; the catalog gives its order',
+      identity: 'd',
+      columns: [col('a', true), col('b', true), col('c')],
+      catalog: ['b', 'a'],
+      expected: ['b', 'a'],
+    },
+    {
+      name: 'default identity, key column renamed since: the stream wins',
+      identity: 'd',
+      columns: [col('id', true), col('a')],
+      catalog: ['order id'],
+      expected: ['id'],
+    },
+    {
+      name: 'default identity, key dropped since: the stream still says id',
+      identity: 'd',
+      columns: [col('id', true), col('a')],
+      catalog: [],
+      expected: ['id'],
+    },
+    {
+      name: 'default identity, key added since: no key at this point of the stream',
+      identity: 'd',
+      columns: [col('id'), col('a')],
+      catalog: ['id'],
+      expected: [],
+    },
+    {
+      name: 'REPLICA IDENTITY FULL: the catalog key, when the stream has its columns',
+      identity: 'f',
+      columns: [col('id', true), col('a', true)],
+      catalog: ['id'],
+      expected: ['id'],
+    },
+    {
+      name: 'REPLICA IDENTITY FULL, key column renamed since: the identity columns stand in',
+      identity: 'f',
+      columns: [col('id', true), col('a', true)],
+      catalog: ['order id'],
+      expected: ['id', 'a'],
+    },
+    {
+      name: 'REPLICA IDENTITY USING INDEX without a primary key: the index columns',
+      identity: 'i',
+      columns: [col('id'), col('code', true)],
+      catalog: [],
+      expected: ['code'],
+    },
+    {
+      name: 'REPLICA IDENTITY NOTHING without a primary key: none',
+      identity: 'n',
+      columns: [col('id'), col('a')],
+      catalog: [],
+      expected: [],
+    },
+  ];
+  for (const c of cases) {
+    it(c.name, () => {
+      expect(choosePrimaryKey(c.identity, c.columns, c.catalog).names).toEqual(c.expected);
+    });
+  }
+});
