@@ -7,8 +7,13 @@ import type { ConnectionConfig } from './config.js';
 
 export type { Logger };
 
-export function createLogger(level: string, base: Record<string, unknown> = {}): Logger {
-  return pino({
+/** @param fd where the JSON lines go: stdout, or stderr for commands whose stdout is a report. */
+export function createLogger(
+  level: string,
+  base: Record<string, unknown> = {},
+  fd: 1 | 2 = 1,
+): Logger {
+  const options = {
     level,
     base: { pid: process.pid, ...base },
     timestamp: pino.stdTimeFunctions.isoTime,
@@ -16,8 +21,9 @@ export function createLogger(level: string, base: Record<string, unknown> = {}):
       paths: ['password', '*.password', '*.*.password', 'connection.password', 'config.*.password'],
       censor: '[redacted]',
     },
-    formatters: { level: (label) => ({ level: label }) },
-  });
+    formatters: { level: (label: string) => ({ level: label }) },
+  };
+  return fd === 1 ? pino(options) : pino(options, pino.destination({ fd, sync: true }));
 }
 
 export function safeConnection(conn: ConnectionConfig): Record<string, unknown> {

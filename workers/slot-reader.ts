@@ -9,7 +9,7 @@ import { isMainThread } from 'node:worker_threads';
 import pg from 'pg';
 import { LogicalReplicationService } from 'pg-logical-replication';
 import { pgClientOptions } from '../src/config.js';
-import { toErrorInfo } from '../src/errors.js';
+import { FatalSourceError, toErrorInfo } from '../src/errors.js';
 import {
   BUFFER_TABLES,
   DATABASE_IDENTITY_SQL,
@@ -30,7 +30,14 @@ import {
   type PgoutputMessage,
   type TupleView,
 } from './decode/pgoutput.js';
-import { currentWalLsn, findGap, gapError, readSlotState } from '../src/source-admin.js';
+import {
+  currentWalLsn,
+  findGap,
+  gapError,
+  publicationMissingError,
+  readSlotState,
+  resetCommand,
+} from '../src/source-admin.js';
 import { CatalogResolver, prepareSource } from './source-setup.js';
 
 if (isMainThread) {
@@ -58,6 +65,13 @@ const FINAL_CONFIRM_TIMEOUT_MS = 5_000;
 /** How long closing may wait for the source to acknowledge the end of our connections. */
 const CLOSE_TIMEOUT_MS = 3_000;
 
+/** The fields of a NoticeResponse we read (pg's NoticeMessage has these and more). */
+interface SourceNotice {
+  readonly severity?: string | undefined;
+  readonly code?: string | undefined;
+  readonly message?: string | undefined;
+}
+
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
 /** pg's own copyData listener on the connection (a no-op for our query); it stays. */
@@ -75,6 +89,7 @@ class StreamTakeover {
   constructor(
     private readonly publication: string,
     private readonly onCopyData: (chunk: Buffer) => void,
+    private readonly onNotice: (notice: SourceNotice) => void,
   ) {}
   parse(buffer: Buffer): Buffer {
     return buffer; // unused: the library's listener is gone before the first message
@@ -87,6 +102,8 @@ class StreamTakeover {
       if (listener.name !== PG_COPY_DATA_LISTENER) connection.removeListener('copyData', listener);
     }
     connection.on('copyData', (message: { chunk: Buffer }) => this.onCopyData(message.chunk));
+    // Warnings come in line with the stream, in order with the data around them.
+    client.on('notice', this.onNotice);
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
     return client.query(
       `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"')`,
@@ -165,7 +182,11 @@ class SlotReader implements PgoutputHandler {
       thread: 'reader',
     });
     this.builder = new BatchBuilder(task.source.id, task.batchMaxBytes);
-    this.plugin = new StreamTakeover(task.source.publication, (chunk) => this.onCopyData(chunk));
+    this.plugin = new StreamTakeover(
+      task.source.publication,
+      (chunk) => this.onCopyData(chunk),
+      (notice) => this.onNotice(notice),
+    );
     this.finished = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };
     });
@@ -732,8 +753,57 @@ class SlotReader implements PgoutputHandler {
     return seen;
   }
 
-  private fail(error: unknown, report = true): void {
+  /**
+   * A warning from the walsender. PostgreSQL 18 no longer fails on a publication that is missing
+   * at a point of the WAL: it warns ("skipped loading publication") and leaves the changes out.
+   * That is a gap, so it stops the source like PostgreSQL 15's error does. Matched by SQLSTATE
+   * and the quoted publication name, which survive a translated server.
+   */
+  private onNotice(notice: SourceNotice): void {
+    const { publication } = this.task.source;
+    if (notice.code === '55000' && notice.message?.includes(`"${publication}"`)) {
+      this.fail(
+        publicationMissingError(
+          this.task.source,
+          `was missing at a point of the WAL the slot decoded, and the server skipped the changes there (it said: ${notice.message})`,
+          null,
+        ),
+      );
+      return;
+    }
+    this.log.warn(
+      { notice: { severity: notice.severity, code: notice.code, message: notice.message } },
+      'the source sent a warning on the replication connection',
+    );
+  }
+
+  /** Source errors that mean a gap, rewritten to say so and how to get past it. */
+  private explain(error: unknown): unknown {
+    const e = error as { code?: unknown; message?: unknown; where?: unknown } | null;
+    if (e === null || typeof e !== 'object' || typeof e.message !== 'string') return error;
+    const source = this.task.source;
+    const at =
+      typeof e.where === 'string' ? /LSN ([0-9A-F]+\/[0-9A-F]+)/i.exec(e.where)?.[1] : undefined;
+    if (e.code === '42704' && e.message.includes(`"${source.publication}"`)) {
+      return publicationMissingError(
+        source,
+        `did not exist at ${at ?? 'a point'} of the WAL the slot decoded (it was dropped, and perhaps created again since)`,
+        at ?? null,
+      );
+    }
+    if (e.code === '58P01') {
+      return new FatalSourceError(
+        `source "${source.id}" stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
+        'WAL_REMOVED',
+        { slot: source.slot },
+      );
+    }
+    return error;
+  }
+
+  private fail(failure: unknown, report = true): void {
     if (this.failed !== null) return;
+    const error = this.explain(failure);
     this.failed = error ?? new Error('unknown error');
     if (report) this.log.error({ err: error }, 'reader failed');
     for (const w of this.creditWaiters.splice(0)) w();

@@ -122,6 +122,73 @@ export class BufferStore {
     }
   }
 
+  /** The stored checkpoint, read without changing anything. */
+  async readCheckpoint(sourceId: string): Promise<Checkpoint | null> {
+    const result = await this.pool.query<{
+      lsn: string;
+      transaction_id: string | null;
+      confirmed_lsn: string | null;
+    }>(
+      'SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1',
+      [sourceId],
+    );
+    const row = result.rows[0];
+    return row
+      ? {
+          lsn: row.lsn,
+          transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
+          confirmedLsn: row.confirmed_lsn,
+        }
+      : null;
+  }
+
+  /**
+   * Records an accepted gap and moves the source's checkpoint to its end, in one transaction.
+   * Events stored at or past the old checkpoint belong to a transaction cut off by a crash: the
+   * new checkpoint is past them, so they are removed here or never.
+   */
+  async recordGap(gap: {
+    sourceId: string;
+    slot: string;
+    fromLsn: string;
+    toLsn: string;
+    checkpointLsn: string | null;
+    reason: string;
+    details: Record<string, unknown>;
+  }): Promise<{ gapId: number; removedEvents: number }> {
+    const client = await this.pool.connect();
+    try {
+      await client.query('BEGIN');
+      const removed =
+        gap.checkpointLsn === null
+          ? await client.query('DELETE FROM cdc_events WHERE source_id = $1', [gap.sourceId])
+          : await client.query(
+              'DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn',
+              [gap.sourceId, gap.checkpointLsn],
+            );
+      const inserted = await client.query<{ id: string }>(
+        `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
+         VALUES ($1, $2, $3::pg_lsn, $4::pg_lsn, $5, $6) RETURNING id`,
+        [gap.sourceId, gap.slot, gap.fromLsn, gap.toLsn, gap.reason, gap.details],
+      );
+      await client.query(
+        `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn)
+         VALUES ($1, $2::text, NULL, now(), $3, $2::text::pg_lsn)
+         ON CONFLICT (source_id) DO UPDATE
+           SET lsn = EXCLUDED.lsn, transaction_id = NULL, committed_at = EXCLUDED.committed_at,
+               metadata = EXCLUDED.metadata, confirmed_lsn = EXCLUDED.confirmed_lsn`,
+        [gap.sourceId, gap.toLsn, { slot: gap.slot, gap_id: Number(inserted.rows[0]!.id) }],
+      );
+      await client.query('COMMIT');
+      return { gapId: Number(inserted.rows[0]!.id), removedEvents: removed.rowCount ?? 0 };
+    } catch (error) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw error;
+    } finally {
+      client.release();
+    }
+  }
+
   /**
    * Takes the buffer's session-level advisory lock for a source, on a connection of its own that
    * holds it for the whole reader run. Two processes capturing one source (a rolling deploy, a

@@ -243,3 +243,72 @@ export async function killAllPhilotes(): Promise<number> {
   );
   return all.length;
 }
+
+/**
+ * Log lines in which some object repeats a key. JSON.parse keeps the last of duplicate keys
+ * without a word, but strict log pipelines reject such lines, so this scans them itself.
+ */
+export function linesWithDuplicateKeys(lines: readonly string[]): string[] {
+  return lines.filter((line) => line.startsWith('{') && hasDuplicateKey(line));
+}
+
+function hasDuplicateKey(text: string): boolean {
+  let i = 0;
+  let duplicate = false;
+  const ws = (): void => {
+    while (i < text.length && ' \t\r\n'.includes(text[i]!)) i++;
+  };
+  const string = (): string => {
+    const start = i;
+    i++; // opening quote
+    while (i < text.length && text[i] !== '"') i += text[i] === '\\' ? 2 : 1;
+    i++; // closing quote
+    return JSON.parse(text.slice(start, i)) as string;
+  };
+  const value = (): void => {
+    ws();
+    const c = text[i];
+    if (c === '{') {
+      i++;
+      const keys = new Set<string>();
+      ws();
+      if (text[i] === '}') {
+        i++;
+        return;
+      }
+      for (;;) {
+        ws();
+        const key = string();
+        if (keys.has(key)) duplicate = true;
+        keys.add(key);
+        ws();
+        i++; // ':'
+        value();
+        ws();
+        if (text[i++] === '}') return;
+      }
+    } else if (c === '[') {
+      i++;
+      ws();
+      if (text[i] === ']') {
+        i++;
+        return;
+      }
+      for (;;) {
+        value();
+        ws();
+        if (text[i++] === ']') return;
+      }
+    } else if (c === '"') {
+      string();
+    } else {
+      while (i < text.length && !',}] \t\r\n'.includes(text[i]!)) i++;
+    }
+  };
+  try {
+    value();
+  } catch {
+    return false; // not JSON: not a log line this check is about
+  }
+  return duplicate;
+}

@@ -1,0 +1,200 @@
+/**
+ * `philotes-worker reset-source --source S --accept-gap`: the explicit way past changes that can
+ * no longer be delivered. It finds out why (slot missing, invalidated, advanced by another
+ * client, publication missing), gets the slot into a state that can deliver again, records the
+ * gap in the buffer (cdc_gaps: source, from, to, when, why) and moves the source's checkpoint
+ * to the gap's end, so that capture resumes there. Without --accept-gap it only says what it
+ * would record.
+ */
+import pg from 'pg';
+import type { Config, SourceConfig } from './config.js';
+import { pgClientOptions } from './config.js';
+import { BufferStore } from './buffer/store.js';
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit.js';
+import type { Logger } from './logger.js';
+import { formatBytes, formatLsn, parseLsn } from './lsn.js';
+import {
+  checkSlotKind,
+  createPublication,
+  createSlot,
+  currentWalLsn,
+  findGap,
+  publicationExists,
+  readSlotState,
+  where,
+  type GapReason,
+  type SlotState,
+} from './source-admin.js';
+
+export interface ResetOptions {
+  readonly sourceId: string;
+  readonly acceptGap: boolean;
+  /** Skip the slot to the source's current WAL position (a publication dropped and recreated). */
+  readonly skipToCurrent: boolean;
+}
+
+const EXPLAIN: Record<GapReason, string> = {
+  slot_missing: 'the replication slot does not exist; a new one will be created',
+  slot_invalidated:
+    'the replication slot has been invalidated; it will be dropped and created anew',
+  slot_advanced: 'another client advanced the replication slot past what the buffer holds',
+  publication_missing:
+    'the publication does not exist; it will be created and the slot skipped past its creation',
+  skip_to_current: "the slot will be skipped to the source's current WAL position",
+};
+
+export class ResetError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number,
+  ) {
+    super(message);
+  }
+}
+
+/** Runs the command; resolves with the exit code, having written its report with `out`. */
+export async function resetSource(
+  config: Config,
+  opts: ResetOptions,
+  log: Logger,
+  out: (line: string) => void,
+): Promise<number> {
+  const source = config.sources.find((s) => s.id === opts.sourceId);
+  if (!source) {
+    throw new ResetError(
+      `unknown source "${opts.sourceId}"; configured: ${config.sources.map((s) => s.id).join(', ')}`,
+      EXIT_USAGE,
+    );
+  }
+  const store = await BufferStore.open(config.buffer, log, 2);
+  try {
+    const lock = await store.lockSource(source.id);
+    if (!lock) {
+      throw new ResetError(
+        `source "${source.id}" is being captured by a running Philotes process (it holds the source's lock in the buffer); stop that process, then run reset-source again`,
+        EXIT_ERROR,
+      );
+    }
+    const client = new pg.Client(pgClientOptions(source.connection, 'philotes:reset-source'));
+    client.on('error', () => undefined); // a lost connection rejects the query in flight
+    try {
+      await client.connect();
+      return await reset(store, client, source, opts, log, out);
+    } finally {
+      await client.end().catch(() => undefined);
+      await lock.release();
+    }
+  } finally {
+    await store.close();
+  }
+}
+
+async function reset(
+  store: BufferStore,
+  client: pg.Client,
+  source: SourceConfig,
+  opts: ResetOptions,
+  log: Logger,
+  out: (line: string) => void,
+): Promise<number> {
+  const checkpoint = await store.readCheckpoint(source.id);
+  const slot = await readSlotState(client, source.slot);
+  if (slot !== null) checkSlotKind(source, slot);
+  const hasPublication = await publicationExists(client, source.publication);
+  const now = await currentWalLsn(client);
+
+  const checkpointLsn = checkpoint === null ? null : parseLsn(checkpoint.lsn);
+  const confirmedLsn =
+    checkpoint?.confirmedLsn == null ? checkpointLsn : parseLsn(checkpoint.confirmedLsn);
+  const found =
+    checkpointLsn !== null
+      ? findGap({ checkpointLsn, confirmedLsn: confirmedLsn ?? checkpointLsn }, slot, now)
+      : null;
+  const invalidated =
+    slot !== null && (slot.walStatus === 'lost' || slot.invalidationReason !== null);
+  let reason: GapReason | null = found?.reason ?? (invalidated ? 'slot_invalidated' : null);
+  if (reason === null && !hasPublication) reason = 'publication_missing';
+  if (reason === null && opts.skipToCurrent) reason = 'skip_to_current';
+  const at = checkpoint === null ? 'no checkpoint' : `checkpoint ${checkpoint.lsn}`;
+  if (reason === null) {
+    out(
+      `source "${source.id}": nothing to reset: the buffer has ${at} and slot "${source.slot}" on ${where(source)} can deliver every change after it (use --skip-to-current to skip the slot to the source's current position anyway, e.g. after a publication was dropped and created again)`,
+    );
+    return EXIT_OK;
+  }
+  const fromLsn = found?.fromLsn ?? confirmedLsn ?? slot?.confirmedFlushLsn ?? now;
+  if (!opts.acceptGap) {
+    const end = found
+      ? ` and ${formatLsn(found.toLsn)} (${formatBytes(found.toLsn - found.fromLsn)} of WAL)`
+      : '';
+    out(
+      `source "${source.id}": ${EXPLAIN[reason]}. Changes committed between ${formatLsn(fromLsn)}${end || ' and the new start'} will be recorded as lost in cdc_gaps. Nothing was changed: re-run with --accept-gap to do it.`,
+    );
+    return EXIT_USAGE;
+  }
+
+  // Get the slot (and the publication) into a state that can deliver, then find where it starts.
+  if (!hasPublication) await createPublication(client, source, log);
+  let usable: SlotState | null = slot;
+  let created = false;
+  if (slot !== null && invalidated) {
+    await client.query('SELECT pg_drop_replication_slot($1)', [source.slot]);
+    usable = null;
+  }
+  if (usable === null) {
+    await createSlot(client, source);
+    created = true;
+    usable = await readSlotState(client, source.slot);
+    if (usable === null)
+      throw new Error(`replication slot "${source.slot}" vanished right after creation`);
+  }
+  let toLsn = usable.confirmedFlushLsn ?? now;
+  // A slot that already existed may still have to decode changes from before the publication
+  // existed (again): skip it past them. A slot created just now starts after the publication.
+  if (!created && (!hasPublication || opts.skipToCurrent)) {
+    const target = await currentWalLsn(client);
+    const advanced = await client.query<{ lsn: string }>(
+      'SELECT end_lsn::text AS lsn FROM pg_replication_slot_advance($1, $2::pg_lsn)',
+      [source.slot, formatLsn(target)],
+    );
+    toLsn = parseLsn(advanced.rows[0]!.lsn);
+  }
+  if (checkpointLsn !== null && toLsn < checkpointLsn) toLsn = checkpointLsn;
+
+  const details = {
+    server: where(source),
+    slotConfirmedFlushLsn:
+      slot?.confirmedFlushLsn == null ? null : formatLsn(slot.confirmedFlushLsn),
+    slotWalStatus: slot?.walStatus ?? null,
+    slotInvalidationReason: slot?.invalidationReason ?? null,
+    checkpointLsn: checkpoint?.lsn ?? null,
+    confirmedLsn: confirmedLsn === null ? null : formatLsn(confirmedLsn),
+    slotCreated: created,
+    publicationCreated: !hasPublication,
+    gapBytes: Number(toLsn > fromLsn ? toLsn - fromLsn : 0n),
+  };
+  const recorded = await store.recordGap({
+    sourceId: source.id,
+    slot: source.slot,
+    fromLsn: formatLsn(fromLsn),
+    toLsn: formatLsn(toLsn),
+    checkpointLsn: checkpoint?.lsn ?? null,
+    reason,
+    details,
+  });
+  log.warn(
+    {
+      source: source.id,
+      gapId: recorded.gapId,
+      reason,
+      fromLsn: formatLsn(fromLsn),
+      toLsn: formatLsn(toLsn),
+      ...details,
+    },
+    'gap accepted and recorded in cdc_gaps',
+  );
+  out(
+    `source "${source.id}": ${EXPLAIN[reason]}. Recorded gap #${recorded.gapId} in cdc_gaps: changes committed between ${formatLsn(fromLsn)} and ${formatLsn(toLsn)} (${formatBytes(toLsn > fromLsn ? toLsn - fromLsn : 0n)} of WAL) may be missing from cdc_events. The checkpoint is now ${formatLsn(toLsn)}: start Philotes and capture resumes there.`,
+  );
+  return EXIT_OK;
+}

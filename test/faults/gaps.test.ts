@@ -1,0 +1,373 @@
+/**
+ * Operator mistakes that make changes undeliverable: the source must stop, loudly, with the gap
+ * and the way out, and never go on as if nothing happened. Then `reset-source --accept-gap`
+ * records the gap in cdc_gaps and capture resumes after it. And the things that look like a gap
+ * but are not (Philotes' own idle confirmations) must not stop anything.
+ *
+ * Each case is its own source (id, slot, publication, table) on one pair of clusters.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseLsn } from '../../src/lsn.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
+import { outputTail, waitForExit } from '../helpers/faults.js';
+import {
+  linesWithDuplicateKeys,
+  runPhilotesToExit,
+  startPhilotes,
+  type PhilotesProcess,
+  type PhilotesRun,
+} from '../helpers/philotes.js';
+import { waitFor } from '../helpers/poll.js';
+
+interface Case {
+  id: string;
+  slot: string;
+  table: string;
+  env: Record<string, string>;
+}
+
+interface GapRow {
+  from_lsn: string;
+  to_lsn: string;
+  reason: string;
+  slot_name: string;
+  recorded_at: Date;
+}
+
+describe('changes that can no longer be delivered', () => {
+  let f: Fixture;
+  /** Every line every Philotes process printed, for the duplicate-key check at the end. */
+  const allLines: string[] = [];
+
+  beforeAll(async () => {
+    f = await startFixture();
+  });
+
+  afterAll(async () => {
+    await f?.destroy();
+  });
+
+  function makeCase(name: string): Case {
+    return {
+      id: name,
+      slot: `slot_${name}`,
+      table: `t_${name}`,
+      env: f.env({
+        PHILOTES_CDC_SOURCE_ID: name,
+        PHILOTES_CDC_REPLICATION_SLOT: `slot_${name}`,
+        PHILOTES_CDC_PUBLICATION: `pub_${name}`,
+      }),
+    };
+  }
+
+  const q = <T = Record<string, unknown>>(sql: string, params: unknown[] = []) =>
+    f.source.query<T>(sql, params, 'app');
+  const b = <T = Record<string, unknown>>(sql: string, params: unknown[] = []) =>
+    f.buffer.query<T>(sql, params, 'buffer');
+
+  /** One transaction per row, ids from..to. */
+  async function insert(c: Case, from: number, to: number): Promise<void> {
+    for (let id = from; id <= to; id++) await q(`INSERT INTO ${c.table} VALUES ($1, 'x')`, [id]);
+  }
+
+  async function storedIds(c: Case): Promise<number[]> {
+    const rows = await b<{ id: number }>(
+      `SELECT (after->>'id')::int AS id FROM cdc_events
+        WHERE source_id = $1 AND table_name = $2 AND operation = 'INSERT' ORDER BY lsn, seq`,
+      [c.id, c.table],
+    );
+    return rows.map((r) => r.id);
+  }
+
+  async function waitForIds(c: Case, count: number): Promise<number[]> {
+    return waitFor(
+      async () => {
+        const ids = await storedIds(c);
+        return ids.length >= count ? ids : false;
+      },
+      { what: `${count} stored rows of ${c.table}`, timeoutMs: 60_000 },
+    );
+  }
+
+  async function checkpoint(c: Case): Promise<{ lsn: string; confirmed_lsn: string | null }> {
+    const [row] = await b<{ lsn: string; confirmed_lsn: string | null }>(
+      'SELECT lsn, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1',
+      [c.id],
+    );
+    return row!;
+  }
+
+  async function slotRow(c: Case): Promise<{ confirmed_flush_lsn: string } | undefined> {
+    const [row] = await q<{ confirmed_flush_lsn: string }>(
+      'SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1',
+      [c.slot],
+    );
+    return row;
+  }
+
+  async function gaps(c: Case): Promise<GapRow[]> {
+    return b<GapRow>(
+      `SELECT from_lsn::text, to_lsn::text, reason, slot_name, recorded_at
+         FROM cdc_gaps WHERE source_id = $1 ORDER BY id`,
+      [c.id],
+    );
+  }
+
+  function keep(run: { stdout: string[]; stderr: string[] }): void {
+    allLines.push(...run.stdout, ...run.stderr);
+  }
+
+  async function runToExit(c: Case, args: string[] = []): Promise<PhilotesRun> {
+    const run = await runPhilotesToExit(c.env, 60_000, { args });
+    keep(run);
+    return run;
+  }
+
+  /** Starts Philotes on the case and waits until it streams. */
+  async function start(c: Case): Promise<PhilotesProcess> {
+    const p = startPhilotes(c.env);
+    await waitForSlotActive(f.source, c.slot);
+    return p;
+  }
+
+  async function stop(p: PhilotesProcess): Promise<void> {
+    expect(p.signal('SIGTERM')).toBe(true);
+    const exit = await waitForExit(p, 30_000);
+    keep(p);
+    expect(exit, outputTail(p)).toEqual({ code: 0, signal: null });
+  }
+
+  /** A stopped source: exit 2 and exactly one line on stderr. */
+  function expectStopped(run: PhilotesRun): string {
+    const context = `exit ${run.code}\nstderr:\n${run.stderr.join('\n')}\nstdout:\n${run.stdout.slice(-8).join('\n')}`;
+    expect(run.code, context).toBe(2);
+    expect(run.stderr, context).toHaveLength(1);
+    return run.stderr[0]!;
+  }
+
+  async function reset(c: Case, ...flags: string[]): Promise<PhilotesRun> {
+    return runToExit(c, ['reset-source', '--source', c.id, ...flags]);
+  }
+
+  it('a slot dropped while Philotes was stopped: stops with the gap, never creates a slot silently; reset-source records the gap and capture resumes', async () => {
+    const c = makeCase('dropped');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    const p = await start(c);
+    await insert(c, 1, 10);
+    await waitForIds(c, 10);
+    await stop(p);
+    const before = await checkpoint(c);
+
+    await q('SELECT pg_drop_replication_slot($1)', [c.slot]);
+    await insert(c, 11, 110);
+
+    const run = await runToExit(c);
+    const line = expectStopped(run);
+    expect(line).toContain(`"${c.slot}" does not exist`);
+    expect(line).toContain(before.lsn);
+    expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
+    // Refused before creating anything: no new slot that would start at "now".
+    expect(await slotRow(c)).toBeUndefined();
+    expect(await storedIds(c)).toEqual(range(1, 10));
+
+    // Without --accept-gap it only says what it would do.
+    const dry = await reset(c);
+    expect(dry.code, dry.stdout.join('\n') + dry.stderr.join('\n')).toBe(2);
+    expect(dry.stdout.join('\n')).toContain('--accept-gap');
+    expect(await gaps(c)).toEqual([]);
+    expect(await slotRow(c)).toBeUndefined();
+
+    const done = await reset(c, '--accept-gap');
+    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    const [gap, ...more] = await gaps(c);
+    expect(more).toEqual([]);
+    expect(gap!.reason).toBe('slot_missing');
+    expect(gap!.slot_name).toBe(c.slot);
+    expect(parseLsn(gap!.from_lsn)).toBeGreaterThanOrEqual(parseLsn(before.lsn));
+    const newSlot = await slotRow(c);
+    expect(newSlot).toBeDefined();
+    expect(gap!.to_lsn).toBe(newSlot!.confirmed_flush_lsn);
+    expect((await checkpoint(c)).lsn).toBe(gap!.to_lsn);
+
+    const again = await start(c);
+    await insert(c, 111, 112);
+    expect(await waitForIds(c, 12)).toEqual([...range(1, 10), 111, 112]);
+    await stop(again);
+  });
+
+  it('a slot advanced by another client while Philotes was stopped: stops with the gap instead of skipping it', async () => {
+    const c = makeCase('advanced');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    const p = await start(c);
+    await insert(c, 1, 5);
+    await waitForIds(c, 5);
+    await stop(p);
+    const before = await checkpoint(c);
+
+    await insert(c, 6, 75); // 70 transactions
+    // Another client consumes the slot (what pg_recvlogical --start does, through SQL).
+    await q(
+      `SELECT count(*) FROM pg_logical_slot_get_binary_changes($1, NULL, NULL,
+         'proto_version', '1', 'publication_names', $2)`,
+      [c.slot, `pub_${c.id}`],
+    );
+    const advancedTo = (await slotRow(c))!.confirmed_flush_lsn;
+    expect(parseLsn(advancedTo)).toBeGreaterThan(parseLsn(before.lsn));
+
+    const run = await runToExit(c);
+    const line = expectStopped(run);
+    expect(line).toContain('advanced by another client');
+    expect(line).toContain(advancedTo);
+    expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
+    expect(await storedIds(c)).toEqual(range(1, 5));
+    // Stopping is not an answer: it must stay stopped until someone accepts the gap.
+    expectStopped(await runToExit(c));
+
+    const done = await reset(c, '--accept-gap');
+    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    const [gap] = await gaps(c);
+    expect(gap).toMatchObject({ reason: 'slot_advanced', to_lsn: advancedTo });
+    expect(parseLsn(gap!.from_lsn)).toBeGreaterThanOrEqual(parseLsn(before.lsn));
+    expect(parseLsn(gap!.from_lsn)).toBeLessThan(parseLsn(advancedTo));
+
+    const again = await start(c);
+    await insert(c, 76, 76);
+    expect(await waitForIds(c, 6)).toEqual([...range(1, 5), 76]);
+    await stop(again);
+  });
+
+  it("Philotes' own idle confirmations move the slot past the checkpoint without being taken for a gap, even after kill -9", async () => {
+    const c = makeCase('idle');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    await f.source.createDatabase('elsewhere');
+    const p = await start(c);
+    await insert(c, 1, 1);
+    await waitForIds(c, 1);
+    const stored = await checkpoint(c);
+    // WAL moves in another database: nothing for this slot, so Philotes confirms the WAL end.
+    await f.source.query(
+      'CREATE TABLE noise AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g',
+      [],
+      'elsewhere',
+    );
+    await waitFor(
+      async () => parseLsn((await slotRow(c))!.confirmed_flush_lsn) > parseLsn(stored.lsn),
+      { what: 'an idle confirmation past the checkpoint', timeoutMs: 60_000 },
+    );
+    // It was recorded before it was sent.
+    const recorded = await checkpoint(c);
+    expect(parseLsn(recorded.confirmed_lsn!)).toBeGreaterThanOrEqual(
+      parseLsn((await slotRow(c))!.confirmed_flush_lsn),
+    );
+    await p.kill9();
+    keep(p);
+
+    const again = await start(c);
+    await insert(c, 2, 2);
+    expect(await waitForIds(c, 2)).toEqual([1, 2]);
+    await stop(again);
+    expect(await gaps(c)).toEqual([]);
+  });
+
+  it('a key column renamed while Philotes was behind: events name the key as the stream had it, and no spurious schema version', async () => {
+    const c = makeCase('rename');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, a int)`);
+    await q(`CREATE TABLE ${c.table}_full (id int PRIMARY KEY, a int)`);
+    await q(`ALTER TABLE ${c.table}_full REPLICA IDENTITY FULL`);
+    const p = await start(c);
+    await q(`INSERT INTO ${c.table} VALUES (0, 0)`);
+    await q(`INSERT INTO ${c.table}_full VALUES (0, 0)`);
+    await waitForIds(c, 1);
+    await stop(p);
+
+    for (const t of [c.table, `${c.table}_full`]) {
+      await q(`INSERT INTO ${t} VALUES (1, 1)`);
+      await q(`ALTER TABLE ${t} RENAME COLUMN id TO "order id"`);
+      await q(`INSERT INTO ${t} VALUES (2, 2)`);
+    }
+    const again = await start(c);
+    const events = await waitFor(
+      async () => {
+        const rows = await b<{
+          table_name: string;
+          after: Record<string, unknown>;
+          primary_key: string[];
+        }>(
+          `SELECT table_name, after, primary_key FROM cdc_events
+            WHERE source_id = $1 ORDER BY lsn, seq`,
+          [c.id],
+        );
+        return rows.length >= 6 ? rows : false;
+      },
+      { what: 'six events', timeoutMs: 60_000 },
+    );
+    await stop(again);
+    const plain = events.filter((e) => e.table_name === c.table);
+    expect(plain.map((e) => [e.after, e.primary_key])).toEqual([
+      [{ id: 0, a: 0 }, ['id']],
+      [{ id: 1, a: 1 }, ['id']],
+      [{ 'order id': 2, a: 2 }, ['order id']],
+    ]);
+    // Under REPLICA IDENTITY FULL the stream does not say which columns form the key; whatever
+    // stands in, it never names a column the event does not have.
+    for (const e of events) {
+      for (const key of e.primary_key) expect(Object.keys(e.after)).toContain(key);
+    }
+    const history = await b<{ version: number; primary_key: string[]; names: string[] }>(
+      `SELECT version, primary_key, ARRAY(SELECT c->>'name' FROM jsonb_array_elements(columns) c) AS names
+         FROM cdc_schema_history WHERE source_id = $1 AND table_name = $2 ORDER BY version`,
+      [c.id, c.table],
+    );
+    expect(history.map((h) => [h.version, h.names, h.primary_key])).toEqual([
+      [1, ['id', 'a'], ['id']],
+      [2, ['order id', 'a'], ['order id']],
+    ]);
+  });
+
+  it('a publication dropped while streaming: stops with the way out instead of looping, and reset-source --skip-to-current gets past it', async () => {
+    const c = makeCase('nopub');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    const p = startPhilotes(c.env);
+    await waitForSlotActive(f.source, c.slot);
+    await insert(c, 1, 1);
+    await waitForIds(c, 1);
+    await q(`DROP PUBLICATION pub_${c.id}`);
+    await insert(c, 2, 2);
+    const exit = await waitForExit(p, 60_000);
+    keep(p);
+    expect(exit.code, outputTail(p)).toBe(2);
+    expect(p.stderr.join('\n')).toContain(`publication "pub_${c.id}"`);
+    expect(p.stderr.join('\n')).toContain('--skip-to-current');
+
+    // The next start does not recreate the publication (that would not help) and says why.
+    const second = await runToExit(c);
+    expect(expectStopped(second)).toContain(`publication "pub_${c.id}"`);
+    expect(await q('SELECT 1 FROM pg_publication WHERE pubname = $1', [`pub_${c.id}`])).toEqual([]);
+
+    // An operator recreates it by hand: still stopped (the slot would decode the changes made
+    // while it was missing), with the same way out, never a loop and never a silent skip.
+    await q(`CREATE PUBLICATION pub_${c.id} FOR ALL TABLES`);
+    await insert(c, 3, 3);
+    expect(expectStopped(await runToExit(c))).toContain('--skip-to-current');
+    expect(await storedIds(c)).toEqual([1]);
+
+    const done = await reset(c, '--accept-gap', '--skip-to-current');
+    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    const [gap] = await gaps(c);
+    expect(gap!.reason).toBe('skip_to_current');
+
+    const again = await start(c);
+    await insert(c, 4, 4);
+    expect(await waitForIds(c, 2)).toEqual([1, 4]);
+    await stop(again);
+  });
+
+  it('every log line names each key once', () => {
+    expect(allLines.length).toBeGreaterThan(50);
+    expect(linesWithDuplicateKeys(allLines)).toEqual([]);
+  });
+});
+
+function range(from: number, to: number): number[] {
+  return Array.from({ length: to - from + 1 }, (_, i) => from + i);
+}
