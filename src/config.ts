@@ -56,6 +56,8 @@ export interface Config {
   /** Backoff between reader restarts. */
   readonly restartMinDelayMs: number;
   readonly restartMaxDelayMs: number;
+  /** /readyz answers 503 once a source has not streamed for this long. */
+  readonly readinessGraceMs: number;
 }
 
 export class ConfigError extends Error {
@@ -305,6 +307,7 @@ export function loadConfig(env: Env = process.env): Config {
     shutdownTimeoutMs: duration(env, 'PHILOTES_SHUTDOWN_TIMEOUT', '10s', 100, 600_000),
     restartMinDelayMs,
     restartMaxDelayMs,
+    readinessGraceMs: duration(env, 'PHILOTES_READINESS_GRACE', '60s', 1000, 86_400_000),
   });
 }
 

@@ -880,8 +880,8 @@ async function launchPhilotes(
   res.philotes = child;
   // Streaming (not just started) matters: changes committed before the slot exists are not
   // captured, and the load must land in full.
-  await waitFor('Philotes to report state "streaming" on /healthz', 30_000, async () => {
-    const { status, body } = await fetchText(`http://${HOST}:${metricsPort}/healthz`);
+  await waitFor('Philotes to report state "streaming" on /readyz', 30_000, async () => {
+    const { status, body } = await fetchText(`http://${HOST}:${metricsPort}/readyz`);
     const health = JSON.parse(body) as { sources?: Array<{ state?: string }> };
     return status === 200 && health.sources?.[0]?.state === 'streaming' ? true : undefined;
   });
@@ -1062,7 +1062,7 @@ async function collectReport(
       [SLOT],
     ),
     metrics: await fetchText(`http://${HOST}:${metricsPort}/metrics`),
-    health: await fetchText(`http://${HOST}:${metricsPort}/healthz`),
+    health: await fetchText(`http://${HOST}:${metricsPort}/readyz`),
   };
 }
 
@@ -1151,7 +1151,7 @@ function printReport(
   );
   for (const line of metricLines) if (METRICS_SHOWN.test(line)) say(`  ${line}`);
 
-  heading(`Health (GET http://${HOST}:${metricsPort}/healthz)`);
+  heading(`Readiness (GET http://${HOST}:${metricsPort}/readyz)`);
   say(`  HTTP ${report.health.status} ${report.health.body}`);
 
   heading(

@@ -86,3 +86,130 @@ export class ReaderError extends Error {
     if (info.stack !== undefined) this.stack = info.stack;
   }
 }
+
+/**
+ * A connection failure rewritten to say what failed and where ("connect timeout to source
+ * 10.0.0.5:5432"), keeping its code so that the classification above still applies. Other
+ * errors pass through unchanged.
+ */
+export function describeConnectionError(
+  error: unknown,
+  what: 'source' | 'buffer',
+  host: string,
+  port: number,
+): unknown {
+  if (!(error instanceof Error)) return error;
+  const code = (error as { code?: unknown }).code;
+  const at = `${what} ${host}:${port}`;
+  let text: string | null = null;
+  if (code === 'ECONNREFUSED') text = `connection refused by ${at} (is the server running?)`;
+  else if (code === 'ENOTFOUND' || code === 'EAI_AGAIN')
+    text = `cannot resolve the ${what} host "${host}" (${String(code)})`;
+  else if (code === 'ETIMEDOUT' || /connection timeout|timeout expired/i.test(error.message))
+    text = `connect timeout to ${at}`;
+  else if (code === 'EHOSTUNREACH' || code === 'ENETUNREACH')
+    text = `${at} is unreachable (${String(code)})`;
+  else if (code === 'ECONNRESET' || /Connection terminated unexpectedly/.test(error.message))
+    text = `connection to ${at} was closed unexpectedly`;
+  if (text === null) return error;
+  return Object.assign(new Error(`${text}: ${error.message}`, { cause: error }), {
+    code: typeof code === 'string' ? code : 'CONNECTION_FAILED',
+  });
+}
+
+export type BufferProblem =
+  | 'unreachable'
+  | 'read-only'
+  | 'disk-full'
+  | 'out-of-connections'
+  | 'credentials'
+  | 'missing-database'
+  | 'privilege'
+  | 'other';
+
+/** What a buffer error means for an operator, and whether waiting can fix it. */
+export interface BufferErrorClass {
+  readonly problem: BufferProblem;
+  readonly retry: boolean;
+  /** One sentence, without the driver's message (log that under `err`). */
+  readonly summary: string;
+}
+
+const BUFFER_SQLSTATES: Record<string, Omit<BufferErrorClass, 'retry'> & { retry: boolean }> = {
+  '28P01': {
+    problem: 'credentials',
+    retry: false,
+    summary: 'the buffer database rejected the password (PHILOTES_BUFFER_PASSWORD / _URL)',
+  },
+  '28000': {
+    problem: 'credentials',
+    retry: false,
+    summary: 'the buffer database refused the connection (pg_hba.conf or the user)',
+  },
+  '3D000': {
+    problem: 'missing-database',
+    retry: false,
+    summary: 'the buffer database does not exist (create it, or fix PHILOTES_BUFFER_DATABASE)',
+  },
+  '42501': {
+    problem: 'privilege',
+    retry: false,
+    summary:
+      "the buffer user lacks a privilege Philotes needs (CREATE on the buffer's schema for the first start, then INSERT, UPDATE, DELETE and SELECT on its tables)",
+  },
+  '25006': {
+    problem: 'read-only',
+    retry: true,
+    summary:
+      'the buffer database is read-only (default_transaction_read_only, or a standby): waiting for it to accept writes',
+  },
+  '53100': {
+    problem: 'disk-full',
+    retry: true,
+    summary: "the buffer database's disk is full: waiting for space",
+  },
+  '53300': {
+    problem: 'out-of-connections',
+    retry: true,
+    summary: 'the buffer database has no connection slot free (max_connections): waiting for one',
+  },
+  '53200': {
+    problem: 'other',
+    retry: true,
+    summary: 'the buffer database is out of memory: retrying',
+  },
+  '57P03': {
+    problem: 'unreachable',
+    retry: true,
+    summary: 'the buffer database is starting up or shutting down: waiting for it',
+  },
+};
+
+export function classifyBufferError(error: unknown): BufferErrorClass {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code === 'string') {
+    const known = BUFFER_SQLSTATES[code];
+    if (known) return known;
+    if (RETRYABLE_NODE_CODES.has(code) || code === 'CONNECTION_FAILED' || code.startsWith('08'))
+      return {
+        problem: 'unreachable',
+        retry: true,
+        summary: 'the buffer database is not reachable yet',
+      };
+    if (code === '57P01' || code === '57P02')
+      return {
+        problem: 'unreachable',
+        retry: true,
+        summary: 'the buffer database went away: waiting for it',
+      };
+  }
+  const message = error instanceof Error ? error.message : String(error);
+  if (/timeout|terminated|ECONN|closed/i.test(message)) {
+    return {
+      problem: 'unreachable',
+      retry: true,
+      summary: 'the buffer database is not reachable yet',
+    };
+  }
+  return { problem: 'other', retry: !isFatal(error), summary: 'the buffer database failed' };
+}

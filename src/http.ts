@@ -1,19 +1,32 @@
-/** /metrics for Prometheus and /healthz for orchestrators. */
+/**
+ * The HTTP endpoint: /metrics for Prometheus, /healthz for liveness and /readyz for readiness.
+ *
+ * Liveness and readiness answer different questions, the way orchestrators use them. /healthz:
+ * does this process work (its event loop answers, its supervisor runs)? A remote database being
+ * down is no reason to restart Philotes, so it stays 200. /readyz: is every source capturing? It
+ * turns 503 once any source has not streamed for longer than the readiness grace period, however
+ * many retries it made meanwhile, and says per source why.
+ */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Logger } from './logger.js';
 import type { Metrics } from './metrics.js';
 
-export interface HealthReport {
-  readonly healthy: boolean;
-  readonly sources: ReadonlyArray<Record<string, unknown>>;
+export interface Probe {
+  readonly ok: boolean;
+  readonly body: Record<string, unknown>;
+}
+
+export interface Probes {
+  liveness(): Probe;
+  readiness(): Probe;
 }
 
 export async function startHttpServer(
   host: string,
   port: number,
   metrics: Metrics,
-  health: () => HealthReport,
+  probes: Probes,
   log: Logger,
 ): Promise<http.Server> {
   const server = http.createServer((req, res) => {
@@ -32,18 +45,20 @@ export async function startHttpServer(
       );
       return;
     }
-    if (path === '/healthz') {
-      const report = health();
+    const probe =
+      path === '/healthz' ? probes.liveness() : path === '/readyz' ? probes.readiness() : null;
+    if (probe !== null) {
       res
-        .writeHead(report.healthy ? 200 : 503, { 'content-type': 'application/json' })
-        .end(
-          JSON.stringify({ status: report.healthy ? 'ok' : 'unhealthy', sources: report.sources }),
-        );
+        .writeHead(probe.ok ? 200 : 503, {
+          'content-type': 'application/json',
+          'cache-control': 'no-store',
+        })
+        .end(JSON.stringify(probe.body));
       return;
     }
     res
       .writeHead(404, { 'content-type': 'text/plain' })
-      .end('not found: try /metrics or /healthz\n');
+      .end('not found: try /metrics, /healthz or /readyz\n');
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -53,6 +68,9 @@ export async function startHttpServer(
     });
   });
   const address = server.address() as AddressInfo;
-  log.info({ host: address.address, port: address.port }, 'metrics and health endpoint listening');
+  log.info(
+    { host: address.address, port: address.port },
+    'metrics and health endpoints listening (/metrics, /healthz, /readyz)',
+  );
   return server;
 }

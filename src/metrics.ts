@@ -107,6 +107,53 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly sourceState = new client.Gauge({
+    name: 'philotes_source_state',
+    help: 'Is 1 for the state the source is in: starting, streaming, backoff, stopping, stopped or failed.',
+    labelNames: ['source', 'state'] as const,
+    registers: [this.registry],
+  });
+  readonly consecutiveFailures = new client.Gauge({
+    name: 'philotes_reader_consecutive_failures',
+    help: 'Failed attempts since the source last streamed.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly nextAttemptTimestamp = new client.Gauge({
+    name: 'philotes_reader_next_attempt_timestamp_seconds',
+    help: 'When the next attempt to start the reader is due; 0 when none is pending.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  private readiness: () => ReadonlyArray<{ source: string; ready: boolean; notStreaming: number }> =
+    () => [];
+  readonly sourceReady = new client.Gauge({
+    name: 'philotes_source_ready',
+    help: 'Is 1 while the source streams or has stopped streaming for less than the readiness grace period (what /readyz reports).',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+    collect: () => {
+      for (const r of this.readiness()) this.sourceReady.set({ source: r.source }, r.ready ? 1 : 0);
+    },
+  });
+  readonly notStreamingSeconds = new client.Gauge({
+    name: 'philotes_source_not_streaming_seconds',
+    help: 'How long the source has not been streaming (0 while it streams), however many restarts it made meanwhile.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+    collect: () => {
+      for (const r of this.readiness())
+        this.notStreamingSeconds.set({ source: r.source }, r.notStreaming);
+    },
+  });
+
+  /** Where the readiness gauges read from at each scrape. */
+  watchReadiness(
+    reports: () => ReadonlyArray<{ source: string; ready: boolean; notStreaming: number }>,
+  ): void {
+    this.readiness = reports;
+  }
+
   constructor() {
     client.collectDefaultMetrics({ register: this.registry });
   }
@@ -124,5 +171,9 @@ export class Metrics {
     this.readerFailures.inc({ source, kind: 'fatal' }, 0);
     this.readerUp.set({ source }, 0);
     this.queuedBatches.set({ source }, 0);
+    for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
+      this.sourceState.set({ source, state }, 0);
+    this.consecutiveFailures.set({ source }, 0);
+    this.nextAttemptTimestamp.set({ source }, 0);
   }
 }

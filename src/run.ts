@@ -1,49 +1,146 @@
 /**
- * The process after start-up: opens the buffer, serves /metrics and /healthz, and runs the
- * supervisor until SIGTERM/SIGINT. Loaded by main.ts once the reader threads are starting.
+ * The process after start-up: serves /metrics, /healthz and /readyz, opens the buffer (waiting
+ * for it as long as waiting can help), and runs the supervisor until SIGTERM/SIGINT. Loaded by
+ * main.ts once the reader threads are starting.
  */
 import type http from 'node:http';
-import pRetry from 'p-retry';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Piscina } from 'piscina';
 import type { Config } from './config.js';
-import { isFatal } from './errors.js';
+import { classifyBufferError, isFatal } from './errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
-import { startHttpServer } from './http.js';
+import { startHttpServer, type Probe } from './http.js';
 import { createLogger, safeConnection, type Logger } from './logger.js';
 import { Metrics } from './metrics.js';
-import { Supervisor } from './supervisor.js';
+import { backoffDelay, Supervisor, type SourceReport } from './supervisor.js';
 import { BufferStore } from './buffer/store.js';
 
-async function openBuffer(config: Config, log: Logger): Promise<BufferStore> {
+/** Backoff while the buffer is not there yet (compose, Kubernetes, a failover). */
+const BUFFER_RETRY_MIN_MS = 500;
+const BUFFER_RETRY_MAX_MS = 15_000;
+
+/** Why the buffer is not open yet, for /readyz and the logs. */
+interface BufferWait {
+  problem: string | null;
+  attempts: number;
+  nextAttemptAt: number | null;
+}
+
+/**
+ * Opens the buffer. Waiting can fix an unreachable, starting, read-only or full buffer, or one
+ * out of connections: those are retried, each with its own message, until it works or a signal
+ * stops us. Bad credentials, a missing database or privilege cannot: they throw at once.
+ */
+async function openBuffer(
+  config: Config,
+  log: Logger,
+  wait: BufferWait,
+  signal: AbortSignal,
+): Promise<BufferStore> {
   log.info({ buffer: safeConnection(config.buffer) }, 'connecting to buffer database');
-  // The buffer may come up after us (compose, k8s): retry what can pass, for about a minute.
-  return pRetry(() => BufferStore.open(config.buffer, log, config.sources.length + 2), {
-    retries: 8,
-    minTimeout: 500,
-    maxTimeout: 15_000,
-    randomize: true,
-    shouldRetry: ({ error }) => !isFatal(error),
-    onFailedAttempt: ({ error, retriesLeft }) =>
-      log.warn({ err: error, retriesLeft }, 'buffer database not reachable yet'),
-  });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const store = await BufferStore.open(config.buffer, log, config.sources.length + 2);
+      if (attempt > 1) log.info({ attempts: attempt }, 'buffer database open');
+      return store;
+    } catch (error) {
+      const kind = classifyBufferError(error);
+      if (!kind.retry || signal.aborted) throw error;
+      const delay = backoffDelay(attempt, BUFFER_RETRY_MIN_MS, BUFFER_RETRY_MAX_MS);
+      wait.problem = `${kind.summary} (${oneLine((error as Error).message)})`;
+      wait.attempts = attempt;
+      wait.nextAttemptAt = Date.now() + delay;
+      log.warn(
+        { err: error, problem: kind.problem, attempt, retryInMs: delay },
+        `${kind.summary}; next attempt in ${(delay / 1000).toFixed(1)}s`,
+      );
+      await sleep(delay, undefined, { signal });
+    }
+  }
+}
+
+/** A source's report while the buffer is not open yet: nothing streams. */
+function waitingReport(
+  source: string,
+  config: Config,
+  startedAt: number,
+  wait: BufferWait,
+  now: number,
+): SourceReport {
+  return {
+    source,
+    ready: now - startedAt < config.readinessGraceMs,
+    state: 'starting',
+    stateSeconds: Math.round((now - startedAt) / 1000),
+    notStreamingSeconds: Math.round((now - startedAt) / 1000),
+    attempts: 0,
+    nextAttemptAt: null,
+    lastError: wait.problem === null ? null : `waiting for the buffer database: ${wait.problem}`,
+    lastErrorCode: null,
+    lastErrorAt: null,
+    lastErrorDetails: null,
+    checkpointLsn: null,
+    confirmedLsn: null,
+    lastStoredAt: null,
+  };
 }
 
 export async function run(config: Config, pool: Piscina): Promise<void> {
+  const startedAt = Date.now();
   // Process-wide lines carry no `source`; each source's lines get it once, from its child logger.
   const log = createLogger(config.logLevel);
   log.info({ sources: config.sources.map((s) => s.id) }, 'philotes starting');
 
-  let store: BufferStore;
-  try {
-    store = await openBuffer(config, log);
-  } catch (error) {
-    const message = `buffer database ${config.buffer.host}:${config.buffer.port}/${config.buffer.database}: ${(error as Error).message}`;
-    log.error({ err: error }, 'cannot open buffer database');
-    die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, message);
-  }
-
   const metrics = new Metrics();
-  const supervisor = new Supervisor(config, pool, store, metrics, log);
+  const wait: BufferWait = { problem: null, attempts: 0, nextAttemptAt: null };
+  let store: BufferStore | null = null;
+  let supervisor: Supervisor | null = null;
+  let phase: 'starting' | 'running' | 'stopping' = 'starting';
+
+  const reports = (now: number): SourceReport[] =>
+    supervisor
+      ? supervisor.runners.map((r) => r.report(now))
+      : config.sources.map((s) => waitingReport(s.id, config, startedAt, wait, now));
+  metrics.watchReadiness(() =>
+    reports(Date.now()).map((r) => ({
+      source: r.source,
+      ready: r.ready,
+      notStreaming: r.notStreamingSeconds ?? 0,
+    })),
+  );
+  const readiness = (): Probe => {
+    const now = Date.now();
+    const sources = reports(now);
+    const ready = phase !== 'stopping' && sources.every((s) => s.ready);
+    return {
+      ok: ready,
+      body: {
+        status: ready ? 'ready' : 'not ready',
+        graceSeconds: config.readinessGraceMs / 1000,
+        buffer:
+          store !== null
+            ? { state: 'open' }
+            : {
+                state: 'waiting',
+                problem: wait.problem,
+                attempts: wait.attempts,
+                nextAttemptAt:
+                  wait.nextAttemptAt === null ? null : new Date(wait.nextAttemptAt).toISOString(),
+              },
+        sources,
+      },
+    };
+  };
+  const liveness = (): Probe => ({
+    ok: true,
+    body: {
+      status: 'ok',
+      phase,
+      uptimeSeconds: Math.round((Date.now() - startedAt) / 1000),
+      sources: reports(Date.now()).map((r) => ({ source: r.source, state: r.state })),
+    },
+  });
+
   let server: http.Server | null = null;
   if (config.metricsPort !== 0) {
     try {
@@ -51,10 +148,7 @@ export async function run(config: Config, pool: Piscina): Promise<void> {
         config.metricsHost,
         config.metricsPort,
         metrics,
-        () => {
-          const sources = supervisor.runners.map((r) => r.health());
-          return { healthy: sources.every((s) => s.healthy), sources };
-        },
+        { liveness, readiness },
         log,
       );
     } catch (error) {
@@ -62,9 +156,11 @@ export async function run(config: Config, pool: Piscina): Promise<void> {
     }
   }
 
+  const waitAbort = new AbortController();
   let shuttingDown: Promise<void> | null = null;
   const shutdown = (reason: string): Promise<void> => {
     shuttingDown ??= (async () => {
+      phase = 'stopping';
       log.info({ reason }, 'shutting down: stopping readers');
       const deadline = setTimeout(() => {
         log.error(
@@ -74,10 +170,13 @@ export async function run(config: Config, pool: Piscina): Promise<void> {
         process.exit(EXIT_ERROR);
       }, config.shutdownTimeoutMs);
       deadline.unref();
-      await supervisor.stop();
-      log.info('readers stopped; closing');
-      await supervisor.close();
-      await store.close();
+      waitAbort.abort();
+      if (supervisor) {
+        await supervisor.stop();
+        log.info('readers stopped; closing');
+      }
+      await pool.destroy();
+      await store?.close();
       await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
       clearTimeout(deadline);
       log.info('shutdown complete');
@@ -97,6 +196,19 @@ export async function run(config: Config, pool: Piscina): Promise<void> {
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
 
+  try {
+    store = await openBuffer(config, log, wait, waitAbort.signal);
+  } catch (error) {
+    if (shuttingDown) return; // a signal ended the wait; the handler exits
+    const kind = classifyBufferError(error);
+    const message = `buffer database ${config.buffer.host}:${config.buffer.port}/${config.buffer.database}: ${kind.summary}: ${(error as Error).message}`;
+    log.error({ err: error, problem: kind.problem }, 'cannot open buffer database');
+    die(isFatal(error) || !kind.retry ? EXIT_USAGE : EXIT_ERROR, message);
+  }
+  if (shuttingDown) return;
+
+  supervisor = new Supervisor(config, pool, store, metrics, log, startedAt);
+  phase = 'running';
   const failures = await supervisor.run();
   if (shuttingDown) return; // the signal handler exits once shutdown completes
   if (failures.length > 0) {

@@ -3,10 +3,12 @@
  * reader's batches in the buffer, and a restart loop with backoff around both.
  */
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pRetry from 'p-retry';
 import { Piscina } from 'piscina';
 import type { Config, SourceConfig } from './config.js';
-import { isFatal, ReaderError } from './errors.js';
+import { classifyBufferError, isFatal, ReaderError } from './errors.js';
+import { oneLine } from './exit.js';
 import type { Logger } from './logger.js';
 import { lsnToNumber, parseLsn } from './lsn.js';
 import type { Metrics } from './metrics.js';
@@ -37,6 +39,7 @@ export class Supervisor {
     store: BufferStore,
     metrics: Metrics,
     log: Logger,
+    startedAt: number,
   ) {
     this.runners = config.sources.map(
       (source) =>
@@ -47,6 +50,7 @@ export class Supervisor {
           store,
           metrics,
           log.child({ source: source.id }),
+          startedAt,
         ),
     );
   }
@@ -65,10 +69,6 @@ export class Supervisor {
 
   async stop(): Promise<void> {
     await Promise.all(this.runners.map((r) => r.stop()));
-  }
-
-  async close(): Promise<void> {
-    await this.pool.destroy();
   }
 }
 
@@ -214,7 +214,8 @@ class ReaderRun {
     this.writeError = error;
     this.queue.length = 0;
     this.runner.metrics.queuedBatches.set({ source: this.runner.source.id }, 0);
-    this.runner.log.error({ err: error }, what);
+    const buffer = classifyBufferError(error);
+    this.runner.log.error({ err: error, problem: buffer.problem }, `${what}: ${buffer.summary}`);
     this.onWriterFailed(error);
   }
 
@@ -276,14 +277,50 @@ class ReaderRun {
   }
 }
 
+/** The backoff before attempt n+1: doubling from min to max, with jitter (50-100 %). */
+export function backoffDelay(attempt: number, minMs: number, maxMs: number): number {
+  const ceiling = Math.min(maxMs, minMs * 2 ** Math.min(attempt - 1, 30));
+  return Math.round(ceiling * (0.5 + Math.random() * 0.5));
+}
+
+/** What /readyz and the status report say about one source. */
+export interface SourceReport {
+  readonly source: string;
+  readonly ready: boolean;
+  readonly state: SourceState;
+  readonly stateSeconds: number;
+  /** How long the source has not been streaming; null while it streams. */
+  readonly notStreamingSeconds: number | null;
+  /** Failed attempts since it last streamed. */
+  readonly attempts: number;
+  readonly nextAttemptAt: string | null;
+  readonly lastError: string | null;
+  readonly lastErrorCode: string | null;
+  readonly lastErrorAt: string | null;
+  readonly lastErrorDetails: Readonly<Record<string, unknown>> | null;
+  readonly checkpointLsn: string | null;
+  readonly confirmedLsn: string | null;
+  readonly lastStoredAt: string | null;
+}
+
 export class SourceRunner {
   state: SourceState = 'starting';
   lastError: string | null = null;
+  private lastErrorCode: string | null = null;
+  private lastErrorAt: number | null = null;
+  private lastErrorDetails: Readonly<Record<string, unknown>> | null = null;
   checkpointLsn: string | null = null;
   confirmedLsn: string | null = null;
   serverWalEnd = 0n;
   lastStoredAt: number | null = null;
   private stateSince = Date.now();
+  /**
+   * Since when the source has not streamed; null while it streams. Not reset by retries: a source
+   * that keeps failing to connect has not streamed since its first failure (or since start).
+   */
+  private notStreamingSince: number | null;
+  private attempts = 0;
+  private nextAttemptAt: number | null = null;
   private stopping = false;
   private current: ReaderRun | null = null;
   private readonly retryAbort = new AbortController();
@@ -295,18 +332,34 @@ export class SourceRunner {
     readonly store: BufferStore,
     readonly metrics: Metrics,
     readonly log: Logger,
+    /** When the process started: a source that has never streamed has not streamed since then. */
+    startedAt: number,
   ) {
+    this.notStreamingSince = startedAt;
     metrics.initSource(source.id);
+    metrics.sourceState.set({ source: source.id, state: this.state }, 1);
   }
 
   setState(state: SourceState): void {
     if (this.state === state) return;
+    const labels = { source: this.source.id };
+    this.metrics.sourceState.set({ ...labels, state: this.state }, 0);
+    this.metrics.sourceState.set({ ...labels, state }, 1);
     this.state = state;
     this.stateSince = Date.now();
-    this.metrics.readerUp.set({ source: this.source.id }, state === 'streaming' ? 1 : 0);
+    if (state === 'streaming') {
+      this.notStreamingSince = null;
+      this.attempts = 0;
+      this.nextAttemptAt = null;
+      this.metrics.consecutiveFailures.set(labels, 0);
+      this.metrics.nextAttemptTimestamp.set(labels, 0);
+    } else {
+      this.notStreamingSince ??= this.stateSince;
+    }
+    this.metrics.readerUp.set(labels, state === 'streaming' ? 1 : 0);
   }
 
-  /** The checkpoint now stored in the buffer: for /healthz, the gauge and the lag. */
+  /** The checkpoint now stored in the buffer: for /readyz, the gauge and the lag. */
   noteCheckpoint(lsn: string): void {
     this.checkpointLsn = lsn;
     this.metrics.checkpointLsn.set({ source: this.source.id }, lsnToNumber(parseLsn(lsn)));
@@ -325,27 +378,46 @@ export class SourceRunner {
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
   }
 
-  health(): Record<string, unknown> & { healthy: boolean } {
-    const since = Date.now() - this.stateSince;
-    // Restarts are normal (server restarts, failovers); being down for a minute is not.
-    const healthy =
-      this.state === 'streaming' ||
-      this.state === 'stopping' ||
-      ((this.state === 'starting' || this.state === 'backoff') && since < 60_000);
+  /** Seconds since the source last streamed (0 while it streams). */
+  notStreamingSeconds(now = Date.now()): number {
+    return this.notStreamingSince === null ? 0 : (now - this.notStreamingSince) / 1000;
+  }
+
+  /**
+   * Ready while streaming, and for a grace period after it stopped streaming (restarts are
+   * normal: server restarts, failovers), however many attempts it makes meanwhile. A source
+   * that failed for good is never ready.
+   */
+  isReady(now = Date.now()): boolean {
+    if (this.state === 'streaming') return true;
+    if (this.state === 'failed' || this.state === 'stopped') return false;
+    return this.notStreamingSeconds(now) * 1000 < this.config.readinessGraceMs;
+  }
+
+  report(now = Date.now()): SourceReport {
+    const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
     return {
       source: this.source.id,
-      healthy,
+      ready: this.isReady(now),
       state: this.state,
-      stateSeconds: Math.round(since / 1000),
+      stateSeconds: Math.round((now - this.stateSince) / 1000),
+      notStreamingSeconds:
+        this.notStreamingSince === null ? null : Math.round(this.notStreamingSeconds(now)),
+      attempts: this.attempts,
+      nextAttemptAt: this.state === 'backoff' ? iso(this.nextAttemptAt) : null,
+      lastError: this.lastError,
+      lastErrorCode: this.lastErrorCode,
+      lastErrorAt: iso(this.lastErrorAt),
+      lastErrorDetails: this.lastErrorDetails,
       checkpointLsn: this.checkpointLsn,
       confirmedLsn: this.confirmedLsn,
-      lastStoredAt: this.lastStoredAt === null ? null : new Date(this.lastStoredAt).toISOString(),
-      lastError: this.lastError,
+      lastStoredAt: iso(this.lastStoredAt),
     };
   }
 
   /** Runs the source until stopped; rejects if it fails fatally. */
   async run(): Promise<void> {
+    const signal = this.retryAbort.signal;
     while (!this.stopping) {
       let freshCycle = false;
       try {
@@ -356,7 +428,7 @@ export class SourceRunner {
               await this.runOnce();
             } catch (error) {
               if (!this.stopping && !isFatal(error) && Date.now() - started >= HEALTHY_RUN_MS) {
-                this.noteFailure(error);
+                this.noteFailure(error, 1, this.config.restartMinDelayMs);
                 freshCycle = true; // healthy for a while: restart with a fresh backoff
                 return;
               }
@@ -365,15 +437,25 @@ export class SourceRunner {
           },
           {
             retries: Infinity,
-            factor: 2,
-            minTimeout: this.config.restartMinDelayMs,
-            maxTimeout: this.config.restartMaxDelayMs,
-            randomize: true,
-            signal: this.retryAbort.signal,
-            onFailedAttempt: ({ error, attemptNumber }) => {
+            // The wait between attempts is ours (below), so that the log, /readyz and the
+            // metrics can say when the next attempt is.
+            minTimeout: 0,
+            maxTimeout: 0,
+            signal,
+            onFailedAttempt: async ({ error, attemptNumber }) => {
               if (this.stopping) return;
-              this.noteFailure(error, attemptNumber);
-              if (!isFatal(error)) this.setState('backoff');
+              if (isFatal(error)) {
+                this.noteFailure(error, attemptNumber, null);
+                return;
+              }
+              const delay = backoffDelay(
+                attemptNumber,
+                this.config.restartMinDelayMs,
+                this.config.restartMaxDelayMs,
+              );
+              this.noteFailure(error, attemptNumber, delay);
+              this.setState('backoff');
+              await sleep(delay, undefined, { signal });
             },
             shouldRetry: ({ error }) => !this.stopping && !isFatal(error),
           },
@@ -382,23 +464,47 @@ export class SourceRunner {
         if (this.stopping) break;
         this.setState('failed');
         this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
-        this.log.error({ err: error }, 'source stopped: this error needs a person to fix it');
+        this.log.error(
+          { err: error, details: this.lastErrorDetails },
+          'source stopped: this error needs a person to fix it',
+        );
         throw error;
       }
       if (freshCycle && !this.stopping) {
-        await new Promise((r) => setTimeout(r, this.config.restartMinDelayMs));
+        this.nextAttemptAt = Date.now() + this.config.restartMinDelayMs;
+        await sleep(this.config.restartMinDelayMs, undefined, { signal }).catch(() => undefined);
       }
     }
     this.setState('stopped');
   }
 
-  private noteFailure(error: unknown, attempt?: number): void {
-    const message = error instanceof Error ? error.message : String(error);
-    this.lastError = message;
-    if (isFatal(error)) return;
-    this.metrics.readerFailures.inc({ source: this.source.id, kind: 'retryable' });
-    this.metrics.readerRestarts.inc({ source: this.source.id });
-    this.log.warn({ err: error, attempt }, 'reader failed; restarting with backoff');
+  private noteFailure(error: unknown, attempt: number, delayMs: number | null): void {
+    const labels = { source: this.source.id };
+    const e = error as { message?: unknown; code?: unknown; details?: unknown } | null;
+    this.lastError = error instanceof Error ? error.message : String(error);
+    this.lastErrorCode = typeof e?.code === 'string' ? e.code : null;
+    this.lastErrorDetails =
+      typeof e?.details === 'object' && e.details !== null
+        ? (e.details as Record<string, unknown>)
+        : null;
+    this.lastErrorAt = Date.now();
+    this.attempts++;
+    this.metrics.consecutiveFailures.set(labels, this.attempts);
+    if (delayMs === null) return; // fatal: reported once by run()
+    this.nextAttemptAt = Date.now() + delayMs;
+    this.metrics.nextAttemptTimestamp.set(labels, this.nextAttemptAt / 1000);
+    this.metrics.readerFailures.inc({ ...labels, kind: 'retryable' });
+    this.metrics.readerRestarts.inc(labels);
+    this.log.warn(
+      {
+        err: error,
+        attempt,
+        retryInMs: delayMs,
+        nextAttemptAt: new Date(this.nextAttemptAt).toISOString(),
+        notStreamingSeconds: Math.round(this.notStreamingSeconds()),
+      },
+      `reader failed (${oneLine(this.lastError)}); next attempt in ${formatDelay(delayMs)}`,
+    );
   }
 
   private async runOnce(): Promise<void> {
@@ -446,4 +552,8 @@ export class SourceRunner {
       await run.task.catch(() => undefined);
     }
   }
+}
+
+function formatDelay(ms: number): string {
+  return ms < 1000 ? `${ms}ms` : `${(ms / 1000).toFixed(1)}s`;
 }

@@ -9,7 +9,7 @@ import { isMainThread } from 'node:worker_threads';
 import pg from 'pg';
 import { LogicalReplicationService } from 'pg-logical-replication';
 import { pgClientOptions } from '../src/config.js';
-import { FatalSourceError, toErrorInfo } from '../src/errors.js';
+import { describeConnectionError, FatalSourceError, toErrorInfo } from '../src/errors.js';
 import {
   BUFFER_TABLES,
   DATABASE_IDENTITY_SQL,
@@ -148,8 +148,6 @@ class SlotReader implements PgoutputHandler {
   /** The furthest position asked to be recorded. */
   private recordRequested = 0n;
   private recordWaiters: Array<{ lsn: bigint; resolve: () => void }> = [];
-  /** The slot is checked once more after streaming starts, before anything is handled. */
-  private slotVerified = false;
   /** What we last told the source. */
   private confirmedLsn = 0n;
   /** A WAL end seen while nothing of ours was in flight: safe to confirm. */
@@ -201,7 +199,12 @@ class SlotReader implements PgoutputHandler {
       const options = pgClientOptions(source.connection, `philotes:${source.id}`);
       this.side = new pg.Client(options);
       this.side.on('error', (error) => this.fail(error));
-      await this.side.connect();
+      const { host, port: sourcePort } = source.connection;
+      await this.side
+        .connect()
+        .catch((error: unknown) =>
+          Promise.reject(describeConnectionError(error, 'source', host, sourcePort)),
+        );
       this.log.info({ connection: safeConnection(source.connection) }, 'connected to source');
       const checkpoint = this.task.checkpoint;
       const prepared = await prepareSource(
@@ -235,14 +238,6 @@ class SlotReader implements PgoutputHandler {
       else this.recordedLsn = prepared.recordedLsn;
       if (this.failed !== null) throw this.failed;
       const start = formatLsn(prepared.startLsn);
-      this.post({
-        type: 'ready',
-        startLsn: start,
-        slotCreated: prepared.slotCreated,
-        publicationCreated: prepared.publicationCreated,
-        serverVersion: prepared.serverVersion,
-      });
-
       const service = new LogicalReplicationService(
         { ...options, options: REPLICATION_SESSION_OPTIONS },
         // timeoutSeconds: 0 turns off the library's own timer, which would confirm the last
@@ -251,7 +246,22 @@ class SlotReader implements PgoutputHandler {
       );
       this.service = service;
       service.on('error', (error: unknown) => this.fail(error));
-      service.on('start', () => this.log.info({ startLsn: start }, 'streaming started'));
+      // 'start' is the server's CopyBothResponse: it accepted START_REPLICATION and this
+      // connection now holds the slot. Check the slot once more before handling anything, and
+      // only then count as streaming (a slot held by another client never gets this far).
+      service.on('start', () =>
+        this.block('slot', async () => {
+          await this.verifySlot();
+          this.log.info({ startLsn: start }, 'streaming started');
+          this.post({
+            type: 'ready',
+            startLsn: start,
+            slotCreated: prepared.slotCreated,
+            publicationCreated: prepared.publicationCreated,
+            serverVersion: prepared.serverVersion,
+          });
+        }),
+      );
 
       this.timers.push(
         setInterval(() => this.confirm(false), this.task.checkpointIntervalMs),
@@ -277,7 +287,7 @@ class SlotReader implements PgoutputHandler {
         () => {
           if (!this.stopping) this.fail(new Error('replication stream ended unexpectedly'));
         },
-        (error: unknown) => this.fail(error),
+        (error: unknown) => this.fail(describeConnectionError(error, 'source', host, sourcePort)),
       );
       await this.finished;
       return { confirmedLsn: formatLsn(this.confirmedLsn), error: null };
@@ -306,12 +316,6 @@ class SlotReader implements PgoutputHandler {
       this.pauseStream(); // dropped too; see stop()
       return;
     }
-    if (!this.slotVerified) {
-      this.slotVerified = true;
-      this.queue.push(Buffer.from(chunk));
-      this.block('slot', () => this.verifySlot());
-      return;
-    }
     if (this.blocked !== null || this.queue.length > 0) {
       this.queue.push(Buffer.from(chunk));
       return;
@@ -322,7 +326,7 @@ class SlotReader implements PgoutputHandler {
   /**
    * The check prepareSource made before streaming, once more now that this connection holds the
    * slot and nobody else can move it: another client could have streamed it in between. Nothing
-   * of the stream is handled before this passes.
+   * of the stream is handled before this passes (the stream is blocked while it runs).
    */
   private async verifySlot(): Promise<void> {
     const { source } = this.task;

@@ -8,6 +8,7 @@ import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
 import { pgClientOptions, type ConnectionConfig } from '../config.js';
+import { describeConnectionError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { BatchMessage, SchemaChange } from '../protocol.js';
 import { COPY_BINARY_HEADER, COPY_BINARY_TRAILER } from '../../workers/decode/copy-buffer.js';
@@ -60,7 +61,13 @@ export class BufferStore {
       client.on('error', (error) => log.warn({ err: error }, 'buffer connection lost')),
     );
     const store = new BufferStore(pool, { ...options, application_name: 'philotes:lock' }, log);
-    const client = await pool.connect();
+    let client: pg.PoolClient;
+    try {
+      client = await pool.connect();
+    } catch (error) {
+      await pool.end().catch(() => undefined);
+      throw describeConnectionError(error, 'buffer', conn.host, conn.port);
+    }
     try {
       const applied = await migrate(client);
       const identity = await client.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
@@ -69,9 +76,12 @@ export class BufferStore {
         { applied },
         applied.length > 0 ? 'buffer schema migrated' : 'buffer schema up to date',
       );
-    } finally {
-      client.release();
+    } catch (error) {
+      client.release(true);
+      await pool.end().catch(() => undefined);
+      throw error;
     }
+    client.release();
     return store;
   }
 

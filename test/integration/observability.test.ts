@@ -188,13 +188,21 @@ describe('observability: dashboard and alert rules against the real metrics', ()
     );
   });
 
-  it('answers /healthz with 200 and status ok', async () => {
+  it('answers /healthz and /readyz with 200 while streaming', async () => {
     const res = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(10_000) });
     expect(res.status).toBe(200);
     expect(res.headers.get('content-type')).toMatch(/application\/json/);
     const body = (await res.json()) as { status: string; sources: Array<{ source: string }> };
     expect(body.status).toBe('ok');
     expect(body.sources.map((s) => s.source)).toEqual([SOURCE_ID]);
+    const ready = await fetch(`${base}/readyz`, { signal: AbortSignal.timeout(10_000) });
+    expect(ready.status).toBe(200);
+    const report = (await ready.json()) as {
+      status: string;
+      sources: Array<{ source: string; state: string; ready: boolean }>;
+    };
+    expect(report.status).toBe('ready');
+    expect(report.sources).toMatchObject([{ source: SOURCE_ID, state: 'streaming', ready: true }]);
   });
 
   it('exposes every metric the dashboard and the alert rules use', async () => {

@@ -1,7 +1,7 @@
 /**
  * What an operator sees when Philotes cannot start: a bad setting or a source it can never use
  * stops it with exit code 2 and one line naming the problem; a source that is merely unreachable
- * is retried (the process stays up and says so on /healthz and /metrics). No password is printed
+ * is retried (the process stays up and says so on /readyz and /metrics). No password is printed
  * in any of these cases.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -164,7 +164,7 @@ describe('start-up errors', () => {
     });
   });
 
-  it('an unreachable source is retried, reported on /healthz and /metrics, and SIGTERM exits 0', async () => {
+  it('an unreachable source is retried, reported on /readyz and /metrics, and SIGTERM exits 0', async () => {
     // Nothing listens here: every connection attempt is refused, which is worth retrying.
     const deadPort = await freePort();
     const metricsPort = await freePort();
@@ -191,7 +191,7 @@ describe('start-up errors', () => {
 
       // Still running after failing twice: a refused connection is not a reason to give up.
       expect(philotes.proc.exitCode, philotes.stderr.join('\n')).toBeNull();
-      const res = await fetch(`${base}/healthz`);
+      const res = await fetch(`${base}/readyz`);
       const health = (await res.json()) as {
         status: string;
         sources: Array<Record<string, unknown>>;
@@ -202,6 +202,9 @@ describe('start-up errors', () => {
       expect(source['state']).not.toBe('streaming');
       expect(['starting', 'backoff']).toContain(source['state']);
       expect(String(source['lastError'])).toMatch(/ECONNREFUSED/);
+      expect(String(source['lastError'])).toContain(
+        `connection refused by source 127.0.0.1:${deadPort}`,
+      );
       expect(await (await fetch(`${base}/metrics`)).text()).toMatch(
         /^philotes_reader_up\{source="app"\} 0$/m,
       );
