@@ -33,14 +33,15 @@ COPY --from=deps /app/node_modules ./node_modules
 COPY --from=build /app/dist ./dist
 COPY package.json ./
 USER node
-# /metrics and /healthz (PHILOTES_METRICS_PORT, default 9753).
+# /metrics, /healthz (liveness) and /readyz (readiness) (PHILOTES_METRICS_PORT, default 9753).
 EXPOSE 9753
-# No curl in the slim image: ask /healthz with node. Assumes the HTTP server is enabled
+# No curl in the slim image: ask /readyz with node. Assumes the HTTP server is enabled
 # (PHILOTES_METRICS_PORT not 0) and listens on loopback (the default host 0.0.0.0 does).
-# The first probe runs one interval after start; /healthz itself tolerates a reader that is
-# still starting or backing off for a minute.
+# Docker only reports health, it restarts nothing: so the check asks readiness, and "unhealthy"
+# means a source has not been capturing for PHILOTES_READINESS_GRACE (60s by default). Under
+# Kubernetes use /healthz for the livenessProbe and /readyz for the readinessProbe instead.
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
-  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PHILOTES_METRICS_PORT || 9753) + '/healthz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
+  CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.PHILOTES_METRICS_PORT || 9753) + '/readyz', { signal: AbortSignal.timeout(4000) }).then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 # SIGTERM (docker stop) stores what is in flight, commits and confirms the last checkpoint,
 # then exits 0; PHILOTES_SHUTDOWN_TIMEOUT (default 10s) must stay below the stop timeout.
 STOPSIGNAL SIGTERM

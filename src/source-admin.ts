@@ -172,7 +172,8 @@ export function gapError(
   const from = formatLsn(gap.fromLsn);
   const to = formatLsn(gap.toLsn);
   const size = formatBytes(gap.toLsn - gap.fromLsn);
-  const head = `source "${source.id}" stopped to avoid a silent gap:`;
+  // The caller prefixes the source ("philotes: source "orders": ...").
+  const head = 'stopped to avoid a silent gap:';
   let what: string;
   let code: string;
   switch (gap.reason) {
@@ -268,7 +269,7 @@ export function publicationMissingError(
   atLsn: string | null,
 ): FatalSourceError {
   return new FatalSourceError(
-    `source "${source.id}" stopped: publication "${source.publication}" ${detail}. Decoding reads the catalog as it was at each point of the WAL, so creating the publication again does not make the changes committed while it was missing decodable: they cannot be delivered. To create the publication if needed, skip the slot to the source's current position and record the gap in the buffer (cdc_gaps): ${resetCommand(source.id, ' --skip-to-current')}`,
+    `stopped: publication "${source.publication}" ${detail}. Decoding reads the catalog as it was at each point of the WAL, so creating the publication again does not make the changes committed while it was missing decodable: they cannot be delivered. To create the publication if needed, skip the slot to the source's current position and record the gap in the buffer (cdc_gaps): ${resetCommand(source.id, ' --skip-to-current')}`,
     'PUBLICATION_MISSING',
     { publication: source.publication, slot: source.slot, atLsn },
   );

@@ -465,8 +465,8 @@ export class SourceRunner {
         this.setState('failed');
         this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
         this.log.error(
-          { err: error, details: this.lastErrorDetails },
-          'source stopped: this error needs a person to fix it',
+          { err: error, code: this.lastErrorCode, details: this.lastErrorDetails },
+          `source stopped; a person must act: ${oneLine(this.lastError ?? String(error))}`,
         );
         throw error;
       }

@@ -797,7 +797,7 @@ class SlotReader implements PgoutputHandler {
     }
     if (e.code === '58P01') {
       return new FatalSourceError(
-        `source "${source.id}" stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
+        `stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
         'WAL_REMOVED',
         { slot: source.slot },
       );

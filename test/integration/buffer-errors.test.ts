@@ -1,0 +1,170 @@
+/**
+ * What the buffer database's problems look like to an operator. Problems waiting can fix (down,
+ * read-only, out of connections) are waited out, each with its own message, while /healthz stays
+ * 200 and /readyz says why it is 503; problems only a person can fix (credentials, a missing
+ * database, a missing privilege) stop Philotes at once with exit 2 and one line, without first
+ * claiming the buffer is "not reachable yet".
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePort } from '../helpers/cluster.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
+import { waitForExit } from '../helpers/faults.js';
+import {
+  runPhilotesToExit,
+  startPhilotes,
+  type PhilotesProcess,
+  type PhilotesRun,
+} from '../helpers/philotes.js';
+import { waitFor } from '../helpers/poll.js';
+
+interface Readiness {
+  status: string;
+  buffer: { state: string; problem?: string | null; attempts?: number };
+  sources: Array<{ source: string; state: string; lastError: string | null }>;
+}
+
+describe('buffer database errors', () => {
+  let f: Fixture;
+  const running: PhilotesProcess[] = [];
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query('CREATE TABLE landed (id int PRIMARY KEY)', [], 'app');
+    await f.buffer.query(`CREATE ROLE weak LOGIN PASSWORD 'weak-pw'`);
+    await f.buffer.query(`CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 0`);
+    await f.buffer.query('CREATE DATABASE limited_buffer OWNER limited');
+  });
+
+  afterAll(async () => {
+    for (const p of running) await p.kill9();
+    await f?.destroy();
+  });
+
+  function notReachableLines(run: Pick<PhilotesRun, 'stdout'>): string[] {
+    return run.stdout.filter((l) => /not reachable/.test(l));
+  }
+
+  function expectFatal(run: PhilotesRun): string {
+    const context = `exit ${run.code}\nstderr:\n${run.stderr.join('\n')}\nstdout:\n${run.stdout.slice(-8).join('\n')}`;
+    expect(run.code, context).toBe(2);
+    expect(run.stderr, context).toHaveLength(1);
+    expect(notReachableLines(run), context).toEqual([]);
+    return run.stderr[0]!;
+  }
+
+  it('a wrong buffer password: exit 2 at once, one line, no "not reachable yet"', async () => {
+    const run = await runPhilotesToExit(f.env({ PHILOTES_BUFFER_PASSWORD: 'wrong-pw-123' }));
+    const line = expectFatal(run);
+    expect(line).toContain('rejected the password');
+    expect(line).not.toContain('wrong-pw-123');
+  });
+
+  it('a buffer database that does not exist: exit 2 at once', async () => {
+    const run = await runPhilotesToExit(f.env({ PHILOTES_BUFFER_DATABASE: 'no_such_buffer' }));
+    expect(expectFatal(run)).toMatch(/does not exist/);
+  });
+
+  it('a buffer user without the privilege to create the tables: exit 2 at once', async () => {
+    const run = await runPhilotesToExit(
+      f.env({ PHILOTES_BUFFER_USER: 'weak', PHILOTES_BUFFER_PASSWORD: 'weak-pw' }),
+    );
+    expect(expectFatal(run)).toMatch(/privilege/);
+  });
+
+  async function startWatched(
+    env: Record<string, string>,
+  ): Promise<{ p: PhilotesProcess; base: string }> {
+    const port = await freePort();
+    const p = startPhilotes(
+      f.env({
+        PHILOTES_METRICS_PORT: String(port),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+        PHILOTES_READINESS_GRACE: '1s',
+        ...env,
+      }),
+    );
+    running.push(p);
+    return { p, base: `http://127.0.0.1:${port}` };
+  }
+
+  async function readiness(base: string): Promise<{ status: number; body: Readiness }> {
+    const res = await fetch(`${base}/readyz`, { signal: AbortSignal.timeout(5_000) });
+    return { status: res.status, body: (await res.json()) as Readiness };
+  }
+
+  /** Waits until /readyz reports the buffer waiting for `problem` (after several attempts). */
+  async function expectWaiting(base: string, p: PhilotesProcess, problem: RegExp): Promise<void> {
+    const body = await waitFor(
+      async () => {
+        const r = await readiness(base);
+        return r.status === 503 && (r.body.buffer.attempts ?? 0) >= 2 ? r.body : false;
+      },
+      { what: '/readyz 503 with the buffer waiting', timeoutMs: 30_000, intervalMs: 200 },
+    );
+    expect(body.buffer.state).toBe('waiting');
+    expect(body.buffer.problem).toMatch(problem);
+    expect(body.sources[0]!.lastError).toMatch(problem);
+    const live = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(5_000) });
+    expect(live.status).toBe(200);
+    expect(p.proc.exitCode).toBeNull();
+    expect(p.logs().some((l) => problem.test(String(l['msg'])))).toBe(true);
+  }
+
+  async function expectCaptures(base: string, id: number): Promise<void> {
+    await waitFor(async () => (await readiness(base)).status === 200, {
+      what: '/readyz 200',
+      timeoutMs: 60_000,
+      intervalMs: 200,
+    });
+    await f.source.query('INSERT INTO landed VALUES ($1)', [id], 'app');
+  }
+
+  it('a read-only buffer is waited for with its own message, and used once it accepts writes', async () => {
+    await f.buffer.query('ALTER DATABASE buffer SET default_transaction_read_only = on');
+    const { p, base } = await startWatched({});
+    try {
+      await expectWaiting(base, p, /read-only/);
+    } finally {
+      await f.buffer.query('ALTER DATABASE buffer RESET default_transaction_read_only');
+    }
+    await expectCaptures(base, 1);
+    await waitFor(
+      async () =>
+        (
+          await f.buffer.query(
+            `SELECT 1 FROM cdc_events WHERE table_name = 'landed' AND after->>'id' = '1'`,
+            [],
+            'buffer',
+          )
+        ).length === 1,
+      { what: 'row 1 stored', timeoutMs: 30_000 },
+    );
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  it('a buffer out of connections is waited for with its own message', async () => {
+    const { p, base } = await startWatched({
+      PHILOTES_BUFFER_DATABASE: 'limited_buffer',
+      PHILOTES_BUFFER_USER: 'limited',
+      PHILOTES_BUFFER_PASSWORD: 'limited-pw',
+      PHILOTES_CDC_REPLICATION_SLOT: 'limited_slot',
+    });
+    try {
+      await expectWaiting(base, p, /connection slot/);
+    } finally {
+      await f.buffer.query('ALTER ROLE limited CONNECTION LIMIT -1');
+    }
+    await waitForSlotActive(f.source, 'limited_slot');
+    await expectCaptures(base, 2);
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  it('a buffer that is down: waited for (not an exit), and SIGTERM during the wait exits 0', async () => {
+    const { p, base } = await startWatched({ PHILOTES_BUFFER_PORT: String(await freePort()) });
+    await expectWaiting(base, p, /not reachable/);
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+});
