@@ -125,6 +125,12 @@ export class Metrics {
     labelNames: ['source'] as const,
     registers: [this.registry],
   });
+  readonly lastErrorTimestamp = new client.Gauge({
+    name: 'philotes_reader_last_error_timestamp_seconds',
+    help: 'When the source last failed (its message is lastError on /readyz); 0 if it never did.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
   private readiness: () => ReadonlyArray<{ source: string; ready: boolean; notStreaming: number }> =
     () => [];
   readonly sourceReady = new client.Gauge({
@@ -175,5 +181,6 @@ export class Metrics {
       this.sourceState.set({ source, state }, 0);
     this.consecutiveFailures.set({ source }, 0);
     this.nextAttemptTimestamp.set({ source }, 0);
+    this.lastErrorTimestamp.set({ source }, 0);
   }
 }

@@ -187,7 +187,7 @@ export function gapError(
       break;
     case 'slot_advanced':
       code = 'SLOT_ADVANCED';
-      what = `replication slot "${source.slot}" on ${where(source)} was advanced by another client to ${to}, past the buffer's checkpoint ${formatLsn(checkpointLsn)} and past anything Philotes confirmed (${from}); the server will not send the changes between ${from} and ${to} (${size} of WAL) again. Make sure nothing else reads this slot.`;
+      what = `replication slot "${source.slot}" on ${where(source)} was advanced by another client to ${to}, past the buffer's checkpoint ${formatLsn(checkpointLsn)} and past anything Philotes confirmed (${from}); the server will not send the changes between ${from} and ${to} (${size} of WAL) again. (Other causes of the same: the slot was dropped and created again, or the buffer was restored from an older backup.) Make sure nothing else reads this slot.`;
       break;
     default:
       code = 'GAP';

@@ -488,6 +488,7 @@ export class SourceRunner {
         ? (e.details as Record<string, unknown>)
         : null;
     this.lastErrorAt = Date.now();
+    this.metrics.lastErrorTimestamp.set(labels, this.lastErrorAt / 1000);
     this.attempts++;
     this.metrics.consecutiveFailures.set(labels, this.attempts);
     if (delayMs === null) return; // fatal: reported once by run()

@@ -38,6 +38,29 @@ export interface SourceLock {
   release(): Promise<void>;
 }
 
+async function selectCheckpoint(
+  db: pg.Pool | pg.PoolClient,
+  sourceId: string,
+  forUpdate: boolean,
+): Promise<Checkpoint | null> {
+  const result = await db.query<{
+    lsn: string;
+    transaction_id: string | null;
+    confirmed_lsn: string | null;
+  }>(
+    `SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1${forUpdate ? ' FOR UPDATE' : ''}`,
+    [sourceId],
+  );
+  const row = result.rows[0];
+  return row
+    ? {
+        lsn: row.lsn,
+        transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
+        confirmedLsn: row.confirmed_lsn,
+      }
+    : null;
+}
+
 export class BufferStore {
   /** Which database this is, so a reader can tell when its source is this same database. */
   identity: DatabaseIdentity = { identity: '', schema: '' };
@@ -93,15 +116,7 @@ export class BufferStore {
     const client = await this.pool.connect();
     try {
       await client.query('BEGIN');
-      const result = await client.query<{
-        lsn: string;
-        transaction_id: string | null;
-        confirmed_lsn: string | null;
-      }>(
-        'SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1 FOR UPDATE',
-        [sourceId],
-      );
-      const row = result.rows[0];
+      const row = await selectCheckpoint(client, sourceId, true);
       // Events of stored transactions carry commit LSNs below the checkpoint (which is the end
       // of the last stored commit record); anything at or past it belongs to a cut transaction.
       const removed = row
@@ -117,13 +132,7 @@ export class BufferStore {
           'removed events of an incomplete transaction',
         );
       }
-      return row
-        ? {
-            lsn: row.lsn,
-            transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
-            confirmedLsn: row.confirmed_lsn,
-          }
-        : null;
+      return row;
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       throw error;
@@ -134,22 +143,7 @@ export class BufferStore {
 
   /** The stored checkpoint, read without changing anything. */
   async readCheckpoint(sourceId: string): Promise<Checkpoint | null> {
-    const result = await this.pool.query<{
-      lsn: string;
-      transaction_id: string | null;
-      confirmed_lsn: string | null;
-    }>(
-      'SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1',
-      [sourceId],
-    );
-    const row = result.rows[0];
-    return row
-      ? {
-          lsn: row.lsn,
-          transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
-          confirmedLsn: row.confirmed_lsn,
-        }
-      : null;
+    return selectCheckpoint(this.pool, sourceId, false);
   }
 
   /**

@@ -362,6 +362,64 @@ describe('changes that can no longer be delivered', () => {
     await stop(again);
   });
 
+  it('a slot invalidated for needing more WAL than max_slot_wal_keep_size: stops with the gap; reset-source recreates it', async () => {
+    const c = makeCase('lost');
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    const p = await start(c);
+    await insert(c, 1, 3);
+    await waitForIds(c, 3);
+    await stop(p);
+    const before = await checkpoint(c);
+
+    await q(`ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`);
+    await q('SELECT pg_reload_conf()');
+    try {
+      // WAL the stopped slot still needs piles up past the limit, and a checkpoint removes it.
+      let n = 4;
+      await waitFor(
+        async () => {
+          await insert(c, n, n);
+          n++;
+          await q('SELECT pg_switch_wal()');
+          await q('CHECKPOINT');
+          const [row] = await q<{ wal_status: string | null }>(
+            'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
+            [c.slot],
+          );
+          return row?.wal_status === 'lost';
+        },
+        { what: 'the slot to be invalidated', timeoutMs: 60_000, intervalMs: 10 },
+      );
+    } finally {
+      await q('ALTER SYSTEM RESET max_slot_wal_keep_size');
+      await q('SELECT pg_reload_conf()');
+    }
+
+    const line = expectStopped(await runToExit(c));
+    expect(line).toContain('invalidated');
+    expect(line).toContain(before.lsn);
+    expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
+    expect(await storedIds(c)).toEqual(range(1, 3));
+
+    const done = await reset(c, '--accept-gap');
+    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    const [gap] = await gaps(c);
+    expect(gap!.reason).toBe('slot_invalidated');
+    const [slot] = await q<{ wal_status: string }>(
+      'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
+      [c.slot],
+    );
+    expect(slot!.wal_status).not.toBe('lost');
+
+    const again = await start(c);
+    await insert(c, 1000, 1000);
+    await waitFor(async () => (await storedIds(c)).includes(1000), {
+      what: 'a row after the reset to be stored',
+      timeoutMs: 60_000,
+    });
+    await stop(again);
+  });
+
   it('every log line names each key once', () => {
     expect(allLines.length).toBeGreaterThan(50);
     expect(linesWithDuplicateKeys(allLines)).toEqual([]);
