@@ -144,7 +144,7 @@ export class Metrics {
   });
   readonly notStreamingSeconds = new client.Gauge({
     name: 'philotes_source_not_streaming_seconds',
-    help: 'How long the source has not been streaming (0 while it streams), however many restarts it made meanwhile.',
+    help: 'How long the source has not been capturing: since its first failure after it last streamed steadily (0 while it does), however many restarts it made meanwhile.',
     labelNames: ['source'] as const,
     registers: [this.registry],
     collect: () => {

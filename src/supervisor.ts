@@ -315,10 +315,15 @@ export class SourceRunner {
   lastStoredAt: number | null = null;
   private stateSince = Date.now();
   /**
-   * Since when the source has not streamed; null while it streams. Not reset by retries: a source
-   * that keeps failing to connect has not streamed since its first failure (or since start).
+   * Since when the source has not been capturing: its first failure after it last streamed
+   * steadily (or the process start). Null while it streams steadily. Retries do not reset it, and
+   * neither do runs that reach streaming and fail again within `steadyMs`: a source that keeps
+   * reconnecting and failing (a read-only buffer, a flapping network) is not capturing either.
    */
-  private notStreamingSince: number | null;
+  private outageSince: number | null;
+  private streamingSince: number | null = null;
+  /** Streaming this long ends an outage (at most half the grace, so one hiccup never shows). */
+  private readonly steadyMs: number;
   private attempts = 0;
   private nextAttemptAt: number | null = null;
   private stopping = false;
@@ -335,7 +340,8 @@ export class SourceRunner {
     /** When the process started: a source that has never streamed has not streamed since then. */
     startedAt: number,
   ) {
-    this.notStreamingSince = startedAt;
+    this.outageSince = startedAt;
+    this.steadyMs = Math.min(HEALTHY_RUN_MS, config.readinessGraceMs / 2);
     metrics.initSource(source.id);
     metrics.sourceState.set({ source: source.id, state: this.state }, 1);
   }
@@ -345,18 +351,33 @@ export class SourceRunner {
     const labels = { source: this.source.id };
     this.metrics.sourceState.set({ ...labels, state: this.state }, 0);
     this.metrics.sourceState.set({ ...labels, state }, 1);
+    const now = Date.now();
+    this.settle(now);
     this.state = state;
-    this.stateSince = Date.now();
+    this.stateSince = now;
     if (state === 'streaming') {
-      this.notStreamingSince = null;
-      this.attempts = 0;
+      this.streamingSince = now;
       this.nextAttemptAt = null;
-      this.metrics.consecutiveFailures.set(labels, 0);
       this.metrics.nextAttemptTimestamp.set(labels, 0);
     } else {
-      this.notStreamingSince ??= this.stateSince;
+      this.streamingSince = null;
+      this.outageSince ??= now;
     }
     this.metrics.readerUp.set(labels, state === 'streaming' ? 1 : 0);
+  }
+
+  /** Ends the outage once the source has streamed steadily. */
+  private settle(now: number): void {
+    if (
+      this.outageSince !== null &&
+      this.state === 'streaming' &&
+      this.streamingSince !== null &&
+      now - this.streamingSince >= this.steadyMs
+    ) {
+      this.outageSince = null;
+      this.attempts = 0;
+      this.metrics.consecutiveFailures.set({ source: this.source.id }, 0);
+    }
   }
 
   /** The checkpoint now stored in the buffer: for /readyz, the gauge and the lag. */
@@ -378,20 +399,22 @@ export class SourceRunner {
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
   }
 
-  /** Seconds since the source last streamed (0 while it streams). */
+  /** Seconds the source has not been capturing (0 while it streams steadily). */
   notStreamingSeconds(now = Date.now()): number {
-    return this.notStreamingSince === null ? 0 : (now - this.notStreamingSince) / 1000;
+    this.settle(now);
+    return this.outageSince === null ? 0 : (now - this.outageSince) / 1000;
   }
 
   /**
-   * Ready while streaming, and for a grace period after it stopped streaming (restarts are
+   * Ready while streaming steadily, and for a grace period after it stopped (restarts are
    * normal: server restarts, failovers), however many attempts it makes meanwhile. A source
    * that failed for good is never ready.
    */
   isReady(now = Date.now()): boolean {
-    if (this.state === 'streaming') return true;
     if (this.state === 'failed' || this.state === 'stopped') return false;
-    return this.notStreamingSeconds(now) * 1000 < this.config.readinessGraceMs;
+    this.settle(now);
+    if (this.outageSince === null) return true;
+    return now - this.outageSince < this.config.readinessGraceMs;
   }
 
   report(now = Date.now()): SourceReport {
@@ -402,7 +425,7 @@ export class SourceRunner {
       state: this.state,
       stateSeconds: Math.round((now - this.stateSince) / 1000),
       notStreamingSeconds:
-        this.notStreamingSince === null ? null : Math.round(this.notStreamingSeconds(now)),
+        this.notStreamingSeconds(now) === 0 ? null : Math.round(this.notStreamingSeconds(now)),
       attempts: this.attempts,
       nextAttemptAt: this.state === 'backoff' ? iso(this.nextAttemptAt) : null,
       lastError: this.lastError,

@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../helpers/cluster.js';
-import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
+import { connect, startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
 import { waitForExit } from '../helpers/faults.js';
 import {
   runPhilotesToExit,
@@ -139,6 +139,86 @@ describe('buffer database errors', () => {
         ).length === 1,
       { what: 'row 1 stored', timeoutMs: 30_000 },
     );
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  it('a buffer that turns read-only while streaming: not ready within the grace period although every wait between attempts is shorter, and every change lands once it accepts writes again', async () => {
+    const { p, base } = await startWatched({
+      PHILOTES_CDC_SOURCE_ID: 'flapping',
+      PHILOTES_CDC_REPLICATION_SLOT: 'flapping_slot',
+      // No single backoff wait comes near the grace period: only counting the whole outage
+      // across attempts can make /readyz 503.
+      PHILOTES_RESTART_MAX_DELAY: '500ms',
+      PHILOTES_READINESS_GRACE: '4s',
+    });
+    await waitForSlotActive(f.source, 'flapping_slot');
+    await waitFor(async () => (await readiness(base)).status === 200, {
+      what: '/readyz 200 while streaming',
+      timeoutMs: 60_000,
+      intervalMs: 200,
+    });
+    const admin = await connect(f.buffer, 'buffer');
+    const setReadOnly = async (on: boolean) => {
+      await admin.query('SET default_transaction_read_only = off');
+      await admin.query(
+        on
+          ? 'ALTER SYSTEM SET default_transaction_read_only = on'
+          : 'ALTER SYSTEM RESET default_transaction_read_only',
+      );
+      await admin.query('SELECT pg_reload_conf()');
+    };
+    try {
+      await setReadOnly(true);
+      // Changes keep coming; storing them fails, and so does every new attempt to start.
+      let id = 100;
+      const writer = setInterval(() => {
+        void f.source.query('INSERT INTO landed VALUES ($1)', [id++], 'app').catch(() => undefined);
+      }, 100);
+      try {
+        await waitFor(async () => (await readiness(base)).status === 503, {
+          what: '/readyz 503 while the buffer refuses writes',
+          timeoutMs: 20_000,
+          intervalMs: 200,
+        });
+        const { body } = await readiness(base);
+        expect(body.sources[0]!.lastError).toMatch(/read-only/);
+        expect(p.logs().some((l) => /read-only/.test(String(l['msg'])))).toBe(true);
+      } finally {
+        clearInterval(writer);
+      }
+      await setReadOnly(false);
+      const written = id - 100;
+      await waitFor(async () => (await readiness(base)).status === 200, {
+        what: '/readyz 200 again',
+        timeoutMs: 60_000,
+        intervalMs: 200,
+      });
+      const rows = await waitFor(
+        async () => {
+          const r = await f.buffer.query<{ id: number }>(
+            `SELECT (after->>'id')::int AS id FROM cdc_events
+              WHERE source_id = 'flapping' AND table_name = 'landed' AND (after->>'id')::int >= 100
+              ORDER BY lsn, seq`,
+            [],
+            'buffer',
+          );
+          const committed = await f.source.query<{ n: number }>(
+            'SELECT count(*)::int AS n FROM landed WHERE id >= 100',
+            [],
+            'app',
+          );
+          return r.length >= committed[0]!.n && committed[0]!.n > 0 ? r : false;
+        },
+        { what: 'every row written meanwhile to be stored', timeoutMs: 60_000 },
+      );
+      const ids = rows.map((r) => r.id);
+      expect(new Set(ids).size).toBe(ids.length); // once each
+      expect(ids.length).toBeLessThanOrEqual(written);
+    } finally {
+      await setReadOnly(false).catch(() => undefined);
+      await admin.end();
+    }
     expect(p.signal('SIGTERM')).toBe(true);
     expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
   });

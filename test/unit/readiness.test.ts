@@ -1,0 +1,108 @@
+/**
+ * When a source counts as ready: the outage clock starts at the first failure after it last
+ * streamed steadily, and neither retries nor short reconnections reset it.
+ */
+import type { Piscina } from 'piscina';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import type { BufferStore } from '../../src/buffer/store.js';
+import { loadConfig } from '../../src/config.js';
+import { createLogger } from '../../src/logger.js';
+import { Metrics } from '../../src/metrics.js';
+import { backoffDelay, SourceRunner } from '../../src/supervisor.js';
+
+const GRACE_S = 60;
+
+function runner(startedAt: number): SourceRunner {
+  const config = loadConfig({
+    PHILOTES_CDC_SOURCE_DATABASE: 'app',
+    PHILOTES_CDC_SOURCE_USER: 'cdc',
+    PHILOTES_BUFFER_DATABASE: 'buffer',
+    PHILOTES_BUFFER_USER: 'philotes',
+    PHILOTES_READINESS_GRACE: `${GRACE_S}s`,
+  });
+  // The runner is only driven through its states here: no thread pool or buffer is touched.
+  return new SourceRunner(
+    config.sources[0]!,
+    config,
+    {} as Piscina,
+    {} as BufferStore,
+    new Metrics(),
+    createLogger('silent'),
+    startedAt,
+  );
+}
+
+describe('source readiness', () => {
+  beforeEach(() => {
+    vi.useFakeTimers();
+    vi.setSystemTime(1_000_000);
+  });
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+  const at = (s: number) => vi.setSystemTime(1_000_000 + s * 1000);
+
+  it('a source that never streams is ready only during the grace period after start', () => {
+    const r = runner(Date.now());
+    at(59);
+    r.setState('backoff');
+    expect(r.isReady()).toBe(true);
+    at(61);
+    r.setState('starting');
+    expect(r.isReady()).toBe(false);
+    expect(r.report().notStreamingSeconds).toBe(61);
+  });
+
+  it('one hiccup while streaming steadily never shows', () => {
+    const r = runner(Date.now());
+    r.setState('streaming');
+    at(100);
+    expect(r.isReady()).toBe(true);
+    r.setState('backoff');
+    at(101);
+    r.setState('streaming');
+    for (const s of [110, 140, 159, 161, 200]) {
+      at(s);
+      expect(r.isReady(), `at ${s}s`).toBe(true);
+    }
+    expect(r.report().attempts).toBe(0);
+  });
+
+  it('reconnections that fail again soon after do not end the outage', () => {
+    const r = runner(Date.now());
+    r.setState('streaming');
+    at(100);
+    r.setState('backoff'); // the outage starts here
+    for (let s = 101; s < 200; s += 10) {
+      at(s);
+      r.setState('streaming');
+      at(s + 5); // fails again after 5 s, less than the 30 s that count as steady
+      r.setState('backoff');
+      at(s + 6);
+      expect(r.isReady(), `at ${s + 6}s`).toBe(s + 6 - 100 < GRACE_S);
+    }
+    // Streaming steadily for half the grace ends it.
+    at(300);
+    r.setState('streaming');
+    at(331);
+    expect(r.isReady()).toBe(true);
+    expect(r.report().notStreamingSeconds).toBeNull();
+  });
+
+  it('a failed source is never ready', () => {
+    const r = runner(Date.now());
+    r.setState('failed');
+    expect(r.isReady()).toBe(false);
+  });
+
+  it('backoff doubles from the minimum to the maximum, jittered between half and all of it', () => {
+    for (let attempt = 1; attempt <= 12; attempt++) {
+      const ceiling = Math.min(30_000, 500 * 2 ** (attempt - 1));
+      for (let i = 0; i < 20; i++) {
+        const d = backoffDelay(attempt, 500, 30_000);
+        expect(d).toBeGreaterThanOrEqual(ceiling / 2);
+        expect(d).toBeLessThanOrEqual(ceiling);
+      }
+    }
+  });
+});
