@@ -8,10 +8,10 @@ export default defineConfig({
     hookTimeout: 120_000,
     teardownTimeout: 60_000,
     // Child processes, not threads: tests spawn servers and signal processes, and a fork's
-    // 'exit' hook (see test/helpers) is what stops leftovers.
+    // 'exit' hook (see test/support) is what stops leftovers.
     pool: 'forks',
     // The machine (and CI) has 2 cores.
     maxWorkers: 2,
-    setupFiles: ['test/helpers/setup.ts'],
+    setupFiles: ['test/support/setup.ts'],
   },
 });

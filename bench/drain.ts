@@ -14,8 +14,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { destroyAllClusters, startCluster, type Cluster } from '../test/helpers/cluster.js';
-import { PHILOTES_MAIN } from '../test/helpers/philotes.js';
+import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
+import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 
 interface Scenario {

@@ -3,7 +3,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import type { Cluster } from '../test/helpers/cluster.js';
+import type { Cluster } from '../test/support/cluster.js';
 
 const execFileAsync = promisify(execFile);
 

@@ -5,8 +5,8 @@
  *   npx tsx bench/pgbench-e2e.ts
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { destroyAllClusters, startCluster } from '../test/helpers/cluster.js';
-import { PHILOTES_MAIN } from '../test/helpers/philotes.js';
+import { destroyAllClusters, startCluster } from '../test/support/cluster.js';
+import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { pgbench } from './pg-tools.js';
 
 async function main(): Promise<void> {

@@ -12,9 +12,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
-import { ConfigError, loadConfig, type Config } from './config.js';
+import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
-import { createReaderPool } from './reader-pool.js';
+import { createReaderPool } from './supervisor/reader-pool.js';
 
 function config(): Config {
   try {
@@ -40,8 +40,8 @@ async function resetSource(opts: {
   const loaded = config();
   const [{ resetSource: reset, ResetError }, { createLogger }, { isFatal }] = await Promise.all([
     import('./reset-source.js'),
-    import('./logger.js'),
-    import('./errors.js'),
+    import('./common/logger.js'),
+    import('./common/errors.js'),
   ]);
   // The report goes to stdout; log lines to stderr.
   const log = createLogger(loaded.logLevel === 'info' ? 'warn' : loaded.logLevel, {}, 2);

@@ -4,6 +4,7 @@
  * restarts. Labels are bounded: source and operation only.
  */
 import client from 'prom-client';
+import type { StoredGroupReport } from './supervisor/batch-writer.js';
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -162,6 +163,30 @@ export class Metrics {
 
   constructor() {
     client.collectDefaultMetrics({ register: this.registry });
+  }
+
+  /** Counts a committed buffer transaction: its batches, events, bytes, duration and lag. */
+  recordStored(source: string, report: StoredGroupReport): void {
+    const labels = { source };
+    this.bufferCommitSeconds.observe(labels, report.durationMs / 1000);
+    this.bufferCommits.inc(labels);
+    this.batches.inc(labels, report.batches.length);
+    this.bufferBytes.inc(labels, report.bytes);
+    for (const batch of report.batches) {
+      this.events.inc({ source, operation: 'INSERT' }, batch.counts.insert);
+      this.events.inc({ source, operation: 'UPDATE' }, batch.counts.update);
+      this.events.inc({ source, operation: 'DELETE' }, batch.counts.delete);
+      this.events.inc({ source, operation: 'TRUNCATE' }, batch.counts.truncate);
+      this.transactions.inc(labels, batch.transactions);
+    }
+    const lastCommit = [...report.batches].reverse().find((b) => b.checkpointCommitTimeMs !== null);
+    if (lastCommit?.checkpointCommitTimeMs != null) {
+      this.lastCommitTimestamp.set(labels, lastCommit.checkpointCommitTimeMs / 1000);
+      this.commitLagSeconds.observe(
+        labels,
+        Math.max(0, report.storedAt - lastCommit.checkpointCommitTimeMs) / 1000,
+      );
+    }
   }
 
   /** Creates every per-source series at zero so dashboards and rates start from a value. */

@@ -7,12 +7,12 @@
  * would record.
  */
 import pg from 'pg';
-import type { Config, SourceConfig } from './config.js';
-import { pgClientOptions } from './config.js';
+import type { Config, SourceConfig } from './common/config.js';
+import { pgClientOptions } from './common/pg-connection.js';
 import { BufferStore } from './buffer/store.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit.js';
-import type { Logger } from './logger.js';
-import { formatBytes, formatLsn, parseLsn } from './lsn.js';
+import type { Logger } from './common/logger.js';
+import { formatBytes, formatLsn, parseLsn } from './common/lsn.js';
 import {
   checkSlotKind,
   createPublication,
@@ -24,7 +24,7 @@ import {
   where,
   type GapReason,
   type SlotState,
-} from './source-admin.js';
+} from './common/source-admin.js';
 
 export interface ResetOptions {
   readonly sourceId: string;

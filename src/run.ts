@@ -6,13 +6,14 @@
 import type http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Piscina } from 'piscina';
-import type { Config } from './config.js';
-import { classifyBufferError, isFatal } from './errors.js';
+import type { Config } from './common/config.js';
+import { classifyBufferError, isFatal } from './common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
 import { startHttpServer, type Probe } from './http.js';
-import { createLogger, safeConnection, type Logger } from './logger.js';
+import { createLogger, safeConnection, type Logger } from './common/logger.js';
 import { Metrics } from './metrics.js';
-import { backoffDelay, Supervisor, type SourceReport } from './supervisor.js';
+import { backoffDelay, type SourceReport } from './supervisor/source-runner.js';
+import { Supervisor } from './supervisor/supervisor.js';
 import { BufferStore } from './buffer/store.js';
 
 /** Backoff while the buffer is not there yet (compose, Kubernetes, a failover). */

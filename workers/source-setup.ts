@@ -4,10 +4,10 @@
  * primary keys).
  */
 import type pg from 'pg';
-import type { SourceConfig } from '../src/config.js';
-import { FatalSourceError } from '../src/errors.js';
-import type { Logger } from '../src/logger.js';
-import { formatLsn } from '../src/lsn.js';
+import type { SourceConfig } from '../src/common/config.js';
+import { FatalSourceError } from '../src/common/errors.js';
+import type { Logger } from '../src/common/logger.js';
+import { formatLsn } from '../src/common/lsn.js';
 import {
   checkSlotKind,
   createPublication,
@@ -20,8 +20,8 @@ import {
   readSlotState,
   where,
   type SlotState,
-} from '../src/source-admin.js';
-import type { ResolvedColumn, ResolvedRelation } from './decode/events.js';
+} from '../src/common/source-admin.js';
+import type { ResolvedColumn, ResolvedRelation } from './decode/event-rows.js';
 import type { RelationColumn } from './decode/pgoutput.js';
 import { BUILTIN_TYPES, TEXT_TYPE, type TypeInfo, type ValueKind } from './decode/values.js';
 

@@ -7,13 +7,17 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pg from 'pg';
 import { from as copyFrom } from 'pg-copy-streams';
-import { pgClientOptions, type ConnectionConfig } from '../config.js';
-import { describeConnectionError } from '../errors.js';
-import type { Logger } from '../logger.js';
-import type { BatchMessage, SchemaChange } from '../protocol.js';
-import { COPY_BINARY_HEADER, COPY_BINARY_TRAILER } from '../../workers/decode/copy-buffer.js';
-import { EVENT_COPY_COLUMNS } from '../../workers/decode/events.js';
-import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../database-identity.js';
+import type { ConnectionConfig } from '../common/config.js';
+import { pgClientOptions } from '../common/pg-connection.js';
+import { describeConnectionError } from '../common/errors.js';
+import type { Logger } from '../common/logger.js';
+import type { BatchMessage, SchemaChange } from '../common/protocol.js';
+import {
+  COPY_BINARY_HEADER,
+  COPY_BINARY_TRAILER,
+  EVENT_COPY_COLUMNS,
+} from '../common/buffer-format.js';
+import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../common/database-identity.js';
 import { migrate } from './migrations.js';
 
 /** The readers send rows in binary COPY format; a COPY adds the header and the trailer. */

@@ -13,7 +13,7 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   lsn,
@@ -22,8 +22,8 @@ import {
   readLastEvent,
   readSlot,
   waitForExit,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 
 const BATCH_ROWS = 10;
 /**

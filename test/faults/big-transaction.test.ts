@@ -7,9 +7,9 @@
 import { readFile } from 'node:fs/promises';
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { connect, startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 const ROWS = 200_000;
 const MB = 1024 * 1024;

@@ -6,7 +6,7 @@
  */
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../helpers/cluster.js';
+import { freePort } from '../support/cluster.js';
 import {
   expectEveryChangeOnce,
   connect,
@@ -15,7 +15,7 @@ import {
   startLoad,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   countEventsBeyondCheckpoint,
@@ -30,10 +30,10 @@ import {
   waitForExit,
   waitForMetric,
   whileRunning,
-} from '../helpers/faults.js';
-import { formatLsn } from '../../src/lsn.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/faults.js';
+import { formatLsn } from '../../src/common/lsn.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 const GROWTH = 200;
 const RESTARTS = 'philotes_reader_restarts_total';

@@ -7,17 +7,17 @@
  * Each case is its own source (id, slot, publication, table) on one pair of clusters.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseLsn } from '../../src/lsn.js';
-import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
-import { outputTail, waitForExit } from '../helpers/faults.js';
+import { parseLsn } from '../../src/common/lsn.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { outputTail, waitForExit } from '../support/faults.js';
 import {
   linesWithDuplicateKeys,
   runPhilotesToExit,
   startPhilotes,
   type PhilotesProcess,
   type PhilotesRun,
-} from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 interface Case {
   id: string;

@@ -10,9 +10,9 @@ import {
   startFixture,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 const MB = 1024 * 1024;
 /** WAL written in the other database: several times the bound below, so a pinned slot shows. */

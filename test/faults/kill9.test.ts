@@ -15,7 +15,7 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   countSourceItems,
@@ -27,8 +27,8 @@ import {
   readSlot,
   waitForEventGrowth,
   waitForExit,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 
 const KILLS = 3;
 /** Events each process must store before it is killed: proof it was streaming, not starting. */

@@ -14,7 +14,7 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   countSourceItems,
@@ -25,9 +25,9 @@ import {
   readSlot,
   waitForEventGrowth,
   waitForExit,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 /** Generous: the issue asks for "a few seconds"; this only proves the stop does not hang. */
 const EXIT_DEADLINE_MS = 30_000;

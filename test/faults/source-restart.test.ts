@@ -16,7 +16,7 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   countSourceItems,
@@ -25,9 +25,9 @@ import {
   waitForEventGrowth,
   waitForExit,
   withDeadline,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 /** Generous: a shutdown that Philotes does not hold up takes a second or two here. */
 const STOP_DEADLINE_MS = 30_000;

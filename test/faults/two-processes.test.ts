@@ -16,15 +16,15 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   countSourceItems,
   waitForEventGrowth,
   waitForExit,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 describe('two processes for one source', () => {
   let f: Fixture;

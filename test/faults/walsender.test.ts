@@ -5,7 +5,7 @@
  * each time by itself, reconnect to the slot, and store every committed change exactly once.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../helpers/cluster.js';
+import { freePort } from '../support/cluster.js';
 import {
   expectEveryChangeOnce,
   ITEMS_DDL,
@@ -13,7 +13,7 @@ import {
   startLoad,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
+} from '../support/fixture.js';
 import {
   countEvents,
   freezeProcess,
@@ -25,9 +25,9 @@ import {
   waitForMetric,
   whileRunning,
   waitForNewWalsender,
-} from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 const GROWTH = 200;
 const TERMINATIONS = 3;

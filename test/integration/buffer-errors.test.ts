@@ -6,16 +6,16 @@
  * claiming the buffer is "not reachable yet".
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../helpers/cluster.js';
-import { connect, startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
-import { waitForExit } from '../helpers/faults.js';
+import { freePort } from '../support/cluster.js';
+import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { waitForExit } from '../support/faults.js';
 import {
   runPhilotesToExit,
   startPhilotes,
   type PhilotesProcess,
   type PhilotesRun,
-} from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 interface Readiness {
   status: string;

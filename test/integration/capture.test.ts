@@ -9,8 +9,8 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+} from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 
 describe('capture one source', () => {
   let f: Fixture;

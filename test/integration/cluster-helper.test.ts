@@ -1,6 +1,6 @@
 import pg from 'pg';
 import { afterAll, describe, expect, it } from 'vitest';
-import { startCluster, type Cluster } from '../helpers/cluster.js';
+import { startCluster, type Cluster } from '../support/cluster.js';
 
 describe('cluster helper', () => {
   const clusters: Cluster[] = [];

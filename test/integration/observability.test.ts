@@ -11,11 +11,11 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../helpers/cluster.js';
-import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
-import { onProcessEnd } from '../helpers/process-end.js';
+import { freePort } from '../support/cluster.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
+import { onProcessEnd } from '../support/process-end.js';
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 const DASHBOARD_FILE = join(REPO_ROOT, 'grafana/dashboards/philotes.json');

@@ -2,8 +2,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { killAllPhilotes, runPhilotesToExit, startPhilotes } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+import { killAllPhilotes, runPhilotesToExit, startPhilotes } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 // A stand-in for dist/src/main.js: JSON lines on stdout, a graceful SIGTERM, an exit code from
 // the environment. Writes are split mid-line to exercise the line reassembly.

@@ -10,9 +10,9 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
-import { runPhilotesToExit, startPhilotes, type PhilotesRun } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/fixture.js';
+import { runPhilotesToExit, startPhilotes, type PhilotesRun } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 /** Generous: other test files share the two cores. */
 const EXIT_DEADLINE_MS = 60_000;

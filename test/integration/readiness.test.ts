@@ -6,15 +6,15 @@
  */
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort } from '../helpers/cluster.js';
-import { startFixture, waitForSlotActive, type Fixture } from '../helpers/fixture.js';
-import { readMetric, sampleFor } from '../helpers/faults.js';
+import { freePort } from '../support/cluster.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { readMetric, sampleFor } from '../support/faults.js';
 import {
   linesWithDuplicateKeys,
   startPhilotes,
   type PhilotesProcess,
-} from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 interface SourceReport {
   source: string;

@@ -4,7 +4,7 @@
  * store, for ever. Philotes must capture the application's tables only, and go quiet when they do.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startCluster, type Cluster } from '../helpers/cluster.js';
+import { startCluster, type Cluster } from '../support/cluster.js';
 import {
   assertReplayMatchesSource,
   checkItemHistories,
@@ -12,10 +12,10 @@ import {
   readEvents,
   startLoad,
   waitForSlotActive,
-} from '../helpers/fixture.js';
-import { sampleFor } from '../helpers/faults.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/fixture.js';
+import { sampleFor } from '../support/faults.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 describe('source and buffer in one database', () => {
   let cluster: Cluster;

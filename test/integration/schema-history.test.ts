@@ -10,9 +10,9 @@ import {
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+} from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 interface HistoryRow {
   version: number;

@@ -5,10 +5,10 @@
  * in any of these cases.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort, startCluster, type Cluster } from '../helpers/cluster.js';
-import { startFixture, type Fixture } from '../helpers/fixture.js';
-import { runPhilotesToExit, startPhilotes, type PhilotesRun } from '../helpers/philotes.js';
-import { waitFor } from '../helpers/poll.js';
+import { freePort, startCluster, type Cluster } from '../support/cluster.js';
+import { startFixture, type Fixture } from '../support/fixture.js';
+import { runPhilotesToExit, startPhilotes, type PhilotesRun } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
 
 const SECRET = 's3cr3t-pw-XYZ';
 /** Generous: other test files share the two cores. */

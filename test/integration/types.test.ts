@@ -9,15 +9,15 @@
  */
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Cluster } from '../helpers/cluster.js';
+import type { Cluster } from '../support/cluster.js';
 import {
   connect,
   startFixture,
   waitForCatchUp,
   waitForSlotActive,
   type Fixture,
-} from '../helpers/fixture.js';
-import { startPhilotes, type PhilotesProcess } from '../helpers/philotes.js';
+} from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 
 const TYPES_DDL = `
   CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'so-so, "meh"');

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ConfigError, loadConfig, parseDuration, type Config } from '../../src/config.js';
+import { ConfigError, loadConfig, parseDuration, type Config } from '../../src/common/config.js';
 
 /** The least a valid environment needs: the required parts of both connections. */
 const MINIMAL = {

@@ -3,10 +3,10 @@
  * everything after the buffer's record, and where an event's primary key comes from.
  */
 import { describe, expect, it } from 'vitest';
-import type { SourceConfig } from '../../src/config.js';
-import { isFatal } from '../../src/errors.js';
-import { formatBytes, parseLsn } from '../../src/lsn.js';
-import { findGap, gapError, type SlotState } from '../../src/source-admin.js';
+import type { SourceConfig } from '../../src/common/config.js';
+import { isFatal } from '../../src/common/errors.js';
+import { formatBytes, parseLsn } from '../../src/common/lsn.js';
+import { findGap, gapError, type SlotState } from '../../src/common/source-admin.js';
 import { choosePrimaryKey } from '../../workers/source-setup.js';
 
 const L = parseLsn;

@@ -5,7 +5,7 @@
  * parsePgoutput.
  */
 import { describe, expect, it } from 'vitest';
-import { Msg, UNCHANGED, decodeMessage, type TupleValue } from '../helpers/pgoutput.js';
+import { Msg, UNCHANGED, decodeMessage, type TupleValue } from '../support/pgoutput.js';
 
 const LSN = (1n << 32n) | 0x16b3748n; // 1/16B3748
 const END_LSN = (1n << 32n) | 0x16b3790n;

@@ -5,10 +5,10 @@
 import type { Piscina } from 'piscina';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { BufferStore } from '../../src/buffer/store.js';
-import { loadConfig } from '../../src/config.js';
-import { createLogger } from '../../src/logger.js';
+import { loadConfig } from '../../src/common/config.js';
+import { createLogger } from '../../src/common/logger.js';
 import { Metrics } from '../../src/metrics.js';
-import { backoffDelay, SourceRunner } from '../../src/supervisor.js';
+import { backoffDelay, SourceRunner } from '../../src/supervisor/source-runner.js';
 
 const GRACE_S = 60;
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { CopyBuffer } from '../../workers/decode/copy-buffer.js';
-import { tupleView } from '../helpers/pgoutput.js';
+import { tupleView } from '../support/pgoutput.js';
 import {
   BUILTIN_TYPES,
   TEXT_TYPE,

@@ -15,12 +15,6 @@
  * an int16 -1. The reader writes rows only; the writer adds header and trailer per COPY.
  */
 
-/** 'PGCOPY\n\377\r\n\0', flags (int32 0), header extension length (int32 0). */
-export const COPY_BINARY_HEADER = Buffer.from([
-  0x50, 0x47, 0x43, 0x4f, 0x50, 0x59, 0x0a, 0xff, 0x0d, 0x0a, 0x00, 0, 0, 0, 0, 0, 0, 0, 0,
-]);
-export const COPY_BINARY_TRAILER = Buffer.from([0xff, 0xff]);
-
 const BACKSLASH = 0x5c;
 const QUOTE = 0x22;
 const TEXT_OID = 25;

@@ -4,12 +4,28 @@
  */
 import type { ErrorInfo } from './protocol.js';
 
+/** Why a source stopped for good; each has its row in the README's fatal-state table. */
+export type FatalCode =
+  | 'WAL_LEVEL_NOT_LOGICAL'
+  | 'SERVER_TOO_OLD'
+  | 'NO_REPLICATION_ATTRIBUTE'
+  | 'NO_PRIVILEGE'
+  | 'NO_FREE_SLOT'
+  | 'TABLE_MISSING'
+  | 'SLOT_WRONG_KIND'
+  | 'SLOT_WRONG_DATABASE'
+  | 'SLOT_MISSING'
+  | 'SLOT_ADVANCED'
+  | 'SLOT_INVALIDATED'
+  | 'WAL_REMOVED'
+  | 'PUBLICATION_MISSING';
+
 /** Errors a person has to fix: configuration, privileges, server settings, a lost slot. */
 export class FatalSourceError extends Error {
   override name = 'FatalSourceError';
   constructor(
     message: string,
-    readonly code: string,
+    readonly code: FatalCode,
     /** Structured facts for logs and /readyz (positions, sizes); never secrets. */
     readonly details?: Readonly<Record<string, string | number | boolean | null>>,
   ) {
@@ -72,6 +88,35 @@ export function toErrorInfo(error: unknown): ErrorInfo {
   return { name: 'Error', message: String(error), fatal: false };
 }
 
+/** The replication connection was silent for longer than the source timeout. */
+export class SourceTimeoutError extends Error {
+  override name = 'SourceTimeoutError';
+  readonly code = 'SOURCE_TIMEOUT';
+  constructor(silentMs: number) {
+    super(`no message from the source for ${Math.round(silentMs / 1000)}s; reconnecting`);
+  }
+}
+
+/** The supervisor gave up on a reader run (it stores nothing more from it). */
+export class ReaderAbortedError extends Error {
+  override name = 'AbortError';
+  constructor() {
+    super('reader aborted by the supervisor');
+  }
+}
+
+/** A connection failure that says what failed where; keeps the driver's code and error. */
+export class ConnectionError extends Error {
+  override name = 'ConnectionError';
+  constructor(
+    message: string,
+    readonly code: string,
+    cause: unknown,
+  ) {
+    super(message, { cause });
+  }
+}
+
 /** An error rebuilt on the supervisor side from what a thread reported. */
 export class ReaderError extends Error {
   readonly code: string | undefined;
@@ -112,9 +157,11 @@ export function describeConnectionError(
   else if (code === 'ECONNRESET' || /Connection terminated unexpectedly/.test(error.message))
     text = `connection to ${at} was closed unexpectedly`;
   if (text === null) return error;
-  return Object.assign(new Error(`${text}: ${error.message}`, { cause: error }), {
-    code: typeof code === 'string' ? code : 'CONNECTION_FAILED',
-  });
+  return new ConnectionError(
+    `${text}: ${error.message}`,
+    typeof code === 'string' ? code : 'CONNECTION_FAILED',
+    error,
+  );
 }
 
 export type BufferProblem =

@@ -205,7 +205,7 @@ class PgCluster implements Cluster {
     const lines = Object.entries({ ...this.conf, port: String(port) }).map(
       ([k, v]) => `${k} = ${quoteConf(v)}`,
     );
-    await writeFile(this.confFile, `# written by test/helpers/cluster.ts\n${lines.join('\n')}\n`);
+    await writeFile(this.confFile, `# written by test/support/cluster.ts\n${lines.join('\n')}\n`);
     await chownToOsUser(this.confFile);
   }
 

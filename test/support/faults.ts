@@ -3,7 +3,7 @@
  * right now, and deadlines that prove something does not hang. Every check reads data (rows in
  * the buffer, pg_replication_slots), never log lines.
  */
-import { parseLsn } from '../../src/lsn.js';
+import { parseLsn } from '../../src/common/lsn.js';
 import type { Cluster } from './cluster.js';
 import type { ExitStatus, PhilotesProcess } from './philotes.js';
 import { waitFor } from './poll.js';

@@ -1,15 +1,18 @@
 import { describe, expect, it } from 'vitest';
-import { formatLsn } from '../../src/lsn.js';
-import { COPY_BINARY_HEADER, COPY_BINARY_TRAILER } from '../../workers/decode/copy-buffer.js';
+import { formatLsn } from '../../src/common/lsn.js';
+import {
+  COPY_BINARY_HEADER,
+  COPY_BINARY_TRAILER,
+  EVENT_COPY_COLUMNS,
+} from '../../src/common/buffer-format.js';
 import {
   BatchBuilder,
-  EVENT_COPY_COLUMNS,
   pgTimeToMs,
   type ResolvedRelation,
   type TakenBatch,
-} from '../../workers/decode/events.js';
+} from '../../workers/decode/event-rows.js';
 import { PG_EPOCH_OFFSET_US } from '../../workers/decode/pgoutput.js';
-import { tupleView as T, UNCHANGED } from '../helpers/pgoutput.js';
+import { tupleView as T, UNCHANGED } from '../support/pgoutput.js';
 import { BUILTIN_TYPES, type TypeInfo } from '../../workers/decode/values.js';
 
 function builtin(oid: number): TypeInfo {

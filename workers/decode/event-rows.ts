@@ -4,27 +4,17 @@
  * parses or re-serializes an event: it streams the bytes it is handed into the buffer. Values go
  * from the message's bytes to the batch's bytes (see copy-buffer.ts); a row allocates nothing.
  */
-import type { ColumnInfo, OperationCounts, SchemaChange } from '../../src/protocol.js';
-import { formatLsn } from '../../src/lsn.js';
+import type {
+  BatchPayload,
+  ColumnInfo,
+  OperationCounts,
+  SchemaChange,
+} from '../../src/common/protocol.js';
+import { formatLsn } from '../../src/common/lsn.js';
+import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
 import { writeJson, type TypeInfo } from './values.js';
-
-/** Column order of the COPY into cdc_events; the buffer writer uses the same list. */
-export const EVENT_COPY_COLUMNS = [
-  'source_id',
-  'lsn',
-  'seq',
-  'xid',
-  'committed_at',
-  'schema_name',
-  'table_name',
-  'operation',
-  'before',
-  'after',
-  'primary_key',
-  'unchanged_columns',
-] as const;
 
 export interface ResolvedColumn {
   readonly name: string;
@@ -57,16 +47,8 @@ interface RelationEncoding {
   readonly primaryKey: Uint8Array;
 }
 
-export interface TakenBatch {
-  readonly data: ArrayBuffer;
-  readonly rows: number;
-  readonly counts: OperationCounts;
-  readonly checkpointLsn: string | null;
-  readonly checkpointXid: number | null;
-  readonly checkpointCommitTimeMs: number | null;
-  readonly transactions: number;
-  readonly schemaChanges: SchemaChange[];
-}
+/** A batch as the builder hands it over: what a batch message carries. */
+export type TakenBatch = BatchPayload;
 
 const PG_EPOCH_OFFSET_US_NUMBER = Number(PG_EPOCH_OFFSET_US);
 

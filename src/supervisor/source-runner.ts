@@ -1,281 +1,26 @@
 /**
- * The supervisor: one reader thread per source (piscina), one writer per source that stores the
- * reader's batches in the buffer, and a restart loop with backoff around both.
+ * One source under supervision: runs reader after reader with jittered backoff (p-retry) until
+ * stopped or until an error retrying cannot fix; keeps the source's state, readiness and
+ * metrics from what its runs report.
  */
-import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pRetry from 'p-retry';
-import { Piscina } from 'piscina';
-import type { Config, SourceConfig } from './config.js';
-import { classifyBufferError, isFatal, ReaderError } from './errors.js';
-import { oneLine } from './exit.js';
-import type { Logger } from './logger.js';
-import { lsnToNumber, parseLsn } from './lsn.js';
-import type { Metrics } from './metrics.js';
-import type {
-  BatchMessage,
-  ReaderResult,
-  ReaderTask,
-  SupervisorMessage,
-  WorkerMessage,
-} from './protocol.js';
-import type { BufferStore, Checkpoint } from './buffer/store.js';
+import type { Piscina } from 'piscina';
+import type { Config, SourceConfig } from '../common/config.js';
+import { isFatal } from '../common/errors.js';
+import type { Logger } from '../common/logger.js';
+import { lsnToNumber, parseLsn } from '../common/lsn.js';
+import { readerSettings, type ReadyMessage } from '../common/protocol.js';
+import { oneLine } from '../exit.js';
+import type { Metrics } from '../metrics.js';
+import type { BufferStore } from '../buffer/store.js';
+import type { StoredGroupReport } from './batch-writer.js';
+import { ReaderRun, type ReaderRunListener } from './reader-run.js';
 
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
 const HEALTHY_RUN_MS = 60_000;
-/** Coalesce at most this much queued data into one buffer transaction. */
-const MAX_GROUP_BYTES = 64 * 1024 * 1024;
-/** After asking a reader to abort, wait this long before terminating its thread. */
-const ABORT_GRACE_MS = 5_000;
 
 export type SourceState = 'starting' | 'streaming' | 'backoff' | 'stopping' | 'stopped' | 'failed';
-
-export class Supervisor {
-  readonly runners: SourceRunner[];
-
-  constructor(
-    config: Config,
-    private readonly pool: Piscina,
-    store: BufferStore,
-    metrics: Metrics,
-    log: Logger,
-    startedAt: number,
-  ) {
-    this.runners = config.sources.map(
-      (source) =>
-        new SourceRunner(
-          source,
-          config,
-          this.pool,
-          store,
-          metrics,
-          log.child({ source: source.id }),
-          startedAt,
-        ),
-    );
-  }
-
-  /** Runs every source until stopped; resolves with the sources that failed fatally. */
-  async run(): Promise<Array<{ source: string; error: Error }>> {
-    const results = await Promise.allSettled(this.runners.map((r) => r.run()));
-    const failures: Array<{ source: string; error: Error }> = [];
-    results.forEach((result, i) => {
-      if (result.status === 'rejected') {
-        failures.push({ source: this.runners[i]!.source.id, error: result.reason as Error });
-      }
-    });
-    return failures;
-  }
-
-  async stop(): Promise<void> {
-    await Promise.all(this.runners.map((r) => r.stop()));
-  }
-}
-
-/** One reader run: a thread reading the slot and the writer storing what it sends. */
-class ReaderRun {
-  private readonly channel = new MessageChannel();
-  private readonly abortController = new AbortController();
-  private readonly queue: BatchMessage[] = [];
-  private writing = false;
-  private aborted = false;
-  private writeError: unknown = null;
-  private onWriterFailed!: (error: unknown) => void;
-  private readonly writerFailed = new Promise<never>((_, reject) => {
-    this.onWriterFailed = reject;
-  });
-  readonly task: Promise<ReaderResult>;
-
-  constructor(
-    private readonly runner: SourceRunner,
-    checkpoint: Checkpoint | null,
-    pool: Piscina,
-  ) {
-    this.writerFailed.catch(() => undefined);
-    const { source, config } = runner;
-    this.channel.port1.on('message', (message: WorkerMessage) => this.onMessage(message));
-    const task: ReaderTask = {
-      source,
-      checkpoint:
-        checkpoint === null ? null : { lsn: checkpoint.lsn, confirmedLsn: checkpoint.confirmedLsn },
-      checkpointIntervalMs: config.checkpointIntervalMs,
-      sourceTimeoutMs: config.sourceTimeoutMs,
-      batchMaxRows: config.batchMaxRows,
-      batchMaxBytes: config.batchMaxBytes,
-      batchMaxWaitMs: config.batchMaxWaitMs,
-      maxInFlightBatches: config.maxInFlightBatches,
-      logLevel: config.logLevel,
-      buffer: runner.store.identity,
-      port: this.channel.port2,
-    };
-    this.task = pool.run(task, {
-      transferList: [this.channel.port2 as unknown as MessagePort],
-      signal: this.abortController.signal,
-    }) as Promise<ReaderResult>;
-    this.task.catch(() => undefined);
-  }
-
-  /** Resolves when the reader stopped cleanly; rejects with why it did not. */
-  async wait(lockLost: Promise<never>): Promise<void> {
-    try {
-      const result = await Promise.race([this.task, this.writerFailed, lockLost]);
-      if (result.error) throw new ReaderError(result.error);
-    } catch (error) {
-      await this.abort();
-      throw error;
-    } finally {
-      this.channel.port1.close();
-    }
-  }
-
-  requestStop(): void {
-    this.send({ type: 'stop' });
-  }
-
-  /**
-   * Stops the reader without storing anything more: ask it over the port, and terminate the
-   * thread if it does not finish in time. Waits for a write in progress, so nothing from this run
-   * is stored after the next run has cleaned up beyond the checkpoint.
-   */
-  async abort(): Promise<void> {
-    // From here on nothing more is stored from this run: batches still in the queue or still on
-    // their way over the port are dropped, never written after an earlier one was dropped (that
-    // would move the checkpoint past a gap). The next run re-reads them from the checkpoint.
-    this.aborted = true;
-    this.queue.length = 0;
-    this.send({ type: 'abort' });
-    const timer = setTimeout(() => this.abortController.abort(), ABORT_GRACE_MS);
-    await this.task.catch(() => undefined);
-    clearTimeout(timer);
-    while (this.writing) await new Promise((r) => setTimeout(r, 10));
-  }
-
-  private send(message: SupervisorMessage): void {
-    try {
-      this.channel.port1.postMessage(message);
-    } catch {
-      // Port already closed: the thread is gone.
-    }
-  }
-
-  private onMessage(message: WorkerMessage): void {
-    const { metrics, source, log } = this.runner;
-    const labels = { source: source.id };
-    switch (message.type) {
-      case 'ready':
-        this.runner.setState('streaming');
-        log.info(
-          {
-            startLsn: message.startLsn,
-            slotCreated: message.slotCreated,
-            publicationCreated: message.publicationCreated,
-            serverVersion: message.serverVersion,
-          },
-          'reader ready',
-        );
-        break;
-      case 'batch':
-        if (this.writeError !== null || this.aborted) return;
-        this.queue.push(message);
-        metrics.queuedBatches.set(labels, this.queue.length);
-        void this.drain();
-        break;
-      case 'record':
-        void this.recordConfirmable(message.lsn);
-        break;
-      case 'progress':
-        if (message.confirmedLsn !== null) {
-          this.runner.confirmedLsn = message.confirmedLsn;
-          metrics.confirmedLsn.set(labels, lsnToNumber(parseLsn(message.confirmedLsn)));
-        }
-        if (message.serverWalEnd !== null) {
-          this.runner.serverWalEnd = parseLsn(message.serverWalEnd);
-          metrics.serverWalEnd.set(labels, lsnToNumber(this.runner.serverWalEnd));
-          this.runner.updateLag();
-        }
-        break;
-    }
-  }
-
-  /** Records a position the reader wants to confirm past the checkpoint, then lets it. */
-  private async recordConfirmable(lsn: string): Promise<void> {
-    if (this.writeError !== null || this.aborted) return;
-    const { source, store } = this.runner;
-    try {
-      await store.recordConfirmable(source.id, source.slot, lsn);
-      this.send({ type: 'recorded', lsn });
-    } catch (error) {
-      this.failWriter(error, 'recording a confirmable position in the buffer failed');
-    }
-  }
-
-  private failWriter(error: unknown, what: string): void {
-    if (this.writeError !== null) return;
-    this.writeError = error;
-    this.queue.length = 0;
-    this.runner.metrics.queuedBatches.set({ source: this.runner.source.id }, 0);
-    const buffer = classifyBufferError(error);
-    this.runner.log.error({ err: error, problem: buffer.problem }, `${what}: ${buffer.summary}`);
-    this.onWriterFailed(error);
-  }
-
-  /** Stores queued batches in order, several per buffer transaction when they pile up. */
-  private async drain(): Promise<void> {
-    if (this.writing) return;
-    this.writing = true;
-    const { metrics, source, store, log } = this.runner;
-    const labels = { source: source.id };
-    try {
-      while (this.queue.length > 0 && this.writeError === null && !this.aborted) {
-        const group: BatchMessage[] = [];
-        let bytes = 0;
-        while (
-          this.queue.length > 0 &&
-          (group.length === 0 || bytes + this.queue[0]!.data.byteLength <= MAX_GROUP_BYTES)
-        ) {
-          const next = this.queue.shift()!;
-          group.push(next);
-          bytes += next.data.byteLength;
-        }
-        metrics.queuedBatches.set(labels, this.queue.length);
-        const started = performance.now();
-        const stored = await store.storeBatches(source.id, source.slot, group);
-        const now = Date.now();
-        metrics.bufferCommitSeconds.observe(labels, (performance.now() - started) / 1000);
-        metrics.bufferCommits.inc(labels);
-        metrics.batches.inc(labels, group.length);
-        metrics.bufferBytes.inc(labels, bytes);
-        for (const batch of group) {
-          metrics.events.inc({ ...labels, operation: 'INSERT' }, batch.counts.insert);
-          metrics.events.inc({ ...labels, operation: 'UPDATE' }, batch.counts.update);
-          metrics.events.inc({ ...labels, operation: 'DELETE' }, batch.counts.delete);
-          metrics.events.inc({ ...labels, operation: 'TRUNCATE' }, batch.counts.truncate);
-          metrics.transactions.inc(labels, batch.transactions);
-        }
-        const last = group[group.length - 1]!;
-        const lastCommit = [...group].reverse().find((b) => b.checkpointCommitTimeMs !== null);
-        if (stored.checkpointLsn !== null) this.runner.noteCheckpoint(stored.checkpointLsn);
-        if (lastCommit?.checkpointCommitTimeMs != null) {
-          metrics.lastCommitTimestamp.set(labels, lastCommit.checkpointCommitTimeMs / 1000);
-          metrics.commitLagSeconds.observe(
-            labels,
-            Math.max(0, now - lastCommit.checkpointCommitTimeMs) / 1000,
-          );
-          this.runner.lastStoredAt = now;
-        }
-        if (stored.schemaVersionsAdded > 0) {
-          log.info({ versions: stored.schemaVersionsAdded }, 'schema versions recorded');
-        }
-        // Only now, with the buffer transaction committed, may the reader confirm this far.
-        this.send({ type: 'durable', seq: last.seq, lsn: stored.checkpointLsn });
-      }
-    } catch (error) {
-      this.failWriter(error, 'storing a batch in the buffer failed');
-    } finally {
-      this.writing = false;
-    }
-  }
-}
 
 /** The backoff before attempt n+1: doubling from min to max, with jitter (50-100 %). */
 export function backoffDelay(attempt: number, minMs: number, maxMs: number): number {
@@ -303,16 +48,16 @@ export interface SourceReport {
   readonly lastStoredAt: string | null;
 }
 
-export class SourceRunner {
+export class SourceRunner implements ReaderRunListener {
   state: SourceState = 'starting';
-  lastError: string | null = null;
+  private lastError: string | null = null;
   private lastErrorCode: string | null = null;
   private lastErrorAt: number | null = null;
   private lastErrorDetails: Readonly<Record<string, unknown>> | null = null;
-  checkpointLsn: string | null = null;
-  confirmedLsn: string | null = null;
-  serverWalEnd = 0n;
-  lastStoredAt: number | null = null;
+  private checkpointLsn: string | null = null;
+  private confirmedLsn: string | null = null;
+  private serverWalEnd = 0n;
+  private lastStoredAt: number | null = null;
   private stateSince = Date.now();
   /**
    * Since when the source has not been capturing: its first failure after it last streamed
@@ -332,11 +77,11 @@ export class SourceRunner {
 
   constructor(
     readonly source: SourceConfig,
-    readonly config: Config,
+    private readonly config: Config,
     private readonly pool: Piscina,
-    readonly store: BufferStore,
-    readonly metrics: Metrics,
-    readonly log: Logger,
+    private readonly store: BufferStore,
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
     /** When the process started: a source that has never streamed has not streamed since then. */
     startedAt: number,
   ) {
@@ -380,14 +125,57 @@ export class SourceRunner {
     }
   }
 
+  // ---- what a reader run reports (ReaderRunListener) ----
+
+  ready(message: ReadyMessage): void {
+    this.setState('streaming');
+    this.log.info(
+      {
+        startLsn: message.startLsn,
+        slotCreated: message.slotCreated,
+        publicationCreated: message.publicationCreated,
+        serverVersion: message.serverVersion,
+      },
+      'reader ready',
+    );
+  }
+
+  progress(confirmedLsn: string | null, serverWalEnd: string | null): void {
+    const labels = { source: this.source.id };
+    if (confirmedLsn !== null) {
+      this.confirmedLsn = confirmedLsn;
+      this.metrics.confirmedLsn.set(labels, lsnToNumber(parseLsn(confirmedLsn)));
+    }
+    if (serverWalEnd !== null) {
+      this.serverWalEnd = parseLsn(serverWalEnd);
+      this.metrics.serverWalEnd.set(labels, lsnToNumber(this.serverWalEnd));
+      this.updateLag();
+    }
+  }
+
+  queued(length: number): void {
+    this.metrics.queuedBatches.set({ source: this.source.id }, length);
+  }
+
+  stored(report: StoredGroupReport): void {
+    this.metrics.recordStored(this.source.id, report);
+    if (report.stored.checkpointLsn !== null) this.noteCheckpoint(report.stored.checkpointLsn);
+    if (report.batches.some((b) => b.checkpointCommitTimeMs !== null)) {
+      this.lastStoredAt = report.storedAt;
+    }
+    if (report.stored.schemaVersionsAdded > 0) {
+      this.log.info({ versions: report.stored.schemaVersionsAdded }, 'schema versions recorded');
+    }
+  }
+
   /** The checkpoint now stored in the buffer: for /readyz, the gauge and the lag. */
-  noteCheckpoint(lsn: string): void {
+  private noteCheckpoint(lsn: string): void {
     this.checkpointLsn = lsn;
     this.metrics.checkpointLsn.set({ source: this.source.id }, lsnToNumber(parseLsn(lsn)));
     this.updateLag();
   }
 
-  updateLag(): void {
+  private updateLag(): void {
     if (this.serverWalEnd === 0n) return;
     // Idle confirmations move the confirmed position past the checkpoint (WAL written elsewhere
     // holds nothing for us), so lag is measured from whichever is further.
@@ -551,7 +339,16 @@ export class SourceRunner {
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
-    const run = new ReaderRun(this, checkpoint, this.pool);
+    const run = new ReaderRun({
+      source: this.source,
+      settings: readerSettings(this.config),
+      checkpoint,
+      buffer: this.store.identity,
+      store: this.store,
+      pool: this.pool,
+      log: this.log,
+      listener: this,
+    });
     this.current = run;
     try {
       await run.wait(lockLost);

@@ -1,10 +1,11 @@
 /**
- * Messages between the supervisor and a slot-reader thread. Everything here must survive
- * structured cloning: no functions, no BigInt, no class instances. LSNs travel as 'X/Y' strings;
- * event payloads travel as transferred ArrayBuffers already in COPY text format.
+ * Messages between the supervisor and a reader thread, by direction. Everything here must
+ * survive structured cloning: no functions, no BigInt, no class instances. LSNs travel as 'X/Y'
+ * strings; event rows travel as transferred ArrayBuffers, already in the buffer's binary COPY
+ * format (see buffer-format.ts).
  */
 import type { MessagePort } from 'node:worker_threads';
-import type { SourceConfig } from './config.js';
+import type { Config, SourceConfig } from './config.js';
 import type { DatabaseIdentity } from './database-identity.js';
 
 /** The task piscina hands to a thread: read one slot until told to stop. */
@@ -16,17 +17,27 @@ export interface ReaderTask {
    * that did not record it). Null for a source new to the buffer.
    */
   readonly checkpoint: { readonly lsn: string; readonly confirmedLsn: string | null } | null;
-  readonly checkpointIntervalMs: number;
-  /** Silence on the replication connection longer than this means it is dead. */
-  readonly sourceTimeoutMs: number;
-  readonly batchMaxRows: number;
-  readonly batchMaxBytes: number;
-  readonly batchMaxWaitMs: number;
-  readonly maxInFlightBatches: number;
-  readonly logLevel: string;
+  readonly settings: ReaderSettings;
   /** The buffer database's identity: if the source is the same database, its tables are skipped. */
   readonly buffer: DatabaseIdentity;
   readonly port: MessagePort;
+}
+
+/** The reader's part of the configuration, as the config module validated it. */
+export const READER_SETTINGS = [
+  'checkpointIntervalMs',
+  'sourceTimeoutMs',
+  'batchMaxRows',
+  'batchMaxBytes',
+  'batchMaxWaitMs',
+  'maxInFlightBatches',
+  'logLevel',
+] as const satisfies ReadonlyArray<keyof Config>;
+
+export type ReaderSettings = Pick<Config, (typeof READER_SETTINGS)[number]>;
+
+export function readerSettings(config: Config): ReaderSettings {
+  return Object.fromEntries(READER_SETTINGS.map((key) => [key, config[key]])) as ReaderSettings;
 }
 
 /** A column as captured in cdc_schema_history. */
@@ -54,7 +65,7 @@ export interface OperationCounts {
   truncate: number;
 }
 
-// ---- worker -> supervisor ----
+// ---- reader -> supervisor ----
 
 export interface ReadyMessage {
   readonly type: 'ready';
@@ -64,11 +75,9 @@ export interface ReadyMessage {
   readonly serverVersion: number;
 }
 
-export interface BatchMessage {
-  readonly type: 'batch';
-  /** Increases by one per batch within one reader run. */
-  readonly seq: number;
-  /** COPY text rows for cdc_events, UTF-8. Transferred, not cloned. */
+/** What a batch carries: rows of finished and unfinished transactions, and where they reach. */
+export interface BatchPayload {
+  /** Rows for cdc_events in binary COPY format, without header and trailer. Transferred. */
   readonly data: ArrayBuffer;
   readonly rows: number;
   readonly counts: OperationCounts;
@@ -79,6 +88,12 @@ export interface BatchMessage {
   readonly checkpointCommitTimeMs: number | null;
   readonly transactions: number;
   readonly schemaChanges: readonly SchemaChange[];
+}
+
+export interface BatchMessage extends BatchPayload {
+  readonly type: 'batch';
+  /** Increases by one per batch within one reader run. */
+  readonly seq: number;
 }
 
 export interface ProgressMessage {
@@ -109,9 +124,9 @@ export interface RecordMessage {
   readonly lsn: string;
 }
 
-export type WorkerMessage = ReadyMessage | BatchMessage | ProgressMessage | RecordMessage;
+export type ReaderMessage = ReadyMessage | BatchMessage | ProgressMessage | RecordMessage;
 
-// ---- supervisor -> worker ----
+// ---- supervisor -> reader ----
 
 /** Everything up to and including batch `seq` is committed in the buffer. */
 export interface DurableMessage {

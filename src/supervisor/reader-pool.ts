@@ -4,7 +4,7 @@
  */
 import { Piscina } from 'piscina';
 
-const READER_FILE = new URL('../workers/slot-reader.js', import.meta.url).href;
+const READER_FILE = new URL('../../workers/slot-reader.js', import.meta.url).href;
 
 /**
  * One thread per source, kept for the life of the process. Created first thing at start-up: a

@@ -5,7 +5,6 @@
  */
 
 import { readFileSync } from 'node:fs';
-import type { ConnectionOptions } from 'node:tls';
 
 export type SslMode = 'disable' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
 
@@ -309,40 +308,4 @@ export function loadConfig(env: Env = process.env): Config {
     restartMaxDelayMs,
     readinessGraceMs: duration(env, 'PHILOTES_READINESS_GRACE', '60s', 1000, 86_400_000),
   });
-}
-
-/** pg client options for a connection; `application_name` shows Philotes in pg_stat_activity. */
-export function pgClientOptions(conn: ConnectionConfig, applicationName: string) {
-  return {
-    host: conn.host,
-    port: conn.port,
-    database: conn.database,
-    user: conn.user,
-    password: conn.password,
-    application_name: applicationName,
-    ssl: sslOption(conn.sslmode, conn.sslRootCert),
-    connectionTimeoutMillis: 10_000,
-  };
-}
-
-function sslOption(mode: SslMode, ca: string | undefined): false | ConnectionOptions {
-  switch (mode) {
-    case 'disable':
-      return false;
-    // node-postgres cannot fall back from TLS to plain; 'prefer' therefore means plain, like
-    // libpq against a server without TLS (the common case for loopback and sidecars).
-    case 'prefer':
-      return false;
-    case 'require':
-      return { rejectUnauthorized: false };
-    case 'verify-ca':
-      // The chain is checked, the host name is not (libpq's meaning of verify-ca).
-      return {
-        rejectUnauthorized: true,
-        ...(ca ? { ca } : {}),
-        checkServerIdentity: () => undefined,
-      };
-    case 'verify-full':
-      return { rejectUnauthorized: true, ...(ca ? { ca } : {}) };
-  }
 }

@@ -11,7 +11,7 @@
  */
 import type pg from 'pg';
 import type { SourceConfig } from './config.js';
-import { FatalSourceError } from './errors.js';
+import { FatalSourceError, type FatalCode } from './errors.js';
 import type { Logger } from './logger.js';
 import { formatBytes, formatLsn, parseLsn } from './lsn.js';
 
@@ -82,13 +82,13 @@ export async function createSlot(client: pg.Client, source: SourceConfig): Promi
     if (code === '42501') {
       throw new FatalSourceError(
         `cannot create replication slot "${source.slot}" on ${where(source)}: the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)`,
-        code,
+        'NO_REPLICATION_ATTRIBUTE',
       );
     }
     if (code === '53400') {
       throw new FatalSourceError(
         `cannot create replication slot "${source.slot}" on ${where(source)}: all replication slots are in use (raise max_replication_slots)`,
-        code,
+        'NO_FREE_SLOT',
       );
     }
     if (code === '42710') return false; // created concurrently
@@ -128,8 +128,11 @@ export interface DurableRecord {
 export type GapReason =
   'slot_missing' | 'slot_invalidated' | 'slot_advanced' | 'publication_missing' | 'skip_to_current';
 
+/** What findGap can see from the slot alone. */
+export type SlotGapReason = 'slot_missing' | 'slot_invalidated' | 'slot_advanced';
+
 export interface Gap {
-  readonly reason: GapReason;
+  readonly reason: SlotGapReason;
   /** Everything up to here is in the buffer. */
   readonly fromLsn: bigint;
   /** The slot can deliver from here on (for a missing or lost slot: the source's WAL now). */
@@ -174,25 +177,21 @@ export function gapError(
   const size = formatBytes(gap.toLsn - gap.fromLsn);
   // The caller prefixes the source ("philotes: source "orders": ...").
   const head = 'stopped to avoid a silent gap:';
-  let what: string;
-  let code: string;
-  switch (gap.reason) {
-    case 'slot_missing':
-      code = 'SLOT_MISSING';
-      what = `replication slot "${source.slot}" does not exist on ${where(source)}, but the buffer holds this source's changes up to ${from}; changes committed since then (${from} to ${to} now, ${size} of WAL) can no longer be delivered (was the slot dropped?). Philotes never creates a new slot under an existing checkpoint.`;
-      break;
-    case 'slot_invalidated':
-      code = 'SLOT_INVALIDATED';
-      what = `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot?.invalidationReason ?? `wal_status ${slot?.walStatus ?? 'lost'}`}): the WAL after the buffer's checkpoint ${from} was removed before Philotes read it, so changes from ${from} to ${to} (${size} of WAL) are lost. max_slot_wal_keep_size limits what a slot may retain.`;
-      break;
-    case 'slot_advanced':
-      code = 'SLOT_ADVANCED';
-      what = `replication slot "${source.slot}" on ${where(source)} was advanced by another client to ${to}, past the buffer's checkpoint ${formatLsn(checkpointLsn)} and past anything Philotes confirmed (${from}); the server will not send the changes between ${from} and ${to} (${size} of WAL) again. (Other causes of the same: the slot was dropped and created again, or the buffer was restored from an older backup.) Make sure nothing else reads this slot.`;
-      break;
-    default:
-      code = 'GAP';
-      what = `changes between ${from} and ${to} cannot be delivered.`;
-  }
+  const explained: Record<SlotGapReason, { code: FatalCode; what: string }> = {
+    slot_missing: {
+      code: 'SLOT_MISSING',
+      what: `replication slot "${source.slot}" does not exist on ${where(source)}, but the buffer holds this source's changes up to ${from}; changes committed since then (${from} to ${to} now, ${size} of WAL) can no longer be delivered (was the slot dropped?). Philotes never creates a new slot under an existing checkpoint.`,
+    },
+    slot_invalidated: {
+      code: 'SLOT_INVALIDATED',
+      what: `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot?.invalidationReason ?? `wal_status ${slot?.walStatus ?? 'lost'}`}): the WAL after the buffer's checkpoint ${from} was removed before Philotes read it, so changes from ${from} to ${to} (${size} of WAL) are lost. max_slot_wal_keep_size limits what a slot may retain.`,
+    },
+    slot_advanced: {
+      code: 'SLOT_ADVANCED',
+      what: `replication slot "${source.slot}" on ${where(source)} was advanced by another client to ${to}, past the buffer's checkpoint ${formatLsn(checkpointLsn)} and past anything Philotes confirmed (${from}); the server will not send the changes between ${from} and ${to} (${size} of WAL) again. (Other causes of the same: the slot was dropped and created again, or the buffer was restored from an older backup.) Make sure nothing else reads this slot.`,
+    },
+  };
+  const { code, what } = explained[gap.reason];
   return new FatalSourceError(
     `${head} ${what} To record the gap in the buffer (cdc_gaps) and resume at ${gap.reason === 'slot_advanced' ? to : 'a new slot'}: ${resetCommand(source.id)}`,
     code,
@@ -242,13 +241,13 @@ export async function createPublication(
     if (code === '42501') {
       throw new FatalSourceError(
         `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (create it as a superuser, or list tables you own in PHILOTES_CDC_TABLES)`,
-        code,
+        'NO_PRIVILEGE',
       );
     }
     if (code === '42P01') {
       throw new FatalSourceError(
         `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (check PHILOTES_CDC_TABLES)`,
-        code,
+        'TABLE_MISSING',
       );
     }
     throw error;

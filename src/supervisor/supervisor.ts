@@ -1,0 +1,52 @@
+/**
+ * The supervisor: one source runner per configured source, each with its reader thread
+ * (piscina) and the writer that stores the reader's batches in the buffer.
+ */
+import type { Piscina } from 'piscina';
+import type { Config } from '../common/config.js';
+import type { Logger } from '../common/logger.js';
+import type { Metrics } from '../metrics.js';
+import type { BufferStore } from '../buffer/store.js';
+import { SourceRunner } from './source-runner.js';
+
+export class Supervisor {
+  readonly runners: SourceRunner[];
+
+  constructor(
+    config: Config,
+    private readonly pool: Piscina,
+    store: BufferStore,
+    metrics: Metrics,
+    log: Logger,
+    startedAt: number,
+  ) {
+    this.runners = config.sources.map(
+      (source) =>
+        new SourceRunner(
+          source,
+          config,
+          this.pool,
+          store,
+          metrics,
+          log.child({ source: source.id }),
+          startedAt,
+        ),
+    );
+  }
+
+  /** Runs every source until stopped; resolves with the sources that failed fatally. */
+  async run(): Promise<Array<{ source: string; error: Error }>> {
+    const results = await Promise.allSettled(this.runners.map((r) => r.run()));
+    const failures: Array<{ source: string; error: Error }> = [];
+    results.forEach((result, i) => {
+      if (result.status === 'rejected') {
+        failures.push({ source: this.runners[i]!.source.id, error: result.reason as Error });
+      }
+    });
+    return failures;
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.runners.map((r) => r.stop()));
+  }
+}

@@ -1,0 +1,711 @@
+/**
+ * The reader: streams one replication slot, decodes it into batches for the supervisor, and
+ * confirms positions to the source by the rule in confirmations.ts. Its parts: the replication
+ * connection (replication-stream.ts), the source's setup and catalog (source-setup.ts), the
+ * decoder (decode/), the rule (confirmations.ts); this file holds the flow between them —
+ * stream order, blocking for catalog lookups and for room in flight, batching — and the
+ * lifecycle (start, stop, fail, close).
+ */
+import pg from 'pg';
+import { pgClientOptions } from '../src/common/pg-connection.js';
+import {
+  describeConnectionError,
+  FatalSourceError,
+  ReaderAbortedError,
+  SourceTimeoutError,
+  toErrorInfo,
+} from '../src/common/errors.js';
+import {
+  BUFFER_TABLES,
+  DATABASE_IDENTITY_SQL,
+  type DatabaseIdentity,
+} from '../src/common/database-identity.js';
+import { createLogger, safeConnection, type Logger } from '../src/common/logger.js';
+import { formatLsn, parseLsn } from '../src/common/lsn.js';
+import type {
+  ReaderMessage,
+  ReaderResult,
+  ReaderTask,
+  SupervisorMessage,
+} from '../src/common/protocol.js';
+import {
+  currentWalLsn,
+  findGap,
+  gapError,
+  publicationMissingError,
+  readSlotState,
+  resetCommand,
+} from '../src/common/source-admin.js';
+import { Confirmations } from './confirmations.js';
+import { BatchBuilder } from './decode/event-rows.js';
+import {
+  PgoutputDecoder,
+  type PgoutputHandler,
+  type PgoutputMessage,
+  type TupleView,
+} from './decode/pgoutput.js';
+import {
+  dropClientSocket,
+  KEEPALIVE,
+  ReplicationStream,
+  XLOG_DATA,
+  XLOG_DATA_HEADER,
+  type SourceNotice,
+} from './replication-stream.js';
+import { CatalogResolver, prepareSource } from './source-setup.js';
+
+/** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
+const STATUS_INTERVAL_MS = 5_000;
+/** How often the reader reports positions to the supervisor for metrics. */
+const PROGRESS_INTERVAL_MS = 1_000;
+/** How long a stop waits for the server to take the final confirmation. */
+const FINAL_CONFIRM_TIMEOUT_MS = 5_000;
+/** How long closing may wait for the source to acknowledge the end of our connections. */
+const CLOSE_TIMEOUT_MS = 3_000;
+
+export class SlotReader implements PgoutputHandler {
+  private readonly log: Logger;
+  private readonly builder: BatchBuilder;
+  private readonly decoder = new PgoutputDecoder();
+  private side: pg.Client | null = null;
+  private stream: ReplicationStream | null = null;
+  private resolver: CatalogResolver | null = null;
+
+  /** 'schema.table' of tables never captured (the buffer's own, when source and buffer coincide). */
+  private readonly skippedTables = new Set<string>();
+  private readonly skippedRelations = new Set<number>();
+  /** Messages read while blocked, handled in order once the block ends. */
+  private readonly queue: Buffer[] = [];
+  /** Why reading is paused, if it is. */
+  private blocked: 'catalog' | 'slot' | 'buffer' | null = null;
+  private blockedWork: Promise<void> | null = null;
+  /** Where this run started streaming: the checkpoint, or where a new capture begins. */
+  private startLsn = 0n;
+  /** Positions: durable, recorded, confirmed, idle (replaced once the start is known). */
+  private confirmations = new Confirmations(0n, 0n);
+  private recordWaiters: Array<{ lsn: bigint; resolve: () => void }> = [];
+  private replyRequested = false;
+  private lastHeardAt = Date.now();
+  /** Counts every message from the source; the silence check compares it, not the clock. */
+  private received = 0;
+  private receivedAtLastCheck = 0;
+
+  /** Cancels the pending batch's scheduled send, if one is scheduled. */
+  private cancelScheduledFlush: (() => void) | null = null;
+  private creditWaiters: Array<() => void> = [];
+  private durableWaiters: Array<() => void> = [];
+  private timers: NodeJS.Timeout[] = [];
+
+  private stopping = false;
+  private failed: unknown = null;
+  private settle!: { resolve: () => void; reject: (e: unknown) => void };
+  private readonly finished: Promise<void>;
+
+  constructor(private readonly task: ReaderTask) {
+    this.log = createLogger(task.settings.logLevel, {
+      source: task.source.id,
+      slot: task.source.slot,
+      thread: 'reader',
+    });
+    this.builder = new BatchBuilder(task.source.id, task.settings.batchMaxBytes);
+    this.finished = new Promise<void>((resolve, reject) => {
+      this.settle = { resolve, reject };
+    });
+    // Always handled: run() awaits it; this keeps an early rejection from being "unhandled".
+    this.finished.catch(() => undefined);
+  }
+
+  async run(): Promise<ReaderResult> {
+    const { source, port } = this.task;
+    port.on('message', (message: SupervisorMessage) => this.onSupervisorMessage(message));
+    try {
+      const options = pgClientOptions(source.connection, `philotes:${source.id}`);
+      this.side = new pg.Client(options);
+      this.side.on('error', (error) => this.fail(error));
+      const { host, port: sourcePort } = source.connection;
+      await this.side
+        .connect()
+        .catch((error: unknown) =>
+          Promise.reject(describeConnectionError(error, 'source', host, sourcePort)),
+        );
+      this.log.info({ connection: safeConnection(source.connection) }, 'connected to source');
+      const checkpoint = this.task.checkpoint;
+      const prepared = await prepareSource(
+        this.side,
+        source,
+        this.log,
+        checkpoint === null
+          ? null
+          : {
+              checkpointLsn: parseLsn(checkpoint.lsn),
+              confirmedLsn:
+                checkpoint.confirmedLsn === null ? null : parseLsn(checkpoint.confirmedLsn),
+            },
+      );
+      const identity = await this.side.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
+      if (identity.rows[0]?.identity === this.task.buffer.identity) {
+        // Capturing the buffer's own tables would feed every stored event back in as a change.
+        for (const table of BUFFER_TABLES)
+          this.skippedTables.add(`${this.task.buffer.schema}.${table}`);
+        this.log.info(
+          { tables: [...this.skippedTables] },
+          'the source database is also the buffer: Philotes leaves its own tables out',
+        );
+      }
+      this.resolver = new CatalogResolver(this.side, this.log);
+
+      this.startLsn = prepared.startLsn;
+      this.confirmations = new Confirmations(
+        prepared.startLsn,
+        prepared.mustRecord ? prepared.startLsn : prepared.recordedLsn,
+      );
+      if (prepared.mustRecord) await this.record(prepared.recordedLsn);
+      if (this.failed !== null) throw this.failed;
+      const start = formatLsn(prepared.startLsn);
+      this.stream = new ReplicationStream(options, source.publication, {
+        copyData: (chunk) => this.onCopyData(chunk),
+        notice: (notice) => this.onNotice(notice),
+        error: (error) => this.fail(error),
+        // The server accepted START_REPLICATION and this connection now holds the slot. Check
+        // the slot once more before handling anything, and only then count as streaming (a
+        // slot held by another client never gets this far).
+        started: () =>
+          this.block('slot', async () => {
+            await this.verifySlot();
+            this.log.info({ startLsn: start }, 'streaming started');
+            this.post({
+              type: 'ready',
+              startLsn: start,
+              slotCreated: prepared.slotCreated,
+              publicationCreated: prepared.publicationCreated,
+              serverVersion: prepared.serverVersion,
+            });
+          }),
+      });
+
+      this.timers.push(
+        setInterval(() => this.confirm(false), this.task.settings.checkpointIntervalMs),
+        setInterval(
+          () => {
+            this.checkSourceSilence();
+            // Ask for a reply: the server's keepalive answers prove the connection is alive.
+            this.sendStatus(true);
+          },
+          Math.min(STATUS_INTERVAL_MS, this.task.settings.checkpointIntervalMs),
+        ),
+        // Positions for the lag metrics whether or not anything was confirmed: a stalled buffer
+        // must show as growing lag.
+        setInterval(() => this.reportProgress(), PROGRESS_INTERVAL_MS),
+      );
+
+      this.stream.start(source.slot, prepared.startLsn).then(
+        () => {
+          if (!this.stopping) this.fail(new Error('replication stream ended unexpectedly'));
+        },
+        (error: unknown) => this.fail(describeConnectionError(error, 'source', host, sourcePort)),
+      );
+      await this.finished;
+      return { confirmedLsn: formatLsn(this.confirmations.confirmed), error: null };
+    } catch (error) {
+      this.fail(error);
+      return {
+        confirmedLsn: formatLsn(this.confirmations.confirmed),
+        error: toErrorInfo(this.failed),
+      };
+    } finally {
+      await this.close();
+      port.close();
+    }
+  }
+
+  // ---- stream ----
+
+  /**
+   * Called synchronously for every CopyData message of the stream, in order. Most are decoded on
+   * the spot. One that needs async work — a relation's catalog lookup, or waiting for room in
+   * flight — pauses the socket; the messages already read behind it wait in `queue`, copied
+   * because pg reuses its read buffer. Keepalives wait in line too: the idle check they make
+   * holds only once everything before them is handled.
+   */
+  private onCopyData(chunk: Buffer): void {
+    this.received++;
+    if (this.failed !== null) return; // dropped: never stored, never confirmed
+    if (this.stopping) {
+      this.pauseStream(); // dropped too; see stop()
+      return;
+    }
+    if (this.blocked !== null || this.queue.length > 0) {
+      this.queue.push(Buffer.from(chunk));
+      return;
+    }
+    this.handle(chunk);
+  }
+
+  /**
+   * The check prepareSource made before streaming, once more now that this connection holds the
+   * slot and nobody else can move it: another client could have streamed it in between. Nothing
+   * of the stream is handled before this passes (the stream is blocked while it runs).
+   */
+  private async verifySlot(): Promise<void> {
+    const { source } = this.task;
+    const slot = await readSlotState(this.side!, source.slot);
+    const record = { checkpointLsn: this.startLsn, confirmedLsn: this.confirmations.recordedUpTo };
+    const gap = findGap(record, slot, await currentWalLsn(this.side!));
+    if (gap !== null) throw gapError(source, gap, slot, this.startLsn);
+  }
+
+  private handle(chunk: Buffer): void {
+    try {
+      if (chunk[0] === XLOG_DATA) {
+        this.decoder.decode(chunk, XLOG_DATA_HEADER, this);
+        if (this.blocked !== null) return;
+        const b = this.builder;
+        if (
+          b.rows >= this.task.settings.batchMaxRows ||
+          b.bytes >= this.task.settings.batchMaxBytes
+        )
+          this.flush();
+        else this.scheduleFlush();
+      } else if (chunk[0] === KEEPALIVE) {
+        const walEnd = chunk.readBigUInt64BE(1);
+        this.onKeepalive(walEnd, chunk[17] === 1);
+      } else {
+        // Never skipped silently: positions after it would be confirmed as if it held nothing.
+        throw new Error(`replication stream: unexpected message type 0x${chunk[0]?.toString(16)}`);
+      }
+    } catch (error) {
+      this.fail(error);
+    }
+  }
+
+  // ---- PgoutputHandler: called by the decoder, synchronously, per message ----
+
+  begin(finalLsn: number, commitTime: number, xid: number): void {
+    this.builder.begin(finalLsn, commitTime, xid);
+  }
+
+  commit(_commitLsn: number, endLsn: number, commitTime: number): void {
+    this.builder.commit(endLsn, commitTime);
+    this.confirmations.commitRead(endLsn);
+  }
+
+  insert(relationOid: number, after: TupleView): void {
+    if (this.isSkipped(relationOid)) return;
+    this.builder.insert(relationOid, after);
+  }
+
+  update(
+    relationOid: number,
+    beforeKind: 'K' | 'O' | null,
+    before: TupleView | null,
+    after: TupleView,
+  ): void {
+    if (this.isSkipped(relationOid)) return;
+    this.builder.update(relationOid, beforeKind, before, after);
+  }
+
+  delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
+    if (this.isSkipped(relationOid)) return;
+    this.builder.delete(relationOid, beforeKind, before);
+  }
+
+  /** A table never captured (the buffer's own, when source and buffer coincide). */
+  private isSkipped(relationOid: number): boolean {
+    return this.skippedRelations.size > 0 && this.skippedRelations.has(relationOid);
+  }
+
+  other(message: PgoutputMessage): void {
+    switch (message.tag) {
+      case 'relation': {
+        if (this.skippedTables.has(`${message.schema}.${message.name}`)) {
+          this.skippedRelations.add(message.relationOid);
+          return;
+        }
+        const resolver = this.resolver!;
+        const b = this.builder;
+        this.block('catalog', async () => {
+          b.relation(await resolver.resolveRelation(message));
+        });
+        return;
+      }
+      case 'type':
+        this.resolver!.noteType(message.typeOid, message.name);
+        return;
+      case 'truncate':
+        this.builder.truncate(message.relationOids.filter((oid) => !this.isSkipped(oid)));
+        return;
+      default:
+        // Type, Origin and logical decoding messages carry nothing we store.
+        return;
+    }
+  }
+
+  /** Pauses reading until `work` is done, then handles what queued up meanwhile. */
+  private block(reason: 'catalog' | 'slot' | 'buffer', work: () => Promise<void>): void {
+    this.blocked = reason;
+    this.pauseStream();
+    this.blockedWork = work().then(
+      () => {
+        this.blocked = null;
+        this.blockedWork = null;
+        // The stream was paused by us, not silent.
+        this.lastHeardAt = Date.now();
+        this.drainQueue();
+      },
+      (error: unknown) => this.fail(error),
+    );
+  }
+
+  private drainQueue(): void {
+    while (this.blocked === null && this.queue.length > 0 && this.failed === null) {
+      if (this.stopping) {
+        this.queue.length = 0;
+        return;
+      }
+      this.handle(this.queue.shift()!);
+    }
+    if (this.blocked !== null || this.failed !== null || this.stopping) return;
+    this.scheduleFlush();
+    this.resumeStream();
+  }
+
+  private pauseStream(): void {
+    this.stream?.pause();
+  }
+
+  private resumeStream(): void {
+    this.stream?.resume();
+  }
+
+  private onKeepalive(walEnd: bigint, shouldRespond: boolean): void {
+    this.lastHeardAt = Date.now();
+    this.confirmations.keepalive(walEnd, this.isIdle());
+    if (shouldRespond) {
+      // The server asks for a reply (its shutdown waits for one): answer at once, with the best
+      // position that is safe, instead of waiting for the next checkpoint interval.
+      this.replyRequested = true;
+      this.confirm(true);
+    }
+  }
+
+  /** Nothing read is pending here: no block, no queue, no open transaction, no unsent batch. */
+  private isIdle(): boolean {
+    return (
+      this.blocked === null &&
+      this.queue.length === 0 &&
+      !this.builder.isInTransaction &&
+      !this.builder.hasContent &&
+      !this.stopping
+    );
+  }
+
+  // ---- batches ----
+
+  /**
+   * A batch that is not full goes out once the reader has handled everything the source has sent
+   * so far: setImmediate runs after the event loop has read what the socket holds (libuv reads up
+   * to 32 chunks per turn), so while a backlog drains batches still fill up, and once caught up
+   * a change is sent at once. With PHILOTES_CDC_BATCH_MAX_WAIT > 0 it waits that long for more
+   * instead: fewer, larger buffer transactions at low rates, for that much latency.
+   */
+  private scheduleFlush(): void {
+    if (this.cancelScheduledFlush !== null || !this.builder.hasContent) return;
+    const send = () => {
+      this.cancelScheduledFlush = null;
+      // While blocked, what is pending goes out when the block ends (drainQueue reschedules).
+      if (this.blocked === null && this.failed === null) this.flush();
+    };
+    const wait = this.task.settings.batchMaxWaitMs;
+    if (wait === 0) {
+      const immediate = setImmediate(send);
+      this.cancelScheduledFlush = () => clearImmediate(immediate);
+    } else {
+      const timer = setTimeout(send, wait);
+      this.cancelScheduledFlush = () => clearTimeout(timer);
+    }
+  }
+
+  /** Sends the pending batch, or, with no room in flight, pauses reading until there is. */
+  private flush(): void {
+    if (this.cancelScheduledFlush !== null) {
+      this.cancelScheduledFlush();
+      this.cancelScheduledFlush = null;
+    }
+    if (!this.builder.hasContent) return;
+    if (this.hasCredit()) {
+      this.send();
+      return;
+    }
+    this.block('buffer', async () => {
+      await this.waitForCredit();
+      if (this.failed === null) this.send();
+    });
+  }
+
+  private hasCredit(): boolean {
+    return this.confirmations.inFlight < this.task.settings.maxInFlightBatches;
+  }
+
+  private async waitForCredit(): Promise<void> {
+    while (!this.hasCredit() && this.failed === null) {
+      await new Promise<void>((resolve) => this.creditWaiters.push(resolve));
+    }
+  }
+
+  private send(): void {
+    if (!this.builder.hasContent) return;
+    const batch = this.builder.take();
+    const message: ReaderMessage = { type: 'batch', seq: this.confirmations.sent(), ...batch };
+    this.task.port.postMessage(message, [batch.data]);
+  }
+
+  private onSupervisorMessage(message: SupervisorMessage): void {
+    switch (message.type) {
+      case 'durable': {
+        this.confirmations.durable(
+          message.seq,
+          message.lsn === null ? null : parseLsn(message.lsn),
+        );
+        const waiters = this.creditWaiters.splice(0);
+        for (const w of waiters) w();
+        if (this.confirmations.allDurable) for (const w of this.durableWaiters.splice(0)) w();
+        if (this.replyRequested) this.confirm(true);
+        break;
+      }
+      case 'recorded': {
+        this.confirmations.recorded(parseLsn(message.lsn));
+        const recorded = this.confirmations.recordedUpTo;
+        const waiting = this.recordWaiters;
+        this.recordWaiters = waiting.filter((w) => w.lsn > recorded);
+        for (const w of waiting) if (w.lsn <= recorded) w.resolve();
+        // The confirmation that asked for this record can go out now.
+        if (!this.stopping) this.confirm(this.replyRequested);
+        break;
+      }
+      case 'stop':
+        void this.stop();
+        break;
+      case 'abort':
+        this.fail(new ReaderAbortedError(), false);
+        break;
+    }
+  }
+
+  // ---- confirmations ----
+
+  /**
+   * Confirms the safe position to the source. Called once per checkpoint interval, when the
+   * server asks for a reply, and at shutdown: confirmations are coalesced, not sent per batch.
+   * A safe position past what the buffer records (an idle WAL end) is recorded first, and
+   * confirmed when the supervisor reports it recorded.
+   */
+  private confirm(answer: boolean): void {
+    if (this.failed !== null) return;
+    const next = this.confirmations.next(this.isIdle(), this.stopping);
+    if (next.record !== null) this.post({ type: 'record', lsn: formatLsn(next.record) });
+    if (next.confirm !== null) {
+      this.sendStatus();
+      this.reportProgress();
+    } else if (answer) {
+      this.sendStatus();
+    }
+    if (this.confirmations.confirmed >= this.confirmations.serverWalEnd) {
+      this.replyRequested = false;
+    }
+  }
+
+  /** Resolves once the buffer records `lsn` as confirmable (or the reader has failed). */
+  private async record(lsn: bigint): Promise<void> {
+    if (lsn <= this.confirmations.recordedUpTo || this.failed !== null) return;
+    const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
+    if (this.confirmations.askRecord(lsn)) this.post({ type: 'record', lsn: formatLsn(lsn) });
+    await recorded;
+  }
+
+  /**
+   * A connection can die without a reset (a partition, a frozen server): nothing arrives and the
+   * socket never errors. We ask the server for a reply with every periodic status update, so
+   * silence longer than the source timeout means the connection is gone. Not while we hold the
+   * stream paused waiting for the buffer: then silence is ours.
+   */
+  private checkSourceSilence(): void {
+    if (this.blocked === 'buffer' || this.stopping || this.failed !== null) return;
+    if (this.received !== this.receivedAtLastCheck) {
+      this.receivedAtLastCheck = this.received;
+      this.lastHeardAt = Date.now();
+    }
+    const silent = Date.now() - this.lastHeardAt;
+    if (silent > this.task.settings.sourceTimeoutMs) {
+      this.fail(new SourceTimeoutError(silent));
+    }
+  }
+
+  private sendStatus(ping = false): void {
+    const confirmed = this.confirmations.confirmed;
+    if (this.failed !== null || !this.stream || confirmed === 0n) return;
+    void this.stream.acknowledge(confirmed, ping).catch((e: unknown) => this.fail(e));
+  }
+
+  private reportProgress(): void {
+    const { serverWalEnd, confirmed } = this.confirmations;
+    this.post({
+      type: 'progress',
+      serverWalEnd: serverWalEnd === 0n ? null : formatLsn(serverWalEnd),
+      confirmedLsn: confirmed === 0n ? null : formatLsn(confirmed),
+    });
+  }
+
+  // ---- lifecycle ----
+
+  private async stop(): Promise<void> {
+    if (this.stopping || this.failed !== null) return;
+    this.stopping = true;
+    this.log.info('stop requested: storing what is in flight');
+    try {
+      // Stop reading. What was read but not handled is dropped (never stored, never confirmed;
+      // the next run reads it again). With our socket paused, a walsender busy sending a large
+      // transaction gets to read our final status update instead of failing on a closed socket.
+      this.pauseStream();
+      this.queue.length = 0;
+      if (this.blockedWork) await this.blockedWork;
+      await this.waitForCredit();
+      if (this.failed !== null) return;
+      this.send();
+      if (!this.confirmations.allDurable && this.failed === null) {
+        await new Promise<void>((resolve) => this.durableWaiters.push(resolve));
+      }
+      if (this.failed !== null) return;
+      await this.record(this.confirmations.safeLsn(false, true));
+      if (this.failed !== null) return;
+      this.confirm(true);
+      const reached = await this.waitForSlotConfirmation();
+      this.log.info(
+        { confirmedLsn: formatLsn(this.confirmations.confirmed), slotConfirmedFlushLsn: reached },
+        'final position confirmed to source',
+      );
+      this.settle.resolve();
+    } catch (error) {
+      this.fail(error);
+    }
+  }
+
+  /**
+   * A status update is fire-and-forget; before closing, make sure the server has taken it, by
+   * reading the slot back (and re-sending meanwhile). Bounded: the data is safe either way,
+   * since a restart resumes from the buffer checkpoint; only the slot's WAL retention is at stake.
+   */
+  private async waitForSlotConfirmation(): Promise<string | null> {
+    const deadline = Date.now() + FINAL_CONFIRM_TIMEOUT_MS;
+    let seen: string | null = null;
+    while (this.side && this.failed === null) {
+      const result = await this.side.query<{ lsn: string | null }>(
+        'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
+        [this.task.source.slot],
+      );
+      seen = result.rows[0]?.lsn ?? null;
+      if (seen !== null && parseLsn(seen) >= this.confirmations.confirmed) return seen;
+      if (Date.now() >= deadline) {
+        this.log.warn(
+          { confirmedLsn: formatLsn(this.confirmations.confirmed), slotConfirmedFlushLsn: seen },
+          'the source has not taken the final confirmation yet; it will be sent again on the next start',
+        );
+        return seen;
+      }
+      this.sendStatus();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    return seen;
+  }
+
+  /**
+   * A warning from the walsender. PostgreSQL 18 no longer fails on a publication that is missing
+   * at a point of the WAL: it warns ("skipped loading publication") and leaves the changes out.
+   * That is a gap, so it stops the source like PostgreSQL 15's error does. Matched by SQLSTATE
+   * and the quoted publication name, which survive a translated server.
+   */
+  private onNotice(notice: SourceNotice): void {
+    const { publication } = this.task.source;
+    if (notice.code === '55000' && notice.message?.includes(`"${publication}"`)) {
+      this.fail(
+        publicationMissingError(
+          this.task.source,
+          `was missing at a point of the WAL the slot decoded, and the server skipped the changes there (it said: ${notice.message})`,
+          null,
+        ),
+      );
+      return;
+    }
+    this.log.warn(
+      { notice: { severity: notice.severity, code: notice.code, message: notice.message } },
+      'the source sent a warning on the replication connection',
+    );
+  }
+
+  /** Source errors that mean a gap, rewritten to say so and how to get past it. */
+  private explain(error: unknown): unknown {
+    const e = error as { code?: unknown; message?: unknown; where?: unknown } | null;
+    if (e === null || typeof e !== 'object' || typeof e.message !== 'string') return error;
+    const source = this.task.source;
+    const at =
+      typeof e.where === 'string' ? /LSN ([0-9A-F]+\/[0-9A-F]+)/i.exec(e.where)?.[1] : undefined;
+    if (e.code === '42704' && e.message.includes(`"${source.publication}"`)) {
+      return publicationMissingError(
+        source,
+        `did not exist at ${at ?? 'a point'} of the WAL the slot decoded (it was dropped, and perhaps created again since)`,
+        at ?? null,
+      );
+    }
+    if (e.code === '58P01') {
+      return new FatalSourceError(
+        `stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
+        'WAL_REMOVED',
+        { slot: source.slot },
+      );
+    }
+    return error;
+  }
+
+  private fail(failure: unknown, report = true): void {
+    if (this.failed !== null) return;
+    const error = this.explain(failure);
+    this.failed = error ?? new Error('unknown error');
+    if (report) this.log.error({ err: error }, 'reader failed');
+    for (const w of this.creditWaiters.splice(0)) w();
+    for (const w of this.durableWaiters.splice(0)) w();
+    for (const w of this.recordWaiters.splice(0)) w.resolve();
+    this.settle.reject(error);
+  }
+
+  private post(message: ReaderMessage): void {
+    try {
+      this.task.port.postMessage(message);
+    } catch {
+      // The port is closed when the supervisor has given up on this run; nothing to tell.
+    }
+  }
+
+  private async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.cancelScheduledFlush?.();
+    const stream = this.stream;
+    this.stream = null;
+    const side = this.side;
+    const ended = Promise.allSettled([stream?.destroy(), side?.end()]);
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      ended.then(() => false),
+      new Promise<boolean>(
+        (resolve) => (timer = setTimeout(() => resolve(true), CLOSE_TIMEOUT_MS)),
+      ),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) {
+      // A dead peer never answers the goodbye: drop the sockets so the thread holds nothing.
+      stream?.dropSocket();
+      dropClientSocket(side);
+      this.log.warn('connections to the source did not close in time; dropped them');
+    }
+    this.log.info('reader closed');
+    this.log.flush();
+  }
+}
