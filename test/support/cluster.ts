@@ -7,7 +7,6 @@ import { execFile, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { appendFile, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +14,9 @@ import { promisify } from 'node:util';
 import pg from 'pg';
 import { waitFor } from './poll.js';
 import { onProcessEnd } from './process-end.js';
+import { freePort } from './ports.js';
+
+export { freePort };
 
 const execFileAsync = promisify(execFile);
 
@@ -109,19 +111,6 @@ async function chownToOsUser(path: string): Promise<void> {
   ensureOsUser();
   // "user:" = the user's login group, whatever it is called on this host.
   await execFileAsync('chown', ['-R', `${OS_USER}:`, path]);
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((resolvePort, reject) => {
-    const srv = createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, HOST, () => {
-      const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => (port ? resolvePort(port) : reject(new Error('no port assigned'))));
-    });
-  });
 }
 
 const quoteConf = (v: string): string => `'${v.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;

@@ -29,6 +29,8 @@ export interface PhilotesProcess {
   readonly stderr: string[];
   /** Resolves once the process has exited and its output is fully read. Never rejects. */
   readonly exited: Promise<ExitStatus>;
+  /** How it exited, once it has (and its output is fully read); null while it runs. */
+  status(): ExitStatus | null;
   /** stdout lines that parse as JSON objects; other lines are skipped. */
   logs(): LogEntry[];
   signal(sig: NodeJS.Signals): boolean;
@@ -44,6 +46,15 @@ export interface StartOptions {
   /** Script to run instead of the built CLI; for testing this helper itself. */
   script?: string;
   args?: string[];
+  /**
+   * Start from the caller's whole environment (less any PHILOTES_* variable) instead of just
+   * PATH and HOME: the demo runs Philotes as a user would.
+   */
+  inheritEnv?: boolean;
+  /** Its own process group: a terminal's Ctrl-C reaches only the caller, which stops it. */
+  detached?: boolean;
+  /** Everything it prints is also written here, as it comes. */
+  tee?: NodeJS.WritableStream;
 }
 
 export interface PhilotesRun extends ExitStatus {
@@ -108,15 +119,23 @@ export function startPhilotes(
   }
   installExitHook();
   const base: Record<string, string> = {};
-  for (const key of ['PATH', 'HOME'] as const) {
-    const v = process.env[key];
-    if (v !== undefined) base[key] = v;
+  for (const [key, v] of Object.entries(process.env)) {
+    const wanted = opts.inheritEnv
+      ? !key.startsWith('PHILOTES_')
+      : key === 'PATH' || key === 'HOME';
+    if (wanted && v !== undefined) base[key] = v;
   }
   const proc = spawn(process.execPath, [script, ...(opts.args ?? [])], {
     cwd: REPO_ROOT,
     env: { ...base, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    detached: opts.detached ?? false,
   });
+  if (opts.tee) {
+    const tee = opts.tee;
+    proc.stdout?.on('data', (chunk: string | Buffer) => tee.write(chunk));
+    proc.stderr?.on('data', (chunk: string | Buffer) => tee.write(chunk));
+  }
   running.add(proc);
 
   const stdout: string[] = [];
@@ -191,6 +210,7 @@ export function startPhilotes(
     stdout,
     stderr,
     exited,
+    status: () => status ?? null,
     logs,
     signal: (sig) => (status ? false : proc.kill(sig)),
     kill9: async () => {

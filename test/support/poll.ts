@@ -7,6 +7,8 @@ export interface WaitForOptions {
   intervalMs?: number;
   /** Completes the message "timed out after Nms waiting for <what>". */
   what: string;
+  /** Errors that end the wait at once (rethrown) instead of counting as "not yet". */
+  fatal?: (error: unknown) => boolean;
 }
 
 type Falsy = undefined | false;
@@ -40,6 +42,7 @@ export async function waitFor<T>(
         lastValue = value;
       }
     } catch (err) {
+      if (opts.fatal?.(err)) throw err;
       lastError = err;
     }
     const pause = Math.min(intervalMs, deadline - Date.now());
