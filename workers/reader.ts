@@ -10,7 +10,6 @@ import pg from 'pg';
 import { pgClientOptions } from '../src/common/pg-connection.js';
 import {
   describeConnectionError,
-  FatalSourceError,
   ReaderAbortedError,
   SourceTimeoutError,
   toErrorInfo,
@@ -28,14 +27,7 @@ import type {
   ReaderTask,
   SupervisorMessage,
 } from '../src/common/protocol.js';
-import {
-  currentWalLsn,
-  findGap,
-  gapError,
-  publicationMissingError,
-  readSlotState,
-  resetCommand,
-} from '../src/common/source-admin.js';
+import { currentWalLsn, findGap, gapError, readSlotState } from '../src/common/source-admin.js';
 import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
 import {
@@ -52,6 +44,7 @@ import {
   XLOG_DATA_HEADER,
   type SourceNotice,
 } from './replication-stream.js';
+import { explainSourceError, noticeGapError } from './source-errors.js';
 import { CatalogResolver, prepareSource } from './source-setup.js';
 
 /** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
@@ -617,22 +610,11 @@ export class SlotReader implements PgoutputHandler {
     return seen;
   }
 
-  /**
-   * A warning from the walsender. PostgreSQL 18 no longer fails on a publication that is missing
-   * at a point of the WAL: it warns ("skipped loading publication") and leaves the changes out.
-   * That is a gap, so it stops the source like PostgreSQL 15's error does. Matched by SQLSTATE
-   * and the quoted publication name, which survive a translated server.
-   */
+  /** A warning from the walsender: one that means a gap stops the source (see source-errors). */
   private onNotice(notice: SourceNotice): void {
-    const { publication } = this.task.source;
-    if (notice.code === '55000' && notice.message?.includes(`"${publication}"`)) {
-      this.fail(
-        publicationMissingError(
-          this.task.source,
-          `was missing at a point of the WAL the slot decoded, and the server skipped the changes there (it said: ${notice.message})`,
-          null,
-        ),
-      );
+    const gap = noticeGapError(notice, this.task.source);
+    if (gap !== null) {
+      this.fail(gap);
       return;
     }
     this.log.warn(
@@ -641,33 +623,9 @@ export class SlotReader implements PgoutputHandler {
     );
   }
 
-  /** Source errors that mean a gap, rewritten to say so and how to get past it. */
-  private explain(error: unknown): unknown {
-    const e = error as { code?: unknown; message?: unknown; where?: unknown } | null;
-    if (e === null || typeof e !== 'object' || typeof e.message !== 'string') return error;
-    const source = this.task.source;
-    const at =
-      typeof e.where === 'string' ? /LSN ([0-9A-F]+\/[0-9A-F]+)/i.exec(e.where)?.[1] : undefined;
-    if (e.code === '42704' && e.message.includes(`"${source.publication}"`)) {
-      return publicationMissingError(
-        source,
-        `did not exist at ${at ?? 'a point'} of the WAL the slot decoded (it was dropped, and perhaps created again since)`,
-        at ?? null,
-      );
-    }
-    if (e.code === '58P01') {
-      return new FatalSourceError(
-        `stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
-        'WAL_REMOVED',
-        { slot: source.slot },
-      );
-    }
-    return error;
-  }
-
   private fail(failure: unknown, report = true): void {
     if (this.failed !== null) return;
-    const error = this.explain(failure);
+    const error = explainSourceError(failure, this.task.source);
     this.failed = error ?? new Error('unknown error');
     if (report) this.log.error({ err: error }, 'reader failed');
     for (const w of this.creditWaiters.splice(0)) w();

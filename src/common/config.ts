@@ -45,7 +45,7 @@ export interface Config {
    * handled everything the source has sent so far.
    */
   readonly batchMaxWaitMs: number;
-  /** Batches a worker may have sent but not seen stored before it stops reading the slot. */
+  /** Batches a reader may have sent but not seen stored before it stops reading the slot. */
   readonly maxInFlightBatches: number;
   /** 0 disables the HTTP server. */
   readonly metricsPort: number;

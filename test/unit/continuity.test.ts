@@ -7,6 +7,8 @@ import type { SourceConfig } from '../../src/common/config.js';
 import { isFatal } from '../../src/common/errors.js';
 import { formatBytes, parseLsn } from '../../src/common/lsn.js';
 import { findGap, gapError, type SlotState } from '../../src/common/source-admin.js';
+import type { FatalSourceError } from '../../src/common/errors.js';
+import { explainSourceError, noticeGapError } from '../../workers/source-errors.js';
 import { choosePrimaryKey } from '../../workers/source-setup.js';
 
 const L = parseLsn;
@@ -201,4 +203,46 @@ describe('choosePrimaryKey', () => {
       expect(choosePrimaryKey(c.identity, c.columns, c.catalog).names).toEqual(c.expected);
     });
   }
+});
+
+describe('what the stream says that means a gap', () => {
+  it("PostgreSQL 15's missing-publication error stops the source with the way out", () => {
+    const error = Object.assign(new Error('publication "philotes_pub" does not exist'), {
+      code: '42704',
+      where:
+        'slot "philotes_orders", output plugin "pgoutput", in the change callback, associated LSN 0/1922CC8',
+    });
+    const explained = explainSourceError(error, SOURCE) as FatalSourceError;
+    expect(explained.code).toBe('PUBLICATION_MISSING');
+    expect(explained.message).toContain('0/1922CC8');
+    expect(explained.message).toContain('--skip-to-current');
+    expect(isFatal(explained)).toBe(true);
+  });
+
+  it("PostgreSQL 18's skipped-publication warning is a gap; other warnings are not", () => {
+    const gap = noticeGapError(
+      { severity: 'WARNING', code: '55000', message: 'skipped loading publication "philotes_pub"' },
+      SOURCE,
+    );
+    expect(gap?.code).toBe('PUBLICATION_MISSING');
+    expect(
+      noticeGapError({ severity: 'WARNING', code: '55000', message: 'about "other_pub"' }, SOURCE),
+    ).toBeNull();
+    expect(noticeGapError({ severity: 'WARNING', code: '01000', message: 'x' }, SOURCE)).toBeNull();
+  });
+
+  it('removed WAL is a gap; an error about another publication passes through', () => {
+    const removed = explainSourceError(
+      Object.assign(
+        new Error('requested WAL segment 000000010000000000000001 has already been removed'),
+        {
+          code: '58P01',
+        },
+      ),
+      SOURCE,
+    ) as FatalSourceError;
+    expect(removed.code).toBe('WAL_REMOVED');
+    const other = Object.assign(new Error('publication "other" does not exist'), { code: '42704' });
+    expect(explainSourceError(other, SOURCE)).toBe(other);
+  });
 });
