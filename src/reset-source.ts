@@ -19,6 +19,7 @@ import {
   createSlot,
   currentWalLsn,
   findGap,
+  isInvalidated,
   publicationExists,
   readSlotState,
   where,
@@ -110,8 +111,7 @@ async function reset(
     checkpointLsn !== null
       ? findGap({ checkpointLsn, confirmedLsn: confirmedLsn ?? checkpointLsn }, slot, now)
       : null;
-  const invalidated =
-    slot !== null && (slot.walStatus === 'lost' || slot.invalidationReason !== null);
+  const invalidated = slot !== null && isInvalidated(slot);
   let reason: GapReason | null = found?.reason ?? (invalidated ? 'slot_invalidated' : null);
   if (reason === null && !hasPublication) reason = 'publication_missing';
   if (reason === null && opts.skipToCurrent) reason = 'skip_to_current';

@@ -15,6 +15,7 @@ import {
   currentWalLsn,
   findGap,
   gapError,
+  isInvalidated,
   publicationExists,
   publicationMissingError,
   readSlotState,
@@ -175,7 +176,7 @@ async function newCapture(
     );
   }
   checkSlotKind(source, slot);
-  if (slot.walStatus === 'lost' || slot.invalidationReason !== null) {
+  if (isInvalidated(slot)) {
     throw new FatalSourceError(
       `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot.invalidationReason ?? 'wal_status lost'}) and cannot be read; the buffer has no checkpoint for this source, so nothing stored is at stake: drop the slot (SELECT pg_drop_replication_slot('${source.slot}')) and start again`,
       'SLOT_INVALIDATED',

@@ -62,6 +62,11 @@ export async function readSlotState(client: pg.Client, slot: string): Promise<Sl
   };
 }
 
+/** The server gave the slot up: it can no longer be read (wal_status lost, or a reason why). */
+export function isInvalidated(slot: SlotState): boolean {
+  return slot.walStatus === 'lost' || slot.invalidationReason !== null;
+}
+
 /** The source's WAL position now (its replay position on a standby). */
 export async function currentWalLsn(client: pg.Client): Promise<bigint> {
   const result = await client.query<{ lsn: string }>(
@@ -151,7 +156,7 @@ export function findGap(
   const fromLsn =
     record.confirmedLsn > record.checkpointLsn ? record.confirmedLsn : record.checkpointLsn;
   if (slot === null) return { reason: 'slot_missing', fromLsn, toLsn: currentWal };
-  if (slot.walStatus === 'lost' || slot.invalidationReason !== null) {
+  if (isInvalidated(slot)) {
     return { reason: 'slot_invalidated', fromLsn, toLsn: currentWal };
   }
   if (slot.confirmedFlushLsn !== null && slot.confirmedFlushLsn > fromLsn) {
