@@ -16,11 +16,19 @@ import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
 import { createReaderPool } from './supervisor/reader-pool.js';
 
+/** The --config option, if given (it wins over PHILOTES_CONFIG). */
+let configPath: string | undefined;
+
 function config(): Config {
   try {
-    return loadConfig();
+    return loadConfig(process.env, configPath);
   } catch (error) {
-    if (error instanceof ConfigError) die(EXIT_USAGE, error.message);
+    if (error instanceof ConfigError) {
+      // Every problem on a line of its own; none of them carries a secret.
+      for (const problem of error.problems.slice(0, -1))
+        process.stderr.write(`philotes: ${oneLine(problem)}\n`);
+      die(EXIT_USAGE, error.problems[error.problems.length - 1] ?? error.message);
+    }
     throw error;
   }
 }
@@ -73,9 +81,16 @@ function version(): string {
 const program = new Command()
   .name('philotes-worker')
   .description(
-    'Change-data-capture for PostgreSQL: logical replication into a buffer database, exactly once. Configuration comes from the environment (see README.md).',
+    'Change-data-capture for PostgreSQL: logical replication into a buffer database, exactly once. Configuration comes from the environment (one source) or a file (--config, any number of sources); see README.md.',
   )
   .version(version())
+  .option(
+    '--config <path>',
+    'a configuration file (YAML or JSON) with any number of sources; or PHILOTES_CONFIG',
+  )
+  .hook('preAction', (command) => {
+    configPath = (command.opts() as { config?: string }).config;
+  })
   .showHelpAfterError()
   // Help and --version exit 0; every other command-line error exits 2, like a bad setting.
   .exitOverride((error: CommanderError) => {

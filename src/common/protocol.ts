@@ -5,7 +5,7 @@
  * format (see buffer-format.ts).
  */
 import type { MessagePort } from 'node:worker_threads';
-import type { Config, SourceConfig } from './config.js';
+import type { Config, SourceConfig, SourceSettings } from './config.js';
 import type { DatabaseIdentity } from './database-identity.js';
 
 /** The task piscina hands to a thread: read one slot until told to stop. */
@@ -23,21 +23,13 @@ export interface ReaderTask {
   readonly port: MessagePort;
 }
 
-/** The reader's part of the configuration, as the config module validated it. */
-export const READER_SETTINGS = [
-  'checkpointIntervalMs',
-  'sourceTimeoutMs',
-  'batchMaxRows',
-  'batchMaxBytes',
-  'batchMaxWaitMs',
-  'maxInFlightBatches',
-  'logLevel',
-] as const satisfies ReadonlyArray<keyof Config>;
+/** The reader's part of the configuration: its source's settings, and the log level. */
+export interface ReaderSettings extends SourceSettings {
+  readonly logLevel: Config['logLevel'];
+}
 
-export type ReaderSettings = Pick<Config, (typeof READER_SETTINGS)[number]>;
-
-export function readerSettings(config: Config): ReaderSettings {
-  return Object.fromEntries(READER_SETTINGS.map((key) => [key, config[key]])) as ReaderSettings;
+export function readerSettings(config: Config, source: SourceConfig): ReaderSettings {
+  return { ...source.settings, logLevel: config.logLevel };
 }
 
 /** A column as captured in cdc_schema_history. */

@@ -341,7 +341,7 @@ export class SourceRunner implements ReaderRunListener {
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
     const run = new ReaderRun({
       source: this.source,
-      settings: readerSettings(this.config),
+      settings: readerSettings(this.config, this.source),
       checkpoint,
       buffer: this.store.identity,
       store: this.store,

@@ -42,6 +42,14 @@ const SOURCE: SourceConfig = {
   slot: 'philotes_orders',
   publication: 'philotes_pub',
   tables: [],
+  settings: {
+    checkpointIntervalMs: 10_000,
+    sourceTimeoutMs: 30_000,
+    batchMaxRows: 5000,
+    batchMaxBytes: 4 * 1024 * 1024,
+    batchMaxWaitMs: 0,
+    maxInFlightBatches: 4,
+  },
 };
 
 describe('findGap', () => {

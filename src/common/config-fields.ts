@@ -1,0 +1,367 @@
+/**
+ * The checks behind the configuration, shared by the environment and the file: each reads one
+ * setting from a flat map of raw strings, validates it, and names it exactly in its message
+ * (never echoing a password or a URL, which may carry one).
+ */
+import { readFileSync } from 'node:fs';
+import type { Config, ConnectionConfig, SourceSettings, SslMode } from './config.js';
+
+/** A bad configuration: every problem found, each a line naming the setting. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+  readonly problems: readonly string[];
+  constructor(problems: string | readonly string[]) {
+    const list = typeof problems === 'string' ? [problems] : problems;
+    super(list.join('\n'));
+    this.problems = list;
+  }
+}
+
+/** Collects the ConfigErrors of independent checks, so that all are reported at once. */
+export class Problems {
+  readonly list: string[] = [];
+  /** Runs `check`; a ConfigError is recorded (undefined returned), anything else thrown. */
+  attempt<T>(check: () => T): T | undefined {
+    try {
+      return check();
+    } catch (error) {
+      if (!(error instanceof ConfigError)) throw error;
+      this.list.push(...error.problems);
+      return undefined;
+    }
+  }
+  add(problem: string): void {
+    this.list.push(problem);
+  }
+  throwIfAny(): void {
+    if (this.list.length > 0) throw new ConfigError(this.list);
+  }
+}
+
+export type Env = Readonly<Record<string, string | undefined>>;
+
+/** Slot and publication names are interpolated into replication commands: keep them plain. */
+export const IDENTIFIER = /^[a-z_][a-z0-9_]{0,62}$/;
+export const SOURCE_ID = /^[A-Za-z0-9_.-]{1,128}$/;
+export const TABLE_NAME = /^([A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*$/;
+const SSL_MODES: readonly SslMode[] = ['disable', 'prefer', 'require', 'verify-ca', 'verify-full'];
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+export function get(env: Env, name: string): string | undefined {
+  const value = env[name];
+  if (value === undefined) return undefined;
+  const trimmed = value.trim();
+  return trimmed === '' ? undefined : trimmed;
+}
+
+export function parseDuration(name: string, raw: string): number {
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(raw);
+  if (!match) {
+    throw new ConfigError(
+      `${name} must be a duration like 500ms, 10s or 1m, got ${JSON.stringify(raw)}`,
+    );
+  }
+  const value = Number(match[1]);
+  const unit = match[2] ?? 's';
+  const factor = unit === 'ms' ? 1 : unit === 's' ? 1000 : unit === 'm' ? 60_000 : 3_600_000;
+  return Math.round(value * factor);
+}
+
+export function duration(
+  env: Env,
+  name: string,
+  fallback: string,
+  min: number,
+  max: number,
+): number {
+  const raw = get(env, name) ?? fallback;
+  const ms = parseDuration(name, raw);
+  if (ms < min || ms > max) {
+    throw new ConfigError(
+      `${name} must be between ${formatMs(min)} and ${formatMs(max)}, got ${JSON.stringify(raw)}`,
+    );
+  }
+  return ms;
+}
+
+export function formatMs(ms: number): string {
+  if (ms % 3_600_000 === 0 && ms > 0) return `${ms / 3_600_000}h`;
+  if (ms % 60_000 === 0 && ms > 0) return `${ms / 60_000}m`;
+  if (ms % 1000 === 0 && ms > 0) return `${ms / 1000}s`;
+  return `${ms}ms`;
+}
+
+export function integer(
+  env: Env,
+  name: string,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  const raw = get(env, name);
+  if (raw === undefined) return fallback;
+  if (!/^\d+$/.test(raw) || Number(raw) < min || Number(raw) > max) {
+    throw new ConfigError(
+      `${name} must be an integer between ${min} and ${max}, got ${JSON.stringify(raw)}`,
+    );
+  }
+  return Number(raw);
+}
+
+export function sslMode(name: string, raw: string | undefined, fallback: SslMode): SslMode {
+  if (raw === undefined) return fallback;
+  if (!(SSL_MODES as readonly string[]).includes(raw)) {
+    throw new ConfigError(
+      `${name} must be one of ${SSL_MODES.join(', ')}, got ${JSON.stringify(raw)}`,
+    );
+  }
+  return raw as SslMode;
+}
+
+/** The settings of a connection; how each is named in messages depends on where it came from. */
+export type ConnectionField =
+  'url' | 'host' | 'port' | 'database' | 'user' | 'password' | 'sslmode' | 'sslRootCert';
+
+/** `PHILOTES_BUFFER` → PHILOTES_BUFFER_URL, PHILOTES_BUFFER_HOST, … PHILOTES_BUFFER_SSLROOTCERT. */
+export function envNames(prefix: string): (field: ConnectionField) => string {
+  return (field) => `${prefix}_${field.toUpperCase()}`;
+}
+
+/**
+ * Reads the `url` setting if set (the individual settings then override its parts), otherwise
+ * host, port, database, user, password, sslmode, sslRootCert. `name` maps each setting to the
+ * key it is read under in `env`, which is also how messages name it.
+ */
+export function connection(env: Env, name: (field: ConnectionField) => string): ConnectionConfig {
+  let fromUrl: Partial<Record<keyof ConnectionConfig, string>> = {};
+  const url = get(env, name('url'));
+  if (url !== undefined) fromUrl = parseUrl(name('url'), url);
+
+  const host = get(env, name('host')) ?? fromUrl.host ?? 'localhost';
+  const portFromUrl = get(env, name('port')) === undefined;
+  const portName = portFromUrl ? name('url') : name('port');
+  const portRaw = get(env, name('port')) ?? fromUrl.port ?? '5432';
+  if (!/^\d+$/.test(portRaw) || Number(portRaw) < 1 || Number(portRaw) > 65535) {
+    throw new ConfigError(
+      portFromUrl
+        ? `${portName} has an invalid port: it must be an integer between 1 and 65535`
+        : `${portName} must be an integer between 1 and 65535, got ${JSON.stringify(portRaw)}`,
+    );
+  }
+  const database = get(env, name('database')) ?? fromUrl.database;
+  if (database === undefined) {
+    throw new ConfigError(`${name('database')} is required (or set ${name('url')})`);
+  }
+  const user = get(env, name('user')) ?? fromUrl.user;
+  if (user === undefined) {
+    throw new ConfigError(`${name('user')} is required (or set ${name('url')})`);
+  }
+  // A password is taken verbatim (no trim: spaces may be part of it).
+  const password = env[name('password')] || fromUrl.password || undefined;
+  const sslName =
+    get(env, name('sslmode')) !== undefined ? name('sslmode') : `${name('url')} sslmode`;
+  const sslmode = sslMode(sslName, get(env, name('sslmode')) ?? fromUrl.sslmode, 'prefer');
+  const certName =
+    get(env, name('sslRootCert')) !== undefined
+      ? name('sslRootCert')
+      : `${name('url')} sslrootcert`;
+  const certPath = get(env, name('sslRootCert')) ?? fromUrl.sslRootCert;
+  let sslRootCert: string | undefined;
+  if (certPath !== undefined) {
+    try {
+      sslRootCert = readFileSync(certPath, 'utf8');
+    } catch (error) {
+      throw new ConfigError(
+        `${certName} cannot be read: ${(error as NodeJS.ErrnoException).code ?? 'error'} ${certPath}`,
+      );
+    }
+  }
+  return Object.freeze({
+    host,
+    port: Number(portRaw),
+    database,
+    user,
+    password,
+    sslmode,
+    sslRootCert,
+  });
+}
+
+function parseUrl(name: string, raw: string): Partial<Record<keyof ConnectionConfig, string>> {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    // Never echo the value: it may hold a password.
+    throw new ConfigError(
+      `${name} is not a valid URL (expected postgres://user:password@host:port/database)`,
+    );
+  }
+  if (url.protocol !== 'postgres:' && url.protocol !== 'postgresql:') {
+    throw new ConfigError(`${name} must start with postgres:// or postgresql://`);
+  }
+  const out: Partial<Record<keyof ConnectionConfig, string>> = {};
+  const socketHost = url.searchParams.get('host');
+  if (socketHost) out.host = socketHost;
+  else if (url.hostname) out.host = decode(name, 'host', url.hostname.replace(/^\[|\]$/g, ''));
+  if (url.port) out.port = url.port;
+  const database = decode(name, 'database', url.pathname.replace(/^\//, ''));
+  if (database) out.database = database;
+  if (url.username) out.user = decode(name, 'user', url.username);
+  if (url.password) out.password = decode(name, 'password', url.password);
+  const ssl = url.searchParams.get('sslmode');
+  if (ssl) out.sslmode = ssl;
+  const rootCert = url.searchParams.get('sslrootcert');
+  if (rootCert) out.sslRootCert = rootCert;
+  return out;
+}
+
+/** Percent-decoding that fails with the variable's name and never the value. */
+function decode(name: string, part: string, raw: string): string {
+  try {
+    return decodeURIComponent(raw);
+  } catch {
+    throw new ConfigError(`${name} has an invalid percent-encoding in its ${part}`);
+  }
+}
+
+export function identifier(env: Env, name: string, fallback: string): string {
+  const value = get(env, name) ?? fallback;
+  if (!IDENTIFIER.test(value)) {
+    throw new ConfigError(
+      `${name} must match /^[a-z_][a-z0-9_]{0,62}$/ (lower-case letters, digits, underscore), got ${JSON.stringify(value)}`,
+    );
+  }
+  return value;
+}
+
+export function tables(env: Env, name: string): string[] {
+  const raw = get(env, name);
+  if (raw === undefined) return [];
+  const list = raw
+    .split(',')
+    .map((t) => t.trim())
+    .filter((t) => t !== '');
+  for (const table of list) {
+    if (!TABLE_NAME.test(table)) {
+      throw new ConfigError(
+        `${name} must be a comma-separated list of tables like public.orders, got ${JSON.stringify(table)}`,
+      );
+    }
+  }
+  return list;
+}
+
+/** A source setting: its key in a file, its variable in the environment, how it is read. */
+export const SOURCE_SETTINGS: ReadonlyArray<{
+  readonly key: keyof SourceSettings;
+  readonly fileKey: string;
+  readonly env: string;
+  readonly read: (env: Env, name: string) => number;
+}> = [
+  {
+    key: 'checkpointIntervalMs',
+    fileKey: 'checkpointInterval',
+    env: 'PHILOTES_CDC_CHECKPOINT_INTERVAL',
+    read: (env, name) => duration(env, name, '10s', 10, 3_600_000),
+  },
+  {
+    key: 'sourceTimeoutMs',
+    fileKey: 'sourceTimeout',
+    env: 'PHILOTES_CDC_SOURCE_TIMEOUT',
+    read: (env, name) => duration(env, name, '30s', 1000, 3_600_000),
+  },
+  {
+    key: 'batchMaxRows',
+    fileKey: 'batchMaxRows',
+    env: 'PHILOTES_CDC_BATCH_MAX_ROWS',
+    read: (env, name) => integer(env, name, 5000, 1, 1_000_000),
+  },
+  {
+    key: 'batchMaxBytes',
+    fileKey: 'batchMaxBytes',
+    env: 'PHILOTES_CDC_BATCH_MAX_BYTES',
+    read: (env, name) => integer(env, name, 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+  },
+  {
+    key: 'batchMaxWaitMs',
+    fileKey: 'batchMaxWait',
+    env: 'PHILOTES_CDC_BATCH_MAX_WAIT',
+    read: (env, name) => duration(env, name, '0ms', 0, 60_000),
+  },
+  {
+    key: 'maxInFlightBatches',
+    fileKey: 'maxInFlightBatches',
+    env: 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES',
+    read: (env, name) => integer(env, name, 4, 1, 64),
+  },
+];
+
+/**
+ * Source settings read from `env` under `name(setting)`; a setting not there comes from
+ * `fallback` (the file's defaults), else from its documented default.
+ */
+export function readSourceSettings(
+  env: Env,
+  name: (setting: (typeof SOURCE_SETTINGS)[number]) => string,
+  problems: Problems,
+  fallback?: SourceSettings,
+): SourceSettings {
+  const settings: Record<string, number> = {};
+  for (const setting of SOURCE_SETTINGS) {
+    const key = name(setting);
+    const value =
+      fallback !== undefined && get(env, key) === undefined
+        ? fallback[setting.key]
+        : problems.attempt(() => setting.read(env, key));
+    settings[setting.key] = value ?? 0;
+  }
+  return Object.freeze(settings as unknown as SourceSettings);
+}
+
+/** The process-wide settings, from the environment (a file's top level fills in what is unset). */
+export function readProcessSettings(
+  source: Env,
+  problems: Problems,
+  /** The key each variable is read under in `source` (a file names them its own way). */
+  name: (variable: string) => string = (variable) => variable,
+): Omit<Config, 'sources' | 'buffer' | 'origin' | keyof SourceSettings> {
+  const as = name;
+  const logLevel = get(source, as('PHILOTES_LOG_LEVEL')) ?? 'info';
+  if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
+    problems.add(
+      `${as('PHILOTES_LOG_LEVEL')} must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`,
+    );
+  }
+  const restartMinDelayMs = problems.attempt(() =>
+    duration(source, as('PHILOTES_RESTART_MIN_DELAY'), '500ms', 10, 3_600_000),
+  );
+  const restartMaxDelayMs = problems.attempt(() =>
+    duration(source, as('PHILOTES_RESTART_MAX_DELAY'), '30s', 10, 3_600_000),
+  );
+  if (
+    restartMinDelayMs !== undefined &&
+    restartMaxDelayMs !== undefined &&
+    restartMaxDelayMs < restartMinDelayMs
+  ) {
+    problems.add(
+      `${as('PHILOTES_RESTART_MAX_DELAY')} must not be less than ${as('PHILOTES_RESTART_MIN_DELAY')}`,
+    );
+  }
+  return {
+    metricsPort:
+      problems.attempt(() => integer(source, as('PHILOTES_METRICS_PORT'), 9753, 0, 65535)) ?? 0,
+    metricsHost: get(source, as('PHILOTES_METRICS_HOST')) ?? '0.0.0.0',
+    logLevel: logLevel as Config['logLevel'],
+    shutdownTimeoutMs:
+      problems.attempt(() =>
+        duration(source, as('PHILOTES_SHUTDOWN_TIMEOUT'), '10s', 100, 600_000),
+      ) ?? 0,
+    restartMinDelayMs: restartMinDelayMs ?? 0,
+    restartMaxDelayMs: restartMaxDelayMs ?? 0,
+    readinessGraceMs:
+      problems.attempt(() =>
+        duration(source, as('PHILOTES_READINESS_GRACE'), '60s', 1000, 86_400_000),
+      ) ?? 0,
+  };
+}

@@ -1,0 +1,378 @@
+/**
+ * The configuration file (PHILOTES_CONFIG or --config): YAML (or JSON, which YAML reads too)
+ * with any number of sources. Its structure is checked with a schema (unknown keys with a "did
+ * you mean", wrong types), then every value with the same checks as the environment's, each
+ * problem named by its path in the file (`sources[3].slot`). All problems are reported at once.
+ */
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import type * as YamlModule from 'yaml';
+import type { z as Zod } from 'zod';
+import type { Config, ConnectionConfig, SourceConfig, SourceSettings } from './config.js';
+import {
+  ConfigError,
+  connection,
+  envNames,
+  get,
+  identifier,
+  Problems,
+  readProcessSettings,
+  readSourceSettings,
+  SOURCE_ID,
+  SOURCE_SETTINGS,
+  tables,
+  type ConnectionField,
+  type Env,
+} from './config-fields.js';
+
+/** Process-wide settings: the environment variable wins over the file's top-level key. */
+const PROCESS_KEYS: Readonly<Record<string, string>> = {
+  PHILOTES_METRICS_PORT: 'metricsPort',
+  PHILOTES_METRICS_HOST: 'metricsHost',
+  PHILOTES_LOG_LEVEL: 'logLevel',
+  PHILOTES_SHUTDOWN_TIMEOUT: 'shutdownTimeout',
+  PHILOTES_RESTART_MIN_DELAY: 'restartMinDelay',
+  PHILOTES_RESTART_MAX_DELAY: 'restartMaxDelay',
+  PHILOTES_READINESS_GRACE: 'readinessGrace',
+};
+
+/** The keys a connection may have (buffer, each source). */
+const CONNECTION_KEYS = [
+  'url',
+  'host',
+  'port',
+  'database',
+  'user',
+  'password',
+  'passwordEnv',
+  'passwordFile',
+  'sslmode',
+  'sslRootCert',
+] as const;
+
+/**
+ * The parser and the schema library load only when a file is read: most deployments of one
+ * source use the environment, and start-up (the reader threads wait for the config) should not
+ * pay ~60 ms for them.
+ */
+const load = createRequire(import.meta.url);
+let cached: ReturnType<typeof buildSchemas> | undefined;
+
+function buildSchemas() {
+  const yaml = load('yaml') as typeof YamlModule;
+  const { z } = load('zod') as { z: typeof Zod };
+  /** Numbers and strings are both fine where a value is written (port: 5432, batchMaxWait: 20ms). */
+  const scalar = z.union([z.string(), z.number()]);
+  const connectionKeys = Object.fromEntries(
+    CONNECTION_KEYS.map((key) => [key, key === 'port' ? scalar : z.string()]),
+  );
+  const settingKeys = Object.fromEntries(SOURCE_SETTINGS.map((s) => [s.fileKey, scalar]));
+  const source = z
+    .object({
+      id: z.string(),
+      slot: z.string(),
+      publication: z.string(),
+      tables: z.array(z.string()),
+      ...connectionKeys,
+      ...settingKeys,
+    })
+    .partial()
+    .required({ id: true, slot: true })
+    .strict();
+  const file = z
+    .object({
+      buffer: z.object(connectionKeys).partial().strict(),
+      defaults: z.object(settingKeys).partial().strict(),
+      sources: z.array(source).min(1),
+      ...Object.fromEntries(Object.values(PROCESS_KEYS).map((key) => [key, scalar])),
+    })
+    .partial()
+    .required({ sources: true })
+    .strict();
+  return { yaml, file, source, connectionKeys, settingKeys };
+}
+
+function schemas(): ReturnType<typeof buildSchemas> {
+  return (cached ??= buildSchemas());
+}
+
+type RawObject = Record<string, unknown>;
+
+export function loadConfigFile(path: string, env: Env): Config {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new ConfigError(
+      `the config file ${path} cannot be read: ${(error as NodeJS.ErrnoException).code ?? 'error'}`,
+    );
+  }
+  let raw: unknown;
+  try {
+    raw = schemas().yaml.parse(text);
+  } catch (error) {
+    // The parser's message names the line and column, not the content.
+    throw new ConfigError(
+      `the config file ${path} is not valid YAML or JSON: ${(error as Error).message.split('\n')[0]}`,
+    );
+  }
+  const problems = new Problems();
+  const envConflicts = Object.keys(env).filter(
+    (key) => /^PHILOTES_CDC_/.test(key) && get(env, key) !== undefined && key !== 'PHILOTES_CONFIG',
+  );
+  if (envConflicts.length > 0) {
+    problems.add(
+      `${envConflicts.sort().join(', ')} ${envConflicts.length === 1 ? 'is' : 'are'} set together with the config file ${path}: with a file, sources and their settings come from the file only (per source, or under defaults:)`,
+    );
+  }
+  const checked = schemas().file.safeParse(raw);
+  if (!checked.success) {
+    for (const issue of checked.error.issues) problems.add(describeIssue(issue));
+  }
+  const file: RawObject = isObject(raw) ? raw : {};
+
+  // Values are read as the environment's are: from a flat map of strings, keyed by their path.
+  const flat: Record<string, string | undefined> = { ...env };
+  const put = (key: string, value: unknown) => {
+    if (typeof value === 'string' || typeof value === 'number') flat[key] = String(value);
+  };
+
+  for (const key of Object.values(PROCESS_KEYS)) put(key, file[key]);
+  const processWide = readProcessSettings(flat, problems, (variable) =>
+    get(env, variable) !== undefined ? variable : PROCESS_KEYS[variable]!,
+  );
+
+  const defaults = isObject(file['defaults']) ? file['defaults'] : {};
+  for (const s of SOURCE_SETTINGS) put(`defaults.${s.fileKey}`, defaults[s.fileKey]);
+  const defaultSettings = readSourceSettings(flat, (s) => `defaults.${s.fileKey}`, problems);
+
+  const buffer = readBuffer(file, env, flat, put, problems);
+
+  const rawSources = Array.isArray(file['sources']) ? file['sources'] : [];
+  const read: Array<{ index: number; source: SourceConfig }> = [];
+  rawSources.forEach((entry: unknown, index) => {
+    if (!isObject(entry)) return; // the schema said so
+    const at = `sources[${index}]`;
+    const source = readSource(entry, at, env, flat, put, problems, defaultSettings);
+    if (source) read.push({ index, source });
+  });
+  checkUnique(read, problems);
+  const sources = read.map((r) => r.source);
+  // In the file's order: by path, sources[2] before sources[10].
+  problems.list.sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+  problems.throwIfAny();
+  return Object.freeze({
+    sources: Object.freeze(sources),
+    buffer: buffer!,
+    origin: Object.freeze({ file: path }),
+    ...defaultSettings,
+    ...processWide,
+  });
+}
+
+function isObject(value: unknown): value is RawObject {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** `sources[3].slot`, `buffer.url`: a path as the file spells it. */
+function pathOf(path: ReadonlyArray<PropertyKey>): string {
+  let out = '';
+  for (const part of path) {
+    if (typeof part === 'number') out += `[${part}]`;
+    else out += out === '' ? String(part) : `.${String(part)}`;
+  }
+  return out || '(the file)';
+}
+
+function describeIssue(issue: Zod.core.$ZodIssue): string {
+  const at = pathOf(issue.path);
+  if (issue.code === 'unrecognized_keys') {
+    const known = knownKeys(issue.path);
+    return issue.keys
+      .map((key) => {
+        const near = closest(key, known);
+        const where = issue.path.length > 0 ? `${at}.${key}` : key;
+        return `${where}: unknown key${near ? ` (did you mean "${near}"?)` : ''}`;
+      })
+      .join('\n');
+  }
+  if (issue.code === 'invalid_type' && issue.input === undefined) return `${at} is required`;
+  if (issue.code === 'invalid_type' || issue.code === 'invalid_union') {
+    return `${at}: expected ${issue.code === 'invalid_union' ? 'a string or a number' : issue.expected}`;
+  }
+  if (issue.code === 'too_small') return `${at}: must list at least one source`;
+  return `${at}: ${issue.message}`;
+}
+
+function knownKeys(path: ReadonlyArray<PropertyKey>): string[] {
+  const { file, source, connectionKeys, settingKeys } = schemas();
+  if (path.length === 0) return Object.keys(file.shape);
+  if (path[0] === 'buffer') return Object.keys(connectionKeys);
+  if (path[0] === 'defaults') return Object.keys(settingKeys);
+  return Object.keys(source.shape);
+}
+
+/** The known key nearest to a misspelt one (edit distance at most 2, or a case slip). */
+function closest(key: string, known: readonly string[]): string | undefined {
+  let best: string | undefined;
+  let bestDistance = 3;
+  for (const candidate of known) {
+    const d = candidate.toLowerCase() === key.toLowerCase() ? 0 : editDistance(key, candidate);
+    if (d < bestDistance) {
+      best = candidate;
+      bestDistance = d;
+    }
+  }
+  return best;
+}
+
+function editDistance(a: string, b: string): number {
+  const row = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    let diagonal = row[0]!;
+    row[0] = i;
+    for (let j = 1; j <= b.length; j++) {
+      const above = row[j]!;
+      row[j] = Math.min(row[j]! + 1, row[j - 1]! + 1, diagonal + (a[i - 1] === b[j - 1] ? 0 : 1));
+      diagonal = above;
+    }
+  }
+  return row[b.length]!;
+}
+
+/**
+ * A connection's settings into the flat map under `at.<field>`; the password from `password`,
+ * the variable `passwordEnv` names, or the file `passwordFile` names (a Kubernetes secret).
+ */
+function putConnection(
+  raw: RawObject,
+  at: string,
+  env: Env,
+  flat: Record<string, string | undefined>,
+  put: (key: string, value: unknown) => void,
+  problems: Problems,
+): void {
+  for (const field of ['url', 'host', 'port', 'database', 'user', 'sslmode', 'sslRootCert'])
+    put(`${at}.${field}`, raw[field]);
+  const given = ['password', 'passwordEnv', 'passwordFile'].filter((k) => raw[k] !== undefined);
+  if (given.length > 1) {
+    problems.add(`${at}: set one of ${given.join(', ')}, not several`);
+    return;
+  }
+  if (typeof raw['password'] === 'string') flat[`${at}.password`] = raw['password'];
+  if (typeof raw['passwordEnv'] === 'string') {
+    const variable = raw['passwordEnv'];
+    const value = env[variable];
+    if (value === undefined || value === '') {
+      problems.add(`${at}.passwordEnv: the environment variable ${variable} is not set`);
+    } else flat[`${at}.password`] = value;
+  }
+  if (typeof raw['passwordFile'] === 'string') {
+    try {
+      // A trailing newline (echo > file, most secret tools) is not part of the password.
+      flat[`${at}.password`] = readFileSync(raw['passwordFile'], 'utf8').replace(/\r?\n$/, '');
+    } catch (error) {
+      problems.add(
+        `${at}.passwordFile cannot be read: ${(error as NodeJS.ErrnoException).code ?? 'error'} ${raw['passwordFile']}`,
+      );
+    }
+  }
+}
+
+const fileNames =
+  (at: string) =>
+  (field: ConnectionField): string =>
+    `${at}.${field}`;
+
+function readBuffer(
+  file: RawObject,
+  env: Env,
+  flat: Record<string, string | undefined>,
+  put: (key: string, value: unknown) => void,
+  problems: Problems,
+): ConnectionConfig | undefined {
+  const fromEnv = Object.keys(env).filter(
+    (key) => key.startsWith('PHILOTES_BUFFER_') && get(env, key) !== undefined,
+  );
+  if (!isObject(file['buffer'])) {
+    // No buffer in the file: the environment's PHILOTES_BUFFER_* (one buffer for many files).
+    return problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));
+  }
+  if (fromEnv.length > 0) {
+    problems.add(
+      `the buffer is set twice: in the config file (buffer:) and by ${fromEnv.sort().join(', ')}; keep one`,
+    );
+    return undefined;
+  }
+  putConnection(file['buffer'], 'buffer', env, flat, put, problems);
+  return problems.attempt(() => connection(flat, fileNames('buffer')));
+}
+
+function readSource(
+  raw: RawObject,
+  at: string,
+  env: Env,
+  flat: Record<string, string | undefined>,
+  put: (key: string, value: unknown) => void,
+  problems: Problems,
+  defaults: SourceSettings,
+): SourceConfig | undefined {
+  const before = problems.list.length;
+  put(`${at}.id`, raw['id']);
+  put(`${at}.slot`, raw['slot']);
+  put(`${at}.publication`, raw['publication']);
+  if (Array.isArray(raw['tables']) && raw['tables'].every((t) => typeof t === 'string')) {
+    // Table names cannot hold a comma (the check below allows none): the list's own format.
+    flat[`${at}.tables`] = raw['tables'].join(',');
+  }
+  const id = get(flat, `${at}.id`);
+  if (id !== undefined && !SOURCE_ID.test(id)) {
+    problems.add(
+      `${at}.id must be 1-128 characters of letters, digits, '_', '.' or '-', got ${JSON.stringify(id)}`,
+    );
+  }
+  const slot =
+    get(flat, `${at}.slot`) === undefined
+      ? undefined
+      : problems.attempt(() => identifier(flat, `${at}.slot`, ''));
+  const publication = problems.attempt(() => identifier(flat, `${at}.publication`, 'philotes_pub'));
+  const tableList = problems.attempt(() => tables(flat, `${at}.tables`));
+  for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
+  const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
+  putConnection(raw, at, env, flat, put, problems);
+  const conn = problems.attempt(() => connection(flat, fileNames(at)));
+  if (problems.list.length > before || id === undefined || slot === undefined) return undefined;
+  return Object.freeze({
+    id,
+    connection: conn!,
+    slot,
+    publication: publication!,
+    tables: Object.freeze(tableList!),
+    settings,
+  });
+}
+
+/** Two entries for one source would capture it twice, or fight over its slot. */
+function checkUnique(
+  sources: ReadonlyArray<{ index: number; source: SourceConfig }>,
+  problems: Problems,
+): void {
+  const ids = new Map<string, number>();
+  const slots = new Map<string, number>();
+  sources.forEach(({ index: i, source }) => {
+    const idAt = ids.get(source.id);
+    if (idAt !== undefined) {
+      problems.add(
+        `sources[${i}].id: "${source.id}" is already the id of sources[${idAt}]; ids must be unique`,
+      );
+    } else ids.set(source.id, i);
+    const { host, port, database } = source.connection;
+    const key = `${host}:${port}/${database}/${source.slot}`;
+    const slotAt = slots.get(key);
+    if (slotAt !== undefined) {
+      problems.add(
+        `sources[${i}].slot: sources[${slotAt}] already reads slot "${source.slot}" on ${host}:${port}/${database}; each source needs a slot of its own`,
+      );
+    } else slots.set(key, i);
+  });
+}

@@ -1,0 +1,168 @@
+/**
+ * Several sources from one configuration file, on two source servers, into one buffer: every
+ * source's changes land exactly once, /readyz lists them all, and a file with mistakes stops
+ * start-up with every mistake on its own line.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startCluster, type Cluster } from '../support/cluster.js';
+import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { waitForExit } from '../support/faults.js';
+import {
+  linesWithDuplicateKeys,
+  runPhilotesToExit,
+  startPhilotes,
+  type PhilotesProcess,
+} from '../support/philotes.js';
+import { freePort } from '../support/ports.js';
+import { waitFor } from '../support/poll.js';
+
+const ROWS = 50;
+
+describe('a fleet from a configuration file', () => {
+  let f: Fixture;
+  let second: Cluster;
+  let dir: string;
+  let philotes: PhilotesProcess | undefined;
+
+  beforeAll(async () => {
+    [f, second] = await Promise.all([startFixture(), startCluster()]);
+    await Promise.all([
+      f.source.createDatabase('shop'),
+      f.source.createDatabase('billing'),
+      second.createDatabase('crm'),
+    ]);
+    dir = mkdtempSync(join(tmpdir(), 'philotes-fleet-'));
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await Promise.allSettled([f?.destroy(), second?.destroy()]);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  function sources() {
+    return [
+      { id: 'shop', cluster: f.source, database: 'shop', slot: 'philotes_shop' },
+      { id: 'billing', cluster: f.source, database: 'billing', slot: 'philotes_billing' },
+      { id: 'crm', cluster: second, database: 'crm', slot: 'philotes_crm' },
+    ];
+  }
+
+  it('captures every source exactly once, and /readyz lists them all', async () => {
+    const passwordFile = join(dir, 'crm-password');
+    writeFileSync(passwordFile, `${second.password}\n`);
+    const path = join(dir, 'philotes.yaml');
+    writeFileSync(
+      path,
+      `# three sources on two servers
+buffer:
+  host: ${f.buffer.host}
+  port: ${f.buffer.port}
+  database: buffer
+  user: ${f.buffer.user}
+  passwordEnv: BUFFER_PASSWORD
+defaults:
+  checkpointInterval: 1s
+restartMinDelay: 100ms
+restartMaxDelay: 2s
+sources:
+  - id: shop
+    host: ${f.source.host}
+    port: ${f.source.port}
+    database: shop
+    user: ${f.source.user}
+    password: "${f.source.password}"
+    slot: philotes_shop
+  - id: billing
+    url: postgres://${f.source.user}@${f.source.host}:${f.source.port}/billing
+    passwordEnv: SOURCE_PASSWORD
+    slot: philotes_billing
+    batchMaxRows: 7
+  - id: crm
+    host: ${second.host}
+    port: ${second.port}
+    database: crm
+    user: ${second.user}
+    passwordFile: ${passwordFile}
+    slot: philotes_crm
+`,
+    );
+    for (const s of sources())
+      await s.cluster.query('CREATE TABLE t (id int PRIMARY KEY, v text)', [], s.database);
+    const metricsPort = await freePort();
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: f.buffer.password,
+        SOURCE_PASSWORD: f.source.password,
+        PHILOTES_METRICS_PORT: String(metricsPort),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+      },
+      { args: ['--config', path] },
+    );
+    for (const s of sources()) await waitForSlotActive(s.cluster, s.slot);
+    await Promise.all(
+      sources().map(async (s) => {
+        for (let id = 1; id <= ROWS; id++) {
+          await s.cluster.query(`INSERT INTO t VALUES ($1, $2)`, [id, s.id], s.database);
+        }
+        await s.cluster.query(`UPDATE t SET v = v || '!' WHERE id <= 10`, [], s.database);
+      }),
+    );
+    for (const s of sources()) {
+      const events = await waitFor(
+        async () => {
+          const rows = await f.buffer.query<{ operation: string; id: number; v: string }>(
+            `SELECT operation, (after->>'id')::int AS id, after->>'v' AS v FROM cdc_events
+              WHERE source_id = $1 ORDER BY lsn, seq`,
+            [s.id],
+            'buffer',
+          );
+          return rows.length >= ROWS + 10 ? rows : false;
+        },
+        { what: `the events of ${s.id}`, timeoutMs: 60_000 },
+      );
+      expect(events).toHaveLength(ROWS + 10);
+      expect(events.filter((e) => e.operation === 'INSERT').map((e) => e.id)).toEqual(
+        Array.from({ length: ROWS }, (_, i) => i + 1),
+      );
+      expect(new Set(events.map((e) => e.v.replace('!', '')))).toEqual(new Set([s.id]));
+    }
+    const res = await fetch(`http://127.0.0.1:${metricsPort}/readyz`);
+    expect(res.status).toBe(200);
+    const body = (await res.json()) as { sources: Array<{ source: string; state: string }> };
+    expect(body.sources.map((s) => [s.source, s.state])).toEqual([
+      ['shop', 'streaming'],
+      ['billing', 'streaming'],
+      ['crm', 'streaming'],
+    ]);
+    expect(philotes.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+    expect(linesWithDuplicateKeys(philotes.stdout)).toEqual([]);
+    const all = [...philotes.stdout, ...philotes.stderr].join('\n');
+    for (const secret of [f.source.password, second.password, f.buffer.password])
+      expect(all).not.toContain(secret);
+  });
+
+  it('a file with several mistakes: each on its own line, exit 2, no secret', async () => {
+    const path = join(dir, 'bad.yaml');
+    writeFileSync(
+      path,
+      `buffer: { url: "postgres://u:hunter2-secret@b/buf" }
+sources:
+  - { id: a, url: "postgres://u:hunter2-secret@s/app", slot: Bad-Slot }
+  - { id: b, url: "postgres://u@s/app", slto: x }
+`,
+    );
+    const run = await runPhilotesToExit({ PHILOTES_CONFIG: path });
+    expect(run.code, run.stderr.join('\n')).toBe(2);
+    expect(run.stderr).toEqual([
+      expect.stringMatching(/^philotes: sources\[0\]\.slot must match .* got "Bad-Slot"$/),
+      'philotes: sources[1].slot is required',
+      'philotes: sources[1].slto: unknown key (did you mean "slot"?)',
+    ]);
+    expect([...run.stdout, ...run.stderr].join('\n')).not.toContain('hunter2');
+  });
+});
