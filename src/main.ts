@@ -37,7 +37,7 @@ async function run(): Promise<void> {
   const loaded = config();
   const pool = createReaderPool(loaded.sources.length);
   const { run: runSupervisor } = await import('./run.js');
-  await runSupervisor(loaded, pool);
+  await runSupervisor(loaded, pool, version());
 }
 
 async function resetSource(opts: {

@@ -4,7 +4,10 @@
  * restarts. Labels are bounded: source and operation only.
  */
 import client from 'prom-client';
+import type { SlotStatusMessage } from './common/protocol.js';
 import type { StoredGroupReport } from './supervisor/batch-writer.js';
+
+const WAL_STATUSES = ['reserved', 'extended', 'unreserved', 'lost'] as const;
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -126,6 +129,30 @@ export class Metrics {
     labelNames: ['source'] as const,
     registers: [this.registry],
   });
+  readonly slotRetainedWal = new client.Gauge({
+    name: 'philotes_slot_retained_wal_bytes',
+    help: "WAL the source keeps for the source's slot: its WAL position minus the slot's restart_lsn (polled every 15 s while the reader runs).",
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly slotSafeWalSize = new client.Gauge({
+    name: 'philotes_slot_safe_wal_size_bytes',
+    help: 'WAL the slot may still hold before max_slot_wal_keep_size invalidates it (PostgreSQL 13+; absent when there is no limit).',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly slotWalStatus = new client.Gauge({
+    name: 'philotes_slot_wal_status',
+    help: "Is 1 for the slot's wal_status: reserved, extended, unreserved (about to lose WAL) or lost (invalidated).",
+    labelNames: ['source', 'status'] as const,
+    registers: [this.registry],
+  });
+  readonly buildInfo = new client.Gauge({
+    name: 'philotes_build_info',
+    help: 'Always 1; the labels say which Philotes and Node.js run.',
+    labelNames: ['version', 'node'] as const,
+    registers: [this.registry],
+  });
   readonly lastErrorTimestamp = new client.Gauge({
     name: 'philotes_reader_last_error_timestamp_seconds',
     help: 'When the source last failed (its message is lastError on /readyz); 0 if it never did.',
@@ -161,8 +188,20 @@ export class Metrics {
     this.readiness = reports;
   }
 
-  constructor() {
+  constructor(version = 'unknown') {
     client.collectDefaultMetrics({ register: this.registry });
+    this.buildInfo.set({ version, node: process.version }, 1);
+  }
+
+  /** The slot's WAL retention as last polled from the source. */
+  recordSlot(source: string, slot: SlotStatusMessage): void {
+    if (slot.retainedWalBytes !== null) this.slotRetainedWal.set({ source }, slot.retainedWalBytes);
+    if (slot.safeWalSizeBytes === null) this.slotSafeWalSize.remove({ source });
+    else this.slotSafeWalSize.set({ source }, slot.safeWalSizeBytes);
+    if (slot.walStatus !== null) {
+      for (const status of WAL_STATUSES)
+        this.slotWalStatus.set({ source, status }, status === slot.walStatus ? 1 : 0);
+    }
   }
 
   /** Counts a committed buffer transaction: its batches, events, bytes, duration and lag. */

@@ -83,16 +83,18 @@ function waitingReport(
     checkpointLsn: null,
     confirmedLsn: null,
     lastStoredAt: null,
+    retainedWalBytes: null,
+    walStatus: null,
   };
 }
 
-export async function run(config: Config, pool: Piscina): Promise<void> {
+export async function run(config: Config, pool: Piscina, version: string): Promise<void> {
   const startedAt = Date.now();
   // Process-wide lines carry no `source`; each source's lines get it once, from its child logger.
   const log = createLogger(config.logLevel);
   log.info({ sources: config.sources.map((s) => s.id) }, 'philotes starting');
 
-  const metrics = new Metrics();
+  const metrics = new Metrics(version);
   const wait: BufferWait = { problem: null, attempts: 0, nextAttemptAt: null };
   let store: BufferStore | null = null;
   let supervisor: Supervisor | null = null;

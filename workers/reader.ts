@@ -51,6 +51,8 @@ import { CatalogResolver, prepareSource } from './source-setup.js';
 const STATUS_INTERVAL_MS = 5_000;
 /** How often the reader reports positions to the supervisor for metrics. */
 const PROGRESS_INTERVAL_MS = 1_000;
+/** How often the slot's WAL retention is read from the source (one cheap query). */
+const SLOT_POLL_INTERVAL_MS = 15_000;
 /** How long a stop waits for the server to take the final confirmation. */
 const FINAL_CONFIRM_TIMEOUT_MS = 5_000;
 /** How long closing may wait for the source to acknowledge the end of our connections. */
@@ -166,6 +168,7 @@ export class SlotReader implements PgoutputHandler {
           this.block('slot', async () => {
             await this.verifySlot();
             this.log.info({ startLsn: start }, 'streaming started');
+            void this.reportSlot();
             this.post({
               type: 'ready',
               startLsn: start,
@@ -189,6 +192,8 @@ export class SlotReader implements PgoutputHandler {
         // Positions for the lag metrics whether or not anything was confirmed: a stalled buffer
         // must show as growing lag.
         setInterval(() => this.reportProgress(), PROGRESS_INTERVAL_MS),
+        // The most reported CDC incident is a slot quietly filling the source's disk.
+        setInterval(() => void this.reportSlot(), SLOT_POLL_INTERVAL_MS),
       );
 
       this.stream.start(source.slot, prepared.startLsn).then(
@@ -537,6 +542,28 @@ export class SlotReader implements PgoutputHandler {
     const confirmed = this.confirmations.confirmed;
     if (this.failed !== null || !this.stream || confirmed === 0n) return;
     void this.stream.acknowledge(confirmed, ping).catch((e: unknown) => this.fail(e));
+  }
+
+  /** The WAL the source holds for the slot, for the metrics; a failed poll only skips a sample. */
+  private async reportSlot(): Promise<void> {
+    const side = this.side;
+    if (side === null || this.failed !== null) return;
+    try {
+      const [slot, now] = await Promise.all([
+        readSlotState(side, this.task.source.slot),
+        currentWalLsn(side),
+      ]);
+      if (slot === null) return;
+      this.post({
+        type: 'slot',
+        retainedWalBytes:
+          slot.restartLsn === null ? null : Math.max(0, Number(now - slot.restartLsn)),
+        safeWalSizeBytes: slot.safeWalSize,
+        walStatus: slot.walStatus,
+      });
+    } catch (error) {
+      this.log.debug({ err: error }, 'reading the slot state failed');
+    }
   }
 
   private reportProgress(): void {

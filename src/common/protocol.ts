@@ -96,6 +96,17 @@ export interface ProgressMessage {
   readonly confirmedLsn: string | null;
 }
 
+/** The slot as the source sees it, polled while the reader runs: the WAL it holds back. */
+export interface SlotStatusMessage {
+  readonly type: 'slot';
+  /** WAL the source keeps for this slot: its WAL position minus the slot's restart_lsn. */
+  readonly retainedWalBytes: number | null;
+  /** How much more WAL it may hold before max_slot_wal_keep_size invalidates it (null: no limit). */
+  readonly safeWalSizeBytes: number | null;
+  /** reserved, extended, unreserved or lost (PostgreSQL 13+). */
+  readonly walStatus: string | null;
+}
+
 export interface ErrorInfo {
   readonly name: string;
   readonly message: string;
@@ -116,7 +127,8 @@ export interface RecordMessage {
   readonly lsn: string;
 }
 
-export type ReaderMessage = ReadyMessage | BatchMessage | ProgressMessage | RecordMessage;
+export type ReaderMessage =
+  ReadyMessage | BatchMessage | ProgressMessage | RecordMessage | SlotStatusMessage;
 
 // ---- supervisor -> reader ----
 

@@ -27,6 +27,8 @@ export interface SlotState {
   readonly invalidationReason: string | null;
   readonly confirmedFlushLsn: bigint | null;
   readonly restartLsn: bigint | null;
+  /** Bytes of WAL it may still hold before max_slot_wal_keep_size invalidates it (13+; null: no limit). */
+  readonly safeWalSize: number | null;
 }
 
 export function where(source: SourceConfig): string {
@@ -59,6 +61,7 @@ export async function readSlotState(client: pg.Client, slot: string): Promise<Sl
     invalidationReason: text('invalidation_reason') ?? (conflicting ? 'conflict' : null),
     confirmedFlushLsn: lsn('confirmed_flush_lsn'),
     restartLsn: lsn('restart_lsn'),
+    safeWalSize: typeof s['safe_wal_size'] === 'number' ? s['safe_wal_size'] : null,
   };
 }
 

@@ -13,6 +13,7 @@ import type {
   ReaderSettings,
   ReaderTask,
   ReadyMessage,
+  SlotStatusMessage,
   SupervisorMessage,
 } from '../common/protocol.js';
 import type { DatabaseIdentity } from '../common/database-identity.js';
@@ -24,6 +25,7 @@ const ABORT_GRACE_MS = 5_000;
 
 export interface ReaderRunListener {
   ready(message: ReadyMessage): void;
+  slot(message: SlotStatusMessage): void;
   progress(confirmedLsn: string | null, serverWalEnd: string | null): void;
   queued(length: number): void;
   stored(report: StoredGroupReport): void;
@@ -132,6 +134,9 @@ export class ReaderRun {
         break;
       case 'progress':
         this.options.listener.progress(message.confirmedLsn, message.serverWalEnd);
+        break;
+      case 'slot':
+        this.options.listener.slot(message);
         break;
     }
   }

@@ -10,7 +10,7 @@ import type { Config, SourceConfig } from '../common/config.js';
 import { isFatal } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { lsnToNumber, parseLsn } from '../common/lsn.js';
-import { readerSettings, type ReadyMessage } from '../common/protocol.js';
+import { readerSettings, type ReadyMessage, type SlotStatusMessage } from '../common/protocol.js';
 import { oneLine } from '../exit.js';
 import type { Metrics } from '../metrics.js';
 import type { BufferStore } from '../buffer/store.js';
@@ -46,6 +46,9 @@ export interface SourceReport {
   readonly checkpointLsn: string | null;
   readonly confirmedLsn: string | null;
   readonly lastStoredAt: string | null;
+  /** The WAL the source holds for the slot, as last polled (null before the first poll). */
+  readonly retainedWalBytes: number | null;
+  readonly walStatus: string | null;
 }
 
 export class SourceRunner implements ReaderRunListener {
@@ -58,6 +61,7 @@ export class SourceRunner implements ReaderRunListener {
   private confirmedLsn: string | null = null;
   private serverWalEnd = 0n;
   private lastStoredAt: number | null = null;
+  private slotStatus: SlotStatusMessage | null = null;
   private stateSince = Date.now();
   /**
    * Since when the source has not been capturing: its first failure after it last streamed
@@ -138,6 +142,11 @@ export class SourceRunner implements ReaderRunListener {
       },
       'reader ready',
     );
+  }
+
+  slot(message: SlotStatusMessage): void {
+    this.slotStatus = message;
+    this.metrics.recordSlot(this.source.id, message);
   }
 
   progress(confirmedLsn: string | null, serverWalEnd: string | null): void {
@@ -223,6 +232,8 @@ export class SourceRunner implements ReaderRunListener {
       checkpointLsn: this.checkpointLsn,
       confirmedLsn: this.confirmedLsn,
       lastStoredAt: iso(this.lastStoredAt),
+      retainedWalBytes: this.slotStatus?.retainedWalBytes ?? null,
+      walStatus: this.slotStatus?.walStatus ?? null,
     };
   }
 

@@ -236,6 +236,38 @@ describe('observability: dashboard and alert rules against the real metrics', ()
     });
   });
 
+  it("reports the WAL the source holds for the slot, the slot's wal_status and the build", async () => {
+    const samples = await waitFor(
+      async () => {
+        const all = parseSamples(await scrape());
+        return all.some((s) => s.name === 'philotes_slot_retained_wal_bytes') && all;
+      },
+      { what: 'philotes_slot_retained_wal_bytes', timeoutMs: 60_000 },
+    );
+    const [slot] = await f.source.query<{ retained: string; wal_status: string }>(
+      `SELECT (pg_current_wal_lsn() - restart_lsn)::text AS retained, wal_status
+         FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
+    );
+    const retained = sampleValue(
+      samples,
+      'philotes_slot_retained_wal_bytes',
+      `{source="${SOURCE_ID}"}`,
+    );
+    expect(retained).toBeGreaterThanOrEqual(0);
+    // Polled a moment ago: at most what the source says now.
+    expect(retained).toBeLessThanOrEqual(Number(slot!.retained));
+    expect(
+      sampleValue(
+        samples,
+        'philotes_slot_wal_status',
+        `{source="${SOURCE_ID}",status="${slot!.wal_status}"}`,
+      ),
+    ).toBe(1);
+    expect(
+      samples.some((s) => s.name === 'philotes_build_info' && /version="0\.1\.0"/.test(s.labels)),
+    ).toBe(true);
+  });
+
   it('filters every dashboard query by the source variable', () => {
     const { panels, variables } = dashboardExpressions();
     for (const expr of panels) {
@@ -389,6 +421,8 @@ describe('observability: dashboard and alert rules against the real metrics', ()
           'PhilotesReaderDown',
           'PhilotesReaderRestarting',
           'PhilotesReplicationLagHigh',
+          'PhilotesSlotRetainedWalHigh',
+          'PhilotesSlotWalAtRisk',
           'PhilotesSourceFailed',
           'PhilotesTargetDown',
         ].sort(),

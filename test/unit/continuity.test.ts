@@ -24,6 +24,7 @@ function slot(overrides: Partial<SlotState> = {}): SlotState {
     invalidationReason: null,
     confirmedFlushLsn: L('0/3000'),
     restartLsn: L('0/2000'),
+    safeWalSize: null,
     ...overrides,
   };
 }
