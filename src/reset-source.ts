@@ -6,6 +6,7 @@
  * to the gap's end, so that capture resumes there. Without --accept-gap it only says what it
  * would record.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import type { Config, SourceConfig } from './common/config.js';
 import { pgClientOptions } from './common/pg-connection.js';
@@ -44,6 +45,9 @@ const EXPLAIN: Record<GapReason, string> = {
   skip_to_current: "the slot will be skipped to the source's current WAL position",
 };
 
+/** How long to wait for the source's lock before saying another process holds it. */
+const LOCK_WAIT_MS = 10_000;
+
 export class ResetError extends Error {
   constructor(
     message: string,
@@ -69,7 +73,13 @@ export async function resetSource(
   }
   const store = await BufferStore.open(config.buffer, log, 2);
   try {
-    const lock = await store.lockSource(source.id);
+    // A worker whose source is failed takes the lock only for a moment at each slow retry:
+    // wait that out; one that captures the source holds it for good.
+    let lock = await store.lockSource(source.id);
+    for (const deadline = Date.now() + LOCK_WAIT_MS; !lock && Date.now() < deadline;) {
+      await sleep(250);
+      lock = await store.lockSource(source.id);
+    }
     if (!lock) {
       throw new ResetError(
         `source "${source.id}" is being captured by a running Philotes process (it holds the source's lock in the buffer); stop that process, then run reset-source again`,

@@ -210,16 +210,11 @@ export async function run(config: Config, pool: Piscina, version: string): Promi
   }
   if (shuttingDown) return;
 
-  supervisor = new Supervisor(config, pool, store, metrics, log, startedAt);
+  // A source that fails for good stays `failed` (and is retried slowly) while the others run:
+  // the process itself stops only on a signal.
+  supervisor = new Supervisor(config, pool, store, metrics, log, startedAt, (source, message) =>
+    process.stderr.write(`philotes: source "${source}": ${message}\n`),
+  );
   phase = 'running';
-  const failures = await supervisor.run();
-  if (shuttingDown) return; // the signal handler exits once shutdown completes
-  if (failures.length > 0) {
-    // Every source has failed for good (run() only returns once all runners ended).
-    await shutdown('all sources failed');
-    for (const { source, error } of failures) {
-      process.stderr.write(`philotes: source "${source}": ${oneLine(error.message)}\n`);
-    }
-    process.exit(failures.every((f) => isFatal(f.error)) ? EXIT_USAGE : EXIT_ERROR);
-  }
+  await supervisor.run();
 }

@@ -75,6 +75,8 @@ export class SourceRunner implements ReaderRunListener {
   private readonly steadyMs: number;
   private attempts = 0;
   private nextAttemptAt: number | null = null;
+  /** The fatal error last said out loud (the same one is not repeated every retry). */
+  private fatalReported: string | null = null;
   private stopping = false;
   private current: ReaderRun | null = null;
   private readonly retryAbort = new AbortController();
@@ -88,6 +90,8 @@ export class SourceRunner implements ReaderRunListener {
     private readonly log: Logger,
     /** When the process started: a source that has never streamed has not streamed since then. */
     startedAt: number,
+    /** Says a fatal failure where a person sees it (stderr), once per distinct reason. */
+    private readonly reportFatal: (source: string, message: string) => void = () => undefined,
   ) {
     this.outageSince = startedAt;
     this.steadyMs = Math.min(HEALTHY_RUN_MS, config.readinessGraceMs / 2);
@@ -224,7 +228,8 @@ export class SourceRunner implements ReaderRunListener {
       notStreamingSeconds:
         this.notStreamingSeconds(now) === 0 ? null : Math.round(this.notStreamingSeconds(now)),
       attempts: this.attempts,
-      nextAttemptAt: this.state === 'backoff' ? iso(this.nextAttemptAt) : null,
+      nextAttemptAt:
+        this.state === 'backoff' || this.state === 'failed' ? iso(this.nextAttemptAt) : null,
       lastError: this.lastError,
       lastErrorCode: this.lastErrorCode,
       lastErrorAt: iso(this.lastErrorAt),
@@ -237,7 +242,7 @@ export class SourceRunner implements ReaderRunListener {
     };
   }
 
-  /** Runs the source until stopped; rejects if it fails fatally. */
+  /** Runs the source until stopped: a failed source is retried at the slowest pace. */
   async run(): Promise<void> {
     const signal = this.retryAbort.signal;
     while (!this.stopping) {
@@ -284,13 +289,17 @@ export class SourceRunner implements ReaderRunListener {
         );
       } catch (error) {
         if (this.stopping) break;
-        this.setState('failed');
-        this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
-        this.log.error(
-          { err: error, code: this.lastErrorCode, details: this.lastErrorDetails },
-          `source stopped; a person must act: ${oneLine(this.lastError ?? String(error))}`,
+        this.noteFatal(error);
+        // A person may fix the cause (a grant, a password, `reset-source` for a gap) without
+        // restarting Philotes, and the other sources go on: try again, at the slowest pace.
+        const delay = this.config.restartMaxDelayMs;
+        this.nextAttemptAt = Date.now() + delay;
+        this.metrics.nextAttemptTimestamp.set(
+          { source: this.source.id },
+          this.nextAttemptAt / 1000,
         );
-        throw error;
+        await sleep(delay, undefined, { signal }).catch(() => undefined);
+        continue;
       }
       if (freshCycle && !this.stopping) {
         this.nextAttemptAt = Date.now() + this.config.restartMinDelayMs;
@@ -298,6 +307,27 @@ export class SourceRunner implements ReaderRunListener {
       }
     }
     this.setState('stopped');
+  }
+
+  /**
+   * The source has failed for a reason retrying cannot fix: `failed`, counted, and said loudly
+   * (an error line, and one line on stderr) the first time, and again only if the reason changes.
+   */
+  private noteFatal(error: unknown): void {
+    const repeated = this.state === 'failed' && this.fatalReported === this.lastError;
+    this.setState('failed');
+    this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
+    const message = oneLine(this.lastError ?? String(error));
+    if (repeated) {
+      this.log.debug({ code: this.lastErrorCode, attempts: this.attempts }, 'source still failing');
+      return;
+    }
+    this.fatalReported = this.lastError;
+    this.log.error(
+      { err: error, code: this.lastErrorCode, details: this.lastErrorDetails },
+      `source stopped; a person must act (retried every ${formatDelay(this.config.restartMaxDelayMs)} meanwhile): ${message}`,
+    );
+    this.reportFatal(this.source.id, message);
   }
 
   private noteFailure(error: unknown, attempt: number, delayMs: number | null): void {

@@ -19,6 +19,7 @@ export class Supervisor {
     metrics: Metrics,
     log: Logger,
     startedAt: number,
+    reportFatal?: (source: string, message: string) => void,
   ) {
     this.runners = config.sources.map(
       (source) =>
@@ -30,20 +31,14 @@ export class Supervisor {
           metrics,
           log.child({ source: source.id }),
           startedAt,
+          reportFatal,
         ),
     );
   }
 
-  /** Runs every source until stopped; resolves with the sources that failed fatally. */
-  async run(): Promise<Array<{ source: string; error: Error }>> {
-    const results = await Promise.allSettled(this.runners.map((r) => r.run()));
-    const failures: Array<{ source: string; error: Error }> = [];
-    results.forEach((result, i) => {
-      if (result.status === 'rejected') {
-        failures.push({ source: this.runners[i]!.source.id, error: result.reason as Error });
-      }
-    });
-    return failures;
+  /** Runs every source until stopped. A source that fails never stops the others. */
+  async run(): Promise<void> {
+    await Promise.all(this.runners.map((r) => r.run()));
   }
 
   async stop(): Promise<void> {

@@ -13,10 +13,13 @@ import { outputTail, waitForExit } from '../support/faults.js';
 import {
   linesWithDuplicateKeys,
   runPhilotesToExit,
+  runUntilSourceFails,
   startPhilotes,
+  type FailedSourceRun,
   type PhilotesProcess,
   type PhilotesRun,
 } from '../support/philotes.js';
+import { freePort } from '../support/ports.js';
 import { waitFor } from '../support/poll.js';
 
 interface Case {
@@ -137,11 +140,30 @@ describe('changes that can no longer be delivered', () => {
     expect(exit, outputTail(p)).toEqual({ code: 0, signal: null });
   }
 
-  /** A stopped source: exit 2 and exactly one line on stderr. */
-  function expectStopped(run: PhilotesRun): string {
+  /**
+   * Runs Philotes on the case until its source fails: it must say so in one stderr line and on
+   * /readyz (503, state failed), and stay up (retrying slowly) until SIGTERM.
+   */
+  async function failedRun(c: Case): Promise<FailedSourceRun> {
+    const metricsPort = await freePort();
+    const run = await runUntilSourceFails(
+      { ...c.env, PHILOTES_METRICS_PORT: String(metricsPort), PHILOTES_METRICS_HOST: '127.0.0.1' },
+      { metricsPort },
+    );
+    keep(run);
+    return run;
+  }
+
+  /** The line the stopped source printed; checks what /readyz said about it. */
+  function expectStopped(run: FailedSourceRun, code?: string): string {
     const context = `exit ${run.code}\nstderr:\n${run.stderr.join('\n')}\nstdout:\n${run.stdout.slice(-8).join('\n')}`;
-    expect(run.code, context).toBe(2);
+    expect(run.stillRunning, context).toBe(true);
+    expect(run.code, context).toBe(0);
     expect(run.stderr, context).toHaveLength(1);
+    expect(run.readiness?.status, context).toBe(503);
+    const [source] = (run.readiness?.body['sources'] ?? []) as Array<Record<string, unknown>>;
+    expect(source?.['state'], context).toBe('failed');
+    if (code !== undefined) expect(source?.['lastErrorCode'], context).toBe(code);
     return run.stderr[0]!;
   }
 
@@ -161,9 +183,13 @@ describe('changes that can no longer be delivered', () => {
     await q('SELECT pg_drop_replication_slot($1)', [c.slot]);
     await insert(c, 11, 110);
 
-    const run = await runToExit(c);
-    const line = expectStopped(run);
+    const run = await failedRun(c);
+    const line = expectStopped(run, 'SLOT_MISSING');
     expect(line).toContain(`"${c.slot}" does not exist`);
+    const [reported] = run.readiness!.body['sources'] as Array<{
+      lastErrorDetails: { gapFromLsn: string } | null;
+    }>;
+    expect(reported!.lastErrorDetails?.gapFromLsn).toBe(before.lsn);
     expect(line).toContain(before.lsn);
     expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
     // Refused before creating anything: no new slot that would start at "now".
@@ -214,14 +240,14 @@ describe('changes that can no longer be delivered', () => {
     const advancedTo = (await slotRow(c))!.confirmed_flush_lsn;
     expect(parseLsn(advancedTo)).toBeGreaterThan(parseLsn(before.lsn));
 
-    const run = await runToExit(c);
-    const line = expectStopped(run);
+    const run = await failedRun(c);
+    const line = expectStopped(run, 'SLOT_ADVANCED');
     expect(line).toContain('advanced by another client');
     expect(line).toContain(advancedTo);
     expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
     expect(await storedIds(c)).toEqual(range(1, 5));
     // Stopping is not an answer: it must stay stopped until someone accepts the gap.
-    expectStopped(await runToExit(c));
+    expectStopped(await failedRun(c), 'SLOT_ADVANCED');
 
     const done = await reset(c, '--accept-gap');
     expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
@@ -333,22 +359,23 @@ describe('changes that can no longer be delivered', () => {
     await waitForIds(c, 1);
     await q(`DROP PUBLICATION pub_${c.id}`);
     await insert(c, 2, 2);
-    const exit = await waitForExit(p, 60_000);
-    keep(p);
-    expect(exit.code, outputTail(p)).toBe(2);
+    // The stream's error stops the source; the process stays up until told to stop.
+    await waitFor(() => p.stderr.length > 0, { what: 'the source to stop', timeoutMs: 60_000 });
+    expect(p.status(), outputTail(p)).toBeNull();
+    await stop(p);
     expect(p.stderr.join('\n')).toContain(`publication "pub_${c.id}"`);
     expect(p.stderr.join('\n')).toContain('--skip-to-current');
 
     // The next start does not recreate the publication (that would not help) and says why.
-    const second = await runToExit(c);
-    expect(expectStopped(second)).toContain(`publication "pub_${c.id}"`);
+    const second = await failedRun(c);
+    expect(expectStopped(second, 'PUBLICATION_MISSING')).toContain(`publication "pub_${c.id}"`);
     expect(await q('SELECT 1 FROM pg_publication WHERE pubname = $1', [`pub_${c.id}`])).toEqual([]);
 
     // An operator recreates it by hand: still stopped (the slot would decode the changes made
     // while it was missing), with the same way out, never a loop and never a silent skip.
     await q(`CREATE PUBLICATION pub_${c.id} FOR ALL TABLES`);
     await insert(c, 3, 3);
-    expect(expectStopped(await runToExit(c))).toContain('--skip-to-current');
+    expect(expectStopped(await failedRun(c))).toContain('--skip-to-current');
     expect(await storedIds(c)).toEqual([1]);
 
     const done = await reset(c, '--accept-gap', '--skip-to-current');
@@ -395,7 +422,7 @@ describe('changes that can no longer be delivered', () => {
       await q('SELECT pg_reload_conf()');
     }
 
-    const line = expectStopped(await runToExit(c));
+    const line = expectStopped(await failedRun(c), 'SLOT_INVALIDATED');
     expect(line).toContain('invalidated');
     expect(line).toContain(before.lsn);
     expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);

@@ -146,6 +146,82 @@ sources:
       expect(all).not.toContain(secret);
   });
 
+  it('one source with a bad password fails alone while another streams, and recovers by itself once the password is fixed', async () => {
+    await f.source.query(`CREATE ROLE flaky LOGIN REPLICATION PASSWORD 'right-pw'`);
+    await f.source.createDatabase('flaky');
+    await f.source.query('CREATE TABLE t (id int PRIMARY KEY)', [], 'flaky');
+    await f.source.query('ALTER TABLE t OWNER TO flaky', [], 'flaky');
+    await f.source.query('GRANT CREATE ON DATABASE flaky TO flaky', [], 'flaky');
+    await f.source.query(`ALTER ROLE flaky PASSWORD 'changed-pw'`);
+    const path = join(dir, 'two.yaml');
+    writeFileSync(
+      path,
+      `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
+defaults: { checkpointInterval: 1s }
+restartMinDelay: 100ms
+restartMaxDelay: 1s
+sources:
+  - { id: flaky, host: ${f.source.host}, port: ${f.source.port}, database: flaky, user: flaky, password: right-pw, slot: philotes_flaky, tables: [public.t] }
+  - { id: steady, host: ${second.host}, port: ${second.port}, database: crm, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_steady }
+`,
+    );
+    const metricsPort = await freePort();
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: f.buffer.password,
+        CRM_PASSWORD: second.password,
+        PHILOTES_METRICS_PORT: String(metricsPort),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+      },
+      { args: ['--config', path] },
+    );
+    const report = async () =>
+      (
+        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
+          sources: Array<{ source: string; state: string; lastError: string | null }>;
+        }
+      ).sources;
+    await waitFor(
+      async () => (await report()).find((s) => s.source === 'flaky')?.state === 'failed',
+      {
+        what: 'the flaky source to fail',
+        timeoutMs: 60_000,
+      },
+    );
+    expect(philotes.stderr.join('\n')).toMatch(/source "flaky": .*password authentication failed/);
+    // The other source streams and captures meanwhile.
+    await waitForSlotActive(second, 'philotes_steady');
+    await second.query(`INSERT INTO t VALUES (1000, 'steady')`, [], 'crm');
+    const stored = (id: string) =>
+      f.buffer.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = $1 AND operation = 'INSERT'`,
+        [id],
+        'buffer',
+      );
+    await waitFor(async () => (await stored('steady'))[0]!.n >= 1, {
+      what: 'the steady source to store its row',
+      timeoutMs: 60_000,
+    });
+    expect(philotes.status()).toBeNull();
+
+    // A person fixes the password; no restart of Philotes.
+    await f.source.query(`ALTER ROLE flaky PASSWORD 'right-pw'`);
+    await waitFor(
+      async () => (await report()).find((s) => s.source === 'flaky')?.state === 'streaming',
+      {
+        what: 'the flaky source to recover by itself',
+        timeoutMs: 60_000,
+      },
+    );
+    await f.source.query('INSERT INTO t VALUES (1)', [], 'flaky');
+    await waitFor(async () => (await stored('flaky'))[0]!.n === 1, {
+      what: 'the recovered source to store its row',
+      timeoutMs: 60_000,
+    });
+    expect(philotes.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
   it('a file with several mistakes: each on its own line, exit 2, no secret', async () => {
     const path = join(dir, 'bad.yaml');
     writeFileSync(

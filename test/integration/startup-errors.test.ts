@@ -1,13 +1,20 @@
 /**
- * What an operator sees when Philotes cannot start: a bad setting or a source it can never use
- * stops it with exit code 2 and one line naming the problem; a source that is merely unreachable
- * is retried (the process stays up and says so on /readyz and /metrics). No password is printed
- * in any of these cases.
+ * What an operator sees when Philotes cannot start: a bad setting stops it with exit code 2 and
+ * one line naming the problem; a source it can never use fails with one line naming the problem
+ * (and is retried slowly, the process staying up); a source that is merely unreachable is
+ * retried (the process stays up and says so on /readyz and /metrics). No password is printed in
+ * any of these cases.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort, startCluster, type Cluster } from '../support/cluster.js';
 import { startFixture, type Fixture } from '../support/fixture.js';
-import { runPhilotesToExit, startPhilotes, type PhilotesRun } from '../support/philotes.js';
+import {
+  runPhilotesToExit,
+  runUntilSourceFails,
+  startPhilotes,
+  type FailedSourceRun,
+  type PhilotesRun,
+} from '../support/philotes.js';
 import { waitFor } from '../support/poll.js';
 
 const SECRET = 's3cr3t-pw-XYZ';
@@ -25,6 +32,22 @@ function expectNoSecret(
       throw new Error(`secret ${JSON.stringify(secret)} printed:\n${all}`);
     }
   }
+}
+
+/**
+ * A source that can never work: it is reported in one stderr line ("philotes: source ...") and
+ * /readyz says `failed`, while the process stays up (it retries slowly, and other sources would
+ * go on) until SIGTERM ends it with 0. The line is returned for further checks.
+ */
+function expectFailedSource(run: FailedSourceRun): string {
+  const context = `exit ${run.code} signal ${run.signal}\nstderr:\n${run.stderr.join('\n')}\nstdout tail:\n${run.stdout.slice(-10).join('\n')}`;
+  expect(run.stillRunning, context).toBe(true);
+  expect(run.code, context).toBe(0);
+  expect(run.stderr, context).toHaveLength(1);
+  expect(run.readiness?.status, context).toBe(503);
+  const line = run.stderr[0]!;
+  expect(line, context).toMatch(/^philotes: source "app": \S/);
+  return line;
 }
 
 /** Exit 2, exactly one stderr line of the form "philotes: ...", returned for further checks. */
@@ -124,15 +147,18 @@ describe('start-up errors', () => {
       await replicaOnly?.destroy();
     });
 
-    it('wal_level = replica: exit 2 with one line about wal_level', async () => {
-      const run = await runPhilotesToExit(
+    it('wal_level = replica: the source fails with one line about wal_level', async () => {
+      const metricsPort = await freePort();
+      const run = await runUntilSourceFails(
         f.env({
           PHILOTES_CDC_SOURCE_PORT: String(replicaOnly.port),
           PHILOTES_CDC_SOURCE_PASSWORD: replicaOnly.password,
+          PHILOTES_METRICS_PORT: String(metricsPort),
+          PHILOTES_METRICS_HOST: '127.0.0.1',
         }),
-        EXIT_DEADLINE_MS,
+        { metricsPort },
       );
-      const line = expectUsageExit(run);
+      const line = expectFailedSource(run);
       expect(line).toContain('wal_level');
       expectNoSecret(run, [...secrets, replicaOnly.password]);
       // Refused before touching anything: no slot was created on the unusable server.
@@ -140,12 +166,17 @@ describe('start-up errors', () => {
       expect(slots).toEqual([]);
     });
 
-    it('wrong source password: exit 2 with one line about authentication', async () => {
-      const run = await runPhilotesToExit(
-        f.env({ PHILOTES_CDC_SOURCE_PASSWORD: SECRET }),
-        EXIT_DEADLINE_MS,
+    it('wrong source password: the source fails with one line about authentication', async () => {
+      const metricsPort = await freePort();
+      const run = await runUntilSourceFails(
+        f.env({
+          PHILOTES_CDC_SOURCE_PASSWORD: SECRET,
+          PHILOTES_METRICS_PORT: String(metricsPort),
+          PHILOTES_METRICS_HOST: '127.0.0.1',
+        }),
+        { metricsPort },
       );
-      const line = expectUsageExit(run);
+      const line = expectFailedSource(run);
       expect(line).toMatch(/password authentication failed/);
       expectNoSecret(run, secrets);
     });
@@ -157,8 +188,11 @@ describe('start-up errors', () => {
       }
       env['PHILOTES_CDC_SOURCE_URL'] =
         `postgres://${f.source.user}:${encodeURIComponent(SECRET)}@${f.source.host}:${f.source.port}/app`;
-      const run = await runPhilotesToExit(env, EXIT_DEADLINE_MS);
-      const line = expectUsageExit(run);
+      const metricsPort = await freePort();
+      env['PHILOTES_METRICS_PORT'] = String(metricsPort);
+      env['PHILOTES_METRICS_HOST'] = '127.0.0.1';
+      const run = await runUntilSourceFails(env, { metricsPort });
+      const line = expectFailedSource(run);
       expect(line).toMatch(/password authentication failed/);
       expectNoSecret(run, secrets);
     });

@@ -7,6 +7,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
+import { waitFor } from './poll.js';
 import { onProcessEnd } from './process-end.js';
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
@@ -331,4 +332,52 @@ function hasDuplicateKey(text: string): boolean {
     return false; // not JSON: not a log line this check is about
   }
   return duplicate;
+}
+
+export interface FailedSourceRun extends PhilotesRun {
+  /** The process was still running when its failed source had been reported (it must be). */
+  stillRunning: boolean;
+  /** /readyz's body once it reported the source `failed`, if a metrics port was given. */
+  readiness: { status: number; body: Record<string, unknown> } | null;
+}
+
+/**
+ * Runs the CLI until a source fails for good: it says so in one stderr line and stays `failed`
+ * (retried slowly) without ending the process. Then stops it with SIGTERM, which must end it.
+ * With `metricsPort` (set PHILOTES_METRICS_PORT to it in `env`), also waits for /readyz to
+ * report the source failed and returns what it said.
+ */
+export async function runUntilSourceFails(
+  env: Record<string, string>,
+  opts: StartOptions & { timeoutMs?: number; metricsPort?: number } = {},
+): Promise<FailedSourceRun> {
+  const p = startPhilotes(env, opts);
+  const timeoutMs = opts.timeoutMs ?? 60_000;
+  try {
+    await waitFor(() => p.stderr.length > 0 || p.status() !== null, {
+      what: 'a source to fail (a line on stderr)',
+      timeoutMs,
+    });
+    let readiness: FailedSourceRun['readiness'] = null;
+    if (opts.metricsPort !== undefined && p.status() === null) {
+      readiness = await waitFor(
+        async () => {
+          const res = await fetch(`http://127.0.0.1:${opts.metricsPort}/readyz`, {
+            signal: AbortSignal.timeout(5_000),
+          });
+          const body = (await res.json()) as { sources?: Array<{ state?: string }> };
+          return body.sources?.some((s) => s.state === 'failed')
+            ? { status: res.status, body: body as Record<string, unknown> }
+            : false;
+        },
+        { what: '/readyz to report the source failed', timeoutMs },
+      );
+    }
+    const stillRunning = p.status() === null;
+    p.signal('SIGTERM');
+    const status = await waitFor(() => p.exited, { what: 'exit after SIGTERM', timeoutMs: 30_000 });
+    return { ...status, stdout: p.stdout, stderr: p.stderr, stillRunning, readiness };
+  } finally {
+    await p.kill9();
+  }
 }
