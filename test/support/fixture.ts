@@ -240,6 +240,7 @@ export function checkItemHistories(events: EventRow[]): Map<string, Record<strin
 export async function assertReplayMatchesSource(
   source: Cluster,
   rows: Map<string, Record<string, unknown>>,
+  database = 'app',
 ): Promise<void> {
   const scratch = `verify_${Math.random().toString(36).slice(2, 8)}`;
   await source.createDatabase(scratch);
@@ -254,9 +255,9 @@ export async function assertReplayMatchesSource(
     }
     const digest = `SELECT count(*)::int AS n, coalesce(md5(string_agg(t::text, E'\\n' ORDER BY id)), '') AS md5 FROM items t`;
     const [replayed] = (await client.query<{ n: number; md5: string }>(digest)).rows;
-    const [actual] = await source.query<{ n: number; md5: string }>(digest, [], 'app');
+    const [actual] = await source.query<{ n: number; md5: string }>(digest, [], database);
     if (replayed!.n !== actual!.n || replayed!.md5 !== actual!.md5) {
-      const diff = await findDifference(source, client);
+      const diff = await findDifference(source, client, database);
       throw new Error(
         `replayed buffer differs from source: ${replayed!.n} rows vs ${actual!.n}; ${diff}`,
       );
@@ -266,11 +267,15 @@ export async function assertReplayMatchesSource(
   }
 }
 
-async function findDifference(source: Cluster, replica: pg.Client): Promise<string> {
+async function findDifference(
+  source: Cluster,
+  replica: pg.Client,
+  database: string,
+): Promise<string> {
   const a = await source.query<{ id: string; t: string }>(
     'SELECT id::text, t::text AS t FROM items t ORDER BY id',
     [],
-    'app',
+    database,
   );
   const b = (
     await replica.query<{ id: string; t: string }>(
