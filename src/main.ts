@@ -14,7 +14,7 @@ import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
 import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
-import { createReaderPool } from './supervisor/reader-pool.js';
+import { ReaderThreads } from './supervisor/reader-pool.js';
 
 /** The --config option, if given (it wins over PHILOTES_CONFIG). */
 let configPath: string | undefined;
@@ -35,9 +35,9 @@ function config(): Config {
 
 async function run(): Promise<void> {
   const loaded = config();
-  const pool = createReaderPool(loaded.sources.length);
+  const threads = new ReaderThreads(loaded.sources);
   const { run: runSupervisor } = await import('./run.js');
-  await runSupervisor(loaded, pool, version());
+  await runSupervisor(loaded, threads, version());
 }
 
 async function resetSource(opts: {

@@ -5,7 +5,7 @@
  */
 import type http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Piscina } from 'piscina';
+import type { ReaderThreads } from './supervisor/reader-pool.js';
 import type { Config } from './common/config.js';
 import { classifyBufferError, isFatal } from './common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
@@ -88,7 +88,7 @@ function waitingReport(
   };
 }
 
-export async function run(config: Config, pool: Piscina, version: string): Promise<void> {
+export async function run(config: Config, threads: ReaderThreads, version: string): Promise<void> {
   const startedAt = Date.now();
   // Process-wide lines carry no `source`; each source's lines get it once, from its child logger.
   const log = createLogger(config.logLevel);
@@ -178,7 +178,7 @@ export async function run(config: Config, pool: Piscina, version: string): Promi
         await supervisor.stop();
         log.info('readers stopped; closing');
       }
-      await pool.destroy();
+      await threads.destroy();
       await store?.close();
       await new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve()));
       clearTimeout(deadline);
@@ -212,7 +212,7 @@ export async function run(config: Config, pool: Piscina, version: string): Promi
 
   // A source that fails for good stays `failed` (and is retried slowly) while the others run:
   // the process itself stops only on a signal.
-  supervisor = new Supervisor(config, pool, store, metrics, log, startedAt, (source, message) =>
+  supervisor = new Supervisor(config, threads, store, metrics, log, startedAt, (source, message) =>
     process.stderr.write(`philotes: source "${source}": ${message}\n`),
   );
   phase = 'running';

@@ -295,6 +295,12 @@ export const SOURCE_SETTINGS: ReadonlyArray<{
     env: 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES',
     read: (env, name) => integer(env, name, 4, 1, 64),
   },
+  {
+    key: 'readerHeapLimitMb',
+    fileKey: 'readerHeapLimitMb',
+    env: 'PHILOTES_CDC_READER_HEAP_LIMIT_MB',
+    read: (env, name) => integer(env, name, 512, 4, 65_536),
+  },
 ];
 
 /**

@@ -51,6 +51,8 @@ export interface SourceSettings {
   readonly batchMaxWaitMs: number;
   /** Batches a reader may have sent but not seen stored before it stops reading the slot. */
   readonly maxInFlightBatches: number;
+  /** The reader thread's JS heap limit: a reader that exceeds it is restarted, alone. */
+  readonly readerHeapLimitMb: number;
 }
 
 export interface SourceConfig {

@@ -117,6 +117,18 @@ export class ConnectionError extends Error {
   }
 }
 
+/** The reader thread itself failed (its heap limit): retried, the thread is a new one. */
+export class ReaderThreadError extends Error {
+  override name = 'ReaderThreadError';
+  constructor(
+    message: string,
+    readonly code: string,
+    cause: unknown,
+  ) {
+    super(message, { cause });
+  }
+}
+
 /** An error rebuilt on the supervisor side from what a thread reported. */
 export class ReaderError extends Error {
   readonly code: string | undefined;

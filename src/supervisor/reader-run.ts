@@ -5,7 +5,7 @@
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import type { Piscina } from 'piscina';
 import type { SourceConfig } from '../common/config.js';
-import { classifyBufferError, ReaderError } from '../common/errors.js';
+import { classifyBufferError, ReaderError, ReaderThreadError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import type {
   ReaderMessage,
@@ -38,6 +38,8 @@ export interface ReaderRunOptions {
   readonly buffer: DatabaseIdentity;
   readonly store: BufferStore;
   readonly pool: Piscina;
+  /** Why the reader's thread died outside a task, if it did (then the task failed with less). */
+  readonly threadError: () => unknown;
   readonly log: Logger;
   readonly listener: ReaderRunListener;
 }
@@ -87,8 +89,17 @@ export class ReaderRun {
     try {
       const result = await Promise.race([this.task, this.writerFailed, lockLost]);
       if (result.error) throw new ReaderError(result.error);
-    } catch (error) {
+    } catch (failure) {
       await this.abort();
+      const error = this.options.threadError() ?? failure;
+      if ((error as { code?: unknown }).code === 'ERR_WORKER_OUT_OF_MEMORY') {
+        // Piscina has replaced the thread already; the retry starts a reader on the new one.
+        throw new ReaderThreadError(
+          `the reader thread exceeded its heap limit (readerHeapLimitMb ${this.options.source.settings.readerHeapLimitMb}) and was replaced`,
+          'READER_OUT_OF_MEMORY',
+          error,
+        );
+      }
       throw error;
     } finally {
       this.channel.port1.close();

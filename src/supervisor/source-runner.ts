@@ -5,7 +5,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import pRetry from 'p-retry';
-import type { Piscina } from 'piscina';
+import type { ReaderThreads } from './reader-pool.js';
 import type { Config, SourceConfig } from '../common/config.js';
 import { isFatal } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
@@ -84,7 +84,7 @@ export class SourceRunner implements ReaderRunListener {
   constructor(
     readonly source: SourceConfig,
     private readonly config: Config,
-    private readonly pool: Piscina,
+    private readonly threads: ReaderThreads,
     private readonly store: BufferStore,
     private readonly metrics: Metrics,
     private readonly log: Logger,
@@ -386,7 +386,8 @@ export class SourceRunner implements ReaderRunListener {
       checkpoint,
       buffer: this.store.identity,
       store: this.store,
-      pool: this.pool,
+      pool: this.threads.pool(this.source),
+      threadError: () => this.threads.takeError(this.source.id),
       log: this.log,
       listener: this,
     });

@@ -2,7 +2,7 @@
  * The supervisor: one source runner per configured source, each with its reader thread
  * (piscina) and the writer that stores the reader's batches in the buffer.
  */
-import type { Piscina } from 'piscina';
+import type { ReaderThreads } from './reader-pool.js';
 import type { Config } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
 import type { Metrics } from '../metrics.js';
@@ -14,7 +14,7 @@ export class Supervisor {
 
   constructor(
     config: Config,
-    private readonly pool: Piscina,
+    private readonly threads: ReaderThreads,
     store: BufferStore,
     metrics: Metrics,
     log: Logger,
@@ -26,7 +26,7 @@ export class Supervisor {
         new SourceRunner(
           source,
           config,
-          this.pool,
+          this.threads,
           store,
           metrics,
           log.child({ source: source.id }),

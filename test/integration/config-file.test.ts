@@ -222,6 +222,74 @@ sources:
     expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
   });
 
+  it('a reader thread over its heap limit is replaced and restarted alone, with growing delays', async () => {
+    await second.createDatabase('tiny');
+    const path = join(dir, 'heap.yaml');
+    writeFileSync(
+      path,
+      `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
+restartMinDelay: 100ms
+restartMaxDelay: 2s
+sources:
+  # 4 MB cannot even load the reader's modules: every start runs out of heap.
+  - { id: tiny, host: ${second.host}, port: ${second.port}, database: tiny, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_tiny, readerHeapLimitMb: 4 }
+  - { id: roomy, host: ${second.host}, port: ${second.port}, database: crm, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_roomy }
+`,
+    );
+    const metricsPort = await freePort();
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: f.buffer.password,
+        CRM_PASSWORD: second.password,
+        PHILOTES_METRICS_PORT: String(metricsPort),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+      },
+      { args: ['--config', path] },
+    );
+    type Report = { source: string; state: string; attempts: number; lastError: string | null };
+    const report = async (id: string) =>
+      (
+        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
+          sources: Report[];
+        }
+      ).sources.find((s) => s.source === id)!;
+    const tiny = await waitFor(
+      async () => {
+        const r = await report('tiny');
+        return r.attempts >= 3 ? r : false;
+      },
+      { what: 'the tiny reader to fail three times', timeoutMs: 60_000 },
+    );
+    expect(tiny.state).not.toBe('streaming');
+    expect(tiny.lastError).toContain('exceeded its heap limit (readerHeapLimitMb 4)');
+    // Growing delays: the log says when each next attempt is.
+    const delays = philotes
+      .logs()
+      .filter((l) => l['source'] === 'tiny' && typeof l['retryInMs'] === 'number')
+      .map((l) => l['retryInMs'] as number);
+    expect(delays.length).toBeGreaterThanOrEqual(3);
+    // The other reader is unaffected: it streams and stores.
+    await waitFor(async () => (await report('roomy')).state === 'streaming', {
+      what: 'the roomy source to stream',
+      timeoutMs: 60_000,
+    });
+    await second.query(`INSERT INTO t VALUES (2000, 'roomy')`, [], 'crm');
+    await waitFor(
+      async () =>
+        (
+          await f.buffer.query(
+            `SELECT 1 FROM cdc_events WHERE source_id = 'roomy' AND after->>'id' = '2000'`,
+            [],
+            'buffer',
+          )
+        ).length === 1,
+      { what: 'the roomy source to store its row', timeoutMs: 60_000 },
+    );
+    expect(philotes.status()).toBeNull();
+    expect(philotes.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
   it('a file with several mistakes: each on its own line, exit 2, no secret', async () => {
     const path = join(dir, 'bad.yaml');
     writeFileSync(

@@ -50,6 +50,7 @@ const SOURCE: SourceConfig = {
     batchMaxBytes: 4 * 1024 * 1024,
     batchMaxWaitMs: 0,
     maxInFlightBatches: 4,
+    readerHeapLimitMb: 512,
   },
 };
 

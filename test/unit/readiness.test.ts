@@ -2,9 +2,9 @@
  * When a source counts as ready: the outage clock starts at the first failure after it last
  * streamed steadily, and neither retries nor short reconnections reset it.
  */
-import type { Piscina } from 'piscina';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { BufferStore } from '../../src/buffer/store.js';
+import type { ReaderThreads } from '../../src/supervisor/reader-pool.js';
 import { loadConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
 import { Metrics } from '../../src/metrics.js';
@@ -24,7 +24,7 @@ function runner(startedAt: number): SourceRunner {
   return new SourceRunner(
     config.sources[0]!,
     config,
-    {} as Piscina,
+    {} as ReaderThreads,
     {} as BufferStore,
     new Metrics(),
     createLogger('silent'),
