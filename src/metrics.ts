@@ -228,6 +228,41 @@ export class Metrics {
     }
   }
 
+  /** Drops every series of a source that is no longer configured (a reload removed it). */
+  removeSource(source: string): void {
+    for (const metric of [
+      this.transactions,
+      this.batches,
+      this.bufferBytes,
+      this.bufferCommits,
+      this.bufferCommitSeconds,
+      this.commitLagSeconds,
+      this.checkpointLsn,
+      this.confirmedLsn,
+      this.serverWalEnd,
+      this.lagBytes,
+      this.lastCommitTimestamp,
+      this.readerUp,
+      this.readerRestarts,
+      this.queuedBatches,
+      this.consecutiveFailures,
+      this.nextAttemptTimestamp,
+      this.lastErrorTimestamp,
+      this.slotRetainedWal,
+      this.slotSafeWalSize,
+      this.sourceReady,
+      this.notStreamingSeconds,
+    ]) {
+      metric.remove({ source });
+    }
+    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])
+      this.events.remove({ source, operation });
+    for (const kind of ['retryable', 'fatal']) this.readerFailures.remove({ source, kind });
+    for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
+      this.sourceState.remove({ source, state });
+    for (const status of WAL_STATUSES) this.slotWalStatus.remove({ source, status });
+  }
+
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
     for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])

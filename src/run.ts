@@ -6,7 +6,7 @@
 import type http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ReaderThreads } from './supervisor/reader-pool.js';
-import type { Config } from './common/config.js';
+import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { classifyBufferError, isFatal } from './common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
 import { startHttpServer, type Probe } from './http.js';
@@ -198,6 +198,43 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  process.on('SIGHUP', () => void reload());
+
+  /**
+   * SIGHUP: re-reads the configuration file. Added sources start, removed ones stop gracefully
+   * (their slots stay), changed ones restart; an invalid file is rejected with its problems and
+   * the running set is kept. Process-wide settings and the buffer change only with a restart.
+   */
+  const reload = async (): Promise<void> => {
+    if (config.origin === 'environment') {
+      log.warn(
+        'SIGHUP: the configuration comes from the environment, which a running process cannot re-read; restart Philotes to change it',
+      );
+      return;
+    }
+    if (supervisor === null || shuttingDown) {
+      log.warn('SIGHUP: not running yet (or stopping); nothing reloaded');
+      return;
+    }
+    let next: Config;
+    try {
+      next = loadConfig(process.env, config.origin.file);
+    } catch (error) {
+      if (!(error instanceof ConfigError)) throw error;
+      log.error(
+        { problems: error.problems },
+        `SIGHUP: ${config.origin.file} has ${error.problems.length} problem(s); keeping the running configuration`,
+      );
+      for (const problem of error.problems) process.stderr.write(`philotes: ${oneLine(problem)}\n`);
+      return;
+    }
+    const ignored = processWideChanges(config, next);
+    if (ignored.length > 0) {
+      log.warn({ settings: ignored }, 'SIGHUP: these settings change only with a restart');
+    }
+    const result = await supervisor.reload(next);
+    log.info(result, 'configuration reloaded');
+  };
 
   try {
     store = await openBuffer(config, log, wait, waitAbort.signal);
@@ -217,4 +254,19 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
   );
   phase = 'running';
   await supervisor.run();
+}
+
+/** Settings of `next` that differ from the running ones and that a reload does not apply. */
+function processWideChanges(running: Config, next: Config): string[] {
+  const keys = [
+    'buffer',
+    'metricsPort',
+    'metricsHost',
+    'logLevel',
+    'shutdownTimeoutMs',
+    'restartMinDelayMs',
+    'restartMaxDelayMs',
+    'readinessGraceMs',
+  ] as const;
+  return keys.filter((key) => JSON.stringify(running[key]) !== JSON.stringify(next[key]));
 }

@@ -60,6 +60,14 @@ export class ReaderThreads {
     return error;
   }
 
+  /** Ends a source's thread (it was stopped, and is removed or restarts with new settings). */
+  async remove(sourceId: string): Promise<void> {
+    const pool = this.pools.get(sourceId);
+    this.pools.delete(sourceId);
+    this.errors.delete(sourceId);
+    await pool?.destroy();
+  }
+
   async destroy(): Promise<void> {
     await Promise.all([...this.pools.values()].map((p) => p.destroy()));
     this.pools.clear();

@@ -1,47 +1,119 @@
 /**
  * The supervisor: one source runner per configured source, each with its reader thread
- * (piscina) and the writer that stores the reader's batches in the buffer.
+ * (piscina) and the writer that stores the reader's batches in the buffer. Sources come and go
+ * with a reload (SIGHUP): added ones start, removed ones stop gracefully with their final
+ * checkpoint (their slots stay), changed ones restart; the others are not touched.
  */
-import type { ReaderThreads } from './reader-pool.js';
-import type { Config } from '../common/config.js';
+import type { Config, SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
 import type { Metrics } from '../metrics.js';
 import type { BufferStore } from '../buffer/store.js';
+import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';
 
+export interface ReloadResult {
+  readonly added: string[];
+  readonly removed: string[];
+  readonly restarted: string[];
+  readonly unchanged: string[];
+}
+
 export class Supervisor {
-  readonly runners: SourceRunner[];
+  private readonly entries = new Map<string, { runner: SourceRunner; done: Promise<void> }>();
+  private stopping = false;
+  private resolveStopped!: () => void;
+  private readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
+  /** Reloads run one at a time. */
+  private reloading: Promise<unknown> = Promise.resolve();
 
   constructor(
-    config: Config,
+    private config: Config,
     private readonly threads: ReaderThreads,
-    store: BufferStore,
-    metrics: Metrics,
-    log: Logger,
-    startedAt: number,
-    reportFatal?: (source: string, message: string) => void,
-  ) {
-    this.runners = config.sources.map(
-      (source) =>
-        new SourceRunner(
-          source,
-          config,
-          this.threads,
-          store,
-          metrics,
-          log.child({ source: source.id }),
-          startedAt,
-          reportFatal,
-        ),
-    );
+    private readonly store: BufferStore,
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
+    private readonly startedAt: number,
+    private readonly reportFatal?: (source: string, message: string) => void,
+  ) {}
+
+  /** The runners, in the configuration's order. */
+  get runners(): SourceRunner[] {
+    return [...this.entries.values()].map((e) => e.runner);
   }
 
   /** Runs every source until stopped. A source that fails never stops the others. */
   async run(): Promise<void> {
-    await Promise.all(this.runners.map((r) => r.run()));
+    for (const source of this.config.sources) this.start(source);
+    await this.stopped;
+    await Promise.all([...this.entries.values()].map((e) => e.done));
   }
 
   async stop(): Promise<void> {
+    this.stopping = true;
+    this.resolveStopped();
+    await this.reloading;
     await Promise.all(this.runners.map((r) => r.stop()));
+  }
+
+  /**
+   * Takes the sources of `next` (a new, valid configuration); process-wide settings and the
+   * buffer stay as they are until a restart. Resolves once the changes are in effect.
+   */
+  reload(next: Config): Promise<ReloadResult> {
+    const done = this.reloading.then(() => this.apply(next));
+    this.reloading = done.catch(() => undefined);
+    return done;
+  }
+
+  private async apply(next: Config): Promise<ReloadResult> {
+    const before = new Map(this.config.sources.map((s) => [s.id, s]));
+    const after = new Map(next.sources.map((s) => [s.id, s]));
+    const removed = [...before.keys()].filter((id) => !after.has(id));
+    const restarted = [...after.keys()].filter(
+      (id) => before.has(id) && JSON.stringify(before.get(id)) !== JSON.stringify(after.get(id)),
+    );
+    const added = [...after.keys()].filter((id) => !before.has(id));
+    const unchanged = [...after.keys()].filter((id) => before.has(id) && !restarted.includes(id));
+    if (this.stopping) return { added: [], removed: [], restarted: [], unchanged };
+
+    // Stopped gracefully: what is in flight is stored and its final position confirmed.
+    await Promise.all(
+      [...removed, ...restarted].map(async (id) => {
+        const entry = this.entries.get(id);
+        if (!entry) return;
+        await entry.runner.stop();
+        await entry.done;
+        this.entries.delete(id);
+        await this.threads.remove(id);
+        if (removed.includes(id)) this.metrics.removeSource(id);
+      }),
+    );
+    this.config = { ...this.config, sources: next.sources };
+    if (this.stopping) return { added: [], removed, restarted: [], unchanged };
+    for (const id of [...restarted, ...added]) this.start(after.get(id)!);
+    // /readyz and the status follow the new file's order.
+    const ordered = next.sources.map((s) => [s.id, this.entries.get(s.id)!] as const);
+    this.entries.clear();
+    for (const [id, entry] of ordered) this.entries.set(id, entry);
+    return { added, removed, restarted, unchanged };
+  }
+
+  private start(source: SourceConfig): void {
+    const log = this.log.child({ source: source.id });
+    const runner = new SourceRunner(
+      source,
+      this.config,
+      this.threads,
+      this.store,
+      this.metrics,
+      log,
+      this.startedAt,
+      this.reportFatal,
+    );
+    const done = runner.run().catch((error: unknown) => {
+      // run() does not reject: a failed source is retried. Anything else is a bug to see.
+      log.error({ err: error }, 'source runner ended with an error');
+    });
+    this.entries.set(source.id, { runner, done });
   }
 }

@@ -290,6 +290,119 @@ sources:
     expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
   });
 
+  it('SIGHUP adds a source and removes another while the rest streams untouched; an invalid file is rejected and the running set kept', async () => {
+    for (const db of ['hup_keep', 'hup_gone', 'hup_new']) {
+      await second.createDatabase(db);
+      await second.query('CREATE TABLE t (id int PRIMARY KEY)', [], db);
+    }
+    const source = (id: string) =>
+      `  - { id: ${id}, host: ${second.host}, port: ${second.port}, database: hup_${id}, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_hup_${id} }`;
+    const head = `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
+defaults: { checkpointInterval: 1s }
+sources:
+`;
+    const path = join(dir, 'hup.yaml');
+    writeFileSync(path, head + [source('keep'), source('gone')].join('\n'));
+    const metricsPort = await freePort();
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: f.buffer.password,
+        CRM_PASSWORD: second.password,
+        PHILOTES_METRICS_PORT: String(metricsPort),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+      },
+      { args: ['--config', path] },
+    );
+    const p = philotes;
+    const walsender = async (id: string) =>
+      (
+        await second.query<{ pid: number | null; active: boolean }>(
+          'SELECT active_pid AS pid, active FROM pg_replication_slots WHERE slot_name = $1',
+          [`philotes_hup_${id}`],
+        )
+      )[0];
+    const states = async () =>
+      (
+        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
+          sources: Array<{ source: string; state: string }>;
+        }
+      ).sources.map((r) => [r.source, r.state]);
+    const storedRow = (id: string, row: number) =>
+      waitFor(
+        async () =>
+          (
+            await f.buffer.query(
+              `SELECT 1 FROM cdc_events WHERE source_id = $1 AND after->>'id' = $2`,
+              [id, String(row)],
+              'buffer',
+            )
+          ).length === 1,
+        { what: `row ${row} of ${id} to be stored`, timeoutMs: 60_000 },
+      );
+    await waitForSlotActive(second, 'philotes_hup_keep');
+    await waitForSlotActive(second, 'philotes_hup_gone');
+    for (const id of ['keep', 'gone']) {
+      await second.query('INSERT INTO t VALUES (1)', [], `hup_${id}`);
+      await storedRow(id, 1);
+    }
+    const keepPid = (await walsender('keep'))!.pid;
+
+    writeFileSync(path, head + [source('keep'), source('new')].join('\n'));
+    expect(p.signal('SIGHUP')).toBe(true);
+    await waitFor(
+      async () =>
+        JSON.stringify(await states()) ===
+        JSON.stringify([
+          ['keep', 'streaming'],
+          ['new', 'streaming'],
+        ]),
+      { what: '/readyz to list keep and new, both streaming', timeoutMs: 60_000 },
+    );
+    // The removed source stopped gracefully: its slot released, its final position confirmed.
+    await waitFor(async () => (await walsender('gone'))?.active === false, {
+      what: 'the removed source to release its slot',
+      timeoutMs: 30_000,
+    });
+    const [gone] = await f.buffer.query<{ ok: boolean }>(
+      `SELECT lsn::pg_lsn <= $1::pg_lsn AS ok FROM cdc_checkpoints WHERE source_id = 'gone'`,
+      [
+        (
+          await second.query<{ lsn: string }>(
+            `SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = 'philotes_hup_gone'`,
+          )
+        )[0]!.lsn,
+      ],
+      'buffer',
+    );
+    expect(gone?.ok).toBe(true);
+    // The source that stayed was not restarted.
+    expect((await walsender('keep'))!.pid).toBe(keepPid);
+    for (const id of ['keep', 'new']) {
+      await second.query('INSERT INTO t VALUES (2)', [], `hup_${id}`);
+      await storedRow(id, 2);
+    }
+
+    // An invalid file: rejected with its problems, nothing changes.
+    writeFileSync(
+      path,
+      head + [source('keep'), source('new'), '  - { id: bad, slot: Bad }'].join('\n'),
+    );
+    const errorsBefore = p.stderr.length;
+    expect(p.signal('SIGHUP')).toBe(true);
+    await waitFor(() => p.stderr.length > errorsBefore, {
+      what: 'the invalid file to be reported',
+      timeoutMs: 30_000,
+    });
+    expect(p.stderr.slice(errorsBefore).join('\n')).toMatch(/sources\[2\]\.slot must match/);
+    expect(await states()).toEqual([
+      ['keep', 'streaming'],
+      ['new', 'streaming'],
+    ]);
+    expect((await walsender('keep'))!.pid).toBe(keepPid);
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
   it('a file with several mistakes: each on its own line, exit 2, no secret', async () => {
     const path = join(dir, 'bad.yaml');
     writeFileSync(
