@@ -4,7 +4,7 @@
  * terminated and the other server restarts (fast) while the load goes on. Every source's buffer
  * contents must replay to exactly its source table: nothing lost, nothing twice, in order.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -139,6 +139,67 @@ describe('a fleet of 8 sources under load', () => {
     loads = [];
     expect(stats.every((s) => s.committedTransactions > 0)).toBe(true);
     // Caught up: every slot has confirmed its server's WAL position as of now.
+    await everySlotCaughtUp();
+    for (const m of members) {
+      const rows = checkItemHistories(await readEvents(buffer, m.id));
+      await assertReplayMatchesSource(m.cluster, rows, m.database);
+      const [count] = await m.cluster.query<{ n: number }>(
+        'SELECT count(*)::int AS n FROM items',
+        [],
+        m.database,
+      );
+      expect(rows.size, m.id).toBe(count!.n);
+    }
+    expect(philotes!.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes!, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  it('a buffer down for a while under load: every source waits, memory stays bounded, all resume and lose nothing', async () => {
+    start();
+    for (const m of members) await waitForSlotActive(m.cluster, m.slot);
+    loads = members.map((m) => startLoad(m.cluster, { clients: 1, database: m.database }));
+    await everySourceGrows(await stored(), 20);
+
+    await buffer.stop('fast');
+    // Down until every reader has failed to store at least twice (backoff rounds, not a timer).
+    const rss: number[] = [];
+    await waitFor(
+      async () => {
+        rss.push(residentMb(philotes!.pid));
+        const failures = philotes!
+          .logs()
+          .filter((l) => typeof l['source'] === 'string' && typeof l['retryInMs'] === 'number');
+        return members.every((m) => failures.filter((l) => l['source'] === m.id).length >= 2);
+      },
+      {
+        what: 'every source to retry against the stopped buffer',
+        timeoutMs: 60_000,
+        intervalMs: 200,
+      },
+    );
+    await buffer.start();
+    await everySourceGrows(await stored(), 20);
+    expect(philotes!.proc.exitCode, outputTail(philotes!)).toBeNull();
+    // Nothing queues up without bound while the buffer is away: readers stop reading.
+    console.log(
+      `fleet: 8 sources, peak RSS ${Math.round(Math.max(...rss))} MB while the buffer was down`,
+    );
+    expect(Math.max(...rss)).toBeLessThan(600);
+
+    const stats = await Promise.all(loads.map((l) => l.stop()));
+    loads = [];
+    expect(stats.every((st) => st.committedTransactions > 0)).toBe(true);
+    await everySlotCaughtUp();
+    for (const m of members) {
+      const rows = checkItemHistories(await readEvents(buffer, m.id));
+      await assertReplayMatchesSource(m.cluster, rows, m.database);
+    }
+    expect(philotes!.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes!, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  /** Waits until every slot on both servers has confirmed the WAL written so far. */
+  async function everySlotCaughtUp(): Promise<void> {
     for (const cluster of [a, b]) {
       const [{ lsn }] = (await cluster.query<{ lsn: string }>(
         'SELECT pg_current_wal_lsn()::text AS lsn',
@@ -154,17 +215,12 @@ describe('a fleet of 8 sources under load', () => {
         { what: 'every slot to confirm the WAL written under load', timeoutMs: 120_000 },
       );
     }
-    for (const m of members) {
-      const rows = checkItemHistories(await readEvents(buffer, m.id));
-      await assertReplayMatchesSource(m.cluster, rows, m.database);
-      const [count] = await m.cluster.query<{ n: number }>(
-        'SELECT count(*)::int AS n FROM items',
-        [],
-        m.database,
-      );
-      expect(rows.size, m.id).toBe(count!.n);
-    }
-    expect(philotes!.signal('SIGTERM')).toBe(true);
-    expect(await waitForExit(philotes!, 30_000)).toEqual({ code: 0, signal: null });
-  });
+  }
 });
+
+/** A process's resident memory in MB (Linux). */
+function residentMb(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = /^VmRSS:\s+(\d+) kB$/m.exec(status)?.[1];
+  return kb === undefined ? 0 : Number(kb) / 1024;
+}
