@@ -3,8 +3,8 @@
  * how fast PostgreSQL's own pg_recvlogical drains a twin slot to a file and how fast Philotes
  * drains its slot durably into the buffer (start to last checkpoint committed).
  *
- *   npm run bench                 # all scenarios
- *   npm run bench -- small        # one scenario: small | bulk | wide | latency
+ *   npm run bench                 # all scenarios but fleet
+ *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -16,6 +16,7 @@ import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
 import { PHILOTES_MAIN } from '../test/support/philotes.js';
+import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 
 interface Scenario {
@@ -436,9 +437,10 @@ async function main(): Promise<void> {
   const scenarios =
     wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
   const latencyWanted = wanted.length === 0 || wanted.includes('latency');
-  if (scenarios.length === 0 && !latencyWanted) {
+  const fleetWanted = wanted.includes('fleet');
+  if (scenarios.length === 0 && !latencyWanted && !fleetWanted) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -479,12 +481,22 @@ async function main(): Promise<void> {
       `bench: latency: p50 ${latency.p50Ms} ms, p95 ${latency.p95Ms} ms, p99 ${latency.p99Ms} ms, max ${latency.maxMs} ms over ${latency.transactions} transactions\n`,
     );
   }
+  let fleet: FleetResult | null = null;
+  if (fleetWanted) {
+    process.stderr.write(
+      `bench: fleet: ${FLEET_SOURCES} sources with a backlog each, against one source with the same total rows\n`,
+    );
+    fleet = await runFleet();
+    process.stderr.write(
+      `bench: fleet: one source ${fleet.one.rowsPerSecond} rows/s (peak RSS ${fleet.one.peakRssMb} MB), ${fleet.sources} sources ${fleet.fleet.rowsPerSecond} rows/s (peak RSS ${fleet.fleet.peakRssMb} MB): ratio ${fleet.ratio}, RSS per additional source ${fleet.rssPerSourceMb} MB\n`,
+    );
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
     `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
   );
-  writeFileSync(file, JSON.stringify({ machine, results, latency }, null, 2));
+  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet }, null, 2));
   process.stderr.write(`bench: wrote ${file}\n`);
 }
 

@@ -549,10 +549,9 @@ export class SlotReader implements PgoutputHandler {
     const side = this.side;
     if (side === null || this.failed !== null) return;
     try {
-      const [slot, now] = await Promise.all([
-        readSlotState(side, this.task.source.slot),
-        currentWalLsn(side),
-      ]);
+      // One after the other: a pg client runs one query at a time.
+      const slot = await readSlotState(side, this.task.source.slot);
+      const now = await currentWalLsn(side);
       if (slot === null) return;
       this.post({
         type: 'slot',

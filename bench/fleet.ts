@@ -1,0 +1,186 @@
+/**
+ * Fleet drain: 16 sources (16 databases on one source cluster) with a backlog each, drained by
+ * one Philotes from a configuration file, against one source holding the same total rows, in
+ * the same run. Reports aggregate rows/s, the ratio to the single source, peak RSS, and RSS per
+ * additional source ((RSS with 16 − RSS with 1) / 15).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startCluster, type Cluster } from '../test/support/cluster.js';
+import { PHILOTES_MAIN } from '../test/support/philotes.js';
+import { pgbench } from './pg-tools.js';
+
+export const FLEET_SOURCES = 16;
+const TOTAL_TRANSACTIONS = 100_000; // 4 rows each: 400k rows, as the small scenario
+const DDL = `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`;
+const SCRIPT = `\\set g random(1, 1000000)\nINSERT INTO bench_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`;
+
+export interface FleetResult {
+  scenario: 'fleet';
+  sources: number;
+  rows: number;
+  one: { seconds: number; rowsPerSecond: number; peakRssMb: number };
+  fleet: { seconds: number; rowsPerSecond: number; peakRssMb: number };
+  /** Fleet rows/s over one source's rows/s on the same total rows: the goal is ≥ 0.9. */
+  ratio: number;
+  /** (RSS with 16 − RSS with 1) / 15: the goal is ≤ 25 MB. */
+  rssPerSourceMb: number;
+}
+
+/** A backlog of `transactions` × 4 rows in `database`, and the position after it. */
+async function backlog(
+  source: Cluster,
+  database: string,
+  slot: string,
+  transactions: number,
+  work: string,
+): Promise<string> {
+  await source.createDatabase(database);
+  await source.query(DDL, [], database);
+  await source.query('CREATE TABLE bench_marker (id int)', [], database);
+  await source.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], database);
+  await source.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [slot], database);
+  const script = join(work, 'small.sql');
+  writeFileSync(script, SCRIPT);
+  const clients = transactions % 4 === 0 ? 4 : 2;
+  await pgbench(
+    source,
+    ['-n', '-c', String(clients), '-j', '2', '-t', String(transactions / clients), '-f', script],
+    database,
+  );
+  // A marker transaction after the backlog: once the checkpoint passes the position taken just
+  // before its commit, everything before it is stored.
+  const [row] = await source.query<{ lsn: string }>(
+    'INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn',
+    [],
+    database,
+  );
+  return row!.lsn;
+}
+
+function peakRssMb(pid: number): number {
+  const hwm = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return Math.round(Number(hwm?.[1] ?? 0) / 1024);
+}
+
+/** Runs Philotes until every source's checkpoint has passed its target; seconds and peak RSS. */
+async function drain(
+  buffer: Cluster,
+  database: string,
+  args: string[],
+  env: Record<string, string>,
+  targets: Map<string, string>,
+): Promise<{ seconds: number; peakRssMb: number }> {
+  const started = performance.now();
+  const child: ChildProcess = spawn(process.execPath, [PHILOTES_MAIN, ...args], {
+    env: {
+      PATH: process.env['PATH'] ?? '',
+      PHILOTES_METRICS_PORT: '0',
+      PHILOTES_LOG_LEVEL: 'warn',
+      ...env,
+    },
+    stdio: ['ignore', 'inherit', 'inherit'],
+  });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  for (;;) {
+    const rows = await buffer
+      .query<{ source_id: string; lsn: string }>(
+        'SELECT source_id, lsn FROM cdc_checkpoints',
+        [],
+        database,
+      )
+      .catch(() => []);
+    const reached = new Map(rows.map((r) => [r.source_id, r.lsn]));
+    const done = await buffer
+      .query<{ ok: boolean }>(
+        `SELECT bool_and(reached::pg_lsn >= target::pg_lsn) AS ok
+           FROM unnest($1::text[], $2::text[]) AS t(target, reached)`,
+        [[...targets.values()], [...targets.keys()].map((id) => reached.get(id) ?? '0/0')],
+        database,
+      )
+      .catch(() => []);
+    if (done[0]?.ok) break;
+    if (child.exitCode !== null) throw new Error(`philotes exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const seconds = (performance.now() - started) / 1000;
+  const rss = peakRssMb(child.pid!);
+  child.kill('SIGTERM');
+  if ((await exited) !== 0) throw new Error('philotes did not stop cleanly');
+  return { seconds, peakRssMb: rss };
+}
+
+export async function runFleet(): Promise<FleetResult> {
+  const work = join(tmpdir(), `philotes-bench-${process.pid}-fleet`);
+  mkdirSync(work, { recursive: true });
+  const [source, buffer] = await Promise.all([
+    startCluster({ settings: { max_wal_senders: '40', max_replication_slots: '40' } }),
+    startCluster({ settings: { max_connections: '200' } }),
+  ]);
+  try {
+    await Promise.all([buffer.createDatabase('buffer'), buffer.createDatabase('buffer_one')]);
+    const rows = TOTAL_TRANSACTIONS * 4;
+    // One source with every row.
+    const oneTarget = await backlog(source, 'one', 'philotes_one', TOTAL_TRANSACTIONS, work);
+    // Sixteen with a sixteenth each.
+    const targets = new Map<string, string>();
+    for (let i = 0; i < FLEET_SOURCES; i++) {
+      targets.set(
+        `s${i}`,
+        await backlog(
+          source,
+          `src${i}`,
+          `philotes_s${i}`,
+          TOTAL_TRANSACTIONS / FLEET_SOURCES,
+          work,
+        ),
+      );
+    }
+    const one = await drain(
+      buffer,
+      'buffer_one',
+      [],
+      {
+        PHILOTES_CDC_SOURCE_URL: source.url('one'),
+        PHILOTES_CDC_SOURCE_ID: 'one',
+        PHILOTES_CDC_REPLICATION_SLOT: 'philotes_one',
+        PHILOTES_BUFFER_URL: buffer.url('buffer_one'),
+      },
+      new Map([['one', oneTarget]]),
+    );
+    const config = join(work, 'fleet.yaml');
+    writeFileSync(
+      config,
+      [
+        `buffer: { url: "${buffer.url('buffer')}" }`,
+        'sources:',
+        ...[...targets.keys()].map(
+          (id, i) => `  - { id: ${id}, url: "${source.url(`src${i}`)}", slot: philotes_${id} }`,
+        ),
+      ].join('\n'),
+    );
+    const fleet = await drain(buffer, 'buffer', ['--config', config], {}, targets);
+    return {
+      scenario: 'fleet',
+      sources: FLEET_SOURCES,
+      rows,
+      one: { ...one, seconds: round(one.seconds), rowsPerSecond: Math.round(rows / one.seconds) },
+      fleet: {
+        ...fleet,
+        seconds: round(fleet.seconds),
+        rowsPerSecond: Math.round(rows / fleet.seconds),
+      },
+      ratio: round(one.seconds / fleet.seconds),
+      rssPerSourceMb: round((fleet.peakRssMb - one.peakRssMb) / (FLEET_SOURCES - 1)),
+    };
+  } finally {
+    await Promise.allSettled([source.destroy(), buffer.destroy()]);
+    rmSync(work, { recursive: true, force: true });
+  }
+}
+
+function round(n: number): number {
+  return Math.round(n * 1000) / 1000;
+}
