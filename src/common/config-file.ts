@@ -98,6 +98,15 @@ function schemas(): ReturnType<typeof buildSchemas> {
 
 type RawObject = Record<string, unknown>;
 
+/** What reading a file's values needs: the environment, the flat map of values, the problems. */
+interface Reading {
+  readonly env: Env;
+  readonly flat: Record<string, string | undefined>;
+  /** A scalar into the flat map under `key`; anything else was reported by the schema. */
+  readonly put: (key: string, value: unknown) => void;
+  readonly problems: Problems;
+}
+
 export function loadConfigFile(path: string, env: Env): Config {
   let text: string;
   try {
@@ -146,14 +155,15 @@ export function loadConfigFile(path: string, env: Env): Config {
   for (const s of SOURCE_SETTINGS) put(`defaults.${s.fileKey}`, defaults[s.fileKey]);
   const defaultSettings = readSourceSettings(flat, (s) => `defaults.${s.fileKey}`, problems);
 
-  const buffer = readBuffer(file, env, flat, put, problems);
+  const reading: Reading = { env, flat, put, problems };
+  const buffer = readBuffer(file, reading);
 
   const rawSources = Array.isArray(file['sources']) ? file['sources'] : [];
   const read: Array<{ index: number; source: SourceConfig }> = [];
   rawSources.forEach((entry: unknown, index) => {
     if (!isObject(entry)) return; // the schema said so
     const at = `sources[${index}]`;
-    const source = readSource(entry, at, env, flat, put, problems, defaultSettings);
+    const source = readSource(entry, at, reading, defaultSettings);
     if (source) read.push({ index, source });
   });
   checkUnique(read, problems);
@@ -244,14 +254,7 @@ function editDistance(a: string, b: string): number {
  * A connection's settings into the flat map under `at.<field>`; the password from `password`,
  * the variable `passwordEnv` names, or the file `passwordFile` names (a Kubernetes secret).
  */
-function putConnection(
-  raw: RawObject,
-  at: string,
-  env: Env,
-  flat: Record<string, string | undefined>,
-  put: (key: string, value: unknown) => void,
-  problems: Problems,
-): void {
+function putConnection(raw: RawObject, at: string, { env, flat, put, problems }: Reading): void {
   for (const field of ['url', 'host', 'port', 'database', 'user', 'sslmode', 'sslRootCert'])
     put(`${at}.${field}`, raw[field]);
   const given = ['password', 'passwordEnv', 'passwordFile'].filter((k) => raw[k] !== undefined);
@@ -284,13 +287,8 @@ const fileNames =
   (field: ConnectionField): string =>
     `${at}.${field}`;
 
-function readBuffer(
-  file: RawObject,
-  env: Env,
-  flat: Record<string, string | undefined>,
-  put: (key: string, value: unknown) => void,
-  problems: Problems,
-): ConnectionConfig | undefined {
+function readBuffer(file: RawObject, reading: Reading): ConnectionConfig | undefined {
+  const { env, flat, problems } = reading;
   const fromEnv = Object.keys(env).filter(
     (key) => key.startsWith('PHILOTES_BUFFER_') && get(env, key) !== undefined,
   );
@@ -304,19 +302,17 @@ function readBuffer(
     );
     return undefined;
   }
-  putConnection(file['buffer'], 'buffer', env, flat, put, problems);
+  putConnection(file['buffer'], 'buffer', reading);
   return problems.attempt(() => connection(flat, fileNames('buffer')));
 }
 
 function readSource(
   raw: RawObject,
   at: string,
-  env: Env,
-  flat: Record<string, string | undefined>,
-  put: (key: string, value: unknown) => void,
-  problems: Problems,
+  reading: Reading,
   defaults: SourceSettings,
 ): SourceConfig | undefined {
+  const { flat, put, problems } = reading;
   const before = problems.list.length;
   put(`${at}.id`, raw['id']);
   put(`${at}.slot`, raw['slot']);
@@ -339,7 +335,7 @@ function readSource(
   const tableList = problems.attempt(() => tables(flat, `${at}.tables`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
-  putConnection(raw, at, env, flat, put, problems);
+  putConnection(raw, at, reading);
   const conn = problems.attempt(() => connection(flat, fileNames(at)));
   if (problems.list.length > before || id === undefined || slot === undefined) return undefined;
   return Object.freeze({

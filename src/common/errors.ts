@@ -105,9 +105,8 @@ export class ReaderAbortedError extends Error {
   }
 }
 
-/** A connection failure that says what failed where; keeps the driver's code and error. */
-export class ConnectionError extends Error {
-  override name = 'ConnectionError';
+/** An error that says what happened in our words, with a code, and keeps the original. */
+class ExplainedError extends Error {
   constructor(
     message: string,
     readonly code: string,
@@ -117,16 +116,14 @@ export class ConnectionError extends Error {
   }
 }
 
+/** A connection failure that says what failed where; keeps the driver's code and error. */
+export class ConnectionError extends ExplainedError {
+  override name = 'ConnectionError';
+}
+
 /** The reader thread itself failed (its heap limit): retried, the thread is a new one. */
-export class ReaderThreadError extends Error {
+export class ReaderThreadError extends ExplainedError {
   override name = 'ReaderThreadError';
-  constructor(
-    message: string,
-    readonly code: string,
-    cause: unknown,
-  ) {
-    super(message, { cause });
-  }
 }
 
 /** An error rebuilt on the supervisor side from what a thread reported. */
