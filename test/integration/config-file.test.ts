@@ -290,7 +290,7 @@ sources:
     expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
   });
 
-  it('SIGHUP adds a source and removes another while the rest streams untouched; an invalid file is rejected and the running set kept', async () => {
+  it('SIGHUP adds a source, removes another and restarts a changed one while the rest streams untouched; an invalid file is rejected and the running set kept', async () => {
     for (const db of ['hup_keep', 'hup_gone', 'hup_new']) {
       await second.createDatabase(db);
       await second.query('CREATE TABLE t (id int PRIMARY KEY)', [], db);
@@ -381,6 +381,30 @@ sources:
       await second.query('INSERT INTO t VALUES (2)', [], `hup_${id}`);
       await storedRow(id, 2);
     }
+
+    // A changed source restarts (a new walsender); the others are not touched.
+    const newPid = (await walsender('new'))!.pid;
+    writeFileSync(
+      path,
+      head + [source('keep'), `${source('new').slice(0, -2)}, batchMaxRows: 10 }`].join('\n'),
+    );
+    expect(p.signal('SIGHUP')).toBe(true);
+    await waitFor(
+      async () => {
+        const w = await walsender('new');
+        return w?.active === true && w.pid !== newPid;
+      },
+      { what: 'the changed source to restart on a new walsender', timeoutMs: 60_000 },
+    );
+    expect((await walsender('keep'))!.pid).toBe(keepPid);
+    await second.query('INSERT INTO t VALUES (3)', [], 'hup_new');
+    await storedRow('new', 3);
+    const [once] = await f.buffer.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = 'new'`,
+      [],
+      'buffer',
+    );
+    expect(once!.n).toBe(2); // rows 2 and 3, each once
 
     // An invalid file: rejected with its problems, nothing changes.
     writeFileSync(
