@@ -41,11 +41,11 @@ export class Problems {
 export type Env = Readonly<Record<string, string | undefined>>;
 
 /** Slot and publication names are interpolated into replication commands: keep them plain. */
-export const IDENTIFIER = /^[a-z_][a-z0-9_]{0,62}$/;
-export const SOURCE_ID = /^[A-Za-z0-9_.-]{1,128}$/;
-export const TABLE_NAME = /^([A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*$/;
+const IDENTIFIER = /^[a-z_][a-z0-9_]{0,62}$/;
+const SOURCE_ID = /^[A-Za-z0-9_.-]{1,128}$/;
+const TABLE_NAME = /^([A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*$/;
 const SSL_MODES: readonly SslMode[] = ['disable', 'prefer', 'require', 'verify-ca', 'verify-full'];
-export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 export function get(env: Env, name: string): string | undefined {
   const value = env[name];
@@ -84,7 +84,7 @@ export function duration(
   return ms;
 }
 
-export function formatMs(ms: number): string {
+function formatMs(ms: number): string {
   if (ms % 3_600_000 === 0 && ms > 0) return `${ms / 3_600_000}h`;
   if (ms % 60_000 === 0 && ms > 0) return `${ms / 60_000}m`;
   if (ms % 1000 === 0 && ms > 0) return `${ms / 1000}s`;
@@ -108,7 +108,7 @@ export function integer(
   return Number(raw);
 }
 
-export function sslMode(name: string, raw: string | undefined, fallback: SslMode): SslMode {
+function sslMode(name: string, raw: string | undefined, fallback: SslMode): SslMode {
   if (raw === undefined) return fallback;
   if (!(SSL_MODES as readonly string[]).includes(raw)) {
     throw new ConfigError(
@@ -233,6 +233,17 @@ export function identifier(env: Env, name: string, fallback: string): string {
     );
   }
   return value;
+}
+
+/** A source's id: the buffer keys its events, checkpoint and history by it. */
+export function sourceId(env: Env, name: string, fallback: string): string {
+  const id = get(env, name) ?? fallback;
+  if (!SOURCE_ID.test(id)) {
+    throw new ConfigError(
+      `${name} must be 1-128 characters of letters, digits, '_', '.' or '-', got ${JSON.stringify(id)}`,
+    );
+  }
+  return id;
 }
 
 export function tables(env: Env, name: string): string[] {

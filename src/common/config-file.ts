@@ -18,8 +18,8 @@ import {
   Problems,
   readProcessSettings,
   readSourceSettings,
-  SOURCE_ID,
   SOURCE_SETTINGS,
+  sourceId,
   tables,
   type ConnectionField,
   type Env,
@@ -321,12 +321,10 @@ function readSource(
     // Table names cannot hold a comma (the check below allows none): the list's own format.
     flat[`${at}.tables`] = raw['tables'].join(',');
   }
-  const id = get(flat, `${at}.id`);
-  if (id !== undefined && !SOURCE_ID.test(id)) {
-    problems.add(
-      `${at}.id must be 1-128 characters of letters, digits, '_', '.' or '-', got ${JSON.stringify(id)}`,
-    );
-  }
+  const id =
+    get(flat, `${at}.id`) === undefined
+      ? undefined
+      : problems.attempt(() => sourceId(flat, `${at}.id`, ''));
   const slot =
     get(flat, `${at}.slot`) === undefined
       ? undefined

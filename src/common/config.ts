@@ -13,7 +13,7 @@ import {
   Problems,
   readProcessSettings,
   readSourceSettings,
-  SOURCE_ID,
+  sourceId,
   tables,
   type Env,
 } from './config-fields.js';
@@ -105,12 +105,7 @@ function loadEnvConfig(env: Env): Config {
   const publication = problems.attempt(() =>
     identifier(env, 'PHILOTES_CDC_PUBLICATION', 'philotes_pub'),
   );
-  const id = get(env, 'PHILOTES_CDC_SOURCE_ID') ?? slot;
-  if (!SOURCE_ID.test(id)) {
-    problems.add(
-      `PHILOTES_CDC_SOURCE_ID must be 1-128 characters of letters, digits, '_', '.' or '-', got ${JSON.stringify(id)}`,
-    );
-  }
+  const id = problems.attempt(() => sourceId(env, 'PHILOTES_CDC_SOURCE_ID', slot));
   const settings = readSourceSettings(env, (s) => s.env, problems);
   const source = {
     id,

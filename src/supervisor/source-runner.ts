@@ -220,13 +220,13 @@ export class SourceRunner implements ReaderRunListener {
 
   report(now = Date.now()): SourceReport {
     const iso = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
+    const notStreaming = this.notStreamingSeconds(now);
     return {
       source: this.source.id,
       ready: this.isReady(now),
       state: this.state,
       stateSeconds: Math.round((now - this.stateSince) / 1000),
-      notStreamingSeconds:
-        this.notStreamingSeconds(now) === 0 ? null : Math.round(this.notStreamingSeconds(now)),
+      notStreamingSeconds: notStreaming === 0 ? null : Math.round(notStreaming),
       attempts: this.attempts,
       nextAttemptAt:
         this.state === 'backoff' || this.state === 'failed' ? iso(this.nextAttemptAt) : null,

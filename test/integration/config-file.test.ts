@@ -43,6 +43,46 @@ describe('a fleet from a configuration file', () => {
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
+  interface SourceReport {
+    source: string;
+    state: string;
+    attempts: number;
+    lastError: string | null;
+  }
+
+  /**
+   * Starts Philotes on a config file whose passwords come from BUFFER_PASSWORD and `passwords`;
+   * `readyz` reads its /readyz.
+   */
+  async function startFromFile(
+    path: string,
+    passwords: Record<string, string>,
+  ): Promise<{
+    p: PhilotesProcess;
+    readyz: () => Promise<{ status: number; sources: SourceReport[] }>;
+  }> {
+    const metricsPort = await freePort();
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: f.buffer.password,
+        ...passwords,
+        PHILOTES_METRICS_PORT: String(metricsPort),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+      },
+      { args: ['--config', path] },
+    );
+    return {
+      p: philotes,
+      readyz: async () => {
+        const res = await fetch(`http://127.0.0.1:${metricsPort}/readyz`, {
+          signal: AbortSignal.timeout(5_000),
+        });
+        const body = (await res.json()) as { sources: SourceReport[] };
+        return { status: res.status, sources: body.sources };
+      },
+    };
+  }
+
   function sources() {
     return [
       { id: 'shop', cluster: f.source, database: 'shop', slot: 'philotes_shop' },
@@ -54,7 +94,7 @@ describe('a fleet from a configuration file', () => {
   it('captures every source exactly once, and /readyz lists them all', async () => {
     const passwordFile = join(dir, 'crm-password');
     writeFileSync(passwordFile, `${second.password}\n`);
-    const path = join(dir, 'philotes.yaml');
+    const path = join(dir, 'p.yaml');
     writeFileSync(
       path,
       `# three sources on two servers
@@ -92,16 +132,7 @@ sources:
     );
     for (const s of sources())
       await s.cluster.query('CREATE TABLE t (id int PRIMARY KEY, v text)', [], s.database);
-    const metricsPort = await freePort();
-    philotes = startPhilotes(
-      {
-        BUFFER_PASSWORD: f.buffer.password,
-        SOURCE_PASSWORD: f.source.password,
-        PHILOTES_METRICS_PORT: String(metricsPort),
-        PHILOTES_METRICS_HOST: '127.0.0.1',
-      },
-      { args: ['--config', path] },
-    );
+    const { p, readyz } = await startFromFile(path, { SOURCE_PASSWORD: f.source.password });
     for (const s of sources()) await waitForSlotActive(s.cluster, s.slot);
     await Promise.all(
       sources().map(async (s) => {
@@ -130,18 +161,17 @@ sources:
       );
       expect(new Set(events.map((e) => e.v.replace('!', '')))).toEqual(new Set([s.id]));
     }
-    const res = await fetch(`http://127.0.0.1:${metricsPort}/readyz`);
-    expect(res.status).toBe(200);
-    const body = (await res.json()) as { sources: Array<{ source: string; state: string }> };
-    expect(body.sources.map((s) => [s.source, s.state])).toEqual([
+    const ready = await readyz();
+    expect(ready.status).toBe(200);
+    expect(ready.sources.map((s) => [s.source, s.state])).toEqual([
       ['shop', 'streaming'],
       ['billing', 'streaming'],
       ['crm', 'streaming'],
     ]);
-    expect(philotes.signal('SIGTERM')).toBe(true);
-    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
-    expect(linesWithDuplicateKeys(philotes.stdout)).toEqual([]);
-    const all = [...philotes.stdout, ...philotes.stderr].join('\n');
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+    expect(linesWithDuplicateKeys(p.stdout)).toEqual([]);
+    const all = [...p.stdout, ...p.stderr].join('\n');
     for (const secret of [f.source.password, second.password, f.buffer.password])
       expect(all).not.toContain(secret);
   });
@@ -165,22 +195,8 @@ sources:
   - { id: steady, host: ${second.host}, port: ${second.port}, database: crm, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_steady }
 `,
     );
-    const metricsPort = await freePort();
-    philotes = startPhilotes(
-      {
-        BUFFER_PASSWORD: f.buffer.password,
-        CRM_PASSWORD: second.password,
-        PHILOTES_METRICS_PORT: String(metricsPort),
-        PHILOTES_METRICS_HOST: '127.0.0.1',
-      },
-      { args: ['--config', path] },
-    );
-    const report = async () =>
-      (
-        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
-          sources: Array<{ source: string; state: string; lastError: string | null }>;
-        }
-      ).sources;
+    const { p, readyz } = await startFromFile(path, { CRM_PASSWORD: second.password });
+    const report = async () => (await readyz()).sources;
     await waitFor(
       async () => (await report()).find((s) => s.source === 'flaky')?.state === 'failed',
       {
@@ -188,7 +204,7 @@ sources:
         timeoutMs: 60_000,
       },
     );
-    expect(philotes.stderr.join('\n')).toMatch(/source "flaky": .*password authentication failed/);
+    expect(p.stderr.join('\n')).toMatch(/source "flaky": .*password authentication failed/);
     // The other source streams and captures meanwhile.
     await waitForSlotActive(second, 'philotes_steady');
     await second.query(`INSERT INTO t VALUES (1000, 'steady')`, [], 'crm');
@@ -202,7 +218,7 @@ sources:
       what: 'the steady source to store its row',
       timeoutMs: 60_000,
     });
-    expect(philotes.status()).toBeNull();
+    expect(p.status()).toBeNull();
 
     // A person fixes the password; no restart of Philotes.
     await f.source.query(`ALTER ROLE flaky PASSWORD 'right-pw'`);
@@ -218,8 +234,8 @@ sources:
       what: 'the recovered source to store its row',
       timeoutMs: 60_000,
     });
-    expect(philotes.signal('SIGTERM')).toBe(true);
-    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
   });
 
   it('a reader thread over its heap limit is replaced and restarted alone, with growing delays', async () => {
@@ -236,23 +252,8 @@ sources:
   - { id: roomy, host: ${second.host}, port: ${second.port}, database: crm, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_roomy }
 `,
     );
-    const metricsPort = await freePort();
-    philotes = startPhilotes(
-      {
-        BUFFER_PASSWORD: f.buffer.password,
-        CRM_PASSWORD: second.password,
-        PHILOTES_METRICS_PORT: String(metricsPort),
-        PHILOTES_METRICS_HOST: '127.0.0.1',
-      },
-      { args: ['--config', path] },
-    );
-    type Report = { source: string; state: string; attempts: number; lastError: string | null };
-    const report = async (id: string) =>
-      (
-        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
-          sources: Report[];
-        }
-      ).sources.find((s) => s.source === id)!;
+    const { p, readyz } = await startFromFile(path, { CRM_PASSWORD: second.password });
+    const report = async (id: string) => (await readyz()).sources.find((s) => s.source === id)!;
     const tiny = await waitFor(
       async () => {
         const r = await report('tiny');
@@ -263,7 +264,7 @@ sources:
     expect(tiny.state).not.toBe('streaming');
     expect(tiny.lastError).toContain('exceeded its heap limit (readerHeapLimitMb 4)');
     // Growing delays: the log says when each next attempt is.
-    const delays = philotes
+    const delays = p
       .logs()
       .filter((l) => l['source'] === 'tiny' && typeof l['retryInMs'] === 'number')
       .map((l) => l['retryInMs'] as number);
@@ -285,9 +286,9 @@ sources:
         ).length === 1,
       { what: 'the roomy source to store its row', timeoutMs: 60_000 },
     );
-    expect(philotes.status()).toBeNull();
-    expect(philotes.signal('SIGTERM')).toBe(true);
-    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+    expect(p.status()).toBeNull();
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
   });
 
   it('SIGHUP adds a source, removes another and restarts a changed one while the rest streams untouched; an invalid file is rejected and the running set kept', async () => {
@@ -303,17 +304,7 @@ sources:
 `;
     const path = join(dir, 'hup.yaml');
     writeFileSync(path, head + [source('keep'), source('gone')].join('\n'));
-    const metricsPort = await freePort();
-    philotes = startPhilotes(
-      {
-        BUFFER_PASSWORD: f.buffer.password,
-        CRM_PASSWORD: second.password,
-        PHILOTES_METRICS_PORT: String(metricsPort),
-        PHILOTES_METRICS_HOST: '127.0.0.1',
-      },
-      { args: ['--config', path] },
-    );
-    const p = philotes;
+    const { p, readyz } = await startFromFile(path, { CRM_PASSWORD: second.password });
     const walsender = async (id: string) =>
       (
         await second.query<{ pid: number | null; active: boolean }>(
@@ -321,12 +312,7 @@ sources:
           [`philotes_hup_${id}`],
         )
       )[0];
-    const states = async () =>
-      (
-        (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
-          sources: Array<{ source: string; state: string }>;
-        }
-      ).sources.map((r) => [r.source, r.state]);
+    const states = async () => (await readyz()).sources.map((r) => [r.source, r.state]);
     const storedRow = (id: string, row: number) =>
       waitFor(
         async () =>
