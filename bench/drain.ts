@@ -490,6 +490,11 @@ async function main(): Promise<void> {
     process.stderr.write(
       `bench: fleet: one source ${fleet.one.rowsPerSecond} rows/s (peak RSS ${fleet.one.peakRssMb} MB), ${fleet.sources} sources ${fleet.fleet.rowsPerSecond} rows/s (peak RSS ${fleet.fleet.peakRssMb} MB): ratio ${fleet.ratio}, RSS per additional source ${fleet.rssPerSourceMb} MB\n`,
     );
+    for (const st of fleet.steady) {
+      process.stdout.write(
+        `bench: fleet steady ${fleet.sources} × 100 tx/s, coalescing ${st.coalesce ? 'on' : 'off'} (${st.commitWriters} writers): ${st.bufferCommitsPerSecond} buffer commits/s, CPU ${st.cpuSecondsPerSecond} s/s, latency p50 ${st.p50Ms} ms, p99 ${st.p99Ms} ms, max ${st.maxMs} ms over ${st.transactions} transactions\n`,
+      );
+    }
   }
   mkdirSync('bench-results', { recursive: true });
   const file = join(

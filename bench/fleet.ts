@@ -3,6 +3,10 @@
  * one Philotes from a configuration file, against one source holding the same total rows, in
  * the same run. Reports aggregate rows/s, the ratio to the single source, peak RSS, and RSS per
  * additional source ((RSS with 16 − RSS with 1) / 15).
+ *
+ * Then the steady rate: 16 sources × 100 transactions/s, once with coalesced buffer commits (the
+ * default) and once without (one source per buffer transaction, as many writers as sources).
+ * Reports buffer commits/s, Philotes' CPU, and commit-to-buffer latency (p50/p99).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -17,6 +21,22 @@ const TOTAL_TRANSACTIONS = 100_000; // 4 rows each: 400k rows, as the small scen
 const DDL = `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`;
 const SCRIPT = `\\set g random(1, 1000000)\nINSERT INTO bench_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`;
 
+const STEADY_TPS_PER_SOURCE = 100;
+const STEADY_SECONDS = 20;
+
+export interface SteadyResult {
+  coalesce: boolean;
+  commitWriters: number;
+  transactions: number;
+  /** Transactions committed on the buffer database per second (pg_stat_database). */
+  bufferCommitsPerSecond: number;
+  /** Philotes' CPU (all threads) per second of wall time. */
+  cpuSecondsPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
 export interface FleetResult {
   scenario: 'fleet';
   sources: number;
@@ -27,6 +47,8 @@ export interface FleetResult {
   ratio: number;
   /** (RSS with 16 − RSS with 1) / 15: the goal is ≤ 25 MB. */
   rssPerSourceMb: number;
+  /** 16 sources × 100 tx/s, coalescing on and off: the p99 goal is ≤ 50 ms. */
+  steady: SteadyResult[];
 }
 
 /** A backlog of `transactions` × 4 rows in `database`, and the position after it. */
@@ -162,6 +184,13 @@ export async function runFleet(): Promise<FleetResult> {
       ].join('\n'),
     );
     const fleet = await drain(buffer, 'buffer', ['--config', config], {}, targets);
+    const steady: SteadyResult[] = [];
+    for (const [coalesce, writers] of [
+      [true, 2],
+      [false, FLEET_SOURCES],
+    ] as const) {
+      steady.push(await runSteady(source, work, coalesce, writers));
+    }
     return {
       scenario: 'fleet',
       sources: FLEET_SOURCES,
@@ -174,10 +203,163 @@ export async function runFleet(): Promise<FleetResult> {
       },
       ratio: round(one.seconds / fleet.seconds),
       rssPerSourceMb: round((fleet.peakRssMb - one.peakRssMb) / (FLEET_SOURCES - 1)),
+      steady,
     };
   } finally {
     await Promise.allSettled([source.destroy(), buffer.destroy()]);
     rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/** Philotes' CPU so far (user + system, every thread), in seconds. */
+function cpuSeconds(pid: number): number {
+  // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/**
+ * 16 sources at a steady rate into a buffer on its own cluster, fsync on (what a commit costs in
+ * production) and track_commit_timestamp on: a source transaction's latency is the commit time
+ * of the buffer transaction that stored it minus its source commit time (one machine, one clock).
+ */
+async function runSteady(
+  source: Cluster,
+  work: string,
+  coalesce: boolean,
+  writers: number,
+): Promise<SteadyResult> {
+  const tag = coalesce ? 'on' : 'off';
+  const buffer = await startCluster({
+    settings: { fsync: 'on', full_page_writes: 'on', track_commit_timestamp: 'on' },
+  });
+  let child: ChildProcess | null = null;
+  try {
+    await buffer.createDatabase('buffer');
+    const ids = Array.from({ length: FLEET_SOURCES }, (_, i) => `${tag}${i}`);
+    for (const id of ids) {
+      await source.createDatabase(`steady_${id}`);
+      await source.query(DDL, [], `steady_${id}`);
+    }
+    const config = join(work, `steady-${tag}.yaml`);
+    writeFileSync(
+      config,
+      [
+        `buffer: { url: "${buffer.url('buffer')}" }`,
+        `commitCoalesce: ${coalesce}`,
+        `commitWriters: ${writers}`,
+        'sources:',
+        ...ids.map(
+          (id) =>
+            `  - { id: ${id}, url: "${source.url(`steady_${id}`)}", slot: philotes_steady_${id} }`,
+        ),
+      ].join('\n'),
+    );
+    child = spawn(process.execPath, [PHILOTES_MAIN, '--config', config], {
+      env: {
+        PATH: process.env['PATH'] ?? '',
+        PHILOTES_METRICS_PORT: '0',
+        PHILOTES_LOG_LEVEL: 'warn',
+      },
+      stdio: ['ignore', 'inherit', 'inherit'],
+    });
+    for (;;) {
+      const [row] = await source.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM pg_replication_slots WHERE slot_name LIKE 'philotes_steady_${tag}%' AND active`,
+      );
+      if (row!.n === FLEET_SOURCES) break;
+      if (child.exitCode !== null) throw new Error(`philotes exited with ${child.exitCode}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const commits = async () =>
+      Number(
+        (
+          await buffer.query<{ n: string }>(
+            `SELECT xact_commit AS n FROM pg_stat_database WHERE datname = 'buffer'`,
+          )
+        )[0]!.n,
+      );
+    const script = join(work, 'steady.sql');
+    writeFileSync(script, `INSERT INTO bench_rows (k, v, note) VALUES (1, 2, 'steady');\n`);
+    const commitsBefore = await commits();
+    const cpuBefore = cpuSeconds(child.pid!);
+    const started = performance.now();
+    await Promise.all(
+      ids.map((id) =>
+        pgbench(
+          source,
+          [
+            '-n',
+            '-c',
+            '1',
+            '-R',
+            String(STEADY_TPS_PER_SOURCE),
+            '-T',
+            String(STEADY_SECONDS),
+            '-f',
+            script,
+          ],
+          `steady_${id}`,
+        ),
+      ),
+    );
+    const seconds = (performance.now() - started) / 1000;
+    const cpu = cpuSeconds(child.pid!) - cpuBefore;
+    // pg_stat_database lags by up to its report interval: read it once it has settled.
+    await new Promise((r) => setTimeout(r, 1000));
+    const bufferCommits = (await commits()) - commitsBefore;
+    let expected = 0;
+    for (const id of ids) {
+      const [row] = await source.query<{ n: number }>(
+        'SELECT count(*)::int AS n FROM bench_rows',
+        [],
+        `steady_${id}`,
+      );
+      expected += row!.n;
+    }
+    for (;;) {
+      const [row] = await buffer.query<{ n: number }>(
+        `SELECT count(*)::int AS n FROM cdc_events`,
+        [],
+        'buffer',
+      );
+      if (row!.n >= expected) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    // The first two seconds warm up; they are left out.
+    const [stats] = await buffer.query<{ n: number; p50: number; p99: number; max: number }>(
+      `WITH t AS (SELECT pg_xact_commit_timestamp(xmin) AS stored, committed_at AS committed
+                    FROM cdc_events),
+            w AS (SELECT extract(epoch FROM stored - committed) * 1000 AS ms FROM t
+                   WHERE committed >= (SELECT min(committed) FROM t) + interval '2 seconds')
+       SELECT count(*)::int AS n,
+              percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
+              percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
+              max(ms) AS max
+         FROM w`,
+      [],
+      'buffer',
+    );
+    return {
+      coalesce,
+      commitWriters: writers,
+      transactions: expected,
+      bufferCommitsPerSecond: Math.round(bufferCommits / seconds),
+      cpuSecondsPerSecond: round(cpu / seconds),
+      p50Ms: round(Number(stats!.p50)),
+      p99Ms: round(Number(stats!.p99)),
+      maxMs: round(Number(stats!.max)),
+    };
+  } finally {
+    if (child && child.exitCode === null) {
+      child.kill('SIGTERM');
+      await new Promise((r) => child!.once('exit', r));
+    }
+    await buffer.destroy();
+    // The slots would hold the source's WAL for the rest of the run.
+    await source.query(
+      `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'philotes_steady_${tag}%'`,
+    );
   }
 }
 

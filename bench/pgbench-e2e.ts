@@ -115,7 +115,7 @@ async function main(): Promise<void> {
       if (c === 0) {
         console.log('extra event', r);
         const all = await buffer.query(
-          `SELECT lsn::text, seq, xid, operation, table_name, after FROM cdc_events WHERE xid = $1 ORDER BY lsn, seq`,
+          `SELECT lsn::text, seq, xid, operation, table_name, after FROM cdc_events WHERE xid = $1 ORDER BY cdc_events.lsn, seq`,
           [r.xid],
           'buffer',
         );

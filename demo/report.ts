@@ -134,7 +134,7 @@ export async function collectReport(
       `SELECT lsn::text, seq, xid::text, operation, schema_name || '.' || table_name AS table_name,
               to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS committed_at,
               before::text, after::text, primary_key, unchanged_columns
-         FROM cdc_events WHERE source_id = $1 AND ${where} ORDER BY lsn, seq LIMIT 1`,
+         FROM cdc_events WHERE source_id = $1 AND ${where} ORDER BY cdc_events.lsn, seq LIMIT 1`,
       [SOURCE_ID],
     );
     if (r.rows[0]) samples.push([label, r.rows[0]]);

@@ -5,7 +5,7 @@
  */
 import client from 'prom-client';
 import type { SlotStatusMessage } from './common/protocol.js';
-import type { StoredGroupReport } from './supervisor/batch-writer.js';
+import type { BatchWriterObserver, StoredGroupReport } from './supervisor/batch-writer.js';
 
 const WAL_STATUSES = ['reserved', 'extended', 'unreserved', 'lost'] as const;
 
@@ -159,6 +159,38 @@ export class Metrics {
     labelNames: ['source'] as const,
     registers: [this.registry],
   });
+  readonly bufferTransactions = new client.Counter({
+    name: 'philotes_buffer_transactions_total',
+    help: 'Buffer transactions committed, all sources together (one may store several sources: coalesced commits).',
+    registers: [this.registry],
+  });
+  readonly bufferTransactionSources = new client.Histogram({
+    name: 'philotes_buffer_transaction_sources',
+    help: 'How many sources one committed buffer transaction stored.',
+    buckets: [1, 2, 4, 8, 16, 32, 64],
+    registers: [this.registry],
+  });
+  readonly bytesInFlight = new client.Gauge({
+    name: 'philotes_in_flight_bytes',
+    help: 'Bytes of batches received from readers and not yet stored, all sources together.',
+    registers: [this.registry],
+  });
+  readonly readersHeld = new client.Gauge({
+    name: 'philotes_readers_held',
+    help: 'Is 1 while every reader holds because the bytes in flight passed PHILOTES_MAX_BYTES_IN_FLIGHT.',
+    registers: [this.registry],
+  });
+  /** What the batch writer reports, into the process-wide families. */
+  readonly writerObserver: BatchWriterObserver = {
+    transaction: (sources) => {
+      this.bufferTransactions.inc();
+      this.bufferTransactionSources.observe(sources);
+    },
+    inFlight: (bytes, holding) => {
+      this.bytesInFlight.set(bytes);
+      this.readersHeld.set(holding ? 1 : 0);
+    },
+  };
   private readiness: () => ReadonlyArray<{ source: string; ready: boolean; notStreaming: number }> =
     () => [];
   readonly sourceReady = new client.Gauge({

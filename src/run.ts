@@ -41,7 +41,8 @@ async function openBuffer(
   log.info({ buffer: safeConnection(config.buffer) }, 'connecting to buffer database');
   for (let attempt = 1; ; attempt++) {
     try {
-      const store = await BufferStore.open(config.buffer, log, config.sources.length + 2);
+      // The writers' connections, and a few for start-ups, confirmable positions and gaps.
+      const store = await BufferStore.open(config.buffer, log, config.commitWriters + 3);
       if (attempt > 1) log.info({ attempts: attempt }, 'buffer database open');
       return store;
     } catch (error) {
@@ -267,6 +268,9 @@ function processWideChanges(running: Config, next: Config): string[] {
     'restartMinDelayMs',
     'restartMaxDelayMs',
     'readinessGraceMs',
+    'commitWriters',
+    'commitCoalesce',
+    'maxBytesInFlight',
   ] as const;
   return keys.filter((key) => JSON.stringify(running[key]) !== JSON.stringify(next[key]));
 }

@@ -88,6 +88,8 @@ export class SlotReader implements PgoutputHandler {
   /** Cancels the pending batch's scheduled send, if one is scheduled. */
   private cancelScheduledFlush: (() => void) | null = null;
   private creditWaiters: Array<() => void> = [];
+  /** The supervisor's writes are behind across all sources: send nothing more for now. */
+  private held = false;
   private durableWaiters: Array<() => void> = [];
   private timers: NodeJS.Timeout[] = [];
 
@@ -441,7 +443,7 @@ export class SlotReader implements PgoutputHandler {
   }
 
   private hasCredit(): boolean {
-    return this.confirmations.inFlight < this.task.settings.maxInFlightBatches;
+    return !this.held && this.confirmations.inFlight < this.task.settings.maxInFlightBatches;
   }
 
   private async waitForCredit(): Promise<void> {
@@ -470,6 +472,10 @@ export class SlotReader implements PgoutputHandler {
         if (this.replyRequested) this.confirm(true);
         break;
       }
+      case 'hold':
+        this.held = message.held;
+        if (!this.held) for (const w of this.creditWaiters.splice(0)) w();
+        break;
       case 'recorded': {
         this.confirmations.recorded(parseLsn(message.lsn));
         const recorded = this.confirmations.recordedUpTo;

@@ -36,6 +36,57 @@ export interface StoredGroup {
   readonly schemaVersionsAdded: number;
 }
 
+/** One source's share of a buffer transaction. */
+export interface StoreGroupPart {
+  readonly sourceId: string;
+  readonly slot: string;
+  readonly batches: readonly BatchMessage[];
+}
+
+/** COMMIT failed: the transaction may or may not have committed. Never retry what it held. */
+export class CommitOutcomeUnknownError extends Error {
+  constructor(override readonly cause: unknown) {
+    super(
+      `the buffer COMMIT failed, its outcome is unknown: ${(cause as Error)?.message ?? String(cause)}`,
+    );
+    this.name = 'CommitOutcomeUnknownError';
+    const code = (cause as { code?: unknown } | null)?.code;
+    // Classified like the failure underneath (a lost connection is still a lost connection).
+    if (typeof code === 'string') (this as { code?: string }).code = code;
+  }
+}
+
+/** Moves each part's checkpoint to its last completed transaction: one statement for all. */
+async function upsertCheckpoints(
+  client: pg.PoolClient,
+  checkpoints: readonly { part: StoreGroupPart; batch: BatchMessage }[],
+): Promise<void> {
+  await client.query(
+    `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn)
+     SELECT source_id, lsn, transaction_id, now(), metadata, lsn::pg_lsn
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+         AS c(source_id, lsn, transaction_id, metadata)
+     ON CONFLICT (source_id) DO UPDATE
+       SET lsn = EXCLUDED.lsn, transaction_id = EXCLUDED.transaction_id,
+           committed_at = EXCLUDED.committed_at, metadata = EXCLUDED.metadata,
+           confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn)`,
+    [
+      checkpoints.map((c) => c.part.sourceId),
+      checkpoints.map((c) => c.batch.checkpointLsn),
+      checkpoints.map((c) => c.batch.checkpointXid),
+      checkpoints.map((c) =>
+        JSON.stringify({
+          slot: c.part.slot,
+          source_committed_at:
+            c.batch.checkpointCommitTimeMs === null
+              ? null
+              : new Date(c.batch.checkpointCommitTimeMs).toISOString(),
+        }),
+      ),
+    ],
+  );
+}
+
 export interface SourceLock {
   /** Rejects if the connection holding the lock is lost (and with it, the lock). */
   readonly lost: Promise<never>;
@@ -242,54 +293,51 @@ export class BufferStore {
     };
   }
 
-  /** Stores batches (in order) and the checkpoint they reach, in one transaction. */
-  async storeBatches(
-    sourceId: string,
-    slot: string,
-    batches: readonly BatchMessage[],
-  ): Promise<StoredGroup> {
+  /**
+   * Stores several sources' batches in ONE transaction, each source's checkpoint with them: one
+   * COPY and one checkpoint upsert for all, so a fleet of sources at a steady rate costs the
+   * buffer one commit where it would cost one per source. Returns each part's result, in order.
+   * Every part must be a different source (one source's batches are one part, in order).
+   *
+   * A failure before COMMIT rolled everything back (the caller may retry parts alone); a failure
+   * of the COMMIT itself leaves the outcome unknown (the connection may have died after the
+   * server committed) and is thrown as a CommitOutcomeUnknownError: retrying would store twice.
+   */
+  async storeGroup(parts: readonly StoreGroupPart[]): Promise<StoredGroup[]> {
     const client = await this.pool.connect();
     let broken = false;
     try {
       await client.query('BEGIN');
-      const data = batches.filter((b) => b.rows > 0).map((b) => Buffer.from(b.data));
+      const data: Buffer[] = [];
+      for (const part of parts) {
+        for (const batch of part.batches) if (batch.rows > 0) data.push(Buffer.from(batch.data));
+      }
       if (data.length > 0) {
         await pipeline(
           Readable.from([COPY_BINARY_HEADER, ...data, COPY_BINARY_TRAILER]),
           client.query(copyFrom(COPY_EVENTS)),
         );
       }
-      let schemaVersionsAdded = 0;
-      for (const batch of batches) {
-        for (const change of batch.schemaChanges) {
-          if (await this.recordSchema(client, sourceId, change)) schemaVersionsAdded++;
+      const results: StoredGroup[] = [];
+      const checkpoints: { part: StoreGroupPart; batch: BatchMessage }[] = [];
+      for (const part of parts) {
+        let schemaVersionsAdded = 0;
+        for (const batch of part.batches) {
+          for (const change of batch.schemaChanges) {
+            if (await this.recordSchema(client, part.sourceId, change)) schemaVersionsAdded++;
+          }
         }
+        const last = [...part.batches].reverse().find((b) => b.checkpointLsn !== null);
+        if (last) checkpoints.push({ part, batch: last });
+        results.push({ checkpointLsn: last?.checkpointLsn ?? null, schemaVersionsAdded });
       }
-      const last = [...batches].reverse().find((b) => b.checkpointLsn !== null);
-      if (last?.checkpointLsn) {
-        await client.query(
-          `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn)
-           VALUES ($1, $2::text, $3, now(), $4, $2::text::pg_lsn)
-           ON CONFLICT (source_id) DO UPDATE
-             SET lsn = EXCLUDED.lsn, transaction_id = EXCLUDED.transaction_id,
-                 committed_at = EXCLUDED.committed_at, metadata = EXCLUDED.metadata,
-                 confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn)`,
-          [
-            sourceId,
-            last.checkpointLsn,
-            last.checkpointXid,
-            {
-              slot,
-              source_committed_at:
-                last.checkpointCommitTimeMs === null
-                  ? null
-                  : new Date(last.checkpointCommitTimeMs).toISOString(),
-            },
-          ],
-        );
+      if (checkpoints.length > 0) await upsertCheckpoints(client, checkpoints);
+      try {
+        await client.query('COMMIT');
+      } catch (error) {
+        throw new CommitOutcomeUnknownError(error);
       }
-      await client.query('COMMIT');
-      return { checkpointLsn: last?.checkpointLsn ?? null, schemaVersionsAdded };
+      return results;
     } catch (error) {
       broken = true;
       await client.query('ROLLBACK').catch(() => undefined);

@@ -108,6 +108,16 @@ export function integer(
   return Number(raw);
 }
 
+/** on/off, true/false, yes/no or 1/0. */
+export function flag(env: Env, name: string, fallback: boolean): boolean {
+  const raw = get(env, name);
+  if (raw === undefined) return fallback;
+  const value = raw.toLowerCase();
+  if (['on', 'true', 'yes', '1'].includes(value)) return true;
+  if (['off', 'false', 'no', '0'].includes(value)) return false;
+  throw new ConfigError(`${name} must be on or off (true/false), got ${JSON.stringify(raw)}`);
+}
+
 function sslMode(name: string, raw: string | undefined, fallback: SslMode): SslMode {
   if (raw === undefined) return fallback;
   if (!(SSL_MODES as readonly string[]).includes(raw)) {
@@ -379,6 +389,20 @@ export function readProcessSettings(
     readinessGraceMs:
       problems.attempt(() =>
         duration(source, as('PHILOTES_READINESS_GRACE'), '60s', 1000, 86_400_000),
+      ) ?? 0,
+    commitWriters:
+      problems.attempt(() => integer(source, as('PHILOTES_COMMIT_WRITERS'), 2, 1, 64)) ?? 1,
+    commitCoalesce:
+      problems.attempt(() => flag(source, as('PHILOTES_COMMIT_COALESCE'), true)) ?? true,
+    maxBytesInFlight:
+      problems.attempt(() =>
+        integer(
+          source,
+          as('PHILOTES_MAX_BYTES_IN_FLIGHT'),
+          128 * 1024 * 1024,
+          1024 * 1024,
+          64 * 1024 * 1024 * 1024,
+        ),
       ) ?? 0,
   };
 }

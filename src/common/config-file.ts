@@ -34,6 +34,9 @@ const PROCESS_KEYS: Readonly<Record<string, string>> = {
   PHILOTES_RESTART_MIN_DELAY: 'restartMinDelay',
   PHILOTES_RESTART_MAX_DELAY: 'restartMaxDelay',
   PHILOTES_READINESS_GRACE: 'readinessGrace',
+  PHILOTES_COMMIT_WRITERS: 'commitWriters',
+  PHILOTES_COMMIT_COALESCE: 'commitCoalesce',
+  PHILOTES_MAX_BYTES_IN_FLIGHT: 'maxBytesInFlight',
 };
 
 /** The keys a connection may have (buffer, each source). */
@@ -61,8 +64,11 @@ let cached: ReturnType<typeof buildSchemas> | undefined;
 function buildSchemas() {
   const yaml = load('yaml') as typeof YamlModule;
   const { z } = load('zod') as { z: typeof Zod };
-  /** Numbers and strings are both fine where a value is written (port: 5432, batchMaxWait: 20ms). */
-  const scalar = z.union([z.string(), z.number()]);
+  /**
+   * Numbers and strings are both fine where a value is written (port: 5432, batchMaxWait: 20ms),
+   * and booleans (commitCoalesce: false); each setting's reader says what it accepts.
+   */
+  const scalar = z.union([z.string(), z.number(), z.boolean()]);
   const connectionKeys = Object.fromEntries(
     CONNECTION_KEYS.map((key) => [key, key === 'port' ? scalar : z.string()]),
   );
@@ -143,7 +149,8 @@ export function loadConfigFile(path: string, env: Env): Config {
   // Values are read as the environment's are: from a flat map of strings, keyed by their path.
   const flat: Record<string, string | undefined> = { ...env };
   const put = (key: string, value: unknown) => {
-    if (typeof value === 'string' || typeof value === 'number') flat[key] = String(value);
+    if (typeof value === 'string' || typeof value === 'number' || typeof value === 'boolean')
+      flat[key] = String(value);
   };
 
   for (const key of Object.values(PROCESS_KEYS)) put(key, file[key]);

@@ -85,6 +85,12 @@ export interface Config extends SourceSettings {
   readonly restartMaxDelayMs: number;
   /** /readyz answers 503 once a source has not streamed for this long. */
   readonly readinessGraceMs: number;
+  /** Buffer transactions in progress at once (the writer's connections). */
+  readonly commitWriters: number;
+  /** Store several sources' waiting batches in one buffer transaction. */
+  readonly commitCoalesce: boolean;
+  /** Bytes of batches queued or being written, across all sources, before every reader holds. */
+  readonly maxBytesInFlight: number;
 }
 
 /**

@@ -156,7 +156,17 @@ export interface RecordedMessage {
   readonly lsn: string;
 }
 
-export type SupervisorMessage = DurableMessage | StopMessage | AbortMessage | RecordedMessage;
+/**
+ * The buffer writes are behind across all sources (their bytes in flight passed the cap): stop
+ * reading the slot (while answering keepalives) until told to carry on.
+ */
+export interface HoldMessage {
+  readonly type: 'hold';
+  readonly held: boolean;
+}
+
+export type SupervisorMessage =
+  DurableMessage | StopMessage | AbortMessage | RecordedMessage | HoldMessage;
 
 /**
  * What a reader task resolves with. A failure is returned rather than thrown: a thrown error

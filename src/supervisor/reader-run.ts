@@ -17,8 +17,8 @@ import type {
   SupervisorMessage,
 } from '../common/protocol.js';
 import type { DatabaseIdentity } from '../common/database-identity.js';
-import type { BufferStore, Checkpoint } from '../buffer/store.js';
-import { BatchWriter, type StoredGroupReport } from './batch-writer.js';
+import type { Checkpoint } from '../buffer/store.js';
+import type { BatchWriter, SourceWriter, StoredGroupReport } from './batch-writer.js';
 
 /** After asking a reader to abort, wait this long before terminating its thread. */
 const ABORT_GRACE_MS = 5_000;
@@ -36,7 +36,7 @@ export interface ReaderRunOptions {
   readonly settings: ReaderSettings;
   readonly checkpoint: Checkpoint | null;
   readonly buffer: DatabaseIdentity;
-  readonly store: BufferStore;
+  readonly writer: BatchWriter;
   readonly pool: Piscina;
   /** Why the reader's thread died outside a task, if it did (then the task failed with less). */
   readonly threadError: () => unknown;
@@ -47,7 +47,7 @@ export interface ReaderRunOptions {
 export class ReaderRun {
   private readonly channel = new MessageChannel();
   private readonly abortController = new AbortController();
-  private readonly writer: BatchWriter;
+  private readonly writer: SourceWriter;
   private onWriterFailed!: (error: unknown) => void;
   private readonly writerFailed = new Promise<never>((_, reject) => {
     this.onWriterFailed = reject;
@@ -57,7 +57,7 @@ export class ReaderRun {
   constructor(private readonly options: ReaderRunOptions) {
     this.writerFailed.catch(() => undefined);
     const { source, settings, checkpoint, listener, log } = options;
-    this.writer = new BatchWriter(options.store, source, {
+    this.writer = options.writer.open(source, {
       queued: (length) => listener.queued(length),
       stored: (report) => listener.stored(report),
       durable: (seq, lsn) => this.send({ type: 'durable', seq, lsn }),
@@ -67,6 +67,7 @@ export class ReaderRun {
         log.error({ err: error, problem: buffer.problem }, `${what}: ${buffer.summary}`);
         this.onWriterFailed(error);
       },
+      hold: (held) => this.send({ type: 'hold', held }),
     });
     this.channel.port1.on('message', (message: ReaderMessage) => this.onMessage(message));
     const task: ReaderTask = {

@@ -14,7 +14,7 @@ import { readerSettings, type ReadyMessage, type SlotStatusMessage } from '../co
 import { oneLine } from '../exit.js';
 import type { Metrics } from '../metrics.js';
 import type { BufferStore } from '../buffer/store.js';
-import type { StoredGroupReport } from './batch-writer.js';
+import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
 
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
@@ -86,6 +86,7 @@ export class SourceRunner implements ReaderRunListener {
     private readonly config: Config,
     private readonly threads: ReaderThreads,
     private readonly store: BufferStore,
+    private readonly writer: BatchWriter,
     private readonly metrics: Metrics,
     private readonly log: Logger,
     /** When the process started: a source that has never streamed has not streamed since then. */
@@ -385,7 +386,7 @@ export class SourceRunner implements ReaderRunListener {
       settings: readerSettings(this.config, this.source),
       checkpoint,
       buffer: this.store.identity,
-      store: this.store,
+      writer: this.writer,
       pool: this.threads.pool(this.source),
       threadError: () => this.threads.takeError(this.source.id),
       log: this.log,

@@ -10,6 +10,7 @@ import type { Metrics } from '../metrics.js';
 import type { BufferStore } from '../buffer/store.js';
 import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';
+import { BatchWriter } from './batch-writer.js';
 
 export interface ReloadResult {
   readonly added: string[];
@@ -25,6 +26,8 @@ export class Supervisor {
   private readonly stopped = new Promise<void>((resolve) => (this.resolveStopped = resolve));
   /** Reloads run one at a time. */
   private reloading: Promise<unknown> = Promise.resolve();
+  /** Every source's batches go through it, coalesced into shared buffer transactions. */
+  private readonly writer: BatchWriter;
 
   constructor(
     private config: Config,
@@ -34,7 +37,18 @@ export class Supervisor {
     private readonly log: Logger,
     private readonly startedAt: number,
     private readonly reportFatal?: (source: string, message: string) => void,
-  ) {}
+  ) {
+    this.writer = new BatchWriter(
+      store,
+      {
+        coalesce: config.commitCoalesce,
+        writers: config.commitWriters,
+        maxBytesInFlight: config.maxBytesInFlight,
+      },
+      log,
+      metrics.writerObserver,
+    );
+  }
 
   /** The runners, in the configuration's order. */
   get runners(): SourceRunner[] {
@@ -105,6 +119,7 @@ export class Supervisor {
       this.config,
       this.threads,
       this.store,
+      this.writer,
       this.metrics,
       log,
       this.startedAt,

@@ -79,7 +79,7 @@ export async function readLastEvent(
 ): Promise<LastEvent | undefined> {
   const [row] = await buffer.query<{ lsn: string; xid: string }>(
     `SELECT lsn::text, xid::text FROM cdc_events WHERE source_id = $1
-      ORDER BY lsn DESC, seq DESC LIMIT 1`,
+      ORDER BY cdc_events.lsn DESC, seq DESC LIMIT 1`,
     [sourceId],
     'buffer',
   );

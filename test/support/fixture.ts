@@ -183,7 +183,7 @@ export async function readEvents(
   return buffer.query<EventRow & Record<string, unknown>>(
     `SELECT lsn::text, seq, operation, table_name, before, after, primary_key, unchanged_columns
        FROM cdc_events WHERE source_id = $1 ${table ? 'AND table_name = $2' : ''}
-      ORDER BY lsn, seq`,
+      ORDER BY cdc_events.lsn, seq`,
     table ? [sourceId, table] : [sourceId],
     'buffer',
   ) as Promise<EventRow[]>;

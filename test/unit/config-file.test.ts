@@ -216,6 +216,39 @@ sources:
     expect(config.sources[1]!.settings.checkpointIntervalMs).toBe(5_000);
   });
 
+  it('reads the buffer writer settings, as booleans or words, and rejects bad ones with their keys', () => {
+    const base =
+      'buffer: { url: "postgres://u@b/buf" }\nsources:\n  - { id: a, url: "postgres://u@s/app", slot: slot_a }\n';
+    const defaults = loadConfig({}, file(base));
+    expect([defaults.commitCoalesce, defaults.commitWriters, defaults.maxBytesInFlight]).toEqual([
+      true,
+      2,
+      128 * 1024 * 1024,
+    ]);
+    const set = loadConfig(
+      {},
+      file(`commitCoalesce: false\ncommitWriters: 8\nmaxBytesInFlight: 1048576\n${base}`),
+    );
+    expect([set.commitCoalesce, set.commitWriters, set.maxBytesInFlight]).toEqual([
+      false,
+      8,
+      1048576,
+    ]);
+    expect(loadConfig({ PHILOTES_COMMIT_COALESCE: 'off' }, file(base)).commitCoalesce).toBe(false);
+    expect(
+      problems(() =>
+        loadConfig(
+          {},
+          file(`commitCoalesce: sometimes\ncommitWriters: 0\nmaxBytesInFlight: 10\n${base}`),
+        ),
+      ),
+    ).toEqual([
+      'commitCoalesce must be on or off (true/false), got "sometimes"',
+      'commitWriters must be an integer between 1 and 64, got "0"',
+      'maxBytesInFlight must be an integer between 1048576 and 68719476736, got "10"',
+    ]);
+  });
+
   it('the buffer is set in one place only', () => {
     const list = problems(() =>
       loadConfig(

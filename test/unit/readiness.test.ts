@@ -3,6 +3,7 @@
  * streamed steadily, and neither retries nor short reconnections reset it.
  */
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import type { BatchWriter } from '../../src/supervisor/batch-writer.js';
 import type { BufferStore } from '../../src/buffer/store.js';
 import type { ReaderThreads } from '../../src/supervisor/reader-pool.js';
 import { loadConfig } from '../../src/common/config.js';
@@ -26,6 +27,7 @@ function runner(startedAt: number): SourceRunner {
     config,
     {} as ReaderThreads,
     {} as BufferStore,
+    {} as BatchWriter,
     new Metrics(),
     createLogger('silent'),
     startedAt,
