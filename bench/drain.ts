@@ -18,6 +18,7 @@ import { destroyAllClusters, startCluster, type Cluster } from '../test/support/
 import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
+import { cpuSeconds } from './proc-stats.js';
 
 interface Scenario {
   name: string;
@@ -166,20 +167,6 @@ async function timeRecvlogical(source: Cluster, work: string, slot = 'twin'): Pr
 function reapedChildCpuSeconds(cluster: Cluster): number {
   const pid = Number(readFileSync(join(cluster.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
   return cpuSeconds(pid).children;
-}
-
-/**
- * CPU seconds from /proc/pid/stat: the process's own (utime + stime, fields 14 and 15) and that
- * of its children it has reaped (cutime + cstime, fields 16 and 17). Clock ticks are 1/100 s.
- */
-function cpuSeconds(pid: number): { own: number; children: number } {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields counted from the state (field 3), after the ')' closing the command name.
-  const f = stat
-    .slice(stat.lastIndexOf(')') + 2)
-    .split(' ')
-    .map(Number);
-  return { own: (f[11]! + f[12]!) / 100, children: (f[13]! + f[14]!) / 100 };
 }
 
 /** Waits until no other backend is connected to `database` (so its CPU has been reaped). */
@@ -488,7 +475,7 @@ async function main(): Promise<void> {
     );
     fleet = await runFleet();
     process.stderr.write(
-      `bench: fleet: one source ${fleet.one.rowsPerSecond} rows/s (peak RSS ${fleet.one.peakRssMb} MB), ${fleet.sources} sources ${fleet.fleet.rowsPerSecond} rows/s (peak RSS ${fleet.fleet.peakRssMb} MB): ratio ${fleet.ratio}, RSS per additional source ${fleet.rssPerSourceMb} MB\n`,
+      `bench: fleet: one source ${fleet.one.rowsPerSecond} rows/s (peak RSS ${fleet.one.peakRssMb} MB), ${fleet.sources} sources ${fleet.fleet.rowsPerSecond} rows/s (peak RSS ${fleet.fleet.peakRssMb} MB): ratio ${fleet.ratio} (${fleet.streamingRatio} from the moment all stream; start-up ${fleet.one.startSeconds} s / ${fleet.fleet.startSeconds} s), RSS per additional source ${fleet.rssPerSourceMb} MB; CPU s (Philotes / walsenders): one ${fleet.one.cpuSeconds.philotes} / ${fleet.one.cpuSeconds.walsenders}, fleet ${fleet.fleet.cpuSeconds.philotes} / ${fleet.fleet.cpuSeconds.walsenders}\n`,
     );
     for (const st of fleet.steady) {
       process.stdout.write(

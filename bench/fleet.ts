@@ -9,12 +9,13 @@
  * Reports buffer commits/s, Philotes' CPU, and commit-to-buffer latency (p50/p99).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCluster, type Cluster } from '../test/support/cluster.js';
 import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { pgbench } from './pg-tools.js';
+import { cpuSeconds, peakRssMb } from './proc-stats.js';
 
 export const FLEET_SOURCES = 16;
 const TOTAL_TRANSACTIONS = 100_000; // 4 rows each: 400k rows, as the small scenario
@@ -37,12 +38,29 @@ export interface SteadyResult {
   maxMs: number;
 }
 
+interface DrainRun {
+  /** From start to every checkpoint past its target. */
+  seconds: number;
+  /** From start to every slot streaming (threads, connections, slot checks). */
+  startSeconds: number;
+  peakRssMb: number;
+  cpuSeconds: DrainCpu;
+}
+
+/** CPU seconds of a drain: Philotes (all threads) and the source's walsenders. */
+export interface DrainCpu {
+  philotes: number;
+  walsenders: number;
+}
+
 export interface FleetResult {
   scenario: 'fleet';
   sources: number;
   rows: number;
-  one: { seconds: number; rowsPerSecond: number; peakRssMb: number };
-  fleet: { seconds: number; rowsPerSecond: number; peakRssMb: number };
+  one: DrainRun & { rowsPerSecond: number };
+  fleet: DrainRun & { rowsPerSecond: number };
+  /** The same ratio from the moment every slot streams: the drain without the start-up. */
+  streamingRatio: number;
   /** Fleet rows/s over one source's rows/s on the same total rows: the goal is ≥ 0.9. */
   ratio: number;
   /** (RSS with 16 − RSS with 1) / 15: the goal is ≤ 25 MB. */
@@ -82,11 +100,6 @@ async function backlog(
   return row!.lsn;
 }
 
-function peakRssMb(pid: number): number {
-  const hwm = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return Math.round(Number(hwm?.[1] ?? 0) / 1024);
-}
-
 /** Runs Philotes until every source's checkpoint has passed its target; seconds and peak RSS. */
 async function drain(
   buffer: Cluster,
@@ -94,8 +107,10 @@ async function drain(
   args: string[],
   env: Record<string, string>,
   targets: Map<string, string>,
-): Promise<{ seconds: number; peakRssMb: number }> {
+  source: Cluster,
+): Promise<DrainRun> {
   const started = performance.now();
+  let streamingAt: number | null = null;
   const child: ChildProcess = spawn(process.execPath, [PHILOTES_MAIN, ...args], {
     env: {
       PATH: process.env['PATH'] ?? '',
@@ -107,6 +122,13 @@ async function drain(
   });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   for (;;) {
+    if (streamingAt === null) {
+      const [active] = await source.query<{ n: number }>(
+        'SELECT count(*)::int AS n FROM pg_replication_slots WHERE active AND slot_name = ANY($1)',
+        [[...targets.keys()].map((id) => `philotes_${id}`)],
+      );
+      if (active!.n === targets.size) streamingAt = performance.now();
+    }
     const rows = await buffer
       .query<{ source_id: string; lsn: string }>(
         'SELECT source_id, lsn FROM cdc_checkpoints',
@@ -129,9 +151,18 @@ async function drain(
   }
   const seconds = (performance.now() - started) / 1000;
   const rss = peakRssMb(child.pid!);
+  const cpu = {
+    philotes: round(cpuSeconds(child.pid!).own),
+    walsenders: round(walsenderCpuSeconds()),
+  };
   child.kill('SIGTERM');
   if ((await exited) !== 0) throw new Error('philotes did not stop cleanly');
-  return { seconds, peakRssMb: rss };
+  return {
+    seconds,
+    startSeconds: ((streamingAt ?? performance.now()) - started) / 1000,
+    peakRssMb: rss,
+    cpuSeconds: cpu,
+  };
 }
 
 export async function runFleet(): Promise<FleetResult> {
@@ -171,6 +202,7 @@ export async function runFleet(): Promise<FleetResult> {
         PHILOTES_BUFFER_URL: buffer.url('buffer_one'),
       },
       new Map([['one', oneTarget]]),
+      source,
     );
     const config = join(work, 'fleet.yaml');
     writeFileSync(
@@ -183,7 +215,7 @@ export async function runFleet(): Promise<FleetResult> {
         ),
       ].join('\n'),
     );
-    const fleet = await drain(buffer, 'buffer', ['--config', config], {}, targets);
+    const fleet = await drain(buffer, 'buffer', ['--config', config], {}, targets, source);
     const steady: SteadyResult[] = [];
     for (const [coalesce, writers] of [
       [true, 2],
@@ -195,13 +227,22 @@ export async function runFleet(): Promise<FleetResult> {
       scenario: 'fleet',
       sources: FLEET_SOURCES,
       rows,
-      one: { ...one, seconds: round(one.seconds), rowsPerSecond: Math.round(rows / one.seconds) },
+      one: {
+        ...one,
+        seconds: round(one.seconds),
+        startSeconds: round(one.startSeconds),
+        rowsPerSecond: Math.round(rows / one.seconds),
+      },
       fleet: {
         ...fleet,
         seconds: round(fleet.seconds),
+        startSeconds: round(fleet.startSeconds),
         rowsPerSecond: Math.round(rows / fleet.seconds),
       },
       ratio: round(one.seconds / fleet.seconds),
+      streamingRatio: round(
+        (one.seconds - one.startSeconds) / (fleet.seconds - fleet.startSeconds),
+      ),
       rssPerSourceMb: round((fleet.peakRssMb - one.peakRssMb) / (FLEET_SOURCES - 1)),
       steady,
     };
@@ -211,11 +252,22 @@ export async function runFleet(): Promise<FleetResult> {
   }
 }
 
-/** Philotes' CPU so far (user + system, every thread), in seconds. */
-function cpuSeconds(pid: number): number {
-  // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
+/**
+ * CPU used so far by the walsenders on this machine (each reads and decodes the whole cluster's
+ * WAL, whichever database its slot is in): where a drain's time goes besides Philotes.
+ */
+function walsenderCpuSeconds(): number {
+  let total = 0;
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8');
+      if (cmdline.startsWith('postgres: walsender')) total += cpuSeconds(Number(entry)).own;
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  return total;
 }
 
 /**
@@ -223,13 +275,13 @@ function cpuSeconds(pid: number): number {
  * production) and track_commit_timestamp on: a source transaction's latency is the commit time
  * of the buffer transaction that stored it minus its source commit time (one machine, one clock).
  */
-async function runSteady(
+export async function runSteady(
   source: Cluster,
   work: string,
   coalesce: boolean,
   writers: number,
+  tag = coalesce ? 'on' : 'off',
 ): Promise<SteadyResult> {
-  const tag = coalesce ? 'on' : 'off';
   const buffer = await startCluster({
     settings: { fsync: 'on', full_page_writes: 'on', track_commit_timestamp: 'on' },
   });
@@ -282,7 +334,7 @@ async function runSteady(
     const script = join(work, 'steady.sql');
     writeFileSync(script, `INSERT INTO bench_rows (k, v, note) VALUES (1, 2, 'steady');\n`);
     const commitsBefore = await commits();
-    const cpuBefore = cpuSeconds(child.pid!);
+    const cpuBefore = cpuSeconds(child.pid!).own;
     const started = performance.now();
     await Promise.all(
       ids.map((id) =>
@@ -304,7 +356,7 @@ async function runSteady(
       ),
     );
     const seconds = (performance.now() - started) / 1000;
-    const cpu = cpuSeconds(child.pid!) - cpuBefore;
+    const cpu = cpuSeconds(child.pid!).own - cpuBefore;
     // pg_stat_database lags by up to its report interval: read it once it has settled.
     await new Promise((r) => setTimeout(r, 1000));
     const bufferCommits = (await commits()) - commitsBefore;

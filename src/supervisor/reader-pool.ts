@@ -9,6 +9,14 @@ import type { SourceConfig } from '../common/config.js';
 
 const READER_FILE = new URL('../../workers/slot-reader.js', import.meta.url).href;
 
+/**
+ * A reader's young generation, in MB. V8's default lets each thread's nursery grow to tens of MB
+ * while it decodes a backlog; measured with 16 sources draining on 2 cores, 4 MB takes ~55 MB off
+ * the peak RSS and ~1 s off the CPU of the drain (more, smaller scavenges that stay in cache), and
+ * makes no difference to a single source's rate.
+ */
+const READER_YOUNG_GENERATION_MB = 4;
+
 export class ReaderThreads {
   private readonly pools = new Map<string, Piscina>();
   /** Why a source's thread died with no task on it, until its run asks. */
@@ -35,7 +43,10 @@ export class ReaderThreads {
         // 'sync' atomics freeze handles a task leaves open; our tasks are long-lived streams.
         atomics: 'disabled',
         // Exceeding it rejects the task with ERR_WORKER_OUT_OF_MEMORY and replaces the thread.
-        resourceLimits: { maxOldGenerationSizeMb: source.settings.readerHeapLimitMb },
+        resourceLimits: {
+          maxOldGenerationSizeMb: source.settings.readerHeapLimitMb,
+          maxYoungGenerationSizeMb: READER_YOUNG_GENERATION_MB,
+        },
       });
       // A thread that dies with no task on it (out of heap while loading its modules) is an
       // 'error' on the pool, which would end the whole process unheard. And a thread that fails
