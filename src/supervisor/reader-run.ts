@@ -104,6 +104,8 @@ export class ReaderRun {
       throw error;
     } finally {
       this.channel.port1.close();
+      // Leaves the process-wide writer (after a clean stop its queue is empty already).
+      await this.writer.close();
     }
   }
 
