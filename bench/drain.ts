@@ -18,6 +18,7 @@ import { destroyAllClusters, startCluster, type Cluster } from '../test/support/
 import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
+import { commitLatency } from './commit-latency.js';
 import { cpuSeconds } from './proc-stats.js';
 
 interface Scenario {
@@ -377,36 +378,12 @@ async function runLatency(): Promise<LatencyResult> {
       await new Promise((r) => setTimeout(r, 100));
     }
     // The first two seconds warm up (JIT, connections); they are left out.
-    const [stats] = await buffer.query<{
-      n: number;
-      p50: number;
-      p95: number;
-      p99: number;
-      max: number;
-    }>(
-      `WITH t AS (SELECT lsn, min(pg_xact_commit_timestamp(xmin)) AS stored,
-                         min(committed_at) AS committed
-                    FROM cdc_events WHERE table_name = 'bench_rows' GROUP BY lsn),
-            w AS (SELECT extract(epoch FROM stored - committed) * 1000 AS ms FROM t
-                   WHERE committed >= (SELECT min(committed) FROM t) + interval '2 seconds')
-       SELECT count(*)::int AS n,
-              percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-              percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95,
-              percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
-              max(ms) AS max
-         FROM w`,
-      [],
-      'buffer',
-    );
+    const stats = await commitLatency(buffer, 'buffer', 'bench_rows');
     return {
       scenario: 'latency',
       description: `${LATENCY_TPS} single-row transactions/s for ${LATENCY_SECONDS} s from 4 clients`,
       targetTps: LATENCY_TPS,
-      transactions: stats!.n,
-      p50Ms: round(Number(stats!.p50)),
-      p95Ms: round(Number(stats!.p95)),
-      p99Ms: round(Number(stats!.p99)),
-      maxMs: round(Number(stats!.max)),
+      ...stats,
     };
   } finally {
     child?.kill('SIGTERM');

@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startCluster, type Cluster } from '../test/support/cluster.js';
 import { PHILOTES_MAIN } from '../test/support/philotes.js';
+import { commitLatency } from './commit-latency.js';
 import { pgbench } from './pg-tools.js';
 import { cpuSeconds, peakRssMb } from './proc-stats.js';
 
@@ -378,29 +379,16 @@ export async function runSteady(
       if (row!.n >= expected) break;
       await new Promise((r) => setTimeout(r, 100));
     }
-    // The first two seconds warm up; they are left out.
-    const [stats] = await buffer.query<{ n: number; p50: number; p99: number; max: number }>(
-      `WITH t AS (SELECT pg_xact_commit_timestamp(xmin) AS stored, committed_at AS committed
-                    FROM cdc_events),
-            w AS (SELECT extract(epoch FROM stored - committed) * 1000 AS ms FROM t
-                   WHERE committed >= (SELECT min(committed) FROM t) + interval '2 seconds')
-       SELECT count(*)::int AS n,
-              percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-              percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
-              max(ms) AS max
-         FROM w`,
-      [],
-      'buffer',
-    );
+    const latency = await commitLatency(buffer, 'buffer', 'bench_rows');
     return {
       coalesce,
       commitWriters: writers,
       transactions: expected,
       bufferCommitsPerSecond: Math.round(bufferCommits / seconds),
       cpuSecondsPerSecond: round(cpu / seconds),
-      p50Ms: round(Number(stats!.p50)),
-      p99Ms: round(Number(stats!.p99)),
-      maxMs: round(Number(stats!.max)),
+      p50Ms: latency.p50Ms,
+      p99Ms: latency.p99Ms,
+      maxMs: latency.maxMs,
     };
   } finally {
     if (child && child.exitCode === null) {
