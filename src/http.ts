@@ -1,5 +1,6 @@
 /**
- * The HTTP endpoint: /metrics for Prometheus, /healthz for liveness and /readyz for readiness.
+ * The HTTP endpoint: /metrics for Prometheus, /healthz for liveness, /readyz for readiness, and
+ * the status page at / for people.
  *
  * Liveness and readiness answer different questions, the way orchestrators use them. /healthz:
  * does this process work (its event loop answers, its supervisor runs)? A remote database being
@@ -20,6 +21,8 @@ export interface Probe {
 export interface Probes {
   liveness(): Probe;
   readiness(): Probe;
+  /** The status page's HTML (status-page.ts). */
+  page(): string;
 }
 
 export async function startHttpServer(
@@ -45,6 +48,12 @@ export async function startHttpServer(
       );
       return;
     }
+    if (path === '/') {
+      res
+        .writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'cache-control': 'no-store' })
+        .end(probes.page());
+      return;
+    }
     const probe =
       path === '/healthz' ? probes.liveness() : path === '/readyz' ? probes.readiness() : null;
     if (probe !== null) {
@@ -58,7 +67,7 @@ export async function startHttpServer(
     }
     res
       .writeHead(404, { 'content-type': 'text/plain' })
-      .end('not found: try /metrics, /healthz or /readyz\n');
+      .end('not found: try /, /metrics, /healthz or /readyz\n');
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -70,7 +79,7 @@ export async function startHttpServer(
   const address = server.address() as AddressInfo;
   log.info(
     { host: address.address, port: address.port },
-    'metrics and health endpoints listening (/metrics, /healthz, /readyz)',
+    'status page, metrics and health endpoints listening (/, /metrics, /healthz, /readyz)',
   );
   return server;
 }

@@ -2,16 +2,18 @@
 /**
  * philotes-worker: the command line. `run` (the default) reads configuration, starts one reader
  * thread per source, then loads and runs the rest (run.ts) until SIGTERM/SIGINT. `reset-source`
- * records a gap an operator accepts and lets a stopped source resume.
+ * records a gap an operator accepts and lets a stopped source resume. `status` and
+ * `print-config` read and print, changing nothing.
  *
  * Exit codes: 0 after a clean stop, 2 for configuration or source errors a person must fix (and
- * for a bad command line), 1 for anything else.
+ * for a bad command line), 1 for anything else (for `status`: something could not be read).
  *
  * Only light modules are imported statically: the reader threads start loading theirs on another
  * core while this thread loads the supervisor's (pino, prom-client, pg) and opens the buffer.
  */
 import { readFileSync } from 'node:fs';
 import { Command, CommanderError } from 'commander';
+import { closest } from './common/closest.js';
 import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
 import { ReaderThreads } from './supervisor/reader-pool.js';
@@ -71,11 +73,94 @@ async function resetSource(opts: {
   }
 }
 
+/** A secret-free copy of the configuration: passwords hidden, CA certificates by size. */
+function redacted(loaded: Config): unknown {
+  return JSON.parse(
+    JSON.stringify(loaded, (key, value: unknown) => {
+      if (key === 'password') return value === undefined ? undefined : '(set, hidden)';
+      if (key === 'sslRootCert' && typeof value === 'string') return `(PEM, ${value.length} bytes)`;
+      return value;
+    }),
+  ) as unknown;
+}
+
+async function printConfig(opts: { json?: boolean }): Promise<void> {
+  const loaded = config();
+  if (opts.json) {
+    process.stdout.write(`${JSON.stringify(redacted(loaded), null, 2)}\n`);
+    return;
+  }
+  const { createRequire } = await import('node:module');
+  const yaml = createRequire(import.meta.url)('yaml') as typeof import('yaml');
+  process.stdout.write(yaml.stringify(redacted(loaded)));
+}
+
+async function status(opts: { json?: boolean }): Promise<void> {
+  const loaded = config();
+  const [{ readStatus }, { formatTable, humanBytes, humanSeconds }] = await Promise.all([
+    import('./status.js'),
+    import('./cli-output.js'),
+  ]);
+  const report = await readStatus(loaded);
+  if (opts.json) {
+    process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+  } else {
+    const slot = (s: (typeof report.sources)[number]): string | null =>
+      s.slotExists === null
+        ? null
+        : !s.slotExists
+          ? 'missing'
+          : s.slotActive
+            ? `active: ${s.slotOwner ?? '?'}`
+            : 'inactive';
+    process.stdout.write(
+      `${formatTable(
+        ['SOURCE', 'CHECKPOINT', 'STORED', 'LAG', 'RETAINED WAL', 'WAL STATUS', 'SLOT', 'PROBLEM'],
+        report.sources.map((s) => [
+          s.source,
+          s.checkpointLsn,
+          s.checkpointAgeSeconds === null ? null : `${humanSeconds(s.checkpointAgeSeconds)} ago`,
+          humanBytes(s.lagBytes),
+          humanBytes(s.retainedWalBytes),
+          s.walStatus,
+          slot(s),
+          s.problem,
+        ]),
+      )}\n`,
+    );
+  }
+  // 1: something could not be read (a source, the buffer); the rows say what.
+  process.exit(
+    report.buffer !== null || report.sources.some((s) => s.problem) ? EXIT_ERROR : EXIT_OK,
+  );
+}
+
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
     version: string;
   };
   return pkg.version;
+}
+
+/**
+ * `run` is the default command, so commander would read a misspelt command as an argument of
+ * `run` ("too many arguments"): name the unknown command instead, with the nearest known one.
+ */
+function rejectUnknownCommand(command: Command, args: readonly string[]): void {
+  const known = [...command.commands.map((c) => c.name()), 'help'];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === '--config')
+      i++; // its value
+    else if (!arg.startsWith('-')) {
+      if (known.includes(arg)) return;
+      const near = closest(arg, known);
+      process.stderr.write(
+        `philotes: unknown command "${arg}"${near ? ` (did you mean "${near}"?)` : ''}; the commands are ${known.join(', ')}\n`,
+      );
+      process.exit(EXIT_USAGE);
+    }
+  }
 }
 
 const program = new Command()
@@ -114,6 +199,22 @@ program
     "skip the slot to the source's current WAL position (after a publication was dropped and created again)",
   )
   .action(resetSource);
+
+program
+  .command('status')
+  .description(
+    'every configured source now: its checkpoint and when it was stored, lag, the WAL its slot retains, wal_status, and who holds the slot; read from the buffer and the sources, changing nothing (exit 1 if something could not be read)',
+  )
+  .option('--json', 'one JSON document instead of a table')
+  .action(status);
+
+program
+  .command('print-config')
+  .description('the effective configuration (defaults applied, secrets hidden), as YAML')
+  .option('--json', 'as JSON')
+  .action(printConfig);
+
+rejectUnknownCommand(program, process.argv.slice(2));
 
 program.parseAsync(process.argv).catch((error: unknown) => {
   process.stderr.write(

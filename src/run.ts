@@ -9,6 +9,7 @@ import type { ReaderThreads } from './supervisor/reader-pool.js';
 import { ConfigError, loadConfig, type Config } from './common/config.js';
 import { classifyBufferError, isFatal } from './common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
+import { renderStatusPage, type StatusPageData } from './status-page.js';
 import { startHttpServer, type Probe } from './http.js';
 import { createLogger, safeConnection, type Logger } from './common/logger.js';
 import { Metrics } from './metrics.js';
@@ -86,6 +87,10 @@ function waitingReport(
     lastStoredAt: null,
     retainedWalBytes: null,
     walStatus: null,
+    lagBytes: null,
+    lagSeconds: null,
+    eventsPerSecond: 0,
+    restarts: 0,
   };
 }
 
@@ -145,6 +150,18 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
     },
   });
 
+  const page = (): string => {
+    const now = Date.now();
+    const ready = readiness();
+    return renderStatusPage({
+      ready: ready.ok,
+      version,
+      buffer: ready.body['buffer'] as StatusPageData['buffer'],
+      sources: reports(now),
+      now,
+    });
+  };
+
   let server: http.Server | null = null;
   if (config.metricsPort !== 0) {
     try {
@@ -152,7 +169,7 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
         config.metricsHost,
         config.metricsPort,
         metrics,
-        { liveness, readiness },
+        { liveness, readiness, page },
         log,
       );
     } catch (error) {

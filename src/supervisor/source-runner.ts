@@ -49,6 +49,37 @@ export interface SourceReport {
   /** The WAL the source holds for the slot, as last polled (null before the first poll). */
   readonly retainedWalBytes: number | null;
   readonly walStatus: string | null;
+  /** WAL between the server's end and what is captured (null until both are known). */
+  readonly lagBytes: number | null;
+  /** Behind: the age of the last stored source commit; 0 when caught up; null when unknown. */
+  readonly lagSeconds: number | null;
+  /** Events stored per second over the last 10 seconds. */
+  readonly eventsPerSecond: number;
+  /** Reader restarts since the process started. */
+  readonly restarts: number;
+}
+
+/** Events stored per second, over a sliding window of whole seconds. */
+class RateWindow {
+  private readonly buckets = new Map<number, number>();
+  constructor(private readonly seconds = 10) {}
+
+  add(count: number, now = Date.now()): void {
+    const second = Math.floor(now / 1000);
+    this.buckets.set(second, (this.buckets.get(second) ?? 0) + count);
+    for (const key of this.buckets.keys())
+      if (key <= second - this.seconds) this.buckets.delete(key);
+  }
+
+  rate(now = Date.now()): number {
+    const second = Math.floor(now / 1000);
+    let total = 0;
+    // The current, unfinished second is left out: it would read low.
+    for (const [key, count] of this.buckets) {
+      if (key < second && key >= second - this.seconds) total += count;
+    }
+    return Math.round((total / this.seconds) * 10) / 10;
+  }
 }
 
 export class SourceRunner implements ReaderRunListener {
@@ -62,6 +93,11 @@ export class SourceRunner implements ReaderRunListener {
   private serverWalEnd = 0n;
   private lastStoredAt: number | null = null;
   private slotStatus: SlotStatusMessage | null = null;
+  private lagBytes: bigint | null = null;
+  /** Source commit time of the last stored transaction (ms since epoch). */
+  private lastSourceCommitMs: number | null = null;
+  private readonly eventRate = new RateWindow();
+  private restarts = 0;
   private stateSince = Date.now();
   /**
    * Since when the source has not been capturing: its first failure after it last streamed
@@ -177,6 +213,11 @@ export class SourceRunner implements ReaderRunListener {
     if (report.batches.some((b) => b.checkpointCommitTimeMs !== null)) {
       this.lastStoredAt = report.storedAt;
     }
+    for (const batch of report.batches) {
+      if (batch.checkpointCommitTimeMs !== null)
+        this.lastSourceCommitMs = batch.checkpointCommitTimeMs;
+      this.eventRate.add(batch.rows, report.storedAt);
+    }
     if (report.stored.schemaVersionsAdded > 0) {
       this.log.info({ versions: report.stored.schemaVersionsAdded }, 'schema versions recorded');
     }
@@ -198,6 +239,7 @@ export class SourceRunner implements ReaderRunListener {
     const captured = confirmed > checkpoint ? confirmed : checkpoint;
     if (captured === 0n) return;
     const lag = this.serverWalEnd - captured;
+    this.lagBytes = lag > 0n ? lag : 0n;
     this.metrics.lagBytes.set({ source: this.source.id }, lsnToNumber(lag > 0n ? lag : 0n));
   }
 
@@ -240,6 +282,17 @@ export class SourceRunner implements ReaderRunListener {
       lastStoredAt: iso(this.lastStoredAt),
       retainedWalBytes: this.slotStatus?.retainedWalBytes ?? null,
       walStatus: this.slotStatus?.walStatus ?? null,
+      lagBytes: this.lagBytes === null ? null : Number(this.lagBytes),
+      lagSeconds:
+        this.lagBytes === null
+          ? null
+          : this.lagBytes === 0n
+            ? 0
+            : this.lastSourceCommitMs === null
+              ? null
+              : Math.max(0, Math.round((now - this.lastSourceCommitMs) / 1000)),
+      eventsPerSecond: this.eventRate.rate(now),
+      restarts: this.restarts,
     };
   }
 
@@ -349,6 +402,7 @@ export class SourceRunner implements ReaderRunListener {
     this.metrics.nextAttemptTimestamp.set(labels, this.nextAttemptAt / 1000);
     this.metrics.readerFailures.inc({ ...labels, kind: 'retryable' });
     this.metrics.readerRestarts.inc(labels);
+    this.restarts++;
     this.log.warn(
       {
         err: error,

@@ -1,0 +1,153 @@
+/**
+ * `philotes-worker status`: what every configured source looks like right now, read from the
+ * buffer (its checkpoint) and from the source (its slot), without changing anything and without a
+ * running worker. Each source is read on its own connections, all at once; one that cannot be
+ * reached says why in its row and does not hide the others.
+ */
+import pg from 'pg';
+import type { Config, SourceConfig } from './common/config.js';
+import { describeConnectionError } from './common/errors.js';
+import { formatLsn, parseLsn } from './common/lsn.js';
+import { pgClientOptions } from './common/pg-connection.js';
+import { currentWalLsn, readSlotState } from './common/source-admin.js';
+
+export interface SourceStatus {
+  readonly source: string;
+  readonly slot: string;
+  /** The stored checkpoint (end of the last stored transaction), null before the first. */
+  readonly checkpointLsn: string | null;
+  /** When the checkpoint was last moved, and the source commit time of that transaction. */
+  readonly checkpointStoredAt: string | null;
+  readonly checkpointAgeSeconds: number | null;
+  readonly lastSourceCommitAt: string | null;
+  /** The source's WAL position now, and how far behind the captured position it is. */
+  readonly walLsn: string | null;
+  readonly lagBytes: number | null;
+  readonly slotExists: boolean | null;
+  readonly slotActive: boolean | null;
+  /** Who holds the slot: application name, address and PID of its walsender's client. */
+  readonly slotOwner: string | null;
+  readonly walStatus: string | null;
+  readonly retainedWalBytes: number | null;
+  /** What could not be read, if anything (the source, or the buffer for this source). */
+  readonly problem: string | null;
+}
+
+interface CheckpointRow {
+  source_id: string;
+  lsn: string;
+  confirmed_lsn: string | null;
+  committed_at: Date;
+  metadata: { source_committed_at?: string | null } | null;
+}
+
+/** Reads the status of every configured source; `problems` names what could not be read. */
+export async function readStatus(
+  config: Config,
+): Promise<{ buffer: string | null; sources: SourceStatus[] }> {
+  const now = Date.now();
+  let checkpoints = new Map<string, CheckpointRow>();
+  let bufferProblem: string | null = null;
+  try {
+    checkpoints = await readCheckpoints(config);
+  } catch (error) {
+    bufferProblem = explain(error, 'buffer', config.buffer.host, config.buffer.port);
+  }
+  const sources = await Promise.all(
+    config.sources.map((source) =>
+      sourceStatus(source, checkpoints.get(source.id) ?? null, bufferProblem, now),
+    ),
+  );
+  return { buffer: bufferProblem, sources };
+}
+
+async function readCheckpoints(config: Config): Promise<Map<string, CheckpointRow>> {
+  const client = new pg.Client(pgClientOptions(config.buffer, 'philotes:status'));
+  client.on('error', () => undefined); // a lost connection rejects the query in flight
+  await client.connect();
+  try {
+    // Read only: a buffer Philotes never started on has no tables yet, which is no error here.
+    const exists = await client.query<{ ok: boolean }>(
+      `SELECT to_regclass('cdc_checkpoints') IS NOT NULL AS ok`,
+    );
+    if (!exists.rows[0]?.ok) return new Map();
+    const rows = await client.query<CheckpointRow>(
+      `SELECT source_id, lsn, confirmed_lsn::text, committed_at, metadata
+         FROM cdc_checkpoints WHERE source_id = ANY($1)`,
+      [config.sources.map((s) => s.id)],
+    );
+    return new Map(rows.rows.map((r) => [r.source_id, r]));
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+async function sourceStatus(
+  source: SourceConfig,
+  checkpoint: CheckpointRow | null,
+  bufferProblem: string | null,
+  now: number,
+): Promise<SourceStatus> {
+  const stored = checkpoint?.committed_at ?? null;
+  const base = {
+    source: source.id,
+    slot: source.slot,
+    checkpointLsn: checkpoint?.lsn ?? null,
+    checkpointStoredAt: stored?.toISOString() ?? null,
+    checkpointAgeSeconds: stored === null ? null : Math.round((now - stored.getTime()) / 1000),
+    lastSourceCommitAt: checkpoint?.metadata?.source_committed_at ?? null,
+  };
+  const client = new pg.Client(pgClientOptions(source.connection, `philotes:status`));
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    const slot = await readSlotState(client, source.slot);
+    const wal = await currentWalLsn(client);
+    let owner: string | null = null;
+    if (slot?.activePid != null) {
+      const who = await client.query<{ application_name: string; client_addr: string | null }>(
+        'SELECT application_name, client_addr::text FROM pg_stat_replication WHERE pid = $1',
+        [slot.activePid],
+      );
+      const row = who.rows[0];
+      owner = `${row?.application_name || 'unknown'}${row?.client_addr ? ` @ ${row.client_addr}` : ''} (pid ${slot.activePid})`;
+    }
+    // Captured: whichever is further of the stored checkpoint and what Philotes may have
+    // confirmed past it (an idle source's WAL end).
+    const positions = [checkpoint?.lsn, checkpoint?.confirmed_lsn]
+      .filter((p): p is string => typeof p === 'string')
+      .map(parseLsn);
+    const captured = positions.length > 0 ? positions.reduce((a, b) => (a > b ? a : b)) : null;
+    return {
+      ...base,
+      walLsn: formatLsn(wal),
+      lagBytes: captured === null ? null : Math.max(0, Number(wal - captured)),
+      slotExists: slot !== null,
+      slotActive: slot?.active ?? null,
+      slotOwner: owner,
+      walStatus: slot?.walStatus ?? null,
+      retainedWalBytes:
+        slot?.restartLsn == null ? null : Math.max(0, Number(wal - slot.restartLsn)),
+      problem: bufferProblem === null ? null : `buffer: ${bufferProblem}`,
+    };
+  } catch (error) {
+    return {
+      ...base,
+      walLsn: null,
+      lagBytes: null,
+      slotExists: null,
+      slotActive: null,
+      slotOwner: null,
+      walStatus: null,
+      retainedWalBytes: null,
+      problem: explain(error, 'source', source.connection.host, source.connection.port),
+    };
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+function explain(error: unknown, side: 'source' | 'buffer', host: string, port: number): string {
+  const described = describeConnectionError(error, side, host, port);
+  return described instanceof Error ? described.message : String(described);
+}

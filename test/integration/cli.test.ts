@@ -1,0 +1,196 @@
+/**
+ * The command line as an operator meets it: --help and --version never touch a database, a
+ * misspelt command or flag is an error with a hint (exit 2), print-config hides every secret, and
+ * status reads each source's checkpoint and slot without changing anything (exit 1 when something
+ * cannot be read).
+ */
+import { spawn } from 'node:child_process';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ITEMS_DDL, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { outputTail } from '../support/faults.js';
+import { runPhilotesToExit, startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { freePort } from '../support/ports.js';
+import { waitFor } from '../support/poll.js';
+
+const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '../..');
+
+/** An environment whose databases do not exist: any attempt to connect would fail loudly. */
+async function nowhere(): Promise<Record<string, string>> {
+  const closed = String(await freePort());
+  return {
+    PHILOTES_CDC_SOURCE_PORT: closed,
+    PHILOTES_CDC_SOURCE_DATABASE: 'app',
+    PHILOTES_CDC_SOURCE_USER: 'cdc',
+    PHILOTES_CDC_SOURCE_PASSWORD: 'source-secret',
+    PHILOTES_BUFFER_PORT: closed,
+    PHILOTES_BUFFER_DATABASE: 'buffer',
+    PHILOTES_BUFFER_USER: 'philotes',
+    PHILOTES_BUFFER_PASSWORD: 'buffer-secret',
+  };
+}
+
+describe('the command line without a database', () => {
+  it('--help explains every command and exits 0 without connecting anywhere', async () => {
+    const env = await nowhere();
+    for (const args of [['--help'], ['run', '--help'], ['status', '--help'], ['help']]) {
+      const r = await runPhilotesToExit(env, 20_000, { args });
+      expect(r.code, args.join(' ')).toBe(0);
+      const text = [...r.stdout, ...r.stderr].join('\n');
+      expect(text).toContain('Usage: philotes-worker');
+      expect(text).not.toMatch(/connect|refused/i);
+    }
+    const top = (await runPhilotesToExit(env, 20_000, { args: ['--help'] })).stdout.join('\n');
+    for (const command of ['run', 'status', 'print-config', 'reset-source']) {
+      expect(top).toContain(command);
+    }
+  });
+
+  it('--version prints the version', async () => {
+    const r = await runPhilotesToExit(await nowhere(), 20_000, { args: ['--version'] });
+    expect(r.code).toBe(0);
+    expect(r.stdout.join('')).toMatch(/^\d+\.\d+\.\d+/);
+  });
+
+  it('a misspelt command or an unknown flag is an error with a hint, exit 2', async () => {
+    const env = await nowhere();
+    const command = await runPhilotesToExit(env, 20_000, { args: ['stauts'] });
+    expect(command.code).toBe(2);
+    expect(command.stderr.join('\n')).toContain(
+      'unknown command "stauts" (did you mean "status"?)',
+    );
+    const flag = await runPhilotesToExit(env, 20_000, { args: ['--jsn'] });
+    expect(flag.code).toBe(2);
+    expect(flag.stderr.join('\n')).toMatch(/unknown option '--jsn'/);
+  });
+
+  it('print-config shows the effective configuration and no secret, as YAML or JSON', async () => {
+    const env = await nowhere();
+    const yaml = await runPhilotesToExit(env, 20_000, { args: ['print-config'] });
+    expect(yaml.code).toBe(0);
+    const text = yaml.stdout.join('\n');
+    expect(text).toContain('checkpointIntervalMs: 10000');
+    expect(text).toContain('password: (set, hidden)');
+    const json = await runPhilotesToExit(env, 20_000, { args: ['print-config', '--json'] });
+    expect(json.code).toBe(0);
+    const config = JSON.parse(json.stdout.join('\n')) as {
+      sources: Array<{ connection: { password: string } }>;
+    };
+    expect(config.sources[0]!.connection.password).toBe('(set, hidden)');
+    for (const out of [yaml, json]) {
+      const all = [...out.stdout, ...out.stderr].join('\n');
+      expect(all).not.toContain('source-secret');
+      expect(all).not.toContain('buffer-secret');
+    }
+  });
+});
+
+describe('npm start', () => {
+  it('passes SIGTERM to the worker: none is left behind holding a slot', async () => {
+    const child = spawn('npm', ['start', '--silent'], {
+      cwd: REPO_ROOT,
+      // The buffer is unreachable: the worker waits for it, running, until it is stopped.
+      env: {
+        PATH: process.env['PATH'] ?? '',
+        HOME: process.env['HOME'] ?? '',
+        ...(await nowhere()),
+        PHILOTES_METRICS_PORT: '0',
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', resolve));
+    // pino writes the worker's own pid on every line.
+    const pid = await waitFor(
+      async () => {
+        const line = out.split('\n').find((l) => l.includes('connecting to buffer database'));
+        return line ? (JSON.parse(line) as { pid: number }).pid : false;
+      },
+      { what: 'the worker to start under npm', timeoutMs: 30_000 },
+    );
+    expect(pid).not.toBe(child.pid);
+    child.kill('SIGTERM');
+    await exited;
+    await waitFor(
+      async () => {
+        try {
+          process.kill(pid, 0);
+          return false;
+        } catch {
+          return true; // ESRCH: gone
+        }
+      },
+      { what: `the worker (pid ${pid}) to exit after npm got SIGTERM`, timeoutMs: 15_000 },
+    );
+  });
+});
+
+describe('philotes-worker status', () => {
+  let f: Fixture;
+  let philotes: PhilotesProcess | undefined;
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query(ITEMS_DDL, [], 'app');
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await f?.destroy();
+  });
+
+  interface StatusReport {
+    buffer: string | null;
+    sources: Array<{
+      source: string;
+      checkpointLsn: string | null;
+      slotActive: boolean | null;
+      slotOwner: string | null;
+      walStatus: string | null;
+      lagBytes: number | null;
+      problem: string | null;
+    }>;
+  }
+
+  it('reads the checkpoint and the slot of a streaming source, as a table and as JSON', async () => {
+    philotes = startPhilotes(f.env());
+    await waitForSlotActive(f.source);
+    await f.source.query(`INSERT INTO items (client, name) VALUES (1, 'a'), (1, 'b')`, [], 'app');
+    const json = await waitFor(
+      async () => {
+        const r = await runPhilotesToExit(f.env(), 30_000, { args: ['status', '--json'] });
+        const report = JSON.parse(r.stdout.join('\n')) as StatusReport;
+        return r.code === 0 && report.sources[0]?.checkpointLsn ? report : false;
+      },
+      { what: 'status to show a checkpoint', timeoutMs: 30_000 },
+    );
+    expect(json.buffer).toBeNull();
+    expect(json.sources[0]).toMatchObject({
+      source: 'app',
+      slotActive: true,
+      walStatus: 'reserved',
+      problem: null,
+    });
+    expect(json.sources[0]!.slotOwner).toContain('philotes:app');
+    expect(json.sources[0]!.lagBytes).toBeGreaterThanOrEqual(0);
+
+    const table = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
+    expect(table.code, outputTail(philotes)).toBe(0);
+    expect(table.stdout[0]).toMatch(/^SOURCE\s+CHECKPOINT\s+STORED\s+LAG/);
+    expect(table.stdout.find((l) => l.startsWith('app '))).toMatch(/active: philotes:app/);
+  });
+
+  it('says which source it cannot read, and exits 1', async () => {
+    const closed = String(await freePort());
+    const r = await runPhilotesToExit(f.env({ PHILOTES_CDC_SOURCE_PORT: closed }), 30_000, {
+      args: ['status', '--json'],
+    });
+    expect(r.code).toBe(1);
+    const report = JSON.parse(r.stdout.join('\n')) as StatusReport;
+    expect(report.sources[0]!.problem).toMatch(/refused/);
+    // The buffer was still read: the checkpoint is there.
+    expect(report.sources[0]!.checkpointLsn).not.toBeNull();
+  });
+});
