@@ -2,8 +2,8 @@
 /**
  * philotes-worker: the command line. `run` (the default) reads configuration, starts one reader
  * thread per source, then loads and runs the rest (run.ts) until SIGTERM/SIGINT. `reset-source`
- * records a gap an operator accepts and lets a stopped source resume. `status` and
- * `print-config` read and print, changing nothing.
+ * records a gap an operator accepts and lets a stopped source resume. `check`,
+ * `status` and `print-config` read and print, changing nothing.
  *
  * Exit codes: 0 after a clean stop, 2 for configuration or source errors a person must fix (and
  * for a bad command line), 1 for anything else (for `status`: something could not be read).
@@ -135,6 +135,37 @@ async function status(opts: { json?: boolean }): Promise<void> {
   );
 }
 
+async function check(opts: { json?: boolean }): Promise<void> {
+  const loaded = config();
+  const [{ runChecks, exitCode }, { formatTable }] = await Promise.all([
+    import('./check.js'),
+    import('./cli-output.js'),
+  ]);
+  const findings = await runChecks(loaded);
+  const code = exitCode(findings);
+  if (opts.json) {
+    process.stdout.write(`${JSON.stringify({ exitCode: code, findings }, null, 2)}\n`);
+  } else {
+    process.stdout.write(
+      `${formatTable(
+        ['TARGET', 'CHECK', 'RESULT', 'DETAIL'],
+        findings.map((f) => [
+          f.target,
+          f.check,
+          f.verdict.toUpperCase(),
+          f.fix ? `${f.detail} -> fix: ${f.fix}` : f.detail,
+        ]),
+      )}\n`,
+    );
+    const blockers = findings.filter((f) => f.verdict === 'blocker').length;
+    const warnings = findings.filter((f) => f.verdict === 'warning').length;
+    process.stdout.write(
+      `\n${blockers} blocker(s), ${warnings} warning(s): ${code === 0 ? 'ready to run' : code === 1 ? 'runs, but look at the warnings' : 'fix the blockers first'}\n`,
+    );
+  }
+  process.exit(code);
+}
+
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as {
     version: string;
@@ -199,6 +230,14 @@ program
     "skip the slot to the source's current WAL position (after a publication was dropped and created again)",
   )
   .action(resetSource);
+
+program
+  .command('check')
+  .description(
+    'preflight the buffer and every configured source without changing anything (no migration, slot or publication is created): connection, wal_level, REPLICATION, free slots and WAL senders, the slot and the WAL it retains, continuity with the buffer, the publication and its tables, replica identities, the buffer schema and privileges; exit 0 ok, 1 warnings, 2 blockers',
+  )
+  .option('--json', 'one JSON document instead of a table')
+  .action(check);
 
 program
   .command('status')

@@ -19,6 +19,7 @@ import {
   publicationExists,
   publicationMissingError,
   readSlotState,
+  tablesWithoutIdentity,
   where,
   type SlotState,
 } from '../src/common/source-admin.js';
@@ -226,25 +227,6 @@ async function warnAboutIdentity(
     { publication, tables: tables.slice(0, 50), count: tables.length },
     'published tables without a primary key or replica identity: UPDATE and DELETE on them fail on the source (inserts are fine); give them a primary key or REPLICA IDENTITY FULL, or leave them out with PHILOTES_CDC_TABLES',
   );
-}
-
-/** Tables in a publication that have no usable replica identity. */
-async function tablesWithoutIdentity(client: pg.Client, publication: string): Promise<string[]> {
-  const result = await client.query<{ name: string }>(
-    `SELECT format('%I.%I', n.nspname, c.relname) AS name
-       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind = 'r'
-        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' AND c.relpersistence = 'p'
-        AND (c.relreplident = 'n'
-             OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-        AND EXISTS (
-              SELECT 1 FROM pg_publication_tables pt
-               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
-      ORDER BY 1`,
-    [publication],
-  );
-  return result.rows.map((r) => r.name);
 }
 
 interface TypeRow {

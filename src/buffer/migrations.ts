@@ -76,6 +76,9 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
   },
 ];
 
+/** The buffer schema version this Philotes migrates to. */
+export const SCHEMA_VERSION = Math.max(...MIGRATIONS.map((m) => m.version));
+
 export async function migrate(client: pg.Client | pg.PoolClient): Promise<number[]> {
   const applied: number[] = [];
   await client.query('BEGIN');

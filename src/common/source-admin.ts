@@ -214,6 +214,28 @@ export function gapError(
 
 // ---- publication ----
 
+/** Tables in a publication that have no usable replica identity. */
+export async function tablesWithoutIdentity(
+  client: pg.Client,
+  publication: string,
+): Promise<string[]> {
+  const result = await client.query<{ name: string }>(
+    `SELECT format('%I.%I', n.nspname, c.relname) AS name
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relkind = 'r'
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' AND c.relpersistence = 'p'
+        AND (c.relreplident = 'n'
+             OR (c.relreplident = 'd' AND NOT EXISTS (
+                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
+        AND EXISTS (
+              SELECT 1 FROM pg_publication_tables pt
+               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
+      ORDER BY 1`,
+    [publication],
+  );
+  return result.rows.map((r) => r.name);
+}
+
 /** Whether the publication exists now. */
 export async function publicationExists(client: pg.Client, publication: string): Promise<boolean> {
   const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [

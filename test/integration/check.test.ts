@@ -1,0 +1,182 @@
+/**
+ * `philotes-worker check` against real servers with planted problems: each is found, named with
+ * how to fix it, and sets the exit code (0 ok, 1 warnings, 2 blockers); and check itself changes
+ * nothing — no buffer tables, no slot, no publication appear.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startCluster, type Cluster } from '../support/cluster.js';
+import { waitForSlotActive } from '../support/fixture.js';
+import { runPhilotesToExit, startPhilotes } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
+
+interface Finding {
+  target: string;
+  check: string;
+  verdict: 'ok' | 'warning' | 'blocker';
+  detail: string;
+  fix: string | null;
+}
+
+describe('philotes-worker check', () => {
+  let good: Cluster;
+  let replica: Cluster;
+  let buffer: Cluster;
+  let dir: string;
+
+  beforeAll(async () => {
+    [good, replica, buffer] = await Promise.all([
+      startCluster(),
+      startCluster({ walLevel: 'replica' }),
+      startCluster(),
+    ]);
+    await buffer.createDatabase('buffer');
+    for (const db of ['shop', 'unkeyed', 'gap']) {
+      await good.createDatabase(db);
+      await good.query('CREATE TABLE items (id int PRIMARY KEY, v text)', [], db);
+    }
+    await good.query('CREATE TABLE events_log (at timestamptz, v text)', [], 'unkeyed');
+    await good.query(`CREATE ROLE plain LOGIN PASSWORD 'plain-pw'`);
+    await replica.createDatabase('app');
+    dir = mkdtempSync(join(tmpdir(), 'philotes-check-'));
+  });
+
+  afterAll(async () => {
+    await Promise.allSettled([good?.destroy(), replica?.destroy(), buffer?.destroy()]);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  function configFile(sources: string[]): string {
+    const path = join(dir, `check-${Math.random().toString(36).slice(2, 8)}.yaml`);
+    writeFileSync(
+      path,
+      [
+        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        'sources:',
+        ...sources.map((s) => `  - ${s}`),
+      ].join('\n'),
+    );
+    return path;
+  }
+
+  /** A source entry on cluster `c` as its superuser, with a slot named after its id. */
+  const on = (c: Cluster, db: string, id: string) =>
+    `{ id: ${id}, host: ${c.host}, port: ${c.port}, database: ${db}, user: ${c.user}, passwordEnv: ${c === good ? 'GOOD_PASSWORD' : 'REPLICA_PASSWORD'}, slot: philotes_${id} }`;
+
+  function env(): Record<string, string> {
+    return {
+      BUFFER_PASSWORD: buffer.password,
+      GOOD_PASSWORD: good.password,
+      REPLICA_PASSWORD: replica.password,
+    };
+  }
+
+  async function check(
+    path: string,
+  ): Promise<{ code: number | null; findings: Finding[]; text: string }> {
+    const json = await runPhilotesToExit(env(), 60_000, {
+      args: ['--config', path, 'check', '--json'],
+    });
+    const table = await runPhilotesToExit(env(), 60_000, { args: ['--config', path, 'check'] });
+    expect(table.code).toBe(json.code);
+    const parsed = JSON.parse(json.stdout.join('\n')) as { exitCode: number; findings: Finding[] };
+    expect(parsed.exitCode).toBe(json.code);
+    return { code: json.code, findings: parsed.findings, text: table.stdout.join('\n') };
+  }
+
+  function finding(findings: Finding[], target: string, name: string): Finding {
+    const found = findings.find((f) => f.target === target && f.check === name);
+    if (!found) throw new Error(`no ${name} finding for ${target}: ${JSON.stringify(findings)}`);
+    return found;
+  }
+
+  it('a clean source and a fresh buffer: ready to run, and check created nothing', async () => {
+    const path = configFile([on(good, 'shop', 'shop')]);
+    const r = await check(path);
+    expect(
+      r.findings.filter((f) => f.verdict !== 'ok'),
+      r.text,
+    ).toEqual([]);
+    expect(r.code).toBe(0);
+    expect(finding(r.findings, 'shop', 'slot').detail).toContain('first start creates it');
+    expect(finding(r.findings, 'buffer', 'schema').detail).toContain('first start creates them');
+    expect(r.text).toContain('ready to run');
+    // Nothing was created by looking.
+    expect(await good.query(`SELECT slot_name FROM pg_replication_slots`)).toEqual([]);
+    expect(await good.query(`SELECT pubname FROM pg_publication`, [], 'shop')).toEqual([]);
+    expect(await buffer.query(`SELECT to_regclass('cdc_events') AS t`, [], 'buffer')).toEqual([
+      { t: null },
+    ]);
+  });
+
+  it('finds each planted problem, says how to fix it, and exits 2', async () => {
+    const path = configFile([
+      on(replica, 'app', 'replica'),
+      `{ host: ${good.host}, port: ${good.port}, database: shop, user: plain, password: plain-pw, id: norepl, slot: philotes_norepl }`,
+      `{ host: ${good.host}, port: ${good.port}, database: shop, user: ${good.user}, password: wrong, id: badpw, slot: philotes_badpw }`,
+      on(good, 'nosuchdb', 'nodb'),
+      on(good, 'unkeyed', 'unkeyed'),
+    ]);
+    const r = await check(path);
+    expect(r.code).toBe(2);
+    const wal = finding(r.findings, 'replica', 'wal_level');
+    expect(wal.verdict).toBe('blocker');
+    expect(wal.fix).toContain('wal_level = logical');
+    const repl = finding(r.findings, 'norepl', 'replication');
+    expect(repl.verdict).toBe('blocker');
+    expect(repl.fix).toBe('ALTER ROLE plain REPLICATION');
+    // Not a superuser: it cannot create a FOR ALL TABLES publication either.
+    expect(finding(r.findings, 'norepl', 'publication').verdict).toBe('blocker');
+    const pw = finding(r.findings, 'badpw', 'connection');
+    expect(pw.verdict).toBe('blocker');
+    expect(pw.detail).toMatch(/password/);
+    expect(pw.fix).toMatch(/password/);
+    expect(finding(r.findings, 'nodb', 'connection').fix).toMatch(/database/);
+    const identity = finding(r.findings, 'unkeyed', 'replica identity');
+    expect(identity.verdict).toBe('warning');
+    expect(identity.detail).toContain('public.events_log');
+    // No secret in the output.
+    expect(r.text).not.toContain('plain-pw');
+    expect(r.text).not.toContain(good.password);
+    expect(r.text).toContain('fix the blockers first');
+  });
+
+  it("a slot advanced behind the buffer's back is a continuity blocker with the reset command", async () => {
+    const path = configFile([on(good, 'gap', 'gap')]);
+    const philotes = startPhilotes(
+      { ...env(), PHILOTES_METRICS_PORT: '0' },
+      { args: ['--config', path] },
+    );
+    await waitForSlotActive(good, 'philotes_gap');
+    await good.query(`INSERT INTO items VALUES (1, 'a')`, [], 'gap');
+    // The buffer holds this source now: a checkpoint, and the row.
+    await waitFor(
+      async () =>
+        (
+          await buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = 'gap'`,
+            [],
+            'buffer',
+          )
+        )[0]!.n === 1,
+      { what: 'the row to be stored', timeoutMs: 30_000 },
+    );
+    philotes.signal('SIGTERM');
+    await philotes.exited;
+    // Someone else consumes the slot: the server would skip these changes for Philotes.
+    await good.query(`INSERT INTO items VALUES (2, 'b')`, [], 'gap');
+    await good.query(
+      `SELECT pg_replication_slot_advance('philotes_gap', pg_current_wal_lsn())`,
+      [],
+      'gap',
+    );
+    const r = await check(path);
+    expect(r.code, r.text).toBe(2);
+    const continuity = finding(r.findings, 'gap', 'continuity');
+    expect(continuity.verdict).toBe('blocker');
+    expect(continuity.fix).toBe('philotes-worker reset-source --source gap --accept-gap');
+    expect(finding(r.findings, 'buffer', 'schema').verdict).toBe('ok');
+  });
+});
