@@ -1,7 +1,8 @@
 # Philotes worker image.
 #   docker build -t philotes .
 #   docker run --rm -p 9753:9753 -e PHILOTES_CDC_SOURCE_URL=... -e PHILOTES_BUFFER_URL=... philotes
-# Configuration is by environment variables only (see README.md).
+#   docker run --rm -p 9753:9753 -v $PWD/philotes.yaml:/etc/philotes.yaml:ro philotes --config /etc/philotes.yaml
+# One source from the environment, or a fleet from a configuration file (see README.md).
 
 # Node 24 is the current LTS line (package.json asks for >= 20.19). The tag is spelled out in
 # each stage so that image-update tools see it.
@@ -26,6 +27,11 @@ RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 # ---- runtime ----
 FROM node:24-bookworm-slim
 ENV NODE_ENV=production
+# tini as PID 1: it reaps zombies and passes signals on, so SIGTERM reaches the supervisor
+# (node as PID 1 would have no default signal handlers).
+RUN apt-get update \
+  && apt-get install -y --no-install-recommends tini \
+  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # Owned by root and read-only for the worker: it writes nothing to its own directory.
 # package.json is needed at run time: its "type": "module" makes dist/*.js ES modules.
@@ -45,4 +51,4 @@ HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
 # SIGTERM (docker stop) stores what is in flight, commits and confirms the last checkpoint,
 # then exits 0; PHILOTES_SHUTDOWN_TIMEOUT (default 10s) must stay below the stop timeout.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["node", "dist/src/main.js"]
+ENTRYPOINT ["/usr/bin/tini", "--", "node", "dist/src/main.js"]
