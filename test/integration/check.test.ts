@@ -6,6 +6,7 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { LogicalReplicationService, PgoutputPlugin } from 'pg-logical-replication';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startCluster, type Cluster } from '../support/cluster.js';
 import { waitForSlotActive } from '../support/fixture.js';
@@ -141,6 +142,47 @@ describe('philotes-worker check', () => {
     expect(r.text).not.toContain('plain-pw');
     expect(r.text).not.toContain(good.password);
     expect(r.text).toContain('fix the blockers first');
+  });
+
+  it('a slot another client streams is a blocker that names the client', async () => {
+    await good.createDatabase('held');
+    await good.query('CREATE TABLE items (id int PRIMARY KEY)', [], 'held');
+    await good.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], 'held');
+    await good.query(
+      `SELECT pg_create_logical_replication_slot('philotes_held', 'pgoutput')`,
+      [],
+      'held',
+    );
+    // Another consumer on the slot: a leftover tool, a copy-pasted configuration.
+    const other = new LogicalReplicationService(
+      {
+        host: good.host,
+        port: good.port,
+        database: 'held',
+        user: good.user,
+        password: good.password,
+        application_name: 'other-consumer',
+      },
+      { acknowledge: { auto: false, timeoutSeconds: 0 } },
+    );
+    other.on('error', () => undefined);
+    void other
+      .subscribe(
+        new PgoutputPlugin({ protoVersion: 1, publicationNames: ['philotes_pub'] }),
+        'philotes_held',
+      )
+      .catch(() => undefined);
+    try {
+      await waitForSlotActive(good, 'philotes_held');
+      const r = await check(configFile([on(good, 'held', 'held')]));
+      expect(r.code, r.text).toBe(2);
+      const slot = finding(r.findings, 'held', 'slot');
+      expect(slot.verdict).toBe('blocker');
+      expect(slot.detail).toContain('in use by other-consumer');
+      expect(slot.fix).toMatch(/stop that client/);
+    } finally {
+      await other.stop();
+    }
   });
 
   it("a slot advanced behind the buffer's back is a continuity blocker with the reset command", async () => {
