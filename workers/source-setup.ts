@@ -25,7 +25,13 @@ import {
 } from '../src/common/source-admin.js';
 import type { ResolvedColumn, ResolvedRelation } from './decode/event-rows.js';
 import type { RelationColumn } from './decode/pgoutput.js';
-import { BUILTIN_TYPES, TEXT_TYPE, type TypeInfo, type ValueKind } from './decode/values.js';
+import {
+  BUILTIN_TYPES,
+  moneyType,
+  TEXT_TYPE,
+  type TypeInfo,
+  type ValueKind,
+} from './decode/values.js';
 
 export interface PreparedSource {
   readonly serverVersion: number;
@@ -264,6 +270,7 @@ export class CatalogResolver {
   private readonly types = new Map<number, TypeInfo>(BUILTIN_TYPES);
   /** Type names as the stream's Type messages gave them (they may have been renamed since). */
   private readonly streamTypeNames = new Map<number, string>();
+  private moneyChecked = false;
 
   constructor(
     private readonly client: pg.Client,
@@ -275,8 +282,36 @@ export class CatalogResolver {
     this.streamTypeNames.set(typeOid, name);
   }
 
+  /**
+   * How this source writes money: its lc_monetary decides the decimals (the walsender's session
+   * has the same database and role defaults as this one). Asked once, before the first table is
+   * resolved; a format it cannot read leaves money as the source's text.
+   */
+  private async loadMoneyFormat(): Promise<void> {
+    if (this.moneyChecked) return;
+    this.moneyChecked = true;
+    const sample = await this.client.query<{ m: string }>(
+      'SELECT (1234567)::numeric::money::text AS m',
+    );
+    const money = moneyType(sample.rows[0]?.m ?? '');
+    if (money === null) {
+      this.log?.warn(
+        { sample: sample.rows[0]?.m },
+        'unrecognised money format (lc_monetary): money values are stored as the text the source writes',
+      );
+      const text = { ...TEXT_TYPE, oid: 790, name: 'money' };
+      this.types.set(790, text);
+      this.types.set(791, { ...this.types.get(791)!, element: text });
+      return;
+    }
+    this.types.set(790, money);
+    this.types.set(791, { ...this.types.get(791)!, element: money });
+  }
+
   async resolveRelation(relation: StreamRelation): Promise<ResolvedRelation> {
     const { relationOid, schema, name: table, columns } = relation;
+    // Once per reader, before any type is resolved: domains over money take it as their base.
+    await this.loadMoneyFormat();
     await this.loadTypes(columns.map((c) => c.typeOid));
     const resolved: ResolvedColumn[] = columns.map((c) => {
       const type = this.types.get(c.typeOid) ?? {

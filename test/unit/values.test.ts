@@ -5,6 +5,8 @@ import {
   BUILTIN_TYPES,
   TEXT_TYPE,
   isoTimestamp,
+  moneyDigits,
+  moneyType,
   parseArrayLiteral,
   toJson,
   writeJson,
@@ -127,7 +129,26 @@ describe('toJson scalars', () => {
     );
     expect(json('P1Y2M3DT4H5M6.5S', 'interval')).toBe('"P1Y2M3DT4H5M6.5S"');
     expect(json('2026-11-25', 'date')).toBe('"2026-11-25"');
-    expect(json('$1,234.50', 'money')).toBe('"$1,234.50"');
+    expect(json('$1,234.50', 'money')).toBe('"1234.50"');
+  });
+
+  it('money as exact digits, whatever the locale wrote', () => {
+    // en_US / C, de_DE, fr_FR (narrow no-break space), parentheses for negatives, ja_JP (no
+    // decimals), a three-decimal currency.
+    expect(moneyDigits('$1,234.50', 2)).toBe('1234.50');
+    expect(moneyDigits('-$1,234.50', 2)).toBe('-1234.50');
+    expect(moneyDigits('-1.234,50 €', 2)).toBe('-1234.50');
+    expect(moneyDigits('1\u202f234,50\u00a0€', 2)).toBe('1234.50');
+    expect(moneyDigits('($0.05)', 2)).toBe('-0.05');
+    expect(moneyDigits('$0.00', 2)).toBe('0.00');
+    expect(moneyDigits('-$92,233,720,368,547,758.08', 2)).toBe('-92233720368547758.08');
+    expect(moneyDigits('￥1,235', 0)).toBe('1235');
+    expect(moneyDigits('1,234.500 KWD', 3)).toBe('1234.500');
+    // The probe: how the source prints 1234567 gives its decimals.
+    expect(moneyType('$1,234,567.00')?.scale).toBe(2);
+    expect(moneyType('￥1,234,567')?.scale).toBe(0);
+    expect(moneyType('1.234.567,000 KWD')?.scale).toBe(3);
+    expect(moneyType('garbled')).toBeNull();
   });
 
   it('bytea as its hex text', () => {
@@ -302,7 +323,7 @@ describe('writeJson: the byte path equals toJson', () => {
     _text: ['{"a b","\\"q\\"",NULL,"NULL"}'],
     interval: ['P1Y2M3DT4H5M6.5S'],
     inet: ['192.168.0.1/24'],
-    money: ['$1,000.00'],
+    money: ['$1,000.00', '-1.234,50 €'],
   };
 
   for (const [typeName, texts] of Object.entries(SAMPLES)) {

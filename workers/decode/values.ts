@@ -21,6 +21,7 @@ export type ValueKind =
   | 'timestamp' // without time zone: ISO-8601 with microseconds, no zone
   | 'timestamptz' // ISO-8601 with microseconds, 'Z'
   | 'bytea' // '\x…' hex, PostgreSQL's own input format
+  | 'money' // exact digits ("-1234.56"), from the locale's format; see moneyDigits
   | 'array';
 
 export interface TypeInfo {
@@ -30,6 +31,8 @@ export interface TypeInfo {
   /** For arrays: the element type and its delimiter (';' for box, ',' for the rest). */
   readonly element?: TypeInfo;
   readonly delimiter?: string;
+  /** For money: the digits after the decimal point in the source's lc_monetary. */
+  readonly scale?: number;
 }
 
 const scalar = (oid: number, name: string, kind: ValueKind): TypeInfo => ({ oid, name, kind });
@@ -61,7 +64,8 @@ const SCALARS: readonly TypeInfo[] = [
   scalar(701, 'float8', 'float'),
   scalar(718, 'circle', 'string'),
   scalar(774, 'macaddr8', 'quoted'),
-  scalar(790, 'money', 'string'),
+  // lc_monetary's usual 2 decimals; each reader asks its source (moneyType).
+  { oid: 790, name: 'money', kind: 'money', scale: 2 },
   scalar(829, 'macaddr', 'quoted'),
   scalar(869, 'inet', 'quoted'),
   scalar(1042, 'bpchar', 'string'),
@@ -211,10 +215,38 @@ export function toJson(text: string, type: TypeInfo): string {
       return `"${text}"`;
     case 'array':
       return arrayToJson(text, type);
+    case 'money':
+      return `"${moneyDigits(text, type.scale ?? 2)}"`;
     case 'string':
     case 'bytea':
       return JSON.stringify(text);
   }
+}
+
+/**
+ * A money value as exact digits. The walsender writes money in its lc_monetary format — a
+ * currency symbol, thousands separators, a locale's decimal point, a minus sign or parentheses —
+ * always with `scale` decimals. So the digits are the amount, the last `scale` of them the
+ * fraction: "-$1,234.50" and "-1.234,50 €" are both "-1234.50".
+ */
+export function moneyDigits(text: string, scale: number): string {
+  const negative = text.includes('-') || text.trimStart().startsWith('(');
+  const digits = text.replace(/[^0-9]/g, '').padStart(scale + 1, '0');
+  const whole = digits.slice(0, digits.length - scale).replace(/^0+(?=\d)/, '');
+  const amount = scale > 0 ? `${whole}.${digits.slice(digits.length - scale)}` : whole;
+  return negative && /[1-9]/.test(amount) ? `-${amount}` : amount;
+}
+
+/**
+ * The money type as a source writes it: `sample` is how it prints 1234567 (the probe's value,
+ * a whole number so that no locale rounds it), so the digits past its seven are the decimals of
+ * its lc_monetary. Null if the sample does not look like that (then money travels as the text
+ * the source wrote).
+ */
+export function moneyType(sample: string): TypeInfo | null {
+  const digits = sample.replace(/[^0-9]/g, '');
+  if (!digits.startsWith('1234567') || digits.length > 7 + 4) return null;
+  return { oid: 790, name: 'money', kind: 'money', scale: digits.length - 7 };
 }
 
 /**
@@ -256,6 +288,7 @@ export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: Ty
       if (out.jsonVerbatim(src, start, end)) return;
       break;
     case 'array':
+    case 'money':
       break;
   }
   out.text(toJson(tuple.text(i), type));
