@@ -14,6 +14,7 @@ import {
   ConfigError,
   connection,
   envNames,
+  flag,
   get,
   identifier,
   Problems,
@@ -80,6 +81,7 @@ function buildSchemas() {
       slot: z.string(),
       publication: z.string(),
       tables: z.array(z.string()),
+      partitionRoot: scalar,
       ...connectionKeys,
       ...settingKeys,
     })
@@ -311,6 +313,8 @@ function readSource(
       : problems.attempt(() => identifier(flat, `${at}.slot`, ''));
   const publication = problems.attempt(() => identifier(flat, `${at}.publication`, 'philotes_pub'));
   const tableList = problems.attempt(() => tables(flat, `${at}.tables`));
+  put(`${at}.partitionRoot`, raw['partitionRoot']);
+  const partitionRoot = problems.attempt(() => flag(flat, `${at}.partitionRoot`, true));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);
@@ -322,6 +326,7 @@ function readSource(
     slot,
     publication: publication!,
     tables: Object.freeze(tableList!),
+    partitionRoot: partitionRoot!,
     settings,
   });
 }

@@ -8,6 +8,7 @@
 import {
   connection,
   envNames,
+  flag,
   get,
   identifier,
   Problems,
@@ -64,6 +65,11 @@ export interface SourceConfig {
   readonly publication: string;
   /** Tables for a newly created publication (`schema.table`); empty means FOR ALL TABLES. */
   readonly tables: readonly string[];
+  /**
+   * A publication Philotes creates publishes a partitioned table's changes as the root table
+   * (publish_via_partition_root, PostgreSQL 13+); false: as the partition each row is in.
+   */
+  readonly partitionRoot: boolean;
 }
 
 /**
@@ -119,6 +125,7 @@ function loadEnvConfig(env: Env): Config {
     slot,
     publication,
     tables: problems.attempt(() => Object.freeze(tables(env, 'PHILOTES_CDC_TABLES'))),
+    partitionRoot: problems.attempt(() => flag(env, 'PHILOTES_CDC_PARTITION_ROOT', true)),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

@@ -261,9 +261,17 @@ export async function createPublication(
               .join('.'),
           )
           .join(', ')}`;
+  // A partitioned table's changes under its own name rather than each partition's: what a
+  // consumer rebuilding the table wants, and steady when partitions come and go (PG 13+).
+  const version = Number(
+    (await client.query<{ v: string }>(`SELECT current_setting('server_version_num') AS v`)).rows[0]
+      ?.v,
+  );
+  const options =
+    source.partitionRoot && version >= 130000 ? ' WITH (publish_via_partition_root = true)' : '';
   try {
     await client.query(
-      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}`,
+      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}${options}`,
     );
   } catch (error) {
     const code = (error as { code?: string }).code;
@@ -282,7 +290,7 @@ export async function createPublication(
     }
     throw error;
   }
-  log.info({ publication: source.publication, target }, 'publication created');
+  log.info({ publication: source.publication, target, options }, 'publication created');
   return true;
 }
 

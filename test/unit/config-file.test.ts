@@ -249,6 +249,27 @@ sources:
     ]);
   });
 
+  it('partitionRoot: true by default, false when set, and nothing but a boolean', () => {
+    const entry = (extra: string) =>
+      file(
+        `buffer: { url: "postgres://u@b/buf" }\nsources:\n  - { id: a, url: "postgres://u@s/app", slot: slot_a${extra} }\n`,
+      );
+    expect(loadConfig({}, entry('')).sources[0]!.partitionRoot).toBe(true);
+    expect(loadConfig({}, entry(', partitionRoot: false')).sources[0]!.partitionRoot).toBe(false);
+    expect(problems(() => loadConfig({}, entry(', partitionRoot: sometimes')))).toEqual([
+      'sources[0].partitionRoot must be on or off (true/false), got "sometimes"',
+    ]);
+    expect(
+      loadConfig({
+        PHILOTES_CDC_SOURCE_DATABASE: 'app',
+        PHILOTES_CDC_SOURCE_USER: 'cdc',
+        PHILOTES_BUFFER_DATABASE: 'buf',
+        PHILOTES_BUFFER_USER: 'u',
+        PHILOTES_CDC_PARTITION_ROOT: 'off',
+      }).sources[0]!.partitionRoot,
+    ).toBe(false);
+  });
+
   it('the buffer is set in one place only', () => {
     const list = problems(() =>
       loadConfig(

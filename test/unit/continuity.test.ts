@@ -43,6 +43,7 @@ const SOURCE: SourceConfig = {
   slot: 'philotes_orders',
   publication: 'philotes_pub',
   tables: [],
+  partitionRoot: true,
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,

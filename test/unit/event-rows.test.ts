@@ -395,15 +395,18 @@ describe('BatchBuilder', () => {
     expect(empty.checkpointLsn).toBe('0/180');
   });
 
-  it('records a schema version only when the shape changes', () => {
+  it('records a schema version only when the shape changes, with the first change that uses it', () => {
     const b = new BatchBuilder('s');
     b.begin(FINAL_LSN, COMMIT_TIME, XID);
     b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
     b.relation({ ...ORDERS }); // sent again, same shape
+    b.insert(ORDERS_OID, T(['2', null, null, '1', '{}']));
     b.relation({
       ...ORDERS,
       columns: [...ORDERS.columns, { name: 'extra', type: builtin(16), typeMod: -1, key: false }],
     });
+    b.insert(ORDERS_OID, T(['3', null, null, '1', '{}', 't']));
     const [v1, v2, ...rest] = b.take().schemaChanges;
     expect(rest).toHaveLength(0);
     expect(v1).toEqual({
@@ -427,6 +430,15 @@ describe('BatchBuilder', () => {
       'tags',
       'extra',
     ]);
+  });
+
+  it('records no version for a relation no change uses (a partition published as its root)', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation({ ...ORDERS, oid: 99, table: 'orders_2026' }); // the partition's own Relation
+    b.relation(ORDERS); // the root's, which the changes use
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
+    expect(b.take().schemaChanges.map((c) => c.table)).toEqual(['orders']);
   });
 
   it('names unchanged columns in column order, whatever order the keys go in', () => {

@@ -45,6 +45,8 @@ interface RelationEncoding {
   readonly location: Uint8Array;
   /** The primary_key field. */
   readonly primaryKey: Uint8Array;
+  /** A new shape, recorded with the first change that uses it (see relation()). */
+  pendingSchema: Omit<SchemaChange, 'lsn'> | null;
 }
 
 /** A batch as the builder hands it over: what a batch message carries. */
@@ -169,9 +171,15 @@ export class BatchBuilder {
     if (this.txSeq > 0) this.commitMustBeStored = true;
   }
 
-  /** Registers (or replaces) a relation; records a schema version when its shape is new. */
+  /**
+   * Registers (or replaces) a relation. A new shape is a schema version, recorded with the first
+   * change that uses it, not here: pgoutput also sends the Relation of a partition whose rows it
+   * publishes as the root's (publish_via_partition_root), and a shape no change uses is no version
+   * of anything a consumer sees.
+   */
   relation(relation: ResolvedRelation): void {
-    const previous = this.relations.get(relation.oid)?.relation;
+    const previous = this.relations.get(relation.oid);
+    const shapeChanged = !previous || !sameShape(previous.relation, relation);
     this.relations.set(relation.oid, {
       relation,
       keys: relation.columns.map((c) => Buffer.from(`${JSON.stringify(c.name)}:`)),
@@ -181,22 +189,21 @@ export class BatchBuilder {
         out.textField(relation.table);
       }),
       primaryKey: fields((out) => out.textArrayField(relation.primaryKey)),
+      pendingSchema: shapeChanged
+        ? {
+            schema: relation.schema,
+            table: relation.table,
+            columns: relation.columns.map((c): ColumnInfo => ({
+              name: c.name,
+              type: c.type.name,
+              typeOid: c.type.oid,
+              typeMod: c.typeMod,
+              key: c.key,
+            })),
+            primaryKey: [...relation.primaryKey],
+          }
+        : (previous.pendingSchema ?? null),
     });
-    if (!previous || !sameShape(previous, relation)) {
-      this.schemaChanges.push({
-        schema: relation.schema,
-        table: relation.table,
-        columns: relation.columns.map((c): ColumnInfo => ({
-          name: c.name,
-          type: c.type.name,
-          typeOid: c.type.oid,
-          typeMod: c.typeMod,
-          key: c.key,
-        })),
-        primaryKey: [...relation.primaryKey],
-        lsn: this.inTransaction ? formatLsn(BigInt(this.txFinalLsn)) : '0/0',
-      });
-    }
   }
 
   hasRelation(oid: number): boolean {
@@ -273,6 +280,11 @@ export class BatchBuilder {
     const enc = this.relations.get(oid);
     // pgoutput always sends a Relation message before the first change that needs it.
     if (!enc) throw new Error(`pgoutput: change for unknown relation ${oid}`);
+    if (enc.pendingSchema !== null) {
+      // LSN of the first transaction that uses this shape.
+      this.schemaChanges.push({ ...enc.pendingSchema, lsn: formatLsn(BigInt(this.txFinalLsn)) });
+      enc.pendingSchema = null;
+    }
     return enc;
   }
 

@@ -1,0 +1,118 @@
+/**
+ * Partitioned tables: the publication Philotes creates publishes them as their root table by
+ * default (publish_via_partition_root), so events and the schema history name the table a
+ * consumer queries, and rows that move between partitions stay one table's history; with
+ * partitionRoot: false each event names the partition its row is in.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startCluster, type Cluster } from '../support/cluster.js';
+import { waitForSlotActive } from '../support/fixture.js';
+import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
+
+const DDL = `
+  CREATE TABLE measurements (id int, at date, v text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+  CREATE TABLE m2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+  CREATE TABLE m2026 PARTITION OF measurements FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');`;
+
+const CHANGES = `
+  INSERT INTO measurements VALUES (1, '2025-03-01', 'a'), (2, '2026-03-01', 'b'), (3, '2025-06-01', 'c');
+  UPDATE measurements SET v = 'b2' WHERE id = 2;
+  UPDATE measurements SET at = '2026-06-01' WHERE id = 3;  -- moves to the other partition
+  DELETE FROM measurements WHERE id = 1;`;
+
+describe('partitioned tables', () => {
+  let source: Cluster;
+  let buffer: Cluster;
+  let dir: string;
+  let philotes: PhilotesProcess | undefined;
+
+  beforeAll(async () => {
+    [source, buffer] = await Promise.all([startCluster(), startCluster()]);
+    await buffer.createDatabase('buffer');
+    for (const db of ['viaroot', 'bypartition']) {
+      await source.createDatabase(db);
+      await source.query(DDL, [], db);
+    }
+    dir = mkdtempSync(join(tmpdir(), 'philotes-partitions-'));
+    const config = join(dir, 'fleet.yaml');
+    const entry = (id: string, extra: string) =>
+      `  - { id: ${id}, host: ${source.host}, port: ${source.port}, database: ${id}, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_${id}${extra} }`;
+    writeFileSync(
+      config,
+      [
+        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        'sources:',
+        entry('viaroot', ''),
+        entry('bypartition', ', partitionRoot: false'),
+      ].join('\n'),
+    );
+    philotes = startPhilotes(
+      {
+        BUFFER_PASSWORD: buffer.password,
+        SOURCE_PASSWORD: source.password,
+        PHILOTES_METRICS_PORT: '0',
+      },
+      { args: ['--config', config] },
+    );
+    await waitForSlotActive(source, 'philotes_viaroot');
+    await waitForSlotActive(source, 'philotes_bypartition');
+    for (const db of ['viaroot', 'bypartition']) await source.query(CHANGES, [], db);
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await Promise.allSettled([source?.destroy(), buffer?.destroy()]);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function events(sourceId: string): Promise<string[]> {
+    const rows = await waitFor(
+      async () => {
+        const found = await buffer.query<{ e: string }>(
+          `SELECT operation || ' ' || table_name || ' ' || coalesce(after->>'id', before->>'id') AS e
+             FROM cdc_events WHERE source_id = $1 ORDER BY cdc_events.lsn, seq`,
+          [sourceId],
+          'buffer',
+        );
+        return found.length >= 7 ? found : false;
+      },
+      { what: `the events of ${sourceId}`, timeoutMs: 30_000 },
+    );
+    return rows.map((r) => r.e);
+  }
+
+  it('by default, every event names the root table, and a row that moves stays in its history', async () => {
+    expect(await events('viaroot')).toEqual([
+      'INSERT measurements 1',
+      'INSERT measurements 2',
+      'INSERT measurements 3',
+      'UPDATE measurements 2',
+      // Moving between partitions is a delete from one and an insert into the other.
+      'DELETE measurements 3',
+      'INSERT measurements 3',
+      'DELETE measurements 1',
+    ]);
+    const history = await buffer.query<{ table_name: string; primary_key: string[] }>(
+      `SELECT table_name, primary_key FROM cdc_schema_history WHERE source_id = 'viaroot'`,
+      [],
+      'buffer',
+    );
+    expect(history).toEqual([{ table_name: 'measurements', primary_key: ['id', 'at'] }]);
+  });
+
+  it('with partitionRoot: false, each event names the partition its row is in', async () => {
+    expect(await events('bypartition')).toEqual([
+      'INSERT m2025 1',
+      'INSERT m2026 2',
+      'INSERT m2025 3',
+      'UPDATE m2026 2',
+      'DELETE m2025 3',
+      'INSERT m2026 3',
+      'DELETE m2025 1',
+    ]);
+  });
+});
