@@ -332,7 +332,11 @@ export class SlotReader implements PgoutputHandler {
         this.resolver!.noteType(message.typeOid, message.name);
         return;
       case 'truncate':
-        this.builder.truncate(message.relationOids.filter((oid) => !this.isSkipped(oid)));
+        this.builder.truncate(
+          message.relationOids.filter((oid) => !this.isSkipped(oid)),
+          message.cascade,
+          message.restartIdentity,
+        );
         return;
       default:
         // Type, Origin and logical decoding messages carry nothing we store.

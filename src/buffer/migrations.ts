@@ -74,6 +74,15 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       CREATE INDEX IF NOT EXISTS cdc_gaps_source_lsn ON cdc_gaps (source_id, from_lsn);
     `,
   },
+  {
+    version: 3,
+    name: 'event details',
+    sql: `
+      -- What an event says beyond a row: a TRUNCATE's options and the tables truncated with it
+      -- (later: DDL, application messages). NULL for row events.
+      ALTER TABLE cdc_events ADD COLUMN IF NOT EXISTS details jsonb;
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

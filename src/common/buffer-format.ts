@@ -18,6 +18,7 @@ export const EVENT_COPY_COLUMNS = [
   'after',
   'primary_key',
   'unchanged_columns',
+  'details',
 ] as const;
 
 /** 'PGCOPY\n\377\r\n\0', flags (int32 0), header extension length (int32 0). */

@@ -65,4 +65,41 @@ describe('capture one source', () => {
     );
     expect(rows.size).toBe(count!.n);
   });
+
+  it("carries a TRUNCATE's options and every table it truncated, CASCADE ones included", async () => {
+    await f.source.query(
+      `CREATE TABLE parent (id serial PRIMARY KEY);
+       CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent);
+       INSERT INTO parent DEFAULT VALUES;
+       INSERT INTO child VALUES (1, 1);`,
+      [],
+      'app',
+    );
+    await f.source.query('TRUNCATE other, parent RESTART IDENTITY CASCADE', [], 'app');
+    await waitForCatchUp(f);
+    const truncates = await f.buffer.query<{ table_name: string; details: unknown }>(
+      `SELECT table_name, details FROM cdc_events
+        WHERE source_id = 'app' AND operation = 'TRUNCATE' AND details->>'cascade' = 'true'
+        ORDER BY seq`,
+      [],
+      'buffer',
+    );
+    const tables = ['public.other', 'public.parent', 'public.child'];
+    expect(truncates.map((t) => t.table_name).sort()).toEqual(['child', 'other', 'parent']);
+    for (const t of truncates) {
+      expect(t.details).toMatchObject({ cascade: true, restart_identity: true });
+      expect([...(t.details as { tables: string[] }).tables].sort()).toEqual([...tables].sort());
+    }
+    // The earlier plain TRUNCATE says so too.
+    const [plain] = await f.buffer.query<{ details: unknown }>(
+      `SELECT details FROM cdc_events WHERE source_id = 'app' AND operation = 'TRUNCATE' ORDER BY lsn LIMIT 1`,
+      [],
+      'buffer',
+    );
+    expect(plain!.details).toEqual({
+      cascade: false,
+      restart_identity: false,
+      tables: ['public.other'],
+    });
+  });
 });

@@ -104,6 +104,7 @@ function rows(batch: TakenBatch): Row[] {
           break;
         case 'before':
         case 'after':
+        case 'details':
           expect(buf[start]).toBe(1); // jsonb's version byte
           row[column] = text(start + 1, end);
           JSON.parse(row[column]); // valid JSON, or the buffer would refuse it
@@ -196,7 +197,7 @@ describe('BatchBuilder', () => {
     b.update(ORDERS_OID, null, null, T(['2', 'newest', UNCHANGED, '15.00', '{NULL}']));
     // DELETE with a 'K' tuple: only key columns in before, even if others carry values.
     b.delete(ORDERS_OID, 'K', T(['2', 'not part of the key', null, null, null]));
-    b.truncate([ORDERS_OID]);
+    b.truncate([ORDERS_OID], true, false);
     b.commit(END_LSN, COMMIT_TIME);
     expect(b.isInTransaction).toBe(false);
     expect(b.rows).toBe(6);
@@ -280,6 +281,12 @@ describe('BatchBuilder', () => {
 
     expect(trunc).toMatchObject({ operation: 'TRUNCATE', before: null, after: null });
     expect(trunc!.unchanged_columns).toBeNull();
+    expect(json(trunc!.details)).toEqual({
+      cascade: true,
+      restart_identity: false,
+      tables: ['shop.orders'],
+    });
+    expect(del!.details).toBeNull();
 
     // Taking empties the builder.
     expect(b.rows).toBe(0);

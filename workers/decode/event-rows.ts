@@ -246,9 +246,19 @@ export class BatchBuilder {
     this.counts.delete++;
   }
 
-  truncate(relationOids: number[]): void {
-    for (const oid of relationOids) {
-      this.push(this.encoding(oid), OPERATIONS.TRUNCATE, null, false, null, null);
+  /**
+   * One TRUNCATE event per table, each with the command's options and every table it truncated
+   * (one command may truncate several, and CASCADE adds those that reference them).
+   */
+  truncate(relationOids: number[], cascade: boolean, restartIdentity: boolean): void {
+    const encodings = relationOids.map((oid) => this.encoding(oid));
+    const details = JSON.stringify({
+      cascade,
+      restart_identity: restartIdentity,
+      tables: encodings.map((e) => `${e.relation.schema}.${e.relation.table}`),
+    });
+    for (const enc of encodings) {
+      this.push(enc, OPERATIONS.TRUNCATE, null, false, null, null, details);
       this.counts.truncate++;
     }
   }
@@ -296,6 +306,7 @@ export class BatchBuilder {
     beforeKeyOnly: boolean,
     after: TupleView | null,
     fallback: TupleView | null,
+    details: string | null = null,
   ): void {
     if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
     const out = this.out;
@@ -314,6 +325,13 @@ export class BatchBuilder {
       out.bytes(enc.primaryKey);
       if (unchanged) out.textArrayField(unchanged);
       else out.bytes(NULL_FIELD);
+      if (details === null) out.bytes(NULL_FIELD);
+      else {
+        const field = out.openField();
+        out.byte(JSONB_VERSION);
+        out.text(details);
+        out.closeField(field);
+      }
     } catch (error) {
       out.length = rowStart; // no half row in the batch
       throw error;
