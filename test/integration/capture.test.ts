@@ -66,6 +66,58 @@ describe('capture one source', () => {
     expect(rows.size).toBe(count!.n);
   });
 
+  it('tells a JSON null from SQL NULL, and the documented replay reproduces both', async () => {
+    await f.source.query(
+      `CREATE TABLE docs (id int PRIMARY KEY, j jsonb, t json);
+       INSERT INTO docs VALUES (1, NULL, NULL), (2, 'null', 'null'), (3, '{"a": null}', '[null]');
+       UPDATE docs SET j = 'null' WHERE id = 3;
+       UPDATE docs SET j = NULL, t = 'null' WHERE id = 2;`,
+      [],
+      'app',
+    );
+    await waitForCatchUp(f);
+    const events = await f.buffer.query<{
+      after: Record<string, unknown>;
+      details: { json_null?: { after?: string[] } } | null;
+    }>(
+      `SELECT after, details FROM cdc_events
+        WHERE source_id = 'app' AND table_name = 'docs' ORDER BY cdc_events.lsn, seq`,
+      [],
+      'buffer',
+    );
+    expect(events.map((e) => e.details?.json_null?.after ?? null)).toEqual([
+      null,
+      ['j', 't'],
+      null,
+      ['j'],
+      ['t'],
+    ]);
+    // The README's replay: the row from `after`, then JSON null for the columns details names.
+    const state = new Map<number, { j: unknown; t: unknown }>();
+    for (const e of events) {
+      const nulls = e.details?.json_null?.after ?? [];
+      const value = (column: string) =>
+        nulls.includes(column)
+          ? 'null'
+          : e.after[column] === null
+            ? null
+            : JSON.stringify(e.after[column]);
+      state.set(e.after['id'] as number, { j: value('j'), t: value('t') });
+    }
+    const source = await f.source.query<{ id: number; j: string | null; t: string | null }>(
+      'SELECT id, j::text AS j, t::text AS t FROM docs ORDER BY id',
+      [],
+      'app',
+    );
+    const normal = (text: unknown) =>
+      text === null ? null : JSON.stringify(JSON.parse(text as string));
+    expect(
+      [...state.entries()]
+        .sort(([a], [b]) => a - b)
+        .map(([id, r]) => ({ id, j: normal(r.j), t: normal(r.t) })),
+    ).toEqual(source.map((r) => ({ id: r.id, j: normal(r.j), t: normal(r.t) })));
+  });
+
   it("carries a TRUNCATE's options and every table it truncated, CASCADE ones included", async () => {
     await f.source.query(
       `CREATE TABLE parent (id serial PRIMARY KEY);

@@ -439,6 +439,21 @@ describe('BatchBuilder', () => {
     ]);
   });
 
+  it('names json columns holding the JSON document null in details, apart from SQL NULL', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', null, ' null ', '1', '{}'])); // json keeps its whitespace
+    b.insert(ORDERS_OID, T(['2', null, null, '1', '{}'])); // SQL NULL
+    b.update(ORDERS_OID, 'O', T(['1', null, 'null', '1', '{}']), T(['1', null, '{}', '1', '{}']));
+    const [jsonNull, sqlNull, update] = rows(b.take());
+    expect(json(jsonNull!.after)).toMatchObject({ doc: null });
+    expect(json(jsonNull!.details)).toEqual({ json_null: { after: ['doc'] } });
+    expect(json(sqlNull!.after)).toMatchObject({ doc: null });
+    expect(sqlNull!.details).toBeNull();
+    expect(json(update!.details)).toEqual({ json_null: { before: ['doc'] } });
+  });
+
   it('records no version for a relation no change uses (a partition published as its root)', () => {
     const b = new BatchBuilder('s');
     b.begin(FINAL_LSN, COMMIT_TIME, XID);

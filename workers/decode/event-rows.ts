@@ -317,14 +317,24 @@ export class BatchBuilder {
       out.bytes(this.txMiddle.buf, 0, this.txMiddle.length);
       out.bytes(enc.location);
       out.bytes(operation);
-      if (before) this.writeJsonb(enc, before, beforeKeyOnly, null);
-      else out.bytes(NULL_FIELD);
-      let unchanged: string[] | null = null;
-      if (after) unchanged = this.writeJsonb(enc, after, false, fallback);
-      else out.bytes(NULL_FIELD);
+      const beforeImage = before ? this.writeJsonb(enc, before, beforeKeyOnly, null) : null;
+      if (!before) out.bytes(NULL_FIELD);
+      const afterImage = after ? this.writeJsonb(enc, after, false, fallback) : null;
+      if (!after) out.bytes(NULL_FIELD);
       out.bytes(enc.primaryKey);
+      const unchanged = afterImage?.unchanged ?? null;
       if (unchanged) out.textArrayField(unchanged);
       else out.bytes(NULL_FIELD);
+      // A json/jsonb column holding the JSON document null looks like SQL NULL in the image:
+      // details names such columns, so that a replay can tell them apart.
+      if (details === null && (beforeImage?.jsonNulls || afterImage?.jsonNulls)) {
+        details = JSON.stringify({
+          json_null: {
+            ...(beforeImage?.jsonNulls ? { before: beforeImage.jsonNulls } : {}),
+            ...(afterImage?.jsonNulls ? { after: afterImage.jsonNulls } : {}),
+          },
+        });
+      }
       if (details === null) out.bytes(NULL_FIELD);
       else {
         const field = out.openField();
@@ -342,15 +352,15 @@ export class BatchBuilder {
 
   /**
    * A tuple as a jsonb field holding a JSON object. Returns the columns left out because their
-   * value is an unchanged TOASTed one that was not sent: never reported as null, they are named
-   * in unchanged_columns.
+   * value is an unchanged TOASTed one that was not sent (never reported as null, they are named
+   * in unchanged_columns), and the json/jsonb columns whose value is the JSON document null.
    */
   private writeJsonb(
     enc: RelationEncoding,
     tuple: TupleView,
     keyOnly: boolean,
     fallback: TupleView | null,
-  ): string[] | null {
+  ): { unchanged: string[] | null; jsonNulls: string[] | null } {
     const columns = enc.relation.columns;
     const n = tuple.count;
     if (n > columns.length)
@@ -359,6 +369,7 @@ export class BatchBuilder {
     const field = out.openField();
     out.byte(JSONB_VERSION);
     let unchanged: number[] | null = null;
+    let jsonNulls: number[] | null = null;
     let first = true;
     out.byte(0x7b); // {
     const order = enc.order;
@@ -377,13 +388,38 @@ export class BatchBuilder {
       first = false;
       out.bytes(enc.keys[i]!);
       if (source.isNull(i)) out.bytes(NULL_JSON);
-      else writeJson(out, source, i, column.type);
+      else {
+        if (column.type.kind === 'json' && isJsonNull(source, i)) (jsonNulls ??= []).push(i);
+        writeJson(out, source, i, column.type);
+      }
     }
     out.byte(0x7d); // }
     out.closeField(field);
     // Named in column order, whatever order the keys went in.
-    return unchanged && unchanged.sort((a, b) => a - b).map((i) => columns[i]!.name);
+    const names = (list: number[] | null) =>
+      list && list.sort((a, b) => a - b).map((i) => columns[i]!.name);
+    return { unchanged: names(unchanged), jsonNulls: names(jsonNulls) };
   }
+}
+
+/** The value is the JSON document null (json keeps the whitespace around it as written). */
+function isJsonNull(tuple: TupleView, i: number): boolean {
+  const src = tuple.buf;
+  let start = tuple.starts[i]!;
+  let end = tuple.ends[i]!;
+  while (start < end && isJsonSpace(src[start]!)) start++;
+  while (end > start && isJsonSpace(src[end - 1]!)) end--;
+  return (
+    end - start === 4 &&
+    src[start] === 0x6e &&
+    src[start + 1] === 0x75 &&
+    src[start + 2] === 0x6c &&
+    src[start + 3] === 0x6c
+  );
+}
+
+function isJsonSpace(b: number): boolean {
+  return b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d;
 }
 
 function sameShape(a: ResolvedRelation, b: ResolvedRelation): boolean {
