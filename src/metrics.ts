@@ -248,6 +248,8 @@ export class Metrics {
       this.events.inc({ source, operation: 'UPDATE' }, batch.counts.update);
       this.events.inc({ source, operation: 'DELETE' }, batch.counts.delete);
       this.events.inc({ source, operation: 'TRUNCATE' }, batch.counts.truncate);
+      if (batch.counts.message > 0)
+        this.events.inc({ source, operation: 'MESSAGE' }, batch.counts.message);
       this.transactions.inc(labels, batch.transactions);
     }
     const lastCommit = [...report.batches].reverse().find((b) => b.checkpointCommitTimeMs !== null);

@@ -88,6 +88,8 @@ export class SlotReader implements PgoutputHandler {
   /** Cancels the pending batch's scheduled send, if one is scheduled. */
   private cancelScheduledFlush: (() => void) | null = null;
   private creditWaiters: Array<() => void> = [];
+  private readonly messagePrefixes: ReadonlySet<string>;
+  private readonly warnedNonTransactional = new Set<string>();
   /** The supervisor's writes are behind across all sources: send nothing more for now. */
   private held = false;
   private durableWaiters: Array<() => void> = [];
@@ -105,6 +107,7 @@ export class SlotReader implements PgoutputHandler {
       thread: 'reader',
     });
     this.builder = new BatchBuilder(task.source.id, task.settings.batchMaxBytes);
+    this.messagePrefixes = new Set(task.source.messages);
     this.finished = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };
     });
@@ -159,27 +162,32 @@ export class SlotReader implements PgoutputHandler {
       if (prepared.mustRecord) await this.record(prepared.recordedLsn);
       if (this.failed !== null) throw this.failed;
       const start = formatLsn(prepared.startLsn);
-      this.stream = new ReplicationStream(options, source.publication, {
-        copyData: (chunk) => this.onCopyData(chunk),
-        notice: (notice) => this.onNotice(notice),
-        error: (error) => this.fail(error),
-        // The server accepted START_REPLICATION and this connection now holds the slot. Check
-        // the slot once more before handling anything, and only then count as streaming (a
-        // slot held by another client never gets this far).
-        started: () =>
-          this.block('slot', async () => {
-            await this.verifySlot();
-            this.log.info({ startLsn: start }, 'streaming started');
-            void this.reportSlot();
-            this.post({
-              type: 'ready',
-              startLsn: start,
-              slotCreated: prepared.slotCreated,
-              publicationCreated: prepared.publicationCreated,
-              serverVersion: prepared.serverVersion,
-            });
-          }),
-      });
+      this.stream = new ReplicationStream(
+        options,
+        source.publication,
+        {
+          copyData: (chunk) => this.onCopyData(chunk),
+          notice: (notice) => this.onNotice(notice),
+          error: (error) => this.fail(error),
+          // The server accepted START_REPLICATION and this connection now holds the slot. Check
+          // the slot once more before handling anything, and only then count as streaming (a
+          // slot held by another client never gets this far).
+          started: () =>
+            this.block('slot', async () => {
+              await this.verifySlot();
+              this.log.info({ startLsn: start }, 'streaming started');
+              void this.reportSlot();
+              this.post({
+                type: 'ready',
+                startLsn: start,
+                slotCreated: prepared.slotCreated,
+                publicationCreated: prepared.publicationCreated,
+                serverVersion: prepared.serverVersion,
+              });
+            }),
+        },
+        source.messages.length > 0,
+      );
 
       this.timers.push(
         setInterval(() => this.confirm(false), this.task.settings.checkpointIntervalMs),
@@ -338,10 +346,32 @@ export class SlotReader implements PgoutputHandler {
           message.restartIdentity,
         );
         return;
+      case 'message':
+        this.onLogicalMessage(message);
+        return;
       default:
-        // Type, Origin and logical decoding messages carry nothing we store.
+        // Type and Origin messages carry nothing we store.
         return;
     }
+  }
+
+  /**
+   * A logical message (pg_logical_emit_message) with a configured prefix: a transactional one is
+   * an event in its transaction, in order. A non-transactional one belongs to no transaction and
+   * has no commit to checkpoint after; it is not captured yet, and said so once per prefix.
+   */
+  private onLogicalMessage(message: Extract<PgoutputMessage, { tag: 'message' }>): void {
+    if (!this.messagePrefixes.has(message.prefix)) return;
+    if (message.transactional) {
+      this.builder.message(message.prefix, message.content);
+      return;
+    }
+    if (this.warnedNonTransactional.has(message.prefix)) return;
+    this.warnedNonTransactional.add(message.prefix);
+    this.log.warn(
+      { prefix: message.prefix, lsn: formatLsn(message.lsn) },
+      'a non-transactional logical message with a captured prefix is not stored (only transactional ones are); emit it with pg_logical_emit_message(true, ...)',
+    );
   }
 
   /** Pauses reading until `work` is done, then handles what queued up meanwhile. */

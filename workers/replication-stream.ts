@@ -59,6 +59,8 @@ class StreamTakeover {
   constructor(
     private readonly publication: string,
     private readonly events: StreamEvents,
+    /** Ask for logical messages too (PostgreSQL 14+; older servers refuse the option). */
+    private readonly messages: boolean,
   ) {}
   parse(buffer: Buffer): Buffer {
     return buffer; // unused: the library's listener is gone before the first message
@@ -75,7 +77,7 @@ class StreamTakeover {
     client.on('notice', (notice) => events.notice(notice));
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
     return client.query(
-      `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"')`,
+      `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"'${this.messages ? ", messages 'true'" : ''})`,
     );
   }
 }
@@ -84,14 +86,19 @@ export class ReplicationStream {
   private readonly service: LogicalReplicationService;
   private readonly plugin: StreamTakeover;
 
-  constructor(options: pg.ClientConfig, publication: string, events: StreamEvents) {
+  constructor(
+    options: pg.ClientConfig,
+    publication: string,
+    events: StreamEvents,
+    messages = false,
+  ) {
     this.service = new LogicalReplicationService(
       { ...options, options: REPLICATION_SESSION_OPTIONS },
       // timeoutSeconds: 0 turns off the library's own timer, which would confirm the last
       // *received* LSN. Every status update is sent by acknowledge() below.
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: false } },
     );
-    this.plugin = new StreamTakeover(publication, events);
+    this.plugin = new StreamTakeover(publication, events, messages);
     this.service.on('error', (error: unknown) => events.error(error));
     this.service.on('start', () => events.started());
   }

@@ -78,6 +78,12 @@ export async function prepareSource(
       'SERVER_TOO_OLD',
     );
   }
+  if (source.messages.length > 0 && serverVersion < 140000) {
+    throw new FatalSourceError(
+      `PostgreSQL ${serverVersion} on ${where(source)} cannot send logical messages to pgoutput (version 14 or later); remove messages from this source's configuration`,
+      'SERVER_TOO_OLD',
+    );
+  }
 
   // Amazon RDS grants replication through membership of rds_replication, not the attribute.
   const role = await client.query<{ ok: boolean; name: string }>(

@@ -256,6 +256,20 @@ export function sourceId(env: Env, name: string, fallback: string): string {
   return id;
 }
 
+/** Logical message prefixes: a comma-separated list (a file gives an array). */
+export function prefixes(env: Env, name: string): string[] {
+  const raw = get(env, name);
+  if (raw === undefined) return [];
+  const list = raw
+    .split(',')
+    .map((p) => p.trim())
+    .filter((p) => p !== '');
+  for (const prefix of list) {
+    if (prefix.includes('\0')) throw new ConfigError(`${name} must not contain a NUL character`);
+  }
+  return list;
+}
+
 export function tables(env: Env, name: string): string[] {
   const raw = get(env, name);
   if (raw === undefined) return [];

@@ -82,6 +82,7 @@ function buildSchemas() {
       publication: z.string(),
       tables: z.array(z.string()),
       partitionRoot: scalar,
+      messages: z.array(z.string().min(1)),
       ...connectionKeys,
       ...settingKeys,
     })
@@ -314,6 +315,10 @@ function readSource(
   const publication = problems.attempt(() => identifier(flat, `${at}.publication`, 'philotes_pub'));
   const tableList = problems.attempt(() => tables(flat, `${at}.tables`));
   put(`${at}.partitionRoot`, raw['partitionRoot']);
+  // An array in the file: prefixes may hold commas, so they are taken as they are.
+  const messages = Array.isArray(raw['messages'])
+    ? raw['messages'].filter((m): m is string => typeof m === 'string' && m !== '')
+    : [];
   const partitionRoot = problems.attempt(() => flag(flat, `${at}.partitionRoot`, true));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
@@ -327,6 +332,7 @@ function readSource(
     publication: publication!,
     tables: Object.freeze(tableList!),
     partitionRoot: partitionRoot!,
+    messages: Object.freeze(messages),
     settings,
   });
 }

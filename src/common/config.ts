@@ -11,6 +11,7 @@ import {
   flag,
   get,
   identifier,
+  prefixes,
   Problems,
   readProcessSettings,
   readSourceSettings,
@@ -70,6 +71,11 @@ export interface SourceConfig {
    * (publish_via_partition_root, PostgreSQL 13+); false: as the partition each row is in.
    */
   readonly partitionRoot: boolean;
+  /**
+   * Prefixes of logical messages (pg_logical_emit_message) to capture as MESSAGE events; empty:
+   * none are requested from the server.
+   */
+  readonly messages: readonly string[];
 }
 
 /**
@@ -126,6 +132,7 @@ function loadEnvConfig(env: Env): Config {
     publication,
     tables: problems.attempt(() => Object.freeze(tables(env, 'PHILOTES_CDC_TABLES'))),
     partitionRoot: problems.attempt(() => flag(env, 'PHILOTES_CDC_PARTITION_ROOT', true)),
+    messages: problems.attempt(() => Object.freeze(prefixes(env, 'PHILOTES_CDC_MESSAGES'))),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

@@ -55,6 +55,7 @@ export interface OperationCounts {
   update: number;
   delete: number;
   truncate: number;
+  message: number;
 }
 
 // ---- reader -> supervisor ----

@@ -44,6 +44,7 @@ const SOURCE: SourceConfig = {
   publication: 'philotes_pub',
   tables: [],
   partitionRoot: true,
+  messages: [],
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,

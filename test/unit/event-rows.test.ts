@@ -206,7 +206,7 @@ describe('BatchBuilder', () => {
 
     const batch = b.take();
     expect(batch.rows).toBe(6);
-    expect(batch.counts).toEqual({ insert: 1, update: 3, delete: 1, truncate: 1 });
+    expect(batch.counts).toEqual({ insert: 1, update: 3, delete: 1, truncate: 1, message: 0 });
     expect(batch.transactions).toBe(1);
     expect(batch.checkpointLsn).toBe('1/16B3790'); // the commit's end LSN
     expect(batch.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
@@ -342,7 +342,7 @@ describe('BatchBuilder', () => {
     expect(second.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
     expect(second.transactions).toBe(1);
     expect(second.schemaChanges).toHaveLength(0);
-    expect(second.counts).toEqual({ insert: 1, update: 0, delete: 1, truncate: 0 });
+    expect(second.counts).toEqual({ insert: 1, update: 0, delete: 1, truncate: 0, message: 0 });
     const r = rows(second);
     expect(r.map((x) => x.seq)).toEqual(['3', '4']);
     expect(r.map((x) => x.lsn)).toEqual(['1/16B3748', '1/16B3748']);

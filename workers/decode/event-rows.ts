@@ -75,7 +75,23 @@ const OPERATIONS = {
   UPDATE: fields((out) => out.textField('UPDATE')),
   DELETE: fields((out) => out.textField('DELETE')),
   TRUNCATE: fields((out) => out.textField('TRUNCATE')),
+  MESSAGE: fields((out) => out.textField('MESSAGE')),
 } as const;
+
+/** A logical message names no table: empty schema and table names, no key. */
+const MESSAGE_ENCODING: RelationEncoding = {
+  relation: { oid: 0, schema: '', table: '', columns: [], primaryKey: [] },
+  keys: [],
+  order: new Int32Array(0),
+  location: fields((out) => {
+    out.textField('');
+    out.textField('');
+  }),
+  primaryKey: fields((out) => out.textArrayField([])),
+  pendingSchema: null,
+};
+
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 
 /** jsonb's key order: by length in bytes, then bytewise. */
 function jsonbKeyOrder(names: readonly string[]): Int32Array {
@@ -100,7 +116,7 @@ export class BatchBuilder {
   // The batch being filled: the rows, written as they come.
   private readonly out: CopyBuffer;
   private rowCount = 0;
-  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0 };
+  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0 };
   private checkpointLsn = -1;
   /** The pending checkpoint completes a transaction with events in an earlier batch. */
   private commitMustBeStored = false;
@@ -263,6 +279,30 @@ export class BatchBuilder {
     }
   }
 
+  /**
+   * A transactional logical message with a captured prefix: a MESSAGE event at its place in the
+   * transaction. Its content goes in details as text when it is UTF-8 without NUL (what jsonb
+   * can hold), else as hex.
+   */
+  message(prefix: string, content: Uint8Array): void {
+    let text: string | null;
+    try {
+      text = STRICT_UTF8.decode(content);
+      if (text.includes('\0')) text = null;
+    } catch {
+      text = null;
+    }
+    const details = JSON.stringify({
+      prefix,
+      transactional: true,
+      ...(text !== null
+        ? { content: text }
+        : { content_hex: Buffer.from(content).toString('hex') }),
+    });
+    this.push(MESSAGE_ENCODING, OPERATIONS.MESSAGE, null, false, null, null, details);
+    this.counts.message++;
+  }
+
   /** Hands over the batch as one transferable buffer and starts a new one. */
   take(): TakenBatch {
     const committed = this.checkpointLsn >= 0;
@@ -278,7 +318,7 @@ export class BatchBuilder {
       schemaChanges: this.schemaChanges,
     };
     this.rowCount = 0;
-    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0 };
+    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0 };
     this.checkpointLsn = -1;
     this.commitMustBeStored = false;
     this.transactions = 0;
