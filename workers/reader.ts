@@ -32,6 +32,7 @@ import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
 import {
   PgoutputDecoder,
+  PG_EPOCH_OFFSET_US,
   type PgoutputHandler,
   type PgoutputMessage,
   type TupleView,
@@ -89,7 +90,6 @@ export class SlotReader implements PgoutputHandler {
   private cancelScheduledFlush: (() => void) | null = null;
   private creditWaiters: Array<() => void> = [];
   private readonly messagePrefixes: ReadonlySet<string>;
-  private readonly warnedNonTransactional = new Set<string>();
   /** The supervisor's writes are behind across all sources: send nothing more for now. */
   private held = false;
   private durableWaiters: Array<() => void> = [];
@@ -357,8 +357,8 @@ export class SlotReader implements PgoutputHandler {
 
   /**
    * A logical message (pg_logical_emit_message) with a configured prefix: a transactional one is
-   * an event in its transaction, in order. A non-transactional one belongs to no transaction and
-   * has no commit to checkpoint after; it is not captured yet, and said so once per prefix.
+   * an event in its transaction, in order; a non-transactional one is stored on its own, with the
+   * checkpoint at its end (see BatchBuilder.standaloneMessage).
    */
   private onLogicalMessage(message: Extract<PgoutputMessage, { tag: 'message' }>): void {
     if (!this.messagePrefixes.has(message.prefix)) return;
@@ -366,12 +366,11 @@ export class SlotReader implements PgoutputHandler {
       this.builder.message(message.prefix, message.content);
       return;
     }
-    if (this.warnedNonTransactional.has(message.prefix)) return;
-    this.warnedNonTransactional.add(message.prefix);
-    this.log.warn(
-      { prefix: message.prefix, lsn: formatLsn(message.lsn) },
-      'a non-transactional logical message with a captured prefix is not stored (only transactional ones are); emit it with pg_logical_emit_message(true, ...)',
-    );
+    const lsn = Number(message.lsn);
+    // µs since 2000-01-01, as commit times travel.
+    const readAt = Date.now() * 1000 - Number(PG_EPOCH_OFFSET_US);
+    this.builder.standaloneMessage(lsn, readAt, message.prefix, message.content);
+    this.confirmations.commitRead(lsn);
   }
 
   /** Pauses reading until `work` is done, then handles what queued up meanwhile. */

@@ -1,7 +1,8 @@
 /**
  * Application messages (pg_logical_emit_message) with a configured prefix land as MESSAGE
  * events in their transaction, in order with its rows: the outbox pattern without an outbox
- * table. Other prefixes, rolled-back messages and (for now) non-transactional ones do not.
+ * table. A non-transactional one lands on its own, between transactions, once — across a kill -9
+ * too. Other prefixes and rolled-back messages do not.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
@@ -69,10 +70,50 @@ describe('logical messages', () => {
       ],
       ['MESSAGE', '', { prefix: 'audit', transactional: true, content_hex: '00ff' }],
       ['INSERT', 't', 2],
+      ['MESSAGE', '', { prefix: 'outbox', transactional: false, content: 'not transactional' }],
       ['INSERT', 't', 3],
     ]);
-    // The messages share their transaction's commit LSN.
+    // The messages share their transaction's commit LSN; the non-transactional one has its own.
     expect(events.slice(0, 4).every((e) => e.same_tx)).toBe(true);
     expect(events[4]!.same_tx).toBe(false);
+  });
+
+  it('stores a non-transactional message once across a kill -9 and a restart', async () => {
+    await f.source.query(`SELECT pg_logical_emit_message(false, 'audit', 'standalone')`, [], 'app');
+    const count = async (content: string) =>
+      (
+        await f.buffer.query<{ n: number }>(
+          `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = 'app' AND details->>'content' = $1`,
+          [content],
+          'buffer',
+        )
+      )[0]!.n;
+    await waitFor(async () => (await count('standalone')) === 1, {
+      what: 'the standalone message to be stored',
+      timeoutMs: 30_000,
+    });
+    await philotes!.kill9();
+    philotes = startPhilotes(f.env({ PHILOTES_CDC_MESSAGES: 'outbox, audit' }));
+    await waitForSlotActive(f.source);
+    await f.source.query(
+      `SELECT pg_logical_emit_message(false, 'audit', 'after restart');
+       INSERT INTO t VALUES (4);`,
+      [],
+      'app',
+    );
+    await waitFor(
+      async () =>
+        (
+          await f.buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = 'app' AND after->>'id' = '4'`,
+            [],
+            'buffer',
+          )
+        )[0]!.n === 1,
+      { what: 'the row after the restart', timeoutMs: 30_000 },
+    );
+    expect(await count('standalone')).toBe(1);
+    expect(await count('after restart')).toBe(1);
+    expect(await count('not transactional')).toBe(1);
   });
 });

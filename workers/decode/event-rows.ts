@@ -284,7 +284,7 @@ export class BatchBuilder {
    * transaction. Its content goes in details as text when it is UTF-8 without NUL (what jsonb
    * can hold), else as hex.
    */
-  message(prefix: string, content: Uint8Array): void {
+  message(prefix: string, content: Uint8Array, transactional = true): void {
     let text: string | null;
     try {
       text = STRICT_UTF8.decode(content);
@@ -294,13 +294,32 @@ export class BatchBuilder {
     }
     const details = JSON.stringify({
       prefix,
-      transactional: true,
+      transactional,
       ...(text !== null
         ? { content: text }
         : { content_hex: Buffer.from(content).toString('hex') }),
     });
     this.push(MESSAGE_ENCODING, OPERATIONS.MESSAGE, null, false, null, null, details);
     this.counts.message++;
+  }
+
+  /**
+   * A non-transactional logical message: it belongs to no transaction, so it is stored as one of
+   * its own, with the time Philotes read it (no commit time exists). pgoutput gives the END of its
+   * WAL record, `endLsn`, as a commit gives its end: the checkpoint moves there. Resuming at it,
+   * the server skips this message (it skips non-transactional messages that start before the
+   * start position) and delivers every record after it; every commit before it came before it in
+   * the stream. The event's lsn is endLsn - 1, inside its own record: after every earlier commit,
+   * before any later one (a commit record may start right at endLsn), and below the checkpoint,
+   * which a restart's clean-up needs. Call it only between transactions.
+   */
+  standaloneMessage(endLsn: number, readAt: number, prefix: string, content: Uint8Array): void {
+    if (this.inTransaction)
+      throw new Error('pgoutput: non-transactional message inside a transaction');
+    this.begin(endLsn - 1, readAt, 0);
+    this.message(prefix, content, false);
+    this.commit(endLsn, readAt);
+    this.transactions--; // not a source transaction
   }
 
   /** Hands over the batch as one transferable buffer and starts a new one. */
