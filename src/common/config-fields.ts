@@ -256,14 +256,19 @@ export function sourceId(env: Env, name: string, fallback: string): string {
   return id;
 }
 
-/** Logical message prefixes: a comma-separated list (a file gives an array). */
-export function prefixes(env: Env, name: string): string[] {
+/** A comma-separated list, items trimmed, empty ones dropped. */
+function commaList(env: Env, name: string): string[] {
   const raw = get(env, name);
   if (raw === undefined) return [];
-  const list = raw
+  return raw
     .split(',')
-    .map((p) => p.trim())
-    .filter((p) => p !== '');
+    .map((item) => item.trim())
+    .filter((item) => item !== '');
+}
+
+/** Logical message prefixes: a comma-separated list (a file gives an array). */
+export function prefixes(env: Env, name: string): string[] {
+  const list = commaList(env, name);
   for (const prefix of list) {
     if (prefix.includes('\0')) throw new ConfigError(`${name} must not contain a NUL character`);
   }
@@ -271,12 +276,7 @@ export function prefixes(env: Env, name: string): string[] {
 }
 
 export function tables(env: Env, name: string): string[] {
-  const raw = get(env, name);
-  if (raw === undefined) return [];
-  const list = raw
-    .split(',')
-    .map((t) => t.trim())
-    .filter((t) => t !== '');
+  const list = commaList(env, name);
   for (const table of list) {
     if (!TABLE_NAME.test(table)) {
       throw new ConfigError(
