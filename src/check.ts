@@ -18,6 +18,8 @@ import {
   publicationExists,
   readSlotState,
   resetCommand,
+  retainedWalBytes,
+  slotHolder,
   tablesWithoutIdentity,
   type SlotState,
 } from './common/source-admin.js';
@@ -337,17 +339,10 @@ async function checkSlot(
       fix: 'choose another slot name, or the right database',
     });
   } else {
-    const retained = slot.restartLsn === null ? null : wal - slot.restartLsn;
-    const holds =
-      retained === null ? '' : `, retains ${formatBytes(retained > 0n ? retained : 0n)} of WAL`;
-    let owner = '';
-    if (slot.activePid !== null) {
-      const who = await client.query<{ application_name: string }>(
-        'SELECT application_name FROM pg_stat_replication WHERE pid = $1',
-        [slot.activePid],
-      );
-      owner = who.rows[0]?.application_name ?? '';
-    }
+    const retained = retainedWalBytes(slot, wal);
+    const holds = retained === null ? '' : `, retains ${formatBytes(BigInt(retained))} of WAL`;
+    const owner =
+      slot.activePid === null ? '' : (await slotHolder(client, slot.activePid)).applicationName;
     if (isInvalidated(slot)) {
       add({
         check: 'slot',

@@ -117,25 +117,29 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
       notStreaming: r.notStreamingSeconds ?? 0,
     })),
   );
-  const readiness = (): Probe => {
-    const now = Date.now();
+  /** What /readyz and the status page both show, computed once per request. */
+  const readinessState = (now: number) => {
     const sources = reports(now);
-    const ready = phase !== 'stopping' && sources.every((s) => s.ready);
+    const buffer: StatusPageData['buffer'] & Record<string, unknown> =
+      store !== null
+        ? { state: 'open' }
+        : {
+            state: 'waiting',
+            problem: wait.problem,
+            attempts: wait.attempts,
+            nextAttemptAt:
+              wait.nextAttemptAt === null ? null : new Date(wait.nextAttemptAt).toISOString(),
+          };
+    return { ready: phase !== 'stopping' && sources.every((s) => s.ready), buffer, sources };
+  };
+  const readiness = (): Probe => {
+    const { ready, buffer, sources } = readinessState(Date.now());
     return {
       ok: ready,
       body: {
         status: ready ? 'ready' : 'not ready',
         graceSeconds: config.readinessGraceMs / 1000,
-        buffer:
-          store !== null
-            ? { state: 'open' }
-            : {
-                state: 'waiting',
-                problem: wait.problem,
-                attempts: wait.attempts,
-                nextAttemptAt:
-                  wait.nextAttemptAt === null ? null : new Date(wait.nextAttemptAt).toISOString(),
-              },
+        buffer,
         sources,
       },
     };
@@ -152,14 +156,7 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
 
   const page = (): string => {
     const now = Date.now();
-    const ready = readiness();
-    return renderStatusPage({
-      ready: ready.ok,
-      version,
-      buffer: ready.body['buffer'] as StatusPageData['buffer'],
-      sources: reports(now),
-      now,
-    });
+    return renderStatusPage({ ...readinessState(now), version, now });
   };
 
   let server: http.Server | null = null;

@@ -9,7 +9,12 @@ import type { Config, SourceConfig } from './common/config.js';
 import { describeConnectionError } from './common/errors.js';
 import { formatLsn, parseLsn } from './common/lsn.js';
 import { pgClientOptions } from './common/pg-connection.js';
-import { currentWalLsn, readSlotState } from './common/source-admin.js';
+import {
+  currentWalLsn,
+  readSlotState,
+  retainedWalBytes,
+  slotHolder,
+} from './common/source-admin.js';
 
 export interface SourceStatus {
   readonly source: string;
@@ -105,12 +110,8 @@ async function sourceStatus(
     const wal = await currentWalLsn(client);
     let owner: string | null = null;
     if (slot?.activePid != null) {
-      const who = await client.query<{ application_name: string; client_addr: string | null }>(
-        'SELECT application_name, client_addr::text FROM pg_stat_replication WHERE pid = $1',
-        [slot.activePid],
-      );
-      const row = who.rows[0];
-      owner = `${row?.application_name || 'unknown'}${row?.client_addr ? ` @ ${row.client_addr}` : ''} (pid ${slot.activePid})`;
+      const who = await slotHolder(client, slot.activePid);
+      owner = `${who.applicationName || 'unknown'}${who.address ? ` @ ${who.address}` : ''} (pid ${slot.activePid})`;
     }
     // Captured: whichever is further of the stored checkpoint and what Philotes may have
     // confirmed past it (an idle source's WAL end).
@@ -126,8 +127,7 @@ async function sourceStatus(
       slotActive: slot?.active ?? null,
       slotOwner: owner,
       walStatus: slot?.walStatus ?? null,
-      retainedWalBytes:
-        slot?.restartLsn == null ? null : Math.max(0, Number(wal - slot.restartLsn)),
+      retainedWalBytes: slot === null ? null : retainedWalBytes(slot, wal),
       problem: bufferProblem === null ? null : `buffer: ${bufferProblem}`,
     };
   } catch (error) {

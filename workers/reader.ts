@@ -27,7 +27,13 @@ import type {
   ReaderTask,
   SupervisorMessage,
 } from '../src/common/protocol.js';
-import { currentWalLsn, findGap, gapError, readSlotState } from '../src/common/source-admin.js';
+import {
+  currentWalLsn,
+  findGap,
+  gapError,
+  readSlotState,
+  retainedWalBytes,
+} from '../src/common/source-admin.js';
 import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
 import {
@@ -594,8 +600,7 @@ export class SlotReader implements PgoutputHandler {
       if (slot === null) return;
       this.post({
         type: 'slot',
-        retainedWalBytes:
-          slot.restartLsn === null ? null : Math.max(0, Number(now - slot.restartLsn)),
+        retainedWalBytes: retainedWalBytes(slot, now),
         safeWalSizeBytes: slot.safeWalSize,
         walStatus: slot.walStatus,
       });

@@ -66,6 +66,24 @@ export async function readSlotState(client: pg.Client, slot: string): Promise<Sl
 }
 
 /** The server gave the slot up: it can no longer be read (wal_status lost, or a reason why). */
+/** The WAL the source keeps for the slot: its WAL position minus the slot's restart_lsn. */
+export function retainedWalBytes(slot: SlotState, currentWal: bigint): number | null {
+  return slot.restartLsn === null ? null : Math.max(0, Number(currentWal - slot.restartLsn));
+}
+
+/** Who streams the slot: the application name and address of the walsender's client. */
+export async function slotHolder(
+  client: pg.Client,
+  pid: number,
+): Promise<{ applicationName: string; address: string | null }> {
+  const who = await client.query<{ application_name: string; client_addr: string | null }>(
+    'SELECT application_name, client_addr::text FROM pg_stat_replication WHERE pid = $1',
+    [pid],
+  );
+  const row = who.rows[0];
+  return { applicationName: row?.application_name ?? '', address: row?.client_addr ?? null };
+}
+
 export function isInvalidated(slot: SlotState): boolean {
   return slot.walStatus === 'lost' || slot.invalidationReason !== null;
 }
