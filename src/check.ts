@@ -5,6 +5,7 @@
  * to fix it. Sources are checked at once, each on its own connection; one that cannot be reached
  * is a blocker in its own rows and hides nothing else.
  */
+import { ddlTriggerCurrent, readDdlTriggerState } from './common/ddl-capture.js';
 import pg from 'pg';
 import type { Config, ConnectionConfig, SourceConfig } from './common/config.js';
 import { BUFFER_TABLES } from './common/database-identity.js';
@@ -287,7 +288,55 @@ async function checkSource(
     const wal = await currentWalLsn(client);
     await checkSlot(client, source, slot, wal, settings, record, bufferRead, add);
     await checkPublication(client, source, role.superuser, record, add);
+    if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
   });
+}
+
+/** `ddl: true`: the event trigger is current, or Philotes may install it. */
+async function checkDdlCapture(
+  client: pg.Client,
+  source: SourceConfig,
+  version: number,
+  add: (f: Omit<Finding, 'target'>) => void,
+): Promise<void> {
+  if (version < 140000) {
+    add({
+      check: 'ddl capture',
+      verdict: 'blocker',
+      detail: `PostgreSQL ${version} cannot send logical messages to pgoutput`,
+      fix: 'PostgreSQL 14 or later, or ddl: false',
+    });
+    return;
+  }
+  const state = await readDdlTriggerState(client);
+  if (ddlTriggerCurrent(state)) {
+    add({
+      check: 'ddl capture',
+      verdict: 'ok',
+      detail: `event trigger installed (version ${state.version})`,
+      fix: null,
+    });
+  } else if (state.canInstall) {
+    add({
+      check: 'ddl capture',
+      verdict: 'ok',
+      detail:
+        state.version === null
+          ? 'event trigger not installed yet; Philotes installs it at start (the role is a superuser)'
+          : `event trigger version ${state.version} will be upgraded at start`,
+      fix: null,
+    });
+  } else {
+    add({
+      check: 'ddl capture',
+      verdict: 'blocker',
+      detail:
+        state.version === null
+          ? 'the DDL capture event trigger is not installed and the role may not create event triggers'
+          : `the DDL capture event trigger (version ${state.version}) is outdated or disabled and the role may not replace it`,
+      fix: `as a superuser: philotes-worker ddl-trigger --print | psql (database of source ${source.id})`,
+    });
+  }
 }
 
 async function checkSlot(

@@ -73,6 +73,76 @@ async function resetSource(opts: {
   }
 }
 
+/**
+ * `ddl-trigger`: installs or upgrades DDL capture on a source, prints its SQL for a superuser to
+ * run, or removes it. The reader installs it by itself when its role may; this is for a role
+ * that may not, and for removing it once a source no longer captures DDL.
+ */
+async function ddlTrigger(opts: {
+  source?: string;
+  print?: boolean;
+  remove?: boolean;
+}): Promise<void> {
+  const capture = await import('./common/ddl-capture.js');
+  if (opts.print) {
+    const sql = opts.remove ? capture.ddlTriggerRemoveSql() : capture.ddlTriggerInstallSql();
+    process.stdout.write(`BEGIN;\n${sql}\nCOMMIT;\n`);
+    return;
+  }
+  if (opts.source === undefined) die(EXIT_USAGE, 'ddl-trigger needs --source <id> (or --print)');
+  const loaded = config();
+  const source = loaded.sources.find((s) => s.id === opts.source);
+  if (!source) {
+    const { closest } = await import('./common/closest.js');
+    const near = closest(
+      opts.source,
+      loaded.sources.map((s) => s.id),
+    );
+    die(EXIT_USAGE, `no source "${opts.source}"${near ? ` (did you mean "${near}"?)` : ''}`);
+  }
+  const [{ default: pg }, { pgClientOptions }, { describeConnectionError }] = await Promise.all([
+    import('pg'),
+    import('./common/pg-connection.js'),
+    import('./common/errors.js'),
+  ]);
+  const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));
+  try {
+    await client.connect().catch((error: unknown) => {
+      throw describeConnectionError(
+        error,
+        'source',
+        source.connection.host,
+        source.connection.port,
+      );
+    });
+    if (opts.remove) {
+      await capture.removeDdlTrigger(client);
+      process.stdout.write(`DDL capture removed from source "${source.id}"\n`);
+    } else {
+      const state = await capture.readDdlTriggerState(client);
+      if (!state.canInstall && !capture.ddlTriggerCurrent(state))
+        die(
+          EXIT_ERROR,
+          `the role of source "${source.id}" cannot create event triggers (a superuser can): pipe \`philotes-worker ddl-trigger --print\` into psql as a superuser`,
+        );
+      if (capture.ddlTriggerCurrent(state))
+        process.stdout.write(
+          `DDL capture on source "${source.id}" is current (version ${state.version})\n`,
+        );
+      else {
+        await capture.installDdlTrigger(client);
+        process.stdout.write(
+          `DDL capture installed on source "${source.id}" (version ${capture.DDL_TRIGGER_VERSION})\n`,
+        );
+      }
+    }
+  } catch (error) {
+    die(EXIT_ERROR, (error as Error).message);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
 /** A secret-free copy of the configuration: passwords hidden, CA certificates by size. */
 function redacted(loaded: Config): unknown {
   return JSON.parse(
@@ -246,6 +316,16 @@ program
   )
   .option('--json', 'one JSON document instead of a table')
   .action(status);
+
+program
+  .command('ddl-trigger')
+  .description(
+    "install or upgrade the event trigger that captures a source's DDL (sources with ddl: true; the reader does this itself when its role is a superuser), print its SQL for a superuser, or remove it",
+  )
+  .option('--source <id>', 'the source id (PHILOTES_CDC_SOURCE_ID)')
+  .option('--print', 'print the SQL instead of running it (no connection)')
+  .option('--remove', 'remove the trigger and its function (with --print: print that SQL)')
+  .action(ddlTrigger);
 
 program
   .command('print-config')

@@ -250,6 +250,7 @@ export class Metrics {
       this.events.inc({ source, operation: 'TRUNCATE' }, batch.counts.truncate);
       if (batch.counts.message > 0)
         this.events.inc({ source, operation: 'MESSAGE' }, batch.counts.message);
+      if (batch.counts.ddl > 0) this.events.inc({ source, operation: 'DDL' }, batch.counts.ddl);
       this.transactions.inc(labels, batch.transactions);
     }
     const lastCommit = [...report.batches].reverse().find((b) => b.checkpointCommitTimeMs !== null);

@@ -19,6 +19,7 @@ import {
   DATABASE_IDENTITY_SQL,
   type DatabaseIdentity,
 } from '../src/common/database-identity.js';
+import { DDL_MESSAGE_PREFIX } from '../src/common/ddl-capture.js';
 import { createLogger, safeConnection, type Logger } from '../src/common/logger.js';
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import type {
@@ -192,7 +193,7 @@ export class SlotReader implements PgoutputHandler {
               });
             }),
         },
-        source.messages.length > 0,
+        source.messages.length > 0 || source.ddl,
       );
 
       this.timers.push(
@@ -367,6 +368,10 @@ export class SlotReader implements PgoutputHandler {
    * checkpoint at its end (see BatchBuilder.standaloneMessage).
    */
   private onLogicalMessage(message: Extract<PgoutputMessage, { tag: 'message' }>): void {
+    if (message.prefix === DDL_MESSAGE_PREFIX && this.task.source.ddl && message.transactional) {
+      this.builder.ddl(message.content);
+      return;
+    }
     if (!this.messagePrefixes.has(message.prefix)) return;
     if (message.transactional) {
       this.builder.message(message.prefix, message.content);

@@ -5,6 +5,12 @@
  */
 import type pg from 'pg';
 import type { SourceConfig } from '../src/common/config.js';
+import {
+  DDL_TRIGGER_VERSION,
+  ddlTriggerCurrent,
+  installDdlTrigger,
+  readDdlTriggerState,
+} from '../src/common/ddl-capture.js';
 import { FatalSourceError } from '../src/common/errors.js';
 import type { Logger } from '../src/common/logger.js';
 import { formatLsn } from '../src/common/lsn.js';
@@ -85,6 +91,8 @@ export async function prepareSource(
     );
   }
 
+  if (source.ddl) await prepareDdlCapture(client, source, serverVersion, log);
+
   // Amazon RDS grants replication through membership of rds_replication, not the attribute.
   const role = await client.query<{ ok: boolean; name: string }>(
     `SELECT (r.rolsuper OR r.rolreplication OR EXISTS (
@@ -121,6 +129,49 @@ export async function prepareSource(
     publicationCreated,
     ...(await newCapture(client, source, log, publicationCreated)),
   };
+}
+
+/**
+ * `ddl: true`: the event trigger that writes DDL into the stream must be in place, current, and
+ * firing before streaming starts. Philotes installs or upgrades it when its role may; otherwise
+ * the source stops with the SQL a superuser runs once.
+ */
+async function prepareDdlCapture(
+  client: pg.Client,
+  source: SourceConfig,
+  serverVersion: number,
+  log: Logger,
+): Promise<void> {
+  if (serverVersion < 140000) {
+    throw new FatalSourceError(
+      `PostgreSQL ${serverVersion} on ${where(source)} cannot send logical messages to pgoutput (version 14 or later), which DDL capture needs; set ddl: false for this source`,
+      'SERVER_TOO_OLD',
+    );
+  }
+  const state = await readDdlTriggerState(client);
+  if (ddlTriggerCurrent(state)) {
+    log.info({ version: state.version }, 'DDL capture trigger is installed');
+    return;
+  }
+  if (!state.canInstall) {
+    const what =
+      state.version === null
+        ? 'is not installed'
+        : state.triggersEnabled
+          ? `is version ${state.version}, older than this Philotes' ${DDL_TRIGGER_VERSION}`
+          : 'has a disabled or missing event trigger';
+    throw new FatalSourceError(
+      `DDL capture on ${where(source)} ${what}, and the role cannot install it (event triggers need a superuser): run \`philotes-worker ddl-trigger --source ${source.id} --print | psql <superuser connection>\` once, or set ddl: false`,
+      'DDL_TRIGGER_MISSING',
+    );
+  }
+  await installDdlTrigger(client);
+  log.info(
+    { previousVersion: state.version, version: DDL_TRIGGER_VERSION },
+    state.version === null
+      ? 'installed the DDL capture trigger'
+      : 'upgraded the DDL capture trigger',
+  );
 }
 
 /** A source the buffer has a checkpoint for: the slot must deliver everything after it. */

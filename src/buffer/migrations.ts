@@ -88,6 +88,35 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
         CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL')) NOT VALID;
     `,
   },
+  {
+    version: 4,
+    name: 'DDL of schema versions, staged streamed transactions',
+    sql: `
+      -- The DDL event that made a schema version, when the source's DDL is captured.
+      ALTER TABLE cdc_schema_history ADD COLUMN IF NOT EXISTS ddl jsonb;
+      -- Changes of large transactions the source streams while they are in progress (pgoutput
+      -- protocol 2). They wait here, outside cdc_events, until their commit moves them there
+      -- (or their abort deletes them). top_xid is the streamed transaction, xid the
+      -- (sub)transaction that made the change; seq orders the changes of one top_xid. A reader
+      -- start deletes its source's rows: the server streams unfinished transactions again.
+      CREATE TABLE IF NOT EXISTS cdc_staged (
+        source_id text NOT NULL,
+        top_xid bigint NOT NULL,
+        seq int NOT NULL,
+        xid bigint NOT NULL,
+        committed_at timestamptz,
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        operation text NOT NULL,
+        before jsonb,
+        after jsonb,
+        primary_key text[] NOT NULL DEFAULT '{}',
+        unchanged_columns text[],
+        details jsonb,
+        PRIMARY KEY (source_id, top_xid, seq)
+      );
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

@@ -391,8 +391,8 @@ export class BufferStore {
     const row = latest.rows[0];
     if (row?.same) return false;
     await client.query(
-      `INSERT INTO cdc_schema_history (source_id, schema_name, table_name, version, columns, primary_key, lsn)
-       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)`,
+      `INSERT INTO cdc_schema_history (source_id, schema_name, table_name, version, columns, primary_key, lsn, ddl)
+       VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb)`,
       [
         sourceId,
         change.schema,
@@ -401,6 +401,7 @@ export class BufferStore {
         columns,
         change.primaryKey,
         change.lsn,
+        change.ddl ? JSON.stringify(change.ddl) : null,
       ],
     );
     return true;

@@ -275,6 +275,15 @@ export function prefixes(env: Env, name: string): string[] {
   return list;
 }
 
+/** pgoutput's protocol version: 1, 2 (streams large transactions in progress), or auto. */
+export function protocolVersion(env: Env, name: string): 1 | 2 | null {
+  const raw = get(env, name);
+  if (raw === undefined || raw.toLowerCase() === 'auto') return null;
+  if (raw === '1') return 1;
+  if (raw === '2') return 2;
+  throw new ConfigError(`${name} must be 1, 2 or auto, got ${JSON.stringify(raw)}`);
+}
+
 export function tables(env: Env, name: string): string[] {
   const list = commaList(env, name);
   for (const table of list) {

@@ -18,6 +18,7 @@ import {
   get,
   identifier,
   Problems,
+  protocolVersion,
   readProcessSettings,
   readSourceSettings,
   SOURCE_SETTINGS,
@@ -83,6 +84,8 @@ function buildSchemas() {
       tables: z.array(z.string()),
       partitionRoot: scalar,
       messages: z.array(z.string().min(1)),
+      ddl: scalar,
+      protocol: scalar,
       ...connectionKeys,
       ...settingKeys,
     })
@@ -320,6 +323,10 @@ function readSource(
     ? raw['messages'].filter((m): m is string => typeof m === 'string' && m !== '')
     : [];
   const partitionRoot = problems.attempt(() => flag(flat, `${at}.partitionRoot`, true));
+  put(`${at}.ddl`, raw['ddl']);
+  put(`${at}.protocol`, raw['protocol']);
+  const ddl = problems.attempt(() => flag(flat, `${at}.ddl`, false));
+  const protocol = problems.attempt(() => protocolVersion(flat, `${at}.protocol`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);
@@ -333,6 +340,8 @@ function readSource(
     tables: Object.freeze(tableList!),
     partitionRoot: partitionRoot!,
     messages: Object.freeze(messages),
+    ddl: ddl!,
+    protocol: protocol ?? null,
     settings,
   });
 }

@@ -12,6 +12,7 @@ import {
   get,
   identifier,
   prefixes,
+  protocolVersion,
   Problems,
   readProcessSettings,
   readSourceSettings,
@@ -76,6 +77,17 @@ export interface SourceConfig {
    * none are requested from the server.
    */
   readonly messages: readonly string[];
+  /**
+   * Capture DDL as DDL events: Philotes installs an event trigger on the source that writes each
+   * command as a transactional logical message (PostgreSQL 14+; installing needs a superuser).
+   */
+  readonly ddl: boolean;
+  /**
+   * pgoutput protocol version. 2 streams large transactions while they are in progress instead
+   * of letting the server spill them to its disk until commit (PostgreSQL 14+); null (auto): 2
+   * where the server has it, else 1.
+   */
+  readonly protocol: 1 | 2 | null;
 }
 
 /**
@@ -133,6 +145,8 @@ function loadEnvConfig(env: Env): Config {
     tables: problems.attempt(() => Object.freeze(tables(env, 'PHILOTES_CDC_TABLES'))),
     partitionRoot: problems.attempt(() => flag(env, 'PHILOTES_CDC_PARTITION_ROOT', true)),
     messages: problems.attempt(() => Object.freeze(prefixes(env, 'PHILOTES_CDC_MESSAGES'))),
+    ddl: problems.attempt(() => flag(env, 'PHILOTES_CDC_DDL', false)),
+    protocol: problems.attempt(() => protocolVersion(env, 'PHILOTES_CDC_PROTOCOL')),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

@@ -18,7 +18,8 @@ export type FatalCode =
   | 'SLOT_ADVANCED'
   | 'SLOT_INVALIDATED'
   | 'WAL_REMOVED'
-  | 'PUBLICATION_MISSING';
+  | 'PUBLICATION_MISSING'
+  | 'DDL_TRIGGER_MISSING';
 
 /** Errors a person has to fix: configuration, privileges, server settings, a lost slot. */
 export class FatalSourceError extends Error {

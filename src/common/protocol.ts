@@ -48,6 +48,16 @@ export interface SchemaChange {
   readonly primaryKey: readonly string[];
   /** LSN of the first transaction that uses this shape. */
   readonly lsn: string;
+  /** The DDL event that made this shape, when DDL is captured: where it is, what it was. */
+  readonly ddl?: SchemaDdl | undefined;
+}
+
+export interface SchemaDdl {
+  /** The DDL event's lsn and seq in cdc_events. */
+  readonly lsn: string;
+  readonly seq: number;
+  readonly command_tag: string;
+  readonly statement: string;
 }
 
 export interface OperationCounts {
@@ -56,6 +66,7 @@ export interface OperationCounts {
   delete: number;
   truncate: number;
   message: number;
+  ddl: number;
 }
 
 // ---- reader -> supervisor ----

@@ -270,6 +270,31 @@ sources:
     ).toBe(false);
   });
 
+  it('ddl: off by default; protocol: 1, 2 or auto (null), in the file and the environment', () => {
+    const entry = (extra: string) =>
+      file(
+        `buffer: { url: "postgres://u@b/buf" }\nsources:\n  - { id: a, url: "postgres://u@s/app", slot: slot_a${extra} }\n`,
+      );
+    const a = loadConfig({}, entry('')).sources[0]!;
+    expect([a.ddl, a.protocol]).toEqual([false, null]);
+    const b = loadConfig({}, entry(', ddl: true, protocol: 1')).sources[0]!;
+    expect([b.ddl, b.protocol]).toEqual([true, 1]);
+    expect(loadConfig({}, entry(', protocol: auto')).sources[0]!.protocol).toBe(null);
+    expect(problems(() => loadConfig({}, entry(', ddl: maybe, protocol: 3')))).toEqual([
+      'sources[0].ddl must be on or off (true/false), got "maybe"',
+      'sources[0].protocol must be 1, 2 or auto, got "3"',
+    ]);
+    const env = {
+      PHILOTES_CDC_SOURCE_DATABASE: 'app',
+      PHILOTES_CDC_SOURCE_USER: 'cdc',
+      PHILOTES_BUFFER_DATABASE: 'buf',
+      PHILOTES_BUFFER_USER: 'u',
+    };
+    const c = loadConfig({ ...env, PHILOTES_CDC_DDL: 'on', PHILOTES_CDC_PROTOCOL: '2' })
+      .sources[0]!;
+    expect([c.ddl, c.protocol]).toEqual([true, 2]);
+  });
+
   it('the buffer is set in one place only', () => {
     const list = problems(() =>
       loadConfig(

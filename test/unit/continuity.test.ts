@@ -45,6 +45,8 @@ const SOURCE: SourceConfig = {
   tables: [],
   partitionRoot: true,
   messages: [],
+  ddl: false,
+  protocol: null,
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,

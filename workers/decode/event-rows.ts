@@ -9,6 +9,7 @@ import type {
   ColumnInfo,
   OperationCounts,
   SchemaChange,
+  SchemaDdl,
 } from '../../src/common/protocol.js';
 import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
@@ -76,20 +77,36 @@ const OPERATIONS = {
   DELETE: fields((out) => out.textField('DELETE')),
   TRUNCATE: fields((out) => out.textField('TRUNCATE')),
   MESSAGE: fields((out) => out.textField('MESSAGE')),
+  DDL: fields((out) => out.textField('DDL')),
 } as const;
 
+/** An event that is no row: it names a table (or none, ''), with that table's key. */
+function tableOnlyEncoding(schema: string, table: string, primaryKey: string[]): RelationEncoding {
+  return {
+    relation: { oid: 0, schema, table, columns: [], primaryKey },
+    keys: [],
+    order: new Int32Array(0),
+    location: fields((out) => {
+      out.textField(schema);
+      out.textField(table);
+    }),
+    primaryKey: fields((out) => out.textArrayField(primaryKey)),
+    pendingSchema: null,
+  };
+}
+
 /** A logical message names no table: empty schema and table names, no key. */
-const MESSAGE_ENCODING: RelationEncoding = {
-  relation: { oid: 0, schema: '', table: '', columns: [], primaryKey: [] },
-  keys: [],
-  order: new Int32Array(0),
-  location: fields((out) => {
-    out.textField('');
-    out.textField('');
-  }),
-  primaryKey: fields((out) => out.textArrayField([])),
-  pendingSchema: null,
-};
+const MESSAGE_ENCODING = tableOnlyEncoding('', '', []);
+
+/** What the reader needs of a DDL message (src/common/ddl-capture.ts writes it). */
+interface DdlPayload {
+  command_tag?: string;
+  statement?: string;
+  commands?: Array<{
+    table?: { schema: string; name: string; primary_key?: string[] } | null;
+  }>;
+  dropped?: Array<{ object_type?: string; schema?: string; name?: string; original?: boolean }>;
+}
 
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -116,7 +133,14 @@ export class BatchBuilder {
   // The batch being filled: the rows, written as they come.
   private readonly out: CopyBuffer;
   private rowCount = 0;
-  private counts: OperationCounts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0 };
+  private counts: OperationCounts = {
+    insert: 0,
+    update: 0,
+    delete: 0,
+    truncate: 0,
+    message: 0,
+    ddl: 0,
+  };
   private checkpointLsn = -1;
   /** The pending checkpoint completes a transaction with events in an earlier batch. */
   private commitMustBeStored = false;
@@ -124,6 +148,8 @@ export class BatchBuilder {
   private checkpointCommitTime = 0;
   private transactions = 0;
   private schemaChanges: SchemaChange[] = [];
+  /** The last DDL event that touched each table ('schema.table'), for its next schema version. */
+  private readonly ddlByTable = new Map<string, SchemaDdl>();
 
   /** @param batchMaxBytes the batch size limit: the working buffer is kept up to twice that. */
   constructor(sourceId: string, batchMaxBytes = 4 * 1024 * 1024) {
@@ -304,6 +330,49 @@ export class BatchBuilder {
   }
 
   /**
+   * A DDL command, as the source's event trigger wrote it: a DDL event at its place in the
+   * transaction, naming the table the command made, changed or dropped (none for, say, CREATE
+   * SCHEMA), with the whole message as details. The table's next schema version links to it.
+   */
+  ddl(content: Uint8Array): void {
+    let text = Buffer.from(content).toString('utf8');
+    let payload: DdlPayload;
+    try {
+      payload = JSON.parse(text) as DdlPayload;
+    } catch {
+      // Not written by our trigger: kept as it came, never dropped.
+      payload = {};
+      text = JSON.stringify({ malformed: text });
+    }
+    const tables = new Map<string, { schema: string; name: string; primaryKey: string[] }>();
+    for (const c of payload.commands ?? []) {
+      if (c.table)
+        tables.set(`${c.table.schema}.${c.table.name}`, {
+          schema: c.table.schema,
+          name: c.table.name,
+          primaryKey: c.table.primary_key ?? [],
+        });
+    }
+    for (const d of payload.dropped ?? []) {
+      if (d.object_type === 'table' && d.original && d.schema && d.name)
+        tables.set(`${d.schema}.${d.name}`, { schema: d.schema, name: d.name, primaryKey: [] });
+    }
+    const first = tables.values().next().value;
+    const enc = first
+      ? tableOnlyEncoding(first.schema, first.name, first.primaryKey)
+      : MESSAGE_ENCODING;
+    this.push(enc, OPERATIONS.DDL, null, false, null, null, text);
+    this.counts.ddl++;
+    const link: SchemaDdl = {
+      lsn: formatLsn(BigInt(this.txFinalLsn)),
+      seq: this.txSeq,
+      command_tag: payload.command_tag ?? '',
+      statement: payload.statement ?? '',
+    };
+    for (const key of tables.keys()) this.ddlByTable.set(key, link);
+  }
+
+  /**
    * A non-transactional logical message: it belongs to no transaction, so it is stored as one of
    * its own, with the time Philotes read it (no commit time exists). pgoutput gives the END of its
    * WAL record, `endLsn`, as a commit gives its end: the checkpoint moves there. Resuming at it,
@@ -337,7 +406,7 @@ export class BatchBuilder {
       schemaChanges: this.schemaChanges,
     };
     this.rowCount = 0;
-    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0 };
+    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0 };
     this.checkpointLsn = -1;
     this.commitMustBeStored = false;
     this.transactions = 0;
@@ -351,7 +420,14 @@ export class BatchBuilder {
     if (!enc) throw new Error(`pgoutput: change for unknown relation ${oid}`);
     if (enc.pendingSchema !== null) {
       // LSN of the first transaction that uses this shape.
-      this.schemaChanges.push({ ...enc.pendingSchema, lsn: formatLsn(BigInt(this.txFinalLsn)) });
+      const key = `${enc.relation.schema}.${enc.relation.table}`;
+      const ddl = this.ddlByTable.get(key);
+      this.ddlByTable.delete(key);
+      this.schemaChanges.push({
+        ...enc.pendingSchema,
+        lsn: formatLsn(BigInt(this.txFinalLsn)),
+        ...(ddl ? { ddl } : {}),
+      });
       enc.pendingSchema = null;
     }
     return enc;

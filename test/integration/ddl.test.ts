@@ -1,0 +1,281 @@
+/**
+ * DDL capture (`ddl: true`): Philotes installs an event trigger on the source, every DDL command
+ * lands as a DDL event at its exact place among the rows (same transaction, same commit LSN, seq
+ * order), and replaying the buffer alone — DDL statements and rows in (lsn, seq) order — into an
+ * empty database rebuilds the source's schema and data. The schema history names the DDL that
+ * made each version. DDL keeps working while Philotes is down, a role that may not install the
+ * trigger gets a clear error, and `ddl-trigger` installs, prints and removes it.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type pg from 'pg';
+import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import {
+  runPhilotesToExit,
+  runUntilSourceFails,
+  startPhilotes,
+  type PhilotesProcess,
+} from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
+
+interface StoredEvent {
+  lsn: string;
+  seq: number;
+  operation: string;
+  schema_name: string;
+  table_name: string;
+  before: Record<string, unknown> | null;
+  after: Record<string, unknown> | null;
+  primary_key: string[];
+  details: {
+    statement?: string;
+    command_tag?: string;
+    json_null?: { after?: string[] };
+  } | null;
+}
+
+/** The source's tables, columns (name, type, nullability, default) and rows, comparable. */
+async function describeDatabase(client: pg.Client): Promise<unknown> {
+  const columns = await client.query(
+    `SELECT table_name, column_name, data_type, is_nullable, column_default
+       FROM information_schema.columns WHERE table_schema = 'public'
+      ORDER BY table_name, ordinal_position`,
+  );
+  const keys = await client.query(
+    `SELECT c.relname AS table_name, pg_get_constraintdef(k.oid) AS key
+       FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+      WHERE k.contype = 'p' AND c.relnamespace = 'public'::regnamespace ORDER BY 1`,
+  );
+  const tables = [...new Set(columns.rows.map((r: { table_name: string }) => r.table_name))];
+  const rows: Record<string, string[]> = {};
+  for (const t of tables) {
+    const result = await client.query<{ r: string }>(
+      `SELECT t::text AS r FROM "${t}" t ORDER BY 1`,
+    );
+    rows[t] = result.rows.map((r) => r.r);
+  }
+  return { columns: columns.rows, keys: keys.rows, rows };
+}
+
+/** Replays the buffer into `client`'s database: DDL statements and row changes in order. */
+async function replay(client: pg.Client, events: StoredEvent[]): Promise<void> {
+  for (const e of events) {
+    const table = `"${e.schema_name}"."${e.table_name}"`;
+    const record = (image: Record<string, unknown>) =>
+      `jsonb_populate_record(NULL::${table}, '${JSON.stringify(image).replace(/'/g, "''")}'::jsonb)`;
+    const keyMatch = (image: Record<string, unknown>) =>
+      `(${e.primary_key.map((k) => `"${k}"`).join(', ')}) = (SELECT ${e.primary_key
+        .map((k) => `"${k}"`)
+        .join(', ')} FROM ${record(image)})`;
+    switch (e.operation) {
+      case 'DDL':
+        await client.query(e.details!.statement!);
+        break;
+      case 'INSERT':
+      case 'UPDATE':
+        if (e.operation === 'UPDATE')
+          await client.query(`DELETE FROM ${table} WHERE ${keyMatch(e.before ?? e.after!)}`);
+        await client.query(`INSERT INTO ${table} SELECT * FROM ${record(e.after!)}`);
+        // The README's recipe: a json column listed here holds JSON null, not SQL NULL.
+        for (const column of e.details?.json_null?.after ?? [])
+          await client.query(
+            `UPDATE ${table} SET "${column}" = 'null' WHERE ${keyMatch(e.after!)}`,
+          );
+        break;
+      case 'DELETE':
+        await client.query(`DELETE FROM ${table} WHERE ${keyMatch(e.before!)}`);
+        break;
+      default:
+        throw new Error(`unexpected operation ${e.operation}`);
+    }
+  }
+}
+
+describe('DDL capture', () => {
+  let f: Fixture;
+  let philotes: PhilotesProcess | undefined;
+  let app: pg.Client;
+  const env = () => f.env({ PHILOTES_CDC_DDL: 'on' });
+
+  const storedEvents = () =>
+    f.buffer.query<StoredEvent>(
+      `SELECT lsn::text, seq, operation, schema_name, table_name, before, after, primary_key, details
+         FROM cdc_events WHERE source_id = 'app' ORDER BY cdc_events.lsn, seq`,
+      [],
+      'buffer',
+    );
+  const waitForMarker = (marker: number) =>
+    waitFor(
+      async () => {
+        const events = await storedEvents();
+        return events.some((e) => e.table_name === 'marker' && e.after?.['id'] === marker)
+          ? events
+          : false;
+      },
+      { what: `marker ${marker} in the buffer`, timeoutMs: 60_000 },
+    );
+
+  beforeAll(async () => {
+    f = await startFixture();
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+    app = await connect(f.source, 'app');
+  });
+
+  afterAll(async () => {
+    await app?.end();
+    await philotes?.kill9();
+    await f?.destroy();
+  });
+
+  it('stores DDL in order with the rows, and a replay of the buffer rebuilds schema and data', async () => {
+    const statements = [
+      'CREATE TABLE marker (id int PRIMARY KEY)',
+      'CREATE TABLE acct (id serial PRIMARY KEY, name text NOT NULL, amount int DEFAULT 0)',
+      "INSERT INTO acct (name, amount) VALUES ('a', 1), ('b', 2), ('c', 3)",
+      // DDL and DML in one transaction.
+      'BEGIN',
+      'ALTER TABLE acct ADD COLUMN note text',
+      "INSERT INTO acct (name, amount, note) VALUES ('d', 4, 'with note')",
+      "UPDATE acct SET note = 'later' WHERE name = 'a'",
+      'COMMIT',
+      'ALTER TABLE acct RENAME COLUMN name TO title',
+      "UPDATE acct SET title = 'B' WHERE id = 2",
+      'ALTER TABLE acct ALTER COLUMN amount TYPE bigint',
+      "INSERT INTO acct (title, amount) VALUES ('e', 9000000000)",
+      'ALTER TABLE acct DROP COLUMN note',
+      'DELETE FROM acct WHERE id = 3',
+      'CREATE TABLE pair (a int, b text, v jsonb, PRIMARY KEY (a, b))',
+      `INSERT INTO pair VALUES (1, 'x', '{"k": [1, 2]}'), (2, 'y', 'null')`,
+      'CREATE TABLE gone (k text PRIMARY KEY)',
+      "INSERT INTO gone VALUES ('z')",
+      'DROP TABLE gone',
+      'BEGIN',
+      'CREATE TABLE born (id int PRIMARY KEY, v text)',
+      "INSERT INTO born VALUES (1, 'one')",
+      'ALTER TABLE born ADD COLUMN w int',
+      "INSERT INTO born VALUES (2, 'two', 2)",
+      'COMMIT',
+      'CREATE TEMP TABLE scratch (x int)', // temporary: not captured
+      'INSERT INTO marker VALUES (1)',
+    ];
+    for (const sql of statements) await app.query(sql);
+    const events = await waitForMarker(1);
+
+    const ddl = events.filter((e) => e.operation === 'DDL');
+    expect(ddl.map((e) => [e.details!.command_tag, e.table_name])).toEqual([
+      ['CREATE TABLE', 'marker'],
+      ['CREATE TABLE', 'acct'],
+      ['ALTER TABLE', 'acct'],
+      ['ALTER TABLE', 'acct'],
+      ['ALTER TABLE', 'acct'],
+      ['ALTER TABLE', 'acct'],
+      ['CREATE TABLE', 'pair'],
+      ['CREATE TABLE', 'gone'],
+      ['DROP TABLE', 'gone'],
+      ['CREATE TABLE', 'born'],
+      ['ALTER TABLE', 'born'],
+    ]);
+    expect(ddl.map((e) => e.details!.statement)).toEqual(
+      statements.filter((s) => /^(CREATE TABLE|ALTER|DROP)/.test(s)),
+    );
+    // The ADD COLUMN shares its transaction (commit LSN) with the rows around it, in order.
+    const addNote = ddl[2]!;
+    const sameTx = events.filter((e) => e.lsn === addNote.lsn);
+    expect(sameTx.map((e) => [e.operation, e.seq])).toEqual([
+      ['DDL', 1],
+      ['INSERT', 2],
+      ['UPDATE', 3],
+    ]);
+
+    // Replay into an empty database and compare with the source.
+    await f.source.createDatabase('replayed');
+    const target = await connect(f.source, 'replayed');
+    try {
+      await replay(target, events);
+      await app.query('DISCARD TEMP');
+      expect(await describeDatabase(target)).toEqual(await describeDatabase(app));
+    } finally {
+      await target.end();
+    }
+
+    // Each schema version names the DDL that made it.
+    const history = await f.buffer.query<{ version: number; ddl: Record<string, unknown> | null }>(
+      `SELECT version, ddl FROM cdc_schema_history
+        WHERE source_id = 'app' AND table_name = 'acct' ORDER BY version`,
+      [],
+      'buffer',
+    );
+    expect(history.map((h) => h.ddl?.['statement'])).toEqual([
+      'CREATE TABLE acct (id serial PRIMARY KEY, name text NOT NULL, amount int DEFAULT 0)',
+      'ALTER TABLE acct ADD COLUMN note text',
+      'ALTER TABLE acct RENAME COLUMN name TO title',
+      'ALTER TABLE acct ALTER COLUMN amount TYPE bigint',
+      'ALTER TABLE acct DROP COLUMN note',
+    ]);
+    const linked = history[1]!.ddl!;
+    expect(events.find((e) => e.lsn === linked['lsn'] && e.seq === linked['seq'])?.operation).toBe(
+      'DDL',
+    );
+  });
+
+  it('DDL keeps working while Philotes is down, and is captured when it is back', async () => {
+    await philotes!.kill9();
+    await app.query('CREATE TABLE while_down (id int PRIMARY KEY)');
+    await app.query('INSERT INTO while_down VALUES (1)');
+    philotes = startPhilotes(env());
+    await app.query('INSERT INTO marker VALUES (2)');
+    const events = await waitForMarker(2);
+    expect(events.filter((e) => e.table_name === 'while_down').map((e) => e.operation)).toEqual([
+      'DDL',
+      'INSERT',
+    ]);
+  });
+
+  it('a role that may not install the trigger gets a clear error; ddl-trigger installs, prints and removes it', async () => {
+    await f.source.createDatabase('app2');
+    await f.source.query(`CREATE ROLE plain LOGIN REPLICATION PASSWORD 'plain'`);
+    await f.source.query(`GRANT CREATE ON DATABASE app2 TO plain`);
+    const plainEnv = {
+      ...env(),
+      PHILOTES_CDC_SOURCE_DATABASE: 'app2',
+      PHILOTES_CDC_SOURCE_USER: 'plain',
+      PHILOTES_CDC_SOURCE_PASSWORD: 'plain',
+      PHILOTES_CDC_SOURCE_ID: 'app2',
+      PHILOTES_CDC_REPLICATION_SLOT: 'app2_slot',
+    };
+    const failed = await runUntilSourceFails(plainEnv);
+    expect(failed.stderr.join('\n')).toMatch(/DDL capture .* is not installed.*ddl-trigger/);
+
+    const printed = await runPhilotesToExit({}, 30_000, { args: ['ddl-trigger', '--print'] });
+    expect(printed.code).toBe(0);
+    expect(printed.stdout.join('\n')).toContain('CREATE EVENT TRIGGER philotes_ddl_command_end');
+
+    // A superuser installs it; the plain role then captures DDL.
+    const superEnv = { ...plainEnv, PHILOTES_CDC_SOURCE_USER: f.source.user };
+    superEnv.PHILOTES_CDC_SOURCE_PASSWORD = f.source.password;
+    const installed = await runPhilotesToExit(superEnv, 30_000, {
+      args: ['ddl-trigger', '--source', 'app2'],
+    });
+    expect(installed.code).toBe(0);
+    const triggers = await f.source.query<{ n: number }>(
+      `SELECT count(*)::int AS n FROM pg_event_trigger WHERE evtname LIKE 'philotes%'`,
+      [],
+      'app2',
+    );
+    expect(triggers[0]!.n).toBe(2);
+
+    const removed = await runPhilotesToExit(superEnv, 30_000, {
+      args: ['ddl-trigger', '--source', 'app2', '--remove'],
+    });
+    expect(removed.code).toBe(0);
+    const after = await f.source.query<{ n: number; f: number }>(
+      `SELECT (SELECT count(*)::int FROM pg_event_trigger WHERE evtname LIKE 'philotes%') AS n,
+              (SELECT count(*)::int FROM pg_proc WHERE proname = 'capture_ddl') AS f`,
+      [],
+      'app2',
+    );
+    expect(after[0]).toEqual({ n: 0, f: 0 });
+    // DDL still works without it.
+    await f.source.query('CREATE TABLE after_removal (id int)', [], 'app2');
+  });
+});
