@@ -147,6 +147,30 @@ export class Metrics {
     labelNames: ['source', 'status'] as const,
     registers: [this.registry],
   });
+  readonly slotSpilledTransactions = new client.Gauge({
+    name: 'philotes_slot_spilled_transactions',
+    help: "Transactions the source's decoding spilled to its disk for the slot because they outgrew logical_decoding_work_mem (pg_stat_replication_slots.spill_txns, a server counter; PostgreSQL 14+).",
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly slotSpilledBytes = new client.Gauge({
+    name: 'philotes_slot_spilled_bytes',
+    help: "Bytes the source's decoding spilled to its disk for the slot (pg_stat_replication_slots.spill_bytes; PostgreSQL 14+).",
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly slotStreamedTransactions = new client.Gauge({
+    name: 'philotes_slot_streamed_transactions',
+    help: 'Transactions the source streamed to Philotes while in progress instead of spilling them (pg_stat_replication_slots.stream_txns; protocol 2, PostgreSQL 14+).',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly slotStreamedBytes = new client.Gauge({
+    name: 'philotes_slot_streamed_bytes',
+    help: 'Bytes of in-progress transactions the source streamed to Philotes (pg_stat_replication_slots.stream_bytes; PostgreSQL 14+).',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
   readonly buildInfo = new client.Gauge({
     name: 'philotes_build_info',
     help: 'Always 1; the labels say which Philotes and Node.js run.',
@@ -234,6 +258,12 @@ export class Metrics {
       for (const status of WAL_STATUSES)
         this.slotWalStatus.set({ source, status }, status === slot.walStatus ? 1 : 0);
     }
+    if (slot.decoding !== null) {
+      this.slotSpilledTransactions.set({ source }, slot.decoding.spillTxns);
+      this.slotSpilledBytes.set({ source }, slot.decoding.spillBytes);
+      this.slotStreamedTransactions.set({ source }, slot.decoding.streamTxns);
+      this.slotStreamedBytes.set({ source }, slot.decoding.streamBytes);
+    }
   }
 
   /** Counts a committed buffer transaction: its batches, events, bytes, duration and lag. */
@@ -285,12 +315,16 @@ export class Metrics {
       this.lastErrorTimestamp,
       this.slotRetainedWal,
       this.slotSafeWalSize,
+      this.slotSpilledTransactions,
+      this.slotSpilledBytes,
+      this.slotStreamedTransactions,
+      this.slotStreamedBytes,
       this.sourceReady,
       this.notStreamingSeconds,
     ]) {
       metric.remove({ source });
     }
-    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])
+    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL'])
       this.events.remove({ source, operation });
     for (const kind of ['retryable', 'fatal']) this.readerFailures.remove({ source, kind });
     for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
@@ -300,7 +334,7 @@ export class Metrics {
 
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
-    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])
+    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL'])
       this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
     this.batches.inc({ source }, 0);

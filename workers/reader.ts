@@ -32,6 +32,7 @@ import {
   currentWalLsn,
   findGap,
   gapError,
+  readSlotDecodingStats,
   readSlotState,
   retainedWalBytes,
 } from '../src/common/source-admin.js';
@@ -82,6 +83,7 @@ export class SlotReader implements PgoutputHandler {
   /** Why reading is paused, if it is. */
   private blocked: 'catalog' | 'slot' | 'buffer' | null = null;
   private blockedWork: Promise<void> | null = null;
+  private serverVersion = 0;
   /** Where this run started streaming: the checkpoint, or where a new capture begins. */
   private startLsn = 0n;
   /** Positions: durable, recorded, confirmed, idle (replaced once the start is known). */
@@ -162,6 +164,7 @@ export class SlotReader implements PgoutputHandler {
       this.resolver = new CatalogResolver(this.side, this.log);
 
       this.startLsn = prepared.startLsn;
+      this.serverVersion = prepared.serverVersion;
       this.confirmations = new Confirmations(
         prepared.startLsn,
         prepared.mustRecord ? prepared.startLsn : prepared.recordedLsn,
@@ -182,7 +185,7 @@ export class SlotReader implements PgoutputHandler {
           started: () =>
             this.block('slot', async () => {
               await this.verifySlot();
-              this.log.info({ startLsn: start }, 'streaming started');
+              this.log.info({ startLsn: start, protocol: prepared.protocol }, 'streaming started');
               void this.reportSlot();
               this.post({
                 type: 'ready',
@@ -193,7 +196,7 @@ export class SlotReader implements PgoutputHandler {
               });
             }),
         },
-        source.messages.length > 0 || source.ddl,
+        { protocol: prepared.protocol, messages: source.messages.length > 0 || source.ddl },
       );
 
       this.timers.push(
@@ -302,6 +305,29 @@ export class SlotReader implements PgoutputHandler {
   commit(_commitLsn: number, endLsn: number, commitTime: number): void {
     this.builder.commit(endLsn, commitTime);
     this.confirmations.commitRead(endLsn);
+  }
+
+  // Streamed in-progress transactions (protocol 2): staged until their commit, see BatchBuilder.
+
+  streamStart(xid: number): void {
+    this.builder.streamStart(xid);
+  }
+
+  streamChange(xid: number): void {
+    this.builder.streamChange(xid);
+  }
+
+  streamStop(): void {
+    this.builder.streamStop();
+  }
+
+  streamCommit(xid: number, commitLsn: number, endLsn: number, commitTime: number): void {
+    this.builder.streamCommit(xid, commitLsn, endLsn, commitTime);
+    this.confirmations.commitRead(endLsn);
+  }
+
+  streamAbort(xid: number, subXid: number): void {
+    this.builder.streamAbort(xid, subXid);
   }
 
   insert(relationOid: number, after: TupleView): void {
@@ -500,7 +526,7 @@ export class SlotReader implements PgoutputHandler {
     if (!this.builder.hasContent) return;
     const batch = this.builder.take();
     const message: ReaderMessage = { type: 'batch', seq: this.confirmations.sent(), ...batch };
-    this.task.port.postMessage(message, [batch.data]);
+    this.task.port.postMessage(message, batch.staged ? [batch.data, batch.staged] : [batch.data]);
   }
 
   private onSupervisorMessage(message: SupervisorMessage): void {
@@ -603,11 +629,16 @@ export class SlotReader implements PgoutputHandler {
       const slot = await readSlotState(side, this.task.source.slot);
       const now = await currentWalLsn(side);
       if (slot === null) return;
+      const decoding =
+        this.serverVersion >= 140000
+          ? await readSlotDecodingStats(side, this.task.source.slot)
+          : null;
       this.post({
         type: 'slot',
         retainedWalBytes: retainedWalBytes(slot, now),
         safeWalSizeBytes: slot.safeWalSize,
         walStatus: slot.walStatus,
+        decoding,
       });
     } catch (error) {
       this.log.debug({ err: error }, 'reading the slot state failed');

@@ -42,6 +42,13 @@ export interface StreamEvents {
   error(error: unknown): void;
 }
 
+export interface PgoutputOptions {
+  /** 2 (PostgreSQL 14+): large in-progress transactions are streamed as they are decoded. */
+  readonly protocol: 1 | 2;
+  /** Ask for logical messages too (PostgreSQL 14+; older servers refuse the option). */
+  readonly messages: boolean;
+}
+
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
 
 /** pg's own copyData listener on the connection (a no-op for our query); it stays. */
@@ -59,8 +66,7 @@ class StreamTakeover {
   constructor(
     private readonly publication: string,
     private readonly events: StreamEvents,
-    /** Ask for logical messages too (PostgreSQL 14+; older servers refuse the option). */
-    private readonly messages: boolean,
+    private readonly options: PgoutputOptions,
   ) {}
   parse(buffer: Buffer): Buffer {
     return buffer; // unused: the library's listener is gone before the first message
@@ -76,8 +82,9 @@ class StreamTakeover {
     connection.on('copyData', (message: { chunk: Buffer }) => events.copyData(message.chunk));
     client.on('notice', (notice) => events.notice(notice));
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
+    const { protocol, messages } = this.options;
     return client.query(
-      `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '1', publication_names '"${this.publication}"'${this.messages ? ", messages 'true'" : ''})`,
+      `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '${protocol}', publication_names '"${this.publication}"'${messages ? ", messages 'true'" : ''}${protocol >= 2 ? ", streaming 'on'" : ''})`,
     );
   }
 }
@@ -90,7 +97,7 @@ export class ReplicationStream {
     options: pg.ClientConfig,
     publication: string,
     events: StreamEvents,
-    messages = false,
+    pgoutput: PgoutputOptions,
   ) {
     this.service = new LogicalReplicationService(
       { ...options, options: REPLICATION_SESSION_OPTIONS },
@@ -98,7 +105,7 @@ export class ReplicationStream {
       // *received* LSN. Every status update is sent by acknowledge() below.
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: false } },
     );
-    this.plugin = new StreamTakeover(publication, events, messages);
+    this.plugin = new StreamTakeover(publication, events, pgoutput);
     this.service.on('error', (error: unknown) => events.error(error));
     this.service.on('start', () => events.started());
   }

@@ -41,6 +41,8 @@ import {
 
 export interface PreparedSource {
   readonly serverVersion: number;
+  /** pgoutput's protocol version for this server: 2 streams in-progress transactions. */
+  readonly protocol: 1 | 2;
   readonly slotCreated: boolean;
   readonly publicationCreated: boolean;
   /** Where streaming starts: the buffer's checkpoint, or where a slot new to the buffer starts. */
@@ -91,6 +93,13 @@ export async function prepareSource(
     );
   }
 
+  if (source.protocol === 2 && serverVersion < 140000) {
+    throw new FatalSourceError(
+      `PostgreSQL ${serverVersion} on ${where(source)} has no pgoutput protocol 2 (version 14 or later); set protocol: 1 or auto for this source`,
+      'SERVER_TOO_OLD',
+    );
+  }
+  const protocol = source.protocol ?? (serverVersion >= 140000 ? 2 : 1);
   if (source.ddl) await prepareDdlCapture(client, source, serverVersion, log);
 
   // Amazon RDS grants replication through membership of rds_replication, not the attribute.
@@ -123,9 +132,15 @@ export async function prepareSource(
   await warnAboutIdentity(client, source.publication, log);
 
   if (record !== null)
-    return { serverVersion, publicationCreated, ...(await checkSlot(client, source, log, record)) };
+    return {
+      serverVersion,
+      protocol,
+      publicationCreated,
+      ...(await checkSlot(client, source, log, record)),
+    };
   return {
     serverVersion,
+    protocol,
     publicationCreated,
     ...(await newCapture(client, source, log, publicationCreated)),
   };

@@ -22,6 +22,26 @@ import { migrate } from './migrations.js';
 
 /** The readers send rows in binary COPY format; a COPY adds the header and the trailer. */
 const COPY_EVENTS = `COPY cdc_events (${EVENT_COPY_COLUMNS.join(', ')}) FROM STDIN (FORMAT binary)`;
+/** Staged rows have the same fields; the lsn field holds the streamed transaction's xid. */
+const COPY_STAGED = `COPY cdc_staged (${EVENT_COPY_COLUMNS.map((c) => (c === 'lsn' ? 'top_xid' : c)).join(', ')}) FROM STDIN (FORMAT binary)`;
+const STAGED_VALUES = EVENT_COPY_COLUMNS.filter(
+  (c) => !['source_id', 'lsn', 'seq', 'xid', 'committed_at'].includes(c),
+).join(', ');
+/**
+ * A streamed transaction committed: its staged rows become events at the commit's LSN, with its
+ * xid and commit time (µs since 2000-01-01, as pgoutput gives it), keeping their stream order.
+ */
+const COMMIT_STAGED = `
+  WITH moved AS (
+    DELETE FROM cdc_staged WHERE source_id = $1 AND top_xid = $2
+    RETURNING source_id, seq, ${STAGED_VALUES})
+  INSERT INTO cdc_events (source_id, lsn, seq, xid, committed_at, ${STAGED_VALUES})
+  SELECT source_id, $3::pg_lsn, seq, $2,
+         timestamptz '2000-01-01 00:00:00+00' + $4::bigint * interval '1 microsecond',
+         ${STAGED_VALUES}
+    FROM moved`;
+const ABORT_STAGED = `DELETE FROM cdc_staged
+  WHERE source_id = $1 AND top_xid = $2 AND ($3::bigint IS NULL OR xid = $3)`;
 
 export interface Checkpoint {
   readonly lsn: string;
@@ -182,10 +202,14 @@ export class BufferStore {
             row.lsn,
           ])
         : await client.query('DELETE FROM cdc_events WHERE source_id = $1', [sourceId]);
+      // The source streams a transaction that was in progress again, from its start.
+      const unstaged = await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [
+        sourceId,
+      ]);
       await client.query('COMMIT');
-      if (removed.rowCount) {
+      if (removed.rowCount || unstaged.rowCount) {
         this.log.info(
-          { source: sourceId, removed: removed.rowCount },
+          { source: sourceId, removed: removed.rowCount, removedStaged: unstaged.rowCount },
           'removed events of an incomplete transaction',
         );
       }
@@ -227,6 +251,7 @@ export class BufferStore {
               'DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn',
               [gap.sourceId, gap.checkpointLsn],
             );
+      await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [gap.sourceId]);
       const inserted = await client.query<{ id: string }>(
         `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
          VALUES ($1, $2, $3::pg_lsn, $4::pg_lsn, $5, $6) RETURNING id`,
@@ -312,12 +337,14 @@ export class BufferStore {
       const results: StoredGroup[] = [];
       const checkpoints: { part: StoreGroupPart; batch: BatchMessage }[] = [];
       const data: Buffer[] = [];
+      const staged: Buffer[] = [];
       let bytes = 0;
       for (const part of parts) {
         const last = [...part.batches].reverse().find((b) => b.checkpointLsn !== null);
         if (last) checkpoints.push({ part, batch: last });
         results.push({ checkpointLsn: last?.checkpointLsn ?? null, schemaVersionsAdded: 0 });
         for (const batch of part.batches) {
+          if (batch.staged !== null) staged.push(Buffer.from(batch.staged));
           if (batch.rows === 0) continue;
           data.push(Buffer.from(batch.data));
           bytes += batch.data.byteLength;
@@ -334,6 +361,24 @@ export class BufferStore {
           Readable.from(bytes < CONCAT_BELOW_BYTES ? [Buffer.concat(chunks)] : chunks),
           client.query(copyFrom(COPY_EVENTS)),
         );
+      }
+      // Streamed transactions: their staged rows first, then their aborts and commits in stream
+      // order (an abort or a commit always follows every staged row it concerns).
+      if (staged.length > 0) {
+        await pipeline(
+          Readable.from([COPY_BINARY_HEADER, ...staged, COPY_BINARY_TRAILER]),
+          client.query(copyFrom(COPY_STAGED)),
+        );
+      }
+      for (const part of parts) {
+        for (const batch of part.batches) {
+          for (const op of batch.streamOps) {
+            if (op.op === 'abort')
+              await client.query(ABORT_STAGED, [part.sourceId, op.xid, op.subXid]);
+            else
+              await client.query(COMMIT_STAGED, [part.sourceId, op.xid, op.lsn, op.committedAtUs]);
+          }
+        }
       }
       for (const [i, part] of parts.entries()) {
         let added = 0;

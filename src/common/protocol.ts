@@ -80,10 +80,32 @@ export interface ReadyMessage {
 }
 
 /** What a batch carries: rows of finished and unfinished transactions, and where they reach. */
+/**
+ * What happened to a streamed transaction (pgoutput protocol 2), in stream order: an abort of it
+ * or of one of its subtransactions deletes their staged rows; a commit moves its staged rows into
+ * cdc_events with the commit's LSN, time and xid.
+ */
+export type StreamOp =
+  | { readonly op: 'abort'; readonly xid: number; readonly subXid: number | null }
+  | {
+      readonly op: 'commit';
+      readonly xid: number;
+      readonly lsn: string;
+      readonly committedAtUs: number;
+    };
+
 export interface BatchPayload {
   /** Rows for cdc_events in binary COPY format, without header and trailer. Transferred. */
   readonly data: ArrayBuffer;
   readonly rows: number;
+  /**
+   * Changes of transactions still in progress on the source, for cdc_staged, in the same format
+   * (top xid in the lsn field, subtransaction in xid). Transferred.
+   */
+  readonly staged: ArrayBuffer | null;
+  readonly stagedRows: number;
+  /** Aborts and commits of streamed transactions, applied after the staged rows are stored. */
+  readonly streamOps: readonly StreamOp[];
   readonly counts: OperationCounts;
   /** Commit end LSN of the last transaction completed in this batch, if any. */
   readonly checkpointLsn: string | null;
@@ -92,6 +114,11 @@ export interface BatchPayload {
   readonly checkpointCommitTimeMs: number | null;
   readonly transactions: number;
   readonly schemaChanges: readonly SchemaChange[];
+}
+
+/** A batch's size in bytes: its rows for cdc_events and its staged rows. */
+export function batchBytes(batch: BatchPayload): number {
+  return batch.data.byteLength + (batch.staged?.byteLength ?? 0);
 }
 
 export interface BatchMessage extends BatchPayload {
@@ -117,6 +144,15 @@ export interface SlotStatusMessage {
   readonly safeWalSizeBytes: number | null;
   /** reserved, extended, unreserved or lost (PostgreSQL 13+). */
   readonly walStatus: string | null;
+  /** The server's spill and stream counts for the slot (PostgreSQL 14+). */
+  readonly decoding: SlotDecodingStats | null;
+}
+
+export interface SlotDecodingStats {
+  readonly spillTxns: number;
+  readonly spillBytes: number;
+  readonly streamTxns: number;
+  readonly streamBytes: number;
 }
 
 export interface ErrorInfo {

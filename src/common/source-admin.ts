@@ -10,6 +10,7 @@
  * durable record before streaming.
  */
 import type pg from 'pg';
+import type { SlotDecodingStats } from './protocol.js';
 import type { SourceConfig } from './config.js';
 import { FatalSourceError, type FatalCode } from './errors.js';
 import type { Logger } from './logger.js';
@@ -65,7 +66,31 @@ export async function readSlotState(client: pg.Client, slot: string): Promise<Sl
   };
 }
 
-/** The server gave the slot up: it can no longer be read (wal_status lost, or a reason why). */
+/**
+ * What the server's decoding did for the slot since its statistics were last reset (PostgreSQL
+ * 14+, pg_stat_replication_slots): transactions spilled to its disk because they outgrew
+ * logical_decoding_work_mem, and transactions streamed while in progress instead.
+ */
+export async function readSlotDecodingStats(
+  client: pg.Client,
+  slot: string,
+): Promise<SlotDecodingStats | null> {
+  const result = await client.query<Record<keyof SlotDecodingStats, string>>(
+    `SELECT spill_txns AS "spillTxns", spill_bytes AS "spillBytes",
+            stream_txns AS "streamTxns", stream_bytes AS "streamBytes"
+       FROM pg_stat_replication_slots WHERE slot_name = $1`,
+    [slot],
+  );
+  const row = result.rows[0];
+  if (!row) return null;
+  return {
+    spillTxns: Number(row.spillTxns),
+    spillBytes: Number(row.spillBytes),
+    streamTxns: Number(row.streamTxns),
+    streamBytes: Number(row.streamBytes),
+  };
+}
+
 /** The WAL the source keeps for the slot: its WAL position minus the slot's restart_lsn. */
 export function retainedWalBytes(slot: SlotState, currentWal: bigint): number | null {
   return slot.restartLsn === null ? null : Math.max(0, Number(currentWal - slot.restartLsn));

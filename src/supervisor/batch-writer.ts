@@ -21,7 +21,7 @@
  */
 import type { SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
-import type { BatchMessage } from '../common/protocol.js';
+import { batchBytes, type BatchMessage } from '../common/protocol.js';
 import {
   CommitOutcomeUnknownError,
   type BufferStore,
@@ -241,9 +241,10 @@ export class SourceWriter {
   enqueue(batch: BatchMessage): void {
     if (this.isClosed) return;
     this.queue.push(batch);
-    this.queuedBytes += batch.data.byteLength;
+    const bytes = batchBytes(batch);
+    this.queuedBytes += bytes;
     this.events.queued(this.queue.length);
-    this.writer.added(this, batch.data.byteLength);
+    this.writer.added(this, bytes);
   }
 
   /** Records a position the reader wants to confirm past the checkpoint, then says so. */
@@ -277,7 +278,7 @@ export class SourceWriter {
     const batches: BatchMessage[] = [];
     let bytes = 0;
     while (this.queue.length > 0) {
-      const size = this.queue[0]!.data.byteLength;
+      const size = batchBytes(this.queue[0]!);
       if (bytes + size > room && !(atLeastOne && batches.length === 0)) break;
       batches.push(this.queue.shift()!);
       bytes += size;

@@ -45,15 +45,30 @@ export async function countEvents(buffer: Cluster, sourceId = 'app'): Promise<nu
  * Waits until at least `atLeast` more events are stored than `from`. A restart may first remove
  * events beyond the checkpoint, so this only passes once new events have really been stored.
  */
+/**
+ * Rows stored for a source in cdc_events and cdc_staged: a large transaction the source streams
+ * while in progress (protocol 2) reaches cdc_staged first.
+ */
+export async function countStoredRows(buffer: Cluster, sourceId = 'app'): Promise<number> {
+  const [row] = await buffer.query<{ n: number }>(
+    `SELECT (SELECT count(*) FROM cdc_events WHERE source_id = $1)
+          + (SELECT count(*) FROM cdc_staged WHERE source_id = $1) AS n`,
+    [sourceId],
+    'buffer',
+  );
+  return Number(row?.n ?? 0);
+}
+
 export async function waitForEventGrowth(
   buffer: Cluster,
   from: number,
   atLeast: number,
   timeoutMs = 60_000,
+  count: (buffer: Cluster) => Promise<number> = countEvents,
 ): Promise<number> {
   return waitFor(
     async () => {
-      const n = await countEvents(buffer);
+      const n = await count(buffer);
       return n >= from + atLeast ? n : false;
     },
     { what: `at least ${from + atLeast} stored events (had ${from})`, timeoutMs, intervalMs: 200 },

@@ -112,10 +112,23 @@ export type DecodedMessage =
       after: TupleValue[];
     }
   | { tag: 'delete'; relationOid: number; beforeKind: 'K' | 'O'; before: TupleValue[] }
+  | { tag: 'streamStart'; xid: number }
+  | { tag: 'streamChange'; xid: number }
+  | { tag: 'streamStop' }
+  | { tag: 'streamCommit'; xid: number; commitLsn: bigint; endLsn: bigint; commitTime: bigint }
+  | { tag: 'streamAbort'; xid: number; subXid: number }
   | PgoutputMessage;
 
 /** Decodes one message the way the reader does, into an object. */
 export function decodeMessage(buf: Buffer): DecodedMessage {
+  const decoded = decodeMessages([buf]);
+  if (decoded.length === 0) throw new Error('the decoder called no handler');
+  return decoded[decoded.length - 1]!;
+}
+
+/** Decodes messages in order with one decoder (stream blocks span messages): every call made. */
+export function decodeMessages(bufs: Buffer[]): DecodedMessage[] {
+  const calls: DecodedMessage[] = [];
   let decoded: DecodedMessage | undefined;
   const handler: PgoutputHandler = {
     begin: (finalLsn, commitTime, xid) =>
@@ -140,8 +153,24 @@ export function decodeMessage(buf: Buffer): DecodedMessage {
     delete: (relationOid, beforeKind, before) =>
       (decoded = { tag: 'delete', relationOid, beforeKind, before: tupleValues(before) }),
     other: (message) => (decoded = message),
+    streamStart: (xid) => (decoded = { tag: 'streamStart', xid }),
+    streamChange: (xid) => calls.push({ tag: 'streamChange', xid }),
+    streamStop: () => (decoded = { tag: 'streamStop' }),
+    streamCommit: (xid, commitLsn, endLsn, commitTime) =>
+      (decoded = {
+        tag: 'streamCommit',
+        xid,
+        commitLsn: BigInt(commitLsn),
+        endLsn: BigInt(endLsn),
+        commitTime: BigInt(commitTime),
+      }),
+    streamAbort: (xid, subXid) => (decoded = { tag: 'streamAbort', xid, subXid }),
   };
-  new PgoutputDecoder().decode(buf, 0, handler);
-  if (!decoded) throw new Error('the decoder called no handler');
-  return decoded;
+  const decoder = new PgoutputDecoder();
+  for (const buf of bufs) {
+    decoded = undefined;
+    decoder.decode(buf, 0, handler);
+    if (decoded) calls.push(decoded);
+  }
+  return calls;
 }

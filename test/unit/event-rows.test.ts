@@ -64,9 +64,9 @@ function isoMicros(pgMicros: bigint): string {
  * rendered as text: LSNs as 'X/Y', timestamps as ISO, text[] as literals, jsonb as its JSON.
  * Also checks that the rows are well formed: PostgreSQL would reject them otherwise.
  */
-function rows(batch: TakenBatch): Row[] {
-  expect(batch.data).toBeInstanceOf(ArrayBuffer);
-  const buf = Buffer.from(batch.data);
+function rows(batch: TakenBatch, data: ArrayBuffer = batch.data): Row[] {
+  expect(data).toBeInstanceOf(ArrayBuffer);
+  const buf = Buffer.from(data);
   const out: Row[] = [];
   let p = 0;
   const text = (start: number, end: number) =>
@@ -206,7 +206,14 @@ describe('BatchBuilder', () => {
 
     const batch = b.take();
     expect(batch.rows).toBe(6);
-    expect(batch.counts).toEqual({ insert: 1, update: 3, delete: 1, truncate: 1, message: 0 });
+    expect(batch.counts).toEqual({
+      insert: 1,
+      update: 3,
+      delete: 1,
+      truncate: 1,
+      message: 0,
+      ddl: 0,
+    });
     expect(batch.transactions).toBe(1);
     expect(batch.checkpointLsn).toBe('1/16B3790'); // the commit's end LSN
     expect(batch.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
@@ -319,6 +326,77 @@ describe('BatchBuilder', () => {
     expect(json(row!.after)).toEqual({ 'k"ey\\': 7 });
   });
 
+  it('a streamed transaction: staged rows by (sub)transaction, an aborted subtransaction, the commit', () => {
+    const b = new BatchBuilder('s');
+    const TOP = 900;
+    b.streamStart(TOP);
+    b.relation(ORDERS); // the stream's own relation
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
+    b.insert(ORDERS_OID, T(['2', null, null, '2', '{}']));
+    b.streamChange(901);
+    b.insert(ORDERS_OID, T(['3', null, null, '3', '{}']));
+    b.streamStop();
+    expect(b.isInTransaction).toBe(false);
+    expect(b.hasOpenStreams).toBe(true);
+    const first = b.take();
+    expect([first.rows, first.stagedRows, first.data.byteLength]).toEqual([0, 3, 0]);
+    expect(first.checkpointLsn).toBeNull();
+    expect(first.schemaChanges).toEqual([]); // recorded at the commit
+    expect(first.streamOps).toEqual([]);
+    const staged = rows(first, first.staged!);
+    // The lsn field carries the top xid (cdc_staged.top_xid), xid the subtransaction.
+    expect(staged.map((r) => [r.lsn, r.seq, r.xid])).toEqual([
+      [formatLsn(BigInt(TOP)), '1', '900'],
+      [formatLsn(BigInt(TOP)), '2', '900'],
+      [formatLsn(BigInt(TOP)), '3', '901'],
+    ]);
+
+    // A later block: seq runs on; its subtransaction aborts; then the commit.
+    b.streamStart(TOP);
+    b.streamChange(902);
+    b.insert(ORDERS_OID, T(['4', null, null, '4', '{}']));
+    b.streamStop();
+    b.streamAbort(TOP, 902);
+    b.streamCommit(TOP, FINAL_LSN, END_LSN, COMMIT_TIME);
+    const second = b.take();
+    expect(rows(second, second.staged!).map((r) => [r.seq, r.xid])).toEqual([['4', '902']]);
+    expect(second.streamOps).toEqual([
+      { op: 'abort', xid: TOP, subXid: 902 },
+      { op: 'commit', xid: TOP, lsn: formatLsn(BigInt(FINAL_LSN)), committedAtUs: COMMIT_TIME },
+    ]);
+    expect(second.counts.insert).toBe(3); // not the aborted one
+    expect(second.transactions).toBe(1);
+    expect(second.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
+    expect(second.checkpointXid).toBe(TOP);
+    expect(second.schemaChanges.map((c) => [c.table, c.lsn])).toEqual([
+      ['orders', formatLsn(BigInt(FINAL_LSN))],
+    ]);
+    expect(b.hasOpenStreams).toBe(false);
+
+    // pgoutput does not send a committed stream's relations again: they are everyone's now.
+    b.begin(FINAL_LSN + 1000, COMMIT_TIME, XID);
+    b.insert(ORDERS_OID, T(['5', null, null, '5', '{}']));
+    b.commit(END_LSN + 1000, COMMIT_TIME);
+    expect(rows(b.take()).map((r) => r.seq)).toEqual(['1']);
+  });
+
+  it("an aborted streamed transaction's relations are forgotten", () => {
+    const b = new BatchBuilder('s');
+    b.streamStart(7);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
+    b.streamStop();
+    b.streamAbort(7, 7);
+    const batch = b.take();
+    expect(batch.streamOps).toEqual([{ op: 'abort', xid: 7, subXid: null }]);
+    expect(batch.counts.insert).toBe(0);
+    expect(batch.checkpointLsn).toBeNull();
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    expect(() => b.insert(ORDERS_OID, T(['2', null, null, '2', '{}']))).toThrow(
+      'change for unknown relation',
+    );
+  });
+
   it('a transaction split across two take() calls keeps its seq numbering', () => {
     const b = new BatchBuilder('s');
     b.begin(FINAL_LSN, COMMIT_TIME, XID);
@@ -342,7 +420,14 @@ describe('BatchBuilder', () => {
     expect(second.checkpointLsn).toBe(formatLsn(BigInt(END_LSN)));
     expect(second.transactions).toBe(1);
     expect(second.schemaChanges).toHaveLength(0);
-    expect(second.counts).toEqual({ insert: 1, update: 0, delete: 1, truncate: 0, message: 0 });
+    expect(second.counts).toEqual({
+      insert: 1,
+      update: 0,
+      delete: 1,
+      truncate: 0,
+      message: 0,
+      ddl: 0,
+    });
     const r = rows(second);
     expect(r.map((x) => x.seq)).toEqual(['3', '4']);
     expect(r.map((x) => x.lsn)).toEqual(['1/16B3748', '1/16B3748']);

@@ -5,7 +5,13 @@
  * parsePgoutput.
  */
 import { describe, expect, it } from 'vitest';
-import { Msg, UNCHANGED, decodeMessage, type TupleValue } from '../support/pgoutput.js';
+import {
+  Msg,
+  UNCHANGED,
+  decodeMessage,
+  decodeMessages,
+  type TupleValue,
+} from '../support/pgoutput.js';
 
 const LSN = (1n << 32n) | 0x16b3748n; // 1/16B3748
 const END_LSN = (1n << 32n) | 0x16b3790n;
@@ -218,11 +224,79 @@ describe('pgoutput decoding', () => {
     expect(decodeMessage(view)).toEqual({ tag: 'insert', relationOid: 9, after: ['a', null] });
   });
 
+  it('protocol 2: a stream block whose messages carry the (sub)transaction xid, then its commit', () => {
+    const XID = 0xffff_fff0;
+    const SUB = 731;
+    const calls = decodeMessages([
+      new Msg('S').uint32(XID).int8(1).build(),
+      new Msg('R')
+        .uint32(XID)
+        .uint32(BIG_OID)
+        .string('shop')
+        .string('orders')
+        .byte('d')
+        .int16(1)
+        .int8(1)
+        .string('id')
+        .uint32(20)
+        .int32(-1)
+        .build(),
+      new Msg('I').uint32(XID).uint32(BIG_OID).byte('N').tuple(['1']).build(),
+      new Msg('U')
+        .uint32(SUB)
+        .uint32(BIG_OID)
+        .byte('K')
+        .tuple(['1'])
+        .byte('N')
+        .tuple(['2'])
+        .build(),
+      new Msg('D').uint32(SUB).uint32(BIG_OID).byte('O').tuple(['2']).build(),
+      new Msg('M')
+        .uint32(SUB)
+        .int8(1)
+        .uint64(LSN)
+        .string('app')
+        .int32(2)
+        .byte('h')
+        .byte('i')
+        .build(),
+      new Msg('E').build(),
+      new Msg('A').uint32(XID).uint32(SUB).build(),
+      new Msg('c').uint32(XID).int8(0).uint64(LSN).uint64(END_LSN).int64(TIME).build(),
+      // After the block, messages have no xid again.
+      new Msg('I').uint32(9).byte('N').tuple(['x']).build(),
+    ]);
+    expect(calls).toEqual([
+      { tag: 'streamStart', xid: XID },
+      { tag: 'streamChange', xid: XID },
+      {
+        tag: 'relation',
+        relationOid: BIG_OID,
+        schema: 'shop',
+        name: 'orders',
+        replicaIdentity: 'd',
+        columns: [{ flags: 1, name: 'id', typeOid: 20, typeMod: -1 }],
+      },
+      { tag: 'streamChange', xid: XID },
+      { tag: 'insert', relationOid: BIG_OID, after: ['1'] },
+      { tag: 'streamChange', xid: SUB },
+      { tag: 'update', relationOid: BIG_OID, beforeKind: 'K', before: ['1'], after: ['2'] },
+      { tag: 'streamChange', xid: SUB },
+      { tag: 'delete', relationOid: BIG_OID, beforeKind: 'O', before: ['2'] },
+      { tag: 'streamChange', xid: SUB },
+      { tag: 'message', transactional: true, lsn: LSN, prefix: 'app', content: Buffer.from('hi') },
+      { tag: 'streamStop' },
+      { tag: 'streamAbort', xid: XID, subXid: SUB },
+      { tag: 'streamCommit', xid: XID, commitLsn: LSN, endLsn: END_LSN, commitTime: TIME },
+      { tag: 'insert', relationOid: 9, after: ['x'] },
+    ]);
+  });
+
   it('throws on an unknown tag', () => {
     expect(() => decodeMessage(Buffer.from('Z'))).toThrow('pgoutput: unknown message tag 0x5a');
-    // Protocol 2 streaming messages are not asked for, so not understood.
-    expect(() => decodeMessage(new Msg('S').uint32(1).int8(1).build())).toThrow(
-      'pgoutput: unknown message tag 0x53',
+    // Two-phase messages are not asked for, so not understood.
+    expect(() => decodeMessage(new Msg('P').int8(0).build())).toThrow(
+      'pgoutput: unknown message tag 0x50',
     );
   });
 

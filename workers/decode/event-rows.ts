@@ -10,6 +10,7 @@ import type {
   OperationCounts,
   SchemaChange,
   SchemaDdl,
+  StreamOp,
 } from '../../src/common/protocol.js';
 import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
@@ -48,6 +49,38 @@ interface RelationEncoding {
   readonly primaryKey: Uint8Array;
   /** A new shape, recorded with the first change that uses it (see relation()). */
   pendingSchema: Omit<SchemaChange, 'lsn'> | null;
+}
+
+/** A DDL link whose position is known only once its streamed transaction commits. */
+interface StreamDdlLink {
+  lsn: string;
+  readonly seq: number;
+  readonly command_tag: string;
+  readonly statement: string;
+  /** The (sub)transaction that made it: gone if that one aborts. */
+  readonly xid: number;
+}
+
+/**
+ * A transaction the source streams while it is in progress (protocol 2). Its changes go to the
+ * staged rows (cdc_staged) as they come; its Relation messages, schema versions and DDL links
+ * are its own until it commits: pgoutput sends a streamed transaction its relations separately,
+ * and the shape they give is not yet that of anyone else's changes. At its commit they become
+ * everyone's (pgoutput does not send them again); at its abort they are forgotten.
+ */
+interface StreamedTransaction {
+  nextSeq: number;
+  readonly relations: Map<number, RelationEncoding>;
+  readonly schemaChanges: Array<
+    Omit<SchemaChange, 'lsn' | 'ddl'> & { ddl: StreamDdlLink | SchemaDdl | undefined }
+  >;
+  readonly ddlByTable: Map<string, StreamDdlLink>;
+  /** Counts per (sub)transaction: a subtransaction's go when it aborts. */
+  readonly counts: Map<number, OperationCounts>;
+}
+
+function noCounts(): OperationCounts {
+  return { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0 };
 }
 
 /** A batch as the builder hands it over: what a batch message carries. */
@@ -130,17 +163,21 @@ export class BatchBuilder {
   private txFinalLsn = 0;
   private currentXid = 0;
 
-  // The batch being filled: the rows, written as they come.
-  private readonly out: CopyBuffer;
+  // The batch being filled: the rows, written as they come; cdc_events rows in `events`, the
+  // changes of streamed transactions in `staged`; `out` is the one being written.
+  private readonly events: CopyBuffer;
+  private readonly staged: CopyBuffer;
+  private out: CopyBuffer;
   private rowCount = 0;
-  private counts: OperationCounts = {
-    insert: 0,
-    update: 0,
-    delete: 0,
-    truncate: 0,
-    message: 0,
-    ddl: 0,
-  };
+  private stagedRowCount = 0;
+  private counts: OperationCounts = noCounts();
+  /** Where the operation being written is counted: the batch, or a streamed subtransaction. */
+  private tally: OperationCounts = this.counts;
+  private streamOps: StreamOp[] = [];
+  private readonly streams = new Map<number, StreamedTransaction>();
+  /** The streamed transaction whose block is open, and the (sub)transaction of its change. */
+  private stream: StreamedTransaction | null = null;
+  private streamSubXid = 0;
   private checkpointLsn = -1;
   /** The pending checkpoint completes a transaction with events in an earlier batch. */
   private commitMustBeStored = false;
@@ -154,7 +191,9 @@ export class BatchBuilder {
   /** @param batchMaxBytes the batch size limit: the working buffer is kept up to twice that. */
   constructor(sourceId: string, batchMaxBytes = 4 * 1024 * 1024) {
     this.sourceField = fields((out) => out.textField(sourceId));
-    this.out = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));
+    this.events = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));
+    this.staged = new CopyBuffer(1 << 16, Math.max(16 << 20, 2 * batchMaxBytes));
+    this.out = this.events;
   }
 
   get rows(): number {
@@ -163,7 +202,7 @@ export class BatchBuilder {
 
   /** Bytes of the pending rows. */
   get bytes(): number {
-    return this.out.length;
+    return this.events.length + this.staged.length;
   }
 
   /**
@@ -178,7 +217,12 @@ export class BatchBuilder {
    * be a new transaction to read.
    */
   get hasContent(): boolean {
-    return this.rowCount > 0 || this.schemaChanges.length > 0 || this.commitMustBeStored;
+    return (
+      this.rowCount > 0 ||
+      this.schemaChanges.length > 0 ||
+      this.commitMustBeStored ||
+      this.streamOps.length > 0
+    );
   }
 
   get isInTransaction(): boolean {
@@ -220,9 +264,10 @@ export class BatchBuilder {
    * of anything a consumer sees.
    */
   relation(relation: ResolvedRelation): void {
-    const previous = this.relations.get(relation.oid);
+    const relations = this.stream?.relations ?? this.relations;
+    const previous = relations.get(relation.oid) ?? this.relations.get(relation.oid);
     const shapeChanged = !previous || !sameShape(previous.relation, relation);
-    this.relations.set(relation.oid, {
+    relations.set(relation.oid, {
       relation,
       keys: relation.columns.map((c) => Buffer.from(`${JSON.stringify(c.name)}:`)),
       order: jsonbKeyOrder(relation.columns.map((c) => c.name)),
@@ -254,7 +299,7 @@ export class BatchBuilder {
 
   insert(relationOid: number, after: TupleView): void {
     this.push(this.encoding(relationOid), OPERATIONS.INSERT, null, false, after, null);
-    this.counts.insert++;
+    this.tally.insert++;
   }
 
   update(
@@ -273,7 +318,7 @@ export class BatchBuilder {
       after,
       fallback,
     );
-    this.counts.update++;
+    this.tally.update++;
   }
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
@@ -285,7 +330,7 @@ export class BatchBuilder {
       null,
       null,
     );
-    this.counts.delete++;
+    this.tally.delete++;
   }
 
   /**
@@ -301,7 +346,7 @@ export class BatchBuilder {
     });
     for (const enc of encodings) {
       this.push(enc, OPERATIONS.TRUNCATE, null, false, null, null, details);
-      this.counts.truncate++;
+      this.tally.truncate++;
     }
   }
 
@@ -326,7 +371,7 @@ export class BatchBuilder {
         : { content_hex: Buffer.from(content).toString('hex') }),
     });
     this.push(MESSAGE_ENCODING, OPERATIONS.MESSAGE, null, false, null, null, details);
-    this.counts.message++;
+    this.tally.message++;
   }
 
   /**
@@ -362,14 +407,19 @@ export class BatchBuilder {
       ? tableOnlyEncoding(first.schema, first.name, first.primaryKey)
       : MESSAGE_ENCODING;
     this.push(enc, OPERATIONS.DDL, null, false, null, null, text);
-    this.counts.ddl++;
-    const link: SchemaDdl = {
-      lsn: formatLsn(BigInt(this.txFinalLsn)),
+    this.tally.ddl++;
+    const link = {
+      lsn: this.stream ? '' : formatLsn(BigInt(this.txFinalLsn)), // a stream's: at its commit
       seq: this.txSeq,
       command_tag: payload.command_tag ?? '',
       statement: payload.statement ?? '',
     };
-    for (const key of tables.keys()) this.ddlByTable.set(key, link);
+    if (this.stream) {
+      const streamLink: StreamDdlLink = { ...link, xid: this.streamSubXid };
+      for (const key of tables.keys()) this.stream.ddlByTable.set(key, streamLink);
+    } else {
+      for (const key of tables.keys()) this.ddlByTable.set(key, link);
+    }
   }
 
   /**
@@ -391,13 +441,134 @@ export class BatchBuilder {
     this.transactions--; // not a source transaction
   }
 
+  /**
+   * A block of the in-progress transaction `xid` begins (protocol 2): its changes are written as
+   * staged rows — `lsn` holds `xid` and `xid` the subtransaction, until the commit moves them
+   * into cdc_events with the commit's LSN, time and xid. `seq` runs on across blocks.
+   */
+  streamStart(xid: number): void {
+    if (this.inTransaction) throw new Error('pgoutput: stream start inside a transaction');
+    let stream = this.streams.get(xid);
+    if (!stream) {
+      stream = {
+        nextSeq: 0,
+        relations: new Map(),
+        schemaChanges: [],
+        ddlByTable: new Map(),
+        counts: new Map(),
+      };
+      this.streams.set(xid, stream);
+    }
+    this.stream = stream;
+    this.begin(xid, 0, xid); // txHead's lsn field: the top xid (cdc_staged.top_xid)
+    this.txSeq = stream.nextSeq;
+    this.out = this.staged;
+    this.streamChange(xid);
+  }
+
+  /** The (sub)transaction of the next change in the open block. */
+  streamChange(subXid: number): void {
+    const stream = this.stream;
+    if (stream === null || subXid === this.streamSubXid) return;
+    this.streamSubXid = subXid;
+    const middle = this.txMiddle;
+    middle.length = 0;
+    middle.int64Field(subXid);
+    middle.int64Field(0); // committed_at: set at the commit
+    let counts = stream.counts.get(subXid);
+    if (!counts) stream.counts.set(subXid, (counts = noCounts()));
+    this.tally = counts;
+  }
+
+  streamStop(): void {
+    if (this.stream === null) throw new Error('pgoutput: stream stop outside a stream');
+    this.stream.nextSeq = this.txSeq;
+    this.stream = null;
+    this.streamSubXid = 0;
+    this.inTransaction = false;
+    this.out = this.events;
+    this.tally = this.counts;
+  }
+
+  /** Whether a streamed transaction has begun and not yet committed or aborted. */
+  get hasOpenStreams(): boolean {
+    return this.streams.size > 0;
+  }
+
+  streamAbort(xid: number, subXid: number): void {
+    if (this.stream !== null) throw new Error('pgoutput: stream abort inside a stream');
+    this.streamOps.push({ op: 'abort', xid, subXid: subXid === xid ? null : subXid });
+    const stream = this.streams.get(xid);
+    if (!stream) return;
+    if (subXid === xid) {
+      this.streams.delete(xid);
+      return;
+    }
+    stream.counts.delete(subXid);
+    for (const [key, link] of stream.ddlByTable)
+      if (link.xid === subXid) stream.ddlByTable.delete(key);
+  }
+
+  /**
+   * The streamed transaction committed: its staged rows move into cdc_events at its commit LSN
+   * (in the buffer transaction that stores this batch), and the checkpoint moves past it.
+   */
+  streamCommit(xid: number, commitLsn: number, endLsn: number, commitTime: number): void {
+    if (this.stream !== null) throw new Error('pgoutput: stream commit inside a stream');
+    const stream = this.streams.get(xid);
+    this.streams.delete(xid);
+    const lsn = formatLsn(BigInt(commitLsn));
+    this.streamOps.push({ op: 'commit', xid, lsn, committedAtUs: commitTime });
+    if (stream) {
+      for (const counts of stream.counts.values()) {
+        for (const key of Object.keys(counts) as Array<keyof OperationCounts>)
+          this.counts[key] += counts[key];
+      }
+      for (const link of stream.ddlByTable.values()) link.lsn = lsn;
+      for (const change of stream.schemaChanges) {
+        if (change.ddl && 'xid' in change.ddl) change.ddl.lsn = lsn;
+      }
+      for (const { ddl, ...change } of stream.schemaChanges) {
+        this.schemaChanges.push({
+          ...change,
+          lsn,
+          ...(ddl
+            ? {
+                ddl: {
+                  lsn: ddl.lsn,
+                  seq: ddl.seq,
+                  command_tag: ddl.command_tag,
+                  statement: ddl.statement,
+                },
+              }
+            : {}),
+        });
+      }
+      // pgoutput counts the relations it sent a committed stream as sent to us (its
+      // cleanup_rel_sync_cache): they are the current ones now, and are not sent again.
+      for (const [oid, enc] of stream.relations) this.relations.set(oid, enc);
+      for (const [key, link] of stream.ddlByTable) {
+        const { xid: _xid, ...rest } = link;
+        this.ddlByTable.set(key, rest);
+      }
+    }
+    this.transactions++;
+    this.checkpointLsn = endLsn;
+    this.checkpointXid = xid;
+    this.checkpointCommitTime = commitTime;
+    this.commitMustBeStored = true;
+  }
+
   /** Hands over the batch as one transferable buffer and starts a new one. */
   take(): TakenBatch {
     const committed = this.checkpointLsn >= 0;
     const batch: TakenBatch = {
       // A copy of exactly the used bytes, which we may transfer; the working buffer stays ours.
-      data: this.out.take(),
-      rows: this.rowCount,
+      data: this.events.take(),
+      rows: this.rowCount - this.stagedRowCount,
+      staged: this.stagedRowCount > 0 ? this.staged.take() : null,
+      stagedRows: this.stagedRowCount,
+      streamOps: this.streamOps,
       counts: this.counts,
       checkpointLsn: committed ? formatLsn(BigInt(this.checkpointLsn)) : null,
       checkpointXid: committed ? this.checkpointXid : null,
@@ -406,7 +577,10 @@ export class BatchBuilder {
       schemaChanges: this.schemaChanges,
     };
     this.rowCount = 0;
-    this.counts = { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0 };
+    this.stagedRowCount = 0;
+    this.streamOps = [];
+    this.counts = noCounts();
+    if (this.stream === null) this.tally = this.counts;
     this.checkpointLsn = -1;
     this.commitMustBeStored = false;
     this.transactions = 0;
@@ -415,12 +589,18 @@ export class BatchBuilder {
   }
 
   private encoding(oid: number): RelationEncoding {
-    const enc = this.relations.get(oid);
+    const enc = this.stream?.relations.get(oid) ?? this.relations.get(oid);
     // pgoutput always sends a Relation message before the first change that needs it.
     if (!enc) throw new Error(`pgoutput: change for unknown relation ${oid}`);
-    if (enc.pendingSchema !== null) {
+    if (enc.pendingSchema === null) return enc;
+    const key = `${enc.relation.schema}.${enc.relation.table}`;
+    if (this.stream !== null) {
+      // Recorded if and when the transaction commits, at its commit LSN.
+      const ddl = this.stream.ddlByTable.get(key) ?? this.ddlByTable.get(key);
+      this.stream.ddlByTable.delete(key);
+      this.stream.schemaChanges.push({ ...enc.pendingSchema, ddl });
+    } else {
       // LSN of the first transaction that uses this shape.
-      const key = `${enc.relation.schema}.${enc.relation.table}`;
       const ddl = this.ddlByTable.get(key);
       this.ddlByTable.delete(key);
       this.schemaChanges.push({
@@ -428,8 +608,8 @@ export class BatchBuilder {
         lsn: formatLsn(BigInt(this.txFinalLsn)),
         ...(ddl ? { ddl } : {}),
       });
-      enc.pendingSchema = null;
     }
+    enc.pendingSchema = null;
     return enc;
   }
 
@@ -483,6 +663,7 @@ export class BatchBuilder {
     }
     this.txSeq++;
     this.rowCount++;
+    if (this.stream !== null) this.stagedRowCount++;
   }
 
   /**

@@ -1,5 +1,7 @@
 /**
- * pgoutput protocol (version 1) messages, decoded from the bytes of one XLogData payload.
+ * pgoutput protocol (versions 1 and 2) messages, decoded from the bytes of one XLogData payload.
+ * Version 2 adds streamed in-progress transactions: Stream Start/Stop blocks whose messages carry
+ * the (sub)transaction's xid after their tag, then a Stream Commit or Stream Abort.
  * We decode ourselves rather than use pg-logical-replication's parser because that one runs every
  * value through pg's global type parsers (timestamps become Dates and lose microseconds) and
  * produces objects that cannot cross a MessagePort. Tuple values stay as the server's text.
@@ -164,6 +166,15 @@ export interface PgoutputHandler {
   ): void;
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void;
   other(message: PgoutputMessage): void;
+  /** A block of changes of the in-progress transaction `xid` begins (protocol 2). */
+  streamStart(xid: number): void;
+  /** Within a block: the (sub)transaction that made the change about to be handed over. */
+  streamChange(xid: number): void;
+  streamStop(): void;
+  /** The streamed transaction committed: its changes are complete. */
+  streamCommit(xid: number, commitLsn: number, endLsn: number, commitTimeUs: number): void;
+  /** The streamed transaction (subXid = xid) or one of its subtransactions aborted. */
+  streamAbort(xid: number, subXid: number): void;
 }
 
 /** An unsigned 64-bit big-endian integer as a Number (exact below 2^53). */
@@ -179,62 +190,84 @@ function i64Number(buf: Buffer, offset: number): number {
 export class PgoutputDecoder {
   private readonly before = new TupleView();
   private readonly after = new TupleView();
+  /** Inside a Stream Start/Stop block: messages carry an xid after their tag. */
+  private streaming = false;
 
   decode(buf: Buffer, offset: number, h: PgoutputHandler): void {
-    switch (buf[offset]) {
+    const tag = buf[offset];
+    // In a stream block a message's body starts 4 bytes later, after the xid; Stream Stop and
+    // Origin (sent after a Stream Start for a transaction replicated from elsewhere) have none.
+    let body = offset + 1;
+    if (this.streaming && tag !== 0x45 && tag !== 0x4f) {
+      h.streamChange(buf.readUInt32BE(body));
+      body += 4;
+    }
+    switch (tag) {
       case 0x42: // 'B'
-        h.begin(
-          u64Number(buf, offset + 1),
-          i64Number(buf, offset + 9),
-          buf.readUInt32BE(offset + 17),
-        );
+        h.begin(u64Number(buf, body), i64Number(buf, body + 8), buf.readUInt32BE(body + 16));
         return;
       case 0x43: // 'C': flags, commit LSN, end LSN, commit time
-        h.commit(
-          u64Number(buf, offset + 2),
-          u64Number(buf, offset + 10),
-          i64Number(buf, offset + 18),
-        );
+        h.commit(u64Number(buf, body + 1), u64Number(buf, body + 9), i64Number(buf, body + 17));
         return;
       case 0x49: {
         // 'I': relation, 'N', new tuple
-        const oid = buf.readUInt32BE(offset + 1);
-        this.after.read(buf, offset + 6);
+        const oid = buf.readUInt32BE(body);
+        this.after.read(buf, body + 5);
         h.insert(oid, this.after);
         return;
       }
       case 0x55: {
         // 'U': relation, optional 'K'/'O' old tuple, 'N' new tuple
-        const oid = buf.readUInt32BE(offset + 1);
-        const kind = buf[offset + 5];
+        const oid = buf.readUInt32BE(body);
+        const kind = buf[body + 4];
         if (kind === 0x4b || kind === 0x4f) {
-          const next = this.before.read(buf, offset + 6);
+          const next = this.before.read(buf, body + 5);
           this.after.read(buf, next + 1);
           h.update(oid, kind === 0x4b ? 'K' : 'O', this.before, this.after);
         } else {
-          this.after.read(buf, offset + 6);
+          this.after.read(buf, body + 5);
           h.update(oid, null, null, this.after);
         }
         return;
       }
       case 0x44: {
         // 'D': relation, 'K'/'O', old tuple
-        const oid = buf.readUInt32BE(offset + 1);
-        const kind = buf[offset + 5] === 0x4b ? 'K' : 'O';
-        this.before.read(buf, offset + 6);
+        const oid = buf.readUInt32BE(body);
+        const kind = buf[body + 4] === 0x4b ? 'K' : 'O';
+        this.before.read(buf, body + 5);
         h.delete(oid, kind, this.before);
         return;
       }
+      case 0x53: // 'S': Stream Start: xid, first segment
+        this.streaming = true;
+        h.streamStart(buf.readUInt32BE(body));
+        return;
+      case 0x45: // 'E': Stream Stop
+        this.streaming = false;
+        h.streamStop();
+        return;
+      case 0x63: // 'c': Stream Commit: xid, flags, commit LSN, end LSN, commit time
+        h.streamCommit(
+          buf.readUInt32BE(body),
+          u64Number(buf, body + 5),
+          u64Number(buf, body + 13),
+          i64Number(buf, body + 21),
+        );
+        return;
+      case 0x41: // 'A': Stream Abort: xid, subtransaction xid
+        h.streamAbort(buf.readUInt32BE(body), buf.readUInt32BE(body + 4));
+        return;
       default:
-        h.other(parsePgoutput(buf.subarray(offset)));
+        h.other(parsePgoutput(buf.subarray(offset), body - offset));
     }
   }
 }
 
 /** One of the messages PgoutputDecoder leaves to `other`, as an object. */
-export function parsePgoutput(buf: Buffer): PgoutputMessage {
+export function parsePgoutput(buf: Buffer, bodyOffset = 1): PgoutputMessage {
   const r = new Reader(buf);
   const tag = r.u8();
+  r.offset = bodyOffset; // past the xid, in a stream block
   switch (tag) {
     case 0x4f: // 'O'
       return { tag: 'origin', lsn: r.u64(), name: r.cstring() };
