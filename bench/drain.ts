@@ -4,7 +4,7 @@
  * drains its slot durably into the buffer (start to last checkpoint committed).
  *
  *   npm run bench                 # all scenarios but fleet
- *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet
+ *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -19,6 +19,7 @@ import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 import { commitLatency } from './commit-latency.js';
+import { HUGE_ROWS, runHugeTransaction, type HugeRun } from './huge-transaction.js';
 import { cpuSeconds } from './proc-stats.js';
 
 interface Scenario {
@@ -402,9 +403,10 @@ async function main(): Promise<void> {
     wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
   const latencyWanted = wanted.length === 0 || wanted.includes('latency');
   const fleetWanted = wanted.includes('fleet');
-  if (scenarios.length === 0 && !latencyWanted && !fleetWanted) {
+  const hugeWanted = wanted.includes('huge');
+  if (scenarios.length === 0 && !latencyWanted && !fleetWanted && !hugeWanted) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -460,12 +462,24 @@ async function main(): Promise<void> {
       );
     }
   }
+  let huge: HugeRun[] | null = null;
+  if (hugeWanted) {
+    process.stderr.write(
+      `bench: huge: one transaction of ${HUGE_ROWS} rows, protocol 2 (streamed) then 1 (spilled by the source)\n`,
+    );
+    huge = await runHugeTransaction();
+    for (const h of huge) {
+      process.stdout.write(
+        `bench: huge, protocol ${h.protocol}: ${h.rows} rows stored ${h.afterCommitSeconds} s after the source's COMMIT (${h.totalSeconds} s from the first INSERT), Philotes peak RSS ${h.peakRssMb} MB, CPU ${h.cpuSeconds} s; source slot: spilled ${h.slot.spillTxns} tx / ${Math.round(h.slot.spillBytes / 2 ** 20)} MB, streamed ${h.slot.streamTxns} tx / ${Math.round(h.slot.streamBytes / 2 ** 20)} MB\n`,
+      );
+    }
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
     `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
   );
-  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet }, null, 2));
+  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet, huge }, null, 2));
   process.stderr.write(`bench: wrote ${file}\n`);
 }
 

@@ -32,14 +32,18 @@ const STAGED_VALUES = EVENT_COPY_COLUMNS.filter(
  * xid and commit time (µs since 2000-01-01, as pgoutput gives it), keeping their stream order.
  */
 const COMMIT_STAGED = `
-  WITH moved AS (
-    DELETE FROM cdc_staged WHERE source_id = $1 AND top_xid = $2
-    RETURNING source_id, seq, ${STAGED_VALUES})
   INSERT INTO cdc_events (source_id, lsn, seq, xid, committed_at, ${STAGED_VALUES})
   SELECT source_id, $3::pg_lsn, seq, $2,
          timestamptz '2000-01-01 00:00:00+00' + $4::bigint * interval '1 microsecond',
          ${STAGED_VALUES}
-    FROM moved`;
+    FROM cdc_staged WHERE source_id = $1 AND top_xid = $2`;
+/**
+ * A committed transaction's staged rows are deleted after the buffer transaction that moved them
+ * has committed, outside it: that transaction (and the reader's acknowledgement) need not wait
+ * for it. Rows a failed or lost delete leaves are deleted by the source's next start; no commit
+ * can move them twice (an xid commits once).
+ */
+const DELETE_COMMITTED = `DELETE FROM cdc_staged WHERE source_id = $1 AND top_xid = ANY($2::bigint[])`;
 const ABORT_STAGED = `DELETE FROM cdc_staged
   WHERE source_id = $1 AND top_xid = $2 AND ($3::bigint IS NULL OR xid = $3)`;
 
@@ -394,6 +398,7 @@ export class BufferStore {
       } catch (error) {
         throw new CommitOutcomeUnknownError(error);
       }
+      this.deleteCommittedStaged(parts);
       return results;
     } catch (error) {
       broken = true;
@@ -402,6 +407,23 @@ export class BufferStore {
     } finally {
       // A client whose transaction failed midway (e.g. the server went away) is not reused.
       client.release(broken);
+    }
+  }
+
+  private deleteCommittedStaged(parts: readonly StoreGroupPart[]): void {
+    for (const part of parts) {
+      const xids = part.batches.flatMap((b) =>
+        b.streamOps.filter((op) => op.op === 'commit').map((op) => op.xid),
+      );
+      if (xids.length === 0) continue;
+      this.pool
+        .query(DELETE_COMMITTED, [part.sourceId, xids])
+        .catch((error: unknown) =>
+          this.log.warn(
+            { err: error, source: part.sourceId },
+            'deleting the staged rows of committed transactions failed; the next start deletes them',
+          ),
+        );
     }
   }
 
