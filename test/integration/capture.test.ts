@@ -118,6 +118,60 @@ describe('capture one source', () => {
     ).toEqual(source.map((r) => ({ id: r.id, j: normal(r.j), t: normal(r.t) })));
   });
 
+  it('tells JSON null elements of a jsonb[] from NULL elements, and the replay reproduces them', async () => {
+    await f.source.query(
+      `CREATE TABLE arrs (id int PRIMARY KEY, a jsonb[], b json[]);
+       INSERT INTO arrs VALUES
+         (1, ARRAY['null', NULL, '{"x": null}']::jsonb[], ARRAY[NULL, ' null ']::json[]),
+         (2, ARRAY[['null', '1'], [NULL, 'null']]::jsonb[], NULL),
+         (3, ARRAY[NULL]::jsonb[], '{}');`,
+      [],
+      'app',
+    );
+    await waitForCatchUp(f);
+    const events = await f.buffer.query<{
+      after: Record<string, unknown>;
+      details: { json_null?: { after?: string[] } } | null;
+    }>(
+      `SELECT after, details FROM cdc_events
+        WHERE source_id = 'app' AND table_name = 'arrs' ORDER BY cdc_events.lsn, seq`,
+      [],
+      'buffer',
+    );
+    expect(events.map((e) => e.details?.json_null?.after ?? null)).toEqual([
+      ['a[1]', 'b[2]'],
+      ['a[1][1]', 'a[2][2]'],
+      null,
+    ]);
+    // The README's replay: the row from `after`, then each listed element set to JSON null.
+    const scratch = `arrs_${Math.random().toString(36).slice(2, 8)}`;
+    await f.source.createDatabase(scratch);
+    await f.source.query(
+      'CREATE TABLE arrs (id int PRIMARY KEY, a jsonb[], b json[])',
+      [],
+      scratch,
+    );
+    for (const e of events) {
+      await f.source.query(
+        'INSERT INTO arrs SELECT * FROM jsonb_populate_record(NULL::arrs, $1)',
+        [JSON.stringify(e.after)],
+        scratch,
+      );
+      for (const path of e.details?.json_null?.after ?? []) {
+        const [, column, subscripts] = /^([a-z]+)(.*)$/.exec(path)!;
+        await f.source.query(
+          `UPDATE arrs SET ${column}${subscripts} = 'null' WHERE id = $1`,
+          [e.after['id']],
+          scratch,
+        );
+      }
+    }
+    const digest = `SELECT id, a::text, regexp_replace(b::text, '[[:space:]]', '', 'g') AS b FROM arrs ORDER BY id`;
+    expect(await f.source.query(digest, [], scratch)).toEqual(
+      await f.source.query(digest, [], 'app'),
+    );
+  });
+
   it("carries a TRUNCATE's options and every table it truncated, CASCADE ones included", async () => {
     await f.source.query(
       `CREATE TABLE parent (id serial PRIMARY KEY);

@@ -16,7 +16,7 @@ import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
-import { writeJson, type TypeInfo } from './values.js';
+import { jsonNullElements, writeJson, type TypeInfo } from './values.js';
 
 export interface ResolvedColumn {
   readonly name: string;
@@ -685,7 +685,8 @@ export class BatchBuilder {
     const field = out.openField();
     out.byte(JSONB_VERSION);
     let unchanged: number[] | null = null;
-    let jsonNulls: number[] | null = null;
+    /** [column, name or element path] of json values that are the JSON document null. */
+    let jsonNulls: Array<[number, string]> | null = null;
     let first = true;
     out.byte(0x7b); // {
     const order = enc.order;
@@ -705,7 +706,12 @@ export class BatchBuilder {
       out.bytes(enc.keys[i]!);
       if (source.isNull(i)) out.bytes(NULL_JSON);
       else {
-        if (column.type.kind === 'json' && isJsonNull(source, i)) (jsonNulls ??= []).push(i);
+        if (column.type.kind === 'json') {
+          if (isJsonNull(source, i)) (jsonNulls ??= []).push([i, column.name]);
+        } else if (column.type.kind === 'array' && column.type.element?.kind === 'json') {
+          for (const path of jsonNullElements(source.text(i), column.type))
+            (jsonNulls ??= []).push([i, `${column.name}${path}`]);
+        }
         writeJson(out, source, i, column.type);
       }
     }
@@ -714,7 +720,10 @@ export class BatchBuilder {
     // Named in column order, whatever order the keys went in.
     const names = (list: number[] | null) =>
       list && list.sort((a, b) => a - b).map((i) => columns[i]!.name);
-    return { unchanged: names(unchanged), jsonNulls: names(jsonNulls) };
+    return {
+      unchanged: names(unchanged),
+      jsonNulls: jsonNulls && jsonNulls.sort((a, b) => a[0] - b[0]).map(([, name]) => name),
+    };
   }
 }
 

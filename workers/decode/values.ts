@@ -356,6 +356,26 @@ function arrayToJson(text: string, type: TypeInfo): string {
 }
 
 /**
+ * The elements of a json[]/jsonb[] value that are the JSON document null, as PostgreSQL
+ * subscripts ('[2]', '[1][3]'): in the array's JSON they are null like a SQL NULL element.
+ * An array with explicit bounds travels as its text, which is not ambiguous.
+ */
+export function jsonNullElements(text: string, type: TypeInfo): string[] {
+  if (text.startsWith('[')) return [];
+  const found: string[] = [];
+  const walk = (items: ArrayItem[], path: string): void => {
+    items.forEach((item, k) => {
+      const at = `${path}[${k + 1}]`;
+      if (Array.isArray(item)) walk(item, at);
+      else if (item !== null && item.trim() === 'null') found.push(at);
+    });
+  };
+  const parsed = parseArrayLiteral(text, type.delimiter ?? ',');
+  if (Array.isArray(parsed)) walk(parsed, '');
+  return found;
+}
+
+/**
  * Parses PostgreSQL's array output ('{1,NULL,"a b",{2,3}}', optionally prefixed with bounds
  * such as '[0:1]='). Quoted elements may contain the delimiter, braces and backslash escapes;
  * an unquoted NULL is SQL NULL, a quoted "NULL" is the string.
