@@ -4,7 +4,7 @@
  * drains its slot durably into the buffer (start to last checkpoint committed).
  *
  *   npm run bench                 # all scenarios but fleet
- *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge
+ *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge | large
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -20,6 +20,7 @@ import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 import { commitLatency } from './commit-latency.js';
 import { HUGE_ROWS, runHugeTransaction, type HugeRun } from './huge-transaction.js';
+import { runLargeValues, type LargeValueRun } from './large-value.js';
 import { cpuSeconds } from './proc-stats.js';
 
 interface Scenario {
@@ -404,9 +405,10 @@ async function main(): Promise<void> {
   const latencyWanted = wanted.length === 0 || wanted.includes('latency');
   const fleetWanted = wanted.includes('fleet');
   const hugeWanted = wanted.includes('huge');
-  if (scenarios.length === 0 && !latencyWanted && !fleetWanted && !hugeWanted) {
+  const largeWanted = wanted.includes('large');
+  if (scenarios.length === 0 && !latencyWanted && !fleetWanted && !hugeWanted && !largeWanted) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge', 'large'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -474,12 +476,22 @@ async function main(): Promise<void> {
       );
     }
   }
+  let large: LargeValueRun[] | null = null;
+  if (largeWanted) {
+    process.stderr.write('bench: large: single large values, peak RSS rise per value byte\n');
+    large = await runLargeValues();
+    for (const l of large) {
+      process.stdout.write(
+        `bench: large ${l.kind} value of ${l.valueMb} MB: RSS ${l.rssBeforeMb} MB before, peak ${l.peakRssMb} MB: ${l.costPerValueByte} × the value\n`,
+      );
+    }
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
     `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
   );
-  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet, huge }, null, 2));
+  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet, huge, large }, null, 2));
   process.stderr.write(`bench: wrote ${file}\n`);
 }
 

@@ -176,7 +176,7 @@ export class SlotReader implements PgoutputHandler {
         options,
         source.publication,
         {
-          copyData: (chunk) => this.onCopyData(chunk),
+          copyData: (chunk, owned) => this.onCopyData(chunk, owned),
           notice: (notice) => this.onNotice(notice),
           error: (error) => this.fail(error),
           // The server accepted START_REPLICATION and this connection now holds the slot. Check
@@ -245,7 +245,7 @@ export class SlotReader implements PgoutputHandler {
    * because pg reuses its read buffer. Keepalives wait in line too: the idle check they make
    * holds only once everything before them is handled.
    */
-  private onCopyData(chunk: Buffer): void {
+  private onCopyData(chunk: Buffer, owned: boolean): void {
     this.received++;
     if (this.failed !== null) return; // dropped: never stored, never confirmed
     if (this.stopping) {
@@ -253,7 +253,7 @@ export class SlotReader implements PgoutputHandler {
       return;
     }
     if (this.blocked !== null || this.queue.length > 0) {
-      this.queue.push(Buffer.from(chunk));
+      this.queue.push(owned ? chunk : Buffer.from(chunk));
       return;
     }
     this.handle(chunk);

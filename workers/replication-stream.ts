@@ -33,8 +33,12 @@ export interface SourceNotice {
 }
 
 export interface StreamEvents {
-  /** Every CopyData payload (XLogData or keepalive), synchronously, in stream order. */
-  copyData(chunk: Buffer): void;
+  /**
+   * Every CopyData payload (XLogData or keepalive), synchronously, in stream order. `owned`: the
+   * payload's memory is its own (a message assembled across reads), not a view into a read
+   * buffer that later reads reuse, so it may be kept without a copy.
+   */
+  copyData(chunk: Buffer, owned: boolean): void;
   /** A warning from the walsender, in order with the data around it. */
   notice(notice: SourceNotice): void;
   /** The server accepted START_REPLICATION: this connection holds the slot. */
@@ -79,7 +83,10 @@ class StreamTakeover {
       if (listener.name !== PG_COPY_DATA_LISTENER) connection.removeListener('copyData', listener);
     }
     const { events } = this;
-    connection.on('copyData', (message: { chunk: Buffer }) => events.copyData(message.chunk));
+    connection.on('copyData', (message: { chunk: Buffer }) =>
+      events.copyData(message.chunk, false),
+    );
+    takeOverCopyData(connection, (payload, owned) => events.copyData(payload, owned));
     client.on('notice', (notice) => events.notice(notice));
     // Both names are validated against /^[a-z_][a-z0-9_]*$/ by the config module.
     const { protocol, messages } = this.options;
@@ -87,6 +94,95 @@ class StreamTakeover {
       `START_REPLICATION SLOT "${slot}" LOGICAL ${lsn} (proto_version '${protocol}', publication_names '"${this.publication}"'${messages ? ", messages 'true'" : ''}${protocol >= 2 ? ", streaming 'on'" : ''})`,
     );
   }
+}
+
+/** Protocol message type of CopyData, and the size of a message's type and length. */
+const COPY_DATA = 0x64; // 'd'
+const MESSAGE_HEADER = 5;
+
+/**
+ * Frames the connection's CopyData messages ourselves, ahead of pg's parser, and hands every
+ * other message to pg as it was. pg's parser grows its buffer by doubling while a message
+ * arrives, so a 50 MB value briefly costs 64 + 32 MB before we even see it; here a message that
+ * spans socket reads gets a buffer of exactly its size, and one within a read is not copied at
+ * all (the payload is valid during the call, as with pg's). The connection is idle when this is
+ * called (START_REPLICATION is not sent yet), so no partial message sits in pg's parser. With
+ * other than the one data listener pg installs, nothing is taken over.
+ */
+function takeOverCopyData(
+  connection: NodeJS.EventEmitter,
+  onCopyData: (payload: Buffer, owned: boolean) => void,
+): void {
+  const socket = (connection as unknown as { stream?: NodeJS.EventEmitter }).stream;
+  const listeners = socket?.listeners('data') as Array<(chunk: Buffer) => void> | undefined;
+  if (!socket || listeners?.length !== 1) return;
+  const pgParse = listeners[0]!;
+  socket.removeListener('data', pgParse);
+  const header = Buffer.alloc(MESSAGE_HEADER);
+  let headerBytes = 0;
+  /** The message being assembled across reads: its type, its buffer, how much is filled. */
+  let type = 0;
+  let message: Buffer | null = null;
+  let filled = 0;
+  const complete = (full: Buffer, bodyStart: number) => {
+    if (type === COPY_DATA) onCopyData(full.subarray(bodyStart), true);
+    else pgParse(full);
+  };
+  socket.on('data', (chunk: Buffer) => {
+    let offset = 0;
+    while (offset < chunk.length) {
+      if (message !== null) {
+        const n = Math.min(message.length - filled, chunk.length - offset);
+        chunk.copy(message, filled, offset, offset + n);
+        filled += n;
+        offset += n;
+        if (filled === message.length) {
+          const done = message;
+          message = null;
+          complete(done, type === COPY_DATA ? 0 : MESSAGE_HEADER);
+        }
+        continue;
+      }
+      let start: number;
+      if (headerBytes > 0 || chunk.length - offset < MESSAGE_HEADER) {
+        // A header split across reads.
+        const n = Math.min(MESSAGE_HEADER - headerBytes, chunk.length - offset);
+        chunk.copy(header, headerBytes, offset, offset + n);
+        headerBytes += n;
+        offset += n;
+        if (headerBytes < MESSAGE_HEADER) return;
+        headerBytes = 0;
+        start = -1;
+      } else {
+        chunk.copy(header, 0, offset, offset + MESSAGE_HEADER);
+        start = offset;
+        offset += MESSAGE_HEADER;
+      }
+      type = header[0]!;
+      const bodyLength = header.readInt32BE(1) - 4;
+      if (start >= 0 && chunk.length - offset >= bodyLength) {
+        // Whole within this read: no copy.
+        const end = offset + bodyLength;
+        if (type === COPY_DATA) onCopyData(chunk.subarray(offset, end), false);
+        else pgParse(chunk.subarray(start, end));
+        offset = end;
+        continue;
+      }
+      if (type === COPY_DATA) {
+        message = Buffer.allocUnsafe(bodyLength);
+        filled = 0;
+      } else {
+        message = Buffer.allocUnsafe(MESSAGE_HEADER + bodyLength);
+        header.copy(message, 0);
+        filled = MESSAGE_HEADER;
+      }
+      if (message.length === filled) {
+        const done = message;
+        message = null;
+        complete(done, type === COPY_DATA ? 0 : MESSAGE_HEADER);
+      }
+    }
+  });
 }
 
 export class ReplicationStream {

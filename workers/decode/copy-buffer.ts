@@ -40,6 +40,19 @@ interface Utf8Writable {
   utf8Write(text: string, offset: number): number;
 }
 
+/** Room kept after a large value for the rest of its row (key, details, the next row's head). */
+const ROW_SLACK_BYTES = 64 * 1024;
+
+/** ES2024's resizable ArrayBuffer (Node 20 has it; the TypeScript lib in use does not). */
+interface ResizableArrayBuffer extends ArrayBuffer {
+  readonly resizable: boolean;
+  resize(byteLength: number): void;
+}
+type ResizableArrayBufferConstructor = new (
+  byteLength: number,
+  options: { maxByteLength: number },
+) => ResizableArrayBuffer;
+
 /** Above this, a value's escaped size is counted rather than reserved at its worst case. */
 const LARGE_VALUE_BYTES = 64 * 1024;
 
@@ -61,20 +74,48 @@ export class CopyBuffer {
   /** Makes room for n more bytes. Every writer below calls it first. */
   ensure(n: number): void {
     if (this.length + n <= this.buf.length) return;
-    const grown = Buffer.allocUnsafeSlow(Math.max(this.buf.length * 2, this.length + n));
+    this.grow(this.length + n);
+  }
+
+  /**
+   * Doubles, unless one write needs more than that (a large value): then exactly what it needs
+   * and a little more for the rest of its row, not twice the value. A buffer beyond `keepBytes`
+   * lives on a resizable ArrayBuffer, so that take() can hand it over trimmed instead of copied.
+   */
+  private grow(needed: number): void {
+    const doubled = this.buf.length * 2;
+    const size = needed <= doubled ? doubled : needed + (needed >>> 6) + ROW_SLACK_BYTES;
+    const grown =
+      size > this.keepBytes
+        ? Buffer.from(
+            new (ArrayBuffer as unknown as ResizableArrayBufferConstructor)(size, {
+              maxByteLength: size,
+            }),
+            0,
+            size,
+          )
+        : Buffer.allocUnsafeSlow(size);
     this.buf.copy(grown, 0, 0, this.length);
     this.buf = grown;
   }
 
   /** Hands over the bytes written so far as a fresh (transferable) ArrayBuffer, and empties. */
   take(): ArrayBuffer {
-    // allocUnsafeSlow gives a Buffer of its own, never a SharedArrayBuffer.
+    // allocUnsafeSlow and grow() give a Buffer of its own, never a SharedArrayBuffer.
     const { buffer, byteOffset } = this.buf as Buffer & { buffer: ArrayBuffer };
-    const data = buffer.slice(byteOffset, byteOffset + this.length);
-    this.length = 0;
-    // One huge row (a large TOASTed value) must not pin its size for the life of the reader.
-    if (this.buf.length > 16 * this.initialBytes)
+    let data: ArrayBuffer;
+    if ((buffer as ResizableArrayBuffer).resizable === true) {
+      // A buffer grown for large values goes as it is, trimmed: copying it would double the
+      // memory a large value costs. It was going to be let go anyway (see below).
+      (buffer as ResizableArrayBuffer).resize(this.length);
+      data = buffer;
       this.buf = Buffer.allocUnsafeSlow(this.initialBytes);
+    } else {
+      data = buffer.slice(byteOffset, byteOffset + this.length);
+      // One huge row (a large TOASTed value) must not pin its size for the life of the reader.
+      if (this.buf.length > this.keepBytes) this.buf = Buffer.allocUnsafeSlow(this.initialBytes);
+    }
+    this.length = 0;
     return data;
   }
 
