@@ -109,7 +109,7 @@ const MESSAGE_HEADER = 5;
  * called (START_REPLICATION is not sent yet), so no partial message sits in pg's parser. With
  * other than the one data listener pg installs, nothing is taken over.
  */
-function takeOverCopyData(
+export function takeOverCopyData(
   connection: NodeJS.EventEmitter,
   onCopyData: (payload: Buffer, owned: boolean) => void,
 ): void {

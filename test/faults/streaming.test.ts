@@ -166,11 +166,12 @@ describe('streamed in-progress transactions', () => {
     );
     await app.query('COMMIT');
 
+    // A rolled-back transaction of 1M rows, most of it streamed (staged) before the rollback.
     await app.query('BEGIN');
     await app.query(
-      `INSERT INTO big SELECT g, 'rolled back', NULL FROM generate_series(600001, 700000) g`,
+      `INSERT INTO big SELECT g, 'rolled back', NULL FROM generate_series(1000001, 2000000) g`,
     );
-    await waitForStaged(50_000);
+    await waitForStaged(500_000);
     await app.query('ROLLBACK');
     await marker(3);
 
