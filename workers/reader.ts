@@ -22,11 +22,12 @@ import {
 import { DDL_MESSAGE_PREFIX } from '../src/common/ddl-capture.js';
 import { createLogger, safeConnection, type Logger } from '../src/common/logger.js';
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
-import type {
-  ReaderMessage,
-  ReaderResult,
-  ReaderTask,
-  SupervisorMessage,
+import {
+  batchTransferList,
+  type ReaderMessage,
+  type ReaderResult,
+  type ReaderTask,
+  type SupervisorMessage,
 } from '../src/common/protocol.js';
 import {
   currentWalLsn,
@@ -253,10 +254,10 @@ export class SlotReader implements PgoutputHandler {
       return;
     }
     if (this.blocked !== null || this.queue.length > 0) {
-      this.queue.push(owned ? chunk : Buffer.from(chunk));
+      this.queue.push(owned ? chunk : Buffer.from(chunk)); // either way, its own memory now
       return;
     }
-    this.handle(chunk);
+    this.handle(chunk, owned);
   }
 
   /**
@@ -272,10 +273,10 @@ export class SlotReader implements PgoutputHandler {
     if (gap !== null) throw gapError(source, gap, slot, this.startLsn);
   }
 
-  private handle(chunk: Buffer): void {
+  private handle(chunk: Buffer, owned: boolean): void {
     try {
       if (chunk[0] === XLOG_DATA) {
-        this.decoder.decode(chunk, XLOG_DATA_HEADER, this);
+        this.decoder.decode(chunk, XLOG_DATA_HEADER, this, owned);
         if (this.blocked !== null) return;
         const b = this.builder;
         if (
@@ -432,7 +433,7 @@ export class SlotReader implements PgoutputHandler {
         this.queue.length = 0;
         return;
       }
-      this.handle(this.queue.shift()!);
+      this.handle(this.queue.shift()!, true);
     }
     if (this.blocked !== null || this.failed !== null || this.stopping) return;
     this.scheduleFlush();
@@ -526,7 +527,7 @@ export class SlotReader implements PgoutputHandler {
     if (!this.builder.hasContent) return;
     const batch = this.builder.take();
     const message: ReaderMessage = { type: 'batch', seq: this.confirmations.sent(), ...batch };
-    this.task.port.postMessage(message, batch.staged ? [batch.data, batch.staged] : [batch.data]);
+    this.task.port.postMessage(message, batchTransferList(batch));
   }
 
   private onSupervisorMessage(message: SupervisorMessage): void {

@@ -11,7 +11,7 @@ import type { ConnectionConfig } from '../common/config.js';
 import { pgClientOptions } from '../common/pg-connection.js';
 import { describeConnectionError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
-import type { BatchMessage, SchemaChange } from '../common/protocol.js';
+import { copyPieces, type BatchMessage, type SchemaChange } from '../common/protocol.js';
 import {
   COPY_BINARY_HEADER,
   COPY_BINARY_TRAILER,
@@ -348,10 +348,12 @@ export class BufferStore {
         if (last) checkpoints.push({ part, batch: last });
         results.push({ checkpointLsn: last?.checkpointLsn ?? null, schemaVersionsAdded: 0 });
         for (const batch of part.batches) {
-          if (batch.staged !== null) staged.push(Buffer.from(batch.staged));
+          if (batch.staged !== null) staged.push(...copyPieces(batch.staged, batch.stagedSegments));
           if (batch.rows === 0) continue;
-          data.push(Buffer.from(batch.data));
-          bytes += batch.data.byteLength;
+          for (const piece of copyPieces(batch.data, batch.segments)) {
+            data.push(piece);
+            bytes += piece.length;
+          }
         }
       }
       // The checkpoints first: within the transaction the order does not matter, and so they

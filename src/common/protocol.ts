@@ -94,15 +94,43 @@ export type StreamOp =
       readonly committedAtUs: number;
     };
 
+/**
+ * Bytes that belong in a batch's COPY data at `at` (a position in its own bytes) without having
+ * been copied there: a large value, straight from the message it came in (its ArrayBuffer is
+ * transferred with the batch). copyPieces puts own bytes and segments back in order.
+ */
+export interface CopySegment {
+  readonly at: number;
+  readonly data: Uint8Array;
+}
+
+/** A batch's COPY data as the pieces to write, in order: own bytes and segments between them. */
+export function copyPieces(data: ArrayBuffer, segments: readonly CopySegment[]): Buffer[] {
+  const own = Buffer.from(data);
+  if (segments.length === 0) return own.length > 0 ? [own] : [];
+  const pieces: Buffer[] = [];
+  let at = 0;
+  for (const segment of segments) {
+    if (segment.at > at) pieces.push(own.subarray(at, segment.at));
+    pieces.push(Buffer.from(segment.data.buffer, segment.data.byteOffset, segment.data.length));
+    at = segment.at;
+  }
+  if (own.length > at) pieces.push(own.subarray(at));
+  return pieces;
+}
+
 export interface BatchPayload {
   /** Rows for cdc_events in binary COPY format, without header and trailer. Transferred. */
   readonly data: ArrayBuffer;
+  /** Large values placed in `data` by reference (see CopySegment). */
+  readonly segments: readonly CopySegment[];
   readonly rows: number;
   /**
    * Changes of transactions still in progress on the source, for cdc_staged, in the same format
    * (top xid in the lsn field, subtransaction in xid). Transferred.
    */
   readonly staged: ArrayBuffer | null;
+  readonly stagedSegments: readonly CopySegment[];
   readonly stagedRows: number;
   /** Aborts and commits of streamed transactions, applied after the staged rows are stored. */
   readonly streamOps: readonly StreamOp[];
@@ -118,7 +146,19 @@ export interface BatchPayload {
 
 /** A batch's size in bytes: its rows for cdc_events and its staged rows. */
 export function batchBytes(batch: BatchPayload): number {
-  return batch.data.byteLength + (batch.staged?.byteLength ?? 0);
+  let n = batch.data.byteLength + (batch.staged?.byteLength ?? 0);
+  for (const s of batch.segments) n += s.data.length;
+  for (const s of batch.stagedSegments) n += s.data.length;
+  return n;
+}
+
+/** The ArrayBuffers a batch message transfers (each once): its own and its segments'. */
+export function batchTransferList(batch: BatchPayload): ArrayBuffer[] {
+  const list = new Set<ArrayBuffer>([batch.data]);
+  if (batch.staged) list.add(batch.staged);
+  for (const s of [...batch.segments, ...batch.stagedSegments])
+    list.add(s.data.buffer as ArrayBuffer);
+  return [...list];
 }
 
 export interface BatchMessage extends BatchPayload {

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { CopyBuffer } from '../../workers/decode/copy-buffer.js';
+import { copyPieces } from '../../src/common/protocol.js';
 import { tupleView } from '../support/pgoutput.js';
 import {
   BUILTIN_TYPES,
@@ -360,6 +361,30 @@ describe('writeJson: the byte path equals toJson', () => {
     out.bytes(Buffer.alloc(1500, 120));
     out.take();
     expect(out.buf.length).toBe(2048); // doubled, and within what it keeps
+  });
+
+  it('places a segment by reference: field lengths count it, truncate drops it, the pieces reassemble', () => {
+    const out = new CopyBuffer(64);
+    out.int16(1);
+    const field = out.openField();
+    out.byte(0x22);
+    const big = Buffer.alloc(3000, 0x61);
+    out.segment(big);
+    out.byte(0x22);
+    out.closeField(field);
+    expect(out.size).toBe(out.length + 3000);
+    const rowEnd = out.length;
+    out.int16(1);
+    out.openField();
+    out.segment(Buffer.from('dropped'));
+    out.truncate(rowEnd); // a half row goes, with its segment
+    const { data, segments } = out.takeAll();
+    expect(segments).toHaveLength(1);
+    const whole = Buffer.concat(copyPieces(data, segments));
+    expect(whole.readInt16BE(0)).toBe(1);
+    expect(whole.readInt32BE(2)).toBe(3002);
+    expect(whole.subarray(6).toString()).toBe(`"${'a'.repeat(3000)}"`);
+    expect(out.size).toBe(0);
   });
 
   it('writes binary integers and fields as PostgreSQL reads them', () => {

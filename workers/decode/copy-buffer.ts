@@ -14,6 +14,7 @@
  * per row an int16 field count and per field an int32 length (-1 for NULL) and the bytes, then
  * an int16 -1. The reader writes rows only; the writer adds header and trailer per COPY.
  */
+import type { CopySegment } from '../../src/common/protocol.js';
 
 const BACKSLASH = 0x5c;
 const QUOTE = 0x22;
@@ -56,9 +57,18 @@ type ResizableArrayBufferConstructor = new (
 /** Above this, a value's escaped size is counted rather than reserved at its worst case. */
 const LARGE_VALUE_BYTES = 64 * 1024;
 
+/** What take() hands over: the own bytes, and the segments that go between them. */
+export interface TakenCopy {
+  readonly data: ArrayBuffer;
+  readonly segments: readonly CopySegment[];
+}
+
 export class CopyBuffer {
   buf: Buffer;
   length = 0;
+  /** Large values placed by reference (see segment()), in position order. */
+  segments: CopySegment[] = [];
+  segmentBytes = 0;
 
   /**
    * @param initialBytes the buffer's starting size.
@@ -97,6 +107,36 @@ export class CopyBuffer {
         : Buffer.allocUnsafeSlow(size);
     this.buf.copy(grown, 0, 0, this.length);
     this.buf = grown;
+  }
+
+  /**
+   * Places `data` at the current position without copying it: the caller guarantees that its
+   * memory is not reused (a message buffer of its own), and gives it up with the batch.
+   */
+  segment(data: Uint8Array): void {
+    this.segments.push({ at: this.length, data });
+    this.segmentBytes += data.length;
+  }
+
+  /** Drops everything written from `length` on (a half-written row). */
+  truncate(length: number): void {
+    this.length = length;
+    while (this.segments.length > 0 && this.segments[this.segments.length - 1]!.at > length) {
+      this.segmentBytes -= this.segments.pop()!.data.length;
+    }
+  }
+
+  /** Own bytes and segment bytes. */
+  get size(): number {
+    return this.length + this.segmentBytes;
+  }
+
+  /** Hands over what was written (own bytes as a transferable ArrayBuffer, and the segments). */
+  takeAll(): TakenCopy {
+    const segments = this.segments;
+    this.segments = [];
+    this.segmentBytes = 0;
+    return { data: this.take(), segments };
   }
 
   /** Hands over the bytes written so far as a fresh (transferable) ArrayBuffer, and empties. */
@@ -217,7 +257,11 @@ export class CopyBuffer {
   }
 
   closeField(at: number): void {
-    const n = this.length - at - 4;
+    let n = this.length - at - 4;
+    // Segments placed inside the field count too (rare: only large values are placed).
+    for (let k = this.segments.length - 1; k >= 0 && this.segments[k]!.at > at; k--) {
+      n += this.segments[k]!.data.length;
+    }
     const out = this.buf;
     out[at] = (n >>> 24) & 0xff;
     out[at + 1] = (n >>> 16) & 0xff;
@@ -257,29 +301,56 @@ export class CopyBuffer {
   }
 
   /**
+   * A large value that needs no escaping, placed by reference (see segment()) as a JSON string:
+   * `prefix` (already JSON, e.g. '\\x' for bytea) and src[start, end) between quotes. Returns
+   * false, having written nothing, if some byte would need escaping.
+   */
+  jsonStringSegment(src: Uint8Array, start: number, end: number, prefix = ''): boolean {
+    if (escapedJsonLength(src, start, end) !== end - start) return false;
+    this.byte(QUOTE);
+    if (prefix !== '') this.text(prefix);
+    this.segment(src.subarray(start, end));
+    this.byte(QUOTE);
+    return true;
+  }
+
+  /** A large json value placed by reference; false (nothing written) as for jsonVerbatim. */
+  jsonSegment(src: Uint8Array, start: number, end: number): boolean {
+    if (hasJsonNulEscape(src, start, end)) return false;
+    this.segment(src.subarray(start, end));
+    return true;
+  }
+
+  /**
    * JSON text (a json or jsonb value) as it is. Returns false, having written nothing, if it
    * holds the escape \u0000, which json accepts and the buffer's jsonb does not: the caller then
    * stores the value another way.
    */
   jsonVerbatim(src: Uint8Array, start: number, end: number): boolean {
-    for (let i = start; i < end; i++) {
-      if (src[i] !== BACKSLASH) continue;
-      // Inside a JSON string: an escape pair. Skip both, so '\\u0000' (an escaped backslash and
-      // then plain text) is not mistaken for the escape \u0000.
-      i++;
-      if (
-        src[i] === 0x75 &&
-        src[i + 1] === 0x30 &&
-        src[i + 2] === 0x30 &&
-        src[i + 3] === 0x30 &&
-        src[i + 4] === 0x30
-      ) {
-        return false;
-      }
-    }
+    if (hasJsonNulEscape(src, start, end)) return false;
     this.bytes(src, start, end);
     return true;
   }
+}
+
+/** JSON text holding the escape \u0000 (inside a string). */
+function hasJsonNulEscape(src: Uint8Array, start: number, end: number): boolean {
+  for (let i = start; i < end; i++) {
+    if (src[i] !== BACKSLASH) continue;
+    // Inside a JSON string: an escape pair. Skip both, so '\\u0000' (an escaped backslash and
+    // then plain text) is not mistaken for the escape \u0000.
+    i++;
+    if (
+      src[i] === 0x75 &&
+      src[i + 1] === 0x30 &&
+      src[i + 2] === 0x30 &&
+      src[i + 3] === 0x30 &&
+      src[i + 4] === 0x30
+    ) {
+      return true;
+    }
+  }
+  return false;
 }
 
 /** The length of UTF-8 text once escaped as JSON string content. */

@@ -11,10 +11,11 @@ import type {
   SchemaChange,
   SchemaDdl,
   StreamOp,
+  CopySegment,
 } from '../../src/common/protocol.js';
 import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
-import { CopyBuffer } from './copy-buffer.js';
+import { CopyBuffer, type TakenCopy } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
 import { jsonNullElements, writeJson, type TypeInfo } from './values.js';
 
@@ -77,6 +78,17 @@ interface StreamedTransaction {
   readonly ddlByTable: Map<string, StreamDdlLink>;
   /** Counts per (sub)transaction: a subtransaction's go when it aborts. */
   readonly counts: Map<number, OperationCounts>;
+}
+
+function eventsPart(taken: TakenCopy): { data: ArrayBuffer; segments: readonly CopySegment[] } {
+  return { data: taken.data, segments: taken.segments };
+}
+
+function stagedPart(taken: TakenCopy | null): {
+  staged: ArrayBuffer | null;
+  stagedSegments: readonly CopySegment[];
+} {
+  return { staged: taken?.data ?? null, stagedSegments: taken?.segments ?? [] };
 }
 
 function noCounts(): OperationCounts {
@@ -202,7 +214,7 @@ export class BatchBuilder {
 
   /** Bytes of the pending rows. */
   get bytes(): number {
-    return this.events.length + this.staged.length;
+    return this.events.size + this.staged.size;
   }
 
   /**
@@ -564,9 +576,9 @@ export class BatchBuilder {
     const committed = this.checkpointLsn >= 0;
     const batch: TakenBatch = {
       // A copy of exactly the used bytes, which we may transfer; the working buffer stays ours.
-      data: this.events.take(),
+      ...eventsPart(this.events.takeAll()),
       rows: this.rowCount - this.stagedRowCount,
-      staged: this.stagedRowCount > 0 ? this.staged.take() : null,
+      ...stagedPart(this.stagedRowCount > 0 ? this.staged.takeAll() : null),
       stagedRows: this.stagedRowCount,
       streamOps: this.streamOps,
       counts: this.counts,
@@ -658,7 +670,7 @@ export class BatchBuilder {
         out.closeField(field);
       }
     } catch (error) {
-      out.length = rowStart; // no half row in the batch
+      out.truncate(rowStart); // no half row in the batch
       throw error;
     }
     this.txSeq++;

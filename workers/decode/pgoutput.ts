@@ -92,6 +92,11 @@ const KIND_TEXT = 0x74; // 't'
  */
 export class TupleView {
   buf: Buffer = EMPTY;
+  /**
+   * `buf` is a message buffer of its own that nothing reuses: a large value may be handed over
+   * by reference (see CopyBuffer.segment), its memory going with the batch.
+   */
+  owned = false;
   count = 0;
   kinds = new Uint8Array(32);
   starts = new Int32Array(32);
@@ -193,8 +198,10 @@ export class PgoutputDecoder {
   /** Inside a Stream Start/Stop block: messages carry an xid after their tag. */
   private streaming = false;
 
-  decode(buf: Buffer, offset: number, h: PgoutputHandler): void {
+  decode(buf: Buffer, offset: number, h: PgoutputHandler, owned = false): void {
     const tag = buf[offset];
+    this.before.owned = owned;
+    this.after.owned = owned;
     // In a stream block a message's body starts 4 bytes later, after the xid; Stream Stop and
     // Origin (sent after a Stream Start for a transaction replicated from elsewhere) have none.
     let body = offset + 1;

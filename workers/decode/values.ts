@@ -258,6 +258,8 @@ export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: Ty
   const src = tuple.buf;
   const start = tuple.starts[i]!;
   const end = tuple.ends[i]!;
+  if (end - start >= SEGMENT_MIN_BYTES && tuple.owned && writeSegment(out, src, start, end, type))
+    return;
   switch (type.kind) {
     case 'number':
       out.bytes(src, start, end);
@@ -292,6 +294,36 @@ export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: Ty
       break;
   }
   out.text(toJson(tuple.text(i), type));
+}
+
+/** A value this large, in a message buffer of its own, goes to the batch by reference. */
+const SEGMENT_MIN_BYTES = 1 << 20;
+
+/**
+ * A large text, bytea or json value by reference: its bytes stay in the message buffer, which
+ * goes to the supervisor with the batch, instead of being copied into the batch (see
+ * CopyBuffer.segment). False, nothing written, when the value needs escaping.
+ */
+function writeSegment(
+  out: CopyBuffer,
+  src: Buffer,
+  start: number,
+  end: number,
+  type: TypeInfo,
+): boolean {
+  switch (type.kind) {
+    case 'string':
+      return out.jsonStringSegment(src, start, end);
+    case 'bytea':
+      // '\x' then hex digits: the backslash is JSON-escaped, the digits go as they are.
+      return src[start] === 0x5c && src[start + 1] === 0x78
+        ? out.jsonStringSegment(src, start + 2, end, '\\\\x')
+        : false;
+    case 'json':
+      return out.jsonSegment(src, start, end);
+    default:
+      return false;
+  }
 }
 
 /** Not NaN, ±Infinity or -0 (which need the string form; see toJson). */
