@@ -10,15 +10,15 @@
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
  * flags (e.g. '--cpu-prof --cpu-prof-dir=/tmp/prof'); PHILOTES_CDC_* settings pass through.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
-import { PHILOTES_MAIN } from '../test/support/philotes.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 import { commitLatency } from './commit-latency.js';
+import { spawnPhilotes } from './philotes-process.js';
 import { HUGE_ROWS, runHugeTransaction, type HugeRun } from './huge-transaction.js';
 import { runLargeValues, type LargeValueRun } from './large-value.js';
 import { cpuSeconds } from './proc-stats.js';
@@ -192,27 +192,6 @@ function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const hwm = /VmHWM:\s+(\d+) kB/.exec(status);
   return { rssPeakKb: Number(hwm?.[1] ?? 0), cpuSeconds: cpuSeconds(pid).own };
-}
-
-/** The real CLI, as an operator runs it, with default settings. */
-function spawnPhilotes(source: Cluster, buffer: Cluster): ChildProcess {
-  // PHILOTES_BENCH_NODE_FLAGS='--cpu-prof --cpu-prof-dir=/tmp/prof' profiles every thread.
-  const nodeFlags = (process.env['PHILOTES_BENCH_NODE_FLAGS'] ?? '').split(' ').filter(Boolean);
-  return spawn(process.execPath, [...nodeFlags, PHILOTES_MAIN], {
-    env: {
-      PATH: process.env['PATH'] ?? '',
-      PHILOTES_CDC_SOURCE_URL: source.url('app'),
-      PHILOTES_CDC_SOURCE_ID: 'bench',
-      PHILOTES_BUFFER_URL: buffer.url('buffer'),
-      PHILOTES_METRICS_PORT: '0',
-      PHILOTES_LOG_LEVEL: process.env['PHILOTES_BENCH_LOG_LEVEL'] ?? 'warn',
-      // PHILOTES_CDC_* settings from the bench's own environment, for tuning experiments.
-      ...(Object.fromEntries(
-        Object.entries(process.env).filter(([k]) => k.startsWith('PHILOTES_CDC_')),
-      ) as Record<string, string>),
-    },
-    stdio: ['ignore', 'inherit', 'inherit'],
-  });
 }
 
 async function timePhilotes(source: Cluster, buffer: Cluster, target: string) {

@@ -6,10 +6,9 @@
  *
  *   npm run bench -- huge        # PHILOTES_BENCH_HUGE_ROWS=1000000 for a shorter run
  */
-import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { startCluster, type Cluster } from '../test/support/cluster.js';
-import { PHILOTES_MAIN } from '../test/support/philotes.js';
+import { spawnPhilotes } from './philotes-process.js';
 import { cpuSeconds } from './proc-stats.js';
 
 export interface HugeRun {
@@ -37,18 +36,7 @@ async function runOnce(protocol: 1 | 2): Promise<HugeRun> {
       [],
       'app',
     );
-    const child = spawn(process.execPath, [PHILOTES_MAIN], {
-      env: {
-        PATH: process.env['PATH'] ?? '',
-        PHILOTES_CDC_SOURCE_URL: source.url('app'),
-        PHILOTES_CDC_SOURCE_ID: 'bench',
-        PHILOTES_CDC_PROTOCOL: String(protocol),
-        PHILOTES_BUFFER_URL: buffer.url('buffer'),
-        PHILOTES_METRICS_PORT: '0',
-        PHILOTES_LOG_LEVEL: process.env['PHILOTES_BENCH_LOG_LEVEL'] ?? 'warn',
-      },
-      stdio: ['ignore', 'inherit', 'inherit'],
-    });
+    const child = spawnPhilotes(source, buffer, { PHILOTES_CDC_PROTOCOL: String(protocol) });
     try {
       await waitUntil(async () => {
         const [row] = await source.query<{ n: number }>(

@@ -6,10 +6,9 @@
  *
  *   npm run bench -- large
  */
-import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { startCluster } from '../test/support/cluster.js';
-import { PHILOTES_MAIN } from '../test/support/philotes.js';
+import { spawnPhilotes } from './philotes-process.js';
 
 export interface LargeValueRun {
   kind: 'text' | 'bytea';
@@ -45,17 +44,7 @@ export async function runLargeValues(): Promise<LargeValueRun[]> {
   const child = await (async () => {
     await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
     await source.query('CREATE TABLE large (id int PRIMARY KEY, t text, b bytea)', [], 'app');
-    return spawn(process.execPath, [PHILOTES_MAIN], {
-      env: {
-        PATH: process.env['PATH'] ?? '',
-        PHILOTES_CDC_SOURCE_URL: source.url('app'),
-        PHILOTES_CDC_SOURCE_ID: 'bench',
-        PHILOTES_BUFFER_URL: buffer.url('buffer'),
-        PHILOTES_METRICS_PORT: '0',
-        PHILOTES_LOG_LEVEL: process.env['PHILOTES_BENCH_LOG_LEVEL'] ?? 'warn',
-      },
-      stdio: ['ignore', 'inherit', 'inherit'],
-    });
+    return spawnPhilotes(source, buffer);
   })();
   const stored = (id: number) =>
     until(async () => {

@@ -16,6 +16,20 @@ describe('capture one source', () => {
   let f: Fixture;
   let philotes: PhilotesProcess;
 
+  /** The table's events, in order, once the source is caught up: after and details. */
+  const jsonNullEvents = async (table: string) => {
+    await waitForCatchUp(f);
+    return f.buffer.query<{
+      after: Record<string, unknown>;
+      details: { json_null?: { after?: string[] } } | null;
+    }>(
+      `SELECT after, details FROM cdc_events
+        WHERE source_id = 'app' AND table_name = $1 ORDER BY cdc_events.lsn, seq`,
+      [table],
+      'buffer',
+    );
+  };
+
   beforeAll(async () => {
     f = await startFixture();
     await f.source.query(ITEMS_DDL, [], 'app');
@@ -75,16 +89,7 @@ describe('capture one source', () => {
       [],
       'app',
     );
-    await waitForCatchUp(f);
-    const events = await f.buffer.query<{
-      after: Record<string, unknown>;
-      details: { json_null?: { after?: string[] } } | null;
-    }>(
-      `SELECT after, details FROM cdc_events
-        WHERE source_id = 'app' AND table_name = 'docs' ORDER BY cdc_events.lsn, seq`,
-      [],
-      'buffer',
-    );
+    const events = await jsonNullEvents('docs');
     expect(events.map((e) => e.details?.json_null?.after ?? null)).toEqual([
       null,
       ['j', 't'],
@@ -128,16 +133,7 @@ describe('capture one source', () => {
       [],
       'app',
     );
-    await waitForCatchUp(f);
-    const events = await f.buffer.query<{
-      after: Record<string, unknown>;
-      details: { json_null?: { after?: string[] } } | null;
-    }>(
-      `SELECT after, details FROM cdc_events
-        WHERE source_id = 'app' AND table_name = 'arrs' ORDER BY cdc_events.lsn, seq`,
-      [],
-      'buffer',
-    );
+    const events = await jsonNullEvents('arrs');
     expect(events.map((e) => e.details?.json_null?.after ?? null)).toEqual([
       ['a[1]', 'b[2]'],
       ['a[1][1]', 'a[2][2]'],
