@@ -68,7 +68,7 @@ describe('streamed in-progress transactions', () => {
       [],
       'app',
     );
-    philotes = startPhilotes(f.env());
+    philotes = startPhilotes(f.env({ PHILOTES_CDC_DDL: 'on' }));
     await waitForSlotActive(f.source);
     app = await connect(f.source, 'app');
     other = await connect(f.source, 'app');
@@ -195,7 +195,7 @@ describe('streamed in-progress transactions', () => {
     // Restarted while the transaction is still open: the rows the killed run staged are void;
     // the source sends the transaction again from its start (streamed once it grows past the
     // restart point, or whole at its commit).
-    philotes = startPhilotes(f.env());
+    philotes = startPhilotes(f.env({ PHILOTES_CDC_DDL: 'on' }));
     await waitForSlotActive(f.source);
     await app.query(
       `INSERT INTO big SELECT g, 'killed', NULL FROM generate_series(900001, 950000) g`,
@@ -209,6 +209,42 @@ describe('streamed in-progress transactions', () => {
       'buffer',
     );
     expect(stored).toEqual({ n: '150000', ids: '150000' });
+    await noneStaged();
+  });
+
+  it('a migration streamed while in progress: its DDL lands first, in its transaction, and makes the schema version', async () => {
+    await app.query('BEGIN');
+    await app.query('ALTER TABLE big ADD COLUMN extra int');
+    await app.query('UPDATE big SET extra = 7 WHERE id <= 100000');
+    await waitForStaged(50_000);
+    await app.query('COMMIT');
+    await marker(6);
+    const [ddl] = await f.buffer.query<{ lsn: string; seq: number }>(
+      `SELECT lsn::text, seq FROM cdc_events WHERE operation = 'DDL' AND table_name = 'big'`,
+      [],
+      'buffer',
+    );
+    expect(ddl).toMatchObject({ seq: 1 });
+    const [tx] = await f.buffer.query<Record<string, string>>(
+      `SELECT count(*) FILTER (WHERE operation = 'UPDATE' AND (after->>'extra')::int = 7) AS updates,
+              count(*) AS events, min(seq)::text AS first, max(seq)::text AS last
+         FROM cdc_events WHERE lsn = $1::pg_lsn`,
+      [ddl!.lsn],
+      'buffer',
+    );
+    expect(tx).toEqual({ updates: '100000', events: '100001', first: '1', last: '100001' });
+    // The new shape is a schema version linked to that DDL, at the transaction's commit LSN.
+    const [version] = await f.buffer.query<{ lsn: string; ddl: Record<string, unknown> }>(
+      `SELECT lsn, ddl FROM cdc_schema_history WHERE table_name = 'big' ORDER BY version DESC LIMIT 1`,
+      [],
+      'buffer',
+    );
+    expect(version!.lsn).toBe(ddl!.lsn);
+    expect(version!.ddl).toMatchObject({
+      lsn: ddl!.lsn,
+      seq: 1,
+      statement: 'ALTER TABLE big ADD COLUMN extra int',
+    });
     await noneStaged();
   });
 
