@@ -10,6 +10,7 @@ import pg from 'pg';
 import { pgClientOptions } from '../src/common/pg-connection.js';
 import {
   describeConnectionError,
+  FatalSourceError,
   ReaderAbortedError,
   SourceTimeoutError,
   toErrorInfo,
@@ -19,7 +20,11 @@ import {
   DATABASE_IDENTITY_SQL,
   type DatabaseIdentity,
 } from '../src/common/database-identity.js';
-import { DDL_MESSAGE_PREFIX } from '../src/common/ddl-capture.js';
+import {
+  DDL_MESSAGE_PREFIX,
+  ddlTriggerCurrent,
+  readDdlTriggerState,
+} from '../src/common/ddl-capture.js';
 import { createLogger, safeConnection, type Logger } from '../src/common/logger.js';
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import {
@@ -36,6 +41,7 @@ import {
   readSlotDecodingStats,
   readSlotState,
   retainedWalBytes,
+  where,
 } from '../src/common/source-admin.js';
 import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
@@ -625,6 +631,8 @@ export class SlotReader implements PgoutputHandler {
   private async reportSlot(): Promise<void> {
     const side = this.side;
     if (side === null || this.failed !== null) return;
+    if (this.task.source.ddl) await this.checkDdlCapture(side);
+    if (this.failed !== null) return;
     try {
       // One after the other: a pg client runs one query at a time.
       const slot = await readSlotState(side, this.task.source.slot);
@@ -644,6 +652,28 @@ export class SlotReader implements PgoutputHandler {
     } catch (error) {
       this.log.debug({ err: error }, 'reading the slot state failed');
     }
+  }
+
+  /**
+   * With `ddl: true`, the trigger must stay in place: dropped or disabled while Philotes runs,
+   * DDL would go missing from the buffer without a word. The source stops and says so; a start
+   * with a role that may install it puts it back.
+   */
+  private async checkDdlCapture(side: pg.Client): Promise<void> {
+    let state;
+    try {
+      state = await readDdlTriggerState(side);
+    } catch (error) {
+      this.log.debug({ err: error }, 'reading the DDL capture trigger state failed');
+      return;
+    }
+    if (ddlTriggerCurrent(state)) return;
+    this.fail(
+      new FatalSourceError(
+        `the DDL capture trigger on ${where(this.task.source)} was removed or disabled while Philotes ran: DDL made since then may be missing from the buffer. A start with a superuser role (or philotes-worker ddl-trigger --source ${this.task.source.id}) puts it back`,
+        'DDL_TRIGGER_MISSING',
+      ),
+    );
   }
 
   private reportProgress(): void {

@@ -12,7 +12,7 @@ import type pg from 'pg';
 /** The prefix of the messages the trigger writes; the reader turns them into DDL events. */
 export const DDL_MESSAGE_PREFIX = 'philotes.ddl';
 /** Bumped whenever the function's body changes: an older installed one is replaced. */
-export const DDL_TRIGGER_VERSION = 1;
+export const DDL_TRIGGER_VERSION = 2;
 const COMMENT_PREFIX = 'Philotes DDL capture, version ';
 const SCHEMA = 'philotes';
 const TRIGGERS = ['philotes_ddl_command_end', 'philotes_sql_drop'] as const;
@@ -104,6 +104,8 @@ export function ddlTriggerInstallSql(): string {
     ...TRIGGERS.map((name) => `DROP EVENT TRIGGER IF EXISTS ${name};`),
     `CREATE EVENT TRIGGER ${TRIGGERS[0]} ON ddl_command_end EXECUTE FUNCTION ${SCHEMA}.capture_ddl();`,
     `CREATE EVENT TRIGGER ${TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION ${SCHEMA}.capture_ddl();`,
+    // Also under session_replication_role = replica (some migration and restore tools set it).
+    ...TRIGGERS.map((name) => `ALTER EVENT TRIGGER ${name} ENABLE ALWAYS;`),
   ].join('\n');
 }
 

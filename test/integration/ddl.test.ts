@@ -278,4 +278,35 @@ describe('DDL capture', () => {
     // DDL still works without it.
     await f.source.query('CREATE TABLE after_removal (id int)', [], 'app2');
   });
+
+  it('a trigger dropped while Philotes runs stops the source loudly; a superuser start puts it back', async () => {
+    await f.source.query('DROP EVENT TRIGGER philotes_ddl_command_end', [], 'app');
+    await waitFor(
+      () =>
+        philotes!.stderr.some(
+          (l) => l.includes('DDL capture trigger') && l.includes('removed or disabled'),
+        ),
+      {
+        what: 'the source to fail with DDL_TRIGGER_MISSING',
+        timeoutMs: 40_000,
+      },
+    );
+    await philotes!.kill9();
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+    const triggers = await f.source.query<{ evtname: string; evtenabled: string }>(
+      `SELECT evtname, evtenabled FROM pg_event_trigger ORDER BY 1`,
+      [],
+      'app',
+    );
+    // Back, and firing also under session_replication_role = replica.
+    expect(triggers).toEqual([
+      { evtname: 'philotes_ddl_command_end', evtenabled: 'A' },
+      { evtname: 'philotes_sql_drop', evtenabled: 'A' },
+    ]);
+    await app.query('CREATE TABLE after_repair (id int PRIMARY KEY)');
+    await app.query('INSERT INTO marker VALUES (3)');
+    const events = await waitForMarker(3);
+    expect(events.some((e) => e.operation === 'DDL' && e.table_name === 'after_repair')).toBe(true);
+  });
 });
