@@ -19,5 +19,6 @@ export const BUFFER_TABLES = [
   'cdc_checkpoints',
   'cdc_schema_history',
   'cdc_gaps',
+  'cdc_staged',
   'philotes_migrations',
 ];

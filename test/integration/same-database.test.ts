@@ -22,7 +22,9 @@ describe('source and buffer in one database', () => {
   let philotes: PhilotesProcess | undefined;
 
   beforeAll(async () => {
-    cluster = await startCluster();
+    // Every transaction beyond 64 kB of changes is streamed while in progress: staged rows are
+    // written to this same database too, and must not come back either.
+    cluster = await startCluster({ settings: { logical_decoding_work_mem: '64kB' } });
     await cluster.createDatabase('app');
     await cluster.query(ITEMS_DDL, [], 'app');
   });
@@ -44,6 +46,11 @@ describe('source and buffer in one database', () => {
     await waitForSlotActive(cluster);
     const load = startLoad(cluster, { clients: 2, maxTransactions: 100 });
     await load.finished();
+    await cluster.query(
+      `INSERT INTO items (client, name) SELECT 99, 'bulk ' || g FROM generate_series(1, 20000) g`,
+      [],
+      'app',
+    );
 
     // The buffer is this same database: fixture helpers read it under the name 'buffer'.
     const asBuffer: Cluster = {
