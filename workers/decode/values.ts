@@ -258,7 +258,14 @@ export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: Ty
   const src = tuple.buf;
   const start = tuple.starts[i]!;
   const end = tuple.ends[i]!;
-  if (end - start >= SEGMENT_MIN_BYTES && tuple.owned && writeSegment(out, src, start, end, type))
+  if (
+    end - start >= SEGMENT_MIN_BYTES &&
+    tuple.owned &&
+    // Its ArrayBuffer is transferred with the batch: it must hold this message and nothing else.
+    src.byteOffset === 0 &&
+    src.buffer.byteLength === src.length &&
+    writeSegment(out, src, start, end, type)
+  )
     return;
   switch (type.kind) {
     case 'number':
