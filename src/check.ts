@@ -259,6 +259,7 @@ async function checkSource(
         fix: 'PostgreSQL 10 or later',
       });
     }
+    add(protocolFinding(source, Number(settings.version)));
     const role = (
       await client.query<{ replication: boolean; superuser: boolean; name: string }>(
         `SELECT (r.rolsuper OR r.rolreplication OR EXISTS (
@@ -290,6 +291,29 @@ async function checkSource(
     await checkPublication(client, source, role.superuser, record, add);
     if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
   });
+}
+
+/** Which pgoutput protocol the source will use, and whether its server has it. */
+function protocolFinding(source: SourceConfig, version: number): Omit<Finding, 'target'> {
+  const streams = version >= 140000;
+  if (source.protocol === 2 && !streams) {
+    return {
+      check: 'protocol',
+      verdict: 'blocker',
+      detail: `protocol 2 is configured; PostgreSQL ${version} has only protocol 1`,
+      fix: 'protocol: 1 or auto for this source',
+    };
+  }
+  const protocol = source.protocol ?? (streams ? 2 : 1);
+  return {
+    check: 'protocol',
+    verdict: 'ok',
+    detail:
+      protocol === 2
+        ? 'pgoutput protocol 2: large transactions are streamed while in progress'
+        : `pgoutput protocol 1: the source spills large transactions to its disk until they commit${streams ? ' (protocol: 1 is configured)' : ''}`,
+    fix: null,
+  };
 }
 
 /** `ddl: true`: the event trigger is current, or Philotes may install it. */

@@ -103,6 +103,7 @@ describe('philotes-worker check', () => {
     expect(r.code).toBe(0);
     expect(finding(r.findings, 'shop', 'slot').detail).toContain('first start creates it');
     expect(finding(r.findings, 'buffer', 'schema').detail).toContain('first start creates them');
+    expect(finding(r.findings, 'shop', 'protocol').detail).toContain('protocol 2');
     expect(r.text).toContain('ready to run');
     // Nothing was created by looking.
     expect(await good.query(`SELECT slot_name FROM pg_replication_slots`)).toEqual([]);
