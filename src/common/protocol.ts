@@ -79,7 +79,6 @@ export interface ReadyMessage {
   readonly serverVersion: number;
 }
 
-/** What a batch carries: rows of finished and unfinished transactions, and where they reach. */
 /**
  * What happened to a streamed transaction (pgoutput protocol 2), in stream order: an abort of it
  * or of one of its subtransactions deletes their staged rows; a commit moves its staged rows into
@@ -119,6 +118,7 @@ export function copyPieces(data: ArrayBuffer, segments: readonly CopySegment[]):
   return pieces;
 }
 
+/** What a batch carries: rows of finished and unfinished transactions, and where they reach. */
 export interface BatchPayload {
   /** Rows for cdc_events in binary COPY format, without header and trailer. Transferred. */
   readonly data: ArrayBuffer;

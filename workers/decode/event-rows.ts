@@ -52,14 +52,17 @@ interface RelationEncoding {
   pendingSchema: Omit<SchemaChange, 'lsn'> | null;
 }
 
-/** A DDL link whose position is known only once its streamed transaction commits. */
-interface StreamDdlLink {
-  lsn: string;
-  readonly seq: number;
-  readonly command_tag: string;
-  readonly statement: string;
-  /** The (sub)transaction that made it: gone if that one aborts. */
-  readonly xid: number;
+/**
+ * A DDL link of a streamed transaction: its LSN is that transaction's commit, known only at the
+ * commit; `xid` is the (sub)transaction that made it (gone if that one aborts).
+ */
+type StreamDdlLink = Omit<SchemaDdl, 'lsn'> & { readonly xid: number };
+
+/** A link as the schema history stores it: a streamed one takes its transaction's commit LSN. */
+function settledLink(link: StreamDdlLink | SchemaDdl, commitLsn: string): SchemaDdl {
+  if (!('xid' in link)) return link;
+  const { xid: _xid, ...rest } = link;
+  return { ...rest, lsn: commitLsn };
 }
 
 /**
@@ -421,7 +424,6 @@ export class BatchBuilder {
     this.push(enc, OPERATIONS.DDL, null, false, null, null, text);
     this.tally.ddl++;
     const link = {
-      lsn: this.stream ? '' : formatLsn(BigInt(this.txFinalLsn)), // a stream's: at its commit
       seq: this.txSeq,
       command_tag: payload.command_tag ?? '',
       statement: payload.statement ?? '',
@@ -430,7 +432,8 @@ export class BatchBuilder {
       const streamLink: StreamDdlLink = { ...link, xid: this.streamSubXid };
       for (const key of tables.keys()) this.stream.ddlByTable.set(key, streamLink);
     } else {
-      for (const key of tables.keys()) this.ddlByTable.set(key, link);
+      const settled: SchemaDdl = { ...link, lsn: formatLsn(BigInt(this.txFinalLsn)) };
+      for (const key of tables.keys()) this.ddlByTable.set(key, settled);
     }
   }
 
@@ -536,33 +539,13 @@ export class BatchBuilder {
         for (const key of Object.keys(counts) as Array<keyof OperationCounts>)
           this.counts[key] += counts[key];
       }
-      for (const link of stream.ddlByTable.values()) link.lsn = lsn;
-      for (const change of stream.schemaChanges) {
-        if (change.ddl && 'xid' in change.ddl) change.ddl.lsn = lsn;
-      }
       for (const { ddl, ...change } of stream.schemaChanges) {
-        this.schemaChanges.push({
-          ...change,
-          lsn,
-          ...(ddl
-            ? {
-                ddl: {
-                  lsn: ddl.lsn,
-                  seq: ddl.seq,
-                  command_tag: ddl.command_tag,
-                  statement: ddl.statement,
-                },
-              }
-            : {}),
-        });
+        this.schemaChanges.push({ ...change, lsn, ...(ddl ? { ddl: settledLink(ddl, lsn) } : {}) });
       }
       // pgoutput counts the relations it sent a committed stream as sent to us (its
       // cleanup_rel_sync_cache): they are the current ones now, and are not sent again.
       for (const [oid, enc] of stream.relations) this.relations.set(oid, enc);
-      for (const [key, link] of stream.ddlByTable) {
-        const { xid: _xid, ...rest } = link;
-        this.ddlByTable.set(key, rest);
-      }
+      for (const [key, link] of stream.ddlByTable) this.ddlByTable.set(key, settledLink(link, lsn));
     }
     this.transactions++;
     this.checkpointLsn = endLsn;
@@ -575,7 +558,7 @@ export class BatchBuilder {
   take(): TakenBatch {
     const committed = this.checkpointLsn >= 0;
     const batch: TakenBatch = {
-      // A copy of exactly the used bytes, which we may transfer; the working buffer stays ours.
+      // Exactly the used bytes, transferable (see CopyBuffer.take), and large values by reference.
       ...eventsPart(this.events.takeAll()),
       rows: this.rowCount - this.stagedRowCount,
       ...stagedPart(this.stagedRowCount > 0 ? this.staged.takeAll() : null),
