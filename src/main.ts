@@ -93,12 +93,8 @@ async function ddlTrigger(opts: {
   const loaded = config();
   const source = loaded.sources.find((s) => s.id === opts.source);
   if (!source) {
-    const { closest } = await import('./common/closest.js');
-    const near = closest(
-      opts.source,
-      loaded.sources.map((s) => s.id),
-    );
-    die(EXIT_USAGE, `no source "${opts.source}"${near ? ` (did you mean "${near}"?)` : ''}`);
+    const { unknownSource } = await import('./cli-output.js');
+    die(EXIT_USAGE, unknownSource(loaded, opts.source));
   }
   const [{ default: pg }, { pgClientOptions }, { describeConnectionError }] = await Promise.all([
     import('pg'),

@@ -11,6 +11,7 @@ import pg from 'pg';
 import type { Config, SourceConfig } from './common/config.js';
 import { pgClientOptions } from './common/pg-connection.js';
 import { BufferStore } from './buffer/store.js';
+import { unknownSource } from './cli-output.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit.js';
 import type { Logger } from './common/logger.js';
 import { formatBytes, formatLsn, parseLsn } from './common/lsn.js';
@@ -66,10 +67,7 @@ export async function resetSource(
 ): Promise<number> {
   const source = config.sources.find((s) => s.id === opts.sourceId);
   if (!source) {
-    throw new ResetError(
-      `unknown source "${opts.sourceId}"; configured: ${config.sources.map((s) => s.id).join(', ')}`,
-      EXIT_USAGE,
-    );
+    throw new ResetError(unknownSource(config, opts.sourceId), EXIT_USAGE);
   }
   const store = await BufferStore.open(config.buffer, log, 2);
   try {
