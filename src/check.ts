@@ -16,6 +16,7 @@ import {
   currentWalLsn,
   findGap,
   isInvalidated,
+  pgoutputProtocol,
   publicationExists,
   readSlotState,
   resetCommand,
@@ -295,8 +296,8 @@ async function checkSource(
 
 /** Which pgoutput protocol the source will use, and whether its server has it. */
 function protocolFinding(source: SourceConfig, version: number): Omit<Finding, 'target'> {
-  const streams = version >= 140000;
-  if (source.protocol === 2 && !streams) {
+  const protocol = pgoutputProtocol(source, version);
+  if (protocol === null) {
     return {
       check: 'protocol',
       verdict: 'blocker',
@@ -304,14 +305,13 @@ function protocolFinding(source: SourceConfig, version: number): Omit<Finding, '
       fix: 'protocol: 1 or auto for this source',
     };
   }
-  const protocol = source.protocol ?? (streams ? 2 : 1);
   return {
     check: 'protocol',
     verdict: 'ok',
     detail:
       protocol === 2
         ? 'pgoutput protocol 2: large transactions are streamed while in progress'
-        : `pgoutput protocol 1: the source spills large transactions to its disk until they commit${streams ? ' (protocol: 1 is configured)' : ''}`,
+        : `pgoutput protocol 1: the source spills large transactions to its disk until they commit${source.protocol === 1 && version >= 140000 ? ' (protocol: 1 is configured)' : ''}`,
     fix: null,
   };
 }

@@ -22,6 +22,7 @@ import {
   findGap,
   gapError,
   isInvalidated,
+  pgoutputProtocol,
   publicationExists,
   publicationMissingError,
   readSlotState,
@@ -93,13 +94,13 @@ export async function prepareSource(
     );
   }
 
-  if (source.protocol === 2 && serverVersion < 140000) {
+  const protocol = pgoutputProtocol(source, serverVersion);
+  if (protocol === null) {
     throw new FatalSourceError(
       `PostgreSQL ${serverVersion} on ${where(source)} has no pgoutput protocol 2 (version 14 or later); set protocol: 1 or auto for this source`,
       'SERVER_TOO_OLD',
     );
   }
-  const protocol = source.protocol ?? (serverVersion >= 140000 ? 2 : 1);
   if (source.ddl) await prepareDdlCapture(client, source, serverVersion, log);
 
   // Amazon RDS grants replication through membership of rds_replication, not the attribute.

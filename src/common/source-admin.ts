@@ -91,6 +91,17 @@ export async function readSlotDecodingStats(
   };
 }
 
+/**
+ * The pgoutput protocol a source uses on a server: the configured one, or 2 (streaming of
+ * in-progress transactions, PostgreSQL 14+) where the server has it. Null: 2 is configured and
+ * the server lacks it.
+ */
+export function pgoutputProtocol(source: SourceConfig, serverVersion: number): 1 | 2 | null {
+  const streams = serverVersion >= 140000;
+  if (source.protocol === 2 && !streams) return null;
+  return source.protocol ?? (streams ? 2 : 1);
+}
+
 /** The WAL the source keeps for the slot: its WAL position minus the slot's restart_lsn. */
 export function retainedWalBytes(slot: SlotState, currentWal: bigint): number | null {
   return slot.restartLsn === null ? null : Math.max(0, Number(currentWal - slot.restartLsn));
