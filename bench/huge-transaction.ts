@@ -6,10 +6,11 @@
  *
  *   npm run bench -- huge        # PHILOTES_BENCH_HUGE_ROWS=1000000 for a shorter run
  */
-import { readFileSync } from 'node:fs';
-import { startCluster, type Cluster } from '../test/support/cluster.js';
+import { startCluster } from '../test/support/cluster.js';
+import { connect } from '../test/support/fixture.js';
+import { waitFor } from '../test/support/poll.js';
 import { spawnPhilotes } from './philotes-process.js';
-import { cpuSeconds } from './proc-stats.js';
+import { cpuSeconds, peakRssMb } from './proc-stats.js';
 
 export interface HugeRun {
   protocol: 1 | 2;
@@ -38,16 +39,19 @@ async function runOnce(protocol: 1 | 2): Promise<HugeRun> {
     );
     const child = spawnPhilotes(source, buffer, { PHILOTES_CDC_PROTOCOL: String(protocol) });
     try {
-      await waitUntil(async () => {
-        const [row] = await source.query<{ n: number }>(
-          `SELECT count(*)::int AS n FROM pg_replication_slots WHERE active`,
-          [],
-          'app',
-        );
-        return row!.n > 0;
-      });
+      await waitFor(
+        async () => {
+          const [row] = await source.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM pg_replication_slots WHERE active`,
+            [],
+            'app',
+          );
+          return row!.n > 0;
+        },
+        { what: 'the slot to stream', timeoutMs: 60_000, intervalMs: 50 },
+      );
       const started = performance.now();
-      const client = await connect(source);
+      const client = await connect(source, 'app');
       await client.query('BEGIN');
       for (let from = 1; from <= HUGE_ROWS; from += CHUNK) {
         await client.query(
@@ -61,19 +65,21 @@ async function runOnce(protocol: 1 | 2): Promise<HugeRun> {
         await client.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn')
       ).rows;
       await client.end();
-      await waitUntil(async () => {
-        const rows = await buffer
-          .query<{ done: boolean }>(
-            `SELECT lsn::pg_lsn >= $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`,
-            [end!.lsn],
-            'buffer',
-          )
-          .catch(() => []);
-        return rows[0]?.done === true;
-      }, 1_800_000);
+      await waitFor(
+        async () => {
+          const rows = await buffer
+            .query<{ done: boolean }>(
+              `SELECT lsn::pg_lsn >= $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`,
+              [end!.lsn],
+              'buffer',
+            )
+            .catch(() => []);
+          return rows[0]?.done === true;
+        },
+        { what: 'the transaction to be stored', timeoutMs: 1_800_000, intervalMs: 50 },
+      );
       const done = performance.now();
-      const status = readFileSync(`/proc/${child.pid}/status`, 'utf8');
-      const peakKb = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? 0);
+      const peak = peakRssMb(child.pid!);
       const cpu = cpuSeconds(child.pid!).own;
       const [stored] = await buffer.query<{ n: number }>(
         `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'huge'`,
@@ -92,7 +98,7 @@ async function runOnce(protocol: 1 | 2): Promise<HugeRun> {
         rows: HUGE_ROWS,
         afterCommitSeconds: round((done - committed) / 1000),
         totalSeconds: round((done - started) / 1000),
-        peakRssMb: Math.round(peakKb / 1024),
+        peakRssMb: peak,
         cpuSeconds: round(cpu),
         slot: {
           spillTxns: Number(slot!['spill_txns']),
@@ -106,21 +112,6 @@ async function runOnce(protocol: 1 | 2): Promise<HugeRun> {
     }
   } finally {
     await Promise.allSettled([source.destroy(), buffer.destroy()]);
-  }
-}
-
-async function connect(cluster: Cluster) {
-  const { default: pg } = await import('pg');
-  const client = new pg.Client({ connectionString: cluster.url('app') });
-  await client.connect();
-  return client;
-}
-
-async function waitUntil(check: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('timed out');
-    await new Promise((r) => setTimeout(r, 50));
   }
 }
 

@@ -6,9 +6,14 @@
  *
  *   npm run bench -- large
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { startCluster } from '../test/support/cluster.js';
+import { waitFor } from '../test/support/poll.js';
 import { spawnPhilotes } from './philotes-process.js';
+import { memoryMb } from './proc-stats.js';
+
+const until = (what: string, check: () => Promise<boolean>) =>
+  waitFor(check, { what, timeoutMs: 300_000, intervalMs: 50 });
 
 export interface LargeValueRun {
   kind: 'text' | 'bytea';
@@ -25,20 +30,6 @@ const CASES: ReadonlyArray<{ kind: 'text' | 'bytea'; mb: number }> = [
   { kind: 'text', mb: 200 },
 ];
 
-function memory(pid: number): { rssMb: number; hwmMb: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kb = (key: string) => Number(new RegExp(`${key}:\\s+(\\d+) kB`).exec(status)?.[1] ?? 0);
-  return { rssMb: kb('VmRSS') / 1024, hwmMb: kb('VmHWM') / 1024 };
-}
-
-async function until(check: () => Promise<boolean>, timeoutMs = 300_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('timed out');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 export async function runLargeValues(): Promise<LargeValueRun[]> {
   const [source, buffer] = await Promise.all([startCluster(), startCluster()]);
   const child = await (async () => {
@@ -47,7 +38,7 @@ export async function runLargeValues(): Promise<LargeValueRun[]> {
     return spawnPhilotes(source, buffer);
   })();
   const stored = (id: number) =>
-    until(async () => {
+    until(`row ${id} stored`, async () => {
       const rows = await buffer
         .query<{ n: number }>(
           `SELECT count(*)::int AS n FROM cdc_events WHERE (after->>'id')::int = $1`,
@@ -58,7 +49,7 @@ export async function runLargeValues(): Promise<LargeValueRun[]> {
       return rows[0]!.n === 1;
     });
   try {
-    await until(async () => {
+    await until('the slot to stream', async () => {
       const [row] = await source.query<{ n: number }>(
         'SELECT count(*)::int AS n FROM pg_replication_slots WHERE active',
         [],
@@ -76,7 +67,7 @@ export async function runLargeValues(): Promise<LargeValueRun[]> {
     for (const c of CASES) {
       id++;
       writeFileSync(`/proc/${child.pid}/clear_refs`, '5'); // resets VmHWM to the current RSS
-      const before = memory(child.pid!);
+      const before = memoryMb(child.pid!);
       await source.query(
         c.kind === 'text'
           ? `INSERT INTO large (id, t) SELECT $1, repeat('x', $2 * 1024 * 1024)`
@@ -85,13 +76,13 @@ export async function runLargeValues(): Promise<LargeValueRun[]> {
         'app',
       );
       await stored(id);
-      const after = memory(child.pid!);
+      const after = memoryMb(child.pid!);
       runs.push({
         kind: c.kind,
         valueMb: c.mb,
-        rssBeforeMb: Math.round(before.rssMb),
-        peakRssMb: Math.round(after.hwmMb),
-        costPerValueByte: Math.round(((after.hwmMb - before.rssMb) / c.mb) * 100) / 100,
+        rssBeforeMb: Math.round(before.rss),
+        peakRssMb: Math.round(after.peak),
+        costPerValueByte: Math.round(((after.peak - before.rss) / c.mb) * 100) / 100,
       });
       // Let the collector return what the value used before the next one.
       await new Promise((r) => setTimeout(r, 2000));

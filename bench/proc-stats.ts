@@ -16,8 +16,14 @@ export function cpuSeconds(pid: number): { own: number; children: number } {
   return { own: (f[11]! + f[12]!) / 100, children: (f[13]! + f[14]!) / 100 };
 }
 
+/** The process's resident set now (VmRSS) and at its peak (VmHWM), in MB, unrounded. */
+export function memoryMb(pid: number): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (key: string) => Number(new RegExp(`${key}:\\s+(\\d+) kB`).exec(status)?.[1] ?? 0);
+  return { rss: kb('VmRSS') / 1024, peak: kb('VmHWM') / 1024 };
+}
+
 /** The process's peak resident set (VmHWM), in MB. */
 export function peakRssMb(pid: number): number {
-  const hwm = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return Math.round(Number(hwm?.[1] ?? 0) / 1024);
+  return Math.round(memoryMb(pid).peak);
 }
