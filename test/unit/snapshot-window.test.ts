@@ -1,0 +1,66 @@
+import { describe, expect, it } from 'vitest';
+import {
+  keyOf,
+  parseWatermark,
+  SnapshotWindow,
+  watermarkContent,
+} from '../../workers/snapshot/window.js';
+import { chunkQuery } from '../../workers/snapshot/chunk-query.js';
+
+describe('snapshot window', () => {
+  const rows = [1, 2, 3, 4].map((id) => ({ key: keyOf([String(id)]), values: [String(id), 'v'] }));
+
+  it('drops the rows whose key changed between the watermarks, keeps the rest', () => {
+    const w = new SnapshotWindow('public.t', 0);
+    w.noteChange(keyOf(['1'])); // before the low watermark: the chunk reflects it
+    w.openAt();
+    w.setRows(rows);
+    w.noteChange(keyOf(['2']));
+    w.noteChange(keyOf(['9'])); // not in the chunk
+    expect(w.close().map((r) => r.key)).toEqual([keyOf(['1']), keyOf(['3']), keyOf(['4'])]);
+  });
+
+  it('refuses a high watermark before the low one or before the rows', () => {
+    const w = new SnapshotWindow('public.t', 3);
+    expect(() => w.close()).toThrow('without its low one');
+    w.openAt();
+    expect(() => w.close()).toThrow('before its rows');
+  });
+
+  it('keys: composite and NULL-safe', () => {
+    expect(keyOf(['a', 'b'])).not.toBe(keyOf(['ab']));
+    expect(keyOf([null])).not.toBe(keyOf(['']));
+  });
+
+  it('watermark messages round-trip; anything else is not one', () => {
+    const w = { run: 'r1', snapshot: 7, table: 'public.t', chunk: 2, mark: 'high' as const };
+    expect(parseWatermark(Buffer.from(watermarkContent(w)))).toEqual(w);
+    expect(parseWatermark(Buffer.from('{"run": 1}'))).toBeNull();
+    expect(parseWatermark(Buffer.from('not json'))).toBeNull();
+  });
+
+  it('chunk query: key columns first, row comparison in the key types, index order', () => {
+    const q = chunkQuery(
+      {
+        schema: 'shop',
+        table: 'line "items"',
+        columns: ['order_id', 'n', 'note'],
+        primaryKey: ['order_id', 'n'],
+        primaryKeyTypes: ['bigint', 'integer'],
+      },
+      ['10', '3'],
+      500,
+    );
+    expect(q.text).toBe(
+      'SELECT "order_id"::text, "n"::text, "order_id"::text, "n"::text, "note"::text FROM "shop"."line ""items""" WHERE ("order_id", "n") > ($1::text::bigint, $2::text::integer) ORDER BY "order_id", "n" LIMIT 500',
+    );
+    expect(q.values).toEqual(['10', '3']);
+    expect(
+      chunkQuery(
+        { schema: 's', table: 't', columns: ['a'], primaryKey: ['a'], primaryKeyTypes: ['int'] },
+        null,
+        2,
+      ).text,
+    ).toBe('SELECT "a"::text, "a"::text FROM "s"."t"  ORDER BY "a" LIMIT 2');
+  });
+});

@@ -1,0 +1,43 @@
+/**
+ * The chunk query: the next `limit` rows of a table after `after` in primary key order, every
+ * column as the text its output function prints (what pgoutput sends), the key columns first
+ * again for the window's comparison. A row comparison on the key — `(a, b) > ($1, $2)` — walks
+ * a composite key in index order, and each query is short: read-only, one index range.
+ */
+
+export interface ChunkTable {
+  readonly schema: string;
+  readonly table: string;
+  /** Columns in attnum order, as the stream's Relation message lists them. */
+  readonly columns: readonly string[];
+  readonly primaryKey: readonly string[];
+  /** The key columns' types as format_type prints them (SQL, quoted where needed). */
+  readonly primaryKeyTypes: readonly string[];
+}
+
+function ident(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`;
+}
+
+export function chunkQuery(
+  t: ChunkTable,
+  after: readonly string[] | null,
+  limit: number,
+): { text: string; values: unknown[] } {
+  if (t.primaryKey.length === 0)
+    throw new Error(`snapshot: ${t.schema}.${t.table} has no primary key`);
+  const key = t.primaryKey.map(ident);
+  const select = [...t.primaryKey, ...t.columns].map((c) => `${ident(c)}::text`).join(', ');
+  const from = `${ident(t.schema)}.${ident(t.table)}`;
+  // The key columns compared in their own types: the text of the last key cast back.
+  const where =
+    after === null
+      ? ''
+      : `WHERE (${key.join(', ')}) > (${after
+          .map((_, i) => `$${i + 1}::text::${t.primaryKeyTypes[i]!}`)
+          .join(', ')})`;
+  return {
+    text: `SELECT ${select} FROM ${from} ${where} ORDER BY ${key.join(', ')} LIMIT ${Math.floor(limit)}`,
+    values: after === null ? [] : [...after],
+  };
+}

@@ -1,0 +1,107 @@
+/**
+ * The DBLog watermark window for one chunk of one table (Netflix's DBLog, Debezium's incremental
+ * snapshots): the reader writes a low watermark into the stream (a transactional logical
+ * message), reads the chunk, writes a high watermark. Between the two watermarks in the stream,
+ * every change to a key of the table is noted; at the high watermark, the chunk's rows whose key
+ * changed are dropped (the stream carries them, and later), and the rest land as SNAPSHOT events
+ * right there: after every change the chunk already reflects, before every change it does not.
+ *
+ * Keys are compared as the text PostgreSQL prints for the key columns, joined: the chunk query
+ * runs with the replication connection's session settings, so both sides print alike.
+ */
+
+/** A chunk as read: each row's key text and its column texts (null for SQL NULL). */
+export interface ChunkRow {
+  readonly key: string;
+  readonly values: ReadonlyArray<string | null>;
+}
+
+export interface Watermark {
+  /** Identifies the reader run: watermarks of an earlier run, met again after a restart, are void. */
+  readonly run: string;
+  readonly snapshot: number;
+  readonly table: string;
+  readonly chunk: number;
+  readonly mark: 'low' | 'high';
+}
+
+export const WATERMARK_PREFIX = 'philotes.snapshot';
+
+export function watermarkContent(w: Watermark): string {
+  return JSON.stringify(w);
+}
+
+/** A watermark message's content, or null if it is not one of ours (or not well formed). */
+export function parseWatermark(content: Uint8Array): Watermark | null {
+  try {
+    const w = JSON.parse(Buffer.from(content).toString('utf8')) as Partial<Watermark>;
+    if (
+      typeof w.run !== 'string' ||
+      typeof w.snapshot !== 'number' ||
+      typeof w.table !== 'string' ||
+      typeof w.chunk !== 'number' ||
+      (w.mark !== 'low' && w.mark !== 'high')
+    ) {
+      return null;
+    }
+    return w as Watermark;
+  } catch {
+    return null;
+  }
+}
+
+/** Joins key column texts into one comparable string (NUL cannot occur in PostgreSQL text). */
+export function keyOf(texts: ReadonlyArray<string | null>): string {
+  return texts.map((t) => (t === null ? '\u0001' : t)).join('\u0000');
+}
+
+/**
+ * The open window of one chunk. `rows` arrive when the chunk query returns, which may be before
+ * or after the stream meets the low watermark, but always before the high one (it is written
+ * after the query).
+ */
+export class SnapshotWindow {
+  private readonly changed = new Set<string>();
+  private open = false;
+  private rows: readonly ChunkRow[] | null = null;
+
+  constructor(
+    readonly table: string,
+    readonly chunk: number,
+  ) {}
+
+  /** The stream met the low watermark: from here on, changes to the table's keys count. */
+  openAt(): void {
+    this.open = true;
+  }
+
+  get isOpen(): boolean {
+    return this.open;
+  }
+
+  /** A change to `key` of this window's table, met in the stream. */
+  noteChange(key: string): void {
+    if (this.open) this.changed.add(key);
+  }
+
+  setRows(rows: readonly ChunkRow[]): void {
+    this.rows = rows;
+  }
+
+  /**
+   * The stream met the high watermark: the chunk's rows that no change in the window touched.
+   * Throws if the rows are not there (they are read before the high watermark is written).
+   */
+  close(): readonly ChunkRow[] {
+    if (!this.open)
+      throw new Error(
+        `snapshot: high watermark of ${this.table} chunk ${this.chunk} without its low one`,
+      );
+    if (this.rows === null)
+      throw new Error(
+        `snapshot: high watermark of ${this.table} chunk ${this.chunk} before its rows`,
+      );
+    this.open = false;
+    return this.rows.filter((row) => !this.changed.has(row.key));
+  }
+}
