@@ -52,7 +52,7 @@ describe('snapshot window', () => {
       500,
     );
     expect(q.text).toBe(
-      'SELECT "order_id"::text, "n"::text, "order_id"::text, "n"::text, "note"::text FROM "shop"."line ""items""" WHERE ("order_id", "n") > ($1::text::bigint, $2::text::integer) ORDER BY "order_id", "n" LIMIT 500',
+      'SELECT t."order_id"::text, t."n"::text, t."order_id"::text, t."n"::text, t."note"::text FROM "shop"."line ""items""" AS t WHERE (t."order_id", t."n") > ($1::text::bigint, $2::text::integer) ORDER BY t."order_id", t."n" LIMIT 500',
     );
     expect(q.values).toEqual(['10', '3']);
     expect(
@@ -61,6 +61,6 @@ describe('snapshot window', () => {
         null,
         2,
       ).text,
-    ).toBe('SELECT "a"::text, "a"::text FROM "s"."t"  ORDER BY "a" LIMIT 2');
+    ).toBe('SELECT t."a"::text, t."a"::text FROM "s"."t" AS t  ORDER BY t."a" LIMIT 2');
   });
 });

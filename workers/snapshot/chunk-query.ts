@@ -26,9 +26,11 @@ export function chunkQuery(
 ): { text: string; values: unknown[] } {
   if (t.primaryKey.length === 0)
     throw new Error(`snapshot: ${t.schema}.${t.table} has no primary key`);
-  const key = t.primaryKey.map(ident);
-  const select = [...t.primaryKey, ...t.columns].map((c) => `${ident(c)}::text`).join(', ');
-  const from = `${ident(t.schema)}.${ident(t.table)}`;
+  // Qualified: a bare name in ORDER BY means an output column first, and the output columns
+  // are the texts (ORDER BY "n" would sort 106 before 22).
+  const key = t.primaryKey.map((c) => `t.${ident(c)}`);
+  const select = [...t.primaryKey, ...t.columns].map((c) => `t.${ident(c)}::text`).join(', ');
+  const from = `${ident(t.schema)}.${ident(t.table)} AS t`;
   // The key columns compared in their own types: the text of the last key cast back.
   const where =
     after === null
