@@ -281,6 +281,8 @@ export class Metrics {
       if (batch.counts.message > 0)
         this.events.inc({ source, operation: 'MESSAGE' }, batch.counts.message);
       if (batch.counts.ddl > 0) this.events.inc({ source, operation: 'DDL' }, batch.counts.ddl);
+      if (batch.counts.snapshot > 0)
+        this.events.inc({ source, operation: 'SNAPSHOT' }, batch.counts.snapshot);
       this.transactions.inc(labels, batch.transactions);
     }
     const lastCommit = [...report.batches].reverse().find((b) => b.checkpointCommitTimeMs !== null);
@@ -324,7 +326,15 @@ export class Metrics {
     ]) {
       metric.remove({ source });
     }
-    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL'])
+    for (const operation of [
+      'INSERT',
+      'UPDATE',
+      'DELETE',
+      'TRUNCATE',
+      'MESSAGE',
+      'DDL',
+      'SNAPSHOT',
+    ])
       this.events.remove({ source, operation });
     for (const kind of ['retryable', 'fatal']) this.readerFailures.remove({ source, kind });
     for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
@@ -334,7 +344,15 @@ export class Metrics {
 
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
-    for (const operation of ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL'])
+    for (const operation of [
+      'INSERT',
+      'UPDATE',
+      'DELETE',
+      'TRUNCATE',
+      'MESSAGE',
+      'DDL',
+      'SNAPSHOT',
+    ])
       this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
     this.batches.inc({ source }, 0);

@@ -117,6 +117,37 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       );
     `,
   },
+  {
+    version: 5,
+    name: 'snapshots',
+    sql: `
+      ALTER TABLE cdc_events DROP CONSTRAINT IF EXISTS cdc_events_operation_check;
+      ALTER TABLE cdc_events ADD CONSTRAINT cdc_events_operation_check
+        CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'MESSAGE', 'DDL', 'SNAPSHOT'))
+        NOT VALID;
+      -- Each snapshot of a source: why, which tables, when, how many rows.
+      CREATE TABLE IF NOT EXISTS cdc_snapshots (
+        id bigserial PRIMARY KEY,
+        source_id text NOT NULL,
+        reason text NOT NULL,
+        state text NOT NULL DEFAULT 'running',
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        rows bigint NOT NULL DEFAULT 0
+      );
+      -- Its progress per table, stored with the chunk's events: a restart resumes after last_key.
+      CREATE TABLE IF NOT EXISTS cdc_snapshot_tables (
+        snapshot_id bigint NOT NULL REFERENCES cdc_snapshots (id),
+        schema_name text NOT NULL,
+        table_name text NOT NULL,
+        state text NOT NULL DEFAULT 'pending',
+        last_key text[],
+        chunks int NOT NULL DEFAULT 0,
+        rows bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (snapshot_id, schema_name, table_name)
+      );
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

@@ -67,6 +67,7 @@ export interface OperationCounts {
   truncate: number;
   message: number;
   ddl: number;
+  snapshot: number;
 }
 
 // ---- reader -> supervisor ----

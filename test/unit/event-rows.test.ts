@@ -213,6 +213,7 @@ describe('BatchBuilder', () => {
       truncate: 1,
       message: 0,
       ddl: 0,
+      snapshot: 0,
     });
     expect(batch.transactions).toBe(1);
     expect(batch.checkpointLsn).toBe('1/16B3790'); // the commit's end LSN
@@ -380,6 +381,28 @@ describe('BatchBuilder', () => {
     expect(rows(b.take()).map((r) => r.seq)).toEqual(['1']);
   });
 
+  it('snapshot rows: SNAPSHOT events with after only, encoded as the stream encodes them', () => {
+    const b = new BatchBuilder('s');
+    b.begin(FINAL_LSN, COMMIT_TIME, XID);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', 'x', '{"a": 1}', '2.500', '{a,b}']));
+    b.snapshotRows(ORDERS_OID, [
+      ['1', 'x', '{"a": 1}', '2.500', '{a,b}'],
+      ['2', null, null, null, null],
+    ]);
+    b.commit(END_LSN, COMMIT_TIME);
+    const batch = b.take();
+    const r = rows(batch);
+    expect(r.map((x) => [x.seq, x.operation, x.before])).toEqual([
+      ['1', 'INSERT', null],
+      ['2', 'SNAPSHOT', null],
+      ['3', 'SNAPSHOT', null],
+    ]);
+    // The same values give the same after as the stream's INSERT.
+    expect(r[1]!.after).toBe(r[0]!.after);
+    expect(batch.counts.snapshot).toBe(2);
+  });
+
   it("an aborted streamed transaction's relations are forgotten", () => {
     const b = new BatchBuilder('s');
     b.streamStart(7);
@@ -427,6 +450,7 @@ describe('BatchBuilder', () => {
       truncate: 0,
       message: 0,
       ddl: 0,
+      snapshot: 0,
     });
     const r = rows(second);
     expect(r.map((x) => x.seq)).toEqual(['3', '4']);

@@ -16,7 +16,7 @@ import type {
 import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer, type TakenCopy } from './copy-buffer.js';
-import { PG_EPOCH_OFFSET_US, type TupleView } from './pgoutput.js';
+import { PG_EPOCH_OFFSET_US, TupleView } from './pgoutput.js';
 import { jsonNullElements, writeJson, type TypeInfo } from './values.js';
 
 export interface ResolvedColumn {
@@ -95,7 +95,27 @@ function stagedPart(taken: TakenCopy | null): {
 }
 
 function noCounts(): OperationCounts {
-  return { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0 };
+  return { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0, snapshot: 0 };
+}
+
+/** Column texts as a pgoutput TupleData ('t' values, 'n' for NULL), for TupleView. */
+function tupleBytes(values: ReadonlyArray<string | null>): Buffer {
+  const parts: Buffer[] = [];
+  const count = Buffer.alloc(2);
+  count.writeInt16BE(values.length);
+  parts.push(count);
+  for (const v of values) {
+    if (v === null) {
+      parts.push(Buffer.from('n'));
+      continue;
+    }
+    const text = Buffer.from(v, 'utf8');
+    const head = Buffer.alloc(5);
+    head[0] = 0x74; // 't'
+    head.writeInt32BE(text.length, 1);
+    parts.push(head, text);
+  }
+  return Buffer.concat(parts);
 }
 
 /** A batch as the builder hands it over: what a batch message carries. */
@@ -126,6 +146,7 @@ const OPERATIONS = {
   TRUNCATE: fields((out) => out.textField('TRUNCATE')),
   MESSAGE: fields((out) => out.textField('MESSAGE')),
   DDL: fields((out) => out.textField('DDL')),
+  SNAPSHOT: fields((out) => out.textField('SNAPSHOT')),
 } as const;
 
 /** An event that is no row: it names a table (or none, ''), with that table's key. */
@@ -434,6 +455,22 @@ export class BatchBuilder {
     } else {
       const settled: SchemaDdl = { ...link, lsn: formatLsn(BigInt(this.txFinalLsn)) };
       for (const key of tables.keys()) this.ddlByTable.set(key, settled);
+    }
+  }
+
+  /**
+   * Rows of a snapshot chunk, as SNAPSHOT events (`after` set, `before` null) at the current
+   * place of the open transaction: the high watermark's (see workers/snapshot/window.ts). Each
+   * row's values are the texts of the relation's columns, in its column order, as the chunk query
+   * printed them; they are encoded exactly as the stream's are.
+   */
+  snapshotRows(relationOid: number, rows: ReadonlyArray<ReadonlyArray<string | null>>): void {
+    const enc = this.encoding(relationOid);
+    const tuple = new TupleView();
+    for (const values of rows) {
+      tuple.read(tupleBytes(values), 0);
+      this.push(enc, OPERATIONS.SNAPSHOT, null, false, tuple, null);
+      this.tally.snapshot++;
     }
   }
 
