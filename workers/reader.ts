@@ -6,6 +6,7 @@
  * stream order, blocking for catalog lookups and for room in flight, batching — and the
  * lifecycle (start, stop, fail, close).
  */
+import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { pgClientOptions } from '../src/common/pg-connection.js';
 import {
@@ -55,12 +56,15 @@ import {
 import {
   dropClientSocket,
   KEEPALIVE,
+  REPLICATION_SESSION_OPTIONS,
   ReplicationStream,
   XLOG_DATA,
   XLOG_DATA_HEADER,
   type SourceNotice,
 } from './replication-stream.js';
 import { explainSourceError, noticeGapError } from './source-errors.js';
+import { SnapshotRunner, type SnapshotTable } from './snapshot/runner.js';
+import { keyOf, parseWatermark, WATERMARK_PREFIX, type SnapshotWindow } from './snapshot/window.js';
 import { CatalogResolver, prepareSource } from './source-setup.js';
 
 /** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
@@ -91,6 +95,12 @@ export class SlotReader implements PgoutputHandler {
   private blocked: 'catalog' | 'slot' | 'buffer' | null = null;
   private blockedWork: Promise<void> | null = null;
   private serverVersion = 0;
+  /** The snapshot copying existing rows alongside the stream, and the tables it is on now. */
+  private snapshot: SnapshotRunner | null = null;
+  private readonly snapshotTables = new Map<
+    number,
+    { table: SnapshotTable; window: () => SnapshotWindow | null }
+  >();
   /** Where this run started streaming: the checkpoint, or where a new capture begins. */
   private startLsn = 0n;
   /** Positions: durable, recorded, confirmed, idle (replaced once the start is known). */
@@ -194,6 +204,7 @@ export class SlotReader implements PgoutputHandler {
               await this.verifySlot();
               this.log.info({ startLsn: start, protocol: prepared.protocol }, 'streaming started');
               void this.reportSlot();
+              this.startSnapshot(options, prepared.serverVersion);
               this.post({
                 type: 'ready',
                 startLsn: start,
@@ -203,7 +214,12 @@ export class SlotReader implements PgoutputHandler {
               });
             }),
         },
-        { protocol: prepared.protocol, messages: source.messages.length > 0 || source.ddl },
+        {
+          // While a snapshot runs, changes arrive at their commits (protocol 1): its windows are
+          // in commit order, and a streamed transaction's changes come before its commit.
+          protocol: this.task.snapshot !== null ? 1 : prepared.protocol,
+          messages: source.messages.length > 0 || source.ddl || this.task.snapshot !== null,
+        },
       );
 
       this.timers.push(
@@ -339,6 +355,7 @@ export class SlotReader implements PgoutputHandler {
 
   insert(relationOid: number, after: TupleView): void {
     if (this.isSkipped(relationOid)) return;
+    if (this.snapshotTables.size > 0) this.noteSnapshotChange(relationOid, after);
     this.builder.insert(relationOid, after);
   }
 
@@ -349,11 +366,16 @@ export class SlotReader implements PgoutputHandler {
     after: TupleView,
   ): void {
     if (this.isSkipped(relationOid)) return;
+    if (this.snapshotTables.size > 0) {
+      if (before !== null) this.noteSnapshotChange(relationOid, before);
+      this.noteSnapshotChange(relationOid, after);
+    }
     this.builder.update(relationOid, beforeKind, before, after);
   }
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
     if (this.isSkipped(relationOid)) return;
+    if (this.snapshotTables.size > 0) this.noteSnapshotChange(relationOid, before);
     this.builder.delete(relationOid, beforeKind, before);
   }
 
@@ -380,6 +402,8 @@ export class SlotReader implements PgoutputHandler {
         this.resolver!.noteType(message.typeOid, message.name);
         return;
       case 'truncate':
+        for (const oid of message.relationOids)
+          this.snapshotTables.get(oid)?.window()?.noteTruncate();
         this.builder.truncate(
           message.relationOids.filter((oid) => !this.isSkipped(oid)),
           message.cascade,
@@ -401,6 +425,10 @@ export class SlotReader implements PgoutputHandler {
    * checkpoint at its end (see BatchBuilder.standaloneMessage).
    */
   private onLogicalMessage(message: Extract<PgoutputMessage, { tag: 'message' }>): void {
+    if (message.prefix === WATERMARK_PREFIX && message.transactional) {
+      this.onWatermark(message.content);
+      return;
+    }
     if (message.prefix === DDL_MESSAGE_PREFIX && this.task.source.ddl && message.transactional) {
       this.builder.ddl(message.content);
       return;
@@ -415,6 +443,91 @@ export class SlotReader implements PgoutputHandler {
     const readAt = Date.now() * 1000 - Number(PG_EPOCH_OFFSET_US);
     this.builder.standaloneMessage(lsn, readAt, message.prefix, message.content);
     this.confirmations.commitRead(lsn);
+  }
+
+  // ---- snapshot (workers/snapshot/) ----
+
+  private startSnapshot(options: pg.ClientConfig, serverVersion: number): void {
+    const plan = this.task.snapshot;
+    if (plan === null || this.snapshot !== null) return;
+    if (serverVersion < 140000) {
+      this.log.warn(
+        { snapshot: plan.id },
+        'snapshot: PostgreSQL before 14 cannot send the watermark messages a snapshot needs; the existing rows are not copied',
+      );
+      return;
+    }
+    const resolver = this.resolver!;
+    const runner = new SnapshotRunner(
+      { ...options, options: REPLICATION_SESSION_OPTIONS },
+      this.task.source.publication,
+      plan,
+      randomUUID(),
+      this.task.settings.snapshotChunkRows,
+      {
+        resolve: (oid, schema, table) => resolver.resolveCatalogRelation(oid, schema, table),
+        begin: (table, window) => this.snapshotTables.set(table.oid, { table, window }),
+        end: (table) => this.snapshotTables.delete(table.oid),
+      },
+      this.log,
+    );
+    this.snapshot = runner;
+    runner.runAll().then(
+      () => this.log.info({ snapshot: plan.id }, 'snapshot: copy finished'),
+      (error: unknown) => this.fail(error),
+    );
+  }
+
+  /** A change met in the stream to a table being copied: its key, for the open window. */
+  private noteSnapshotChange(oid: number, tuple: TupleView): void {
+    const entry = this.snapshotTables.get(oid);
+    const window = entry?.window();
+    if (!window?.isOpen) return;
+    const relation = this.builder.relationOf(oid);
+    if (!relation) return;
+    const texts = relation.primaryKey.map((name) => {
+      const i = relation.columns.findIndex((c) => c.name === name);
+      return i < 0 || i >= tuple.count || tuple.isNull(i) || tuple.isUnchanged(i)
+        ? null
+        : tuple.text(i);
+    });
+    window.noteChange(keyOf(texts));
+  }
+
+  /**
+   * A watermark of the snapshot's chunk in flight. At the high one, the chunk's rows that no
+   * change in the window touched become SNAPSHOT events here, in the watermark's transaction, and
+   * the chunk's progress is stored with them.
+   */
+  private onWatermark(content: Uint8Array): void {
+    const w = parseWatermark(content);
+    const found = w === null ? null : this.snapshot?.windowFor(w);
+    if (!w || !found) return; // not ours, or void (an earlier run's)
+    if (w.mark === 'low') {
+      found.window.openAt();
+      return;
+    }
+    const rows = found.window.close();
+    const progress = found.window.progress!;
+    const entry = [...this.snapshotTables.values()].find((e) => e.table.name === w.table);
+    if (entry && rows.length > 0) {
+      const { oid, relation } = entry.table;
+      if (!this.builder.hasRelation(oid)) this.builder.relation(relation);
+      const current = this.builder.relationOf(oid)!;
+      const names = relation.columns.map((c) => c.name);
+      const same =
+        current.columns.length === names.length &&
+        current.columns.every((c, i) => c.name === names[i]);
+      const positions = same ? null : current.columns.map((c) => names.indexOf(c.name));
+      this.builder.snapshotRows(
+        oid,
+        rows.map((r) =>
+          positions === null ? r.values : positions.map((p) => (p < 0 ? null : r.values[p]!)),
+        ),
+      );
+    }
+    this.builder.noteSnapshotProgress({ ...progress, snapshotId: w.snapshot, rows: rows.length });
+    found.handled();
   }
 
   /** Pauses reading until `work` is done, then handles what queued up meanwhile. */
@@ -780,6 +893,7 @@ export class SlotReader implements PgoutputHandler {
   }
 
   private async close(): Promise<void> {
+    this.snapshot?.stop();
     for (const t of this.timers) clearInterval(t);
     this.cancelScheduledFlush?.();
     const stream = this.stream;

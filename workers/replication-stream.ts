@@ -11,7 +11,7 @@ import { formatLsn } from '../src/common/lsn.js';
  * Session settings for the replication connection. pgoutput renders values with the walsender's
  * own settings, so these fix the text we decode: ISO dates in UTC, hex bytea, exact floats.
  */
-const REPLICATION_SESSION_OPTIONS = [
+export const REPLICATION_SESSION_OPTIONS = [
   '-c DateStyle=ISO',
   '-c TimeZone=UTC',
   '-c IntervalStyle=iso_8601',

@@ -381,6 +381,45 @@ export class CatalogResolver {
     this.types.set(791, { ...this.types.get(791)!, element: money });
   }
 
+  /**
+   * A table as the catalog describes it now, in the shape pgoutput's Relation message would give
+   * (stored generated columns left out, the primary key as the identity): for a snapshot of a
+   * table the stream has not described yet.
+   */
+  async resolveCatalogRelation(
+    oid: number,
+    schema: string,
+    name: string,
+  ): Promise<ResolvedRelation> {
+    const result = await this.client.query<{
+      name: string;
+      type_oid: number;
+      type_mod: number;
+      key: boolean;
+    }>(
+      `SELECT a.attname AS name, a.atttypid::int AS type_oid, a.atttypmod AS type_mod,
+              EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary
+                         AND a.attnum = ANY (i.indkey)) AS key
+         FROM pg_attribute a
+        WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attgenerated = '' -- snapshots need PostgreSQL 14+
+        ORDER BY a.attnum`,
+      [oid],
+    );
+    return this.resolveRelation({
+      relationOid: oid,
+      schema,
+      name,
+      replicaIdentity: 'd',
+      columns: result.rows.map((c) => ({
+        flags: c.key ? 1 : 0,
+        name: c.name,
+        typeOid: c.type_oid,
+        typeMod: c.type_mod,
+      })),
+    });
+  }
+
   async resolveRelation(relation: StreamRelation): Promise<ResolvedRelation> {
     const { relationOid, schema, name: table, columns } = relation;
     // Once per reader, before any type is resolved: domains over money take it as their base.

@@ -11,7 +11,14 @@ import type { ConnectionConfig } from '../common/config.js';
 import { pgClientOptions } from '../common/pg-connection.js';
 import { describeConnectionError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
-import { copyPieces, type BatchMessage, type SchemaChange } from '../common/protocol.js';
+import {
+  copyPieces,
+  type BatchMessage,
+  type PendingSnapshot,
+  type SchemaChange,
+  type SnapshotProgress,
+  type SnapshotTableState,
+} from '../common/protocol.js';
 import {
   COPY_BINARY_HEADER,
   COPY_BINARY_TRAILER,
@@ -226,6 +233,45 @@ export class BufferStore {
     }
   }
 
+  /** The source's snapshot that has not finished, with each table's progress, if any. */
+  async pendingSnapshot(sourceId: string): Promise<PendingSnapshot | null> {
+    const snapshot = await this.pool.query<{ id: string }>(
+      `SELECT id FROM cdc_snapshots WHERE source_id = $1 AND state = 'running' ORDER BY id LIMIT 1`,
+      [sourceId],
+    );
+    const id = snapshot.rows[0]?.id;
+    if (id === undefined) return null;
+    const tables = await this.pool.query<{
+      schema_name: string;
+      table_name: string;
+      state: SnapshotTableState['state'];
+      last_key: string[] | null;
+      chunks: number;
+    }>(
+      `SELECT schema_name, table_name, state, last_key, chunks FROM cdc_snapshot_tables
+        WHERE snapshot_id = $1`,
+      [id],
+    );
+    return {
+      id: Number(id),
+      tables: tables.rows.map((t) => ({
+        schema: t.schema_name,
+        table: t.table_name,
+        state: t.state,
+        lastKey: t.last_key,
+        chunks: t.chunks,
+      })),
+    };
+  }
+
+  async createSnapshot(sourceId: string, reason: string): Promise<PendingSnapshot> {
+    const result = await this.pool.query<{ id: string }>(
+      `INSERT INTO cdc_snapshots (source_id, reason) VALUES ($1, $2) RETURNING id`,
+      [sourceId, reason],
+    );
+    return { id: Number(result.rows[0]!.id), tables: [] };
+  }
+
   /** The stored checkpoint, read without changing anything. */
   async readCheckpoint(sourceId: string): Promise<Checkpoint | null> {
     return selectCheckpoint(this.pool, sourceId, false);
@@ -386,6 +432,11 @@ export class BufferStore {
           }
         }
       }
+      for (const part of parts) {
+        for (const batch of part.batches) {
+          for (const p of batch.snapshotProgress) await storeSnapshotProgress(client, p);
+        }
+      }
       for (const [i, part] of parts.entries()) {
         let added = 0;
         for (const batch of part.batches) {
@@ -479,4 +530,24 @@ export class BufferStore {
   async close(): Promise<void> {
     await this.pool.end();
   }
+}
+
+/** A snapshot chunk's progress, in the buffer transaction that stores its events. */
+async function storeSnapshotProgress(client: pg.PoolClient, p: SnapshotProgress): Promise<void> {
+  await client.query(
+    `INSERT INTO cdc_snapshot_tables (snapshot_id, schema_name, table_name, state, last_key, chunks, rows)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (snapshot_id, schema_name, table_name) DO UPDATE
+       SET state = EXCLUDED.state, last_key = EXCLUDED.last_key, chunks = EXCLUDED.chunks,
+           rows = cdc_snapshot_tables.rows + EXCLUDED.rows`,
+    [p.snapshotId, p.schema, p.table, p.state, p.lastKey, p.chunks, p.rows],
+  );
+  await client.query(
+    `UPDATE cdc_snapshots
+        SET rows = rows + $2,
+            state = CASE WHEN $3 THEN 'done' ELSE state END,
+            finished_at = CASE WHEN $3 THEN now() ELSE finished_at END
+      WHERE id = $1`,
+    [p.snapshotId, p.rows, p.finished],
+  );
 }

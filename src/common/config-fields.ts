@@ -275,6 +275,18 @@ export function prefixes(env: Env, name: string): string[] {
   return list;
 }
 
+export type SnapshotMode = 'initial' | 'never' | 'when_needed';
+
+/** When a source copies the rows its tables already hold (see the README's Snapshots). */
+export function snapshotMode(env: Env, name: string): SnapshotMode {
+  const raw = get(env, name);
+  if (raw === undefined) return 'initial';
+  if (raw === 'initial' || raw === 'never' || raw === 'when_needed') return raw;
+  throw new ConfigError(
+    `${name} must be initial, never or when_needed, got ${JSON.stringify(raw)}`,
+  );
+}
+
 /** pgoutput's protocol version: 1, 2 (streams large transactions in progress), or auto. */
 export function protocolVersion(env: Env, name: string): 1 | 2 | null {
   const raw = get(env, name);
@@ -338,6 +350,12 @@ export const SOURCE_SETTINGS: ReadonlyArray<{
     fileKey: 'maxInFlightBatches',
     env: 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES',
     read: (env, name) => integer(env, name, 4, 1, 64),
+  },
+  {
+    key: 'snapshotChunkRows',
+    fileKey: 'snapshotChunkRows',
+    env: 'PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS',
+    read: (env, name) => integer(env, name, 10_000, 1, 1_000_000),
   },
   {
     key: 'readerHeapLimitMb',

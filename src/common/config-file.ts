@@ -19,6 +19,7 @@ import {
   identifier,
   Problems,
   protocolVersion,
+  snapshotMode,
   readProcessSettings,
   readSourceSettings,
   SOURCE_SETTINGS,
@@ -86,6 +87,7 @@ function buildSchemas() {
       messages: z.array(z.string().min(1)),
       ddl: scalar,
       protocol: scalar,
+      snapshot: z.string(),
       ...connectionKeys,
       ...settingKeys,
     })
@@ -327,6 +329,8 @@ function readSource(
   put(`${at}.protocol`, raw['protocol']);
   const ddl = problems.attempt(() => flag(flat, `${at}.ddl`, false));
   const protocol = problems.attempt(() => protocolVersion(flat, `${at}.protocol`));
+  put(`${at}.snapshot`, raw['snapshot']);
+  const snapshot = problems.attempt(() => snapshotMode(flat, `${at}.snapshot`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);
@@ -342,6 +346,7 @@ function readSource(
     messages: Object.freeze(messages),
     ddl: ddl!,
     protocol: protocol ?? null,
+    snapshot: snapshot ?? 'initial',
     settings,
   });
 }

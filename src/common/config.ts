@@ -13,6 +13,8 @@ import {
   identifier,
   prefixes,
   protocolVersion,
+  snapshotMode,
+  type SnapshotMode,
   Problems,
   readProcessSettings,
   readSourceSettings,
@@ -56,6 +58,8 @@ export interface SourceSettings {
   readonly maxInFlightBatches: number;
   /** The reader thread's JS heap limit: a reader that exceeds it is restarted, alone. */
   readonly readerHeapLimitMb: number;
+  /** Rows a snapshot reads per chunk (one short query between two watermarks). */
+  readonly snapshotChunkRows: number;
 }
 
 export interface SourceConfig {
@@ -88,6 +92,11 @@ export interface SourceConfig {
    * where the server has it, else 1.
    */
   readonly protocol: 1 | 2 | null;
+  /**
+   * initial: a source new to the buffer first copies the rows its tables hold; never: only
+   * changes; when_needed: also copies again after a lost slot instead of failing.
+   */
+  readonly snapshot: SnapshotMode;
 }
 
 /**
@@ -147,6 +156,7 @@ function loadEnvConfig(env: Env): Config {
     messages: problems.attempt(() => Object.freeze(prefixes(env, 'PHILOTES_CDC_MESSAGES'))),
     ddl: problems.attempt(() => flag(env, 'PHILOTES_CDC_DDL', false)),
     protocol: problems.attempt(() => protocolVersion(env, 'PHILOTES_CDC_PROTOCOL')),
+    snapshot: problems.attempt(() => snapshotMode(env, 'PHILOTES_CDC_SNAPSHOT')),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

@@ -20,7 +20,33 @@ export interface ReaderTask {
   readonly settings: ReaderSettings;
   /** The buffer database's identity: if the source is the same database, its tables are skipped. */
   readonly buffer: DatabaseIdentity;
+  /** A snapshot to run (or to resume) alongside the stream, if any. */
+  readonly snapshot: PendingSnapshot | null;
   readonly port: MessagePort;
+}
+
+/** A snapshot not finished yet, and how far each of its tables got. */
+export interface PendingSnapshot {
+  readonly id: number;
+  readonly tables: readonly SnapshotTableState[];
+}
+
+export interface SnapshotTableState {
+  readonly schema: string;
+  readonly table: string;
+  readonly state: 'running' | 'done' | 'skipped_no_key';
+  /** The key of the last row copied (its columns' texts), null before the first chunk. */
+  readonly lastKey: readonly string[] | null;
+  readonly chunks: number;
+}
+
+/** A chunk's effect on its table's progress; stored with the chunk's events. */
+export interface SnapshotProgress extends SnapshotTableState {
+  readonly snapshotId: number;
+  /** Rows this chunk stored. */
+  readonly rows: number;
+  /** Every table of the snapshot is done with this chunk. */
+  readonly finished: boolean;
 }
 
 /** The reader's part of the configuration: its source's settings, and the log level. */
@@ -135,6 +161,8 @@ export interface BatchPayload {
   readonly stagedRows: number;
   /** Aborts and commits of streamed transactions, applied after the staged rows are stored. */
   readonly streamOps: readonly StreamOp[];
+  /** Snapshot progress of chunks whose high watermark transaction this batch completes. */
+  readonly snapshotProgress: readonly SnapshotProgress[];
   readonly counts: OperationCounts;
   /** Commit end LSN of the last transaction completed in this batch, if any. */
   readonly checkpointLsn: string | null;

@@ -8,6 +8,7 @@ import type { SourceConfig } from '../common/config.js';
 import { classifyBufferError, ReaderError, ReaderThreadError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import type {
+  PendingSnapshot,
   ReaderMessage,
   ReaderResult,
   ReaderSettings,
@@ -36,6 +37,7 @@ export interface ReaderRunOptions {
   readonly settings: ReaderSettings;
   readonly checkpoint: Checkpoint | null;
   readonly buffer: DatabaseIdentity;
+  readonly snapshot: PendingSnapshot | null;
   readonly writer: BatchWriter;
   readonly pool: Piscina;
   /** Why the reader's thread died outside a task, if it did (then the task failed with less). */
@@ -76,6 +78,7 @@ export class ReaderRun {
         checkpoint === null ? null : { lsn: checkpoint.lsn, confirmedLsn: checkpoint.confirmedLsn },
       settings,
       buffer: options.buffer,
+      snapshot: options.snapshot,
       port: this.channel.port2,
     };
     this.task = options.pool.run(task, {

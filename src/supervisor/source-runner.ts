@@ -433,6 +433,13 @@ export class SourceRunner implements ReaderRunListener {
   private async runLocked(lockLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
+    let snapshot = await this.store.pendingSnapshot(this.source.id);
+    if (snapshot === null && checkpoint === null && this.source.snapshot !== 'never') {
+      // A source new to the buffer: the rows its tables hold come first (the reader copies them
+      // while it streams; see workers/snapshot/).
+      snapshot = await this.store.createSnapshot(this.source.id, 'initial');
+      this.log.info({ snapshot: snapshot.id }, 'a snapshot of the existing rows begins');
+    }
     if (this.stopping) return;
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
     const run = new ReaderRun({
@@ -440,6 +447,7 @@ export class SourceRunner implements ReaderRunListener {
       settings: readerSettings(this.config, this.source),
       checkpoint,
       buffer: this.store.identity,
+      snapshot,
       writer: this.writer,
       pool: this.threads.pool(this.source),
       threadError: () => this.threads.takeError(this.source.id),

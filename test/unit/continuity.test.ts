@@ -47,6 +47,7 @@ const SOURCE: SourceConfig = {
   messages: [],
   ddl: false,
   protocol: null,
+  snapshot: 'never',
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,
@@ -55,6 +56,7 @@ const SOURCE: SourceConfig = {
     batchMaxWaitMs: 0,
     maxInFlightBatches: 4,
     readerHeapLimitMb: 512,
+    snapshotChunkRows: 10_000,
   },
 };
 

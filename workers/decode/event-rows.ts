@@ -12,6 +12,7 @@ import type {
   SchemaDdl,
   StreamOp,
   CopySegment,
+  SnapshotProgress,
 } from '../../src/common/protocol.js';
 import { formatLsn } from '../../src/common/lsn.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
@@ -210,6 +211,9 @@ export class BatchBuilder {
   /** Where the operation being written is counted: the batch, or a streamed subtransaction. */
   private tally: OperationCounts = this.counts;
   private streamOps: StreamOp[] = [];
+  /** Progress of snapshot chunks in the open transaction; the batch takes it at its commit. */
+  private txProgress: SnapshotProgress[] = [];
+  private snapshotProgress: SnapshotProgress[] = [];
   private readonly streams = new Map<number, StreamedTransaction>();
   /** The streamed transaction whose block is open, and the (sub)transaction of its change. */
   private stream: StreamedTransaction | null = null;
@@ -257,7 +261,8 @@ export class BatchBuilder {
       this.rowCount > 0 ||
       this.schemaChanges.length > 0 ||
       this.commitMustBeStored ||
-      this.streamOps.length > 0
+      this.streamOps.length > 0 ||
+      this.snapshotProgress.length > 0
     );
   }
 
@@ -285,6 +290,13 @@ export class BatchBuilder {
 
   commit(endLsn: number, commitTime: number): void {
     this.inTransaction = false;
+    if (this.txProgress.length > 0) {
+      // Stored in the buffer transaction that moves the checkpoint past this commit, never
+      // before: a restart must not find the progress of a chunk whose events it deleted.
+      this.snapshotProgress.push(...this.txProgress);
+      this.txProgress = [];
+      this.commitMustBeStored = true;
+    }
     this.transactions++;
     this.checkpointLsn = endLsn;
     this.checkpointXid = this.currentXid;
@@ -464,6 +476,17 @@ export class BatchBuilder {
    * row's values are the texts of the relation's columns, in its column order, as the chunk query
    * printed them; they are encoded exactly as the stream's are.
    */
+  /** A chunk's progress, taken into the batch with its transaction's commit. */
+  noteSnapshotProgress(progress: SnapshotProgress): void {
+    if (!this.inTransaction) throw new Error('snapshot: progress outside a transaction');
+    this.txProgress.push(progress);
+  }
+
+  /** The relation registered for `oid` (the stream's), if any. */
+  relationOf(oid: number): ResolvedRelation | undefined {
+    return (this.stream?.relations.get(oid) ?? this.relations.get(oid))?.relation;
+  }
+
   snapshotRows(relationOid: number, rows: ReadonlyArray<ReadonlyArray<string | null>>): void {
     const enc = this.encoding(relationOid);
     const tuple = new TupleView();
@@ -601,6 +624,7 @@ export class BatchBuilder {
       ...stagedPart(this.stagedRowCount > 0 ? this.staged.takeAll() : null),
       stagedRows: this.stagedRowCount,
       streamOps: this.streamOps,
+      snapshotProgress: this.snapshotProgress,
       counts: this.counts,
       checkpointLsn: committed ? formatLsn(BigInt(this.checkpointLsn)) : null,
       checkpointXid: committed ? this.checkpointXid : null,
@@ -611,6 +635,7 @@ export class BatchBuilder {
     this.rowCount = 0;
     this.stagedRowCount = 0;
     this.streamOps = [];
+    this.snapshotProgress = [];
     this.counts = noCounts();
     if (this.stream === null) this.tally = this.counts;
     this.checkpointLsn = -1;

@@ -62,6 +62,17 @@ export function keyOf(texts: ReadonlyArray<string | null>): string {
  */
 export class SnapshotWindow {
   private readonly changed = new Set<string>();
+  /** Everything the chunk holds is void (the table was truncated inside the window). */
+  private truncated = false;
+  /** What the chunk does to its table's progress, set when its rows are read. */
+  progress: {
+    schema: string;
+    table: string;
+    state: 'running' | 'done' | 'skipped_no_key';
+    lastKey: readonly string[] | null;
+    chunks: number;
+    finished: boolean;
+  } | null = null;
   private open = false;
   private rows: readonly ChunkRow[] | null = null;
 
@@ -84,6 +95,11 @@ export class SnapshotWindow {
     if (this.open) this.changed.add(key);
   }
 
+  /** The table was truncated in the window: none of the chunk's rows exist any more. */
+  noteTruncate(): void {
+    if (this.open) this.truncated = true;
+  }
+
   setRows(rows: readonly ChunkRow[]): void {
     this.rows = rows;
   }
@@ -102,6 +118,7 @@ export class SnapshotWindow {
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} before its rows`,
       );
     this.open = false;
+    if (this.truncated) return [];
     return this.rows.filter((row) => !this.changed.has(row.key));
   }
 }
