@@ -97,6 +97,9 @@ export class SlotReader implements PgoutputHandler {
   private serverVersion = 0;
   /** The snapshot copying existing rows alongside the stream, and the tables it is on now. */
   private snapshot: SnapshotRunner | null = null;
+  /** Tables being copied that each open streamed transaction changed (see onStreamCommit). */
+  private readonly streamTouched = new Map<number, Set<number>>();
+  private streamXid = 0;
   private readonly snapshotTables = new Map<
     number,
     { table: SnapshotTable; window: () => SnapshotWindow | null }
@@ -215,9 +218,7 @@ export class SlotReader implements PgoutputHandler {
             }),
         },
         {
-          // While a snapshot runs, changes arrive at their commits (protocol 1): its windows are
-          // in commit order, and a streamed transaction's changes come before its commit.
-          protocol: this.task.snapshot !== null ? 1 : prepared.protocol,
+          protocol: prepared.protocol,
           messages: source.messages.length > 0 || source.ddl || this.task.snapshot !== null,
         },
       );
@@ -333,6 +334,7 @@ export class SlotReader implements PgoutputHandler {
   // Streamed in-progress transactions (protocol 2): staged until their commit, see BatchBuilder.
 
   streamStart(xid: number): void {
+    this.streamXid = xid;
     this.builder.streamStart(xid);
   }
 
@@ -341,21 +343,29 @@ export class SlotReader implements PgoutputHandler {
   }
 
   streamStop(): void {
+    this.streamXid = 0;
     this.builder.streamStop();
   }
 
   streamCommit(xid: number, commitLsn: number, endLsn: number, commitTime: number): void {
+    // Its changes count now, at its commit: a chunk whose window it committed in is read again.
+    const touched = this.streamTouched.get(xid);
+    if (touched) {
+      this.streamTouched.delete(xid);
+      for (const oid of touched) this.snapshotTables.get(oid)?.window()?.noteRedo();
+    }
     this.builder.streamCommit(xid, commitLsn, endLsn, commitTime);
     this.confirmations.commitRead(endLsn);
   }
 
   streamAbort(xid: number, subXid: number): void {
+    if (subXid === xid) this.streamTouched.delete(xid);
     this.builder.streamAbort(xid, subXid);
   }
 
   insert(relationOid: number, after: TupleView): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshotTables.size > 0) this.noteSnapshotChange(relationOid, after);
+    if (this.snapshot !== null) this.noteSnapshotChange(relationOid, after);
     this.builder.insert(relationOid, after);
   }
 
@@ -366,7 +376,7 @@ export class SlotReader implements PgoutputHandler {
     after: TupleView,
   ): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshotTables.size > 0) {
+    if (this.snapshot !== null) {
       if (before !== null) this.noteSnapshotChange(relationOid, before);
       this.noteSnapshotChange(relationOid, after);
     }
@@ -375,7 +385,7 @@ export class SlotReader implements PgoutputHandler {
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshotTables.size > 0) this.noteSnapshotChange(relationOid, before);
+    if (this.snapshot !== null) this.noteSnapshotChange(relationOid, before);
     this.builder.delete(relationOid, beforeKind, before);
   }
 
@@ -461,6 +471,7 @@ export class SlotReader implements PgoutputHandler {
     const runner = new SnapshotRunner(
       { ...options, options: REPLICATION_SESSION_OPTIONS },
       this.task.source.publication,
+      this.skippedTables,
       plan,
       randomUUID(),
       this.task.settings.snapshotChunkRows,
@@ -473,13 +484,25 @@ export class SlotReader implements PgoutputHandler {
     );
     this.snapshot = runner;
     runner.runAll().then(
-      () => this.log.info({ snapshot: plan.id }, 'snapshot: copy finished'),
+      () => {
+        this.log.info({ snapshot: plan.id }, 'snapshot: copy finished');
+        if (this.snapshot === runner) this.snapshot = null;
+        this.streamTouched.clear();
+      },
       (error: unknown) => this.fail(error),
     );
   }
 
   /** A change met in the stream to a table being copied: its key, for the open window. */
   private noteSnapshotChange(oid: number, tuple: TupleView): void {
+    if (this.streamXid !== 0) {
+      // Any table, even one whose copy has not begun: the transaction may commit in its window.
+      // Not committed yet: it counts at its commit, in commit order (streamCommit).
+      let touched = this.streamTouched.get(this.streamXid);
+      if (!touched) this.streamTouched.set(this.streamXid, (touched = new Set()));
+      touched.add(oid);
+      return;
+    }
     const entry = this.snapshotTables.get(oid);
     const window = entry?.window();
     if (!window?.isOpen) return;
@@ -501,6 +524,7 @@ export class SlotReader implements PgoutputHandler {
    */
   private onWatermark(content: Uint8Array): void {
     const w = parseWatermark(content);
+    if (w !== null) this.builder.markOwnTransaction();
     const found = w === null ? null : this.snapshot?.windowFor(w);
     if (!w || !found) return; // not ours, or void (an earlier run's)
     if (w.mark === 'low') {
@@ -508,6 +532,10 @@ export class SlotReader implements PgoutputHandler {
       return;
     }
     const rows = found.window.close();
+    if (found.window.redo) {
+      found.handled(); // read again: no rows, no progress
+      return;
+    }
     const progress = found.window.progress!;
     const entry = [...this.snapshotTables.values()].find((e) => e.table.name === w.table);
     if (entry && rows.length > 0) {

@@ -20,5 +20,7 @@ export const BUFFER_TABLES = [
   'cdc_schema_history',
   'cdc_gaps',
   'cdc_staged',
+  'cdc_snapshots',
+  'cdc_snapshot_tables',
   'philotes_migrations',
 ];

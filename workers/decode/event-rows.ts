@@ -213,6 +213,7 @@ export class BatchBuilder {
   private streamOps: StreamOp[] = [];
   /** Progress of snapshot chunks in the open transaction; the batch takes it at its commit. */
   private txProgress: SnapshotProgress[] = [];
+  private ownTransaction = false;
   private snapshotProgress: SnapshotProgress[] = [];
   private readonly streams = new Map<number, StreamedTransaction>();
   /** The streamed transaction whose block is open, and the (sub)transaction of its change. */
@@ -288,8 +289,17 @@ export class BatchBuilder {
     middle.int64Field(commitTime);
   }
 
+  /** The open transaction is Philotes' own (a snapshot watermark): not counted as the source's. */
+  markOwnTransaction(): void {
+    this.ownTransaction = true;
+  }
+
   commit(endLsn: number, commitTime: number): void {
     this.inTransaction = false;
+    if (this.ownTransaction) {
+      this.ownTransaction = false;
+      this.transactions--; // counted again just below
+    }
     if (this.txProgress.length > 0) {
       // Stored in the buffer transaction that moves the checkpoint past this commit, never
       // before: a restart must not find the progress of a chunk whose events it deleted.

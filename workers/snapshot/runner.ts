@@ -49,6 +49,8 @@ export class SnapshotRunner {
   constructor(
     private readonly options: pg.ClientConfig,
     private readonly publication: string,
+    /** 'schema.table' of tables never captured (the buffer's own, in the same database). */
+    private readonly skipped: ReadonlySet<string>,
     private readonly snapshot: PendingSnapshot,
     private readonly run: string,
     private readonly chunkRows: number,
@@ -86,7 +88,9 @@ export class SnapshotRunner {
       );
       const progress = new Map(this.snapshot.tables.map((t) => [`${t.schema}.${t.table}`, t]));
       const todo = tables.rows.filter(
-        (t) => (progress.get(`${t.schema}.${t.name}`)?.state ?? 'running') === 'running',
+        (t) =>
+          !this.skipped.has(`${t.schema}.${t.name}`) &&
+          (progress.get(`${t.schema}.${t.name}`)?.state ?? 'running') === 'running',
       );
       for (const [i, t] of todo.entries()) {
         if (this.stopped) return;
@@ -182,6 +186,7 @@ export class SnapshotRunner {
         await this.emit({ ...mark, mark: 'high' });
         await handled;
         this.current = null;
+        if (window.redo) continue; // the same chunk again (see SnapshotWindow.noteRedo)
         if (done) return;
         lastKey = nextKey;
         chunk++;

@@ -100,6 +100,18 @@ export class SnapshotWindow {
     if (this.open) this.truncated = true;
   }
 
+  /**
+   * A streamed transaction that changed the table committed inside the window: which of the
+   * chunk's keys it changed is not known here (its keys are not kept), so the chunk is read
+   * again, nothing of it stored.
+   */
+  noteRedo(): void {
+    if (this.open) this.redo = true;
+  }
+
+  /** The chunk must be read again (see noteRedo); set once it is closed. */
+  redo = false;
+
   setRows(rows: readonly ChunkRow[]): void {
     this.rows = rows;
   }
@@ -118,7 +130,7 @@ export class SnapshotWindow {
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} before its rows`,
       );
     this.open = false;
-    if (this.truncated) return [];
+    if (this.truncated || this.redo) return [];
     return this.rows.filter((row) => !this.changed.has(row.key));
   }
 }
