@@ -99,6 +99,7 @@ export class SlotReader implements PgoutputHandler {
   private snapshot: SnapshotRunner | null = null;
   /** Tables being copied that each open streamed transaction changed (see onStreamCommit). */
   private readonly streamTouched = new Map<number, Set<number>>();
+  private snapshotPlanRecorded = false;
   private streamXid = 0;
   private readonly snapshotTables = new Map<
     number,
@@ -555,6 +556,23 @@ export class SlotReader implements PgoutputHandler {
       );
     }
     this.builder.noteSnapshotProgress({ ...progress, snapshotId: w.snapshot, rows: rows.length });
+    if (!this.snapshotPlanRecorded && this.task.snapshot!.tables.length === 0) {
+      // The first chunk records every table of the plan, so that a resume copies those only.
+      for (const t of this.snapshot!.plan) {
+        if (t.schema === progress.schema && t.table === progress.table) continue;
+        this.builder.noteSnapshotProgress({
+          snapshotId: w.snapshot,
+          schema: t.schema,
+          table: t.table,
+          state: 'running',
+          lastKey: null,
+          chunks: 0,
+          rows: 0,
+          finished: false,
+        });
+      }
+    }
+    this.snapshotPlanRecorded = true;
     found.handled();
   }
 

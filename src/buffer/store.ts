@@ -534,14 +534,17 @@ export class BufferStore {
 
 /** A snapshot chunk's progress, in the buffer transaction that stores its events. */
 async function storeSnapshotProgress(client: pg.PoolClient, p: SnapshotProgress): Promise<void> {
-  await client.query(
-    `INSERT INTO cdc_snapshot_tables (snapshot_id, schema_name, table_name, state, last_key, chunks, rows)
+  // An empty table name: the snapshot had nothing (left) to copy; only its end is recorded.
+  if (p.table !== '')
+    await client.query(
+      `INSERT INTO cdc_snapshot_tables (snapshot_id, schema_name, table_name, state, last_key, chunks, rows)
      VALUES ($1, $2, $3, $4, $5, $6, $7)
      ON CONFLICT (snapshot_id, schema_name, table_name) DO UPDATE
        SET state = EXCLUDED.state, last_key = EXCLUDED.last_key, chunks = EXCLUDED.chunks,
-           rows = cdc_snapshot_tables.rows + EXCLUDED.rows`,
-    [p.snapshotId, p.schema, p.table, p.state, p.lastKey, p.chunks, p.rows],
-  );
+           rows = cdc_snapshot_tables.rows + EXCLUDED.rows
+     WHERE EXCLUDED.chunks >= cdc_snapshot_tables.chunks`,
+      [p.snapshotId, p.schema, p.table, p.state, p.lastKey, p.chunks, p.rows],
+    );
   await client.query(
     `UPDATE cdc_snapshots
         SET rows = rows + $2,

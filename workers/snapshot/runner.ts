@@ -87,11 +87,21 @@ export class SnapshotRunner {
         [this.publication],
       );
       const progress = new Map(this.snapshot.tables.map((t) => [`${t.schema}.${t.table}`, t]));
-      const todo = tables.rows.filter(
+      // The tables are those of the publication when the snapshot began: recorded with its first
+      // chunk, and on a resume taken from that record (a table created since is the stream's).
+      const planned = tables.rows.filter(
         (t) =>
           !this.skipped.has(`${t.schema}.${t.name}`) &&
-          (progress.get(`${t.schema}.${t.name}`)?.state ?? 'running') === 'running',
+          (this.snapshot.tables.length === 0 || progress.has(`${t.schema}.${t.name}`)),
       );
+      this.plan = planned.map((t) => ({ schema: t.schema, table: t.name }));
+      const todo = planned.filter(
+        (t) => (progress.get(`${t.schema}.${t.name}`)?.state ?? 'running') === 'running',
+      );
+      if (todo.length === 0) {
+        await this.finishEmpty();
+        return;
+      }
       for (const [i, t] of todo.entries()) {
         if (this.stopped) return;
         await this.copyTable(
@@ -106,6 +116,31 @@ export class SnapshotRunner {
       await this.client.end().catch(() => undefined);
       this.client = null;
     }
+  }
+
+  /** The snapshot's tables, once listed: the first chunk's progress records them all. */
+  plan: ReadonlyArray<{ schema: string; table: string }> = [];
+
+  /** A snapshot with no table left to copy is finished through one empty watermark pair. */
+  private async finishEmpty(): Promise<void> {
+    const window = new SnapshotWindow('', 0);
+    const mark = { run: this.run, snapshot: this.snapshot.id, table: '', chunk: 0 };
+    const handled = new Promise<void>((resolve) => {
+      this.current = { window, watermark: mark, handled: resolve };
+    });
+    window.setRows([]);
+    window.progress = {
+      schema: '',
+      table: '',
+      state: 'done',
+      lastKey: null,
+      chunks: 0,
+      finished: true,
+    };
+    await this.emit({ ...mark, mark: 'low' });
+    await this.emit({ ...mark, mark: 'high' });
+    await handled;
+    this.current = null;
   }
 
   stop(): void {
