@@ -379,7 +379,7 @@ export class SlotReader implements PgoutputHandler {
     if (this.isSkipped(relationOid)) return;
     if (this.snapshot !== null) {
       if (before !== null) this.noteSnapshotChange(relationOid, before);
-      this.noteSnapshotChange(relationOid, after);
+      this.noteSnapshotChange(relationOid, after, 'update');
     }
     this.builder.update(relationOid, beforeKind, before, after);
   }
@@ -495,7 +495,7 @@ export class SlotReader implements PgoutputHandler {
   }
 
   /** A change met in the stream to a table being copied: its key, for the open window. */
-  private noteSnapshotChange(oid: number, tuple: TupleView): void {
+  private noteSnapshotChange(oid: number, tuple: TupleView, kind?: 'update'): void {
     if (this.streamXid !== 0) {
       // Any table, even one whose copy has not begun: the transaction may commit in its window.
       // Not committed yet: it counts at its commit, in commit order (streamCommit).
@@ -515,7 +515,13 @@ export class SlotReader implements PgoutputHandler {
         ? null
         : tuple.text(i);
     });
-    window.noteChange(keyOf(texts));
+    const key = keyOf(texts);
+    let partial = false;
+    if (kind === 'update')
+      for (let i = 0; i < tuple.count && !partial; i++) partial = tuple.isUnchanged(i);
+    // An UPDATE without its TOASTed columns does not give the row: it is read again instead.
+    if (partial) window.notePartialUpdate(key);
+    else window.noteChange(key);
   }
 
   /**
@@ -537,7 +543,12 @@ export class SlotReader implements PgoutputHandler {
       found.handled(); // read again: no rows, no progress
       return;
     }
-    const progress = found.window.progress!;
+    // Rows to read again keep the table running, their keys recorded, until they are read.
+    const reread = found.window.reread;
+    const progress =
+      reread.length > 0
+        ? { ...found.window.progress!, state: 'running' as const, finished: false, pending: reread }
+        : { ...found.window.progress!, pending: [] };
     const entry = [...this.snapshotTables.values()].find((e) => e.table.name === w.table);
     if (entry && rows.length > 0) {
       const { oid, relation } = entry.table;
@@ -567,6 +578,7 @@ export class SlotReader implements PgoutputHandler {
           state: 'running',
           lastKey: null,
           chunks: 0,
+          pending: [],
           rows: 0,
           finished: false,
         });

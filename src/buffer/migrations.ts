@@ -144,6 +144,8 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
         last_key text[],
         chunks int NOT NULL DEFAULT 0,
         rows bigint NOT NULL DEFAULT 0,
+        -- Keys to read again before the table is done (see workers/snapshot/window.ts).
+        pending jsonb NOT NULL DEFAULT '[]',
         PRIMARY KEY (snapshot_id, schema_name, table_name)
       );
     `,

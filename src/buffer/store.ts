@@ -247,8 +247,9 @@ export class BufferStore {
       state: SnapshotTableState['state'];
       last_key: string[] | null;
       chunks: number;
+      pending: string[][];
     }>(
-      `SELECT schema_name, table_name, state, last_key, chunks FROM cdc_snapshot_tables
+      `SELECT schema_name, table_name, state, last_key, chunks, pending FROM cdc_snapshot_tables
         WHERE snapshot_id = $1`,
       [id],
     );
@@ -260,6 +261,7 @@ export class BufferStore {
         state: t.state,
         lastKey: t.last_key,
         chunks: t.chunks,
+        pending: t.pending,
       })),
     };
   }
@@ -537,13 +539,23 @@ async function storeSnapshotProgress(client: pg.PoolClient, p: SnapshotProgress)
   // An empty table name: the snapshot had nothing (left) to copy; only its end is recorded.
   if (p.table !== '')
     await client.query(
-      `INSERT INTO cdc_snapshot_tables (snapshot_id, schema_name, table_name, state, last_key, chunks, rows)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)
-     ON CONFLICT (snapshot_id, schema_name, table_name) DO UPDATE
-       SET state = EXCLUDED.state, last_key = EXCLUDED.last_key, chunks = EXCLUDED.chunks,
-           rows = cdc_snapshot_tables.rows + EXCLUDED.rows
-     WHERE EXCLUDED.chunks >= cdc_snapshot_tables.chunks`,
-      [p.snapshotId, p.schema, p.table, p.state, p.lastKey, p.chunks, p.rows],
+      `INSERT INTO cdc_snapshot_tables
+         (snapshot_id, schema_name, table_name, state, last_key, chunks, rows, pending)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+       ON CONFLICT (snapshot_id, schema_name, table_name) DO UPDATE
+         SET state = EXCLUDED.state, last_key = EXCLUDED.last_key, chunks = EXCLUDED.chunks,
+             rows = cdc_snapshot_tables.rows + EXCLUDED.rows, pending = EXCLUDED.pending
+       WHERE EXCLUDED.chunks >= cdc_snapshot_tables.chunks`,
+      [
+        p.snapshotId,
+        p.schema,
+        p.table,
+        p.state,
+        p.lastKey,
+        p.chunks,
+        p.rows,
+        JSON.stringify(p.pending),
+      ],
     );
   await client.query(
     `UPDATE cdc_snapshots

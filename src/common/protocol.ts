@@ -38,6 +38,11 @@ export interface SnapshotTableState {
   /** The key of the last row copied (its columns' texts), null before the first chunk. */
   readonly lastKey: readonly string[] | null;
   readonly chunks: number;
+  /**
+   * Keys (their columns' texts) of copied rows to read again before the table is done: rows an
+   * UPDATE touched inside their chunk's window without sending every column (TOAST).
+   */
+  readonly pending: ReadonlyArray<readonly string[]>;
 }
 
 /** A chunk's effect on its table's progress; stored with the chunk's events. */

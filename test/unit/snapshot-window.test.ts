@@ -5,7 +5,7 @@ import {
   SnapshotWindow,
   watermarkContent,
 } from '../../workers/snapshot/window.js';
-import { chunkQuery } from '../../workers/snapshot/chunk-query.js';
+import { chunkQuery, rereadQuery } from '../../workers/snapshot/chunk-query.js';
 
 describe('snapshot window', () => {
   const rows = [1, 2, 3, 4].map((id) => ({ key: keyOf([String(id)]), values: [String(id), 'v'] }));
@@ -18,6 +18,40 @@ describe('snapshot window', () => {
     w.noteChange(keyOf(['2']));
     w.noteChange(keyOf(['9'])); // not in the chunk
     expect(w.close().map((r) => r.key)).toEqual([keyOf(['1']), keyOf(['3']), keyOf(['4'])]);
+  });
+
+  it('reads again, not drops, a row an UPDATE touched without its TOASTed columns', () => {
+    const w = new SnapshotWindow('public.t', 0);
+    w.openAt();
+    w.setRows(rows);
+    w.notePartialUpdate(keyOf(['2']));
+    w.notePartialUpdate(keyOf(['7'])); // not in the chunk: its own chunk reads it
+    w.noteChange(keyOf(['3']));
+    expect(w.close().map((r) => r.key)).toEqual([keyOf(['1']), keyOf(['4'])]);
+    expect(w.reread).toEqual([['2']]);
+  });
+
+  it('reread query: the chosen keys, cast back to the key types, any number of them', () => {
+    const q = rereadQuery(
+      {
+        schema: 's',
+        table: 't',
+        columns: ['a', 'b', 'v'],
+        primaryKey: ['a', 'b'],
+        primaryKeyTypes: ['bigint', 'text'],
+      },
+      [
+        ['1', 'x'],
+        ['2', 'y'],
+      ],
+    );
+    expect(q.text).toBe(
+      'SELECT t."a"::text, t."b"::text, t."a"::text, t."b"::text, t."v"::text FROM "s"."t" AS t WHERE (t."a", t."b") IN (SELECT u.k0::bigint, u.k1::text FROM unnest($1::text[], $2::text[]) AS u(k0, k1)) ORDER BY t."a", t."b"',
+    );
+    expect(q.values).toEqual([
+      ['1', '2'],
+      ['x', 'y'],
+    ]);
   });
 
   it('refuses a high watermark before the low one or before the rows', () => {

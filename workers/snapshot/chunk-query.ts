@@ -43,3 +43,24 @@ export function chunkQuery(
     values: after === null ? [] : [...after],
   };
 }
+
+/**
+ * The rows of chosen keys (each key its columns' texts), as chunkQuery prints them: the rows a
+ * window must read again (see SnapshotWindow.reread). One array parameter per key column, so the
+ * number of keys is not bounded by the protocol's parameter limit.
+ */
+export function rereadQuery(
+  t: ChunkTable,
+  keys: ReadonlyArray<readonly string[]>,
+): { text: string; values: unknown[] } {
+  const key = t.primaryKey.map((c) => `t.${ident(c)}`);
+  const select = [...t.primaryKey, ...t.columns].map((c) => `t.${ident(c)}::text`).join(', ');
+  const from = `${ident(t.schema)}.${ident(t.table)} AS t`;
+  const names = t.primaryKey.map((_, i) => `k${i}`);
+  const cast = names.map((n, i) => `u.${n}::${t.primaryKeyTypes[i]!}`).join(', ');
+  const arrays = names.map((_, i) => `$${i + 1}::text[]`).join(', ');
+  return {
+    text: `SELECT ${select} FROM ${from} WHERE (${key.join(', ')}) IN (SELECT ${cast} FROM unnest(${arrays}) AS u(${names.join(', ')})) ORDER BY ${key.join(', ')}`,
+    values: t.primaryKey.map((_, i) => keys.map((k) => k[i]!)),
+  };
+}

@@ -9,7 +9,7 @@ import pg from 'pg';
 import type { Logger } from '../../src/common/logger.js';
 import type { PendingSnapshot, SnapshotTableState } from '../../src/common/protocol.js';
 import type { ResolvedRelation } from '../decode/event-rows.js';
-import { chunkQuery, type ChunkTable } from './chunk-query.js';
+import { chunkQuery, rereadQuery, type ChunkTable } from './chunk-query.js';
 import {
   keyOf,
   SnapshotWindow,
@@ -184,18 +184,23 @@ export class SnapshotRunner {
     };
     let lastKey = state?.lastKey ?? null;
     let chunk = state?.chunks ?? 0;
+    // Keys to read again (see SnapshotWindow.reread); `exhausted`: the last chunk was read.
+    let pending = state?.pending ?? [];
+    let exhausted = false;
+    let rereads = 0;
     this.log.info({ table: name, resumeAfter: lastKey, chunk }, 'snapshot: copying table');
     this.hooks.begin(table, () => this.current?.window ?? null);
     try {
       for (;;) {
         if (this.stopped) return;
+        const reread = pending.length > 0;
         const window = new SnapshotWindow(name, chunk);
         const mark = { run: this.run, snapshot: this.snapshot.id, table: name, chunk };
         const handled = new Promise<void>((resolve) => {
           this.current = { window, watermark: mark, handled: resolve };
         });
         await this.emit({ ...mark, mark: 'low' });
-        const q = chunkQuery(query, lastKey, this.chunkRows);
+        const q = reread ? rereadQuery(query, pending) : chunkQuery(query, lastKey, this.chunkRows);
         const result = await client.query<string[]>({
           text: q.text,
           values: q.values,
@@ -206,25 +211,36 @@ export class SnapshotRunner {
           key: keyOf(r.slice(0, k)),
           values: r.slice(k),
         }));
-        const done = rows.length < this.chunkRows;
+        const done: boolean = exhausted || (!reread && rows.length < this.chunkRows);
         const nextKey =
-          rows.length > 0 ? result.rows[result.rows.length - 1]!.slice(0, k) : lastKey;
+          !reread && rows.length > 0 ? result.rows[result.rows.length - 1]!.slice(0, k) : lastKey;
         window.setRows(rows);
         window.progress = {
           schema: t.schema,
           table: t.name,
           state: done ? 'done' : 'running',
           lastKey: nextKey,
-          chunks: chunk + 1,
+          chunks: reread ? chunk : chunk + 1,
           finished: done && last,
         };
         await this.emit({ ...mark, mark: 'high' });
         await handled;
         this.current = null;
         if (window.redo) continue; // the same chunk again (see SnapshotWindow.noteRedo)
-        if (done) return;
-        lastKey = nextKey;
-        chunk++;
+        pending = window.reread;
+        if (!reread) {
+          lastKey = nextKey;
+          chunk++;
+          exhausted = done;
+        }
+        if (pending.length > 0) {
+          rereads++;
+          if (rereads % 20 === 0)
+            this.log.warn(
+              { table: name, keys: pending.length, rounds: rereads },
+              'snapshot: rows keep being updated without their TOASTed columns inside their windows; reading them again',
+            );
+        } else if (done) return;
       }
     } finally {
       this.hooks.end(table);

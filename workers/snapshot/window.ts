@@ -8,6 +8,11 @@
  *
  * Keys are compared as the text PostgreSQL prints for the key columns, joined: the chunk query
  * runs with the replication connection's session settings, so both sides print alike.
+ *
+ * The TOAST catch (not in the DBLog paper): with the default replica identity, an UPDATE that
+ * leaves a TOASTed column alone does not carry it. Dropping the chunk's row for such a key would
+ * leave a consumer that never saw the row without that column. Such a key is not dropped but
+ * read again (`reread`), inside a window of its own, until a window passes without such an update.
  */
 
 /** A chunk as read: each row's key text and its column texts (null for SQL NULL). */
@@ -55,6 +60,11 @@ export function keyOf(texts: ReadonlyArray<string | null>): string {
   return texts.map((t) => (t === null ? '\u0001' : t)).join('\u0000');
 }
 
+/** The key columns' texts of a key (keyOf's inverse; key columns are never NULL). */
+export function splitKey(key: string): string[] {
+  return key.split('\u0000');
+}
+
 /**
  * The open window of one chunk. `rows` arrive when the chunk query returns, which may be before
  * or after the stream meets the low watermark, but always before the high one (it is written
@@ -62,9 +72,14 @@ export function keyOf(texts: ReadonlyArray<string | null>): string {
  */
 export class SnapshotWindow {
   private readonly changed = new Set<string>();
+  /** Keys an UPDATE without every column (unchanged TOAST) touched: read again, not dropped. */
+  private readonly partial = new Set<string>();
   /** Everything the chunk holds is void (the table was truncated inside the window). */
   private truncated = false;
-  /** What the chunk does to its table's progress, set when its rows are read. */
+  /**
+   * What the chunk does to its table's progress if no key of it must be read again (set when its
+   * rows are read; see reread).
+   */
   progress: {
     schema: string;
     table: string;
@@ -73,6 +88,8 @@ export class SnapshotWindow {
     chunks: number;
     finished: boolean;
   } | null = null;
+  /** Keys (their columns' texts) of the chunk's rows to read again; set once it is closed. */
+  reread: ReadonlyArray<readonly string[]> = [];
   private open = false;
   private rows: readonly ChunkRow[] | null = null;
 
@@ -93,6 +110,11 @@ export class SnapshotWindow {
   /** A change to `key` of this window's table, met in the stream. */
   noteChange(key: string): void {
     if (this.open) this.changed.add(key);
+  }
+
+  /** An UPDATE of `key` met in the stream that did not carry every column (unchanged TOAST). */
+  notePartialUpdate(key: string): void {
+    if (this.open) this.partial.add(key);
   }
 
   /** The table was truncated in the window: none of the chunk's rows exist any more. */
@@ -131,6 +153,9 @@ export class SnapshotWindow {
       );
     this.open = false;
     if (this.truncated || this.redo) return [];
-    return this.rows.filter((row) => !this.changed.has(row.key));
+    this.reread = this.rows
+      .filter((row) => this.partial.has(row.key))
+      .map((row) => splitKey(row.key));
+    return this.rows.filter((row) => !this.changed.has(row.key) && !this.partial.has(row.key));
   }
 }
