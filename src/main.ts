@@ -46,6 +46,7 @@ async function resetSource(opts: {
   source: string;
   acceptGap?: boolean;
   skipToCurrent?: boolean;
+  snapshot?: boolean;
 }): Promise<void> {
   const loaded = config();
   const [{ resetSource: reset, ResetError }, { createLogger }, { isFatal }] = await Promise.all([
@@ -62,6 +63,7 @@ async function resetSource(opts: {
         sourceId: opts.source,
         acceptGap: opts.acceptGap === true,
         skipToCurrent: opts.skipToCurrent === true,
+        ...(opts.snapshot === true ? { snapshot: 'on_demand' as const } : {}),
       },
       log,
       (line) => process.stdout.write(`${line}\n`),
@@ -69,6 +71,31 @@ async function resetSource(opts: {
     process.exit(code);
   } catch (error) {
     if (error instanceof ResetError) die(error.exitCode, error.message);
+    die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, (error as Error).message);
+  }
+}
+
+/** `snapshot`: asks the running Philotes to copy chosen tables again (see snapshot-command.ts). */
+async function snapshot(opts: { source: string; table?: string[] }): Promise<void> {
+  const loaded = config();
+  const [{ requestSnapshot, SnapshotCommandError }, { createLogger }, { isFatal }] =
+    await Promise.all([
+      import('./snapshot-command.js'),
+      import('./common/logger.js'),
+      import('./common/errors.js'),
+    ]);
+  const log = createLogger(loaded.logLevel === 'info' ? 'warn' : loaded.logLevel, {}, 2);
+  try {
+    process.exit(
+      await requestSnapshot(
+        loaded,
+        { sourceId: opts.source, tables: opts.table ?? [] },
+        log,
+        (line) => process.stdout.write(`${line}\n`),
+      ),
+    );
+  } catch (error) {
+    if (error instanceof SnapshotCommandError) die(error.exitCode, error.message);
     die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, (error as Error).message);
   }
 }
@@ -295,7 +322,20 @@ program
     '--skip-to-current',
     "skip the slot to the source's current WAL position (after a publication was dropped and created again)",
   )
+  .option(
+    '--snapshot',
+    'with the gap, begin a snapshot of every published table, so that the buffer rebuilds the tables despite the gap',
+  )
   .action(resetSource);
+
+program
+  .command('snapshot')
+  .description(
+    'copy chosen tables of a source again (every published table without --table) while it streams: the request goes into the buffer and the running Philotes capturing the source begins it within seconds; rows land as SNAPSHOT events between watermarks, as in the initial snapshot',
+  )
+  .requiredOption('--source <id>', 'the source id (PHILOTES_CDC_SOURCE_ID)')
+  .option('--table <name...>', 'a published table, schema.table (or table for public); repeatable')
+  .action(snapshot);
 
 program
   .command('check')

@@ -6,6 +6,9 @@
 import client from 'prom-client';
 import type { SlotStatusMessage } from './common/protocol.js';
 import type { BatchWriterObserver, StoredGroupReport } from './supervisor/batch-writer.js';
+import { SNAPSHOT_TABLE_STATES } from './supervisor/snapshot-progress.js';
+
+const SNAPSHOT_REASONS = ['initial', 'when_needed', 'on_demand'] as const;
 
 const WAL_STATUSES = ['reserved', 'extended', 'unreserved', 'lost'] as const;
 
@@ -102,6 +105,30 @@ export class Metrics {
     name: 'philotes_reader_failures_total',
     help: 'Reader failures by kind: retryable (will restart) or fatal (source stopped).',
     labelNames: ['source', 'kind'] as const,
+    registers: [this.registry],
+  });
+  readonly snapshots = new client.Counter({
+    name: 'philotes_snapshots_total',
+    help: 'Snapshots begun, by reason: initial (a new source), when_needed (after lost changes), on_demand.',
+    labelNames: ['source', 'reason'] as const,
+    registers: [this.registry],
+  });
+  readonly snapshotRows = new client.Counter({
+    name: 'philotes_snapshot_rows_total',
+    help: 'Rows stored by snapshots as SNAPSHOT events.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly snapshotTables = new client.Gauge({
+    name: 'philotes_snapshot_tables',
+    help: "Tables of the source's current snapshot by state: pending, running, done, skipped_no_key (none while no snapshot runs or ran in this process).",
+    labelNames: ['source', 'state'] as const,
+    registers: [this.registry],
+  });
+  readonly gaps = new client.Counter({
+    name: 'philotes_gaps_recorded_total',
+    help: 'Gaps recorded in cdc_gaps by this process (snapshot: when_needed recovering from lost changes), by reason.',
+    labelNames: ['source', 'reason'] as const,
     registers: [this.registry],
   });
   readonly queuedBatches = new client.Gauge({
@@ -281,8 +308,10 @@ export class Metrics {
       if (batch.counts.message > 0)
         this.events.inc({ source, operation: 'MESSAGE' }, batch.counts.message);
       if (batch.counts.ddl > 0) this.events.inc({ source, operation: 'DDL' }, batch.counts.ddl);
-      if (batch.counts.snapshot > 0)
+      if (batch.counts.snapshot > 0) {
         this.events.inc({ source, operation: 'SNAPSHOT' }, batch.counts.snapshot);
+        this.snapshotRows.inc(labels, batch.counts.snapshot);
+      }
       this.transactions.inc(labels, batch.transactions);
     }
     const lastCommit = [...report.batches].reverse().find((b) => b.checkpointCommitTimeMs !== null);
@@ -323,9 +352,14 @@ export class Metrics {
       this.slotStreamedBytes,
       this.sourceReady,
       this.notStreamingSeconds,
+      this.snapshotRows,
     ]) {
       metric.remove({ source });
     }
+    for (const reason of SNAPSHOT_REASONS) this.snapshots.remove({ source, reason });
+    for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.remove({ source, state });
+    for (const reason of ['slot_missing', 'slot_invalidated', 'slot_advanced'])
+      this.gaps.remove({ source, reason });
     for (const operation of [
       'INSERT',
       'UPDATE',
@@ -355,6 +389,8 @@ export class Metrics {
     ])
       this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
+    this.snapshotRows.inc({ source }, 0);
+    for (const reason of SNAPSHOT_REASONS) this.snapshots.inc({ source, reason }, 0);
     this.batches.inc({ source }, 0);
     this.bufferBytes.inc({ source }, 0);
     this.bufferCommits.inc({ source }, 0);

@@ -34,6 +34,18 @@ export interface ResetOptions {
   readonly acceptGap: boolean;
   /** Skip the slot to the source's current WAL position (a publication dropped and recreated). */
   readonly skipToCurrent: boolean;
+  /**
+   * With the gap, begin a snapshot of every published table (its reason), in the same buffer
+   * transaction: the buffer then rebuilds the tables despite the gap.
+   */
+  readonly snapshot?: 'on_demand' | 'when_needed';
+}
+
+/** What a reset did: the gap it recorded (and the snapshot it began), if any. */
+export interface ResetOutcome {
+  readonly exitCode: number;
+  readonly gap: { id: number; reason: GapReason; fromLsn: string; toLsn: string } | null;
+  readonly snapshotId: number | null;
 }
 
 const EXPLAIN: Record<GapReason, string> = {
@@ -88,7 +100,7 @@ export async function resetSource(
     client.on('error', () => undefined); // a lost connection rejects the query in flight
     try {
       await client.connect();
-      return await reset(store, client, source, opts, log, out);
+      return (await resetWith(store, client, source, opts, log, out)).exitCode;
     } finally {
       await client.end().catch(() => undefined);
       await lock.release();
@@ -98,14 +110,19 @@ export async function resetSource(
   }
 }
 
-async function reset(
+/**
+ * The reset itself, for a caller that holds the source's lock and a connection to it: the command
+ * above, and a source with `snapshot: when_needed` that recovers from a lost slot by itself.
+ */
+export async function resetWith(
   store: BufferStore,
   client: pg.Client,
   source: SourceConfig,
   opts: ResetOptions,
   log: Logger,
   out: (line: string) => void,
-): Promise<number> {
+): Promise<ResetOutcome> {
+  const unchanged = (exitCode: number): ResetOutcome => ({ exitCode, gap: null, snapshotId: null });
   const checkpoint = await store.readCheckpoint(source.id);
   const slot = await readSlotState(client, source.slot);
   if (slot !== null) checkSlotKind(source, slot);
@@ -128,7 +145,7 @@ async function reset(
     out(
       `source "${source.id}": nothing to reset: the buffer has ${at} and slot "${source.slot}" on ${where(source)} can deliver every change after it (use --skip-to-current to skip the slot to the source's current position anyway, e.g. after a publication was dropped and created again)`,
     );
-    return EXIT_OK;
+    return unchanged(EXIT_OK);
   }
   const fromLsn = found?.fromLsn ?? confirmedLsn ?? slot?.confirmedFlushLsn ?? now;
   if (!opts.acceptGap) {
@@ -138,7 +155,7 @@ async function reset(
     out(
       `source "${source.id}": ${EXPLAIN[reason]}. Changes committed between ${formatLsn(fromLsn)}${end || ' and the new start'} will be recorded as lost in cdc_gaps. Nothing was changed: re-run with --accept-gap to do it.`,
     );
-    return EXIT_USAGE;
+    return unchanged(EXIT_USAGE);
   }
 
   // Get the slot (and the publication) into a state that can deliver, then find where it starts.
@@ -189,6 +206,7 @@ async function reset(
     checkpointLsn: checkpoint?.lsn ?? null,
     reason,
     details,
+    snapshot: opts.snapshot ?? null,
   });
   log.warn(
     {
@@ -197,12 +215,17 @@ async function reset(
       reason,
       fromLsn: formatLsn(fromLsn),
       toLsn: formatLsn(toLsn),
+      snapshot: recorded.snapshotId,
       ...details,
     },
     'gap accepted and recorded in cdc_gaps',
   );
   out(
-    `source "${source.id}": ${EXPLAIN[reason]}. Recorded gap #${recorded.gapId} in cdc_gaps: changes committed between ${formatLsn(fromLsn)} and ${formatLsn(toLsn)} (${formatBytes(toLsn > fromLsn ? toLsn - fromLsn : 0n)} of WAL) may be missing from cdc_events. The checkpoint is now ${formatLsn(toLsn)}: start Philotes and capture resumes there.`,
+    `source "${source.id}": ${EXPLAIN[reason]}. Recorded gap #${recorded.gapId} in cdc_gaps: changes committed between ${formatLsn(fromLsn)} and ${formatLsn(toLsn)} (${formatBytes(toLsn > fromLsn ? toLsn - fromLsn : 0n)} of WAL) may be missing from cdc_events. The checkpoint is now ${formatLsn(toLsn)}: start Philotes and capture resumes there${recorded.snapshotId === null ? '' : `, with snapshot #${recorded.snapshotId} of every published table`}.`,
   );
-  return EXIT_OK;
+  return {
+    exitCode: EXIT_OK,
+    gap: { id: recorded.gapId, reason, fromLsn: formatLsn(fromLsn), toLsn: formatLsn(toLsn) },
+    snapshotId: recorded.snapshotId,
+  };
 }

@@ -91,6 +91,7 @@ function waitingReport(
     lagSeconds: null,
     eventsPerSecond: 0,
     restarts: 0,
+    snapshot: null,
   };
 }
 

@@ -53,7 +53,7 @@ export function renderStatusPage(data: StatusPageData): string {
 <h1>Philotes — <span id="summary" class="${data.ready ? 'ok' : 'bad'}">${escape(summary)}${data.ready ? '' : ' (not ready)'}</span></h1>
 <p class="meta">version ${escape(data.version)} · buffer ${escape(data.buffer.state)}${data.buffer.problem ? `: ${escape(data.buffer.problem)}` : ''} · as of <time datetime="${new Date(data.now).toISOString()}">${new Date(data.now).toISOString()}</time> · <a href="/readyz">/readyz</a> · <a href="/metrics">/metrics</a></p>
 <table id="sources">
-<thead><tr><th>source</th><th>state</th><th>lag</th><th>retained WAL</th><th>WAL status</th><th>checkpoint age</th><th>events/s</th><th>restarts</th><th>last error</th></tr></thead>
+<thead><tr><th>source</th><th>state</th><th>lag</th><th>retained WAL</th><th>WAL status</th><th>checkpoint age</th><th>events/s</th><th>snapshot</th><th>restarts</th><th>last error</th></tr></thead>
 <tbody>
 ${data.sources.map((s) => row(s, data.now)).join('\n')}
 </tbody>
@@ -95,10 +95,26 @@ function row(s: SourceReport, now: number): string {
     `<td class="wal-status ${tone(s.walStatus ?? '')}">${escape(s.walStatus ?? '-')}</td>`,
     `<td class="checkpoint-age num">${escape(age)}</td>`,
     `<td class="events num">${s.eventsPerSecond}</td>`,
+    `<td class="snapshot">${escape(snapshotCell(s))}</td>`,
     `<td class="restarts num">${s.restarts}</td>`,
     `<td class="error">${escape(error)}</td>`,
   ];
   return `<tr data-source="${escape(s.source)}" data-state="${escape(s.state)}">${cells.join('')}</tr>`;
+}
+
+/** "running: 2 of 5 tables, 120000 rows, now public.orders" or "done: …", or "-". */
+function snapshotCell(s: SourceReport): string {
+  const snap = s.snapshot;
+  if (snap === null) return '-';
+  const t = snap.tables;
+  const total = t.pending + t.running + t.done + t.skipped_no_key + t.not_published;
+  const skipped =
+    (t.skipped_no_key > 0 ? `, ${t.skipped_no_key} without a key skipped` : '') +
+    (t.not_published > 0 ? `, ${t.not_published} not in the publication` : '');
+  const rows = `${snap.rows.toLocaleString('en-US')} rows`;
+  return snap.state === 'done'
+    ? `#${snap.id} ${snap.reason} done: ${t.done} tables${skipped}, ${rows}`
+    : `#${snap.id} ${snap.reason}: ${t.done} of ${total} tables${skipped}, ${rows}${snap.current ? `, now ${snap.current}` : ''}`;
 }
 
 function tone(value: string): string {

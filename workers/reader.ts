@@ -30,6 +30,7 @@ import { createLogger, safeConnection, type Logger } from '../src/common/logger.
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import {
   batchTransferList,
+  type PendingSnapshot,
   type ReaderMessage,
   type ReaderResult,
   type ReaderTask,
@@ -99,7 +100,10 @@ export class SlotReader implements PgoutputHandler {
   private snapshot: SnapshotRunner | null = null;
   /** Tables being copied that each open streamed transaction changed (see onStreamCommit). */
   private readonly streamTouched = new Map<number, Set<number>>();
-  private snapshotPlanRecorded = false;
+  /** Snapshots asked for while one runs; the copy connection's options once streaming. */
+  private readonly snapshotQueue: PendingSnapshot[] = [];
+  private snapshotOptions: pg.ClientConfig | null = null;
+  private snapshotsSupported = false;
   private streamXid = 0;
   private readonly snapshotTables = new Map<
     number,
@@ -208,7 +212,9 @@ export class SlotReader implements PgoutputHandler {
               await this.verifySlot();
               this.log.info({ startLsn: start, protocol: prepared.protocol }, 'streaming started');
               void this.reportSlot();
-              this.startSnapshot(options, prepared.serverVersion);
+              this.snapshotOptions = { ...options, options: REPLICATION_SESSION_OPTIONS };
+              this.snapshotsSupported = prepared.serverVersion >= 140000;
+              if (this.task.snapshot !== null) this.startSnapshot(this.task.snapshot);
               this.post({
                 type: 'ready',
                 startLsn: start,
@@ -220,7 +226,9 @@ export class SlotReader implements PgoutputHandler {
         },
         {
           protocol: prepared.protocol,
-          messages: source.messages.length > 0 || source.ddl || this.task.snapshot !== null,
+          // Snapshot watermarks are logical messages: on wherever the server has them (14+),
+          // so that a snapshot asked for later finds them on.
+          messages: source.messages.length > 0 || source.ddl || prepared.serverVersion >= 140000,
         },
       );
 
@@ -458,10 +466,19 @@ export class SlotReader implements PgoutputHandler {
 
   // ---- snapshot (workers/snapshot/) ----
 
-  private startSnapshot(options: pg.ClientConfig, serverVersion: number): void {
-    const plan = this.task.snapshot;
-    if (plan === null || this.snapshot !== null) return;
-    if (serverVersion < 140000) {
+  /** Starts a snapshot's copy, or queues it behind the one running (one at a time, in order). */
+  private startSnapshot(plan: PendingSnapshot): void {
+    if (this.snapshot !== null) {
+      if (this.snapshot.id !== plan.id && !this.snapshotQueue.some((s) => s.id === plan.id))
+        this.snapshotQueue.push(plan);
+      return;
+    }
+    const options = this.snapshotOptions;
+    if (options === null) {
+      this.snapshotQueue.push(plan); // started once streaming starts
+      return;
+    }
+    if (!this.snapshotsSupported) {
       this.log.warn(
         { snapshot: plan.id },
         'snapshot: PostgreSQL before 14 cannot send the watermark messages a snapshot needs; the existing rows are not copied',
@@ -470,7 +487,7 @@ export class SlotReader implements PgoutputHandler {
     }
     const resolver = this.resolver!;
     const runner = new SnapshotRunner(
-      { ...options, options: REPLICATION_SESSION_OPTIONS },
+      options,
       this.task.source.publication,
       this.skippedTables,
       plan,
@@ -487,8 +504,11 @@ export class SlotReader implements PgoutputHandler {
     runner.runAll().then(
       () => {
         this.log.info({ snapshot: plan.id }, 'snapshot: copy finished');
-        if (this.snapshot === runner) this.snapshot = null;
+        if (this.snapshot !== runner) return;
+        this.snapshot = null;
         this.streamTouched.clear();
+        const next = this.snapshotQueue.shift();
+        if (next !== undefined && !this.stopping && this.failed === null) this.startSnapshot(next);
       },
       (error: unknown) => this.fail(error),
     );
@@ -567,9 +587,9 @@ export class SlotReader implements PgoutputHandler {
       );
     }
     this.builder.noteSnapshotProgress({ ...progress, snapshotId: w.snapshot, rows: rows.length });
-    if (!this.snapshotPlanRecorded && this.task.snapshot!.tables.length === 0) {
-      // The first chunk records every table of the plan, so that a resume copies those only.
-      for (const t of this.snapshot!.plan) {
+    // The first chunk records every table of the plan, so that a resume copies those only.
+    for (const t of this.snapshot!.takePlanToRecord()) {
+      {
         if (t.schema === progress.schema && t.table === progress.table) continue;
         this.builder.noteSnapshotProgress({
           snapshotId: w.snapshot,
@@ -584,7 +604,6 @@ export class SlotReader implements PgoutputHandler {
         });
       }
     }
-    this.snapshotPlanRecorded = true;
     found.handled();
   }
 
@@ -734,6 +753,9 @@ export class SlotReader implements PgoutputHandler {
         if (!this.stopping) this.confirm(this.replyRequested);
         break;
       }
+      case 'snapshot':
+        if (!this.stopping && this.failed === null) this.startSnapshot(message.snapshot);
+        break;
       case 'stop':
         void this.stop();
         break;

@@ -148,6 +148,33 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
         pending jsonb NOT NULL DEFAULT '[]',
         PRIMARY KEY (snapshot_id, schema_name, table_name)
       );
+      -- Asks for a snapshot of a source's tables ('schema.table' or 'table' for public; NULL:
+      -- every published table). The running Philotes begins it within seconds, after any
+      -- snapshot before it; \`philotes-worker snapshot\` calls this.
+      CREATE OR REPLACE FUNCTION philotes_request_snapshot(source text, tables text[] DEFAULT NULL)
+      RETURNS bigint LANGUAGE plpgsql AS $fn$
+      DECLARE
+        snapshot bigint;
+      BEGIN
+        IF tables IS NOT NULL AND cardinality(tables) = 0 THEN
+          RAISE EXCEPTION 'philotes_request_snapshot: no tables given (NULL means every published table)';
+        END IF;
+        INSERT INTO cdc_snapshots (source_id, reason) VALUES (source, 'on_demand')
+          RETURNING id INTO snapshot;
+        INSERT INTO cdc_snapshot_tables (snapshot_id, schema_name, table_name, state)
+        SELECT DISTINCT snapshot,
+               CASE WHEN cardinality(n) = 1 THEN 'public' ELSE n[1] END,
+               n[cardinality(n)], 'running'
+          FROM unnest(tables) AS t(name), parse_ident(t.name) AS n
+         WHERE cardinality(n) BETWEEN 1 AND 2;
+        IF tables IS NOT NULL
+           AND (SELECT count(*) FROM cdc_snapshot_tables WHERE snapshot_id = snapshot)
+               <> (SELECT count(DISTINCT x) FROM unnest(tables) x) THEN
+          RAISE EXCEPTION 'philotes_request_snapshot: a table name is not schema.table: %', tables;
+        END IF;
+        RETURN snapshot;
+      END
+      $fn$;
     `,
   },
 ];

@@ -235,12 +235,14 @@ export class BufferStore {
 
   /** The source's snapshot that has not finished, with each table's progress, if any. */
   async pendingSnapshot(sourceId: string): Promise<PendingSnapshot | null> {
-    const snapshot = await this.pool.query<{ id: string }>(
-      `SELECT id FROM cdc_snapshots WHERE source_id = $1 AND state = 'running' ORDER BY id LIMIT 1`,
+    const snapshot = await this.pool.query<{ id: string; reason: string; rows: string }>(
+      `SELECT id, reason, rows FROM cdc_snapshots WHERE source_id = $1 AND state = 'running'
+        ORDER BY id LIMIT 1`,
       [sourceId],
     );
-    const id = snapshot.rows[0]?.id;
-    if (id === undefined) return null;
+    const found = snapshot.rows[0];
+    if (found === undefined) return null;
+    const id = found.id;
     const tables = await this.pool.query<{
       schema_name: string;
       table_name: string;
@@ -255,6 +257,8 @@ export class BufferStore {
     );
     return {
       id: Number(id),
+      reason: found.reason,
+      rows: Number(found.rows),
       tables: tables.rows.map((t) => ({
         schema: t.schema_name,
         table: t.table_name,
@@ -266,12 +270,18 @@ export class BufferStore {
     };
   }
 
-  async createSnapshot(sourceId: string, reason: string): Promise<PendingSnapshot> {
+  /** Asks for an on-demand snapshot (see philotes_request_snapshot in the migrations). */
+  async requestSnapshot(sourceId: string, tables: readonly string[] | null): Promise<number> {
     const result = await this.pool.query<{ id: string }>(
-      `INSERT INTO cdc_snapshots (source_id, reason) VALUES ($1, $2) RETURNING id`,
-      [sourceId, reason],
+      'SELECT philotes_request_snapshot($1, $2) AS id',
+      [sourceId, tables],
     );
-    return { id: Number(result.rows[0]!.id), tables: [] };
+    return Number(result.rows[0]!.id);
+  }
+
+  async createSnapshot(sourceId: string, reason: string): Promise<PendingSnapshot> {
+    const id = await insertSnapshot(this.pool, sourceId, reason, false);
+    return { id, reason, rows: 0, tables: [] };
   }
 
   /** The stored checkpoint, read without changing anything. */
@@ -292,7 +302,9 @@ export class BufferStore {
     checkpointLsn: string | null;
     reason: string;
     details: Record<string, unknown>;
-  }): Promise<{ gapId: number; removedEvents: number }> {
+    /** Begin a snapshot of every published table with the gap (its reason), replacing any other. */
+    snapshot?: string | null;
+  }): Promise<{ gapId: number; removedEvents: number; snapshotId: number | null }> {
     const client = await this.pool.connect();
     try {
       await client.query('BEGIN');
@@ -317,8 +329,16 @@ export class BufferStore {
                metadata = EXCLUDED.metadata, confirmed_lsn = EXCLUDED.confirmed_lsn`,
         [gap.sourceId, gap.toLsn, { slot: gap.slot, gap_id: Number(inserted.rows[0]!.id) }],
       );
+      const snapshotId =
+        gap.snapshot == null
+          ? null
+          : await insertSnapshot(client, gap.sourceId, gap.snapshot, true);
       await client.query('COMMIT');
-      return { gapId: Number(inserted.rows[0]!.id), removedEvents: removed.rowCount ?? 0 };
+      return {
+        gapId: Number(inserted.rows[0]!.id),
+        removedEvents: removed.rowCount ?? 0,
+        snapshotId,
+      };
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       throw error;
@@ -532,6 +552,29 @@ export class BufferStore {
   async close(): Promise<void> {
     await this.pool.end();
   }
+}
+
+/**
+ * A new snapshot of every published table. `replace`: one still running is abandoned (after a
+ * gap, its rows so far are no base to build on; the new one copies everything).
+ */
+async function insertSnapshot(
+  db: pg.Pool | pg.PoolClient,
+  sourceId: string,
+  reason: string,
+  replace: boolean,
+): Promise<number> {
+  if (replace)
+    await db.query(
+      `UPDATE cdc_snapshots SET state = 'abandoned', finished_at = now()
+        WHERE source_id = $1 AND state = 'running'`,
+      [sourceId],
+    );
+  const result = await db.query<{ id: string }>(
+    `INSERT INTO cdc_snapshots (source_id, reason) VALUES ($1, $2) RETURNING id`,
+    [sourceId, reason],
+  );
+  return Number(result.rows[0]!.id);
 }
 
 /** A snapshot chunk's progress, in the buffer transaction that stores its events. */

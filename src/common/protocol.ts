@@ -28,13 +28,17 @@ export interface ReaderTask {
 /** A snapshot not finished yet, and how far each of its tables got. */
 export interface PendingSnapshot {
   readonly id: number;
+  /** initial, when_needed or on_demand. */
+  readonly reason: string;
+  /** Rows it stored so far. */
+  readonly rows: number;
   readonly tables: readonly SnapshotTableState[];
 }
 
 export interface SnapshotTableState {
   readonly schema: string;
   readonly table: string;
-  readonly state: 'running' | 'done' | 'skipped_no_key';
+  readonly state: 'running' | 'done' | 'skipped_no_key' | 'not_published';
   /** The key of the last row copied (its columns' texts), null before the first chunk. */
   readonly lastKey: readonly string[] | null;
   readonly chunks: number;
@@ -287,8 +291,14 @@ export interface HoldMessage {
   readonly held: boolean;
 }
 
+/** A snapshot to run alongside the stream (asked for while the reader runs: on demand). */
+export interface SnapshotMessage {
+  readonly type: 'snapshot';
+  readonly snapshot: PendingSnapshot;
+}
+
 export type SupervisorMessage =
-  DurableMessage | StopMessage | AbortMessage | RecordedMessage | HoldMessage;
+  DurableMessage | StopMessage | AbortMessage | RecordedMessage | HoldMessage | SnapshotMessage;
 
 /**
  * What a reader task resolves with. A failure is returned rather than thrown: a thrown error

@@ -112,6 +112,11 @@ export class ReaderRun {
     }
   }
 
+  /** A snapshot asked for while this run streams (the reader runs one at a time, in order). */
+  startSnapshot(snapshot: PendingSnapshot): void {
+    this.send({ type: 'snapshot', snapshot });
+  }
+
   requestStop(): void {
     this.send({ type: 'stop' });
   }

@@ -16,6 +16,15 @@ import type { Metrics } from '../metrics.js';
 import type { BufferStore } from '../buffer/store.js';
 import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
+import { isLostChanges, recoverLostSlot } from './lost-slot-recovery.js';
+import {
+  SNAPSHOT_TABLE_STATES,
+  SnapshotProgressTracker,
+  type SnapshotReport,
+} from './snapshot-progress.js';
+
+/** How often a streaming source looks in the buffer for a snapshot asked for (on demand). */
+const SNAPSHOT_POLL_MS = 5_000;
 
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
 const HEALTHY_RUN_MS = 60_000;
@@ -57,6 +66,8 @@ export interface SourceReport {
   readonly eventsPerSecond: number;
   /** Reader restarts since the process started. */
   readonly restarts: number;
+  /** The snapshot running, or the last one this process ran; null if none. */
+  readonly snapshot: SnapshotReport | null;
 }
 
 /** Events stored per second, over a sliding window of whole seconds. */
@@ -111,6 +122,8 @@ export class SourceRunner implements ReaderRunListener {
   private readonly steadyMs: number;
   private attempts = 0;
   private nextAttemptAt: number | null = null;
+  private readonly snapshot = new SnapshotProgressTracker();
+  private polling = false;
   /** The fatal error last said out loud (the same one is not repeated every retry). */
   private fatalReported: string | null = null;
   private stopping = false;
@@ -209,6 +222,14 @@ export class SourceRunner implements ReaderRunListener {
 
   stored(report: StoredGroupReport): void {
     this.metrics.recordStored(this.source.id, report);
+    const progress = report.batches.flatMap((b) => b.snapshotProgress);
+    if (progress.length > 0) {
+      if (this.snapshot.apply(progress)) {
+        const s = this.snapshot.report()!;
+        this.log.info({ snapshot: s.id, rows: s.rows, tables: s.tables }, 'snapshot finished');
+      }
+      this.reportSnapshotTables();
+    }
     if (report.stored.checkpointLsn !== null) this.noteCheckpoint(report.stored.checkpointLsn);
     if (report.batches.some((b) => b.checkpointCommitTimeMs !== null)) {
       this.lastStoredAt = report.storedAt;
@@ -220,6 +241,14 @@ export class SourceRunner implements ReaderRunListener {
     }
     if (report.stored.schemaVersionsAdded > 0) {
       this.log.info({ versions: report.stored.schemaVersionsAdded }, 'schema versions recorded');
+    }
+  }
+
+  private reportSnapshotTables(): void {
+    const tables = this.snapshot.report()?.tables;
+    for (const state of SNAPSHOT_TABLE_STATES) {
+      if (tables) this.metrics.snapshotTables.set({ source: this.source.id, state }, tables[state]);
+      else this.metrics.snapshotTables.remove({ source: this.source.id, state });
     }
   }
 
@@ -293,6 +322,7 @@ export class SourceRunner implements ReaderRunListener {
               : Math.max(0, Math.round((now - this.lastSourceCommitMs) / 1000)),
       eventsPerSecond: this.eventRate.rate(now),
       restarts: this.restarts,
+      snapshot: this.snapshot.report(),
     };
   }
 
@@ -431,6 +461,31 @@ export class SourceRunner implements ReaderRunListener {
   }
 
   private async runLocked(lockLost: Promise<never>): Promise<void> {
+    try {
+      await this.runReader(lockLost);
+    } catch (error) {
+      if (this.stopping || this.source.snapshot !== 'when_needed' || !isLostChanges(error))
+        throw error;
+      const recovered = await recoverLostSlot(this.store, this.source, this.log);
+      if (recovered === null) throw error;
+      this.metrics.snapshots.inc({ source: this.source.id, reason: 'when_needed' });
+      this.metrics.gaps.inc({ source: this.source.id, reason: recovered.gap!.reason });
+      this.log.error(
+        {
+          code: (error as { code?: string }).code,
+          gapId: recovered.gap!.id,
+          reason: recovered.gap!.reason,
+          fromLsn: recovered.gap!.fromLsn,
+          toLsn: recovered.gap!.toLsn,
+          snapshot: recovered.snapshotId,
+        },
+        `changes were lost (${oneLine((error as Error).message)}); snapshot: when_needed recorded gap #${recovered.gap!.id} in cdc_gaps (${recovered.gap!.fromLsn} to ${recovered.gap!.toLsn}) and begins snapshot #${recovered.snapshotId} of every published table`,
+      );
+      await this.runReader(lockLost);
+    }
+  }
+
+  private async runReader(lockLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
     let snapshot = await this.store.pendingSnapshot(this.source.id);
@@ -438,9 +493,14 @@ export class SourceRunner implements ReaderRunListener {
       // A source new to the buffer: the rows its tables hold come first (the reader copies them
       // while it streams; see workers/snapshot/).
       snapshot = await this.store.createSnapshot(this.source.id, 'initial');
+      this.metrics.snapshots.inc({ source: this.source.id, reason: 'initial' });
       this.log.info({ snapshot: snapshot.id }, 'a snapshot of the existing rows begins');
     }
     if (this.stopping) return;
+    if (snapshot !== null || this.snapshot.report()?.state !== 'done') {
+      this.snapshot.begin(snapshot);
+      this.reportSnapshotTables();
+    }
     this.log.info({ checkpoint: checkpoint?.lsn ?? null }, 'starting reader');
     const run = new ReaderRun({
       source: this.source,
@@ -455,14 +515,46 @@ export class SourceRunner implements ReaderRunListener {
       listener: this,
     });
     this.current = run;
+    const poll = setInterval(() => void this.pollSnapshot(run), SNAPSHOT_POLL_MS);
     try {
       await run.wait(lockLost);
       this.log.info('reader stopped cleanly');
     } finally {
+      clearInterval(poll);
       this.current = null;
       if (this.state === 'streaming') this.setState('starting');
     }
     if (!this.stopping) throw new Error('reader returned without being asked to stop');
+  }
+
+  /**
+   * A snapshot asked for while the reader streams (`philotes-worker snapshot`, or the buffer's
+   * philotes_request_snapshot()): handed to the reader once the one before it is finished.
+   */
+  private async pollSnapshot(run: ReaderRun): Promise<void> {
+    if (this.state !== 'streaming' || this.current !== run || this.polling) return;
+    if (this.snapshot.report()?.state === 'running') return;
+    this.polling = true;
+    try {
+      const next = await this.store.pendingSnapshot(this.source.id);
+      if (next === null || this.current !== run || next.id === this.snapshot.report()?.id) return;
+      this.snapshot.begin(next);
+      this.reportSnapshotTables();
+      this.metrics.snapshots.inc({ source: this.source.id, reason: next.reason });
+      this.log.info(
+        {
+          snapshot: next.id,
+          reason: next.reason,
+          tables: next.tables.map((t) => `${t.schema}.${t.table}`),
+        },
+        'a snapshot asked for begins',
+      );
+      run.startSnapshot(next);
+    } catch (error) {
+      this.log.warn({ err: error }, 'could not look for a snapshot asked for; trying again');
+    } finally {
+      this.polling = false;
+    }
   }
 
   /** Graceful: the reader stores what is in flight, confirms it, and returns. */

@@ -98,8 +98,26 @@ export class SnapshotRunner {
       const todo = planned.filter(
         (t) => (progress.get(`${t.schema}.${t.name}`)?.state ?? 'running') === 'running',
       );
+      // Tables asked for by name that the publication does not have: said, and recorded so.
+      const published = new Set(tables.rows.map((t) => `${t.schema}.${t.name}`));
+      const unknown = this.snapshot.tables.filter(
+        (t) => t.state === 'running' && !published.has(`${t.schema}.${t.table}`),
+      );
+      for (const [i, t] of unknown.entries()) {
+        this.log.warn(
+          { snapshot: this.snapshot.id, table: `${t.schema}.${t.table}` },
+          `snapshot: the table is not in publication "${this.publication}"; it is not copied`,
+        );
+        await this.emptyChunk(
+          t.schema,
+          t.table,
+          t,
+          'not_published',
+          todo.length === 0 && i === unknown.length - 1,
+        );
+      }
       if (todo.length === 0) {
-        await this.finishEmpty();
+        if (unknown.length === 0) await this.finishEmpty();
         return;
       }
       for (const [i, t] of todo.entries()) {
@@ -119,7 +137,22 @@ export class SnapshotRunner {
   }
 
   /** The snapshot's tables, once listed: the first chunk's progress records them all. */
-  plan: ReadonlyArray<{ schema: string; table: string }> = [];
+  private plan: ReadonlyArray<{ schema: string; table: string }> = [];
+  private planRecorded = false;
+
+  get id(): number {
+    return this.snapshot.id;
+  }
+
+  /**
+   * The tables to record with the first chunk's progress (once; none if the snapshot came with
+   * its tables listed), so that a resume copies those only.
+   */
+  takePlanToRecord(): ReadonlyArray<{ schema: string; table: string }> {
+    if (this.planRecorded || this.snapshot.tables.length > 0) return [];
+    this.planRecorded = true;
+    return this.plan;
+  }
 
   /** A snapshot with no table left to copy is finished through one empty watermark pair. */
   private async finishEmpty(): Promise<void> {
@@ -172,7 +205,7 @@ export class SnapshotRunner {
         { table: name },
         'snapshot: the table has no primary key; its rows are not copied',
       );
-      await this.emptyChunk(table, state, 'skipped_no_key', last);
+      await this.emptyChunk(t.schema, t.name, state, 'skipped_no_key', last);
       return;
     }
     const query: ChunkTable = {
@@ -249,19 +282,19 @@ export class SnapshotRunner {
 
   /** A table with nothing to copy still records its state, through one empty chunk. */
   private async emptyChunk(
-    table: SnapshotTable,
+    schema: string,
+    name: string,
     state: SnapshotTableState | null,
-    outcome: 'skipped_no_key',
+    outcome: 'skipped_no_key' | 'not_published',
     last: boolean,
   ): Promise<void> {
     const chunk = state?.chunks ?? 0;
-    const window = new SnapshotWindow(table.name, chunk);
-    const mark = { run: this.run, snapshot: this.snapshot.id, table: table.name, chunk };
+    const window = new SnapshotWindow(`${schema}.${name}`, chunk);
+    const mark = { run: this.run, snapshot: this.snapshot.id, table: `${schema}.${name}`, chunk };
     const handled = new Promise<void>((resolve) => {
       this.current = { window, watermark: mark, handled: resolve };
     });
     window.setRows([]);
-    const [schema, name] = [table.relation.schema, table.relation.table];
     window.progress = {
       schema,
       table: name,

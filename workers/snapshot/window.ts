@@ -83,7 +83,7 @@ export class SnapshotWindow {
   progress: {
     schema: string;
     table: string;
-    state: 'running' | 'done' | 'skipped_no_key';
+    state: 'running' | 'done' | 'skipped_no_key' | 'not_published';
     lastKey: readonly string[] | null;
     chunks: number;
     finished: boolean;

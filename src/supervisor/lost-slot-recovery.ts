@@ -1,0 +1,49 @@
+/**
+ * `snapshot: when_needed`: a source whose slot can no longer deliver what follows the buffer's
+ * checkpoint (missing, invalidated, advanced by someone else, its WAL removed) recovers by itself
+ * instead of stopping. The gap is recorded in cdc_gaps exactly as `reset-source --accept-gap`
+ * records it, and a snapshot of every published table begins in the same buffer transaction, so
+ * the buffer rebuilds the tables despite the gap. Loudly: an error line, and the metric.
+ */
+import pg from 'pg';
+import type { SourceConfig } from '../common/config.js';
+import type { Logger } from '../common/logger.js';
+import { pgClientOptions } from '../common/pg-connection.js';
+import type { BufferStore } from '../buffer/store.js';
+import { resetWith, type ResetOutcome } from '../reset-source.js';
+
+/** The reader's fatal codes that mean changes were lost, which a snapshot makes good. */
+const LOST_CHANGES = new Set(['SLOT_MISSING', 'SLOT_INVALIDATED', 'SLOT_ADVANCED', 'WAL_REMOVED']);
+
+export function isLostChanges(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === 'string' && LOST_CHANGES.has(code);
+}
+
+/**
+ * Records the gap, gets the slot into a state that delivers again and begins the snapshot. The
+ * caller holds the source's lock. Null when there was nothing to recover from after all.
+ */
+export async function recoverLostSlot(
+  store: BufferStore,
+  source: SourceConfig,
+  log: Logger,
+): Promise<ResetOutcome | null> {
+  const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));
+  client.on('error', () => undefined); // a lost connection rejects the query in flight
+  await client.connect();
+  try {
+    const lines: string[] = [];
+    const outcome = await resetWith(
+      store,
+      client,
+      source,
+      { sourceId: source.id, acceptGap: true, skipToCurrent: false, snapshot: 'when_needed' },
+      log,
+      (line) => lines.push(line),
+    );
+    return outcome.gap === null ? null : outcome;
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
