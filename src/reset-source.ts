@@ -100,7 +100,9 @@ export async function resetSource(
     client.on('error', () => undefined); // a lost connection rejects the query in flight
     try {
       await client.connect();
-      return (await resetWith(store, client, source, opts, log, out)).exitCode;
+      // The log names the source once, as the supervisor's per-source logger does.
+      const sourceLog = log.child({ source: source.id });
+      return (await resetWith(store, client, source, opts, sourceLog, out)).exitCode;
     } finally {
       await client.end().catch(() => undefined);
       await lock.release();
@@ -210,7 +212,6 @@ export async function resetWith(
   });
   log.warn(
     {
-      source: source.id,
       gapId: recorded.gapId,
       reason,
       fromLsn: formatLsn(fromLsn),

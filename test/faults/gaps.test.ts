@@ -447,6 +447,139 @@ describe('changes that can no longer be delivered', () => {
     await stop(again);
   });
 
+  /** Pushes WAL the stopped slot still needs past a 1 MB max_slot_wal_keep_size until it is lost. */
+  async function invalidateSlot(c: Case, firstId: number): Promise<number> {
+    await q(`ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`);
+    await q('SELECT pg_reload_conf()');
+    let n = firstId;
+    try {
+      await waitFor(
+        async () => {
+          await q(`INSERT INTO ${c.table} VALUES ($1, 'during the gap')`, [n]);
+          await q(`UPDATE ${c.table} SET v = 'changed in the gap' WHERE id = 2`);
+          n++;
+          await q('SELECT pg_switch_wal()');
+          await q('CHECKPOINT');
+          const [row] = await q<{ wal_status: string | null }>(
+            'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
+            [c.slot],
+          );
+          return row?.wal_status === 'lost';
+        },
+        { what: 'the slot to be invalidated', timeoutMs: 60_000, intervalMs: 10 },
+      );
+    } finally {
+      await q('ALTER SYSTEM RESET max_slot_wal_keep_size');
+      await q('SELECT pg_reload_conf()');
+    }
+    return n;
+  }
+
+  /**
+   * The table rebuilt from the buffer from `from` on (after a gap: its end, where the new snapshot
+   * begins): (lsn, seq) order, SNAPSHOT and INSERT/UPDATE as upserts.
+   */
+  async function replayed(c: Case, from = '0/0'): Promise<Map<number, string>> {
+    const events = await b<{ operation: string; id: number; v: string | null; old: number | null }>(
+      `SELECT operation, coalesce(after, before)->>'id' AS id, after->>'v' AS v,
+              (before->>'id')::int AS old
+         FROM cdc_events WHERE source_id = $1 AND table_name = $2 AND lsn >= $3::pg_lsn
+        ORDER BY lsn, seq`,
+      [c.id, c.table, from],
+    );
+    const rows = new Map<number, string>();
+    for (const e of events) {
+      if (e.operation === 'DELETE') rows.delete(Number(e.id));
+      else if (e.operation === 'TRUNCATE') rows.clear();
+      else rows.set(Number(e.id), e.v ?? '');
+    }
+    return rows;
+  }
+
+  it('snapshot: when_needed — a slot invalidated under a checkpoint: the source recovers by itself, records the gap, and the new snapshot rebuilds the table', async () => {
+    const c = makeCase('healed');
+    c.env = {
+      ...c.env,
+      PHILOTES_CDC_SNAPSHOT: 'when_needed',
+      PHILOTES_CDC_TABLES: `public.${c.table}`,
+    };
+    await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
+    await insert(c, 1, 5);
+    const p = await start(c);
+    // when_needed is also initial for a new source: the five rows come as SNAPSHOT events.
+    await waitFor(async () => (await replayed(c)).size === 5, {
+      what: 'the initial snapshot',
+      timeoutMs: 60_000,
+    });
+    await insert(c, 6, 8);
+    await waitForIds(c, 3);
+    await stop(p);
+    const before = await checkpoint(c);
+
+    const next = await invalidateSlot(c, 100);
+    await q(`DELETE FROM ${c.table} WHERE id = 3`);
+
+    // No person acts: the same command as before recovers by itself and goes on streaming.
+    const metricsPort = await freePort();
+    const again = startPhilotes({
+      ...c.env,
+      PHILOTES_METRICS_PORT: String(metricsPort),
+      PHILOTES_METRICS_HOST: '127.0.0.1',
+    });
+    const [gap] = await waitFor(
+      async () => {
+        const found = await gaps(c);
+        return found.length > 0 ? found : false;
+      },
+      { what: 'the gap to be recorded', timeoutMs: 60_000 },
+    );
+    expect(gap!.reason).toBe('slot_invalidated');
+    expect(gap!.from_lsn).toBe(before.lsn);
+    await waitFor(
+      async () =>
+        (
+          await b<{ state: string }>(
+            `SELECT state FROM cdc_snapshots WHERE source_id = $1 AND reason = 'when_needed'`,
+            [c.id],
+          )
+        )[0]?.state === 'done',
+      { what: 'the when_needed snapshot to finish', timeoutMs: 60_000 },
+    );
+    await q(`INSERT INTO ${c.table} VALUES ($1, 'after')`, [next + 1]);
+    const expected = new Map(
+      (await q<{ id: number; v: string }>(`SELECT id, v FROM ${c.table}`)).map((r) => [r.id, r.v]),
+    );
+    // Replayed from the new snapshot (the gap's end), the buffer equals the table: the row
+    // deleted and the one changed during the gap included.
+    await waitFor(async () => (await replayed(c, gap!.to_lsn)).has(next + 1), {
+      what: 'a row after the recovery',
+      timeoutMs: 60_000,
+    });
+    expect(await replayed(c, gap!.to_lsn)).toEqual(expected);
+    expect(expected.has(3)).toBe(false);
+    expect(expected.get(2)).toBe('changed in the gap');
+    const [initial, healed] = await b<{ reason: string; state: string; rows: string }>(
+      `SELECT reason, state, rows FROM cdc_snapshots WHERE source_id = $1 ORDER BY id`,
+      [c.id],
+    );
+    expect(initial).toMatchObject({ reason: 'initial', state: 'done', rows: '5' });
+    expect(healed).toMatchObject({ reason: 'when_needed', state: 'done' });
+    expect(Number(healed!.rows)).toBe(expected.size - 1); // the row inserted after it is no snapshot row
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(metrics).toContain(`philotes_snapshots_total{source="${c.id}",reason="when_needed"} 1`);
+    expect(metrics).toContain(
+      `philotes_gaps_recorded_total{source="${c.id}",reason="slot_invalidated"} 1`,
+    );
+    const readiness = (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
+      sources: Array<{ state: string; snapshot: { reason: string; state: string } | null }>;
+    };
+    expect(readiness.sources[0]).toMatchObject({
+      state: 'streaming',
+      snapshot: { reason: 'when_needed', state: 'done' },
+    });
+    await stop(again);
+  });
+
   it('every log line names each key once', () => {
     expect(allLines.length).toBeGreaterThan(50);
     expect(linesWithDuplicateKeys(allLines)).toEqual([]);
