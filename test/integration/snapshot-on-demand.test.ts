@@ -1,0 +1,139 @@
+/**
+ * An on-demand snapshot (issue 12): `philotes-worker snapshot --source S --table T` while the
+ * source streams and writers change both tables. The source runs with `snapshot: never`, so the
+ * buffer holds none of the table's existing rows until the on-demand copy: replayed, it equals
+ * the table only if that copy met the stream exactly. The other table streams on meanwhile.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import { runPhilotesToExit, startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { waitFor } from '../support/poll.js';
+
+describe('on-demand snapshot', () => {
+  let f: Fixture;
+  let philotes: PhilotesProcess | undefined;
+  const env = () => f.env({ PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS: '500' });
+  const b = <T = Record<string, unknown>>(sql: string, params: unknown[] = []) =>
+    f.buffer.query<T>(sql, params, 'buffer');
+
+  beforeAll(async () => {
+    f = await startFixture();
+    await f.source.query(
+      `CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance int);
+       INSERT INTO accounts SELECT g, 'o' || g, 100 FROM generate_series(1, 8000) g;
+       CREATE TABLE audit (id serial PRIMARY KEY, note text);`,
+      [],
+      'app',
+    );
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await f?.destroy();
+  });
+
+  async function replay(table: string): Promise<Map<number, Record<string, unknown>>> {
+    const events = await b<{
+      operation: string;
+      before: Record<string, unknown> | null;
+      after: Record<string, unknown> | null;
+    }>(
+      `SELECT operation, before, after FROM cdc_events WHERE table_name = $1
+        ORDER BY cdc_events.lsn, seq`,
+      [table],
+    );
+    const state = new Map<number, Record<string, unknown>>();
+    for (const e of events) {
+      if (e.operation === 'DELETE') state.delete(Number(e.before!['id']));
+      else state.set(Number(e.after!['id']), { ...state.get(Number(e.after!['id'])), ...e.after });
+    }
+    return state;
+  }
+
+  it('re-copies one table while writers change it and the other table streams on', async () => {
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+
+    // A table name the publication does not have is refused, naming what it has.
+    const wrong = await runPhilotesToExit(env(), 60_000, {
+      args: ['snapshot', '--source', 'app', '--table', 'acounts'],
+    });
+    expect(wrong.code).toBe(2);
+    expect(wrong.stderr.join('\n')).toContain('public.acounts');
+    expect(wrong.stderr.join('\n')).toContain('public.accounts');
+
+    const writer = await connect(f.source, 'app');
+    let stop = false;
+    let i = 0;
+    const load = (async () => {
+      while (!stop) {
+        i++;
+        await writer.query('UPDATE accounts SET balance = balance + 1 WHERE id = $1', [
+          1 + ((i * 7919) % 8000),
+        ]);
+        await writer.query('DELETE FROM accounts WHERE id = $1', [1 + ((i * 104729) % 8000)]);
+        await writer.query(`INSERT INTO accounts VALUES ($1, 'new', 0)`, [10000 + i]);
+        await writer.query(`INSERT INTO audit (note) VALUES ($1)`, [`n${i}`]);
+      }
+    })();
+    await waitFor(async () => i > 50, { what: 'the writers to start', timeoutMs: 30_000 });
+
+    const asked = await runPhilotesToExit(env(), 60_000, {
+      args: ['snapshot', '--source', 'app', '--table', 'accounts'],
+    });
+    expect(asked.code, asked.stderr.join('\n')).toBe(0);
+    expect(asked.stdout.join('\n')).toMatch(/snapshot #\d+ of public\.accounts/);
+
+    await waitFor(
+      async () =>
+        (
+          await b<{ state: string }>(`SELECT state FROM cdc_snapshots WHERE reason = 'on_demand'`)
+        )[0]?.state === 'done',
+      { what: 'the on-demand snapshot to finish', timeoutMs: 120_000 },
+    );
+    stop = true;
+    await load;
+    await writer.query(`INSERT INTO audit (note) VALUES ('marker')`);
+    await writer.end();
+    await waitFor(
+      async () =>
+        (
+          await b<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE after->>'note' = 'marker'`,
+          )
+        )[0]!.n === 1,
+      { what: 'the marker', timeoutMs: 60_000 },
+    );
+
+    for (const table of ['accounts', 'audit']) {
+      const source = await f.source.query<Record<string, unknown>>(
+        `SELECT * FROM ${table}`,
+        [],
+        'app',
+      );
+      const state = await replay(table);
+      expect(state.size, table).toBe(source.length);
+      for (const row of source) expect(state.get(Number(row['id'])), table).toEqual(row);
+    }
+
+    // Only the asked-for table was copied, each of its rows once, and the other table's changes
+    // kept landing while the copy ran (between its first and last SNAPSHOT rows).
+    const [copied] = await b<{ tables: string[]; rows: number; twice: number; between: number }>(
+      `SELECT array_agg(DISTINCT table_name) AS tables, count(*)::int AS rows,
+              count(*)::int - count(DISTINCT after->>'id')::int AS twice,
+              (SELECT count(*)::int FROM cdc_events a WHERE a.table_name = 'audit'
+                  AND a.lsn > min(s.lsn) AND a.lsn < max(s.lsn)) AS between
+         FROM cdc_events s WHERE operation = 'SNAPSHOT'`,
+    );
+    expect(copied!.tables).toEqual(['accounts']);
+    expect(copied!.twice).toBe(0);
+    expect(copied!.rows).toBeGreaterThan(7000);
+    expect(copied!.between).toBeGreaterThan(0);
+    const [record] = await b<{ state: string; rows: string; chunks: number }>(
+      `SELECT t.state, t.rows, t.chunks FROM cdc_snapshot_tables t
+         JOIN cdc_snapshots s ON s.id = t.snapshot_id WHERE s.reason = 'on_demand'`,
+    );
+    expect(record).toMatchObject({ state: 'done', rows: String(copied!.rows) });
+    expect(record!.chunks).toBeGreaterThanOrEqual(16);
+  });
+});
