@@ -4,7 +4,7 @@
  * drains its slot durably into the buffer (start to last checkpoint committed).
  *
  *   npm run bench                 # all scenarios but fleet
- *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge | large
+ *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge | large | snapshot
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -21,6 +21,7 @@ import { commitLatency } from './commit-latency.js';
 import { spawnPhilotes } from './philotes-process.js';
 import { HUGE_ROWS, runHugeTransaction, type HugeRun } from './huge-transaction.js';
 import { runLargeValues, type LargeValueRun } from './large-value.js';
+import { runSnapshotBench, SNAPSHOT_ROWS, type SnapshotBench } from './snapshot.js';
 import { cpuSeconds } from './proc-stats.js';
 
 interface Scenario {
@@ -385,9 +386,17 @@ async function main(): Promise<void> {
   const fleetWanted = wanted.includes('fleet');
   const hugeWanted = wanted.includes('huge');
   const largeWanted = wanted.includes('large');
-  if (scenarios.length === 0 && !latencyWanted && !fleetWanted && !hugeWanted && !largeWanted) {
+  const snapshotWanted = wanted.includes('snapshot');
+  if (
+    scenarios.length === 0 &&
+    !latencyWanted &&
+    !fleetWanted &&
+    !hugeWanted &&
+    !largeWanted &&
+    !snapshotWanted
+  ) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge', 'large'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge', 'large', 'snapshot'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -465,12 +474,26 @@ async function main(): Promise<void> {
       );
     }
   }
+  let snapshot: SnapshotBench | null = null;
+  if (snapshotWanted) {
+    process.stderr.write(
+      `bench: snapshot: the initial snapshot of a ${SNAPSHOT_ROWS}-row table against pg_dump --data-only | psql\n`,
+    );
+    snapshot = await runSnapshotBench();
+    const s = snapshot;
+    process.stdout.write(
+      `bench: snapshot: Philotes ${s.philotesRowsPerSecond} rows/s (${s.philotesSeconds} s, ${s.chunks} chunks, peak RSS ${s.philotesPeakRssMb} MB, CPU ${s.philotesCpuSeconds} s); pg_dump | psql ${s.pgDumpRowsPerSecond} rows/s (${s.pgDumpSeconds} s); ratio ${s.ratio}\n`,
+    );
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
     `drain-${new Date().toISOString().replace(/[:.]/g, '-')}.json`,
   );
-  writeFileSync(file, JSON.stringify({ machine, results, latency, fleet, huge, large }, null, 2));
+  writeFileSync(
+    file,
+    JSON.stringify({ machine, results, latency, fleet, huge, large, snapshot }, null, 2),
+  );
   process.stderr.write(`bench: wrote ${file}\n`);
 }
 

@@ -486,20 +486,21 @@ export class SlotReader implements PgoutputHandler {
       return;
     }
     const resolver = this.resolver!;
-    const runner = new SnapshotRunner(
-      options,
-      this.task.source.publication,
-      this.skippedTables,
-      plan,
-      randomUUID(),
-      this.task.settings.snapshotChunkRows,
-      {
+    const runner = new SnapshotRunner({
+      connection: options,
+      publication: this.task.source.publication,
+      skipped: this.skippedTables,
+      snapshot: plan,
+      run: randomUUID(),
+      chunkRows: this.task.settings.snapshotChunkRows,
+      parallelTables: this.task.settings.snapshotParallelTables,
+      hooks: {
         resolve: (oid, schema, table) => resolver.resolveCatalogRelation(oid, schema, table),
         begin: (table, window) => this.snapshotTables.set(table.oid, { table, window }),
         end: (table) => this.snapshotTables.delete(table.oid),
       },
-      this.log,
-    );
+      log: this.log,
+    });
     this.snapshot = runner;
     runner.runAll().then(
       () => {
@@ -565,10 +566,15 @@ export class SlotReader implements PgoutputHandler {
     }
     // Rows to read again keep the table running, their keys recorded, until they are read.
     const reread = found.window.reread;
-    const progress =
-      reread.length > 0
-        ? { ...found.window.progress!, state: 'running' as const, finished: false, pending: reread }
-        : { ...found.window.progress!, pending: [] };
+    const chunk = found.window.progress!;
+    const state = reread.length > 0 ? 'running' : chunk.state;
+    const progress = {
+      ...chunk,
+      state,
+      pending: reread,
+      // The last table's final state finishes the snapshot.
+      finished: state !== 'running' && this.snapshot!.noteTableDone(w.table),
+    };
     const entry = [...this.snapshotTables.values()].find((e) => e.table.name === w.table);
     if (entry && rows.length > 0) {
       const { oid, relation } = entry.table;
@@ -579,12 +585,7 @@ export class SlotReader implements PgoutputHandler {
         current.columns.length === names.length &&
         current.columns.every((c, i) => c.name === names[i]);
       const positions = same ? null : current.columns.map((c) => names.indexOf(c.name));
-      this.builder.snapshotRows(
-        oid,
-        rows.map((r) =>
-          positions === null ? r.values : positions.map((p) => (p < 0 ? null : r.values[p]!)),
-        ),
-      );
+      this.builder.snapshotRows(oid, found.rows, rows, positions);
     }
     this.builder.noteSnapshotProgress({ ...progress, snapshotId: w.snapshot, rows: rows.length });
     // The first chunk records every table of the plan, so that a resume copies those only.

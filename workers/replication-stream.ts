@@ -4,6 +4,7 @@
  * lives here, so that the reader above it deals only in messages and positions.
  */
 import type pg from 'pg';
+import { takeOverMessages } from './message-framing.js';
 import { LogicalReplicationService } from 'pg-logical-replication';
 import { formatLsn } from '../src/common/lsn.js';
 
@@ -96,93 +97,23 @@ class StreamTakeover {
   }
 }
 
-/** Protocol message type of CopyData, and the size of a message's type and length. */
+/** Protocol message type of CopyData. */
 const COPY_DATA = 0x64; // 'd'
-const MESSAGE_HEADER = 5;
 
 /**
- * Frames the connection's CopyData messages ourselves, ahead of pg's parser, and hands every
- * other message to pg as it was. pg's parser grows its buffer by doubling while a message
- * arrives, so a 50 MB value briefly costs 64 + 32 MB before we even see it; here a message that
- * spans socket reads gets a buffer of exactly its size, and one within a read is not copied at
- * all (the payload is valid during the call, as with pg's). The connection is idle when this is
- * called (START_REPLICATION is not sent yet), so no partial message sits in pg's parser. With
- * other than the one data listener pg installs, nothing is taken over.
+ * Frames the connection's CopyData messages ourselves, ahead of pg's parser (see
+ * takeOverMessages). The connection is idle when this is called (START_REPLICATION is not sent
+ * yet), so no partial message sits in pg's parser.
  */
 export function takeOverCopyData(
   connection: NodeJS.EventEmitter,
   onCopyData: (payload: Buffer, owned: boolean) => void,
 ): void {
-  const socket = (connection as unknown as { stream?: NodeJS.EventEmitter }).stream;
-  const listeners = socket?.listeners('data') as Array<(chunk: Buffer) => void> | undefined;
-  if (!socket || listeners?.length !== 1) return;
-  const pgParse = listeners[0]!;
-  socket.removeListener('data', pgParse);
-  const header = Buffer.alloc(MESSAGE_HEADER);
-  let headerBytes = 0;
-  /** The message being assembled across reads: its type, its buffer, how much is filled. */
-  let type = 0;
-  let message: Buffer | null = null;
-  let filled = 0;
-  const complete = (full: Buffer, bodyStart: number) => {
-    if (type === COPY_DATA) onCopyData(full.subarray(bodyStart), true);
-    else pgParse(full);
-  };
-  socket.on('data', (chunk: Buffer) => {
-    let offset = 0;
-    while (offset < chunk.length) {
-      if (message !== null) {
-        const n = Math.min(message.length - filled, chunk.length - offset);
-        chunk.copy(message, filled, offset, offset + n);
-        filled += n;
-        offset += n;
-        if (filled === message.length) {
-          const done = message;
-          message = null;
-          complete(done, type === COPY_DATA ? 0 : MESSAGE_HEADER);
-        }
-        continue;
-      }
-      let start: number;
-      if (headerBytes > 0 || chunk.length - offset < MESSAGE_HEADER) {
-        // A header split across reads.
-        const n = Math.min(MESSAGE_HEADER - headerBytes, chunk.length - offset);
-        chunk.copy(header, headerBytes, offset, offset + n);
-        headerBytes += n;
-        offset += n;
-        if (headerBytes < MESSAGE_HEADER) return;
-        headerBytes = 0;
-        start = -1;
-      } else {
-        chunk.copy(header, 0, offset, offset + MESSAGE_HEADER);
-        start = offset;
-        offset += MESSAGE_HEADER;
-      }
-      type = header[0]!;
-      const bodyLength = header.readInt32BE(1) - 4;
-      if (start >= 0 && chunk.length - offset >= bodyLength) {
-        // Whole within this read: no copy.
-        const end = offset + bodyLength;
-        if (type === COPY_DATA) onCopyData(chunk.subarray(offset, end), false);
-        else pgParse(chunk.subarray(start, end));
-        offset = end;
-        continue;
-      }
-      if (type === COPY_DATA) {
-        message = Buffer.allocUnsafe(bodyLength);
-        filled = 0;
-      } else {
-        message = Buffer.allocUnsafe(MESSAGE_HEADER + bodyLength);
-        header.copy(message, 0);
-        filled = MESSAGE_HEADER;
-      }
-      if (message.length === filled) {
-        const done = message;
-        message = null;
-        complete(done, type === COPY_DATA ? 0 : MESSAGE_HEADER);
-      }
-    }
-  });
+  takeOverMessages(
+    connection,
+    (type) => type === COPY_DATA,
+    (_type, payload, owned) => onCopyData(payload, owned),
+  );
 }
 
 export class ReplicationStream {

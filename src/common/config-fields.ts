@@ -358,6 +358,12 @@ export const SOURCE_SETTINGS: ReadonlyArray<{
     read: (env, name) => integer(env, name, 10_000, 1, 1_000_000),
   },
   {
+    key: 'snapshotParallelTables',
+    fileKey: 'snapshotParallelTables',
+    env: 'PHILOTES_CDC_SNAPSHOT_PARALLEL_TABLES',
+    read: (env, name) => integer(env, name, 1, 1, 16),
+  },
+  {
     key: 'readerHeapLimitMb',
     fileKey: 'readerHeapLimitMb',
     env: 'PHILOTES_CDC_READER_HEAP_LIMIT_MB',

@@ -60,6 +60,8 @@ export interface SourceSettings {
   readonly readerHeapLimitMb: number;
   /** Rows a snapshot reads per chunk (one short query between two watermarks). */
   readonly snapshotChunkRows: number;
+  /** Tables a snapshot copies at once, each on a source connection of its own. */
+  readonly snapshotParallelTables: number;
 }
 
 export interface SourceConfig {

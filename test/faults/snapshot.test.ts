@@ -14,7 +14,11 @@ describe('initial snapshot', () => {
   let f: Fixture;
   let philotes: PhilotesProcess | undefined;
   const env = () =>
-    f.env({ PHILOTES_CDC_SNAPSHOT: 'initial', PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS: '2000' });
+    f.env({
+      PHILOTES_CDC_SNAPSHOT: 'initial',
+      PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS: '2000',
+      PHILOTES_CDC_SNAPSHOT_PARALLEL_TABLES: '2',
+    });
 
   beforeAll(async () => {
     f = await startFixture();

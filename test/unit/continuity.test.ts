@@ -57,6 +57,7 @@ const SOURCE: SourceConfig = {
     maxInFlightBatches: 4,
     readerHeapLimitMb: 512,
     snapshotChunkRows: 10_000,
+    snapshotParallelTables: 1,
   },
 };
 

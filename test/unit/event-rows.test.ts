@@ -1,3 +1,4 @@
+import { ChunkRows } from '../../workers/snapshot/chunk-rows.js';
 import { describe, expect, it } from 'vitest';
 import { formatLsn } from '../../src/common/lsn.js';
 import {
@@ -143,6 +144,18 @@ function rows(batch: TakenBatch, data: ArrayBuffer = batch.data): Row[] {
 }
 
 const json = (text: string | null): unknown => (text === null ? null : JSON.parse(text));
+
+/** A protocol DataRow body: Int16 count, then per column Int32 length (-1: NULL) and bytes. */
+function dataRow(values: ReadonlyArray<string | null>): Buffer {
+  const parts: Buffer[] = [Buffer.from([values.length >> 8, values.length & 0xff])];
+  for (const v of values) {
+    const len = Buffer.alloc(4);
+    len.writeInt32BE(v === null ? -1 : Buffer.byteLength(v));
+    parts.push(len);
+    if (v !== null) parts.push(Buffer.from(v));
+  }
+  return Buffer.concat(parts);
+}
 
 describe('pgTimeToMs', () => {
   it('gives Unix milliseconds, floored', () => {
@@ -386,10 +399,19 @@ describe('BatchBuilder', () => {
     b.begin(FINAL_LSN, COMMIT_TIME, XID);
     b.relation(ORDERS);
     b.insert(ORDERS_OID, T(['1', 'x', '{"a": 1}', '2.500', '{a,b}']));
-    b.snapshotRows(ORDERS_OID, [
+    // As the server sends a query's rows (DataRow bodies); the one in the middle is left out.
+    const chunk = new ChunkRows();
+    for (const values of [
       ['1', 'x', '{"a": 1}', '2.500', '{a,b}'],
+      ['9', 'dropped', null, null, null],
       ['2', null, null, null, null],
-    ]);
+    ])
+      chunk.add(dataRow(values));
+    b.snapshotRows(ORDERS_OID, chunk, [0, 2], null);
+    // Rows read before the table changed shape: columns found by name (here in reverse order).
+    const reversed = new ChunkRows();
+    reversed.add(dataRow(['{c}', '7.000', null, 'y', '3']));
+    b.snapshotRows(ORDERS_OID, reversed, [0], [4, 3, 2, 1, 0]);
     b.commit(END_LSN, COMMIT_TIME);
     const batch = b.take();
     const r = rows(batch);
@@ -397,10 +419,13 @@ describe('BatchBuilder', () => {
       ['1', 'INSERT', null],
       ['2', 'SNAPSHOT', null],
       ['3', 'SNAPSHOT', null],
+      ['4', 'SNAPSHOT', null],
     ]);
     // The same values give the same after as the stream's INSERT.
     expect(r[1]!.after).toBe(r[0]!.after);
-    expect(batch.counts.snapshot).toBe(2);
+    expect(JSON.parse(r[2]!.after!)).toMatchObject({ id: '2', note: null });
+    expect(JSON.parse(r[3]!.after!)).toMatchObject({ id: '3', note: 'y', tags: ['c'] });
+    expect(batch.counts.snapshot).toBe(3);
   });
 
   it("an aborted streamed transaction's relations are forgotten", () => {

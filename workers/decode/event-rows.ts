@@ -119,6 +119,11 @@ function tupleBytes(values: ReadonlyArray<string | null>): Buffer {
   return Buffer.concat(parts);
 }
 
+/** A snapshot chunk's rows (workers/snapshot/chunk-rows.ts), row i located in a TupleView. */
+export interface SnapshotRowSource {
+  view(i: number, tuple: TupleView): TupleView;
+}
+
 /** A batch as the builder hands it over: what a batch message carries. */
 export type TakenBatch = BatchPayload;
 
@@ -497,11 +502,28 @@ export class BatchBuilder {
     return (this.stream?.relations.get(oid) ?? this.relations.get(oid))?.relation;
   }
 
-  snapshotRows(relationOid: number, rows: ReadonlyArray<ReadonlyArray<string | null>>): void {
+  snapshotRows(
+    relationOid: number,
+    rows: SnapshotRowSource,
+    indexes: readonly number[],
+    /** For each of the relation's columns, its place in the rows (-1: none), if they differ. */
+    positions: readonly number[] | null,
+  ): void {
     const enc = this.encoding(relationOid);
-    const tuple = new TupleView();
-    for (const values of rows) {
-      tuple.read(tupleBytes(values), 0);
+    const read = new TupleView();
+    const remapped = new TupleView();
+    for (const i of indexes) {
+      let tuple = rows.view(i, read);
+      if (positions !== null) {
+        // The table's shape changed since its copy began (rare): the row rebuilt in the
+        // relation's column order, through texts.
+        const row = tuple;
+        remapped.read(
+          tupleBytes(positions.map((p) => (p < 0 || row.isNull(p) ? null : row.text(p)))),
+          0,
+        );
+        tuple = remapped;
+      }
       this.push(enc, OPERATIONS.SNAPSHOT, null, false, tuple, null);
       this.tally.snapshot++;
     }

@@ -131,6 +131,37 @@ export class TupleView {
     return off;
   }
 
+  /**
+   * Locates a protocol DataRow body (a query's row, every column as text: Int16 count, then per
+   * column Int32 length, -1 for NULL, and the bytes) at `offset`, as a tuple of 't' and 'n'
+   * values; returns the offset just after it. A snapshot's chunk rows are read this way.
+   */
+  readDataRow(buf: Buffer, offset: number): number {
+    if (offset + 2 > buf.length) throw new RangeError('DataRow: truncated');
+    const n = (buf[offset]! << 8) | buf[offset + 1]!;
+    let off = offset + 2;
+    if (n > this.kinds.length) this.grow(n);
+    const { kinds, starts, ends } = this;
+    for (let i = 0; i < n; i++) {
+      if (off + 4 > buf.length) throw new RangeError('DataRow: truncated');
+      const len = buf.readInt32BE(off);
+      off += 4;
+      if (len < 0) {
+        kinds[i] = KIND_NULL;
+        continue;
+      }
+      if (off + len > buf.length) throw new RangeError('DataRow: truncated');
+      kinds[i] = KIND_TEXT;
+      starts[i] = off;
+      ends[i] = off + len;
+      off += len;
+    }
+    this.buf = buf;
+    this.owned = false;
+    this.count = n;
+    return off;
+  }
+
   isNull(i: number): boolean {
     return this.kinds[i] === KIND_NULL;
   }

@@ -1,7 +1,7 @@
 /**
  * The chunk query: the next `limit` rows of a table after `after` in primary key order, every
- * column as the text its output function prints (what pgoutput sends), the key columns first
- * again for the window's comparison. A row comparison on the key — `(a, b) > ($1, $2)` — walks
+ * column as the text its output function prints (what pgoutput sends), in the order of the
+ * table's columns (the stream's Relation order). A row comparison on the key — `(a, b) > ($1, $2)` — walks
  * a composite key in index order, and each query is short: read-only, one index range.
  */
 
@@ -29,7 +29,7 @@ export function chunkQuery(
   // Qualified: a bare name in ORDER BY means an output column first, and the output columns
   // are the texts (ORDER BY "n" would sort 106 before 22).
   const key = t.primaryKey.map((c) => `t.${ident(c)}`);
-  const select = [...t.primaryKey, ...t.columns].map((c) => `t.${ident(c)}::text`).join(', ');
+  const select = t.columns.map((c) => `t.${ident(c)}::text`).join(', ');
   const from = `${ident(t.schema)}.${ident(t.table)} AS t`;
   // The key columns compared in their own types: the text of the last key cast back.
   const where =
@@ -54,7 +54,7 @@ export function rereadQuery(
   keys: ReadonlyArray<readonly string[]>,
 ): { text: string; values: unknown[] } {
   const key = t.primaryKey.map((c) => `t.${ident(c)}`);
-  const select = [...t.primaryKey, ...t.columns].map((c) => `t.${ident(c)}::text`).join(', ');
+  const select = t.columns.map((c) => `t.${ident(c)}::text`).join(', ');
   const from = `${ident(t.schema)}.${ident(t.table)} AS t`;
   const names = t.primaryKey.map((_, i) => `k${i}`);
   const cast = names.map((n, i) => `u.${n}::${t.primaryKeyTypes[i]!}`).join(', ');

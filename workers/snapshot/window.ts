@@ -15,12 +15,6 @@
  * read again (`reread`), inside a window of its own, until a window passes without such an update.
  */
 
-/** A chunk as read: each row's key text and its column texts (null for SQL NULL). */
-export interface ChunkRow {
-  readonly key: string;
-  readonly values: ReadonlyArray<string | null>;
-}
-
 export interface Watermark {
   /** Identifies the reader run: watermarks of an earlier run, met again after a restart, are void. */
   readonly run: string;
@@ -66,7 +60,7 @@ export function splitKey(key: string): string[] {
 }
 
 /**
- * The open window of one chunk. `rows` arrive when the chunk query returns, which may be before
+ * The open window of one chunk. Its rows' keys arrive when the chunk query returns, which may be before
  * or after the stream meets the low watermark, but always before the high one (it is written
  * after the query).
  */
@@ -86,12 +80,11 @@ export class SnapshotWindow {
     state: 'running' | 'done' | 'skipped_no_key' | 'not_published';
     lastKey: readonly string[] | null;
     chunks: number;
-    finished: boolean;
   } | null = null;
   /** Keys (their columns' texts) of the chunk's rows to read again; set once it is closed. */
   reread: ReadonlyArray<readonly string[]> = [];
   private open = false;
-  private rows: readonly ChunkRow[] | null = null;
+  private keys: readonly string[] | null = null;
 
   constructor(
     readonly table: string,
@@ -134,28 +127,36 @@ export class SnapshotWindow {
   /** The chunk must be read again (see noteRedo); set once it is closed. */
   redo = false;
 
-  setRows(rows: readonly ChunkRow[]): void {
-    this.rows = rows;
+  /** The chunk's rows, by their keys (keyOf), in the order read. */
+  setRows(keys: readonly string[]): void {
+    this.keys = keys;
   }
 
   /**
-   * The stream met the high watermark: the chunk's rows that no change in the window touched.
-   * Throws if the rows are not there (they are read before the high watermark is written).
+   * The stream met the high watermark: the indexes of the chunk's rows that no change in the
+   * window touched. Throws if the rows are not there (they are read before the high watermark is
+   * written).
    */
-  close(): readonly ChunkRow[] {
+  close(): number[] {
     if (!this.open)
       throw new Error(
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} without its low one`,
       );
-    if (this.rows === null)
+    const keys = this.keys;
+    if (keys === null)
       throw new Error(
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} before its rows`,
       );
     this.open = false;
     if (this.truncated || this.redo) return [];
-    this.reread = this.rows
-      .filter((row) => this.partial.has(row.key))
-      .map((row) => splitKey(row.key));
-    return this.rows.filter((row) => !this.changed.has(row.key) && !this.partial.has(row.key));
+    const kept: number[] = [];
+    const reread: string[][] = [];
+    for (let i = 0; i < keys.length; i++) {
+      const key = keys[i]!;
+      if (this.partial.has(key)) reread.push(splitKey(key));
+      else if (!this.changed.has(key)) kept.push(i);
+    }
+    this.reread = reread;
+    return kept;
   }
 }

@@ -1,0 +1,53 @@
+/**
+ * A chunk's rows as the server sent them: DataRow bodies, copied back to back into one buffer.
+ * pg would have made a string of every column; the encoder reads these bytes as it reads the
+ * stream's tuples (TupleView.readDataRow), and only the key columns become strings (for the
+ * window's comparison).
+ */
+import { TupleView } from '../decode/pgoutput.js';
+import { keyOf } from './window.js';
+
+export class ChunkRows {
+  private buf = Buffer.allocUnsafe(1 << 16);
+  private length = 0;
+  private readonly offsets: number[] = [];
+
+  get count(): number {
+    return this.offsets.length;
+  }
+
+  /** A DataRow body (valid only during the call: copied). */
+  add(body: Buffer): void {
+    if (this.length + body.length > this.buf.length) {
+      const grown = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.length + body.length));
+      this.buf.copy(grown, 0, 0, this.length);
+      this.buf = grown;
+    }
+    this.offsets.push(this.length);
+    body.copy(this.buf, this.length);
+    this.length += body.length;
+  }
+
+  /** Row i, located in `tuple` (which is reused). */
+  view(i: number, tuple: TupleView): TupleView {
+    tuple.readDataRow(this.buf, this.offsets[i]!);
+    return tuple;
+  }
+
+  /** Each row's key (keyOf of its key columns' texts). */
+  keys(keyIndexes: readonly number[]): string[] {
+    const tuple = new TupleView();
+    const keys: string[] = new Array<string>(this.count);
+    for (let i = 0; i < this.count; i++) {
+      this.view(i, tuple);
+      keys[i] = keyOf(keyIndexes.map((k) => (tuple.isNull(k) ? null : tuple.text(k))));
+    }
+    return keys;
+  }
+
+  /** Row i's key columns' texts. */
+  keyTexts(i: number, keyIndexes: readonly number[]): string[] {
+    const tuple = this.view(i, new TupleView());
+    return keyIndexes.map((k) => tuple.text(k));
+  }
+}
