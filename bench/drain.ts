@@ -23,6 +23,7 @@ import { HUGE_ROWS, runHugeTransaction, type HugeRun } from './huge-transaction.
 import { runLargeValues, type LargeValueRun } from './large-value.js';
 import { runSnapshotBench, SNAPSHOT_ROWS, type SnapshotBench } from './snapshot.js';
 import { cpuSeconds } from './proc-stats.js';
+import { reapedChildCpuSeconds, waitForBackendsGone } from './cluster-cpu.js';
 
 interface Scenario {
   name: string;
@@ -161,32 +162,6 @@ async function timeRecvlogical(source: Cluster, work: string, slot = 'twin'): Pr
   const seconds = (performance.now() - started) / 1000;
   if (statSync(out).size === 0) throw new Error('pg_recvlogical wrote nothing');
   return seconds;
-}
-
-/**
- * CPU seconds of a cluster's exited backends: the postmaster reaps them, so their time lands in
- * its cutime/cstime. Read before and after a phase, the difference is what the walsender (source)
- * or the COPY backends (buffer) spent on it, once their connections have ended.
- */
-function reapedChildCpuSeconds(cluster: Cluster): number {
-  const pid = Number(readFileSync(join(cluster.dataDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
-  return cpuSeconds(pid).children;
-}
-
-/** Waits until no other backend is connected to `database` (so its CPU has been reaped). */
-async function waitForBackendsGone(cluster: Cluster, database: string): Promise<void> {
-  const deadline = Date.now() + 10_000;
-  while (Date.now() < deadline) {
-    const [row] = await cluster.query<{ n: number }>(
-      `SELECT count(*)::int AS n FROM pg_stat_activity
-        WHERE pid <> pg_backend_pid() AND (datname = $1 OR backend_type = 'walsender')`,
-      [database],
-      database,
-    );
-    if (row!.n === 0) return;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`backends on ${database} did not exit`);
 }
 
 function procStats(pid: number): { rssPeakKb: number; cpuSeconds: number } {
@@ -482,7 +457,7 @@ async function main(): Promise<void> {
     snapshot = await runSnapshotBench();
     const s = snapshot;
     process.stdout.write(
-      `bench: snapshot: Philotes ${s.philotesRowsPerSecond} rows/s (${s.philotesSeconds} s, ${s.chunks} chunks, peak RSS ${s.philotesPeakRssMb} MB, CPU ${s.philotesCpuSeconds} s); pg_dump | psql ${s.pgDumpRowsPerSecond} rows/s (${s.pgDumpSeconds} s); ratio ${s.ratio}\n`,
+      `bench: snapshot: Philotes ${s.philotesRowsPerSecond} rows/s (${s.philotesSeconds} s, ${s.chunks} chunks, peak RSS ${s.philotesPeakRssMb} MB, CPU ${s.philotesCpuSeconds} s); pg_dump | psql ${s.pgDumpRowsPerSecond} rows/s (${s.pgDumpSeconds} s); ratio ${s.ratio}; CPU s of the source's backends ${s.sourceBackendCpuSeconds}, of the buffer's ${s.bufferBackendCpuSeconds}\n`,
     );
   }
   mkdirSync('bench-results', { recursive: true });

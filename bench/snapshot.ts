@@ -13,6 +13,7 @@ import { waitFor } from '../test/support/poll.js';
 import { binDir } from './pg-tools.js';
 import { spawnPhilotes } from './philotes-process.js';
 import { cpuSeconds, peakRssMb } from './proc-stats.js';
+import { reapedChildCpuSeconds, waitForBackendsGone } from './cluster-cpu.js';
 
 export const SNAPSHOT_ROWS = Number(process.env['PHILOTES_BENCH_SNAPSHOT_ROWS'] ?? 2_000_000);
 
@@ -37,6 +38,9 @@ export interface SnapshotBench {
   pgDumpRowsPerSecond: number;
   /** Philotes' rows/s over pg_dump | psql's. */
   ratio: number;
+  /** CPU seconds of the source's and the buffer's backends during Philotes' snapshot. */
+  sourceBackendCpuSeconds: number;
+  bufferBackendCpuSeconds: number;
 }
 
 function shell(command: string): Promise<void> {
@@ -82,8 +86,16 @@ export async function runSnapshotBench(): Promise<SnapshotBench> {
     );
     const pgDumpSeconds = (performance.now() - dumpStarted) / 1000;
 
+    await waitForBackendsGone(source, 'app');
+    await waitForBackendsGone(buffer, 'scratch');
+    const sourceCpu0 = reapedChildCpuSeconds(source);
+    const bufferCpu0 = reapedChildCpuSeconds(buffer);
     const started = performance.now();
     const child = spawnPhilotes(source, buffer, { PHILOTES_CDC_SNAPSHOT: 'initial' });
+    let result: Omit<
+      SnapshotBench,
+      'ratio' | 'sourceBackendCpuSeconds' | 'bufferBackendCpuSeconds'
+    >;
     try {
       await waitFor(
         async () => {
@@ -105,18 +117,15 @@ export async function runSnapshotBench(): Promise<SnapshotBench> {
       );
       if (stored!.n !== SNAPSHOT_ROWS)
         throw new Error(`expected ${SNAPSHOT_ROWS} SNAPSHOT events, found ${stored!.n}`);
-      const philotesRowsPerSecond = Math.round(SNAPSHOT_ROWS / philotesSeconds);
-      const pgDumpRowsPerSecond = Math.round(SNAPSHOT_ROWS / pgDumpSeconds);
-      return {
+      result = {
         rows: SNAPSHOT_ROWS,
         philotesSeconds: round(philotesSeconds),
-        philotesRowsPerSecond,
+        philotesRowsPerSecond: Math.round(SNAPSHOT_ROWS / philotesSeconds),
         philotesPeakRssMb: peak,
         philotesCpuSeconds: round(cpu),
         chunks: stored!.chunks,
         pgDumpSeconds: round(pgDumpSeconds),
-        pgDumpRowsPerSecond,
-        ratio: round(philotesRowsPerSecond / pgDumpRowsPerSecond),
+        pgDumpRowsPerSecond: Math.round(SNAPSHOT_ROWS / pgDumpSeconds),
       };
     } finally {
       // A clean stop (profiles, when PHILOTES_BENCH_NODE_FLAGS asks for them, are written then).
@@ -126,6 +135,15 @@ export async function runSnapshotBench(): Promise<SnapshotBench> {
       await exited;
       clearTimeout(timer);
     }
+    // Philotes' connections have ended: their backends' CPU is reaped by the postmasters now.
+    await waitForBackendsGone(source, 'app');
+    await waitForBackendsGone(buffer, 'buffer');
+    return {
+      ...result,
+      ratio: round(result.philotesRowsPerSecond / result.pgDumpRowsPerSecond),
+      sourceBackendCpuSeconds: round(reapedChildCpuSeconds(source) - sourceCpu0),
+      bufferBackendCpuSeconds: round(reapedChildCpuSeconds(buffer) - bufferCpu0),
+    };
   } finally {
     await Promise.allSettled([source.destroy(), buffer.destroy()]);
   }

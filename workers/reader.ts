@@ -560,12 +560,12 @@ export class SlotReader implements PgoutputHandler {
       return;
     }
     const rows = found.window.close();
+    // Rows to read again keep the table running, their keys recorded, until they are read.
+    const reread = this.snapshot!.closed(w.table, found.window);
     if (found.window.redo) {
       found.handled(); // read again: no rows, no progress
       return;
     }
-    // Rows to read again keep the table running, their keys recorded, until they are read.
-    const reread = found.window.reread;
     const chunk = found.window.progress!;
     const state = reread.length > 0 ? 'running' : chunk.state;
     const progress = {

@@ -12,7 +12,14 @@ import type { ResolvedRelation } from '../decode/event-rows.js';
 import { takeOverMessages } from '../message-framing.js';
 import { chunkQuery, rereadQuery, type ChunkTable } from './chunk-query.js';
 import { ChunkRows } from './chunk-rows.js';
-import { SnapshotWindow, WATERMARK_PREFIX, watermarkContent, type Watermark } from './window.js';
+import {
+  keyOf,
+  SnapshotWindow,
+  splitKey,
+  WATERMARK_PREFIX,
+  watermarkContent,
+  type Watermark,
+} from './window.js';
 
 /** Protocol message type of DataRow. */
 const DATA_ROW = 0x44; // 'D'
@@ -54,7 +61,11 @@ interface InFlight {
   readonly window: SnapshotWindow;
   readonly rows: ChunkRows;
   readonly chunk: number;
+  /** The keys a re-read window reads (see SnapshotWindow.reread); null for a chunk. */
+  readonly rereading: ReadonlySet<string> | null;
+  /** The stream met the high watermark: out of the table's list at once, then resolved. */
   readonly handled: () => void;
+  readonly done: Promise<void>;
 }
 
 /** One copy connection: chunk queries whose DataRows come to us as bytes, and watermarks. */
@@ -108,8 +119,13 @@ class CopyConnection {
 
 export class SnapshotRunner {
   private stopped = false;
-  /** The chunk in flight of each table being copied ('' for the empty snapshot's marks). */
-  private readonly inFlight = new Map<string, InFlight>();
+  /**
+   * The chunks in flight of each table being copied, in stream order ('' for the empty
+   * snapshot's marks): at most two, the second read ahead while the stream reaches the first.
+   */
+  private readonly inFlight = new Map<string, InFlight[]>();
+  /** Keys of each table's rows to read again (see SnapshotWindow.reread), kept in stream order. */
+  private readonly rereads = new Map<string, Set<string>>();
   /** Tables whose final state the stream has not met yet: the snapshot ends when none is left. */
   private readonly remaining = new Set<string>();
   private readonly connections: CopyConnection[] = [];
@@ -125,10 +141,27 @@ export class SnapshotRunner {
 
   /** The chunk whose watermarks the stream may meet now, if any. */
   windowFor(w: Watermark): { window: SnapshotWindow; rows: ChunkRows; handled: () => void } | null {
-    const c = this.inFlight.get(w.table);
-    if (c === undefined || w.run !== this.o.run || w.snapshot !== this.id || w.chunk !== c.chunk)
-      return null; // an earlier run's, or another chunk's: void
-    return c;
+    if (w.run !== this.o.run || w.snapshot !== this.id) return null; // an earlier run's: void
+    return this.inFlight.get(w.table)?.find((c) => c.chunk === w.chunk) ?? null;
+  }
+
+  /**
+   * The stream closed a window of `table`: the keys still to read again, for its progress (those
+   * this window re-read leave, those it could not take join).
+   */
+  closed(table: string, window: SnapshotWindow): ReadonlyArray<readonly string[]> {
+    const entry = this.inFlight.get(table)?.find((c) => c.window === window);
+    let keys = this.rereads.get(table);
+    if (!keys) this.rereads.set(table, (keys = new Set()));
+    if (window.redo) {
+      // Read again: so is the chunk read ahead of it, whose rows and progress rest on it. Here,
+      // synchronously, before the stream can meet that one's high watermark.
+      for (const later of this.inFlight.get(table) ?? []) if (later !== entry) later.window.void();
+    } else {
+      for (const k of entry?.rereading ?? []) keys.delete(k);
+      for (const k of window.reread) keys.add(keyOf(k));
+    }
+    return [...keys].map(splitKey);
   }
 
   /**
@@ -152,7 +185,7 @@ export class SnapshotRunner {
 
   stop(): void {
     this.stopped = true;
-    for (const c of this.inFlight.values()) c.handled();
+    for (const list of this.inFlight.values()) for (const c of [...list]) c.handled();
   }
 
   async runAll(): Promise<void> {
@@ -225,30 +258,58 @@ export class SnapshotRunner {
   }
 
   /**
-   * One watermark pair around `read` (which fills the chunk's rows and progress), then waits for
-   * the stream to meet the high one.
+   * Puts a chunk in flight: its low watermark, `read` (which fills its rows and progress), its
+   * high watermark. The stream side then meets them (windowFor) and resolves `done`.
    */
+  private async issue(
+    c: CopyConnection,
+    table: string,
+    chunk: number,
+    rereading: ReadonlySet<string> | null,
+    read: (window: SnapshotWindow, rows: ChunkRows) => Promise<void>,
+  ): Promise<InFlight> {
+    const window = new SnapshotWindow(table, chunk);
+    const rows = new ChunkRows();
+    let list = this.inFlight.get(table);
+    if (!list) this.inFlight.set(table, (list = []));
+    let resolve!: () => void;
+    const done = new Promise<void>((r) => (resolve = r));
+    const entry: InFlight = {
+      window,
+      rows,
+      chunk,
+      rereading,
+      done,
+      handled: () => {
+        // Synchronously: the stream's next changes belong to the next window, not this one.
+        const at = list.indexOf(entry);
+        if (at >= 0) list.splice(at, 1);
+        resolve();
+      },
+    };
+    list.push(entry);
+    const mark = { run: this.o.run, snapshot: this.id, table, chunk };
+    try {
+      await c.emit({ ...mark, mark: 'low' });
+      await read(window, rows);
+      await c.emit({ ...mark, mark: 'high' });
+    } catch (error) {
+      entry.handled();
+      throw error;
+    }
+    return entry;
+  }
+
+  /** One chunk, waited for until the stream met its high watermark. */
   private async window(
     c: CopyConnection,
     table: string,
     chunk: number,
     read: (window: SnapshotWindow, rows: ChunkRows) => Promise<void>,
   ): Promise<SnapshotWindow> {
-    const window = new SnapshotWindow(table, chunk);
-    const rows = new ChunkRows();
-    const handled = new Promise<void>((resolve) => {
-      this.inFlight.set(table, { window, rows, chunk, handled: resolve });
-    });
-    const mark = { run: this.o.run, snapshot: this.id, table, chunk };
-    try {
-      await c.emit({ ...mark, mark: 'low' });
-      await read(window, rows);
-      await c.emit({ ...mark, mark: 'high' });
-      await handled;
-    } finally {
-      this.inFlight.delete(table);
-    }
-    return window;
+    const entry = await this.issue(c, table, chunk, null, read);
+    await entry.done;
+    return entry.window;
   }
 
   /** A snapshot with no table left to copy is finished through one empty watermark pair. */
@@ -305,53 +366,80 @@ export class SnapshotRunner {
       primaryKey: relation.primaryKey,
       primaryKeyTypes: keyTypes.map((r) => r.t),
     };
-    let lastKey = state?.lastKey ?? null;
-    let chunk = state?.chunks ?? 0;
-    // Keys to read again (see SnapshotWindow.reread); `exhausted`: the last chunk was read.
-    let pending = state?.pending ?? [];
-    let exhausted = false;
-    let rereads = 0;
-    log.info({ table: name, resumeAfter: lastKey, chunk }, 'snapshot: copying table');
-    hooks.begin(table, () => this.inFlight.get(name)?.window ?? null);
+    // Chunks are read one ahead: the next chunk's query runs while the stream reaches the
+    // previous one's high watermark (its low watermark comes after that one's high in the stream,
+    // so windows never overlap). `next`: where the next chunk starts; `readAll`: the chunk that
+    // reached the table's end is in flight or handled.
+    let next = { lastKey: state?.lastKey ?? null, chunk: state?.chunks ?? 0 };
+    let readAll = false;
+    const pending = this.rereads.get(name) ?? new Set<string>();
+    this.rereads.set(name, pending);
+    for (const k of state?.pending ?? []) pending.add(keyOf(k));
+    let rounds = 0;
+    const inFlight: Array<InFlight & { from: typeof next }> = [];
+    log.info(
+      { table: name, resumeAfter: next.lastKey, chunk: next.chunk },
+      'snapshot: copying table',
+    );
+    hooks.begin(table, () => this.inFlight.get(name)?.[0]?.window ?? null);
     try {
       while (!this.stopped) {
-        const reread = pending.length > 0;
-        let done: boolean = exhausted;
-        let nextKey = lastKey;
-        const window = await this.window(c, name, chunk, async (w, rows) => {
-          const q = reread
-            ? rereadQuery(query, pending)
-            : chunkQuery(query, lastKey, this.o.chunkRows);
-          await c.rows(q, rows);
-          if (!reread) {
-            done = rows.count < this.o.chunkRows;
-            if (rows.count > 0) nextKey = rows.keyTexts(rows.count - 1, keyIndexes);
-          }
-          w.setRows(rows.keys(keyIndexes));
-          w.progress = {
-            schema: t.schema,
-            table: t.name,
-            state: done ? 'done' : 'running',
-            lastKey: nextKey,
-            chunks: reread ? chunk : chunk + 1,
-          };
-        });
-        if (this.stopped) return;
-        if (window.redo) continue; // the same chunk again (see SnapshotWindow.noteRedo)
-        pending = window.reread;
-        if (!reread) {
-          lastKey = nextKey;
-          chunk++;
-          exhausted = done;
+        if (!readAll && pending.size === 0 && inFlight.length < 2) {
+          const from = next;
+          let reachedEnd = false;
+          const entry = await this.issue(c, name, from.chunk, null, async (w, rows) => {
+            await c.rows(chunkQuery(query, from.lastKey, this.o.chunkRows), rows);
+            reachedEnd = rows.count < this.o.chunkRows;
+            const lastKey =
+              rows.count > 0 ? rows.keyTexts(rows.count - 1, keyIndexes) : from.lastKey;
+            next = { lastKey, chunk: from.chunk + 1 };
+            w.setRows(rows.keys(keyIndexes));
+            w.progress = {
+              schema: t.schema,
+              table: t.name,
+              state: reachedEnd ? 'done' : 'running',
+              lastKey,
+              chunks: from.chunk + 1,
+            };
+          });
+          readAll = reachedEnd;
+          inFlight.push({ ...entry, from });
+          continue;
         }
-        if (pending.length > 0) {
-          rereads++;
-          if (rereads % 20 === 0)
+        if (inFlight.length === 0) {
+          if (pending.size === 0) return; // readAll: the table is done
+          // Rows to read again, once nothing else of the table is in flight.
+          if (++rounds % 20 === 0)
             log.warn(
-              { table: name, keys: pending.length, rounds: rereads },
+              { table: name, keys: pending.size, rounds },
               'snapshot: rows keep being updated without their TOASTed columns inside their windows; reading them again',
             );
-        } else if (done) return;
+          const keys = new Set(pending);
+          const at = next;
+          const entry = await this.issue(c, name, at.chunk, keys, async (w, rows) => {
+            await c.rows(rereadQuery(query, [...keys].map(splitKey)), rows);
+            w.setRows(rows.keys(keyIndexes));
+            w.progress = {
+              schema: t.schema,
+              table: t.name,
+              state: readAll ? 'done' : 'running',
+              lastKey: at.lastKey,
+              chunks: at.chunk,
+            };
+          });
+          await entry.done;
+          continue;
+        }
+        const first = inFlight.shift()!;
+        await first.done;
+        if (this.stopped) return;
+        if (first.window.redo) {
+          // Read again from this chunk on; the one read ahead of it went too (see closed()).
+          for (const later of inFlight) await later.done;
+          inFlight.length = 0;
+          next = first.from;
+          readAll = false;
+        }
       }
     } finally {
       hooks.end(table);

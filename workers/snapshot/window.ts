@@ -127,6 +127,14 @@ export class SnapshotWindow {
   /** The chunk must be read again (see noteRedo); set once it is closed. */
   redo = false;
 
+  /**
+   * The chunk before this one (read ahead of it) must be read again: this one's rows and
+   * progress rest on it, so they go too.
+   */
+  void(): void {
+    this.redo = true;
+  }
+
   /** The chunk's rows, by their keys (keyOf), in the order read. */
   setRows(keys: readonly string[]): void {
     this.keys = keys;
