@@ -208,7 +208,17 @@ async function status(opts: { json?: boolean }): Promise<void> {
             : 'inactive';
     process.stdout.write(
       `${formatTable(
-        ['SOURCE', 'CHECKPOINT', 'STORED', 'LAG', 'RETAINED WAL', 'WAL STATUS', 'SLOT', 'PROBLEM'],
+        [
+          'SOURCE',
+          'CHECKPOINT',
+          'STORED',
+          'LAG',
+          'RETAINED WAL',
+          'WAL STATUS',
+          'SLOT',
+          'SNAPSHOT',
+          'PROBLEM',
+        ],
         report.sources.map((s) => [
           s.source,
           s.checkpointLsn,
@@ -217,6 +227,9 @@ async function status(opts: { json?: boolean }): Promise<void> {
           humanBytes(s.retainedWalBytes),
           s.walStatus,
           slot(s),
+          s.snapshot === null
+            ? null
+            : `#${s.snapshot.id} ${s.snapshot.reason} ${s.snapshot.state}, ${s.snapshot.rows} rows`,
           s.problem,
         ]),
       )}\n`,

@@ -121,7 +121,7 @@ export class Metrics {
   });
   readonly snapshotTables = new client.Gauge({
     name: 'philotes_snapshot_tables',
-    help: "Tables of the source's current snapshot by state: pending, running, done, skipped_no_key (none while no snapshot runs or ran in this process).",
+    help: "Tables of the source's current (or last) snapshot by state: pending, running, done, skipped_no_key, not_published (0 while none ran in this process).",
     labelNames: ['source', 'state'] as const,
     registers: [this.registry],
   });
@@ -390,6 +390,7 @@ export class Metrics {
       this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
     this.snapshotRows.inc({ source }, 0);
+    for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.set({ source, state }, 0);
     for (const reason of SNAPSHOT_REASONS) this.snapshots.inc({ source, reason }, 0);
     this.batches.inc({ source }, 0);
     this.bufferBytes.inc({ source }, 0);

@@ -36,6 +36,20 @@ export interface SourceStatus {
   readonly retainedWalBytes: number | null;
   /** What could not be read, if anything (the source, or the buffer for this source). */
   readonly problem: string | null;
+  /** The source's latest snapshot as the buffer records it, if it had one. */
+  readonly snapshot: StoredSnapshot | null;
+}
+
+export interface StoredSnapshot {
+  readonly id: number;
+  readonly reason: string;
+  /** running, done or abandoned (replaced by another after a gap). */
+  readonly state: string;
+  readonly startedAt: string;
+  readonly finishedAt: string | null;
+  readonly rows: number;
+  /** Its tables by state (running includes those not begun). */
+  readonly tables: Readonly<Record<string, number>>;
 }
 
 interface CheckpointRow {
@@ -52,21 +66,31 @@ export async function readStatus(
 ): Promise<{ buffer: string | null; sources: SourceStatus[] }> {
   const now = Date.now();
   let checkpoints = new Map<string, CheckpointRow>();
+  let snapshots = new Map<string, StoredSnapshot>();
   let bufferProblem: string | null = null;
   try {
-    checkpoints = await readCheckpoints(config);
+    ({ checkpoints, snapshots } = await readBuffer(config));
   } catch (error) {
     bufferProblem = explain(error, 'buffer', config.buffer.host, config.buffer.port);
   }
   const sources = await Promise.all(
     config.sources.map((source) =>
-      sourceStatus(source, checkpoints.get(source.id) ?? null, bufferProblem, now),
+      sourceStatus(
+        source,
+        checkpoints.get(source.id) ?? null,
+        snapshots.get(source.id) ?? null,
+        bufferProblem,
+        now,
+      ),
     ),
   );
   return { buffer: bufferProblem, sources };
 }
 
-async function readCheckpoints(config: Config): Promise<Map<string, CheckpointRow>> {
+async function readBuffer(config: Config): Promise<{
+  checkpoints: Map<string, CheckpointRow>;
+  snapshots: Map<string, StoredSnapshot>;
+}> {
   const client = new pg.Client(pgClientOptions(config.buffer, 'philotes:status'));
   client.on('error', () => undefined); // a lost connection rejects the query in flight
   await client.connect();
@@ -75,13 +99,53 @@ async function readCheckpoints(config: Config): Promise<Map<string, CheckpointRo
     const exists = await client.query<{ ok: boolean }>(
       `SELECT to_regclass('cdc_checkpoints') IS NOT NULL AS ok`,
     );
-    if (!exists.rows[0]?.ok) return new Map();
+    const none = { checkpoints: new Map(), snapshots: new Map() };
+    if (!exists.rows[0]?.ok) return none;
+    const ids = config.sources.map((s) => s.id);
     const rows = await client.query<CheckpointRow>(
       `SELECT source_id, lsn, confirmed_lsn::text, committed_at, metadata
          FROM cdc_checkpoints WHERE source_id = ANY($1)`,
-      [config.sources.map((s) => s.id)],
+      [ids],
     );
-    return new Map(rows.rows.map((r) => [r.source_id, r]));
+    const checkpoints = new Map(rows.rows.map((r) => [r.source_id, r]));
+    const hasSnapshots = await client.query<{ ok: boolean }>(
+      `SELECT to_regclass('cdc_snapshots') IS NOT NULL AS ok`,
+    );
+    if (!hasSnapshots.rows[0]?.ok) return { ...none, checkpoints };
+    const latest = await client.query<{
+      source_id: string;
+      id: string;
+      reason: string;
+      state: string;
+      started_at: Date;
+      finished_at: Date | null;
+      rows: string;
+      tables: Record<string, number> | null;
+    }>(
+      `SELECT DISTINCT ON (s.source_id) s.source_id, s.id, s.reason, s.state, s.started_at,
+              s.finished_at, s.rows,
+              (SELECT jsonb_object_agg(state, n) FROM (
+                 SELECT t.state, count(*)::int AS n FROM cdc_snapshot_tables t
+                  WHERE t.snapshot_id = s.id GROUP BY t.state) c) AS tables
+         FROM cdc_snapshots s WHERE s.source_id = ANY($1)
+        ORDER BY s.source_id, s.id DESC`,
+      [ids],
+    );
+    const snapshots = new Map(
+      latest.rows.map((r) => [
+        r.source_id,
+        {
+          id: Number(r.id),
+          reason: r.reason,
+          state: r.state,
+          startedAt: r.started_at.toISOString(),
+          finishedAt: r.finished_at?.toISOString() ?? null,
+          rows: Number(r.rows),
+          tables: r.tables ?? {},
+        },
+      ]),
+    );
+    return { checkpoints, snapshots };
   } finally {
     await client.end().catch(() => undefined);
   }
@@ -90,6 +154,7 @@ async function readCheckpoints(config: Config): Promise<Map<string, CheckpointRo
 async function sourceStatus(
   source: SourceConfig,
   checkpoint: CheckpointRow | null,
+  snapshot: StoredSnapshot | null,
   bufferProblem: string | null,
   now: number,
 ): Promise<SourceStatus> {
@@ -101,6 +166,7 @@ async function sourceStatus(
     checkpointStoredAt: stored?.toISOString() ?? null,
     checkpointAgeSeconds: stored === null ? null : Math.round((now - stored.getTime()) / 1000),
     lastSourceCommitAt: checkpoint?.metadata?.source_committed_at ?? null,
+    snapshot,
   };
   const client = new pg.Client(pgClientOptions(source.connection, `philotes:status`));
   client.on('error', () => undefined);

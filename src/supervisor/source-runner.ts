@@ -246,10 +246,8 @@ export class SourceRunner implements ReaderRunListener {
 
   private reportSnapshotTables(): void {
     const tables = this.snapshot.report()?.tables;
-    for (const state of SNAPSHOT_TABLE_STATES) {
-      if (tables) this.metrics.snapshotTables.set({ source: this.source.id, state }, tables[state]);
-      else this.metrics.snapshotTables.remove({ source: this.source.id, state });
-    }
+    for (const state of SNAPSHOT_TABLE_STATES)
+      this.metrics.snapshotTables.set({ source: this.source.id, state }, tables?.[state] ?? 0);
   }
 
   /** The checkpoint now stored in the buffer: for /readyz, the gauge and the lag. */
