@@ -30,7 +30,15 @@ import {
   SOURCE_ID,
   withTimeout,
 } from './session.js';
-import { LOAD_CLIENTS, SHOP_SCHEMA, TRANSACTIONS_PER_CLIENT, writeLoad } from './shop-load.js';
+import {
+  EXISTING_CUSTOMERS,
+  EXISTING_ORDERS,
+  LOAD_CLIENTS,
+  SHOP_SCHEMA,
+  seedExisting,
+  TRANSACTIONS_PER_CLIENT,
+  writeLoad,
+} from './shop-load.js';
 
 const TAIL_LINES = 15;
 
@@ -88,6 +96,23 @@ async function launchPhilotes(
     return status === 200 && health.sources?.[0]?.state === 'streaming' ? true : undefined;
   });
   return child;
+}
+
+/** Until /readyz says the source's snapshot is done; what it copied, in one line. */
+async function waitForSnapshot(session: DemoSession, metricsPort: number): Promise<string> {
+  const started = performance.now();
+  return session.until('the initial snapshot to finish', 60_000, async () => {
+    const { body } = await fetchText(`http://${HOST}:${metricsPort}/readyz`);
+    const snapshot = (
+      JSON.parse(body) as {
+        sources?: Array<{
+          snapshot?: { id: number; state: string; rows: number; tables: Record<string, number> };
+        }>;
+      }
+    ).sources?.[0]?.snapshot;
+    if (snapshot?.state !== 'done') return undefined;
+    return `snapshot #${snapshot.id}: ${snapshot.rows} rows of ${snapshot.tables['done']} tables in ${seconds(performance.now() - started)}`;
+  });
 }
 
 /** SIGTERM: Philotes stores what is in flight, commits and confirms its final checkpoint, exits 0. */
@@ -162,17 +187,27 @@ async function run(session: DemoSession): Promise<void> {
     'creating databases demo_source and demo_buffer, and the shop schema',
     () => createDatabases(session, port, password),
   );
+  const existing = await out.step(
+    `writing the rows the shop already had: ${EXISTING_CUSTOMERS} customers, ${EXISTING_ORDERS} orders`,
+    () => seedExisting(source),
+  );
   const metricsPort = await freePort();
   const philotes = await out.step(
     'starting Philotes (node dist/src/main.js) and waiting until it streams',
     () => launchPhilotes(session, port, password, metricsPort),
     (c) => `pid ${c.pid}`,
   );
+  await out.step(
+    'waiting for the initial snapshot of those rows (copied in chunks while it streams)',
+    () => waitForSnapshot(session, metricsPort),
+    (s) => s,
+  );
   const load = await out.step(
     `writing: ${LOAD_CLIENTS} concurrent clients × ${TRANSACTIONS_PER_CLIENT} transactions, then one TRUNCATE`,
     () => writeLoad(session, port, password, source),
     (l) => `${l.tally.total} changes in ${l.committed} transactions`,
   );
+  load.tally.merge(existing);
   const loadEnded = performance.now();
   const stored = await out.step(
     'waiting until the buffer holds every change and the checkpoint has caught up',

@@ -94,6 +94,10 @@ interface SampleRow {
 
 const SAMPLES: ReadonlyArray<readonly [label: string, where: string]> = [
   [
+    'a row the shop had before Philotes started, copied by the initial snapshot (after only)',
+    `operation = 'SNAPSHOT' AND table_name = 'orders'`,
+  ],
+  [
     'numeric and int8 as strings, jsonb as stored, text[] as an array, bytea as hex, µs timestamps',
     `operation = 'INSERT' AND table_name = 'customers'`,
   ],
@@ -192,8 +196,10 @@ export function printReport(
   metricsPort: number,
 ): void {
   out.heading(`What landed in demo_buffer.cdc_events (source "${SOURCE_ID}")`);
+  const copied = load.tally.byOperation('SNAPSHOT');
   out.say(
-    `  The source committed ${load.tally.total} changes in ${load.committed} transactions ` +
+    `  The initial snapshot copied the ${copied} rows the shop had before Philotes started; then ` +
+      `the source committed ${load.tally.total - copied} changes in ${load.committed} transactions ` +
       `from ${LOAD_CLIENTS} clients over ${seconds(load.ms)}` +
       (load.rolledBack > 0 ? ` (${load.rolledBack} more rolled back on conflicts).` : '.'),
   );

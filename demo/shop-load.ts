@@ -10,8 +10,45 @@ import type { DemoSession } from './session.js';
 export const LOAD_CLIENTS = 3;
 export const TRANSACTIONS_PER_CLIENT = 60;
 
-export type Operation = 'INSERT' | 'UPDATE' | 'DELETE' | 'TRUNCATE';
-export const OPERATIONS: readonly Operation[] = ['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'];
+export type Operation = 'INSERT' | 'UPDATE' | 'DELETE' | 'TRUNCATE' | 'SNAPSHOT';
+export const OPERATIONS: readonly Operation[] = [
+  'SNAPSHOT',
+  'INSERT',
+  'UPDATE',
+  'DELETE',
+  'TRUNCATE',
+];
+
+/** Rows the shop holds before Philotes starts: the initial snapshot copies them. */
+export const EXISTING_CUSTOMERS = 20_000;
+export const EXISTING_ORDERS = 40_000;
+
+/**
+ * Years of rows, in a moment: customers and their orders written before Philotes starts, which
+ * the initial snapshot copies into the buffer as SNAPSHOT events while the stream goes on.
+ */
+export async function seedExisting(source: pg.Client): Promise<Tally> {
+  await source.query(
+    `INSERT INTO shop.customers (email, name, tags, balance, profile, created_at)
+     SELECT 'existing' || g || '@example.com', 'Customer ' || g, ARRAY['imported'],
+            (g % 1000) / 4.0, jsonb_build_object('since', 2015 + g % 10),
+            timestamptz '2020-01-01 00:00:00+00' + g * interval '1 hour'
+       FROM generate_series(1, $1::int) g`,
+    [EXISTING_CUSTOMERS],
+  );
+  await source.query(
+    `INSERT INTO shop.orders (customer_id, status, total, items, placed_at, shipped_at)
+     SELECT c.id, 'shipped', (g % 500) + 0.99, jsonb_build_array(jsonb_build_object('sku', 'TEA-01', 'qty', 1 + g % 3)),
+            c.created_at + interval '1 day', c.created_at + interval '3 days'
+       FROM generate_series(1, $1::int) g
+       JOIN shop.customers c ON c.email = 'existing' || (1 + g % $2::int) || '@example.com'`,
+    [EXISTING_ORDERS, EXISTING_CUSTOMERS],
+  );
+  const tally = new Tally();
+  tally.add('SNAPSHOT', 'shop.customers', EXISTING_CUSTOMERS);
+  tally.add('SNAPSHOT', 'shop.orders', EXISTING_ORDERS);
+  return tally;
+}
 
 export const SHOP_SCHEMA = `
   CREATE SCHEMA shop;

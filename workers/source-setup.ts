@@ -383,8 +383,10 @@ export class CatalogResolver {
 
   /**
    * A table as the catalog describes it now, in the shape pgoutput's Relation message would give
-   * (stored generated columns left out, the primary key as the identity): for a snapshot of a
-   * table the stream has not described yet.
+   * (stored generated columns left out; the key flags as pgoutput sets them for the table's
+   * replica identity: every column for FULL, the identity index's for USING INDEX, the primary
+   * key's for DEFAULT): for a snapshot of a table the stream has not described yet. A shape that
+   * differed from the stream's would make a spurious schema version when the stream's arrives.
    */
   async resolveCatalogRelation(
     oid: number,
@@ -396,11 +398,19 @@ export class CatalogResolver {
       type_oid: number;
       type_mod: number;
       key: boolean;
+      identity: string;
     }>(
       `SELECT a.attname AS name, a.atttypid::int AS type_oid, a.atttypmod AS type_mod,
-              EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary
-                         AND a.attnum = ANY (i.indkey)) AS key
-         FROM pg_attribute a
+              CASE c.relreplident
+                WHEN 'f' THEN true
+                WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid
+                                         AND i.indisprimary AND a.attnum = ANY (i.indkey))
+                WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid
+                                         AND i.indisreplident AND a.attnum = ANY (i.indkey))
+                ELSE false
+              END AS key,
+              c.relreplident::text AS identity
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
           AND a.attgenerated = '' -- snapshots need PostgreSQL 14+
         ORDER BY a.attnum`,
@@ -410,7 +420,7 @@ export class CatalogResolver {
       relationOid: oid,
       schema,
       name,
-      replicaIdentity: 'd',
+      replicaIdentity: result.rows[0]?.identity ?? 'd',
       columns: result.rows.map((c) => ({
         flags: c.key ? 1 : 0,
         name: c.name,

@@ -37,6 +37,10 @@ describe('initial snapshot', () => {
        CREATE TABLE docs (id int PRIMARY KEY, n int, body text);
        ALTER TABLE docs ALTER body SET STORAGE EXTERNAL; -- out of line, uncompressed
        INSERT INTO docs SELECT g, 0, repeat(md5(g::text), 100) FROM generate_series(1, 6000) g;
+       -- Nothing writes it during the copy: the snapshot describes it before the stream does.
+       CREATE TABLE archive (id int PRIMARY KEY, note text);
+       ALTER TABLE archive REPLICA IDENTITY FULL;
+       INSERT INTO archive SELECT g, 'old ' || g FROM generate_series(1, 5000) g;
        CREATE TABLE nokey (x int);
        INSERT INTO nokey SELECT g FROM generate_series(1, 10) g;`,
     );
@@ -147,8 +151,28 @@ describe('initial snapshot', () => {
 
     const people = await digests('people', ['id'], ['id', 'name', 'n']);
     const lines = await digests('lines', ['o', 'l'], ['o', 'l', 'qty']);
+    const archive = await digests('archive', ['id'], ['id', 'note']);
     expect(people.buffer, 'people').toBe(people.source);
     expect(lines.buffer, 'lines').toBe(lines.source);
+    expect(archive.buffer, 'archive').toBe(archive.source);
+    // The snapshot describes a table as the stream would (REPLICA IDENTITY FULL included): its
+    // first change after the copy makes no new schema version.
+    await s(`UPDATE archive SET note = 'touched' WHERE id = 1`);
+    await waitFor(
+      async () =>
+        (
+          await b<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'archive' AND operation = 'UPDATE'`,
+          )
+        )[0]!.n === 1,
+      { what: 'the update of archive', timeoutMs: 60_000 },
+    );
+    const versions = await b<{ table_name: string; n: number }>(
+      `SELECT table_name, count(*)::int AS n FROM cdc_schema_history GROUP BY 1 ORDER BY 1`,
+    );
+    expect(versions).toEqual(
+      ['archive', 'docs', 'lines', 'people'].map((t) => ({ table_name: t, n: 1 })),
+    );
     expect(people.rows + lines.rows).toBeGreaterThan(900_000);
 
     // docs: UPDATEs without the TOASTed body, so its rows are merged column by column.
@@ -182,6 +206,7 @@ describe('initial snapshot', () => {
       `SELECT table_name, state, rows FROM cdc_snapshot_tables ORDER BY table_name`,
     );
     expect(tables.map((t) => [t.table_name, t.state])).toEqual([
+      ['archive', 'done'],
       ['docs', 'done'],
       ['lines', 'done'],
       ['nokey', 'skipped_no_key'],
