@@ -136,4 +136,27 @@ describe('on-demand snapshot', () => {
     expect(record).toMatchObject({ state: 'done', rows: String(copied!.rows) });
     expect(record!.chunks).toBeGreaterThanOrEqual(16);
   });
+
+  it('from SQL: a table the publication does not have is recorded as not_published, and the snapshot ends', async () => {
+    const [{ id }] = (await b<{ id: string }>(
+      `SELECT philotes_request_snapshot('app', ARRAY['public.audit', 'nowhere']) AS id`,
+    )) as [{ id: string }];
+    await waitFor(
+      async () =>
+        (await b<{ state: string }>(`SELECT state FROM cdc_snapshots WHERE id = $1`, [id]))[0]
+          ?.state === 'done',
+      { what: 'the SQL-requested snapshot to finish', timeoutMs: 60_000 },
+    );
+    const tables = await b<{ table_name: string; state: string }>(
+      `SELECT table_name, state FROM cdc_snapshot_tables WHERE snapshot_id = $1 ORDER BY 1`,
+      [id],
+    );
+    expect(tables).toEqual([
+      { table_name: 'audit', state: 'done' },
+      { table_name: 'nowhere', state: 'not_published' },
+    ]);
+    await expect(b(`SELECT philotes_request_snapshot('app', ARRAY['a.b.c'])`)).rejects.toThrow(
+      'not schema.table',
+    );
+  });
 });
