@@ -123,21 +123,11 @@ async function ddlTrigger(opts: {
     const { unknownSource } = await import('./cli-output.js');
     die(EXIT_USAGE, unknownSource(loaded, opts.source));
   }
-  const [{ default: pg }, { pgClientOptions }, { describeConnectionError }] = await Promise.all([
-    import('pg'),
-    import('./common/pg-connection.js'),
-    import('./common/errors.js'),
-  ]);
-  const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));
+  const { connectSource } = await import('./source-connection.js');
+  const client = await connectSource(source).catch((error: unknown) =>
+    die(EXIT_ERROR, (error as Error).message),
+  );
   try {
-    await client.connect().catch((error: unknown) => {
-      throw describeConnectionError(
-        error,
-        'source',
-        source.connection.host,
-        source.connection.port,
-      );
-    });
     if (opts.remove) {
       await capture.removeDdlTrigger(client);
       process.stdout.write(`DDL capture removed from source "${source.id}"\n`);

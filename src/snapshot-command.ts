@@ -6,11 +6,9 @@
  * captures the source finds it within seconds and copies the tables between watermarks, as the
  * initial snapshot does.
  */
-import pg from 'pg';
 import type { Config } from './common/config.js';
-import { describeConnectionError } from './common/errors.js';
 import type { Logger } from './common/logger.js';
-import { pgClientOptions } from './common/pg-connection.js';
+import { connectSource } from './source-connection.js';
 import { BufferStore } from './buffer/store.js';
 import { unknownSource } from './cli-output.js';
 import { EXIT_OK, EXIT_USAGE } from './exit.js';
@@ -60,18 +58,9 @@ export async function requestSnapshot(
     return q;
   });
 
-  const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));
-  client.on('error', () => undefined);
+  const client = await connectSource(source);
   let published: string[];
   try {
-    await client.connect().catch((error: unknown) => {
-      throw describeConnectionError(
-        error,
-        'source',
-        source.connection.host,
-        source.connection.port,
-      );
-    });
     const result = await client.query<{ name: string }>(
       `SELECT schemaname || '.' || tablename AS name FROM pg_publication_tables
         WHERE pubname = $1 ORDER BY 1`,

@@ -171,6 +171,37 @@ describe('changes that can no longer be delivered', () => {
     return runToExit(c, ['reset-source', '--source', c.id, ...flags]);
   }
 
+  /**
+   * Pushes WAL the stopped slot still needs past a 1 MB max_slot_wal_keep_size until it is lost,
+   * committing a row (ids from `firstId`) and a change of row 2 each round; returns the next id.
+   */
+  async function invalidateSlot(c: Case, firstId: number): Promise<number> {
+    await q(`ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`);
+    await q('SELECT pg_reload_conf()');
+    let n = firstId;
+    try {
+      await waitFor(
+        async () => {
+          await q(`INSERT INTO ${c.table} VALUES ($1, 'during the gap')`, [n]);
+          await q(`UPDATE ${c.table} SET v = 'changed in the gap' WHERE id = 2`);
+          n++;
+          await q('SELECT pg_switch_wal()');
+          await q('CHECKPOINT');
+          const [row] = await q<{ wal_status: string | null }>(
+            'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
+            [c.slot],
+          );
+          return row?.wal_status === 'lost';
+        },
+        { what: 'the slot to be invalidated', timeoutMs: 60_000, intervalMs: 10 },
+      );
+    } finally {
+      await q('ALTER SYSTEM RESET max_slot_wal_keep_size');
+      await q('SELECT pg_reload_conf()');
+    }
+    return n;
+  }
+
   it('a slot dropped while Philotes was stopped: stops with the gap, never creates a slot silently; reset-source records the gap and capture resumes', async () => {
     const c = makeCase('dropped');
     await q(`CREATE TABLE ${c.table} (id int PRIMARY KEY, v text)`);
@@ -398,29 +429,7 @@ describe('changes that can no longer be delivered', () => {
     await stop(p);
     const before = await checkpoint(c);
 
-    await q(`ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`);
-    await q('SELECT pg_reload_conf()');
-    try {
-      // WAL the stopped slot still needs piles up past the limit, and a checkpoint removes it.
-      let n = 4;
-      await waitFor(
-        async () => {
-          await insert(c, n, n);
-          n++;
-          await q('SELECT pg_switch_wal()');
-          await q('CHECKPOINT');
-          const [row] = await q<{ wal_status: string | null }>(
-            'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
-            [c.slot],
-          );
-          return row?.wal_status === 'lost';
-        },
-        { what: 'the slot to be invalidated', timeoutMs: 60_000, intervalMs: 10 },
-      );
-    } finally {
-      await q('ALTER SYSTEM RESET max_slot_wal_keep_size');
-      await q('SELECT pg_reload_conf()');
-    }
+    await invalidateSlot(c, 4);
 
     const line = expectStopped(await failedRun(c), 'SLOT_INVALIDATED');
     expect(line).toContain('invalidated');
@@ -446,34 +455,6 @@ describe('changes that can no longer be delivered', () => {
     });
     await stop(again);
   });
-
-  /** Pushes WAL the stopped slot still needs past a 1 MB max_slot_wal_keep_size until it is lost. */
-  async function invalidateSlot(c: Case, firstId: number): Promise<number> {
-    await q(`ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`);
-    await q('SELECT pg_reload_conf()');
-    let n = firstId;
-    try {
-      await waitFor(
-        async () => {
-          await q(`INSERT INTO ${c.table} VALUES ($1, 'during the gap')`, [n]);
-          await q(`UPDATE ${c.table} SET v = 'changed in the gap' WHERE id = 2`);
-          n++;
-          await q('SELECT pg_switch_wal()');
-          await q('CHECKPOINT');
-          const [row] = await q<{ wal_status: string | null }>(
-            'SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1',
-            [c.slot],
-          );
-          return row?.wal_status === 'lost';
-        },
-        { what: 'the slot to be invalidated', timeoutMs: 60_000, intervalMs: 10 },
-      );
-    } finally {
-      await q('ALTER SYSTEM RESET max_slot_wal_keep_size');
-      await q('SELECT pg_reload_conf()');
-    }
-    return n;
-  }
 
   /**
    * The table rebuilt from the buffer from `from` on (after a gap: its end, where the new snapshot
