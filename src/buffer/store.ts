@@ -270,6 +270,14 @@ export class BufferStore {
     };
   }
 
+  /** Ends a snapshot that cannot run (its state says why). */
+  async endSnapshot(id: number, state: string): Promise<void> {
+    await this.pool.query(
+      `UPDATE cdc_snapshots SET state = $2, finished_at = now() WHERE id = $1 AND state = 'running'`,
+      [id, state],
+    );
+  }
+
   /** Asks for an on-demand snapshot (see philotes_request_snapshot in the migrations). */
   async requestSnapshot(sourceId: string, tables: readonly string[] | null): Promise<number> {
     const result = await this.pool.query<{ id: string }>(
@@ -586,9 +594,12 @@ async function storeSnapshotProgress(client: pg.PoolClient, p: SnapshotProgress)
          (snapshot_id, schema_name, table_name, state, last_key, chunks, rows, pending)
        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
        ON CONFLICT (snapshot_id, schema_name, table_name) DO UPDATE
-         SET state = EXCLUDED.state, last_key = EXCLUDED.last_key, chunks = EXCLUDED.chunks,
+         SET state = EXCLUDED.state, last_key = EXCLUDED.last_key,
+             chunks = greatest(EXCLUDED.chunks, cdc_snapshot_tables.chunks),
              rows = cdc_snapshot_tables.rows + EXCLUDED.rows, pending = EXCLUDED.pending
-       WHERE EXCLUDED.chunks >= cdc_snapshot_tables.chunks`,
+       -- A table's end without rows (dropped, not published) counts whatever chunk it names.
+       WHERE EXCLUDED.chunks >= cdc_snapshot_tables.chunks
+          OR EXCLUDED.state IN ('skipped_no_key', 'not_published')`,
       [
         p.snapshotId,
         p.schema,

@@ -196,6 +196,18 @@ export class SourceRunner implements ReaderRunListener {
       },
       'reader ready',
     );
+    const snapshot = this.snapshot.report();
+    if (message.serverVersion < 140000 && snapshot?.state === 'running') {
+      // The reader cannot copy (no logical messages before 14; it says so): the record ends
+      // here rather than stay running for ever.
+      this.snapshot.begin(null);
+      this.reportSnapshotTables();
+      this.store
+        .endSnapshot(snapshot.id, 'unsupported')
+        .catch((error: unknown) =>
+          this.log.warn({ err: error, snapshot: snapshot.id }, 'could not end the snapshot record'),
+        );
+    }
   }
 
   slot(message: SlotStatusMessage): void {

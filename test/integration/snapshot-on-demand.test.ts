@@ -159,4 +159,51 @@ describe('on-demand snapshot', () => {
       'not schema.table',
     );
   });
+
+  it('a table dropped while it is being copied ends the snapshot, and the source streams on', async () => {
+    await f.source.query(
+      `CREATE TABLE bulk (id int PRIMARY KEY, v text);
+       INSERT INTO bulk SELECT g, repeat('x', 100) FROM generate_series(1, 200000) g;`,
+      [],
+      'app',
+    );
+    const [{ id }] = (await b<{ id: string }>(
+      `SELECT philotes_request_snapshot('app', ARRAY['bulk']) AS id`,
+    )) as [{ id: string }];
+    await waitFor(
+      async () =>
+        Number(
+          (
+            await b<{ rows: string }>(
+              `SELECT coalesce(sum(rows), 0) AS rows FROM cdc_snapshot_tables WHERE snapshot_id = $1`,
+              [id],
+            )
+          )[0]!.rows,
+        ) > 2000,
+      { what: 'part of the copy', timeoutMs: 60_000, intervalMs: 20 },
+    );
+    await f.source.query('DROP TABLE bulk', [], 'app');
+    await waitFor(
+      async () =>
+        (await b<{ state: string }>(`SELECT state FROM cdc_snapshots WHERE id = $1`, [id]))[0]
+          ?.state === 'done',
+      { what: 'the snapshot to end', timeoutMs: 60_000 },
+    );
+    const [table] = await b<{ state: string; rows: string }>(
+      `SELECT state, rows FROM cdc_snapshot_tables WHERE snapshot_id = $1`,
+      [id],
+    );
+    expect(table!.state).toBe('not_published');
+    expect(Number(table!.rows)).toBeLessThan(200_000);
+    await f.source.query(`INSERT INTO audit (note) VALUES ('after the drop')`, [], 'app');
+    await waitFor(
+      async () =>
+        (
+          await b<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE after->>'note' = 'after the drop'`,
+          )
+        )[0]!.n === 1,
+      { what: 'a change after the drop', timeoutMs: 60_000 },
+    );
+  });
 });

@@ -6,6 +6,8 @@ import {
   watermarkContent,
 } from '../../workers/snapshot/window.js';
 import { chunkQuery, rereadQuery } from '../../workers/snapshot/chunk-query.js';
+import { ChunkRows } from '../../workers/snapshot/chunk-rows.js';
+import { TupleView } from '../../workers/decode/pgoutput.js';
 
 describe('snapshot window', () => {
   const rows = [1, 2, 3, 4].map((id) => keyOf([String(id)]));
@@ -96,5 +98,27 @@ describe('snapshot window', () => {
         2,
       ).text,
     ).toBe('SELECT t."a"::text FROM "s"."t" AS t  ORDER BY t."a" LIMIT 2');
+  });
+
+  it('chunk rows: DataRow bodies kept as bytes, keys from the key columns, cut at the byte limit', () => {
+    const body = (values: Array<string | null>) => {
+      const parts = [Buffer.from([0, values.length])];
+      for (const v of values) {
+        const len = Buffer.alloc(4);
+        len.writeInt32BE(v === null ? -1 : Buffer.byteLength(v));
+        parts.push(len, Buffer.from(v ?? ''));
+      }
+      return Buffer.concat(parts);
+    };
+    const rows = new ChunkRows(40);
+    rows.add(body(['1', 'a', 'ü']));
+    rows.add(body(['2', null, 'b'.repeat(30)]));
+    rows.add(body(['3', 'c', 'd'])); // past 40 bytes: let go
+    expect(rows.count).toBe(2);
+    expect(rows.cut).toBe(true);
+    expect(rows.keys([0, 1])).toEqual([keyOf(['1', 'a']), keyOf(['2', null])]);
+    expect(rows.keyTexts(0, [0])).toEqual(['1']);
+    const t = rows.view(1, new TupleView());
+    expect([t.count, t.isNull(1), t.text(2)]).toEqual([3, true, 'b'.repeat(30)]);
   });
 });

@@ -7,10 +7,21 @@
 import { TupleView } from '../decode/pgoutput.js';
 import { keyOf } from './window.js';
 
+/**
+ * The bytes a chunk keeps at most: rows past them are let go (the chunk ends before them, the next
+ * one starts there), so that a table of wide rows does not hold `snapshotChunkRows` of them in
+ * memory at once.
+ */
+export const CHUNK_MAX_BYTES = 16 << 20;
+
 export class ChunkRows {
   private buf = Buffer.allocUnsafe(1 << 16);
   private length = 0;
   private readonly offsets: number[] = [];
+  /** Rows arrived past CHUNK_MAX_BYTES and were let go. */
+  cut = false;
+
+  constructor(private readonly maxBytes = CHUNK_MAX_BYTES) {}
 
   get count(): number {
     return this.offsets.length;
@@ -18,6 +29,10 @@ export class ChunkRows {
 
   /** A DataRow body (valid only during the call: copied). */
   add(body: Buffer): void {
+    if (this.length >= this.maxBytes) {
+      this.cut = true;
+      return;
+    }
     if (this.length + body.length > this.buf.length) {
       const grown = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.length + body.length));
       this.buf.copy(grown, 0, 0, this.length);

@@ -11,7 +11,7 @@ import type { PendingSnapshot, SnapshotTableState } from '../../src/common/proto
 import type { ResolvedRelation } from '../decode/event-rows.js';
 import { takeOverMessages } from '../message-framing.js';
 import { chunkQuery, rereadQuery, type ChunkTable } from './chunk-query.js';
-import { ChunkRows } from './chunk-rows.js';
+import { CHUNK_MAX_BYTES, ChunkRows } from './chunk-rows.js';
 import {
   keyOf,
   SnapshotWindow,
@@ -20,6 +20,12 @@ import {
   watermarkContent,
   type Watermark,
 } from './window.js';
+
+/** SQLSTATE undefined_table: a table dropped while it is being copied. */
+const UNDEFINED_TABLE = '42P01';
+
+/** Keys one re-read window reads at most. */
+const REREAD_MAX_KEYS = 1000;
 
 /** Protocol message type of DataRow. */
 const DATA_ROW = 0x44; // 'D'
@@ -67,6 +73,11 @@ interface InFlight {
   readonly handled: () => void;
   readonly done: Promise<void>;
 }
+
+/** A chunk in flight, with where it started (to read it again from there). */
+type InFlightChunk = InFlight & {
+  readonly from: { readonly lastKey: readonly string[] | null; readonly chunk: number };
+};
 
 /** One copy connection: chunk queries whose DataRows come to us as bytes, and watermarks. */
 class CopyConnection {
@@ -269,7 +280,8 @@ export class SnapshotRunner {
     read: (window: SnapshotWindow, rows: ChunkRows) => Promise<void>,
   ): Promise<InFlight> {
     const window = new SnapshotWindow(table, chunk);
-    const rows = new ChunkRows();
+    // A re-read window keeps every row it reads: its keys leave the list of keys to read again.
+    const rows = new ChunkRows(rereading === null ? CHUNK_MAX_BYTES : Infinity);
     let list = this.inFlight.get(table);
     if (!list) this.inFlight.set(table, (list = []));
     let resolve!: () => void;
@@ -366,83 +378,108 @@ export class SnapshotRunner {
       primaryKey: relation.primaryKey,
       primaryKeyTypes: keyTypes.map((r) => r.t),
     };
-    // Chunks are read one ahead: the next chunk's query runs while the stream reaches the
-    // previous one's high watermark (its low watermark comes after that one's high in the stream,
-    // so windows never overlap). `next`: where the next chunk starts; `readAll`: the chunk that
-    // reached the table's end is in flight or handled.
+    // Chunks are read one ahead (see copyChunks): at most two in flight.
+    const inFlight: InFlightChunk[] = [];
+    log.info(
+      { table: name, resumeAfter: state?.lastKey ?? null, chunk: state?.chunks ?? 0 },
+      'snapshot: copying table',
+    );
+    hooks.begin(table, () => this.inFlight.get(name)?.[0]?.window ?? null);
+    try {
+      await this.copyChunks(c, t, query, keyIndexes, state, inFlight);
+    } catch (error) {
+      if ((error as { code?: unknown }).code !== UNDEFINED_TABLE) throw error;
+      // Dropped while it was being copied: what was copied stays, its DROP is in the stream, and
+      // the source goes on; the table is recorded as no longer published.
+      for (const later of inFlight) await later.done;
+      log.warn({ table: name }, 'snapshot: the table was dropped while it was being copied');
+      await this.emptyChunk(c, t.schema, t.name, state, 'not_published');
+    } finally {
+      hooks.end(table);
+    }
+  }
+
+  /**
+   * A table's chunks, read one ahead: the next chunk's query runs while the stream reaches the
+   * previous one's high watermark (its low watermark comes after that one's high in the stream,
+   * so windows never overlap). `next`: where the next chunk starts; `readAll`: the chunk that
+   * reached the table's end is in flight or handled. Rows to read again are read once nothing
+   * else of the table is in flight.
+   */
+  private async copyChunks(
+    c: CopyConnection,
+    t: { schema: string; name: string },
+    query: ChunkTable,
+    keyIndexes: readonly number[],
+    state: SnapshotTableState | null,
+    inFlight: InFlightChunk[],
+  ): Promise<void> {
+    const { log } = this.o;
+    const name = `${t.schema}.${t.name}`;
     let next = { lastKey: state?.lastKey ?? null, chunk: state?.chunks ?? 0 };
     let readAll = false;
     const pending = this.rereads.get(name) ?? new Set<string>();
     this.rereads.set(name, pending);
     for (const k of state?.pending ?? []) pending.add(keyOf(k));
     let rounds = 0;
-    const inFlight: Array<InFlight & { from: typeof next }> = [];
-    log.info(
-      { table: name, resumeAfter: next.lastKey, chunk: next.chunk },
-      'snapshot: copying table',
-    );
-    hooks.begin(table, () => this.inFlight.get(name)?.[0]?.window ?? null);
-    try {
-      while (!this.stopped) {
-        if (!readAll && pending.size === 0 && inFlight.length < 2) {
-          const from = next;
-          let reachedEnd = false;
-          const entry = await this.issue(c, name, from.chunk, null, async (w, rows) => {
-            await c.rows(chunkQuery(query, from.lastKey, this.o.chunkRows), rows);
-            reachedEnd = rows.count < this.o.chunkRows;
-            const lastKey =
-              rows.count > 0 ? rows.keyTexts(rows.count - 1, keyIndexes) : from.lastKey;
-            next = { lastKey, chunk: from.chunk + 1 };
-            w.setRows(rows.keys(keyIndexes));
-            w.progress = {
-              schema: t.schema,
-              table: t.name,
-              state: reachedEnd ? 'done' : 'running',
-              lastKey,
-              chunks: from.chunk + 1,
-            };
-          });
-          readAll = reachedEnd;
-          inFlight.push({ ...entry, from });
-          continue;
-        }
-        if (inFlight.length === 0) {
-          if (pending.size === 0) return; // readAll: the table is done
-          // Rows to read again, once nothing else of the table is in flight.
-          if (++rounds % 20 === 0)
-            log.warn(
-              { table: name, keys: pending.size, rounds },
-              'snapshot: rows keep being updated without their TOASTed columns inside their windows; reading them again',
-            );
-          const keys = new Set(pending);
-          const at = next;
-          const entry = await this.issue(c, name, at.chunk, keys, async (w, rows) => {
-            await c.rows(rereadQuery(query, [...keys].map(splitKey)), rows);
-            w.setRows(rows.keys(keyIndexes));
-            w.progress = {
-              schema: t.schema,
-              table: t.name,
-              state: readAll ? 'done' : 'running',
-              lastKey: at.lastKey,
-              chunks: at.chunk,
-            };
-          });
-          await entry.done;
-          continue;
-        }
-        const first = inFlight.shift()!;
-        await first.done;
-        if (this.stopped) return;
-        if (first.window.redo) {
-          // Read again from this chunk on; the one read ahead of it went too (see closed()).
-          for (const later of inFlight) await later.done;
-          inFlight.length = 0;
-          next = first.from;
-          readAll = false;
-        }
+    while (!this.stopped) {
+      if (!readAll && pending.size === 0 && inFlight.length < 2) {
+        const from = next;
+        let reachedEnd = false;
+        const entry = await this.issue(c, name, from.chunk, null, async (w, rows) => {
+          await c.rows(chunkQuery(query, from.lastKey, this.o.chunkRows), rows);
+          // A chunk cut short at CHUNK_MAX_BYTES ends at its last row kept.
+          reachedEnd = rows.count < this.o.chunkRows && !rows.cut;
+          const lastKey = rows.count > 0 ? rows.keyTexts(rows.count - 1, keyIndexes) : from.lastKey;
+          next = { lastKey, chunk: from.chunk + 1 };
+          w.setRows(rows.keys(keyIndexes));
+          w.progress = {
+            schema: t.schema,
+            table: t.name,
+            state: reachedEnd ? 'done' : 'running',
+            lastKey,
+            chunks: from.chunk + 1,
+          };
+        });
+        readAll = reachedEnd;
+        inFlight.push({ ...entry, from });
+        continue;
       }
-    } finally {
-      hooks.end(table);
+      if (inFlight.length === 0) {
+        if (pending.size === 0) return; // readAll: the table is done
+        // Rows to read again, once nothing else of the table is in flight.
+        if (++rounds % 20 === 0)
+          log.warn(
+            { table: name, keys: pending.size, rounds },
+            'snapshot: rows keep being updated without their TOASTed columns inside their windows; reading them again',
+          );
+        // A thousand at a time: the rows are whole, however wide.
+        const keys = new Set([...pending].slice(0, REREAD_MAX_KEYS));
+        const at = next;
+        const entry = await this.issue(c, name, at.chunk, keys, async (w, rows) => {
+          await c.rows(rereadQuery(query, [...keys].map(splitKey)), rows);
+          w.setRows(rows.keys(keyIndexes));
+          w.progress = {
+            schema: t.schema,
+            table: t.name,
+            state: readAll ? 'done' : 'running',
+            lastKey: at.lastKey,
+            chunks: at.chunk,
+          };
+        });
+        await entry.done;
+        continue;
+      }
+      const first = inFlight.shift()!;
+      await first.done;
+      if (this.stopped) return;
+      if (first.window.redo) {
+        // Read again from this chunk on; the one read ahead of it went too (see closed()).
+        for (const later of inFlight) await later.done;
+        inFlight.length = 0;
+        next = first.from;
+        readAll = false;
+      }
     }
   }
 }
