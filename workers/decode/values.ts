@@ -297,6 +297,8 @@ export function writeJson(out: CopyBuffer, tuple: TupleView, i: number, type: Ty
       if (out.jsonVerbatim(src, start, end)) return;
       break;
     case 'array':
+      if (writeFlatArray(out, src, start, end, type)) return;
+      break;
     case 'money':
       break;
   }
@@ -332,6 +334,58 @@ function writeSegment(
       return false;
   }
 }
+
+/**
+ * The byte form of toJson for the common array: one dimension, default bounds, no element quoted
+ * (array_out quotes any element holding a delimiter, brace, quote, backslash or space, an empty
+ * one, and the string NULL), elements of kinds whose JSON is their text, quoted or escaped. An
+ * unquoted NULL is SQL NULL. False, nothing written, for anything else (toJson does it).
+ */
+function writeFlatArray(
+  out: CopyBuffer,
+  src: Uint8Array,
+  start: number,
+  end: number,
+  type: TypeInfo,
+): boolean {
+  const kind = type.element?.kind;
+  if (kind !== 'string' && kind !== 'number' && kind !== 'quoted') return false;
+  if ((type.delimiter ?? ',') !== ',') return false;
+  if (end - start < 2 || src[start] !== 0x7b || src[end - 1] !== 0x7d) return false; // { }
+  for (let k = start + 1; k < end - 1; k++) {
+    const c = src[k]!;
+    if (c === 0x22 || c === 0x5c || c === 0x7b || c === 0x7d) return false; // " \ { }
+  }
+  out.byte(0x5b); // [
+  let from = start + 1;
+  const last = end - 1;
+  if (from < last) {
+    for (let k = from; k <= last; k++) {
+      if (k < last && src[k] !== 0x2c) continue; // ,
+      if (from !== start + 1) out.byte(0x2c);
+      if (
+        k - from === 4 &&
+        src[from] === 0x4e && // N
+        src[from + 1] === 0x55 && // U
+        src[from + 2] === 0x4c && // L
+        src[from + 3] === 0x4c // L
+      )
+        out.bytes(NULL_TEXT);
+      else if (kind === 'number') out.bytes(src, from, k);
+      else if (kind === 'string') out.jsonString(src, from, k);
+      else {
+        out.byte(0x22);
+        out.bytes(src, from, k);
+        out.byte(0x22);
+      }
+      from = k + 1;
+    }
+  }
+  out.byte(0x5d); // ]
+  return true;
+}
+
+const NULL_TEXT = new TextEncoder().encode('null');
 
 /** Not NaN, ±Infinity or -0 (which need the string form; see toJson). */
 function isPlainFloat(src: Uint8Array, start: number, end: number): boolean {

@@ -49,15 +49,12 @@ export class ChunkRows {
     return tuple;
   }
 
-  /** Each row's key (keyOf of its key columns' texts). */
-  keys(keyIndexes: readonly number[]): string[] {
-    const tuple = new TupleView();
-    const keys: string[] = new Array<string>(this.count);
-    for (let i = 0; i < this.count; i++) {
-      this.view(i, tuple);
-      keys[i] = keyOf(keyIndexes.map((k) => (tuple.isNull(k) ? null : tuple.text(k))));
-    }
-    return keys;
+  private readonly keyView = new TupleView();
+
+  /** Row i's key (keyOf of its key columns' texts). */
+  key(i: number, keyIndexes: readonly number[]): string {
+    const tuple = this.view(i, this.keyView);
+    return keyOf(keyIndexes.map((k) => (tuple.isNull(k) ? null : tuple.text(k))));
   }
 
   /** Row i's key columns' texts. */

@@ -327,7 +327,7 @@ export class SnapshotRunner {
   /** A snapshot with no table left to copy is finished through one empty watermark pair. */
   private async finishEmpty(c: CopyConnection): Promise<void> {
     await this.window(c, '', 0, async (window) => {
-      window.setRows([]);
+      window.setRows(0, () => '');
       window.progress = { schema: '', table: '', state: 'done', lastKey: null, chunks: 0 };
     });
   }
@@ -342,7 +342,7 @@ export class SnapshotRunner {
   ): Promise<void> {
     const chunks = state?.chunks ?? 0;
     await this.window(c, `${schema}.${name}`, chunks, async (window) => {
-      window.setRows([]);
+      window.setRows(0, () => '');
       window.progress = { schema, table: name, state: outcome, lastKey: null, chunks };
     });
   }
@@ -432,7 +432,7 @@ export class SnapshotRunner {
           reachedEnd = rows.count < this.o.chunkRows && !rows.cut;
           const lastKey = rows.count > 0 ? rows.keyTexts(rows.count - 1, keyIndexes) : from.lastKey;
           next = { lastKey, chunk: from.chunk + 1 };
-          w.setRows(rows.keys(keyIndexes));
+          w.setRows(rows.count, (i) => rows.key(i, keyIndexes));
           w.progress = {
             schema: t.schema,
             table: t.name,
@@ -458,7 +458,7 @@ export class SnapshotRunner {
         const at = next;
         const entry = await this.issue(c, name, at.chunk, keys, async (w, rows) => {
           await c.rows(rereadQuery(query, [...keys].map(splitKey)), rows);
-          w.setRows(rows.keys(keyIndexes));
+          w.setRows(rows.count, (i) => rows.key(i, keyIndexes));
           w.progress = {
             schema: t.schema,
             table: t.name,

@@ -84,7 +84,8 @@ export class SnapshotWindow {
   /** Keys (their columns' texts) of the chunk's rows to read again; set once it is closed. */
   reread: ReadonlyArray<readonly string[]> = [];
   private open = false;
-  private keys: readonly string[] | null = null;
+  private rowCount = -1;
+  private keyAt: (i: number) => string = () => '';
 
   constructor(
     readonly table: string,
@@ -135,9 +136,13 @@ export class SnapshotWindow {
     this.redo = true;
   }
 
-  /** The chunk's rows, by their keys (keyOf), in the order read. */
-  setRows(keys: readonly string[]): void {
-    this.keys = keys;
+  /**
+   * The chunk's rows: how many, and each one's key (keyOf), asked for only when a change in the
+   * window has to be looked for among them.
+   */
+  setRows(count: number, keyAt: (i: number) => string): void {
+    this.rowCount = count;
+    this.keyAt = keyAt;
   }
 
   /**
@@ -150,8 +155,8 @@ export class SnapshotWindow {
       throw new Error(
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} without its low one`,
       );
-    const keys = this.keys;
-    if (keys === null)
+    const count = this.rowCount;
+    if (count < 0)
       throw new Error(
         `snapshot: high watermark of ${this.table} chunk ${this.chunk} before its rows`,
       );
@@ -159,8 +164,12 @@ export class SnapshotWindow {
     if (this.truncated || this.redo) return [];
     const kept: number[] = [];
     const reread: string[][] = [];
-    for (let i = 0; i < keys.length; i++) {
-      const key = keys[i]!;
+    if (this.changed.size === 0 && this.partial.size === 0) {
+      for (let i = 0; i < count; i++) kept.push(i);
+      return kept;
+    }
+    for (let i = 0; i < count; i++) {
+      const key = this.keyAt(i);
       if (this.partial.has(key)) reread.push(splitKey(key));
       else if (!this.changed.has(key)) kept.push(i);
     }
