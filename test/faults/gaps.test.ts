@@ -477,8 +477,16 @@ describe('changes that can no longer be delivered', () => {
     return rows;
   }
 
-  it('snapshot: when_needed — a slot invalidated under a checkpoint: the source recovers by itself, records the gap, and the new snapshot rebuilds the table', async () => {
-    const c = makeCase('healed');
+  /**
+   * snapshot: when_needed: changes are lost under a checkpoint (`lose`, which returns the next free
+   * id); the source recovers by itself, records the gap, and the new snapshot rebuilds the table.
+   */
+  async function recoversByItself(
+    name: string,
+    reason: string,
+    lose: (c: Case) => Promise<number>,
+  ): Promise<void> {
+    const c = makeCase(name);
     c.env = {
       ...c.env,
       PHILOTES_CDC_SNAPSHOT: 'when_needed',
@@ -497,7 +505,7 @@ describe('changes that can no longer be delivered', () => {
     await stop(p);
     const before = await checkpoint(c);
 
-    const next = await invalidateSlot(c, 100);
+    const next = await lose(c);
     await q(`DELETE FROM ${c.table} WHERE id = 3`);
 
     // No person acts: the same command as before recovers by itself and goes on streaming.
@@ -514,7 +522,7 @@ describe('changes that can no longer be delivered', () => {
       },
       { what: 'the gap to be recorded', timeoutMs: 60_000 },
     );
-    expect(gap!.reason).toBe('slot_invalidated');
+    expect(gap!.reason).toBe(reason);
     expect(gap!.from_lsn).toBe(before.lsn);
     await waitFor(
       async () =>
@@ -549,7 +557,7 @@ describe('changes that can no longer be delivered', () => {
     const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
     expect(metrics).toContain(`philotes_snapshots_total{source="${c.id}",reason="when_needed"} 1`);
     expect(metrics).toContain(
-      `philotes_gaps_recorded_total{source="${c.id}",reason="slot_invalidated"} 1`,
+      `philotes_gaps_recorded_total{source="${c.id}",reason="${reason}"} 1`,
     );
     const readiness = (await (await fetch(`http://127.0.0.1:${metricsPort}/readyz`)).json()) as {
       sources: Array<{ state: string; snapshot: { reason: string; state: string } | null }>;
@@ -559,6 +567,19 @@ describe('changes that can no longer be delivered', () => {
       snapshot: { reason: 'when_needed', state: 'done' },
     });
     await stop(again);
+  }
+
+  it('snapshot: when_needed — a slot invalidated under a checkpoint: the source recovers by itself, records the gap, and the new snapshot rebuilds the table', async () => {
+    await recoversByItself('healed', 'slot_invalidated', (c) => invalidateSlot(c, 100));
+  });
+
+  it('snapshot: when_needed — a slot dropped under a checkpoint: the same, with a new slot', async () => {
+    await recoversByItself('regrown', 'slot_missing', async (c) => {
+      await q('SELECT pg_drop_replication_slot($1)', [c.slot]);
+      await q(`INSERT INTO ${c.table} VALUES (100, 'during the gap')`);
+      await q(`UPDATE ${c.table} SET v = 'changed in the gap' WHERE id = 2`);
+      return 101;
+    });
   });
 
   it('every log line names each key once', () => {
