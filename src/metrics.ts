@@ -9,6 +9,8 @@ import type { BatchWriterObserver, StoredGroupReport } from './supervisor/batch-
 import { SNAPSHOT_TABLE_STATES } from './supervisor/snapshot-progress.js';
 
 const SNAPSHOT_REASONS = ['initial', 'when_needed', 'on_demand'] as const;
+/** The gaps `snapshot: when_needed` records by itself (reset-source's others need a person). */
+const GAP_REASONS = ['slot_missing', 'slot_invalidated', 'slot_advanced'] as const;
 
 const WAL_STATUSES = ['reserved', 'extended', 'unreserved', 'lost'] as const;
 
@@ -358,8 +360,7 @@ export class Metrics {
     }
     for (const reason of SNAPSHOT_REASONS) this.snapshots.remove({ source, reason });
     for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.remove({ source, state });
-    for (const reason of ['slot_missing', 'slot_invalidated', 'slot_advanced'])
-      this.gaps.remove({ source, reason });
+    for (const reason of GAP_REASONS) this.gaps.remove({ source, reason });
     for (const operation of [
       'INSERT',
       'UPDATE',
@@ -392,6 +393,7 @@ export class Metrics {
     this.snapshotRows.inc({ source }, 0);
     for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.set({ source, state }, 0);
     for (const reason of SNAPSHOT_REASONS) this.snapshots.inc({ source, reason }, 0);
+    for (const reason of GAP_REASONS) this.gaps.inc({ source, reason }, 0);
     this.batches.inc({ source }, 0);
     this.bufferBytes.inc({ source }, 0);
     this.bufferCommits.inc({ source }, 0);
