@@ -20,6 +20,7 @@ import {
   Problems,
   protocolVersion,
   snapshotMode,
+  type SnapshotMode,
   readProcessSettings,
   readSourceSettings,
   SOURCE_SETTINGS,
@@ -87,7 +88,7 @@ function buildSchemas() {
       messages: z.array(z.string().min(1)),
       ddl: scalar,
       protocol: scalar,
-      snapshot: z.string(),
+      snapshot: scalar,
       ...connectionKeys,
       ...settingKeys,
     })
@@ -97,7 +98,10 @@ function buildSchemas() {
   const file = z
     .object({
       buffer: z.object(connectionKeys).partial().strict(),
-      defaults: z.object(settingKeys).partial().strict(),
+      defaults: z
+        .object({ ...settingKeys, snapshot: scalar })
+        .partial()
+        .strict(),
       sources: z.array(source).min(1),
       ...Object.fromEntries(Object.values(PROCESS_KEYS).map((key) => [key, scalar])),
     })
@@ -170,6 +174,8 @@ export function loadConfigFile(path: string, env: Env): Config {
   const defaults = isObject(file['defaults']) ? file['defaults'] : {};
   for (const s of SOURCE_SETTINGS) put(`defaults.${s.fileKey}`, defaults[s.fileKey]);
   const defaultSettings = readSourceSettings(flat, (s) => `defaults.${s.fileKey}`, problems);
+  put('defaults.snapshot', defaults['snapshot']);
+  const defaultSnapshot = problems.attempt(() => snapshotMode(flat, 'defaults.snapshot'));
 
   const reading: Reading = { env, flat, put, problems };
   const buffer = readBuffer(file, reading);
@@ -179,7 +185,7 @@ export function loadConfigFile(path: string, env: Env): Config {
   rawSources.forEach((entry: unknown, index) => {
     if (!isObject(entry)) return; // the schema said so
     const at = `sources[${index}]`;
-    const source = readSource(entry, at, reading, defaultSettings);
+    const source = readSource(entry, at, reading, defaultSettings, defaultSnapshot ?? 'initial');
     if (source) read.push({ index, source });
   });
   checkUnique(read, problems);
@@ -234,7 +240,7 @@ function knownKeys(path: ReadonlyArray<PropertyKey>): string[] {
   const { file, source, connectionKeys, settingKeys } = schemas();
   if (path.length === 0) return Object.keys(file.shape);
   if (path[0] === 'buffer') return Object.keys(connectionKeys);
-  if (path[0] === 'defaults') return Object.keys(settingKeys);
+  if (path[0] === 'defaults') return [...Object.keys(settingKeys), 'snapshot'];
   return Object.keys(source.shape);
 }
 
@@ -299,6 +305,7 @@ function readSource(
   at: string,
   reading: Reading,
   defaults: SourceSettings,
+  defaultSnapshot: SnapshotMode,
 ): SourceConfig | undefined {
   const { flat, put, problems } = reading;
   const before = problems.list.length;
@@ -330,7 +337,10 @@ function readSource(
   const ddl = problems.attempt(() => flag(flat, `${at}.ddl`, false));
   const protocol = problems.attempt(() => protocolVersion(flat, `${at}.protocol`));
   put(`${at}.snapshot`, raw['snapshot']);
-  const snapshot = problems.attempt(() => snapshotMode(flat, `${at}.snapshot`));
+  const snapshot =
+    raw['snapshot'] === undefined
+      ? defaultSnapshot
+      : problems.attempt(() => snapshotMode(flat, `${at}.snapshot`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);

@@ -69,7 +69,7 @@ describe('coalesced buffer commits across sources', () => {
       config,
       [
         `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
-        `defaults: { checkpointInterval: 1s, batchMaxBytes: ${BATCH_MAX_BYTES}, maxInFlightBatches: ${maxInFlightBatches} }`,
+        `defaults: { snapshot: never, checkpointInterval: 1s, batchMaxBytes: ${BATCH_MAX_BYTES}, maxInFlightBatches: ${maxInFlightBatches} }`,
         'restartMinDelay: 100ms',
         'restartMaxDelay: 1s',
         ...extra,

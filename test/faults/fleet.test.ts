@@ -60,7 +60,7 @@ describe('a fleet of 8 sources under load', () => {
       config,
       [
         `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
-        'defaults: { checkpointInterval: 1s, batchMaxRows: 50 }',
+        'defaults: { snapshot: never, checkpointInterval: 1s, batchMaxRows: 50 }',
         'restartMinDelay: 100ms',
         'restartMaxDelay: 2s',
         'sources:',

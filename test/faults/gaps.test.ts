@@ -437,8 +437,10 @@ describe('changes that can no longer be delivered', () => {
     expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
     expect(await storedIds(c)).toEqual(range(1, 3));
 
-    const done = await reset(c, '--accept-gap');
+    // --snapshot: the gap's record begins a snapshot too, so the buffer can rebuild the table.
+    const done = await reset(c, '--accept-gap', '--snapshot');
     expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    expect(done.stdout.join('\n')).toMatch(/with snapshot #\d+ of every published table/);
     const [gap] = await gaps(c);
     expect(gap!.reason).toBe('slot_invalidated');
     const [slot] = await q<{ wal_status: string }>(
@@ -453,6 +455,20 @@ describe('changes that can no longer be delivered', () => {
       what: 'a row after the reset to be stored',
       timeoutMs: 60_000,
     });
+    await waitFor(
+      async () =>
+        (
+          await b<{ state: string }>(
+            `SELECT state FROM cdc_snapshots WHERE source_id = $1 AND reason = 'on_demand'`,
+            [c.id],
+          )
+        )[0]?.state === 'done',
+      { what: 'the snapshot begun with the gap', timeoutMs: 60_000 },
+    );
+    const expected = new Map(
+      (await q<{ id: number; v: string }>(`SELECT id, v FROM ${c.table}`)).map((r) => [r.id, r.v]),
+    );
+    expect(await replayed(c, gap!.to_lsn)).toEqual(expected);
     await stop(again);
   });
 

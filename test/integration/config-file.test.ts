@@ -106,6 +106,7 @@ buffer:
   passwordEnv: BUFFER_PASSWORD
 defaults:
   checkpointInterval: 1s
+  snapshot: never # about the stream: rows written around the start come once, as changes
 restartMinDelay: 100ms
 restartMaxDelay: 2s
 sources:
@@ -187,7 +188,7 @@ sources:
     writeFileSync(
       path,
       `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
-defaults: { checkpointInterval: 1s }
+defaults: { checkpointInterval: 1s, snapshot: never }
 restartMinDelay: 100ms
 restartMaxDelay: 1s
 sources:
@@ -244,6 +245,7 @@ sources:
     writeFileSync(
       path,
       `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
+defaults: { snapshot: never }
 restartMinDelay: 100ms
 restartMaxDelay: 2s
 sources:
@@ -299,7 +301,7 @@ sources:
     const source = (id: string) =>
       `  - { id: ${id}, host: ${second.host}, port: ${second.port}, database: hup_${id}, user: ${second.user}, passwordEnv: CRM_PASSWORD, slot: philotes_hup_${id} }`;
     const head = `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
-defaults: { checkpointInterval: 1s }
+defaults: { checkpointInterval: 1s, snapshot: never }
 sources:
 `;
     const path = join(dir, 'hup.yaml');

@@ -40,7 +40,7 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
       config,
       [
         `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
-        'defaults: { checkpointInterval: 1s }',
+        'defaults: { checkpointInterval: 1s, snapshot: never }',
         'sources:',
         `  - { id: shop, host: ${source.host}, port: ${source.port}, database: shop, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_shop }`,
         `  - { id: billing, host: ${source.host}, port: ${source.port}, database: billing, user: ${source.user}, password: wrong-password, slot: philotes_billing }`,

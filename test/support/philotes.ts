@@ -129,7 +129,8 @@ export function startPhilotes(
   // Tests are about the stream unless they say otherwise: an initial snapshot of rows written
   // around the start would add SNAPSHOT events to their exact counts. The demo (inheritEnv)
   // runs as a user would.
-  // (A configuration file sets it per source; the environment's source settings would clash.)
+  // (A configuration file says so itself, `defaults: { snapshot: never }`: the environment's
+  // source settings would clash with it.)
   const fromFile = env['PHILOTES_CONFIG'] !== undefined || (opts.args ?? []).includes('--config');
   if (!opts.inheritEnv && !fromFile) base['PHILOTES_CDC_SNAPSHOT'] = 'never';
   const proc = spawn(process.execPath, [script, ...(opts.args ?? [])], {

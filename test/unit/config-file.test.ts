@@ -295,6 +295,28 @@ sources:
     expect([c.ddl, c.protocol]).toEqual([true, 2]);
   });
 
+  it('snapshot: initial by default, per source or under defaults, and nothing but a mode', () => {
+    const conf = (defaults: string, extra: string) =>
+      file(
+        `buffer: { url: "postgres://u@b/buf" }\n${defaults}sources:\n  - { id: a, url: "postgres://u@s/app", slot: slot_a${extra} }\n  - { id: b, url: "postgres://u@s/app2", slot: slot_b }\n`,
+      );
+    const modes = (c: ReturnType<typeof loadConfig>) => c.sources.map((s) => s.snapshot);
+    expect(modes(loadConfig({}, conf('', '')))).toEqual(['initial', 'initial']);
+    expect(modes(loadConfig({}, conf('defaults: { snapshot: never }\n', '')))).toEqual([
+      'never',
+      'never',
+    ]);
+    expect(
+      modes(loadConfig({}, conf('defaults: { snapshot: never }\n', ', snapshot: when_needed'))),
+    ).toEqual(['when_needed', 'never']);
+    expect(
+      problems(() => loadConfig({}, conf('defaults: { snapshot: sometimes }\n', ', snapshot: 1'))),
+    ).toEqual([
+      'defaults.snapshot must be initial, never or when_needed, got "sometimes"',
+      'sources[0].snapshot must be initial, never or when_needed, got "1"',
+    ]);
+  });
+
   it('the buffer is set in one place only', () => {
     const list = problems(() =>
       loadConfig(
