@@ -590,20 +590,18 @@ export class SlotReader implements PgoutputHandler {
     this.builder.noteSnapshotProgress({ ...progress, snapshotId: w.snapshot, rows: rows.length });
     // The first chunk records every table of the plan, so that a resume copies those only.
     for (const t of this.snapshot!.takePlanToRecord()) {
-      {
-        if (t.schema === progress.schema && t.table === progress.table) continue;
-        this.builder.noteSnapshotProgress({
-          snapshotId: w.snapshot,
-          schema: t.schema,
-          table: t.table,
-          state: 'running',
-          lastKey: null,
-          chunks: 0,
-          pending: [],
-          rows: 0,
-          finished: false,
-        });
-      }
+      if (t.schema === progress.schema && t.table === progress.table) continue;
+      this.builder.noteSnapshotProgress({
+        snapshotId: w.snapshot,
+        schema: t.schema,
+        table: t.table,
+        state: 'running',
+        lastKey: null,
+        chunks: 0,
+        pending: [],
+        rows: 0,
+        finished: false,
+      });
     }
     found.handled();
   }

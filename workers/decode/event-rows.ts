@@ -485,12 +485,6 @@ export class BatchBuilder {
     }
   }
 
-  /**
-   * Rows of a snapshot chunk, as SNAPSHOT events (`after` set, `before` null) at the current
-   * place of the open transaction: the high watermark's (see workers/snapshot/window.ts). Each
-   * row's values are the texts of the relation's columns, in its column order, as the chunk query
-   * printed them; they are encoded exactly as the stream's are.
-   */
   /** A chunk's progress, taken into the batch with its transaction's commit. */
   noteSnapshotProgress(progress: SnapshotProgress): void {
     if (!this.inTransaction) throw new Error('snapshot: progress outside a transaction');
@@ -502,6 +496,12 @@ export class BatchBuilder {
     return (this.stream?.relations.get(oid) ?? this.relations.get(oid))?.relation;
   }
 
+  /**
+   * Rows of a snapshot chunk (those at `indexes`), as SNAPSHOT events (`after` set, `before`
+   * null) at the current place of the open transaction: the high watermark's (see
+   * workers/snapshot/window.ts). Each row is the texts of the table's columns as the chunk query
+   * printed them (a DataRow), encoded exactly as the stream's tuples are.
+   */
   snapshotRows(
     relationOid: number,
     rows: SnapshotRowSource,
