@@ -55,6 +55,7 @@ describe('philotes-worker check', () => {
       path,
       [
         `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        'defaults: { snapshot: never }',
         'sources:',
         ...sources.map((s) => `  - ${s}`),
       ].join('\n'),

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startCluster, type Cluster } from '../support/cluster.js';
-import { waitForSlotActive } from '../support/fixture.js';
+import { connect, waitForSlotActive } from '../support/fixture.js';
 import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 import { waitFor } from '../support/poll.js';
 
@@ -45,6 +45,7 @@ describe('partitioned tables', () => {
       config,
       [
         `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        'defaults: { snapshot: never }',
         'sources:',
         entry('viaroot', ''),
         entry('bypartition', ', partitionRoot: false'),
@@ -113,6 +114,150 @@ describe('partitioned tables', () => {
       'DELETE m2025 3',
       'INSERT m2026 3',
       'DELETE m2025 1',
+    ]);
+  });
+});
+
+describe('partitioned tables: the initial snapshot', () => {
+  let source: Cluster;
+  let buffer: Cluster;
+  let dir: string;
+  let philotes: PhilotesProcess | undefined;
+  const ROWS = 12_000;
+
+  beforeAll(async () => {
+    [source, buffer] = await Promise.all([startCluster(), startCluster()]);
+    await buffer.createDatabase('buffer');
+    for (const db of ['snaproot', 'snapparts']) {
+      await source.createDatabase(db);
+      await source.query(DDL, [], db);
+      // Existing rows in both partitions, before Philotes starts.
+      await source.query(
+        `INSERT INTO measurements
+         SELECT g, date '2025-01-01' + (g % 700), 'old ' || g FROM generate_series(1, ${ROWS}) g`,
+        [],
+        db,
+      );
+    }
+    dir = mkdtempSync(join(tmpdir(), 'philotes-partitions-snapshot-'));
+    const config = join(dir, 'fleet.yaml');
+    const entry = (id: string, extra: string) =>
+      `  - { id: ${id}, host: ${source.host}, port: ${source.port}, database: ${id}, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_${id}${extra} }`;
+    writeFileSync(
+      config,
+      [
+        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        'defaults: { snapshot: initial, snapshotChunkRows: 100 }',
+        'sources:',
+        entry('snaproot', ''),
+        entry('snapparts', ', partitionRoot: false'),
+      ].join('\n'),
+    );
+    philotes = startPhilotes(
+      { BUFFER_PASSWORD: buffer.password, SOURCE_PASSWORD: source.password },
+      { args: ['--config', config] },
+    );
+  });
+
+  afterAll(async () => {
+    await philotes?.kill9();
+    await Promise.allSettled([source?.destroy(), buffer?.destroy()]);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** The buffer replayed per table name, keyed by (id, at): the last event of each key. */
+  async function replay(sourceId: string): Promise<Map<string, string>> {
+    const rows = await buffer.query<{ k: string; v: string }>(
+      `SELECT table_name || ' ' || k AS k, v FROM (
+         SELECT DISTINCT ON (table_name, coalesce(after, before)->>'id', coalesce(after, before)->>'at')
+                table_name, operation,
+                (coalesce(after, before)->>'id') || '/' || (coalesce(after, before)->>'at') AS k,
+                after->>'v' AS v
+           FROM cdc_events WHERE source_id = $1
+          ORDER BY table_name, coalesce(after, before)->>'id', coalesce(after, before)->>'at',
+                   lsn DESC, seq DESC) last
+        WHERE operation <> 'DELETE'`,
+      [sourceId],
+      'buffer',
+    );
+    return new Map(rows.map((r) => [r.k, r.v]));
+  }
+
+  async function table(db: string, name: string, asTable = name): Promise<Map<string, string>> {
+    const rows = await source.query<{ k: string; v: string }>(
+      `SELECT '${asTable} ' || id || '/' || at AS k, v FROM ${name}`,
+      [],
+      db,
+    );
+    return new Map(rows.map((r) => [r.k, r.v]));
+  }
+
+  it('copies the root table, or each partition, while rows change and move between partitions', async () => {
+    await waitForSlotActive(source, 'philotes_snaproot');
+    await waitForSlotActive(source, 'philotes_snapparts');
+    // Writers change and move rows until both copies are done.
+    let stop = false;
+    const writers = ['snaproot', 'snapparts'].map(async (db) => {
+      const c = await connect(source, db);
+      for (let i = 1; !stop; i++) {
+        await c.query(`UPDATE measurements SET v = 'new ' || $1 WHERE id = $2`, [
+          i,
+          1 + ((i * 7919) % ROWS),
+        ]);
+        // Into the other partition (2025 <-> 2026), keeping the key unique.
+        await c.query(
+          `UPDATE measurements SET at = CASE WHEN at < '2026-01-01' THEN at + 365 ELSE at - 365 END
+            WHERE id = $1`,
+          [1 + ((i * 104729) % ROWS)],
+        );
+      }
+      await c.end();
+    });
+    await waitFor(
+      async () =>
+        (
+          await buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_snapshots WHERE state = 'done'`,
+            [],
+            'buffer',
+          )
+        )[0]!.n === 2,
+      { what: 'both snapshots to finish', timeoutMs: 60_000 },
+    );
+    stop = true;
+    await Promise.all(writers);
+    for (const db of ['snaproot', 'snapparts'])
+      await source.query(`INSERT INTO measurements VALUES (0, '2025-01-01', 'marker')`, [], db);
+    await waitFor(
+      async () =>
+        (
+          await buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE after->>'v' = 'marker'`,
+            [],
+            'buffer',
+          )
+        )[0]!.n === 2,
+      { what: 'the markers', timeoutMs: 60_000 },
+    );
+
+    // Via the root: one table, named as the consumer queries it.
+    expect(await replay('snaproot')).toEqual(await table('snaproot', 'measurements'));
+    // By partition: each partition's rows under its own name, none under the root's.
+    const parts = new Map([
+      ...(await table('snapparts', 'm2025')),
+      ...(await table('snapparts', 'm2026')),
+    ]);
+    expect(await replay('snapparts')).toEqual(parts);
+    const copied = await buffer.query<{ source_id: string; tables: string[] }>(
+      `SELECT s.source_id, array_agg(t.table_name ORDER BY t.table_name) AS tables
+         FROM cdc_snapshot_tables t JOIN cdc_snapshots s ON s.id = t.snapshot_id
+        GROUP BY 1 ORDER BY 1`,
+      [],
+      'buffer',
+    );
+    expect(copied).toEqual([
+      { source_id: 'snapparts', tables: ['m2025', 'm2026'] },
+      { source_id: 'snaproot', tables: ['measurements'] },
     ]);
   });
 });
