@@ -265,12 +265,17 @@ sources:
     );
     expect(tiny.state).not.toBe('streaming');
     expect(tiny.lastError).toContain('exceeded its heap limit (readerHeapLimitMb 4)');
-    // Growing delays: the log says when each next attempt is.
-    const delays = p
-      .logs()
-      .filter((l) => l['source'] === 'tiny' && typeof l['retryInMs'] === 'number')
-      .map((l) => l['retryInMs'] as number);
-    expect(delays.length).toBeGreaterThanOrEqual(3);
+    // Growing delays: the log says when each next attempt is. (Its lines reach us through a pipe,
+    // after /readyz may already count the attempt: wait for them.)
+    const delays = () =>
+      p
+        .logs()
+        .filter((l) => l['source'] === 'tiny' && typeof l['retryInMs'] === 'number')
+        .map((l) => l['retryInMs'] as number);
+    await waitFor(async () => delays().length >= 3, {
+      what: 'three retry lines of the tiny reader',
+      timeoutMs: 30_000,
+    });
     // The other reader is unaffected: it streams and stores.
     await waitFor(async () => (await report('roomy')).state === 'streaming', {
       what: 'the roomy source to stream',
