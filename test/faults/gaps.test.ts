@@ -608,6 +608,15 @@ describe('changes that can no longer be delivered', () => {
     });
   });
 
+  it('snapshot: when_needed — a slot advanced by another client: the same, from where the slot is', async () => {
+    await recoversByItself('overtaken', 'slot_advanced', async (c) => {
+      await q(`INSERT INTO ${c.table} VALUES (100, 'during the gap')`);
+      await q(`UPDATE ${c.table} SET v = 'changed in the gap' WHERE id = 2`);
+      await q('SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())', [c.slot]);
+      return 101;
+    });
+  });
+
   it('every log line names each key once', () => {
     expect(allLines.length).toBeGreaterThan(50);
     expect(linesWithDuplicateKeys(allLines)).toEqual([]);
