@@ -152,6 +152,7 @@ describe('philotes-worker status', () => {
       walStatus: string | null;
       lagBytes: number | null;
       problem: string | null;
+      snapshot: { id: number; reason: string; state: string; rows: number } | null;
     }>;
   }
 
@@ -181,6 +182,21 @@ describe('philotes-worker status', () => {
     expect(table.code, outputTail(philotes)).toBe(0);
     expect(table.stdout[0]).toMatch(/^SOURCE\s+CHECKPOINT\s+STORED\s+LAG/);
     expect(table.stdout.find((l) => l.startsWith('app '))).toMatch(/active: philotes:app/);
+    expect(json.sources[0]!.snapshot).toBeNull(); // snapshot: never
+
+    // A snapshot asked for through the buffer's API shows in status once the worker ran it.
+    await f.buffer.query(`SELECT philotes_request_snapshot('app')`, [], 'buffer');
+    const after = await waitFor(
+      async () => {
+        const r = await runPhilotesToExit(f.env(), 30_000, { args: ['status', '--json'] });
+        const report = JSON.parse(r.stdout.join('\n')) as StatusReport;
+        return report.sources[0]?.snapshot?.state === 'done' ? report : false;
+      },
+      { what: 'status to show the finished snapshot', timeoutMs: 30_000 },
+    );
+    expect(after.sources[0]!.snapshot).toMatchObject({ reason: 'on_demand', rows: 2 });
+    const again = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
+    expect(again.stdout.find((l) => l.startsWith('app '))).toMatch(/#\d+ on_demand done, 2 rows/);
   });
 
   it('says which source it cannot read, and exits 1', async () => {
