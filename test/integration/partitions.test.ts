@@ -24,6 +24,40 @@ const CHANGES = `
   UPDATE measurements SET at = '2026-06-01' WHERE id = 3;  -- moves to the other partition
   DELETE FROM measurements WHERE id = 1;`;
 
+/**
+ * Starts Philotes from a file with two sources on `source`, one per database named like it: the
+ * first via the root, the second (`byPartition`) with partitionRoot: false.
+ */
+function startPartitionFleet(
+  source: Cluster,
+  buffer: Cluster,
+  dir: string,
+  defaults: string,
+  [viaRoot, byPartition]: [string, string],
+): PhilotesProcess {
+  const config = join(dir, 'fleet.yaml');
+  const entry = (id: string, extra: string) =>
+    `  - { id: ${id}, host: ${source.host}, port: ${source.port}, database: ${id}, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_${id}${extra} }`;
+  writeFileSync(
+    config,
+    [
+      `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+      `defaults: ${defaults}`,
+      'sources:',
+      entry(viaRoot, ''),
+      entry(byPartition, ', partitionRoot: false'),
+    ].join('\n'),
+  );
+  return startPhilotes(
+    {
+      BUFFER_PASSWORD: buffer.password,
+      SOURCE_PASSWORD: source.password,
+      PHILOTES_METRICS_PORT: '0',
+    },
+    { args: ['--config', config] },
+  );
+}
+
 describe('partitioned tables', () => {
   let source: Cluster;
   let buffer: Cluster;
@@ -38,27 +72,10 @@ describe('partitioned tables', () => {
       await source.query(DDL, [], db);
     }
     dir = mkdtempSync(join(tmpdir(), 'philotes-partitions-'));
-    const config = join(dir, 'fleet.yaml');
-    const entry = (id: string, extra: string) =>
-      `  - { id: ${id}, host: ${source.host}, port: ${source.port}, database: ${id}, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_${id}${extra} }`;
-    writeFileSync(
-      config,
-      [
-        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
-        'defaults: { snapshot: never }',
-        'sources:',
-        entry('viaroot', ''),
-        entry('bypartition', ', partitionRoot: false'),
-      ].join('\n'),
-    );
-    philotes = startPhilotes(
-      {
-        BUFFER_PASSWORD: buffer.password,
-        SOURCE_PASSWORD: source.password,
-        PHILOTES_METRICS_PORT: '0',
-      },
-      { args: ['--config', config] },
-    );
+    philotes = startPartitionFleet(source, buffer, dir, '{ snapshot: never }', [
+      'viaroot',
+      'bypartition',
+    ]);
     await waitForSlotActive(source, 'philotes_viaroot');
     await waitForSlotActive(source, 'philotes_bypartition');
     for (const db of ['viaroot', 'bypartition']) await source.query(CHANGES, [], db);
@@ -140,22 +157,12 @@ describe('partitioned tables: the initial snapshot', () => {
       );
     }
     dir = mkdtempSync(join(tmpdir(), 'philotes-partitions-snapshot-'));
-    const config = join(dir, 'fleet.yaml');
-    const entry = (id: string, extra: string) =>
-      `  - { id: ${id}, host: ${source.host}, port: ${source.port}, database: ${id}, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_${id}${extra} }`;
-    writeFileSync(
-      config,
-      [
-        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
-        'defaults: { snapshot: initial, snapshotChunkRows: 100 }',
-        'sources:',
-        entry('snaproot', ''),
-        entry('snapparts', ', partitionRoot: false'),
-      ].join('\n'),
-    );
-    philotes = startPhilotes(
-      { BUFFER_PASSWORD: buffer.password, SOURCE_PASSWORD: source.password },
-      { args: ['--config', config] },
+    philotes = startPartitionFleet(
+      source,
+      buffer,
+      dir,
+      '{ snapshot: initial, snapshotChunkRows: 100 }',
+      ['snaproot', 'snapparts'],
     );
   });
 
