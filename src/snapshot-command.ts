@@ -22,24 +22,6 @@ export class SnapshotCommandError extends Error {
   }
 }
 
-/** 'schema.table' as PostgreSQL reads it: unquoted parts fold to lower case; no schema is public. */
-export function qualifiedName(name: string): string | null {
-  const part = /^(?:"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*))/;
-  const parts: string[] = [];
-  let rest = name.trim();
-  for (;;) {
-    const m = part.exec(rest);
-    if (!m) return null;
-    parts.push(m[1] !== undefined ? m[1].replace(/""/g, '"') : m[2]!.toLowerCase());
-    rest = rest.slice(m[0].length);
-    if (rest === '') break;
-    if (!rest.startsWith('.')) return null;
-    rest = rest.slice(1);
-  }
-  if (parts.length > 2) return null;
-  return parts.length === 1 ? `public.${parts[0]}` : `${parts[0]}.${parts[1]}`;
-}
-
 export async function requestSnapshot(
   config: Config,
   opts: { sourceId: string; tables: readonly string[] },
@@ -48,19 +30,33 @@ export async function requestSnapshot(
 ): Promise<number> {
   const source = config.sources.find((s) => s.id === opts.sourceId);
   if (!source) throw new SnapshotCommandError(unknownSource(config, opts.sourceId), EXIT_USAGE);
-  const wanted = opts.tables.map((t) => {
-    const q = qualifiedName(t);
-    if (q === null)
-      throw new SnapshotCommandError(
-        `--table ${JSON.stringify(t)} is not a table name (schema.table, or table for public)`,
-        EXIT_USAGE,
-      );
-    return q;
-  });
-
   const client = await connectSource(source);
   let published: string[];
+  /** Each name asked for, as given (the buffer parses it again, alike), and as 'schema.table'. */
+  const wanted = new Map<string, string>();
   try {
+    // Names as PostgreSQL reads them (parse_ident: quotes, case folding; no schema is public),
+    // which is how philotes_request_snapshot reads them in the buffer.
+    for (const given of opts.tables) {
+      const parsed = await client
+        .query<{ name: string | null }>(
+          `SELECT CASE cardinality(n) WHEN 1 THEN 'public.' || n[1] WHEN 2 THEN n[1] || '.' || n[2] END AS name
+             FROM parse_ident($1) AS n`,
+          [given],
+        )
+        .catch((error: unknown) => {
+          // invalid_parameter_value: parse_ident's "string is not a valid identifier".
+          if ((error as { code?: unknown }).code !== '22023') throw error;
+          return { rows: [{ name: null }] };
+        });
+      const name = parsed.rows[0]?.name ?? null;
+      if (name === null)
+        throw new SnapshotCommandError(
+          `--table ${JSON.stringify(given)} is not a table name (schema.table, or table for public)`,
+          EXIT_USAGE,
+        );
+      if (![...wanted.values()].includes(name)) wanted.set(given, name);
+    }
     const result = await client.query<{ name: string }>(
       `SELECT schemaname || '.' || tablename AS name FROM pg_publication_tables
         WHERE pubname = $1 ORDER BY 1`,
@@ -70,7 +66,8 @@ export async function requestSnapshot(
   } finally {
     await client.end().catch(() => undefined);
   }
-  const missing = wanted.filter((t) => !published.includes(t));
+  const names = [...wanted.values()];
+  const missing = names.filter((t) => !published.includes(t));
   if (missing.length > 0)
     throw new SnapshotCommandError(
       `not in publication "${source.publication}" of source "${source.id}": ${missing.join(', ')} (it has ${published.length === 0 ? 'no tables' : published.join(', ')})`,
@@ -81,10 +78,10 @@ export async function requestSnapshot(
   try {
     const id = await store.requestSnapshot(
       source.id,
-      wanted.length === 0 ? null : [...new Set(wanted)],
+      names.length === 0 ? null : [...wanted.keys()],
     );
     out(
-      `snapshot #${id} of ${wanted.length === 0 ? `every table of publication "${source.publication}"` : [...new Set(wanted)].join(', ')} asked for on source "${source.id}": the Philotes process capturing it begins within seconds, after any snapshot before it (progress: /readyz, the status page, cdc_snapshot_tables)`,
+      `snapshot #${id} of ${names.length === 0 ? `every table of publication "${source.publication}"` : names.join(', ')} asked for on source "${source.id}": the Philotes process capturing it begins within seconds, after any snapshot before it (progress: /readyz, the status page, cdc_snapshot_tables)`,
     );
     return EXIT_OK;
   } finally {

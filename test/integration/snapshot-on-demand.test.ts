@@ -137,6 +137,33 @@ describe('on-demand snapshot', () => {
     expect(record!.chunks).toBeGreaterThanOrEqual(16);
   });
 
+  it('reads table names as PostgreSQL does: a quoted mixed-case name, and one without its schema', async () => {
+    await f.source.query(
+      `CREATE TABLE "Ledger" (id int PRIMARY KEY, memo text);
+       INSERT INTO "Ledger" SELECT g, 'm' || g FROM generate_series(1, 30) g;`,
+      [],
+      'app',
+    );
+    const asked = await runPhilotesToExit(env(), 60_000, {
+      args: ['snapshot', '--source', 'app', '--table', '"Ledger"', '--table', 'public."Ledger"'],
+    });
+    expect(asked.code, asked.stderr.join('\n')).toBe(0);
+    expect(asked.stdout.join('\n')).toMatch(/snapshot #\d+ of public\.Ledger asked for/);
+    await waitFor(
+      async () =>
+        (
+          await b<{ state: string }>(
+            `SELECT t.state FROM cdc_snapshot_tables t WHERE t.table_name = 'Ledger'`,
+          )
+        )[0]?.state === 'done',
+      { what: 'the quoted table to be copied', timeoutMs: 60_000 },
+    );
+    const [copied] = await b<{ n: number }>(
+      `SELECT count(*)::int AS n FROM cdc_events WHERE table_name = 'Ledger' AND operation = 'SNAPSHOT'`,
+    );
+    expect(copied!.n).toBe(30);
+  });
+
   it('from SQL: a table the publication does not have is recorded as not_published, and the snapshot ends', async () => {
     const [{ id }] = (await b<{ id: string }>(
       `SELECT philotes_request_snapshot('app', ARRAY['public.audit', 'nowhere']) AS id`,
