@@ -8,6 +8,16 @@ import type { SlotStatusMessage } from './common/protocol.js';
 import type { BatchWriterObserver, StoredGroupReport } from './supervisor/batch-writer.js';
 import { SNAPSHOT_TABLE_STATES } from './supervisor/snapshot-progress.js';
 
+/** Every operation an event can have (its label values, created at 0 per source). */
+const OPERATIONS = [
+  'INSERT',
+  'UPDATE',
+  'DELETE',
+  'TRUNCATE',
+  'MESSAGE',
+  'DDL',
+  'SNAPSHOT',
+] as const;
 const SNAPSHOT_REASONS = ['initial', 'when_needed', 'on_demand'] as const;
 /** The gaps `snapshot: when_needed` records by itself (reset-source's others need a person). */
 const GAP_REASONS = ['slot_missing', 'slot_invalidated', 'slot_advanced'] as const;
@@ -361,16 +371,7 @@ export class Metrics {
     for (const reason of SNAPSHOT_REASONS) this.snapshots.remove({ source, reason });
     for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.remove({ source, state });
     for (const reason of GAP_REASONS) this.gaps.remove({ source, reason });
-    for (const operation of [
-      'INSERT',
-      'UPDATE',
-      'DELETE',
-      'TRUNCATE',
-      'MESSAGE',
-      'DDL',
-      'SNAPSHOT',
-    ])
-      this.events.remove({ source, operation });
+    for (const operation of OPERATIONS) this.events.remove({ source, operation });
     for (const kind of ['retryable', 'fatal']) this.readerFailures.remove({ source, kind });
     for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
       this.sourceState.remove({ source, state });
@@ -379,16 +380,7 @@ export class Metrics {
 
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
-    for (const operation of [
-      'INSERT',
-      'UPDATE',
-      'DELETE',
-      'TRUNCATE',
-      'MESSAGE',
-      'DDL',
-      'SNAPSHOT',
-    ])
-      this.events.inc({ source, operation }, 0);
+    for (const operation of OPERATIONS) this.events.inc({ source, operation }, 0);
     this.transactions.inc({ source }, 0);
     this.snapshotRows.inc({ source }, 0);
     for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.set({ source, state }, 0);

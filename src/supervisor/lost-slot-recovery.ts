@@ -5,12 +5,11 @@
  * records it, and a snapshot of every published table begins in the same buffer transaction, so
  * the buffer rebuilds the tables despite the gap. Loudly: an error line, and the metric.
  */
-import pg from 'pg';
 import type { SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
-import { pgClientOptions } from '../common/pg-connection.js';
 import type { BufferStore } from '../buffer/store.js';
 import { resetWith, type ResetOutcome } from '../reset-source.js';
+import { connectSource } from '../source-connection.js';
 
 /** The reader's fatal codes that mean changes were lost, which a snapshot makes good. */
 const LOST_CHANGES = new Set(['SLOT_MISSING', 'SLOT_INVALIDATED', 'SLOT_ADVANCED', 'WAL_REMOVED']);
@@ -29,18 +28,17 @@ export async function recoverLostSlot(
   source: SourceConfig,
   log: Logger,
 ): Promise<ResetOutcome | null> {
-  const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));
-  client.on('error', () => undefined); // a lost connection rejects the query in flight
-  await client.connect();
+  const client = await connectSource(source);
   try {
-    const lines: string[] = [];
     const outcome = await resetWith(
       store,
       client,
       source,
       { sourceId: source.id, acceptGap: true, skipToCurrent: false, snapshot: 'when_needed' },
       log,
-      (line) => lines.push(line),
+      // The command's report is for a person at a terminal; here the log and the caller's error
+      // line say it.
+      () => undefined,
     );
     return outcome.gap === null ? null : outcome;
   } finally {

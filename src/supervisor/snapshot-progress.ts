@@ -3,7 +3,7 @@
  * begun from the buffer's record, moved on by the progress that each stored batch carries (so it
  * says what is durable, never what is only read).
  */
-import type { PendingSnapshot, SnapshotProgress } from '../common/protocol.js';
+import type { PendingSnapshot, SnapshotProgress, SnapshotTableState } from '../common/protocol.js';
 
 export const SNAPSHOT_TABLE_STATES = [
   'pending',
@@ -26,6 +26,11 @@ export interface SnapshotReport {
   readonly current: string | null;
 }
 
+/** A table the copy has not begun (running, no chunk yet) shows as pending. */
+function shownState(t: SnapshotTableState): SnapshotTableStateName {
+  return t.chunks === 0 && t.state === 'running' ? 'pending' : t.state;
+}
+
 export class SnapshotProgressTracker {
   private id = 0;
   private reason = '';
@@ -46,11 +51,7 @@ export class SnapshotProgressTracker {
     this.reason = snapshot.reason;
     this.finished = false;
     this.rows = snapshot.rows;
-    for (const t of snapshot.tables)
-      this.tables.set(
-        `${t.schema}.${t.table}`,
-        t.chunks === 0 && t.state === 'running' ? 'pending' : t.state,
-      );
+    for (const t of snapshot.tables) this.tables.set(`${t.schema}.${t.table}`, shownState(t));
   }
 
   /** Progress a stored batch carried. Returns true when the snapshot is now finished. */
@@ -61,7 +62,7 @@ export class SnapshotProgressTracker {
       this.rows += p.rows;
       if (p.table !== '') {
         const name = `${p.schema}.${p.table}`;
-        this.tables.set(name, p.chunks === 0 && p.state === 'running' ? 'pending' : p.state);
+        this.tables.set(name, shownState(p));
         if (p.chunks > 0) this.current = p.state === 'running' ? name : null;
       }
       if (p.finished && !this.finished) {

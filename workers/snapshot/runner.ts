@@ -2,8 +2,9 @@
  * Copies the rows a source's tables already hold, chunk by chunk, while the reader streams (see
  * window.ts for the watermark algorithm). Up to `parallelTables` tables at a time, each on a
  * connection of its own with the replication session's settings (so that values print as
- * pgoutput prints them), one chunk in memory per table: a table's chunk loop waits for the stream
- * to meet the chunk's high watermark before it reads the next. Each query is short and read-only.
+ * pgoutput prints them), two chunks in memory per table at most: a table's next chunk is read
+ * while the stream reaches the previous one's high watermark (see copyChunks). Each query is short
+ * and read-only.
  */
 import pg from 'pg';
 import type { Logger } from '../../src/common/logger.js';
