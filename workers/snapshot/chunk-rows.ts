@@ -57,9 +57,9 @@ export class ChunkRows {
     return keyOf(keyIndexes.map((k) => (tuple.isNull(k) ? null : tuple.text(k))));
   }
 
-  /** Row i's key columns' texts. */
+  /** Row i's key columns' texts (a primary key has no NULL). */
   keyTexts(i: number, keyIndexes: readonly number[]): string[] {
-    const tuple = this.view(i, new TupleView());
+    const tuple = this.view(i, this.keyView);
     return keyIndexes.map((k) => tuple.text(k));
   }
 }
