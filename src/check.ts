@@ -25,6 +25,12 @@ import {
   tablesWithoutIdentity,
   type SlotState,
 } from './common/source-admin.js';
+import {
+  compareHistory,
+  divergenceSummary,
+  identityOfRow,
+  storedHistory,
+} from './common/source-history.js';
 import { SCHEMA_VERSION } from './buffer/migrations.js';
 
 export type Verdict = 'ok' | 'warning' | 'blocker';
@@ -49,6 +55,8 @@ export function exitCode(findings: readonly Finding[]): number {
 interface BufferRecord {
   lsn: string;
   confirmed_lsn: string | null;
+  /** The whole row: the identity columns exist from buffer schema 6 on. */
+  row: Record<string, unknown>;
 }
 
 export async function runChecks(config: Config): Promise<Finding[]> {
@@ -210,7 +218,8 @@ async function checkBuffer(
     records = new Map();
     if (tables.has('cdc_checkpoints')) {
       const rows = await client.query<BufferRecord & { source_id: string }>(
-        `SELECT source_id, lsn, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = ANY($1)`,
+        `SELECT source_id, lsn, confirmed_lsn::text, to_jsonb(c) AS row
+           FROM cdc_checkpoints c WHERE source_id = ANY($1)`,
         [config.sources.map((s) => s.id)],
       );
       for (const row of rows.rows) records.set(row.source_id, row);
@@ -288,9 +297,47 @@ async function checkSource(
 
     const slot = await readSlotState(client, source.slot);
     const wal = await currentWalLsn(client);
+    if (record !== null && role.replication) await checkHistory(client, source, record, add);
     await checkSlot(client, source, slot, wal, settings, record, bufferRead, add);
     await checkPublication(client, source, role.superuser, record, add);
     if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
+  });
+}
+
+/** Whether the server is still the history the buffer holds (see source-history.ts). */
+async function checkHistory(
+  client: pg.Client,
+  source: SourceConfig,
+  record: BufferRecord,
+  add: (f: Omit<Finding, 'target'>) => void,
+): Promise<void> {
+  const stored = storedHistory({
+    lsn: record.lsn,
+    confirmedLsn: record.confirmed_lsn,
+    transactionId:
+      typeof record.row['transaction_id'] === 'number' ? record.row['transaction_id'] : null,
+    identity: identityOfRow(record.row),
+  });
+  const identity = stored.identity;
+  const { server, error } = await compareHistory(client, source, 'philotes:check', stored);
+  if (error !== null) {
+    add({
+      check: 'history',
+      verdict: 'blocker',
+      detail: divergenceSummary(error),
+      fix: `${resetCommand(source.id)}${error.code === 'SOURCE_REPLACED' ? ' --snapshot' : ''} (retracts the buffer's events of the lost history and records what was lost)`,
+    });
+    return;
+  }
+  const now = server.identity;
+  add({
+    check: 'history',
+    verdict: 'ok',
+    detail:
+      identity === null
+        ? `system ${now.systemId}, timeline ${now.timeline} (the buffer has not recorded an identity for this source yet: the next start records it)`
+        : `the same server and history as the buffer's events (system ${now.systemId}, timeline ${now.timeline}${now.timeline !== identity.timeline ? `, which left timeline ${identity.timeline} after the checkpoint` : ''})`,
+    fix: null,
   });
 }
 

@@ -143,6 +143,12 @@ export class Metrics {
     labelNames: ['source', 'reason'] as const,
     registers: [this.registry],
   });
+  readonly sourceDiverged = new client.Gauge({
+    name: 'philotes_source_diverged',
+    help: 'Is 1 while the source is stopped because its server is not the history the buffer holds (SOURCE_DIVERGED, SOURCE_REPLACED: restored, failed over, replaced); reset-source records the truth.',
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
   readonly queuedBatches = new client.Gauge({
     name: 'philotes_queued_batches',
     help: 'Batches received from a reader and waiting to be stored.',
@@ -365,6 +371,7 @@ export class Metrics {
       this.sourceReady,
       this.notStreamingSeconds,
       this.snapshotRows,
+      this.sourceDiverged,
     ]) {
       metric.remove({ source });
     }
@@ -394,6 +401,7 @@ export class Metrics {
     this.readerFailures.inc({ source, kind: 'fatal' }, 0);
     this.readerUp.set({ source }, 0);
     this.queuedBatches.set({ source }, 0);
+    this.sourceDiverged.set({ source }, 0);
     for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
       this.sourceState.set({ source, state }, 0);
     this.consecutiveFailures.set({ source }, 0);

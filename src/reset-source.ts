@@ -10,7 +10,15 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import type { Config, SourceConfig } from './common/config.js';
 import { pgClientOptions } from './common/pg-connection.js';
-import { BufferStore } from './buffer/store.js';
+import { BufferStore, type GapRecord } from './buffer/store.js';
+import {
+  confirmedOnHistory,
+  findDivergence,
+  readServerHistory,
+  type Divergence,
+  type ServerHistory,
+  type StoredHistory,
+} from './common/source-history.js';
 import { unknownSource } from './cli-output.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit.js';
 import type { Logger } from './common/logger.js';
@@ -41,10 +49,11 @@ export interface ResetOptions {
   readonly snapshot?: 'on_demand' | 'when_needed';
 }
 
-/** What a reset did: the gap it recorded (and the snapshot it began), if any. */
+/** What a reset did: the gap it recorded, the events it retracted, the snapshot it began. */
 export interface ResetOutcome {
   readonly exitCode: number;
   readonly gap: { id: number; reason: GapReason; fromLsn: string; toLsn: string } | null;
+  readonly retraction: { id: number; fromLsn: string; toLsn: string; events: number } | null;
   readonly snapshotId: number | null;
 }
 
@@ -56,6 +65,8 @@ const EXPLAIN: Record<GapReason, string> = {
   publication_missing:
     'the publication does not exist; it will be created and the slot skipped past its creation',
   skip_to_current: "the slot will be skipped to the source's current WAL position",
+  source_diverged: "the server's history is not the one the buffer holds",
+  source_replaced: 'the server is not the one the buffer holds',
 };
 
 /** How long to wait for the source's lock before saying another process holds it. */
@@ -124,16 +135,49 @@ export async function resetWith(
   log: Logger,
   out: (line: string) => void,
 ): Promise<ResetOutcome> {
-  const unchanged = (exitCode: number): ResetOutcome => ({ exitCode, gap: null, snapshotId: null });
+  const unchanged = (exitCode: number): ResetOutcome => ({
+    exitCode,
+    gap: null,
+    retraction: null,
+    snapshotId: null,
+  });
   const checkpoint = await store.readCheckpoint(source.id);
   const slot = await readSlotState(client, source.slot);
   if (slot !== null) checkSlotKind(source, slot);
   const hasPublication = await publicationExists(client, source.publication);
-  const now = await currentWalLsn(client);
+  const server = await readServerHistory(
+    client,
+    pgClientOptions(source.connection, 'philotes:reset-source'),
+    checkpoint?.identity?.timeline ?? null,
+  );
+  const now = server.walLsn;
 
   const checkpointLsn = checkpoint === null ? null : parseLsn(checkpoint.lsn);
-  const confirmedLsn =
+  const recordedConfirmed =
     checkpoint?.confirmedLsn == null ? checkpointLsn : parseLsn(checkpoint.confirmedLsn);
+  const stored: StoredHistory | null =
+    checkpoint === null || checkpointLsn === null
+      ? null
+      : {
+          identity: checkpoint.identity,
+          checkpointLsn,
+          confirmedLsn:
+            recordedConfirmed !== null && recordedConfirmed > checkpointLsn
+              ? recordedConfirmed
+              : checkpointLsn,
+          checkpointXid: checkpoint.transactionId,
+        };
+  const divergence = stored === null ? null : findDivergence(stored, server);
+  if (stored !== null && divergence !== null)
+    return resetDiverged(store, client, source, opts, log, out, {
+      stored,
+      server,
+      divergence,
+      slot,
+      hasPublication,
+    });
+
+  const confirmedLsn = stored === null ? null : confirmedOnHistory(stored, server);
   const found =
     checkpointLsn !== null
       ? findGap({ checkpointLsn, confirmedLsn: confirmedLsn ?? checkpointLsn }, slot, now)
@@ -160,21 +204,7 @@ export async function resetWith(
     return unchanged(EXIT_USAGE);
   }
 
-  // Get the slot (and the publication) into a state that can deliver, then find where it starts.
-  if (!hasPublication) await createPublication(client, source, log);
-  let usable: SlotState | null = slot;
-  let created = false;
-  if (slot !== null && invalidated) {
-    await client.query('SELECT pg_drop_replication_slot($1)', [source.slot]);
-    usable = null;
-  }
-  if (usable === null) {
-    await createSlot(client, source);
-    created = true;
-    usable = await readSlotState(client, source.slot);
-    if (usable === null)
-      throw new Error(`replication slot "${source.slot}" vanished right after creation`);
-  }
+  const { usable, created } = await deliverableSlot(client, source, log, slot, hasPublication);
   let toLsn = usable.confirmedFlushLsn ?? now;
   // A slot that already existed may still have to decode changes from before the publication
   // existed (again): skip it past them. A slot created just now starts after the publication.
@@ -186,7 +216,10 @@ export async function resetWith(
     );
     toLsn = parseLsn(advanced.rows[0]!.lsn);
   }
-  if (checkpointLsn !== null && toLsn < checkpointLsn) toLsn = checkpointLsn;
+  // The server's history is the buffer's (checked above), so a slot can only start behind what
+  // the buffer holds when its saved position lags what it was confirmed (a crash of the source
+  // loses the latest confirmations): it still delivers from the checkpoint on.
+  const resume = toLsn < fromLsn ? fromLsn : toLsn;
 
   const details = {
     server: where(source),
@@ -198,35 +231,192 @@ export async function resetWith(
     confirmedLsn: confirmedLsn === null ? null : formatLsn(confirmedLsn),
     slotCreated: created,
     publicationCreated: !hasPublication,
-    gapBytes: Number(toLsn > fromLsn ? toLsn - fromLsn : 0n),
+    gapBytes: Number(resume - fromLsn),
   };
   const recorded = await store.recordGap({
     sourceId: source.id,
     slot: source.slot,
-    fromLsn: formatLsn(fromLsn),
-    toLsn: formatLsn(toLsn),
     checkpointLsn: checkpoint?.lsn ?? null,
-    reason,
-    details,
+    gaps: [{ fromLsn: formatLsn(fromLsn), toLsn: formatLsn(resume), reason, details }],
+    resumeLsn: formatLsn(resume),
+    identity: server.identity,
     snapshot: opts.snapshot ?? null,
   });
+  const gapId = recorded.gapIds[0]!;
   log.warn(
     {
-      gapId: recorded.gapId,
+      gapId,
       reason,
       fromLsn: formatLsn(fromLsn),
-      toLsn: formatLsn(toLsn),
+      toLsn: formatLsn(resume),
       snapshot: recorded.snapshotId,
       ...details,
     },
     'gap accepted and recorded in cdc_gaps',
   );
   out(
-    `source "${source.id}": ${EXPLAIN[reason]}. Recorded gap #${recorded.gapId} in cdc_gaps: changes committed between ${formatLsn(fromLsn)} and ${formatLsn(toLsn)} (${formatBytes(toLsn > fromLsn ? toLsn - fromLsn : 0n)} of WAL) may be missing from cdc_events. The checkpoint is now ${formatLsn(toLsn)}: start Philotes and capture resumes there${recorded.snapshotId === null ? '' : `, with snapshot #${recorded.snapshotId} of every published table`}.`,
+    `source "${source.id}": ${EXPLAIN[reason]}. Recorded gap #${gapId} in cdc_gaps: changes committed between ${formatLsn(fromLsn)} and ${formatLsn(resume)} (${formatBytes(resume - fromLsn)} of WAL) may be missing from cdc_events. The checkpoint is now ${formatLsn(resume)}: start Philotes and capture resumes there${recorded.snapshotId === null ? '' : `, with snapshot #${recorded.snapshotId} of every published table`}.`,
   );
   return {
     exitCode: EXIT_OK,
-    gap: { id: recorded.gapId, reason, fromLsn: formatLsn(fromLsn), toLsn: formatLsn(toLsn) },
+    gap: { id: gapId, reason, fromLsn: formatLsn(fromLsn), toLsn: formatLsn(resume) },
+    retraction: null,
+    snapshotId: recorded.snapshotId,
+  };
+}
+
+/** The publication and a slot that can deliver: created, or dropped and created if invalidated. */
+async function deliverableSlot(
+  client: pg.Client,
+  source: SourceConfig,
+  log: Logger,
+  slot: SlotState | null,
+  hasPublication: boolean,
+): Promise<{ usable: SlotState; created: boolean }> {
+  if (!hasPublication) await createPublication(client, source, log);
+  if (slot !== null && !isInvalidated(slot)) return { usable: slot, created: false };
+  if (slot !== null) await client.query('SELECT pg_drop_replication_slot($1)', [source.slot]);
+  await createSlot(client, source);
+  const usable = await readSlotState(client, source.slot);
+  if (usable === null)
+    throw new Error(`replication slot "${source.slot}" vanished right after creation`);
+  return { usable, created: true };
+}
+
+/**
+ * The way out of a source whose server is not the history the buffer holds (SOURCE_DIVERGED,
+ * SOURCE_REPLACED). What it records, in one buffer transaction:
+ *
+ * - `keep`: the furthest position known to be on both histories — the fork point the server's
+ *   timeline history gives, else the server's WAL end (or the checkpoint), lowered to the slot's
+ *   position where the slot is older: from there the slot delivers the server's history again.
+ * - a gap `retracted` from keep to the checkpoint: the buffer's events in it are of a history
+ *   that no longer exists; they move to cdc_retracted_events, so a consumer can undo them.
+ * - a gap `source_diverged` / `source_replaced` from keep to where the slot starts, when the slot
+ *   starts later (a slot created now): the server's changes in between are not delivered.
+ */
+async function resetDiverged(
+  store: BufferStore,
+  client: pg.Client,
+  source: SourceConfig,
+  opts: ResetOptions,
+  log: Logger,
+  out: (line: string) => void,
+  found: {
+    stored: StoredHistory;
+    server: ServerHistory;
+    divergence: Divergence;
+    slot: SlotState | null;
+    hasPublication: boolean;
+  },
+): Promise<ResetOutcome> {
+  const { stored, server, divergence, slot } = found;
+  const reason: GapReason = divergence.kind === 'replaced' ? 'source_replaced' : 'source_diverged';
+  const what =
+    divergence.kind === 'replaced'
+      ? `the server is another ${divergence.why === 'database' ? 'database' : 'cluster'} than the buffer's events came from`
+      : `the server's history left the buffer's at ${formatLsn(divergence.forkLsn)}${divergence.forkKnown ? ' (its timeline history says so)' : ' or before'}`;
+  const slotLsn = slot !== null && !isInvalidated(slot) ? (slot.confirmedFlushLsn ?? null) : null;
+  let keep = divergence.forkLsn;
+  if (slotLsn !== null && slotLsn < keep) keep = slotLsn;
+  const checkpoint = formatLsn(stored.checkpointLsn);
+  if (!opts.acceptGap) {
+    out(
+      `source "${source.id}": ${what}. The buffer's events from ${formatLsn(keep)} to its checkpoint ${checkpoint} will be retracted (moved to cdc_retracted_events, the range recorded in cdc_gaps as retracted)${slotLsn !== null && slotLsn <= keep ? `, and capture resumes at ${formatLsn(slotLsn)}, where slot "${source.slot}" delivers the server's history again` : `, a new slot is created, and the server's changes between ${formatLsn(keep)} and its start will be recorded as lost`}. Nothing was changed: re-run with --accept-gap to do it.`,
+    );
+    return { exitCode: EXIT_USAGE, gap: null, retraction: null, snapshotId: null };
+  }
+  const { usable, created } = await deliverableSlot(
+    client,
+    source,
+    log,
+    slot,
+    found.hasPublication,
+  );
+  const start = usable.confirmedFlushLsn ?? server.walLsn;
+  // A slot older than the fork delivers the shared history from its position again.
+  if (start < keep) keep = start;
+  const shared = {
+    server: where(source),
+    why: divergence.why,
+    forkLsn: formatLsn(divergence.forkLsn),
+    forkKnown: divergence.forkKnown,
+    checkpointLsn: checkpoint,
+    confirmedLsn: formatLsn(stored.confirmedLsn),
+    serverWalLsn: formatLsn(server.walLsn),
+    bufferIdentity: stored.identity,
+    serverIdentity: server.identity,
+    slotConfirmedFlushLsn: slotLsn === null ? null : formatLsn(slotLsn),
+    slotCreated: created,
+  };
+  const gaps: GapRecord[] = [];
+  if (stored.checkpointLsn > keep)
+    gaps.push({
+      fromLsn: formatLsn(keep),
+      toLsn: checkpoint,
+      reason: 'retracted',
+      details: { ...shared, gapBytes: Number(stored.checkpointLsn - keep) },
+      retract: true,
+    });
+  // A replaced server's changes before its slot are never in the buffer, whatever the positions.
+  if (start > keep || divergence.kind === 'replaced')
+    gaps.push({
+      fromLsn: formatLsn(keep),
+      toLsn: formatLsn(start),
+      reason,
+      details: { ...shared, gapBytes: Number(start - keep) },
+    });
+  const recorded = await store.recordGap({
+    sourceId: source.id,
+    slot: source.slot,
+    checkpointLsn: checkpoint,
+    gaps,
+    resumeLsn: formatLsn(start),
+    identity: server.identity,
+    snapshot: opts.snapshot ?? null,
+  });
+  const ids = new Map(gaps.map((g, i) => [g.reason, recorded.gapIds[i]!]));
+  const retractedId = ids.get('retracted') ?? null;
+  const lostId = ids.get(reason) ?? null;
+  log.warn(
+    {
+      reason,
+      retractedGapId: retractedId,
+      lostGapId: lostId,
+      keepLsn: formatLsn(keep),
+      resumeLsn: formatLsn(start),
+      retractedEvents: recorded.retractedEvents,
+      snapshot: recorded.snapshotId,
+      ...shared,
+    },
+    'diverged source reset: events of the lost history retracted, gaps recorded in cdc_gaps',
+  );
+  const retracted =
+    retractedId === null
+      ? 'No event of the buffer lies past it.'
+      : `Retracted ${recorded.retractedEvents} event(s) from ${formatLsn(keep)} to ${checkpoint} (gap #${retractedId}, reason retracted; the events are in cdc_retracted_events).`;
+  const lost =
+    lostId === null
+      ? `Nothing was lost: slot "${source.slot}" delivers the server's history from ${formatLsn(start)}.`
+      : `Recorded gap #${lostId} (${reason}): the server's changes between ${formatLsn(keep)} and ${formatLsn(start)} (${formatBytes(start - keep)} of WAL) are not in cdc_events${divergence.kind === 'replaced' ? ', nor any the new server committed before its slot existed' : ''}.`;
+  out(
+    `source "${source.id}": ${what}. ${retracted} ${lost} The checkpoint is now ${formatLsn(start)}: start Philotes and capture resumes there${recorded.snapshotId === null ? '' : `, with snapshot #${recorded.snapshotId} of every published table`}.`,
+  );
+  return {
+    exitCode: EXIT_OK,
+    gap:
+      lostId === null
+        ? null
+        : { id: lostId, reason, fromLsn: formatLsn(keep), toLsn: formatLsn(start) },
+    retraction:
+      retractedId === null
+        ? null
+        : {
+            id: retractedId,
+            fromLsn: formatLsn(keep),
+            toLsn: checkpoint,
+            events: recorded.retractedEvents,
+          },
     snapshotId: recorded.snapshotId,
   };
 }

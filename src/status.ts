@@ -6,11 +6,18 @@
  */
 import pg from 'pg';
 import type { Config, SourceConfig } from './common/config.js';
-import { describeConnectionError } from './common/errors.js';
+import { describeConnectionError, type FatalSourceError } from './common/errors.js';
 import { formatLsn, parseLsn } from './common/lsn.js';
 import { pgClientOptions } from './common/pg-connection.js';
 import {
+  compareHistory,
+  divergenceSummary,
+  identityOfRow,
+  storedHistory,
+} from './common/source-history.js';
+import {
   currentWalLsn,
+  resetCommand,
   readSlotState,
   retainedWalBytes,
   slotHolder,
@@ -34,8 +41,13 @@ export interface SourceStatus {
   readonly slotOwner: string | null;
   readonly walStatus: string | null;
   readonly retainedWalBytes: number | null;
-  /** What could not be read, if anything (the source, or the buffer for this source). */
+  /**
+   * What is wrong, if anything: what could not be read (the source, or the buffer for this
+   * source), or a server that is not the history the buffer holds (SOURCE_DIVERGED, ...).
+   */
   readonly problem: string | null;
+  /** SOURCE_DIVERGED or SOURCE_REPLACED when the server is not the buffer's history. */
+  readonly historyCode: string | null;
   /** The source's latest snapshot as the buffer records it, if it had one. */
   readonly snapshot: StoredSnapshot | null;
 }
@@ -58,6 +70,7 @@ interface CheckpointRow {
   confirmed_lsn: string | null;
   committed_at: Date;
   metadata: { source_committed_at?: string | null } | null;
+  row: Record<string, unknown>;
 }
 
 /** Reads the status of every configured source; `problems` names what could not be read. */
@@ -103,8 +116,8 @@ async function readBuffer(config: Config): Promise<{
     if (!exists.rows[0]?.ok) return none;
     const ids = config.sources.map((s) => s.id);
     const rows = await client.query<CheckpointRow>(
-      `SELECT source_id, lsn, confirmed_lsn::text, committed_at, metadata
-         FROM cdc_checkpoints WHERE source_id = ANY($1)`,
+      `SELECT source_id, lsn, confirmed_lsn::text, committed_at, metadata, to_jsonb(c) AS row
+         FROM cdc_checkpoints c WHERE source_id = ANY($1)`,
       [ids],
     );
     const checkpoints = new Map(rows.rows.map((r) => [r.source_id, r]));
@@ -185,6 +198,24 @@ async function sourceStatus(
       .filter((p): p is string => typeof p === 'string')
       .map(parseLsn);
     const captured = positions.length > 0 ? positions.reduce((a, b) => (a > b ? a : b)) : null;
+    let history: FatalSourceError | null = null;
+    let historyProblem: string | null = null;
+    if (checkpoint !== null) {
+      const stored = storedHistory({
+        lsn: checkpoint.lsn,
+        confirmedLsn: checkpoint.confirmed_lsn,
+        transactionId:
+          typeof checkpoint.row['transaction_id'] === 'number'
+            ? checkpoint.row['transaction_id']
+            : null,
+        identity: identityOfRow(checkpoint.row),
+      });
+      try {
+        history = (await compareHistory(client, source, 'philotes:status', stored)).error;
+      } catch (error) {
+        historyProblem = `could not compare the server's history with the buffer's: ${(error as Error).message}`;
+      }
+    }
     return {
       ...base,
       walLsn: formatLsn(wal),
@@ -194,7 +225,13 @@ async function sourceStatus(
       slotOwner: owner,
       walStatus: slot?.walStatus ?? null,
       retainedWalBytes: slot === null ? null : retainedWalBytes(slot, wal),
-      problem: bufferProblem === null ? null : `buffer: ${bufferProblem}`,
+      problem:
+        bufferProblem !== null
+          ? `buffer: ${bufferProblem}`
+          : history !== null
+            ? `${divergenceSummary(history)} (way out: ${resetCommand(source.id)})`
+            : historyProblem,
+      historyCode: history?.code ?? null,
     };
   } catch (error) {
     return {
@@ -207,6 +244,7 @@ async function sourceStatus(
       walStatus: null,
       retainedWalBytes: null,
       problem: explain(error, 'source', source.connection.host, source.connection.port),
+      historyCode: null,
     };
   } finally {
     await client.end().catch(() => undefined);

@@ -45,6 +45,7 @@ import {
   retainedWalBytes,
   where,
 } from '../src/common/source-admin.js';
+import type { SourceIdentity } from '../src/common/source-history.js';
 import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
 import {
@@ -166,6 +167,7 @@ export class SlotReader implements PgoutputHandler {
       const checkpoint = this.task.checkpoint;
       const prepared = await prepareSource(
         this.side,
+        options,
         source,
         this.log,
         checkpoint === null
@@ -174,6 +176,8 @@ export class SlotReader implements PgoutputHandler {
               checkpointLsn: parseLsn(checkpoint.lsn),
               confirmedLsn:
                 checkpoint.confirmedLsn === null ? null : parseLsn(checkpoint.confirmedLsn),
+              checkpointXid: checkpoint.transactionId,
+              identity: checkpoint.identity,
             },
       );
       const identity = await this.side.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
@@ -190,11 +194,14 @@ export class SlotReader implements PgoutputHandler {
 
       this.startLsn = prepared.startLsn;
       this.serverVersion = prepared.serverVersion;
+      // Nothing recorded yet (a source new to the buffer): its start is recorded below.
       this.confirmations = new Confirmations(
         prepared.startLsn,
-        prepared.mustRecord ? prepared.startLsn : prepared.recordedLsn,
+        prepared.mustRecord ? 0n : prepared.recordedLsn,
       );
-      if (prepared.mustRecord) await this.record(prepared.recordedLsn);
+      // The start, and the server's identity, are in the buffer before the slot streams to us:
+      // every later start can then tell a slot moved by someone else, or another history.
+      await this.recordStart(prepared.recordedLsn, prepared.identity);
       if (this.failed !== null) throw this.failed;
       const start = formatLsn(prepared.startLsn);
       this.stream = new ReplicationStream(
@@ -785,6 +792,14 @@ export class SlotReader implements PgoutputHandler {
     if (this.confirmations.confirmed >= this.confirmations.serverWalEnd) {
       this.replyRequested = false;
     }
+  }
+
+  /** Records the start position (and the server's identity) and waits until the buffer has it. */
+  private async recordStart(lsn: bigint, identity: SourceIdentity): Promise<void> {
+    const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
+    this.confirmations.askRecord(lsn);
+    this.post({ type: 'record', lsn: formatLsn(lsn), identity });
+    await recorded;
   }
 
   /** Resolves once the buffer records `lsn` as confirmable (or the reader has failed). */

@@ -30,6 +30,15 @@ import {
   where,
   type SlotState,
 } from '../src/common/source-admin.js';
+import {
+  confirmedOnHistory,
+  divergenceError,
+  findDivergence,
+  readServerHistory,
+  type ServerHistory,
+  type SourceIdentity,
+  type StoredHistory,
+} from '../src/common/source-history.js';
 import type { ResolvedColumn, ResolvedRelation } from './decode/event-rows.js';
 import type { RelationColumn } from './decode/pgoutput.js';
 import {
@@ -42,6 +51,8 @@ import {
 
 export interface PreparedSource {
   readonly serverVersion: number;
+  /** The server's identity now: recorded with the start, compared at every later start. */
+  readonly identity: SourceIdentity;
   /** pgoutput's protocol version for this server: 2 streams in-progress transactions. */
   readonly protocol: 1 | 2;
   readonly slotCreated: boolean;
@@ -65,9 +76,11 @@ export interface PreparedSource {
  */
 export async function prepareSource(
   client: pg.Client,
+  /** The source's connection options, for the replication commands that identify the server. */
+  options: pg.ClientConfig,
   source: SourceConfig,
   log: Logger,
-  record: { checkpointLsn: bigint; confirmedLsn: bigint | null } | null,
+  record: BufferRecord | null,
 ): Promise<PreparedSource> {
   const settings = await client.query<{ wal_level: string; version: string }>(
     `SELECT current_setting('wal_level') AS wal_level, current_setting('server_version_num') AS version`,
@@ -132,15 +145,18 @@ export async function prepareSource(
   }
   await warnAboutIdentity(client, source.publication, log);
 
+  const server = await readServerHistory(client, options, record?.identity?.timeline ?? null);
   if (record !== null)
     return {
       serverVersion,
+      identity: server.identity,
       protocol,
       publicationCreated,
-      ...(await checkSlot(client, source, log, record)),
+      ...(await checkSlot(client, source, log, record, server)),
     };
   return {
     serverVersion,
+    identity: server.identity,
     protocol,
     publicationCreated,
     ...(await newCapture(client, source, log, publicationCreated)),
@@ -190,16 +206,45 @@ async function prepareDdlCapture(
   );
 }
 
-/** A source the buffer has a checkpoint for: the slot must deliver everything after it. */
+/** What the buffer holds for a source: its checkpoint, confirmations and history. */
+export interface BufferRecord {
+  readonly checkpointLsn: bigint;
+  /** Null: written by a version that did not record confirmations. */
+  readonly confirmedLsn: bigint | null;
+  readonly checkpointXid: number | null;
+  readonly identity: SourceIdentity | null;
+}
+
+/**
+ * A source the buffer has a checkpoint for: the server must be the history the buffer holds, and
+ * the slot must deliver everything after the checkpoint.
+ */
 async function checkSlot(
   client: pg.Client,
   source: SourceConfig,
   log: Logger,
-  record: { checkpointLsn: bigint; confirmedLsn: bigint | null },
+  record: BufferRecord,
+  server: ServerHistory,
 ): Promise<{ slotCreated: false; startLsn: bigint; recordedLsn: bigint; mustRecord: boolean }> {
+  const stored: StoredHistory = {
+    identity: record.identity,
+    checkpointLsn: record.checkpointLsn,
+    confirmedLsn:
+      record.confirmedLsn !== null && record.confirmedLsn > record.checkpointLsn
+        ? record.confirmedLsn
+        : record.checkpointLsn,
+    checkpointXid: record.checkpointXid,
+  };
+  const divergence = findDivergence(stored, server);
+  if (divergence !== null) throw divergenceError(source, divergence, stored, server);
+  if (record.identity === null)
+    log.info(
+      { identity: server.identity },
+      "the buffer has no record of this source's server identity yet: recording it now",
+    );
   const slot = await readSlotState(client, source.slot);
   if (slot !== null) checkSlotKind(source, slot);
-  let confirmedLsn = record.confirmedLsn;
+  let confirmedLsn = record.confirmedLsn === null ? null : confirmedOnHistory(stored, server);
   const mustRecord = confirmedLsn === null;
   if (confirmedLsn === null) {
     // A buffer written before Philotes recorded its confirmations: its idle confirmations may
@@ -440,6 +485,7 @@ export class CatalogResolver {
         ...TEXT_TYPE,
         oid: c.typeOid,
         name: `oid:${c.typeOid}`,
+        textForm: true,
       };
       const streamName = this.streamTypeNames.get(c.typeOid);
       return {
@@ -508,7 +554,7 @@ export class CatalogResolver {
       const known = this.types.get(oid);
       if (known) return known;
       const row = rows.get(oid);
-      if (!row || depth > 10) return { ...TEXT_TYPE, oid, name: `oid:${oid}` };
+      if (!row || depth > 10) return { ...TEXT_TYPE, oid, name: `oid:${oid}`, textForm: true };
       let info: TypeInfo;
       if (row.typcategory === 'A' && row.typelem !== 0) {
         info = {
@@ -523,7 +569,13 @@ export class CatalogResolver {
         const base = build(row.typbasetype, depth + 1);
         info = { ...base, oid, name: row.typname };
       } else {
-        info = { oid, name: row.typname, kind: 'string' as ValueKind };
+        // Enums are strings by rule; anything else without a rule is its text output.
+        info = {
+          oid,
+          name: row.typname,
+          kind: 'string' as ValueKind,
+          ...(row.typtype === 'e' ? {} : { textForm: true }),
+        };
       }
       this.types.set(oid, info);
       return info;

@@ -177,6 +177,25 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       $fn$;
     `,
   },
+  {
+    version: 6,
+    name: 'source identity, retracted events',
+    sql: `
+      -- Which server and history the source's events come from, recorded with the first
+      -- checkpoint and on every start (see src/common/source-history.ts). NULL in rows written
+      -- before version 6: the next start records them.
+      ALTER TABLE cdc_checkpoints ADD COLUMN IF NOT EXISTS source_system_id text;
+      ALTER TABLE cdc_checkpoints ADD COLUMN IF NOT EXISTS source_timeline bigint;
+      ALTER TABLE cdc_checkpoints ADD COLUMN IF NOT EXISTS source_database_oid bigint;
+      -- Events of a history the source no longer has (restored, failed over, replaced), moved
+      -- out of cdc_events by reset-source; the gap (reason 'retracted') says which range.
+      CREATE TABLE IF NOT EXISTS cdc_retracted_events (
+        LIKE cdc_events,
+        gap_id bigint NOT NULL REFERENCES cdc_gaps (id),
+        PRIMARY KEY (gap_id, source_id, lsn, seq)
+      );
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

@@ -25,6 +25,7 @@ import {
   EVENT_COPY_COLUMNS,
 } from '../common/buffer-format.js';
 import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../common/database-identity.js';
+import type { SourceIdentity } from '../common/source-history.js';
 import { migrate } from './migrations.js';
 
 /** The readers send rows in binary COPY format; a COPY adds the header and the trailer. */
@@ -59,6 +60,26 @@ export interface Checkpoint {
   readonly transactionId: number | null;
   /** How far Philotes may have confirmed the slot (null in rows written by version 1). */
   readonly confirmedLsn: string | null;
+  /** The server and history the events came from (null in rows written before version 6). */
+  readonly identity: SourceIdentity | null;
+}
+
+/** A range recorded in cdc_gaps (see GapReason); `retract` moves the events from fromLsn on out. */
+export interface GapRecord {
+  readonly fromLsn: string;
+  readonly toLsn: string;
+  readonly reason: string;
+  readonly details: Record<string, unknown>;
+  /** The range's events are of a history that no longer exists: into cdc_retracted_events. */
+  readonly retract?: boolean;
+}
+
+const IDENTITY_COLUMNS = 'source_system_id, source_timeline, source_database_oid';
+
+function identityValues(identity: SourceIdentity | null | undefined): unknown[] {
+  return identity == null
+    ? [null, null, null]
+    : [identity.systemId, identity.timeline, identity.databaseOid];
 }
 
 export interface StoredGroup {
@@ -135,8 +156,12 @@ async function selectCheckpoint(
     lsn: string;
     transaction_id: string | null;
     confirmed_lsn: string | null;
+    source_system_id: string | null;
+    source_timeline: string | null;
+    source_database_oid: string | null;
   }>(
-    `SELECT lsn, transaction_id, confirmed_lsn::text FROM cdc_checkpoints WHERE source_id = $1${forUpdate ? ' FOR UPDATE' : ''}`,
+    `SELECT lsn, transaction_id, confirmed_lsn::text, ${IDENTITY_COLUMNS}
+       FROM cdc_checkpoints WHERE source_id = $1${forUpdate ? ' FOR UPDATE' : ''}`,
     [sourceId],
   );
   const row = result.rows[0];
@@ -145,6 +170,16 @@ async function selectCheckpoint(
         lsn: row.lsn,
         transactionId: row.transaction_id === null ? null : Number(row.transaction_id),
         confirmedLsn: row.confirmed_lsn,
+        identity:
+          row.source_system_id === null ||
+          row.source_timeline === null ||
+          row.source_database_oid === null
+            ? null
+            : {
+                systemId: row.source_system_id,
+                timeline: Number(row.source_timeline),
+                databaseOid: Number(row.source_database_oid),
+              },
       }
     : null;
 }
@@ -298,55 +333,101 @@ export class BufferStore {
   }
 
   /**
-   * Records an accepted gap and moves the source's checkpoint to its end, in one transaction.
+   * Records accepted gaps and moves the source's checkpoint past them, in one transaction.
    * Events stored at or past the old checkpoint belong to a transaction cut off by a crash: the
-   * new checkpoint is past them, so they are removed here or never.
+   * new checkpoint is past them, so they are removed here or never. A gap with `retract` names
+   * events of a history the source no longer has: they move to cdc_retracted_events, under that
+   * gap's id, so that the source's events stay one history in (lsn, seq) order.
    */
-  async recordGap(gap: {
+  async recordGap(reset: {
     sourceId: string;
     slot: string;
-    fromLsn: string;
-    toLsn: string;
+    /** The old checkpoint (null: none). */
     checkpointLsn: string | null;
-    reason: string;
-    details: Record<string, unknown>;
+    gaps: readonly GapRecord[];
+    /** Where capture resumes: the new checkpoint (and confirmable position). */
+    resumeLsn: string;
+    /** The server's identity now, recorded with the new checkpoint. */
+    identity: SourceIdentity | null;
     /** Begin a snapshot of every published table with the gap (its reason), replacing any other. */
     snapshot?: string | null;
-  }): Promise<{ gapId: number; removedEvents: number; snapshotId: number | null }> {
+  }): Promise<{
+    gapIds: number[];
+    removedEvents: number;
+    retractedEvents: number;
+    snapshotId: number | null;
+  }> {
     const client = await this.pool.connect();
     try {
       await client.query('BEGIN');
+      const gapIds: number[] = [];
+      let retractedEvents = 0;
+      let retractedSnapshotRows = 0;
+      for (const gap of reset.gaps) {
+        const inserted = await client.query<{ id: string }>(
+          `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
+           VALUES ($1, $2, $3::pg_lsn, $4::pg_lsn, $5, $6) RETURNING id`,
+          [reset.sourceId, reset.slot, gap.fromLsn, gap.toLsn, gap.reason, gap.details],
+        );
+        const id = Number(inserted.rows[0]!.id);
+        gapIds.push(id);
+        if (gap.retract) {
+          const moved = await client.query<{ events: string; snapshot_rows: string }>(
+            `WITH moved AS (
+               DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn RETURNING *
+             ), kept AS (
+               INSERT INTO cdc_retracted_events SELECT moved.*, $3::bigint FROM moved
+             )
+             SELECT count(*) AS events, count(*) FILTER (WHERE operation = 'SNAPSHOT') AS snapshot_rows
+               FROM moved`,
+            [reset.sourceId, gap.fromLsn, id],
+          );
+          retractedEvents += Number(moved.rows[0]!.events);
+          retractedSnapshotRows += Number(moved.rows[0]!.snapshot_rows);
+        }
+      }
       const removed =
-        gap.checkpointLsn === null
-          ? await client.query('DELETE FROM cdc_events WHERE source_id = $1', [gap.sourceId])
+        reset.checkpointLsn === null
+          ? await client.query('DELETE FROM cdc_events WHERE source_id = $1', [reset.sourceId])
           : await client.query(
               'DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn',
-              [gap.sourceId, gap.checkpointLsn],
+              [reset.sourceId, reset.checkpointLsn],
             );
-      await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [gap.sourceId]);
-      const inserted = await client.query<{ id: string }>(
-        `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
-         VALUES ($1, $2, $3::pg_lsn, $4::pg_lsn, $5, $6) RETURNING id`,
-        [gap.sourceId, gap.slot, gap.fromLsn, gap.toLsn, gap.reason, gap.details],
-      );
+      await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [reset.sourceId]);
       await client.query(
-        `INSERT INTO cdc_checkpoints (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn)
-         VALUES ($1, $2::text, NULL, now(), $3, $2::text::pg_lsn)
+        `INSERT INTO cdc_checkpoints
+           (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn, ${IDENTITY_COLUMNS})
+         VALUES ($1, $2::text, NULL, now(), $3, $2::text::pg_lsn, $4, $5, $6)
          ON CONFLICT (source_id) DO UPDATE
            SET lsn = EXCLUDED.lsn, transaction_id = NULL, committed_at = EXCLUDED.committed_at,
-               metadata = EXCLUDED.metadata, confirmed_lsn = EXCLUDED.confirmed_lsn`,
-        [gap.sourceId, gap.toLsn, { slot: gap.slot, gap_id: Number(inserted.rows[0]!.id) }],
+               metadata = EXCLUDED.metadata, confirmed_lsn = EXCLUDED.confirmed_lsn,
+               source_system_id = coalesce(EXCLUDED.source_system_id, cdc_checkpoints.source_system_id),
+               source_timeline = coalesce(EXCLUDED.source_timeline, cdc_checkpoints.source_timeline),
+               source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`,
+        [
+          reset.sourceId,
+          reset.resumeLsn,
+          { slot: reset.slot, gap_id: gapIds[gapIds.length - 1] ?? null },
+          ...identityValues(reset.identity),
+        ],
       );
+      // A snapshot whose rows were retracted, or one running (its progress may name chunks that
+      // were), no longer rebuilds the tables: a new one does, of the same kind.
+      let snapshotReason = reset.snapshot ?? null;
+      if (retractedEvents > 0 && snapshotReason === null) {
+        const running = await client.query<{ reason: string }>(
+          `SELECT reason FROM cdc_snapshots WHERE source_id = $1 AND state = 'running' ORDER BY id LIMIT 1`,
+          [reset.sourceId],
+        );
+        snapshotReason =
+          running.rows[0]?.reason ?? (retractedSnapshotRows > 0 ? 'on_demand' : null);
+      }
       const snapshotId =
-        gap.snapshot == null
+        snapshotReason === null
           ? null
-          : await insertSnapshot(client, gap.sourceId, gap.snapshot, true);
+          : await insertSnapshot(client, reset.sourceId, snapshotReason, true);
       await client.query('COMMIT');
-      return {
-        gapId: Number(inserted.rows[0]!.id),
-        removedEvents: removed.rowCount ?? 0,
-        snapshotId,
-      };
+      return { gapIds, removedEvents: removed.rowCount ?? 0, retractedEvents, snapshotId };
     } catch (error) {
       await client.query('ROLLBACK').catch(() => undefined);
       throw error;
@@ -514,13 +595,22 @@ export class BufferStore {
    * Records that Philotes may confirm the slot up to `lsn`, before it does. For a source new to
    * the buffer this is also its first checkpoint: capture starts there, nothing before it is owed.
    */
-  async recordConfirmable(sourceId: string, slot: string, lsn: string): Promise<void> {
+  async recordConfirmable(
+    sourceId: string,
+    slot: string,
+    lsn: string,
+    identity?: SourceIdentity,
+  ): Promise<void> {
     await this.pool.query(
-      `INSERT INTO cdc_checkpoints (source_id, lsn, committed_at, metadata, confirmed_lsn)
-       VALUES ($1, $2::text, now(), $3, $2::text::pg_lsn)
+      `INSERT INTO cdc_checkpoints
+         (source_id, lsn, committed_at, metadata, confirmed_lsn, ${IDENTITY_COLUMNS})
+       VALUES ($1, $2::text, now(), $3, $2::text::pg_lsn, $4, $5, $6)
        ON CONFLICT (source_id) DO UPDATE
-         SET confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn)`,
-      [sourceId, lsn, { slot, capture_started_at: lsn }],
+         SET confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn),
+             source_system_id = coalesce(EXCLUDED.source_system_id, cdc_checkpoints.source_system_id),
+             source_timeline = coalesce(EXCLUDED.source_timeline, cdc_checkpoints.source_timeline),
+             source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`,
+      [sourceId, lsn, { slot, capture_started_at: lsn }, ...identityValues(identity)],
     );
   }
 

@@ -19,6 +19,9 @@ export type FatalCode =
   | 'SLOT_INVALIDATED'
   | 'WAL_REMOVED'
   | 'PUBLICATION_MISSING'
+  | 'SOURCE_DIVERGED'
+  | 'SOURCE_REPLACED'
+  | 'VALUE_UNENCODABLE'
   | 'DDL_TRIGGER_MISSING';
 
 /** Errors a person has to fix: configuration, privileges, server settings, a lost slot. */

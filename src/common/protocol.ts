@@ -7,6 +7,7 @@
 import type { MessagePort } from 'node:worker_threads';
 import type { Config, SourceConfig, SourceSettings } from './config.js';
 import type { DatabaseIdentity } from './database-identity.js';
+import type { SourceIdentity } from './source-history.js';
 
 /** The task piscina hands to a thread: read one slot until told to stop. */
 export interface ReaderTask {
@@ -16,7 +17,14 @@ export interface ReaderTask {
    * position Philotes recorded before confirming it to the slot (null: written by a version
    * that did not record it). Null for a source new to the buffer.
    */
-  readonly checkpoint: { readonly lsn: string; readonly confirmedLsn: string | null } | null;
+  readonly checkpoint: {
+    readonly lsn: string;
+    readonly confirmedLsn: string | null;
+    /** The last stored transaction's xid (null: none, e.g. a checkpoint a gap or a start set). */
+    readonly transactionId: number | null;
+    /** The server and history its events came from (null: not recorded yet). */
+    readonly identity: SourceIdentity | null;
+  } | null;
   readonly settings: ReaderSettings;
   /** The buffer database's identity: if the source is the same database, its tables are skipped. */
   readonly buffer: DatabaseIdentity;
@@ -74,6 +82,11 @@ export interface ColumnInfo {
   readonly typeOid: number;
   readonly typeMod: number;
   readonly key: boolean;
+  /**
+   * 'text': Philotes has no rule of its own for the type (or an array's element type): values
+   * are its text output as JSON strings (array elements too), read back by the type's input.
+   */
+  readonly encoding?: 'text';
 }
 
 export interface SchemaChange {
@@ -251,6 +264,8 @@ export interface ErrorInfo {
 export interface RecordMessage {
   readonly type: 'record';
   readonly lsn: string;
+  /** Sent with the start's record: the server's identity, stored with the checkpoint. */
+  readonly identity?: SourceIdentity;
 }
 
 export type ReaderMessage =

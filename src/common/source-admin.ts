@@ -188,7 +188,13 @@ export interface DurableRecord {
 }
 
 export type GapReason =
-  'slot_missing' | 'slot_invalidated' | 'slot_advanced' | 'publication_missing' | 'skip_to_current';
+  | 'slot_missing'
+  | 'slot_invalidated'
+  | 'slot_advanced'
+  | 'publication_missing'
+  | 'skip_to_current'
+  | 'source_diverged'
+  | 'source_replaced';
 
 /** What findGap can see from the slot alone. */
 export type SlotGapReason = 'slot_missing' | 'slot_invalidated' | 'slot_advanced';

@@ -19,6 +19,7 @@
  * every reader is told to hold (it stops reading its slot and keeps answering keepalives); below
  * half of it they carry on.
  */
+import type { SourceIdentity } from '../common/source-history.js';
 import type { SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
 import { batchBytes, type BatchMessage } from '../common/protocol.js';
@@ -248,10 +249,10 @@ export class SourceWriter {
   }
 
   /** Records a position the reader wants to confirm past the checkpoint, then says so. */
-  async recordConfirmable(lsn: string): Promise<void> {
+  async recordConfirmable(lsn: string, identity?: SourceIdentity): Promise<void> {
     if (this.isClosed) return;
     try {
-      await this.store.recordConfirmable(this.source.id, this.source.slot, lsn);
+      await this.store.recordConfirmable(this.source.id, this.source.slot, lsn, identity);
       this.events.recorded(lsn);
     } catch (error) {
       this.fail(error, 'recording a confirmable position in the buffer failed');

@@ -75,7 +75,14 @@ export class ReaderRun {
     const task: ReaderTask = {
       source,
       checkpoint:
-        checkpoint === null ? null : { lsn: checkpoint.lsn, confirmedLsn: checkpoint.confirmedLsn },
+        checkpoint === null
+          ? null
+          : {
+              lsn: checkpoint.lsn,
+              confirmedLsn: checkpoint.confirmedLsn,
+              transactionId: checkpoint.transactionId,
+              identity: checkpoint.identity,
+            },
       settings,
       buffer: options.buffer,
       snapshot: options.snapshot,
@@ -152,7 +159,7 @@ export class ReaderRun {
         this.writer.enqueue(message);
         break;
       case 'record':
-        void this.writer.recordConfirmable(message.lsn);
+        void this.writer.recordConfirmable(message.lsn, message.identity);
         break;
       case 'progress':
         this.options.listener.progress(message.confirmedLsn, message.serverWalEnd);

@@ -187,6 +187,7 @@ export class SourceRunner implements ReaderRunListener {
 
   ready(message: ReadyMessage): void {
     this.setState('streaming');
+    this.metrics.sourceDiverged.set({ source: this.source.id }, 0);
     this.log.info(
       {
         startLsn: message.startLsn,
@@ -410,6 +411,9 @@ export class SourceRunner implements ReaderRunListener {
   private noteFatal(error: unknown): void {
     const repeated = this.state === 'failed' && this.fatalReported === this.lastError;
     this.setState('failed');
+    const diverged =
+      this.lastErrorCode === 'SOURCE_DIVERGED' || this.lastErrorCode === 'SOURCE_REPLACED';
+    this.metrics.sourceDiverged.set({ source: this.source.id }, diverged ? 1 : 0);
     this.metrics.readerFailures.inc({ source: this.source.id, kind: 'fatal' });
     const message = oneLine(this.lastError ?? String(error));
     if (repeated) {

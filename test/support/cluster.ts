@@ -39,6 +39,15 @@ export interface Cluster {
   createDatabase(name: string): Promise<void>;
   stop(mode?: 'fast' | 'immediate'): Promise<void>;
   start(): Promise<void>;
+  /**
+   * Copies the data directory of the stopped cluster aside (a disk snapshot); returns the copy's
+   * path, removed with the cluster.
+   */
+  copyData(): Promise<string>;
+  /** Replaces the stopped cluster's data directory with a copy made by `copyData`. */
+  restoreData(copy: string): Promise<void>;
+  /** `pg_ctl promote`: a standby becomes a primary on a new timeline. */
+  promote(): Promise<void>;
   restart(mode?: 'fast' | 'immediate'): Promise<void>;
   destroy(): Promise<void>;
 }
@@ -135,6 +144,8 @@ class PgCluster implements Cluster {
   readonly logFile: string;
   /** Our settings, included from postgresql.conf. */
   readonly confFile: string;
+  /** The settings written to its conf file (a copy starts from them). */
+  readonly settings: Readonly<Record<string, string>>;
   private portValue = 0;
   private destroyed = false;
 
@@ -144,6 +155,7 @@ class PgCluster implements Cluster {
     readonly password: string,
     private readonly conf: Record<string, string>,
   ) {
+    this.settings = conf;
     this.dataDir = join(root, 'data');
     this.logFile = join(this.dataDir, 'postgres.log');
     this.confFile = join(this.dataDir, 'philotes-test.conf');
@@ -221,6 +233,22 @@ class PgCluster implements Cluster {
     await runPg('pg_ctl', ['stop', '-w', '-t', '120', '-m', mode, '-D', this.dataDir]);
   }
 
+  async copyData(): Promise<string> {
+    const copy = mkdtempSync(join(this.root, 'copy-'));
+    await execFileAsync('cp', ['-a', `${this.dataDir}/.`, copy]);
+    return copy;
+  }
+
+  async restoreData(copy: string): Promise<void> {
+    await rm(this.dataDir, { recursive: true, force: true });
+    await execFileAsync('cp', ['-a', `${copy}/.`, this.dataDir]);
+    await chownToOsUser(this.dataDir);
+  }
+
+  async promote(): Promise<void> {
+    await runPg('pg_ctl', ['promote', '-w', '-t', '120', '-D', this.dataDir]);
+  }
+
   async restart(mode: 'fast' | 'immediate' = 'fast'): Promise<void> {
     await this.stop(mode);
     await this.start();
@@ -270,6 +298,22 @@ class StartError extends Error {
     return /could not bind|Address already in use|could not create any TCP\/IP sockets/i.test(
       this.log,
     );
+  }
+}
+
+/**
+ * Starts a configured cluster on a free port. The port is free when we look, but another test
+ * file may take it before the postmaster binds: retry on that one failure only.
+ */
+async function startOnFreePort(cluster: PgCluster): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    await cluster.setPort(await freePort());
+    try {
+      await cluster.start();
+      return;
+    } catch (err) {
+      if (!(err instanceof StartError && err.portInUse) || attempt >= START_ATTEMPTS) throw err;
+    }
   }
 }
 
@@ -330,17 +374,43 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
     await appendFile(join(cluster.dataDir, 'postgresql.conf'), `\ninclude 'philotes-test.conf'\n`);
     await chownToOsUser(root);
 
-    for (let attempt = 1; ; attempt++) {
-      // The port is free when we look, but another test file may take it before the
-      // postmaster binds: retry on that one failure only.
-      await cluster.setPort(await freePort());
-      try {
-        await cluster.start();
-        return cluster;
-      } catch (err) {
-        if (!(err instanceof StartError && err.portInUse) || attempt >= START_ATTEMPTS) throw err;
-      }
+    await startOnFreePort(cluster);
+    return cluster;
+  } catch (err) {
+    await cluster.destroy();
+    throw err;
+  }
+}
+
+/**
+ * A cluster started from a copy of another's data directory (`copyData` of a stopped cluster):
+ * the same system, its own port and socket. `standby`: it starts in recovery (standby.signal)
+ * with nothing to stream from, so it stays where the copy was until promoted. Without
+ * `keepSlots` the copy's replication slots are removed, as pg_basebackup leaves them out.
+ */
+export async function startClusterFromCopy(
+  from: Cluster,
+  copy: string,
+  opts: { standby?: boolean; keepSlots?: boolean } = {},
+): Promise<Cluster> {
+  const origin = from as PgCluster;
+  const root = mkdtempSync(join(tmpdir(), 'philotes-pg-'));
+  const cluster = new PgCluster(root, origin.password, {
+    ...origin.settings,
+    unix_socket_directories: root,
+  });
+  registry.add(cluster);
+  try {
+    await execFileAsync('cp', ['-a', `${copy}/.`, cluster.dataDir]);
+    await rm(join(cluster.dataDir, 'postmaster.pid'), { force: true });
+    if (!opts.keepSlots) {
+      await rm(join(cluster.dataDir, 'pg_replslot'), { recursive: true, force: true });
+      await execFileAsync('mkdir', [join(cluster.dataDir, 'pg_replslot')]);
     }
+    if (opts.standby) await writeFile(join(cluster.dataDir, 'standby.signal'), '');
+    await chownToOsUser(root);
+    await startOnFreePort(cluster);
+    return cluster;
   } catch (err) {
     await cluster.destroy();
     throw err;

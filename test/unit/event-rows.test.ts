@@ -644,3 +644,28 @@ describe('BatchBuilder', () => {
     );
   });
 });
+
+describe('a value the encoder has no form for', () => {
+  it('stops the source as VALUE_UNENCODABLE, naming table, column, type and LSN, and leaves no half row', () => {
+    const b = new BatchBuilder('shop-eu');
+    b.begin(2 ** 32 + 0x6b3748, 0, 771);
+    b.relation(ORDERS);
+    b.insert(ORDERS_OID, T(['1', 'fine', null, '1.00', '{a}']));
+    // A text[] whose text is not an array literal: only a bug of ours could make one.
+    let thrown: unknown;
+    try {
+      b.insert(ORDERS_OID, T(['2', 'x', null, '1.00', '1 2 3']));
+    } catch (error) {
+      thrown = error;
+    }
+    expect(thrown).toMatchObject({
+      name: 'FatalSourceError',
+      code: 'VALUE_UNENCODABLE',
+      details: { schema: 'shop', table: 'orders', column: 'tags', type: '_text', lsn: '1/6B3748' },
+    });
+    expect((thrown as Error).message).toContain('shop.orders');
+    b.commit(2 ** 32 + 0x6b3800, 0);
+    const batch = b.take();
+    expect(rows(batch).map((r) => JSON.parse(r.after!).id)).toEqual(['1']);
+  });
+});

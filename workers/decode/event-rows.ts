@@ -14,7 +14,9 @@ import type {
   CopySegment,
   SnapshotProgress,
 } from '../../src/common/protocol.js';
+import { FatalSourceError } from '../../src/common/errors.js';
 import { formatLsn } from '../../src/common/lsn.js';
+import { resetCommand } from '../../src/common/source-admin.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer, type TakenCopy } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, TupleView } from './pgoutput.js';
@@ -235,7 +237,10 @@ export class BatchBuilder {
   private readonly ddlByTable = new Map<string, SchemaDdl>();
 
   /** @param batchMaxBytes the batch size limit: the working buffer is kept up to twice that. */
-  constructor(sourceId: string, batchMaxBytes = 4 * 1024 * 1024) {
+  constructor(
+    private readonly sourceId: string,
+    batchMaxBytes = 4 * 1024 * 1024,
+  ) {
     this.sourceField = fields((out) => out.textField(sourceId));
     this.events = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));
     this.staged = new CopyBuffer(1 << 16, Math.max(16 << 20, 2 * batchMaxBytes));
@@ -349,6 +354,7 @@ export class BatchBuilder {
               typeOid: c.type.oid,
               typeMod: c.typeMod,
               key: c.key,
+              ...(c.type.textForm || c.type.element?.textForm ? { encoding: 'text' as const } : {}),
             })),
             primaryKey: [...relation.primaryKey],
           }
@@ -756,6 +762,34 @@ export class BatchBuilder {
   }
 
   /**
+   * A value the encoder has no lossless form for: a bug of ours, never a reason to retry (the
+   * same WAL would fail the same way forever). The source stops naming where it is.
+   */
+  private unencodable(
+    enc: RelationEncoding,
+    column: string,
+    type: TypeInfo,
+    text: string,
+    cause: unknown,
+  ): FatalSourceError {
+    const { schema, table } = enc.relation;
+    const lsn = formatLsn(BigInt(this.txFinalLsn));
+    return new FatalSourceError(
+      `cannot encode the value of column "${column}" of ${schema}.${table} (type ${type.name}, oid ${type.oid}) in the transaction committed at ${lsn}: ${(cause as Error)?.message ?? String(cause)}. This is a Philotes bug: report it with the type. Capture cannot pass this transaction; to skip it (a gap, recorded): ${resetCommand(this.sourceId, ' --skip-to-current')}`,
+      'VALUE_UNENCODABLE',
+      {
+        schema,
+        table,
+        column,
+        type: type.name,
+        typeOid: type.oid,
+        lsn,
+        valuePrefix: text.slice(0, 60),
+      },
+    );
+  }
+
+  /**
    * A tuple as a jsonb field holding a JSON object. Returns the columns left out because their
    * value is an unchanged TOASTed one that was not sent (never reported as null, they are named
    * in unchanged_columns), and the json/jsonb columns whose value is the JSON document null.
@@ -795,13 +829,17 @@ export class BatchBuilder {
       out.bytes(enc.keys[i]!);
       if (source.isNull(i)) out.bytes(NULL_JSON);
       else {
-        if (column.type.kind === 'json') {
-          if (isJsonNull(source, i)) (jsonNulls ??= []).push([i, column.name]);
-        } else if (column.type.kind === 'array' && column.type.element?.kind === 'json') {
-          for (const path of jsonNullElements(source.text(i), column.type))
-            (jsonNulls ??= []).push([i, `${column.name}${path}`]);
+        try {
+          if (column.type.kind === 'json') {
+            if (isJsonNull(source, i)) (jsonNulls ??= []).push([i, column.name]);
+          } else if (column.type.kind === 'array' && column.type.element?.kind === 'json') {
+            for (const path of jsonNullElements(source.text(i), column.type))
+              (jsonNulls ??= []).push([i, `${column.name}${path}`]);
+          }
+          writeJson(out, source, i, column.type);
+        } catch (error) {
+          throw this.unencodable(enc, column.name, column.type, source.text(i), error);
         }
-        writeJson(out, source, i, column.type);
       }
     }
     out.byte(0x7d); // }

@@ -33,6 +33,12 @@ export interface TypeInfo {
   readonly delimiter?: string;
   /** For money: the digits after the decimal point in the source's lc_monetary. */
   readonly scale?: number;
+  /**
+   * A type Philotes has no rule of its own for (an extension's type, a composite, a range): its
+   * value is its text output as a JSON string, which reads back with the type's input function.
+   * The schema history says so (`encoding: "text"`).
+   */
+  readonly textForm?: boolean;
 }
 
 const scalar = (oid: number, name: string, kind: ValueKind): TypeInfo => ({ oid, name, kind });
@@ -44,6 +50,8 @@ const SCALARS: readonly TypeInfo[] = [
   scalar(19, 'name', 'string'),
   scalar(20, 'int8', 'quoted'),
   scalar(21, 'int2', 'number'),
+  // Space-separated numbers ('1 2 3'), not array literals, although their category is array.
+  scalar(22, 'int2vector', 'string'),
   scalar(23, 'int4', 'number'),
   scalar(24, 'regproc', 'string'),
   scalar(25, 'text', 'string'),
@@ -51,6 +59,7 @@ const SCALARS: readonly TypeInfo[] = [
   scalar(27, 'tid', 'quoted'),
   scalar(28, 'xid', 'number'),
   scalar(29, 'cid', 'number'),
+  scalar(30, 'oidvector', 'string'),
   scalar(114, 'json', 'json'),
   scalar(142, 'xml', 'string'),
   scalar(600, 'point', 'string'),
@@ -103,6 +112,8 @@ const ARRAYS: ReadonlyArray<readonly [number, number]> = [
   [1010, 27],
   [1011, 28],
   [1012, 29],
+  [1006, 22],
+  [1013, 30],
   [199, 114],
   [143, 142],
   [1017, 600],
