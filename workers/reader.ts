@@ -219,7 +219,12 @@ export class SlotReader implements PgoutputHandler {
               await this.verifySlot();
               this.log.info({ startLsn: start, protocol: prepared.protocol }, 'streaming started');
               void this.reportSlot();
-              this.snapshotOptions = { ...options, options: REPLICATION_SESSION_OPTIONS };
+              // Watermarks carry no data: their commits need not wait for synchronous standbys
+              // (a slow or missing one would stall the copy, not protect anything).
+              this.snapshotOptions = {
+                ...options,
+                options: `${REPLICATION_SESSION_OPTIONS} -c synchronous_commit=local`,
+              };
               this.snapshotsSupported = prepared.serverVersion >= 140000;
               if (this.task.snapshot !== null) this.startSnapshot(this.task.snapshot);
               this.post({
@@ -381,7 +386,8 @@ export class SlotReader implements PgoutputHandler {
 
   insert(relationOid: number, after: TupleView): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshot !== null) this.noteSnapshotChange(relationOid, after);
+    if (this.streamXid !== 0) this.noteStreamed(relationOid);
+    else if (this.snapshot !== null) this.noteSnapshotChange(relationOid, after);
     this.builder.insert(relationOid, after);
   }
 
@@ -392,7 +398,8 @@ export class SlotReader implements PgoutputHandler {
     after: TupleView,
   ): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshot !== null) {
+    if (this.streamXid !== 0) this.noteStreamed(relationOid);
+    else if (this.snapshot !== null) {
       if (before !== null) this.noteSnapshotChange(relationOid, before);
       this.noteSnapshotChange(relationOid, after, 'update');
     }
@@ -401,7 +408,8 @@ export class SlotReader implements PgoutputHandler {
 
   delete(relationOid: number, beforeKind: 'K' | 'O', before: TupleView): void {
     if (this.isSkipped(relationOid)) return;
-    if (this.snapshot !== null) this.noteSnapshotChange(relationOid, before);
+    if (this.streamXid !== 0) this.noteStreamed(relationOid);
+    else if (this.snapshot !== null) this.noteSnapshotChange(relationOid, before);
     this.builder.delete(relationOid, beforeKind, before);
   }
 
@@ -428,8 +436,11 @@ export class SlotReader implements PgoutputHandler {
         this.resolver!.noteType(message.typeOid, message.name);
         return;
       case 'truncate':
+        // A streamed TRUNCATE counts at its transaction's commit, like its other changes (it
+        // may still roll back); a decoded one is committed already.
         for (const oid of message.relationOids)
-          this.snapshotTables.get(oid)?.window()?.noteTruncate();
+          if (this.streamXid !== 0) this.noteStreamed(oid);
+          else this.snapshotTables.get(oid)?.window()?.noteTruncate();
         this.builder.truncate(
           message.relationOids.filter((oid) => !this.isSkipped(oid)),
           message.cascade,
@@ -514,7 +525,6 @@ export class SlotReader implements PgoutputHandler {
         this.log.info({ snapshot: plan.id }, 'snapshot: copy finished');
         if (this.snapshot !== runner) return;
         this.snapshot = null;
-        this.streamTouched.clear();
         const next = this.snapshotQueue.shift();
         if (next !== undefined && !this.stopping && this.failed === null) this.startSnapshot(next);
       },
@@ -522,16 +532,20 @@ export class SlotReader implements PgoutputHandler {
     );
   }
 
-  /** A change met in the stream to a table being copied: its key, for the open window. */
+  /**
+   * A change of a streamed (in-progress) transaction: the tables it touched are kept whether or
+   * not a snapshot runs now, from its first block on (a snapshot may begin while it is open, and
+   * it may commit inside one of that snapshot's windows). It counts at its commit, in commit
+   * order (streamCommit); its abort forgets it.
+   */
+  private noteStreamed(oid: number): void {
+    let touched = this.streamTouched.get(this.streamXid);
+    if (!touched) this.streamTouched.set(this.streamXid, (touched = new Set()));
+    touched.add(oid);
+  }
+
+  /** A committed change met in the stream to a table being copied: its key, for the open window. */
   private noteSnapshotChange(oid: number, tuple: TupleView, kind?: 'update'): void {
-    if (this.streamXid !== 0) {
-      // Any table, even one whose copy has not begun: the transaction may commit in its window.
-      // Not committed yet: it counts at its commit, in commit order (streamCommit).
-      let touched = this.streamTouched.get(this.streamXid);
-      if (!touched) this.streamTouched.set(this.streamXid, (touched = new Set()));
-      touched.add(oid);
-      return;
-    }
     const entry = this.snapshotTables.get(oid);
     const window = entry?.window();
     if (!window?.isOpen) return;
@@ -543,6 +557,13 @@ export class SlotReader implements PgoutputHandler {
         ? null
         : tuple.text(i);
     });
+    if (texts.some((t) => t === null)) {
+      // The tuple does not carry the key (REPLICA IDENTITY USING INDEX on other columns, a key
+      // column TOASTed and unchanged): which chunk row it changed is unknown, so the chunk is
+      // read again rather than a row kept that the change removed or replaced.
+      window.noteRedo();
+      return;
+    }
     const key = keyOf(texts);
     let partial = false;
     if (kind === 'update')

@@ -28,6 +28,9 @@ const UNDEFINED_TABLE = '42P01';
 /** Keys one re-read window reads at most. */
 const REREAD_MAX_KEYS = 1000;
 
+/** How long a chunk waits for transactions in progress before the log says so. */
+const LONG_WAIT_MS = 10_000;
+
 /** Protocol message type of DataRow. */
 const DATA_ROW = 0x44; // 'D'
 
@@ -122,6 +125,46 @@ class CopyConnection {
       WATERMARK_PREFIX,
       watermarkContent(w),
     ]);
+  }
+
+  /**
+   * Waits until every transaction in progress now has ended (see issue()): the snapshot taken
+   * now lists them (pg_snapshot_xip), and each has ended once a later snapshot no longer does.
+   * Says so in the log if that takes long (a long writing transaction delays each chunk).
+   */
+  async waitForInProgress(log: Logger, table: string): Promise<void> {
+    const [now] = await this.query<{ s: string }>('SELECT pg_current_snapshot()::text AS s');
+    const snapshot = now!.s;
+    if (!snapshot.includes(',') && /^(\d+):\1:$/.test(snapshot)) return; // none in progress
+    const started = Date.now();
+    let warned = false;
+    for (let pause = 2; ; pause = Math.min(pause * 2, 100)) {
+      const [left] = await this.query<{ xids: string[] | null }>(
+        `SELECT array_agg(x::text) AS xids FROM pg_snapshot_xip($1::pg_snapshot) x
+          WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot())`,
+        [snapshot],
+      );
+      const xids = left?.xids ?? null;
+      if (xids === null || xids.length === 0) return;
+      if (!warned && Date.now() - started > LONG_WAIT_MS) {
+        warned = true;
+        const who = await this.query<{
+          pid: number;
+          xid: string;
+          state: string;
+          wait: string | null;
+        }>(
+          `SELECT pid, backend_xid::text AS xid, state, wait_event AS wait FROM pg_stat_activity
+            WHERE backend_xid::text = ANY($1)`,
+          [xids],
+        );
+        log.warn(
+          { table, transactions: who, waitingSeconds: Math.round((Date.now() - started) / 1000) },
+          'snapshot: a chunk waits for transactions that were in progress at its low watermark to end (a commit PostgreSQL has written but not made visible yet, e.g. one waiting for a synchronous standby, must be in the chunk); long writing transactions delay the copy',
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, pause));
+    }
   }
 
   async end(): Promise<void> {
@@ -304,6 +347,12 @@ export class SnapshotRunner {
     const mark = { run: this.o.run, snapshot: this.id, table, chunk };
     try {
       await c.emit({ ...mark, mark: 'low' });
+      // Commit order is not visibility order: a transaction whose commit the stream shows before
+      // the low watermark may not be visible yet (its commit waits for a synchronous standby, or
+      // it is between its WAL record and leaving the proc array), and a chunk read now would
+      // miss it while the window does not note it. Every such transaction is in progress in a
+      // snapshot taken now; once they have all ended, the chunk sees each of them.
+      await c.waitForInProgress(this.o.log, table);
       await read(window, rows);
       await c.emit({ ...mark, mark: 'high' });
     } catch (error) {
