@@ -22,6 +22,7 @@ import {
   resetCommand,
   retainedWalBytes,
   slotHolder,
+  tablesWithoutChunkKey,
   tablesWithoutIdentity,
   type SlotState,
 } from './common/source-admin.js';
@@ -563,6 +564,16 @@ async function checkPublication(
           },
     );
     reportIdentity(await tablesWithoutIdentity(client, source.publication), add);
+    if (source.snapshot !== 'never') {
+      const keyless = await tablesWithoutChunkKey(client, source.publication);
+      if (keyless.length > 0)
+        add({
+          check: 'snapshot',
+          verdict: 'warning',
+          detail: `a snapshot cannot copy ${keyless.slice(0, 10).join(', ')}${keyless.length > 10 ? ` and ${keyless.length - 10} more` : ''}: no primary key and no unique index on NOT NULL columns (their rows are skipped_no_key; their changes are captured)`,
+          fix: 'give each a primary key or a unique index on NOT NULL columns (README: Tables without a primary key)',
+        });
+    }
     return;
   }
   if (record !== null) {

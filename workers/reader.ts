@@ -67,7 +67,7 @@ import {
 import { explainSourceError, noticeGapError } from './source-errors.js';
 import { SnapshotRunner, type SnapshotTable } from './snapshot/runner.js';
 import { keyOf, parseWatermark, WATERMARK_PREFIX, type SnapshotWindow } from './snapshot/window.js';
-import { CatalogResolver, prepareSource } from './source-setup.js';
+import { CatalogResolver, prepareSource, type DdlGap } from './source-setup.js';
 
 /** Keeps the walsender from timing out while we are paused (its default timeout is 60 s). */
 const STATUS_INTERVAL_MS = 5_000;
@@ -201,7 +201,7 @@ export class SlotReader implements PgoutputHandler {
       );
       // The start, and the server's identity, are in the buffer before the slot streams to us:
       // every later start can then tell a slot moved by someone else, or another history.
-      await this.recordStart(prepared.recordedLsn, prepared.identity);
+      await this.recordStart(prepared.recordedLsn, prepared.identity, prepared.ddlGap);
       if (this.failed !== null) throw this.failed;
       const start = formatLsn(prepared.startLsn);
       this.stream = new ReplicationStream(
@@ -551,7 +551,9 @@ export class SlotReader implements PgoutputHandler {
     if (!window?.isOpen) return;
     const relation = this.builder.relationOf(oid);
     if (!relation) return;
-    const texts = relation.primaryKey.map((name) => {
+    // Compared on the columns the chunks are read by (the primary key, or the unique index
+    // that stands in for it), found by name in the stream's shape of the table.
+    const texts = entry!.table.keyColumns.map((name) => {
       const i = relation.columns.findIndex((c) => c.name === name);
       return i < 0 || i >= tuple.count || tuple.isNull(i) || tuple.isUnchanged(i)
         ? null
@@ -816,10 +818,21 @@ export class SlotReader implements PgoutputHandler {
   }
 
   /** Records the start position (and the server's identity) and waits until the buffer has it. */
-  private async recordStart(lsn: bigint, identity: SourceIdentity): Promise<void> {
+  private async recordStart(
+    lsn: bigint,
+    identity: SourceIdentity,
+    ddlGap: DdlGap | null,
+  ): Promise<void> {
     const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
     this.confirmations.askRecord(lsn);
-    this.post({ type: 'record', lsn: formatLsn(lsn), identity });
+    this.post({
+      type: 'record',
+      lsn: formatLsn(lsn),
+      identity,
+      ...(ddlGap === null
+        ? {}
+        : { ddlGap: { fromLsn: formatLsn(ddlGap.fromLsn), toLsn: formatLsn(ddlGap.toLsn) } }),
+    });
     await recorded;
   }
 

@@ -13,7 +13,7 @@ import {
 } from '../src/common/ddl-capture.js';
 import { FatalSourceError } from '../src/common/errors.js';
 import type { Logger } from '../src/common/logger.js';
-import { formatLsn } from '../src/common/lsn.js';
+import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import {
   checkSlotKind,
   createPublication,
@@ -53,6 +53,8 @@ export interface PreparedSource {
   readonly serverVersion: number;
   /** The server's identity now: recorded with the start, compared at every later start. */
   readonly identity: SourceIdentity;
+  /** DDL that may have gone uncaptured before this start (recorded with the start). */
+  readonly ddlGap: DdlGap | null;
   /** pgoutput's protocol version for this server: 2 streams in-progress transactions. */
   readonly protocol: 1 | 2;
   readonly slotCreated: boolean;
@@ -114,7 +116,9 @@ export async function prepareSource(
       'SERVER_TOO_OLD',
     );
   }
-  if (source.ddl) await prepareDdlCapture(client, source, serverVersion, log);
+  const ddlGap = source.ddl
+    ? await prepareDdlCapture(client, source, serverVersion, log, record)
+    : null;
 
   // Amazon RDS grants replication through membership of rds_replication, not the attribute.
   const role = await client.query<{ ok: boolean; name: string }>(
@@ -150,6 +154,7 @@ export async function prepareSource(
     return {
       serverVersion,
       identity: server.identity,
+      ddlGap,
       protocol,
       publicationCreated,
       ...(await checkSlot(client, source, log, record, server)),
@@ -157,6 +162,7 @@ export async function prepareSource(
   return {
     serverVersion,
     identity: server.identity,
+    ddlGap,
     protocol,
     publicationCreated,
     ...(await newCapture(client, source, log, publicationCreated)),
@@ -173,7 +179,8 @@ async function prepareDdlCapture(
   source: SourceConfig,
   serverVersion: number,
   log: Logger,
-): Promise<void> {
+  record: BufferRecord | null,
+): Promise<DdlGap | null> {
   if (serverVersion < 140000) {
     throw new FatalSourceError(
       `PostgreSQL ${serverVersion} on ${where(source)} cannot send logical messages to pgoutput (version 14 or later), which DDL capture needs; set ddl: false for this source`,
@@ -183,7 +190,7 @@ async function prepareDdlCapture(
   const state = await readDdlTriggerState(client);
   if (ddlTriggerCurrent(state)) {
     log.info({ version: state.version }, 'DDL capture trigger is installed');
-    return;
+    return ddlGapSince(record, state.restartedAt, null, log);
   }
   if (!state.canInstall) {
     const what =
@@ -204,6 +211,37 @@ async function prepareDdlCapture(
       ? 'installed the DDL capture trigger'
       : 'upgraded the DDL capture trigger',
   );
+  const installed = await readDdlTriggerState(client);
+  return ddlGapSince(record, installed.restartedAt, await currentWalLsn(client), log);
+}
+
+/** DDL that may have gone uncaptured: from the buffer's checkpoint to where capture restarted. */
+export interface DdlGap {
+  readonly fromLsn: bigint;
+  readonly toLsn: bigint;
+}
+
+/**
+ * A capture that replaced a missing or disabled one, restarted past the buffer's checkpoint:
+ * DDL in between may be missing (the trigger was dropped or disabled while Philotes was down).
+ * `installedNow`: the WAL position after this start's own install committed (DDL in
+ * transactions concurrent with it may have missed the trigger too).
+ */
+function ddlGapSince(
+  record: BufferRecord | null,
+  restartedAt: string | null,
+  installedNow: bigint | null,
+  log: Logger,
+): DdlGap | null {
+  if (record === null || restartedAt === null) return null;
+  let toLsn = parseLsn(restartedAt);
+  if (installedNow !== null && installedNow > toLsn) toLsn = installedNow;
+  if (toLsn <= record.checkpointLsn) return null;
+  log.warn(
+    { fromLsn: formatLsn(record.checkpointLsn), toLsn: formatLsn(toLsn) },
+    "DDL capture was missing or disabled after the buffer's checkpoint and has been put back: DDL from the checkpoint to its restart may be missing; recorded in cdc_gaps (reason ddl_not_captured)",
+  );
+  return { fromLsn: record.checkpointLsn, toLsn };
 }
 
 /** What the buffer holds for a source: its checkpoint, confirmations and history. */

@@ -600,18 +600,48 @@ export class BufferStore {
     slot: string,
     lsn: string,
     identity?: SourceIdentity,
+    ddlGap?: { fromLsn: string; toLsn: string },
   ): Promise<void> {
-    await this.pool.query(
-      `INSERT INTO cdc_checkpoints
+    const upsert = `INSERT INTO cdc_checkpoints
          (source_id, lsn, committed_at, metadata, confirmed_lsn, ${IDENTITY_COLUMNS})
        VALUES ($1, $2::text, now(), $3, $2::text::pg_lsn, $4, $5, $6)
        ON CONFLICT (source_id) DO UPDATE
          SET confirmed_lsn = greatest(cdc_checkpoints.confirmed_lsn, EXCLUDED.confirmed_lsn),
              source_system_id = coalesce(EXCLUDED.source_system_id, cdc_checkpoints.source_system_id),
              source_timeline = coalesce(EXCLUDED.source_timeline, cdc_checkpoints.source_timeline),
-             source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`,
-      [sourceId, lsn, { slot, capture_started_at: lsn }, ...identityValues(identity)],
-    );
+             source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`;
+    const values = [sourceId, lsn, { slot, capture_started_at: lsn }, ...identityValues(identity)];
+    if (ddlGap === undefined) {
+      await this.pool.query(upsert, values);
+      return;
+    }
+    const client = await this.pool.connect();
+    try {
+      await client.query('BEGIN');
+      await client.query(upsert, values);
+      // Once per restart of the capture, however many starts see it.
+      await client.query(
+        `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
+         SELECT $1, $2, $3::pg_lsn, $4::pg_lsn, 'ddl_not_captured', $5
+          WHERE NOT EXISTS (SELECT 1 FROM cdc_gaps WHERE source_id = $1
+                               AND reason = 'ddl_not_captured' AND to_lsn = $4::pg_lsn)`,
+        [
+          sourceId,
+          slot,
+          ddlGap.fromLsn,
+          ddlGap.toLsn,
+          {
+            what: 'DDL capture was missing or disabled; DDL in this range may be missing (the rows are not)',
+          },
+        ],
+      );
+      await client.query('COMMIT');
+    } catch (error) {
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw error;
+    } finally {
+      client.release();
+    }
   }
 
   private async recordSchema(

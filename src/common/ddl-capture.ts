@@ -16,6 +16,7 @@ export const DDL_TRIGGER_VERSION = 2;
 const COMMENT_PREFIX = 'Philotes DDL capture, version ';
 const SCHEMA = 'philotes';
 const TRIGGERS = ['philotes_ddl_command_end', 'philotes_sql_drop'] as const;
+const INSTALLED_PREFIX = 'Philotes DDL capture installed at ';
 
 /**
  * The function, in plpgsql:
@@ -99,6 +100,13 @@ COMMENT ON FUNCTION ${SCHEMA}.capture_ddl() IS '${COMMENT_PREFIX}${DDL_TRIGGER_V
 /** The SQL that installs (or upgrades) DDL capture; a superuser runs it, once per database. */
 export function ddlTriggerInstallSql(): string {
   return [
+    // What it replaces, for the record below: a capture that was missing or disabled may have
+    // let DDL through uncaptured (an upgrade of a working one did not).
+    `DO $philotes$ BEGIN PERFORM set_config('philotes.ddl_replacing', (
+       SELECT CASE WHEN count(*) = 0 THEN 'missing'
+                   WHEN count(*) = ${TRIGGERS.length} AND bool_and(evtenabled <> 'D') THEN 'present'
+                   ELSE 'disabled' END
+         FROM pg_event_trigger WHERE evtname IN (${TRIGGERS.map((t) => `'${t}'`).join(', ')})), false); END $philotes$;`,
     `CREATE SCHEMA IF NOT EXISTS ${SCHEMA};`,
     FUNCTION_SQL.trim(),
     ...TRIGGERS.map((name) => `DROP EVENT TRIGGER IF EXISTS ${name};`),
@@ -106,6 +114,10 @@ export function ddlTriggerInstallSql(): string {
     `CREATE EVENT TRIGGER ${TRIGGERS[1]} ON sql_drop EXECUTE FUNCTION ${SCHEMA}.capture_ddl();`,
     // Also under session_replication_role = replica (some migration and restore tools set it).
     ...TRIGGERS.map((name) => `ALTER EVENT TRIGGER ${name} ENABLE ALWAYS;`),
+    // Where capture (re)starts in the WAL: a Philotes whose checkpoint is behind it knows that
+    // DDL from its checkpoint to here may be missing, and records that in cdc_gaps.
+    `DO $philotes$ BEGIN EXECUTE format('COMMENT ON EVENT TRIGGER ${TRIGGERS[0]} IS %L',
+       '${INSTALLED_PREFIX}' || pg_current_wal_lsn() || ' replacing ' || current_setting('philotes.ddl_replacing')); END $philotes$;`,
   ].join('\n');
 }
 
@@ -125,17 +137,25 @@ export interface DdlTriggerState {
   readonly triggersEnabled: boolean;
   /** The connected role may install it (event triggers need a superuser). */
   readonly canInstall: boolean;
+  /**
+   * Where the installed capture began, when it replaced a missing or disabled one (its install
+   * wrote that down): DDL before it may not have been captured. Null otherwise, or unknown.
+   */
+  readonly restartedAt: string | null;
 }
 
 export async function readDdlTriggerState(
   client: pg.Client | pg.PoolClient,
 ): Promise<DdlTriggerState> {
   const result = await client.query<{
+    installed: string | null;
     description: string | null;
     enabled: number;
     superuser: boolean;
   }>(
-    `SELECT (SELECT d.description
+    `SELECT (SELECT obj_description(e.oid, 'pg_event_trigger') FROM pg_event_trigger e
+              WHERE e.evtname = $3) AS installed,
+            (SELECT d.description
                FROM pg_proc p
                JOIN pg_namespace n ON n.oid = p.pronamespace AND n.nspname = $1
                LEFT JOIN pg_description d ON d.objoid = p.oid AND d.classoid = 'pg_proc'::regclass
@@ -143,16 +163,21 @@ export async function readDdlTriggerState(
             (SELECT count(*)::int FROM pg_event_trigger
               WHERE evtname = ANY($2) AND evtenabled <> 'D') AS enabled,
             (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser`,
-    [SCHEMA, TRIGGERS],
+    [SCHEMA, TRIGGERS, TRIGGERS[0]],
   );
   const row = result.rows[0]!;
   const match = row.description?.startsWith(COMMENT_PREFIX)
     ? Number(row.description.slice(COMMENT_PREFIX.length))
     : NaN;
+  const installed =
+    /^Philotes DDL capture installed at ([0-9A-F]+\/[0-9A-F]+) replacing (\w+)$/.exec(
+      row.installed ?? '',
+    );
   return {
     version: Number.isInteger(match) ? match : null,
     triggersEnabled: row.enabled === TRIGGERS.length,
     canInstall: row.superuser,
+    restartedAt: installed && installed[2] !== 'present' ? installed[1]! : null,
   };
 }
 

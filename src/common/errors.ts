@@ -22,6 +22,7 @@ export type FatalCode =
   | 'SOURCE_DIVERGED'
   | 'SOURCE_REPLACED'
   | 'VALUE_UNENCODABLE'
+  | 'TRANSACTION_TOO_LARGE'
   | 'DDL_TRIGGER_MISSING';
 
 /** Errors a person has to fix: configuration, privileges, server settings, a lost slot. */

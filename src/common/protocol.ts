@@ -266,6 +266,8 @@ export interface RecordMessage {
   readonly lsn: string;
   /** Sent with the start's record: the server's identity, stored with the checkpoint. */
   readonly identity?: SourceIdentity;
+  /** Also with the start's: DDL that may have gone uncaptured, for cdc_gaps (ddl_not_captured). */
+  readonly ddlGap?: { readonly fromLsn: string; readonly toLsn: string };
 }
 
 export type ReaderMessage =

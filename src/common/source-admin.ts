@@ -296,6 +296,34 @@ export async function tablesWithoutIdentity(
   return result.rows.map((r) => r.name);
 }
 
+/**
+ * Published tables a snapshot cannot copy: no primary key and no unique index on NOT NULL plain
+ * columns to read chunks by (see workers/snapshot/runner.ts, chunkKey).
+ */
+export async function tablesWithoutChunkKey(
+  client: pg.Client,
+  publication: string,
+): Promise<string[]> {
+  const result = await client.query<{ name: string }>(
+    `SELECT format('%I.%I', pt.schemaname, pt.tablename) AS name
+       FROM pg_publication_tables pt
+       JOIN pg_namespace n ON n.nspname = pt.schemaname
+       JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename
+      WHERE pt.pubname = $1
+        AND NOT EXISTS (
+              SELECT 1 FROM pg_index i
+               WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate
+                 AND i.indpred IS NULL AND i.indexprs IS NULL
+                 AND NOT EXISTS (
+                       SELECT 1 FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                        WHERE k.ord <= i.indnkeyatts AND (NOT a.attnotnull OR a.attgenerated <> '')))
+      ORDER BY 1`,
+    [publication],
+  );
+  return result.rows.map((r) => r.name);
+}
+
 /** Whether the publication exists now. */
 export async function publicationExists(client: pg.Client, publication: string): Promise<boolean> {
   const existing = await client.query('SELECT 1 FROM pg_publication WHERE pubname = $1', [

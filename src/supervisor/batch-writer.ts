@@ -249,10 +249,14 @@ export class SourceWriter {
   }
 
   /** Records a position the reader wants to confirm past the checkpoint, then says so. */
-  async recordConfirmable(lsn: string, identity?: SourceIdentity): Promise<void> {
+  async recordConfirmable(
+    lsn: string,
+    identity?: SourceIdentity,
+    ddlGap?: { fromLsn: string; toLsn: string },
+  ): Promise<void> {
     if (this.isClosed) return;
     try {
-      await this.store.recordConfirmable(this.source.id, this.source.slot, lsn, identity);
+      await this.store.recordConfirmable(this.source.id, this.source.slot, lsn, identity, ddlGap);
       this.events.recorded(lsn);
     } catch (error) {
       this.fail(error, 'recording a confirmable position in the buffer failed');

@@ -159,7 +159,7 @@ export class ReaderRun {
         this.writer.enqueue(message);
         break;
       case 'record':
-        void this.writer.recordConfirmable(message.lsn, message.identity);
+        void this.writer.recordConfirmable(message.lsn, message.identity, message.ddlGap);
         break;
       case 'progress':
         this.options.listener.progress(message.confirmedLsn, message.serverWalEnd);

@@ -15,6 +15,7 @@ import {
   startPhilotes,
   type PhilotesProcess,
 } from '../support/philotes.js';
+import { parseLsn } from '../../src/common/lsn.js';
 import { waitFor } from '../support/poll.js';
 
 interface StoredEvent {
@@ -229,6 +230,52 @@ describe('DDL capture', () => {
       'DDL',
       'INSERT',
     ]);
+  });
+
+  it('a trigger dropped while Philotes is down is put back, and the DDL it may have missed is recorded as a gap', async () => {
+    philotes!.signal('SIGTERM');
+    await philotes!.exited;
+    const [cp] = await f.buffer.query<{ lsn: string }>(
+      `SELECT lsn FROM cdc_checkpoints WHERE source_id = 'app'`,
+      [],
+      'buffer',
+    );
+    await f.source.query('DROP EVENT TRIGGER philotes_ddl_command_end', [], 'app');
+    await app.query('CREATE TABLE uncaptured (id int PRIMARY KEY)');
+    const [after] = await f.source.query<{ lsn: string }>(
+      'SELECT pg_current_wal_lsn()::text AS lsn',
+      [],
+      'app',
+    );
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+    const gaps = await f.buffer.query<{ from_lsn: string; to_lsn: string }>(
+      `SELECT from_lsn::text, to_lsn::text FROM cdc_gaps
+        WHERE source_id = 'app' AND reason = 'ddl_not_captured'`,
+      [],
+      'buffer',
+    );
+    // Exactly once, from the checkpoint to past the uncaptured DDL; the rows are all there.
+    expect(gaps).toHaveLength(1);
+    expect(gaps[0]!.from_lsn).toBe(cp!.lsn);
+    expect(parseLsn(gaps[0]!.to_lsn)).toBeGreaterThanOrEqual(parseLsn(after!.lsn));
+    await app.query('INSERT INTO uncaptured VALUES (1)');
+    await app.query('INSERT INTO marker VALUES (4)');
+    const events = await waitForMarker(4);
+    expect(events.filter((e) => e.table_name === 'uncaptured').map((e) => e.operation)).toEqual([
+      'INSERT',
+    ]);
+    // A later start with the trigger in place records nothing more.
+    philotes!.signal('SIGTERM');
+    await philotes!.exited;
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+    const again = await f.buffer.query(
+      `SELECT 1 FROM cdc_gaps WHERE source_id = 'app' AND reason = 'ddl_not_captured'`,
+      [],
+      'buffer',
+    );
+    expect(again).toHaveLength(1);
   });
 
   it('a role that may not install the trigger gets a clear error; ddl-trigger installs, prints and removes it', async () => {

@@ -5,7 +5,13 @@
  * the table only if that copy met the stream exactly. The other table streams on meanwhile.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import {
+  connect,
+  startFixture,
+  waitForSlotActive,
+  writeUntilStopped,
+  type Fixture,
+} from '../support/fixture.js';
 import { runPhilotesToExit, startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 import { waitFor } from '../support/poll.js';
 
@@ -63,20 +69,18 @@ describe('on-demand snapshot', () => {
     expect(wrong.stderr.join('\n')).toContain('public.accounts');
 
     const writer = await connect(f.source, 'app');
-    let stop = false;
-    let i = 0;
-    const load = (async () => {
-      while (!stop) {
-        i++;
-        await writer.query('UPDATE accounts SET balance = balance + 1 WHERE id = $1', [
-          1 + ((i * 7919) % 8000),
-        ]);
-        await writer.query('DELETE FROM accounts WHERE id = $1', [1 + ((i * 104729) % 8000)]);
-        await writer.query(`INSERT INTO accounts VALUES ($1, 'new', 0)`, [10000 + i]);
-        await writer.query(`INSERT INTO audit (note) VALUES ($1)`, [`n${i}`]);
-      }
-    })();
-    await waitFor(async () => i > 50, { what: 'the writers to start', timeoutMs: 30_000 });
+    const load = writeUntilStopped(async (i) => {
+      await writer.query('UPDATE accounts SET balance = balance + 1 WHERE id = $1', [
+        1 + ((i * 7919) % 8000),
+      ]);
+      await writer.query('DELETE FROM accounts WHERE id = $1', [1 + ((i * 104729) % 8000)]);
+      await writer.query(`INSERT INTO accounts VALUES ($1, 'new', 0)`, [10000 + i]);
+      await writer.query(`INSERT INTO audit (note) VALUES ($1)`, [`n${i}`]);
+    });
+    await waitFor(async () => load.rounds() > 50, {
+      what: 'the writers to start',
+      timeoutMs: 30_000,
+    });
 
     const asked = await runPhilotesToExit(env(), 60_000, {
       args: ['snapshot', '--source', 'app', '--table', 'accounts'],
@@ -91,8 +95,7 @@ describe('on-demand snapshot', () => {
         )[0]?.state === 'done',
       { what: 'the on-demand snapshot to finish', timeoutMs: 120_000 },
     );
-    stop = true;
-    await load;
+    await load.stop();
     await writer.query(`INSERT INTO audit (note) VALUES ('marker')`);
     await writer.end();
     await waitFor(

@@ -330,3 +330,28 @@ export async function expectEveryChangeOnce(f: Fixture): Promise<void> {
   if (rows.size !== count!.n)
     throw new Error(`buffer describes ${rows.size} items, source has ${count!.n}`);
 }
+
+/**
+ * Runs `step(1)`, `step(2)`, … one after another until stopped: a writer that changes tables
+ * while something else runs. `rounds()` says how far it got; `stop()` waits for the step in
+ * flight and resolves with the rounds done (a step's error rejects it).
+ */
+export function writeUntilStopped(step: (round: number) => Promise<void>): {
+  rounds: () => number;
+  stop: () => Promise<number>;
+} {
+  let stopped = false;
+  let round = 0;
+  const loop = (async () => {
+    while (!stopped) await step(++round);
+  })();
+  loop.catch(() => undefined); // surfaced by stop()
+  return {
+    rounds: () => round,
+    stop: async () => {
+      stopped = true;
+      await loop;
+      return round;
+    },
+  };
+}

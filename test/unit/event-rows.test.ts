@@ -394,6 +394,34 @@ describe('BatchBuilder', () => {
     expect(rows(b.take()).map((r) => r.seq)).toEqual(['1']);
   });
 
+  it('a shape first used by an aborted streamed subtransaction is recorded with the change that uses it next, or not at all', () => {
+    const b = new BatchBuilder('s');
+    const TOP = 950;
+    b.streamStart(TOP);
+    b.relation(ORDERS);
+    b.streamChange(951);
+    b.insert(ORDERS_OID, T(['1', null, null, '1', '{}'])); // first use: the subtransaction's
+    b.streamStop();
+    b.streamAbort(TOP, 951);
+    b.streamCommit(TOP, FINAL_LSN, END_LSN, COMMIT_TIME);
+    expect(b.take().schemaChanges).toEqual([]); // no event of the stream uses it
+
+    const c = new BatchBuilder('s');
+    c.streamStart(TOP);
+    c.relation(ORDERS);
+    c.streamChange(951);
+    c.insert(ORDERS_OID, T(['1', null, null, '1', '{}']));
+    c.streamStop();
+    c.streamAbort(TOP, 951);
+    c.streamStart(TOP);
+    c.insert(ORDERS_OID, T(['2', null, null, '2', '{}'])); // the top transaction's own
+    c.streamStop();
+    c.streamCommit(TOP, FINAL_LSN, END_LSN, COMMIT_TIME);
+    expect(c.take().schemaChanges.map((x) => [x.table, x.lsn])).toEqual([
+      ['orders', formatLsn(BigInt(FINAL_LSN))],
+    ]);
+  });
+
   it('snapshot rows: SNAPSHOT events with after only, encoded as the stream encodes them', () => {
     const b = new BatchBuilder('s');
     b.begin(FINAL_LSN, COMMIT_TIME, XID);
@@ -667,5 +695,21 @@ describe('a value the encoder has no form for', () => {
     b.commit(2 ** 32 + 0x6b3800, 0);
     const batch = b.take();
     expect(rows(batch).map((r) => JSON.parse(r.after!).id)).toEqual(['1']);
+  });
+});
+
+describe('a transaction with more changes than seq can number', () => {
+  it('stops the source as TRANSACTION_TOO_LARGE instead of wrapping seq', () => {
+    const b = new BatchBuilder('shop-eu');
+    b.begin(2 ** 32 + 0x6b3748, 0, 771);
+    b.relation(ORDERS);
+    // 2^31 - 1 changes already numbered (cheaper than making them): the next has no seq.
+    (b as unknown as { txSeq: number }).txSeq = 2 ** 31 - 1;
+    expect(() => b.insert(ORDERS_OID, T(['1', 'x', null, '1.00', '{a}']))).toThrow(
+      expect.objectContaining({
+        code: 'TRANSACTION_TOO_LARGE',
+        details: expect.objectContaining({ lsn: '1/6B3748' }),
+      }),
+    );
   });
 });

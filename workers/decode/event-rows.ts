@@ -17,6 +17,9 @@ import type {
 import { FatalSourceError } from '../../src/common/errors.js';
 import { formatLsn } from '../../src/common/lsn.js';
 import { resetCommand } from '../../src/common/source-admin.js';
+
+/** The largest seq cdc_events (an int column) can hold. */
+const MAX_SEQ = 2 ** 31 - 1;
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer, type TakenCopy } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, TupleView } from './pgoutput.js';
@@ -79,7 +82,12 @@ interface StreamedTransaction {
   nextSeq: number;
   readonly relations: Map<number, RelationEncoding>;
   readonly schemaChanges: Array<
-    Omit<SchemaChange, 'lsn' | 'ddl'> & { ddl: StreamDdlLink | SchemaDdl | undefined }
+    Omit<SchemaChange, 'lsn' | 'ddl'> & {
+      ddl: StreamDdlLink | SchemaDdl | undefined;
+      /** The (sub)transaction whose change first used the shape, and the shape's encoding. */
+      subXid: number;
+      enc: RelationEncoding;
+    }
   >;
   readonly ddlByTable: Map<string, StreamDdlLink>;
   /** Counts per (sub)transaction: a subtransaction's go when it aborts. */
@@ -620,6 +628,18 @@ export class BatchBuilder {
     stream.counts.delete(subXid);
     for (const [key, link] of stream.ddlByTable)
       if (link.xid === subXid) stream.ddlByTable.delete(key);
+    // A shape first used by the aborted subtransaction's changes is used by no event now: it
+    // waits for the next change that uses it (if any), and its DDL link, if it was not the
+    // subtransaction's own, goes back with it.
+    for (let i = stream.schemaChanges.length - 1; i >= 0; i--) {
+      const change = stream.schemaChanges[i]!;
+      if (change.subXid !== subXid) continue;
+      stream.schemaChanges.splice(i, 1);
+      const { ddl, subXid: _sub, enc, ...schema } = change;
+      enc.pendingSchema = schema;
+      if (ddl !== undefined && 'xid' in ddl && ddl.xid !== subXid)
+        stream.ddlByTable.set(`${schema.schema}.${schema.table}`, ddl);
+    }
   }
 
   /**
@@ -637,7 +657,7 @@ export class BatchBuilder {
         for (const key of Object.keys(counts) as Array<keyof OperationCounts>)
           this.counts[key] += counts[key];
       }
-      for (const { ddl, ...change } of stream.schemaChanges) {
+      for (const { ddl, subXid: _sub, enc: _enc, ...change } of stream.schemaChanges) {
         this.schemaChanges.push({ ...change, lsn, ...(ddl ? { ddl: settledLink(ddl, lsn) } : {}) });
       }
       // pgoutput counts the relations it sent a committed stream as sent to us (its
@@ -693,7 +713,7 @@ export class BatchBuilder {
       // Recorded if and when the transaction commits, at its commit LSN.
       const ddl = this.stream.ddlByTable.get(key) ?? this.ddlByTable.get(key);
       this.stream.ddlByTable.delete(key);
-      this.stream.schemaChanges.push({ ...enc.pendingSchema, ddl });
+      this.stream.schemaChanges.push({ ...enc.pendingSchema, ddl, subXid: this.streamSubXid, enc });
     } else {
       // LSN of the first transaction that uses this shape.
       const ddl = this.ddlByTable.get(key);
@@ -719,6 +739,9 @@ export class BatchBuilder {
     details: string | null = null,
   ): void {
     if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
+    // cdc_events.seq is an int: a transaction's 2,147,483,648th change has no number. Loud,
+    // never a wrap (a negative seq would sort before the transaction's first change).
+    if (this.txSeq >= MAX_SEQ) throw this.tooManyChanges(enc);
     const out = this.out;
     const rowStart = out.length;
     try {
@@ -759,6 +782,15 @@ export class BatchBuilder {
     this.txSeq++;
     this.rowCount++;
     if (this.stream !== null) this.stagedRowCount++;
+  }
+
+  private tooManyChanges(enc: RelationEncoding): FatalSourceError {
+    const lsn = formatLsn(BigInt(this.txFinalLsn));
+    return new FatalSourceError(
+      `the transaction committed at ${lsn} has more than ${MAX_SEQ} changes (its latest to ${enc.relation.schema}.${enc.relation.table}): cdc_events.seq cannot number more within one transaction. Capture cannot pass it; to skip it (a gap, recorded): ${resetCommand(this.sourceId, ' --skip-to-current')}`,
+      'TRANSACTION_TOO_LARGE',
+      { lsn, changes: this.txSeq },
+    );
   }
 
   /**

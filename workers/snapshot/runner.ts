@@ -41,6 +41,38 @@ export interface SnapshotTable {
   readonly relation: ResolvedRelation;
   /** Indexes of the key columns in relation.columns. */
   readonly keyIndexes: readonly number[];
+  /** The columns chunks are read by (see chunkKey): what a change's key is compared on. */
+  readonly keyColumns: readonly string[];
+}
+
+/**
+ * The columns a table's chunks are read by: a unique, valid, immediate index on NOT NULL plain
+ * columns, preferring the replica identity index (its columns are in every change the stream
+ * carries), then the primary key, then the narrowest other one. Null: none, and the table's rows
+ * cannot be copied exactly (see the README). A unique index without a primary key serves an
+ * insert-only table (without a replica identity the source refuses UPDATE and DELETE on it).
+ */
+async function chunkKey(
+  c: { query<R extends pg.QueryResultRow>(text: string, values?: unknown[]): Promise<R[]> },
+  oid: number,
+): Promise<{ columns: string[]; types: string[] } | null> {
+  const [row] = await c.query<{ columns: string[]; types: string[] }>(
+    `SELECT array_agg(a.attname::text ORDER BY k.ord) AS columns,
+            array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS types
+       FROM pg_index i
+       JOIN pg_class r ON r.oid = i.indrelid
+      CROSS JOIN unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+      WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
+        AND i.indpred IS NULL AND i.indexprs IS NULL AND k.ord <= i.indnkeyatts
+      GROUP BY i.indexrelid, i.indisprimary, i.indisreplident, r.relreplident
+     HAVING bool_and(a.attnotnull AND a.attgenerated = '')
+      ORDER BY (r.relreplident = 'i' AND i.indisreplident) DESC, i.indisprimary DESC, count(*),
+               i.indexrelid
+      LIMIT 1`,
+    [oid],
+  );
+  return row ?? null;
 }
 
 export interface SnapshotHooks {
@@ -405,19 +437,15 @@ export class SnapshotRunner {
     const { log, hooks } = this.o;
     const relation = await hooks.resolve(t.oid, t.schema, t.name);
     const name = `${t.schema}.${t.name}`;
-    const keyIndexes = relation.primaryKey.map((k) =>
-      relation.columns.findIndex((col) => col.name === k),
-    );
-    const table: SnapshotTable = { oid: t.oid, name, relation, keyIndexes };
-    const keyTypes = await c.query<{ t: string }>(
-      `SELECT format_type(a.atttypid, a.atttypmod) AS t
-         FROM pg_index i CROSS JOIN unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
-         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-        WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord`,
-      [t.oid],
-    );
-    if (keyTypes.length === 0 || keyIndexes.some((i) => i < 0)) {
-      log.warn({ table: name }, 'snapshot: the table has no primary key; its rows are not copied');
+    const chosen = await chunkKey(c, t.oid);
+    const keyColumns = chosen?.columns ?? [];
+    const keyIndexes = keyColumns.map((k) => relation.columns.findIndex((col) => col.name === k));
+    const table: SnapshotTable = { oid: t.oid, name, relation, keyIndexes, keyColumns };
+    if (chosen === null || keyIndexes.some((i) => i < 0)) {
+      log.warn(
+        { table: name },
+        'snapshot: the table has no primary key and no unique index on NOT NULL columns; its rows are not copied (see the README: Snapshots, tables without a key)',
+      );
       await this.emptyChunk(c, t.schema, t.name, state, 'skipped_no_key');
       return;
     }
@@ -425,8 +453,8 @@ export class SnapshotRunner {
       schema: t.schema,
       table: t.name,
       columns: relation.columns.map((col) => col.name),
-      primaryKey: relation.primaryKey,
-      primaryKeyTypes: keyTypes.map((r) => r.t),
+      primaryKey: keyColumns,
+      primaryKeyTypes: chosen.types,
     };
     // Chunks are read one ahead (see copyChunks): at most two in flight.
     const inFlight: InFlightChunk[] = [];
