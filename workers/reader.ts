@@ -45,7 +45,7 @@ import {
   retainedWalBytes,
   where,
 } from '../src/common/source-admin.js';
-import type { SourceIdentity } from '../src/common/source-history.js';
+import { fullXid, readNextXid, type SourceIdentity } from '../src/common/source-history.js';
 import { Confirmations } from './confirmations.js';
 import { BatchBuilder } from './decode/event-rows.js';
 import {
@@ -110,6 +110,8 @@ export class SlotReader implements PgoutputHandler {
     number,
     { table: SnapshotTable; window: () => SnapshotWindow | null }
   >();
+  /** A recent 64-bit xid of the server: stored checkpoint xids are made 64-bit with it. */
+  private xidReference = 0n;
   /** Where this run started streaming: the checkpoint, or where a new capture begins. */
   private startLsn = 0n;
   /** Positions: durable, recorded, confirmed, idle (replaced once the start is known). */
@@ -194,6 +196,7 @@ export class SlotReader implements PgoutputHandler {
 
       this.startLsn = prepared.startLsn;
       this.serverVersion = prepared.serverVersion;
+      this.xidReference = prepared.nextXid;
       // Nothing recorded yet (a source new to the buffer): its start is recorded below.
       this.confirmations = new Confirmations(
         prepared.startLsn,
@@ -751,7 +754,16 @@ export class SlotReader implements PgoutputHandler {
   private send(): void {
     if (!this.builder.hasContent) return;
     const batch = this.builder.take();
-    const message: ReaderMessage = { type: 'batch', seq: this.confirmations.sent(), ...batch };
+    const message: ReaderMessage = {
+      type: 'batch',
+      seq: this.confirmations.sent(),
+      ...batch,
+      // 64-bit, so that a later start compares it with the server's next xid without wraparound.
+      checkpointXid:
+        batch.checkpointXid === null || batch.checkpointXid === 0
+          ? batch.checkpointXid
+          : Number(fullXid(batch.checkpointXid, this.xidReference)),
+    };
     this.task.port.postMessage(message, batchTransferList(batch));
   }
 
@@ -878,6 +890,7 @@ export class SlotReader implements PgoutputHandler {
       // One after the other: a pg client runs one query at a time.
       const slot = await readSlotState(side, this.task.source.slot);
       const now = await currentWalLsn(side);
+      this.xidReference = await readNextXid(side, this.serverVersion);
       if (slot === null) return;
       const decoding =
         this.serverVersion >= 140000

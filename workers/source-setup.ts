@@ -55,6 +55,8 @@ export interface PreparedSource {
   readonly identity: SourceIdentity;
   /** DDL that may have gone uncaptured before this start (recorded with the start). */
   readonly ddlGap: DdlGap | null;
+  /** The server's next 64-bit xid now: the reference that makes the stream's xids 64-bit. */
+  readonly nextXid: bigint;
   /** pgoutput's protocol version for this server: 2 streams in-progress transactions. */
   readonly protocol: 1 | 2;
   readonly slotCreated: boolean;
@@ -154,6 +156,7 @@ export async function prepareSource(
     return {
       serverVersion,
       identity: server.identity,
+      nextXid: server.nextXid,
       ddlGap,
       protocol,
       publicationCreated,
@@ -162,6 +165,7 @@ export async function prepareSource(
   return {
     serverVersion,
     identity: server.identity,
+    nextXid: server.nextXid,
     ddlGap,
     protocol,
     publicationCreated,

@@ -53,7 +53,7 @@ export interface StoredHistory {
   readonly checkpointLsn: bigint;
   /** The furthest position Philotes may have confirmed (never behind the checkpoint). */
   readonly confirmedLsn: bigint;
-  /** The last stored transaction's xid (32 bits, as pgoutput gives it); null if none. */
+  /** The last stored transaction's xid (64 bits, see fullXid); null if none. */
   readonly checkpointXid: number | null;
 }
 
@@ -98,9 +98,9 @@ export async function readServerHistory(
        FROM pg_database d WHERE d.datname = current_database()`,
   );
   const version = Number(db.rows[0]!.version);
-  const next = await client.query<{ xid: string; wal: string }>(
-    `SELECT ${version >= 130000 ? 'pg_snapshot_xmax(pg_current_snapshot())' : 'txid_snapshot_xmax(txid_current_snapshot())'}::text AS xid,
-            (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+  const nextXid = await readNextXid(client, version);
+  const wal = await client.query<{ wal: string }>(
+    `SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                   ELSE pg_current_wal_lsn() END)::text AS wal`,
   );
   const walsender = new pg.Client({ ...replication, replication: 'database' } as pg.ClientConfig);
@@ -124,8 +124,8 @@ export async function readServerHistory(
     }
     return {
       identity: { systemId: row.systemid, timeline, databaseOid: Number(db.rows[0]!.oid) },
-      walLsn: parseLsn(next.rows[0]!.wal),
-      nextXid: BigInt(next.rows[0]!.xid),
+      walLsn: parseLsn(wal.rows[0]!.wal),
+      nextXid,
       forks,
     };
   } finally {
@@ -133,11 +133,36 @@ export async function readServerHistory(
   }
 }
 
-/** Whether a 32-bit xid is one the server has assigned, given its next 64-bit xid. */
+/**
+ * A 32-bit xid from the stream as the 64-bit (epoch and xid) one it is, given a 64-bit xid of the
+ * server read near the same time (`reference`): the nearest value with the same low 32 bits.
+ * Exact for any xid within 2^31 of the reference, which a transaction the stream delivers is
+ * (its xid was assigned shortly before its commit, and the reference is read at least every few
+ * seconds).
+ */
+export function fullXid(xid: number, reference: bigint): bigint {
+  let diff = (BigInt(xid >>> 0) - reference) & 0xffffffffn;
+  if (diff >= 0x80000000n) diff -= 0x100000000n;
+  const full = reference + diff;
+  return full < 0n ? BigInt(xid >>> 0) : full;
+}
+
+/**
+ * Whether an xid the buffer stored is one the server has assigned, given its next 64-bit xid.
+ * Stored xids are 64-bit (fullXid) from issue 19 on, compared as numbers: no wraparound. One
+ * written earlier holds the 32 low bits only; it is never taken for a divergence unless the
+ * server is still in epoch 0, where the two agree.
+ */
 export function xidAssigned(xid: number, nextXid: bigint): boolean {
-  // Modulo-2^32 order, as PostgreSQL compares xids: xid is behind next by less than 2^31.
-  const behind = (nextXid - BigInt(xid >>> 0)) & 0xffffffffn;
-  return behind !== 0n && behind < 0x80000000n;
+  return BigInt(xid) < nextXid;
+}
+
+/** The server's next 64-bit xid (PostgreSQL 13+ has pg_snapshot; txid_ before). */
+export async function readNextXid(client: pg.Client, serverVersion: number): Promise<bigint> {
+  const result = await client.query<{ xid: string }>(
+    `SELECT ${serverVersion >= 130000 ? 'pg_snapshot_xmax(pg_current_snapshot())' : 'txid_snapshot_xmax(txid_current_snapshot())'}::text AS xid`,
+  );
+  return BigInt(result.rows[0]!.xid);
 }
 
 /**
@@ -169,7 +194,13 @@ export function findDivergence(stored: StoredHistory, server: ServerHistory): Di
   }
   if (server.walLsn < checkpoint)
     return { kind: 'diverged', why: 'wal_behind', forkLsn: server.walLsn, forkKnown: false };
-  if (stored.checkpointXid !== null && !xidAssigned(stored.checkpointXid, server.nextXid))
+  // 0, 1, 2 are not transactions (invalid, bootstrap, frozen): a checkpoint a standalone
+  // message set holds 0.
+  if (
+    stored.checkpointXid !== null &&
+    stored.checkpointXid >= 3 &&
+    !xidAssigned(stored.checkpointXid, server.nextXid)
+  )
     return { kind: 'diverged', why: 'xid_behind', forkLsn: checkpoint, forkKnown: false };
   return null;
 }

@@ -227,6 +227,57 @@ describe('a source with another history', () => {
     expect(await replay(name, name)).toEqual(await sourceRows(source));
   });
 
+  it('a data directory restored and written past the checkpoint before Philotes sees it: the last stored xid was never assigned there', async () => {
+    const name = 'restored_ahead';
+    await buffer.createDatabase(name);
+    const source = await newSource();
+    await source.query(`CREATE TABLE pad (id int PRIMARY KEY, p text)`, [], 'app');
+    const e = env(name, source);
+    let p = startPhilotes(e);
+    await waitForSlotActive(source, SLOT);
+    await insert(source, 1, 10);
+    await waitForStored(name, name, 10);
+    await stop(p);
+    await source.stop();
+    const disk = await source.copyData();
+    await source.start();
+    p = startPhilotes(e);
+    await waitForSlotActive(source, SLOT);
+    await insert(source, 11, 210); // 200 transactions: 200 xids
+    await waitForStored(name, name, 210);
+    await stop(p);
+    const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+
+    await source.stop();
+    await source.restoreData(disk);
+    await source.start();
+    // One transaction, more WAL than the 200 lost ones: the WAL is past the checkpoint again.
+    await source.query(
+      `INSERT INTO pad SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g`,
+      [],
+      'app',
+    );
+    const [wal] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
+    expect(parseLsn(wal!.lsn)).toBeGreaterThan(parseLsn(before!.lsn));
+
+    const run = await failedRun(e);
+    const state = stoppedWith(run, 'SOURCE_DIVERGED');
+    expect((state['lastErrorDetails'] as Record<string, unknown>)['why']).toBe('xid_behind');
+
+    const done = await reset(e, name);
+    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+    expect((await gaps(name)).map((g) => g.reason)).toEqual(['retracted']);
+    p = startPhilotes(e);
+    await waitForSlotActive(source, SLOT);
+    await insert(source, 2001, 2002, 'after the reset');
+    await waitFor(async () => (await replay(name, name)).has(2002), {
+      what: 'the rows written after the reset',
+      timeoutMs: 60_000,
+    });
+    await stop(p);
+    expect(await replay(name, name)).toEqual(await sourceRows(source));
+  });
+
   it('a standby promoted after a failover, without the slot: stops, then the fork and what the new server committed before its slot are recorded', async () => {
     const name = 'failover';
     await buffer.createDatabase(name);

@@ -8,6 +8,7 @@ import { parseLsn } from '../../src/common/lsn.js';
 import {
   confirmedOnHistory,
   findDivergence,
+  fullXid,
   parseTimelineHistory,
   xidAssigned,
   type ServerHistory,
@@ -49,14 +50,22 @@ describe('parseTimelineHistory', () => {
   });
 });
 
-describe('xidAssigned', () => {
-  it('compares modulo 2^32, across an epoch', () => {
+describe('fullXid and xidAssigned', () => {
+  it('makes a stream xid 64-bit from a nearby reference, across an epoch boundary', () => {
+    expect(fullXid(1000, 1200n)).toBe(1000n);
+    expect(fullXid(1300, 1200n)).toBe(1300n);
+    const epoch1 = 1n << 32n;
+    // Assigned just before the epoch turned; the reference is just after.
+    expect(fullXid(0xfffffff0, epoch1 + 5n)).toBe(epoch1 - 16n);
+    // Assigned just after; the reference just before.
+    expect(fullXid(3, epoch1 - 2n)).toBe(epoch1 + 3n);
+  });
+
+  it('compares 64-bit xids as numbers: a server far on (past 2^31 xids) has assigned it', () => {
     expect(xidAssigned(1000, 1001n)).toBe(true);
     expect(xidAssigned(1000, 1000n)).toBe(false); // the next one: not assigned yet
     expect(xidAssigned(1001, 1000n)).toBe(false);
-    // next = epoch 1, xid 5: an xid of the previous epoch near its end was assigned.
-    expect(xidAssigned(0xfffffff0, (1n << 32n) + 5n)).toBe(true);
-    expect(xidAssigned(10, (1n << 32n) + 5n)).toBe(false);
+    expect(xidAssigned(1000, 1000n + 3n * (1n << 31n))).toBe(true);
   });
 });
 
