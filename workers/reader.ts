@@ -110,6 +110,8 @@ export class SlotReader implements PgoutputHandler {
     number,
     { table: SnapshotTable; window: () => SnapshotWindow | null }
   >();
+  /** Where the DDL capture trigger was last found in place (ddl: true). */
+  private ddlVerifiedLsn: bigint | null = null;
   /** A recent 64-bit xid of the server: stored checkpoint xids are made 64-bit with it. */
   private xidReference = 0n;
   /** Where this run started streaming: the checkpoint, or where a new capture begins. */
@@ -915,17 +917,40 @@ export class SlotReader implements PgoutputHandler {
    */
   private async checkDdlCapture(side: pg.Client): Promise<void> {
     let state;
+    let before: bigint;
     try {
+      // Read first: DDL committed before this position ran while the trigger was still there
+      // (it is, below), so it was captured.
+      before = await currentWalLsn(side);
       state = await readDdlTriggerState(side);
     } catch (error) {
       this.log.debug({ err: error }, 'reading the DDL capture trigger state failed');
       return;
     }
-    if (ddlTriggerCurrent(state)) return;
+    if (ddlTriggerCurrent(state)) {
+      this.ddlVerifiedLsn = before;
+      return;
+    }
+    // DDL from the last check that found the trigger to now may be missing: recorded before the
+    // source stops (the start that puts the trigger back records the rest, from the checkpoint).
+    const from = this.ddlVerifiedLsn ?? this.startLsn;
+    // To the WAL now: past anything this run can still store, so the start that puts the
+    // trigger back (its gap begins at the checkpoint) leaves no hole in between.
+    const to = await currentWalLsn(side).catch(() => before);
+    const recorded = new Promise<void>((resolve) =>
+      this.recordWaiters.push({ lsn: this.confirmations.recordedUpTo, resolve }),
+    );
+    this.post({
+      type: 'record',
+      lsn: formatLsn(this.confirmations.recordedUpTo),
+      ddlGap: { fromLsn: formatLsn(from), toLsn: formatLsn(to) },
+    });
+    await recorded;
     this.fail(
       new FatalSourceError(
-        `the DDL capture trigger on ${where(this.task.source)} was removed or disabled while Philotes ran: DDL made since then may be missing from the buffer. A start with a superuser role (or philotes-worker ddl-trigger --source ${this.task.source.id}) puts it back`,
+        `the DDL capture trigger on ${where(this.task.source)} was removed or disabled while Philotes ran: DDL made since ${formatLsn(from)} may be missing from the buffer (recorded in cdc_gaps, reason ddl_not_captured). A start with a superuser role (or philotes-worker ddl-trigger --source ${this.task.source.id}) puts it back`,
         'DDL_TRIGGER_MISSING',
+        { ddlVerifiedLsn: formatLsn(from), detectedLsn: formatLsn(to) },
       ),
     );
   }

@@ -327,6 +327,11 @@ describe('DDL capture', () => {
   });
 
   it('a trigger dropped while Philotes runs stops the source loudly; a superuser start puts it back', async () => {
+    const [beforeDrop] = await f.source.query<{ lsn: string }>(
+      'SELECT pg_current_wal_lsn()::text AS lsn',
+      [],
+      'app',
+    );
     await f.source.query('DROP EVENT TRIGGER philotes_ddl_command_end', [], 'app');
     await waitFor(
       () =>
@@ -338,6 +343,22 @@ describe('DDL capture', () => {
         timeoutMs: 40_000,
       },
     );
+    // The DDL since the trigger was last seen is recorded as possibly missing, before the stop.
+    const recorded = await f.buffer.query<{ from_lsn: string; to_lsn: string }>(
+      `SELECT from_lsn::text, to_lsn::text FROM cdc_gaps
+        WHERE source_id = 'app' AND reason = 'ddl_not_captured' ORDER BY id DESC LIMIT 1`,
+      [],
+      'buffer',
+    );
+    const [droppedAt] = await f.source.query<{ lsn: string }>(
+      'SELECT pg_current_wal_lsn()::text AS lsn',
+      [],
+      'app',
+    );
+    // From where the trigger was last seen (before the drop) to past it.
+    expect(parseLsn(recorded[0]!.from_lsn)).toBeLessThanOrEqual(parseLsn(beforeDrop!.lsn));
+    expect(parseLsn(recorded[0]!.to_lsn)).toBeGreaterThan(parseLsn(beforeDrop!.lsn));
+    expect(parseLsn(recorded[0]!.to_lsn)).toBeLessThanOrEqual(parseLsn(droppedAt!.lsn));
     await philotes!.kill9();
     philotes = startPhilotes(env());
     await waitForSlotActive(f.source);
