@@ -25,6 +25,8 @@ import { freePort } from '../support/ports.js';
 import { waitFor } from '../support/poll.js';
 
 const SLOT = 'philotes_cdc';
+/** Each case stops, copies, restores or promotes servers and runs Philotes five or six times. */
+const HEAVY_MS = 240_000;
 
 describe('a source with another history', () => {
   let buffer: Cluster;
@@ -146,254 +148,270 @@ describe('a source with another history', () => {
   const gaps = (db: string) =>
     b<Gap>(db, 'SELECT id::text, from_lsn::text, to_lsn::text, reason FROM cdc_gaps ORDER BY id');
 
-  it('a data directory restored from a disk snapshot: stops, then the lost history is retracted and the server re-read from its slot', async () => {
-    const name = 'restored';
-    await buffer.createDatabase(name);
-    const source = await newSource();
-    const e = env(name, source);
-    let p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 1, 20);
-    await waitForStored(name, name, 20);
-    await stop(p);
+  it(
+    'a data directory restored from a disk snapshot: stops, then the lost history is retracted and the server re-read from its slot',
+    async () => {
+      const name = 'restored';
+      await buffer.createDatabase(name);
+      const source = await newSource();
+      const e = env(name, source);
+      let p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 1, 20);
+      await waitForStored(name, name, 20);
+      await stop(p);
 
-    // The disk snapshot: taken with the server stopped, slot included.
-    await source.stop();
-    const disk = await source.copyData();
-    await source.start();
+      // The disk snapshot: taken with the server stopped, slot included.
+      await source.stop();
+      const disk = await source.copyData();
+      await source.start();
 
-    p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 21, 220);
-    await waitForStored(name, name, 220);
-    await stop(p);
-    const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+      p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 21, 220);
+      await waitForStored(name, name, 220);
+      await stop(p);
+      const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
 
-    // Restored: 200 transactions are gone; the application writes 20 more (less WAL).
-    await source.stop();
-    await source.restoreData(disk);
-    await source.start();
-    await insert(source, 1001, 1020, 'after the restore');
+      // Restored: 200 transactions are gone; the application writes 20 more (less WAL).
+      await source.stop();
+      await source.restoreData(disk);
+      await source.start();
+      await insert(source, 1001, 1020, 'after the restore');
 
-    const run = await failedRun(e);
-    const state = stoppedWith(run, 'SOURCE_DIVERGED');
-    expect(run.stderr[0]).toContain('behind the buffer');
-    expect(JSON.stringify(state)).toContain(before!.lsn);
+      const run = await failedRun(e);
+      const state = stoppedWith(run, 'SOURCE_DIVERGED');
+      expect(run.stderr[0]).toContain('behind the buffer');
+      expect(JSON.stringify(state)).toContain(before!.lsn);
 
-    // The views say so too: check blocks, status names it and exits non-zero.
-    const check = await runPhilotesToExit(e, 60_000, { args: ['check', '--json'] });
-    const findings = (
-      JSON.parse(check.stdout.join('\n')) as { findings: Array<Record<string, unknown>> }
-    ).findings;
-    expect(check.code).toBe(2);
-    expect(findings.find((x) => x['check'] === 'history')).toMatchObject({
-      verdict: 'blocker',
-      fix: `philotes-worker reset-source --source ${name} --accept-gap (retracts the buffer's events of the lost history and records what was lost)`,
-    });
-    const status = await runPhilotesToExit(e, 60_000, { args: ['status', '--json'] });
-    const [row] = (
-      JSON.parse(status.stdout.join('\n')) as { sources: Array<Record<string, unknown>> }
-    ).sources;
-    expect(status.code).toBe(1);
-    expect(row?.['historyCode']).toBe('SOURCE_DIVERGED');
-    expect(String(row?.['problem'])).toContain(before!.lsn);
+      // The views say so too: check blocks, status names it and exits non-zero.
+      const check = await runPhilotesToExit(e, 60_000, { args: ['check', '--json'] });
+      const findings = (
+        JSON.parse(check.stdout.join('\n')) as { findings: Array<Record<string, unknown>> }
+      ).findings;
+      expect(check.code).toBe(2);
+      expect(findings.find((x) => x['check'] === 'history')).toMatchObject({
+        verdict: 'blocker',
+        fix: `philotes-worker reset-source --source ${name} --accept-gap (retracts the buffer's events of the lost history and records what was lost)`,
+      });
+      const status = await runPhilotesToExit(e, 60_000, { args: ['status', '--json'] });
+      const [row] = (
+        JSON.parse(status.stdout.join('\n')) as { sources: Array<Record<string, unknown>> }
+      ).sources;
+      expect(status.code).toBe(1);
+      expect(row?.['historyCode']).toBe('SOURCE_DIVERGED');
+      expect(String(row?.['problem'])).toContain(before!.lsn);
 
-    const done = await reset(e, name);
-    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
-    const recorded = await gaps(name);
-    // The slot came back with the disk: nothing lost, the dead history retracted.
-    expect(recorded.map((g) => g.reason)).toEqual(['retracted']);
-    expect(recorded[0]!.to_lsn).toBe(before!.lsn);
-    const [slot] = await source.query<{ lsn: string }>(
-      'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
-      [SLOT],
-    );
-    expect(recorded[0]!.from_lsn).toBe(slot!.lsn);
-    const [retracted] = await b<{ n: string }>(
-      name,
-      `SELECT count(*) AS n FROM cdc_retracted_events WHERE gap_id = $1 AND operation = 'INSERT'`,
-      [recorded[0]!.id],
-    );
-    expect(Number(retracted!.n)).toBeGreaterThanOrEqual(200);
+      const done = await reset(e, name);
+      expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+      const recorded = await gaps(name);
+      // The slot came back with the disk: nothing lost, the dead history retracted.
+      expect(recorded.map((g) => g.reason)).toEqual(['retracted']);
+      expect(recorded[0]!.to_lsn).toBe(before!.lsn);
+      const [slot] = await source.query<{ lsn: string }>(
+        'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
+        [SLOT],
+      );
+      expect(recorded[0]!.from_lsn).toBe(slot!.lsn);
+      const [retracted] = await b<{ n: string }>(
+        name,
+        `SELECT count(*) AS n FROM cdc_retracted_events WHERE gap_id = $1 AND operation = 'INSERT'`,
+        [recorded[0]!.id],
+      );
+      expect(Number(retracted!.n)).toBeGreaterThanOrEqual(200);
 
-    p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 1021, 1025, 'after the reset');
-    await waitFor(async () => (await replay(name, name)).has(1025), {
-      what: 'the rows written after the reset',
-      timeoutMs: 60_000,
-    });
-    await stop(p);
-    expect(await replay(name, name)).toEqual(await sourceRows(source));
-  });
+      p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 1021, 1025, 'after the reset');
+      await waitFor(async () => (await replay(name, name)).has(1025), {
+        what: 'the rows written after the reset',
+        timeoutMs: 60_000,
+      });
+      await stop(p);
+      expect(await replay(name, name)).toEqual(await sourceRows(source));
+    },
+    HEAVY_MS,
+  );
 
-  it('a data directory restored and written past the checkpoint before Philotes sees it: the last stored xid was never assigned there', async () => {
-    const name = 'restored_ahead';
-    await buffer.createDatabase(name);
-    const source = await newSource();
-    await source.query(`CREATE TABLE pad (id int PRIMARY KEY, p text)`, [], 'app');
-    const e = env(name, source);
-    let p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 1, 10);
-    await waitForStored(name, name, 10);
-    await stop(p);
-    await source.stop();
-    const disk = await source.copyData();
-    await source.start();
-    p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 11, 210); // 200 transactions: 200 xids
-    await waitForStored(name, name, 210);
-    await stop(p);
-    const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+  it(
+    'a data directory restored and written past the checkpoint before Philotes sees it: the last stored xid was never assigned there',
+    async () => {
+      const name = 'restored_ahead';
+      await buffer.createDatabase(name);
+      const source = await newSource();
+      await source.query(`CREATE TABLE pad (id int PRIMARY KEY, p text)`, [], 'app');
+      const e = env(name, source);
+      let p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 1, 10);
+      await waitForStored(name, name, 10);
+      await stop(p);
+      await source.stop();
+      const disk = await source.copyData();
+      await source.start();
+      p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 11, 210); // 200 transactions: 200 xids
+      await waitForStored(name, name, 210);
+      await stop(p);
+      const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
 
-    await source.stop();
-    await source.restoreData(disk);
-    await source.start();
-    // One transaction, more WAL than the 200 lost ones: the WAL is past the checkpoint again.
-    await source.query(
-      `INSERT INTO pad SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g`,
-      [],
-      'app',
-    );
-    const [wal] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
-    expect(parseLsn(wal!.lsn)).toBeGreaterThan(parseLsn(before!.lsn));
+      await source.stop();
+      await source.restoreData(disk);
+      await source.start();
+      // One transaction, more WAL than the 200 lost ones: the WAL is past the checkpoint again.
+      await source.query(
+        `INSERT INTO pad SELECT g, repeat('x', 1000) FROM generate_series(1, 2000) g`,
+        [],
+        'app',
+      );
+      const [wal] = await source.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn');
+      expect(parseLsn(wal!.lsn)).toBeGreaterThan(parseLsn(before!.lsn));
 
-    const run = await failedRun(e);
-    const state = stoppedWith(run, 'SOURCE_DIVERGED');
-    expect((state['lastErrorDetails'] as Record<string, unknown>)['why']).toBe('xid_behind');
+      const run = await failedRun(e);
+      const state = stoppedWith(run, 'SOURCE_DIVERGED');
+      expect((state['lastErrorDetails'] as Record<string, unknown>)['why']).toBe('xid_behind');
 
-    const done = await reset(e, name);
-    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
-    expect((await gaps(name)).map((g) => g.reason)).toEqual(['retracted']);
-    p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await insert(source, 2001, 2002, 'after the reset');
-    await waitFor(async () => (await replay(name, name)).has(2002), {
-      what: 'the rows written after the reset',
-      timeoutMs: 60_000,
-    });
-    await stop(p);
-    expect(await replay(name, name)).toEqual(await sourceRows(source));
-  });
+      const done = await reset(e, name);
+      expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+      expect((await gaps(name)).map((g) => g.reason)).toEqual(['retracted']);
+      p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await insert(source, 2001, 2002, 'after the reset');
+      await waitFor(async () => (await replay(name, name)).has(2002), {
+        what: 'the rows written after the reset',
+        timeoutMs: 60_000,
+      });
+      await stop(p);
+      expect(await replay(name, name)).toEqual(await sourceRows(source));
+    },
+    HEAVY_MS,
+  );
 
-  it('a standby promoted after a failover, without the slot: stops, then the fork and what the new server committed before its slot are recorded', async () => {
-    const name = 'failover';
-    await buffer.createDatabase(name);
-    const primary = await newSource();
-    const e = env(name, primary);
-    let p = startPhilotes(e);
-    await waitForSlotActive(primary, SLOT);
-    await insert(primary, 1, 20);
-    await waitForStored(name, name, 20);
-    await stop(p);
+  it(
+    'a standby promoted after a failover, without the slot: stops, then the fork and what the new server committed before its slot are recorded',
+    async () => {
+      const name = 'failover';
+      await buffer.createDatabase(name);
+      const primary = await newSource();
+      const e = env(name, primary);
+      let p = startPhilotes(e);
+      await waitForSlotActive(primary, SLOT);
+      await insert(primary, 1, 20);
+      await waitForStored(name, name, 20);
+      await stop(p);
 
-    // The standby was left behind here (an asynchronous one that stopped receiving).
-    await primary.stop();
-    const copy = await primary.copyData();
-    await primary.start();
-    const standby = await startClusterFromCopy(primary, copy, { standby: true });
-    clusters.push(standby);
+      // The standby was left behind here (an asynchronous one that stopped receiving).
+      await primary.stop();
+      const copy = await primary.copyData();
+      await primary.start();
+      const standby = await startClusterFromCopy(primary, copy, { standby: true });
+      clusters.push(standby);
 
-    p = startPhilotes(e);
-    await waitForSlotActive(primary, SLOT);
-    await insert(primary, 21, 60);
-    await waitForStored(name, name, 60);
-    await stop(p);
-    const [cp] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
-    await primary.stop();
+      p = startPhilotes(e);
+      await waitForSlotActive(primary, SLOT);
+      await insert(primary, 21, 60);
+      await waitForStored(name, name, 60);
+      await stop(p);
+      const [cp] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+      await primary.stop();
 
-    await standby.promote();
-    await waitFor(
-      async () =>
-        (await standby.query<{ r: boolean }>('SELECT pg_is_in_recovery() AS r'))[0]?.r === false,
-      { what: 'the standby to be promoted', timeoutMs: 30_000 },
-    );
-    // Committed on the new primary before Philotes has a slot there: lost, and said so.
-    const [lostFrom] = await standby.query<{ lsn: string }>(
-      'SELECT pg_current_wal_lsn()::text AS lsn',
-    );
-    await insert(standby, 501, 505, 'before the new slot');
-    const [lostTo] = await standby.query<{ lsn: string }>(
-      'SELECT pg_current_wal_lsn()::text AS lsn',
-    );
+      await standby.promote();
+      await waitFor(
+        async () =>
+          (await standby.query<{ r: boolean }>('SELECT pg_is_in_recovery() AS r'))[0]?.r === false,
+        { what: 'the standby to be promoted', timeoutMs: 30_000 },
+      );
+      // Committed on the new primary before Philotes has a slot there: lost, and said so.
+      const [lostFrom] = await standby.query<{ lsn: string }>(
+        'SELECT pg_current_wal_lsn()::text AS lsn',
+      );
+      await insert(standby, 501, 505, 'before the new slot');
+      const [lostTo] = await standby.query<{ lsn: string }>(
+        'SELECT pg_current_wal_lsn()::text AS lsn',
+      );
 
-    const onStandby = env(name, standby);
-    const run = await failedRun(onStandby);
-    const state = stoppedWith(run, 'SOURCE_DIVERGED');
-    expect(run.stderr[0]).toContain('timeline 2');
-    expect(JSON.stringify(state)).toContain(cp!.lsn);
+      const onStandby = env(name, standby);
+      const run = await failedRun(onStandby);
+      const state = stoppedWith(run, 'SOURCE_DIVERGED');
+      expect(run.stderr[0]).toContain('timeline 2');
+      expect(JSON.stringify(state)).toContain(cp!.lsn);
 
-    const done = await reset(onStandby, name);
-    expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
-    const recorded = await gaps(name);
-    expect(recorded.map((g) => g.reason)).toEqual(['retracted', 'source_diverged']);
-    const [retraction, lost] = recorded as [Gap, Gap];
-    // The fork lies where the copy ended: before every row 21..60 and after rows 1..20.
-    expect(retraction.to_lsn).toBe(cp!.lsn);
-    expect(lost.from_lsn).toBe(retraction.from_lsn);
-    expect(parseLsn(lost.from_lsn)).toBeLessThanOrEqual(parseLsn(lostFrom!.lsn));
-    expect(parseLsn(lost.to_lsn)).toBeGreaterThanOrEqual(parseLsn(lostTo!.lsn));
-    const [slot] = await standby.query<{ lsn: string }>(
-      'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
-      [SLOT],
-    );
-    expect(lost.to_lsn).toBe(slot!.lsn);
-    const [moved] = await b<{ n: string }>(
-      name,
-      `SELECT count(*) AS n FROM cdc_retracted_events WHERE operation = 'INSERT'`,
-    );
-    expect(Number(moved!.n)).toBe(40);
+      const done = await reset(onStandby, name);
+      expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+      const recorded = await gaps(name);
+      expect(recorded.map((g) => g.reason)).toEqual(['retracted', 'source_diverged']);
+      const [retraction, lost] = recorded as [Gap, Gap];
+      // The fork lies where the copy ended: before every row 21..60 and after rows 1..20.
+      expect(retraction.to_lsn).toBe(cp!.lsn);
+      expect(lost.from_lsn).toBe(retraction.from_lsn);
+      expect(parseLsn(lost.from_lsn)).toBeLessThanOrEqual(parseLsn(lostFrom!.lsn));
+      expect(parseLsn(lost.to_lsn)).toBeGreaterThanOrEqual(parseLsn(lostTo!.lsn));
+      const [slot] = await standby.query<{ lsn: string }>(
+        'SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = $1',
+        [SLOT],
+      );
+      expect(lost.to_lsn).toBe(slot!.lsn);
+      const [moved] = await b<{ n: string }>(
+        name,
+        `SELECT count(*) AS n FROM cdc_retracted_events WHERE operation = 'INSERT'`,
+      );
+      expect(Number(moved!.n)).toBe(40);
 
-    p = startPhilotes(onStandby);
-    await waitForSlotActive(standby, SLOT);
-    await insert(standby, 601, 605, 'after the reset');
-    await waitFor(async () => (await replay(name, name)).has(605), {
-      what: 'the rows written after the reset',
-      timeoutMs: 60_000,
-    });
-    await stop(p);
-    // What the buffer holds is the new primary's rows, but for the lost ones the gap names.
-    const expected = await sourceRows(standby);
-    for (let id = 501; id <= 505; id++) expected.delete(id);
-    expect(await replay(name, name)).toEqual(expected);
-  });
+      p = startPhilotes(onStandby);
+      await waitForSlotActive(standby, SLOT);
+      await insert(standby, 601, 605, 'after the reset');
+      await waitFor(async () => (await replay(name, name)).has(605), {
+        what: 'the rows written after the reset',
+        timeoutMs: 60_000,
+      });
+      await stop(p);
+      // What the buffer holds is the new primary's rows, but for the lost ones the gap names.
+      const expected = await sourceRows(standby);
+      for (let id = 501; id <= 505; id++) expected.delete(id);
+      expect(await replay(name, name)).toEqual(expected);
+    },
+    HEAVY_MS,
+  );
 
-  it('the first run records its start before streaming: a slot consumed before the first checkpoint stops the next start', async () => {
-    const name = 'first_run';
-    await buffer.createDatabase(name);
-    const source = await newSource();
-    // No idle confirmation, no batch: the start's record is all the buffer has.
-    const e = env(name, source, { PHILOTES_CDC_CHECKPOINT_INTERVAL: '1h' });
-    const p = startPhilotes(e);
-    await waitForSlotActive(source, SLOT);
-    await p.kill9();
-    const [start] = await b<{ lsn: string; source_system_id: string | null }>(
-      name,
-      'SELECT lsn, source_system_id FROM cdc_checkpoints',
-    );
-    expect(start?.source_system_id).toMatch(/^\d+$/);
+  it(
+    'the first run records its start before streaming: a slot consumed before the first checkpoint stops the next start',
+    async () => {
+      const name = 'first_run';
+      await buffer.createDatabase(name);
+      const source = await newSource();
+      // No idle confirmation, no batch: the start's record is all the buffer has.
+      const e = env(name, source, { PHILOTES_CDC_CHECKPOINT_INTERVAL: '1h' });
+      const p = startPhilotes(e);
+      await waitForSlotActive(source, SLOT);
+      await p.kill9();
+      const [start] = await b<{ lsn: string; source_system_id: string | null }>(
+        name,
+        'SELECT lsn, source_system_id FROM cdc_checkpoints',
+      );
+      expect(start?.source_system_id).toMatch(/^\d+$/);
 
-    // Someone else consumes the slot meanwhile.
-    await waitFor(
-      async () =>
-        (
-          await source.query<{ active: boolean }>(
-            'SELECT active FROM pg_replication_slots WHERE slot_name = $1',
-            [SLOT],
-          )
-        )[0]?.active === false,
-      { what: 'the killed run to let go of the slot', timeoutMs: 30_000 },
-    );
-    await insert(source, 1, 5);
-    await source.query(
-      `SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())`,
-      [SLOT],
-      'app',
-    );
-    const run = await failedRun(e);
-    stoppedWith(run, 'SLOT_ADVANCED');
-    expect(await replay(name, name)).toEqual(new Map());
-  });
+      // Someone else consumes the slot meanwhile.
+      await waitFor(
+        async () =>
+          (
+            await source.query<{ active: boolean }>(
+              'SELECT active FROM pg_replication_slots WHERE slot_name = $1',
+              [SLOT],
+            )
+          )[0]?.active === false,
+        { what: 'the killed run to let go of the slot', timeoutMs: 30_000 },
+      );
+      await insert(source, 1, 5);
+      await source.query(
+        `SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())`,
+        [SLOT],
+        'app',
+      );
+      const run = await failedRun(e);
+      stoppedWith(run, 'SLOT_ADVANCED');
+      expect(await replay(name, name)).toEqual(new Map());
+    },
+    HEAVY_MS,
+  );
 });

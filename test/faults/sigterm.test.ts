@@ -135,6 +135,8 @@ describe('SIGTERM', () => {
 
     // The writes after the stop are the next run's to capture.
     const next = start(f);
+    // Streaming before it is stopped: a signal during its start-up is not what this is about.
+    await waitForSlotActive(f.source);
     await waitForCatchUp(f);
     const rows = checkItemHistories(await readEvents(f.buffer));
     await assertReplayMatchesSource(f.source, rows);
@@ -192,6 +194,8 @@ describe('SIGTERM', () => {
     // The next run removes the cut part and stores the large transaction once. Counted in SQL:
     // its rows are too many to replay one by one here.
     const next = start(f);
+    // Streaming before it is stopped: a signal during its start-up is not what this is about.
+    await waitForSlotActive(f.source);
     await waitForCatchUp(f);
     const [stored] = await f.buffer.query<{ events: number; ids: number; other: number }>(
       `SELECT count(*) FILTER (WHERE operation = 'INSERT')::int AS events,
