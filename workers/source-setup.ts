@@ -137,6 +137,11 @@ export async function prepareSource(
     );
   }
 
+  // The server first: on another history (or another server), nothing else it says about the
+  // publication or the slot means what it would on ours.
+  const server = await readServerHistory(client, options, record?.identity?.timeline ?? null);
+  if (record !== null) checkHistory(source, log, record, server);
+
   let publicationCreated = false;
   if (await publicationExists(client, source.publication)) {
     log.info({ publication: source.publication }, 'publication exists');
@@ -151,7 +156,6 @@ export async function prepareSource(
   }
   await warnAboutIdentity(client, source.publication, log);
 
-  const server = await readServerHistory(client, options, record?.identity?.timeline ?? null);
   if (record !== null)
     return {
       serverVersion,
@@ -248,6 +252,35 @@ function ddlGapSince(
   return { fromLsn: record.checkpointLsn, toLsn };
 }
 
+function storedOf(record: BufferRecord): StoredHistory {
+  return {
+    identity: record.identity,
+    checkpointLsn: record.checkpointLsn,
+    confirmedLsn:
+      record.confirmedLsn !== null && record.confirmedLsn > record.checkpointLsn
+        ? record.confirmedLsn
+        : record.checkpointLsn,
+    checkpointXid: record.checkpointXid,
+  };
+}
+
+/** Stops a source whose server is not the history the buffer holds (see source-history.ts). */
+function checkHistory(
+  source: SourceConfig,
+  log: Logger,
+  record: BufferRecord,
+  server: ServerHistory,
+): void {
+  const stored = storedOf(record);
+  const divergence = findDivergence(stored, server);
+  if (divergence !== null) throw divergenceError(source, divergence, stored, server);
+  if (record.identity === null)
+    log.info(
+      { identity: server.identity },
+      "the buffer has no record of this source's server identity yet: recording it now",
+    );
+}
+
 /** What the buffer holds for a source: its checkpoint, confirmations and history. */
 export interface BufferRecord {
   readonly checkpointLsn: bigint;
@@ -268,22 +301,7 @@ async function checkSlot(
   record: BufferRecord,
   server: ServerHistory,
 ): Promise<{ slotCreated: false; startLsn: bigint; recordedLsn: bigint; mustRecord: boolean }> {
-  const stored: StoredHistory = {
-    identity: record.identity,
-    checkpointLsn: record.checkpointLsn,
-    confirmedLsn:
-      record.confirmedLsn !== null && record.confirmedLsn > record.checkpointLsn
-        ? record.confirmedLsn
-        : record.checkpointLsn,
-    checkpointXid: record.checkpointXid,
-  };
-  const divergence = findDivergence(stored, server);
-  if (divergence !== null) throw divergenceError(source, divergence, stored, server);
-  if (record.identity === null)
-    log.info(
-      { identity: server.identity },
-      "the buffer has no record of this source's server identity yet: recording it now",
-    );
+  const stored = storedOf(record);
   const slot = await readSlotState(client, source.slot);
   if (slot !== null) checkSlotKind(source, slot);
   let confirmedLsn = record.confirmedLsn === null ? null : confirmedOnHistory(stored, server);

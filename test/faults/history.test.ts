@@ -375,6 +375,57 @@ describe('a source with another history', () => {
   );
 
   it(
+    'a dump restored into a new cluster: stops as SOURCE_REPLACED, then reset --snapshot rebuilds from the new server',
+    async () => {
+      const name = 'replaced';
+      await buffer.createDatabase(name);
+      const old = await newSource();
+      let p = startPhilotes(env(name, old));
+      await waitForSlotActive(old, SLOT);
+      await insert(old, 1, 30);
+      await waitForStored(name, name, 30);
+      await stop(p);
+      // The "restore": the same rows in a new cluster, one more written there, before Philotes.
+      const fresh = await newSource();
+      await fresh.query(`INSERT INTO t SELECT g, 'x' FROM generate_series(1, 30) g`, [], 'app');
+      await insert(fresh, 31, 31, 'on the new cluster');
+      const e = env(name, fresh);
+
+      const run = await failedRun(e);
+      const state = stoppedWith(run, 'SOURCE_REPLACED');
+      expect((state['lastErrorDetails'] as Record<string, unknown>)['why']).toBe(
+        'system_identifier',
+      );
+
+      const done = await runPhilotesToExit(e, 60_000, {
+        args: ['reset-source', '--source', name, '--accept-gap', '--snapshot'],
+      });
+      expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
+      expect((await gaps(name)).map((g) => g.reason)).toContain('source_replaced');
+      p = startPhilotes(e);
+      await waitFor(
+        async () =>
+          (
+            await b<{ state: string }>(
+              name,
+              `SELECT state FROM cdc_snapshots WHERE source_id = $1 ORDER BY id DESC LIMIT 1`,
+              [name],
+            )
+          )[0]?.state === 'done',
+        { what: 'the snapshot of the new server', timeoutMs: 60_000 },
+      );
+      await insert(fresh, 32, 32, 'after the reset');
+      await waitFor(async () => (await replay(name, name)).has(32), {
+        what: 'the row written after the reset',
+        timeoutMs: 60_000,
+      });
+      await stop(p);
+      expect(await replay(name, name)).toEqual(await sourceRows(fresh));
+    },
+    HEAVY_MS,
+  );
+
+  it(
     'the first run records its start before streaming: a slot consumed before the first checkpoint stops the next start',
     async () => {
       const name = 'first_run';
