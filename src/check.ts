@@ -26,12 +26,7 @@ import {
   tablesWithoutIdentity,
   type SlotState,
 } from './common/source-admin.js';
-import {
-  compareHistory,
-  divergenceSummary,
-  identityOfRow,
-  storedHistory,
-} from './common/source-history.js';
+import { compareHistory, divergenceSummary, storedHistoryOfRow } from './common/source-history.js';
 import { SCHEMA_VERSION } from './buffer/migrations.js';
 
 export type Verdict = 'ok' | 'warning' | 'blocker';
@@ -312,13 +307,7 @@ async function checkHistory(
   record: BufferRecord,
   add: (f: Omit<Finding, 'target'>) => void,
 ): Promise<void> {
-  const stored = storedHistory({
-    lsn: record.lsn,
-    confirmedLsn: record.confirmed_lsn,
-    transactionId:
-      typeof record.row['transaction_id'] === 'number' ? record.row['transaction_id'] : null,
-    identity: identityOfRow(record.row),
-  });
+  const stored = storedHistoryOfRow(record.row);
   const identity = stored.identity;
   const { server, error } = await compareHistory(client, source, 'philotes:check', stored);
   if (error !== null) {

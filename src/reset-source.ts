@@ -15,6 +15,7 @@ import {
   confirmedOnHistory,
   findDivergence,
   readServerHistory,
+  storedHistory,
   type Divergence,
   type ServerHistory,
   type StoredHistory,
@@ -153,20 +154,15 @@ export async function resetWith(
   const now = server.walLsn;
 
   const checkpointLsn = checkpoint === null ? null : parseLsn(checkpoint.lsn);
-  const recordedConfirmed =
-    checkpoint?.confirmedLsn == null ? checkpointLsn : parseLsn(checkpoint.confirmedLsn);
   const stored: StoredHistory | null =
     checkpoint === null || checkpointLsn === null
       ? null
-      : {
-          identity: checkpoint.identity,
+      : storedHistory({
           checkpointLsn,
-          confirmedLsn:
-            recordedConfirmed !== null && recordedConfirmed > checkpointLsn
-              ? recordedConfirmed
-              : checkpointLsn,
+          confirmedLsn: checkpoint.confirmedLsn === null ? null : parseLsn(checkpoint.confirmedLsn),
           checkpointXid: checkpoint.transactionId,
-        };
+          identity: checkpoint.identity,
+        });
   const divergence = stored === null ? null : findDivergence(stored, server);
   if (stored !== null && divergence !== null)
     return resetDiverged(store, client, source, opts, log, out, {

@@ -9,12 +9,7 @@ import type { Config, SourceConfig } from './common/config.js';
 import { describeConnectionError, type FatalSourceError } from './common/errors.js';
 import { formatLsn, parseLsn } from './common/lsn.js';
 import { pgClientOptions } from './common/pg-connection.js';
-import {
-  compareHistory,
-  divergenceSummary,
-  identityOfRow,
-  storedHistory,
-} from './common/source-history.js';
+import { compareHistory, divergenceSummary, storedHistoryOfRow } from './common/source-history.js';
 import {
   currentWalLsn,
   resetCommand,
@@ -201,15 +196,7 @@ async function sourceStatus(
     let history: FatalSourceError | null = null;
     let historyProblem: string | null = null;
     if (checkpoint !== null) {
-      const stored = storedHistory({
-        lsn: checkpoint.lsn,
-        confirmedLsn: checkpoint.confirmed_lsn,
-        transactionId:
-          typeof checkpoint.row['transaction_id'] === 'number'
-            ? checkpoint.row['transaction_id']
-            : null,
-        identity: identityOfRow(checkpoint.row),
-      });
+      const stored = storedHistoryOfRow(checkpoint.row);
       try {
         history = (await compareHistory(client, source, 'philotes:status', stored)).error;
       } catch (error) {

@@ -206,7 +206,10 @@ export class SlotReader implements PgoutputHandler {
       );
       // The start, and the server's identity, are in the buffer before the slot streams to us:
       // every later start can then tell a slot moved by someone else, or another history.
-      await this.recordStart(prepared.recordedLsn, prepared.identity, prepared.ddlGap);
+      await this.recordWith(prepared.recordedLsn, {
+        identity: prepared.identity,
+        ddlGap: prepared.ddlGap,
+      });
       if (this.failed !== null) throw this.failed;
       const start = formatLsn(prepared.startLsn);
       this.stream = new ReplicationStream(
@@ -831,21 +834,24 @@ export class SlotReader implements PgoutputHandler {
     }
   }
 
-  /** Records the start position (and the server's identity) and waits until the buffer has it. */
-  private async recordStart(
+  /**
+   * Asks the buffer to record `lsn` with what goes with it (the start's identity, DDL that may
+   * have gone uncaptured) and waits until it has; sent even when `lsn` is recorded already.
+   */
+  private async recordWith(
     lsn: bigint,
-    identity: SourceIdentity,
-    ddlGap: DdlGap | null,
+    extra: { identity?: SourceIdentity; ddlGap?: DdlGap | null },
   ): Promise<void> {
     const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
     this.confirmations.askRecord(lsn);
+    const gap = extra.ddlGap;
     this.post({
       type: 'record',
       lsn: formatLsn(lsn),
-      identity,
-      ...(ddlGap === null
+      ...(extra.identity === undefined ? {} : { identity: extra.identity }),
+      ...(gap == null
         ? {}
-        : { ddlGap: { fromLsn: formatLsn(ddlGap.fromLsn), toLsn: formatLsn(ddlGap.toLsn) } }),
+        : { ddlGap: { fromLsn: formatLsn(gap.fromLsn), toLsn: formatLsn(gap.toLsn) } }),
     });
     await recorded;
   }
@@ -937,15 +943,9 @@ export class SlotReader implements PgoutputHandler {
     // To the WAL now: past anything this run can still store, so the start that puts the
     // trigger back (its gap begins at the checkpoint) leaves no hole in between.
     const to = await currentWalLsn(side).catch(() => before);
-    const recorded = new Promise<void>((resolve) =>
-      this.recordWaiters.push({ lsn: this.confirmations.recordedUpTo, resolve }),
-    );
-    this.post({
-      type: 'record',
-      lsn: formatLsn(this.confirmations.recordedUpTo),
-      ddlGap: { fromLsn: formatLsn(from), toLsn: formatLsn(to) },
+    await this.recordWith(this.confirmations.recordedUpTo, {
+      ddlGap: { fromLsn: from, toLsn: to },
     });
-    await recorded;
     this.fail(
       new FatalSourceError(
         `the DDL capture trigger on ${where(this.task.source)} was removed or disabled while Philotes ran: DDL made since ${formatLsn(from)} may be missing from the buffer (recorded in cdc_gaps, reason ddl_not_captured). A start with a superuser role (or philotes-worker ddl-trigger --source ${this.task.source.id}) puts it back`,

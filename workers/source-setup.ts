@@ -35,6 +35,7 @@ import {
   divergenceError,
   findDivergence,
   readServerHistory,
+  storedHistory,
   type ServerHistory,
   type SourceIdentity,
   type StoredHistory,
@@ -140,7 +141,7 @@ export async function prepareSource(
   // The server first: on another history (or another server), nothing else it says about the
   // publication or the slot means what it would on ours.
   const server = await readServerHistory(client, options, record?.identity?.timeline ?? null);
-  if (record !== null) checkHistory(source, log, record, server);
+  const stored = record === null ? null : checkHistory(source, log, record, server);
 
   let publicationCreated = false;
   if (await publicationExists(client, source.publication)) {
@@ -156,7 +157,7 @@ export async function prepareSource(
   }
   await warnAboutIdentity(client, source.publication, log);
 
-  if (record !== null)
+  if (record !== null && stored !== null)
     return {
       serverVersion,
       identity: server.identity,
@@ -164,7 +165,7 @@ export async function prepareSource(
       ddlGap,
       protocol,
       publicationCreated,
-      ...(await checkSlot(client, source, log, record, server)),
+      ...(await checkSlot(client, source, log, record, stored, server)),
     };
   return {
     serverVersion,
@@ -252,26 +253,14 @@ function ddlGapSince(
   return { fromLsn: record.checkpointLsn, toLsn };
 }
 
-function storedOf(record: BufferRecord): StoredHistory {
-  return {
-    identity: record.identity,
-    checkpointLsn: record.checkpointLsn,
-    confirmedLsn:
-      record.confirmedLsn !== null && record.confirmedLsn > record.checkpointLsn
-        ? record.confirmedLsn
-        : record.checkpointLsn,
-    checkpointXid: record.checkpointXid,
-  };
-}
-
 /** Stops a source whose server is not the history the buffer holds (see source-history.ts). */
 function checkHistory(
   source: SourceConfig,
   log: Logger,
   record: BufferRecord,
   server: ServerHistory,
-): void {
-  const stored = storedOf(record);
+): StoredHistory {
+  const stored = storedHistory(record);
   const divergence = findDivergence(stored, server);
   if (divergence !== null) throw divergenceError(source, divergence, stored, server);
   if (record.identity === null)
@@ -279,6 +268,7 @@ function checkHistory(
       { identity: server.identity },
       "the buffer has no record of this source's server identity yet: recording it now",
     );
+  return stored;
 }
 
 /** What the buffer holds for a source: its checkpoint, confirmations and history. */
@@ -299,9 +289,9 @@ async function checkSlot(
   source: SourceConfig,
   log: Logger,
   record: BufferRecord,
+  stored: StoredHistory,
   server: ServerHistory,
 ): Promise<{ slotCreated: false; startLsn: bigint; recordedLsn: bigint; mustRecord: boolean }> {
-  const stored = storedOf(record);
   const slot = await readSlotState(client, source.slot);
   if (slot !== null) checkSlotKind(source, slot);
   let confirmedLsn = record.confirmedLsn === null ? null : confirmedOnHistory(stored, server);

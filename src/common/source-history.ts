@@ -279,21 +279,36 @@ export function identityOfRow(row: Record<string, unknown>): SourceIdentity | nu
     : { systemId, timeline: Number(timeline), databaseOid: Number(databaseOid) };
 }
 
-/** What the buffer holds, from a checkpoint row's fields. */
-export function storedHistory(checkpoint: {
-  lsn: string;
-  confirmedLsn: string | null;
-  transactionId: number | null;
-  identity: SourceIdentity | null;
+/**
+ * What the buffer holds, from its checkpoint: the confirmed position never behind the checkpoint
+ * (null confirmations: written by a version that did not record them).
+ */
+export function storedHistory(record: {
+  readonly checkpointLsn: bigint;
+  readonly confirmedLsn: bigint | null;
+  readonly checkpointXid: number | null;
+  readonly identity: SourceIdentity | null;
 }): StoredHistory {
-  const checkpointLsn = parseLsn(checkpoint.lsn);
-  const confirmed = checkpoint.confirmedLsn === null ? null : parseLsn(checkpoint.confirmedLsn);
+  const { checkpointLsn, confirmedLsn } = record;
   return {
-    identity: checkpoint.identity,
+    identity: record.identity,
     checkpointLsn,
-    confirmedLsn: confirmed !== null && confirmed > checkpointLsn ? confirmed : checkpointLsn,
-    checkpointXid: checkpoint.transactionId,
+    confirmedLsn:
+      confirmedLsn !== null && confirmedLsn > checkpointLsn ? confirmedLsn : checkpointLsn,
+    checkpointXid: record.checkpointXid,
   };
+}
+
+/** The same from a cdc_checkpoints row read whole (to_jsonb), as `check` and `status` read it. */
+export function storedHistoryOfRow(row: Record<string, unknown>): StoredHistory {
+  const confirmed = row['confirmed_lsn'];
+  const xid = row['transaction_id'];
+  return storedHistory({
+    checkpointLsn: parseLsn(String(row['lsn'])),
+    confirmedLsn: typeof confirmed === 'string' ? parseLsn(confirmed) : null,
+    checkpointXid: typeof xid === 'number' ? xid : null,
+    identity: identityOfRow(row),
+  });
 }
 
 /** Reads the server and compares it with what the buffer holds (for `check` and `status`). */

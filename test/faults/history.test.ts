@@ -139,6 +139,35 @@ describe('a source with another history', () => {
     });
   }
 
+  /**
+   * Captures rows 1..`copied`, copies the stopped server's data directory (a disk snapshot, slot
+   * included), then captures rows up to `captured` as a transaction each. Returns the copy and
+   * the checkpoint the buffer then holds.
+   */
+  async function captureAroundDiskCopy(
+    name: string,
+    source: Cluster,
+    e: Record<string, string>,
+    copied: number,
+    captured: number,
+  ): Promise<{ disk: string; before: { lsn: string } }> {
+    let p = startPhilotes(e);
+    await waitForSlotActive(source, SLOT);
+    await insert(source, 1, copied);
+    await waitForStored(name, name, copied);
+    await stop(p);
+    await source.stop();
+    const disk = await source.copyData();
+    await source.start();
+    p = startPhilotes(e);
+    await waitForSlotActive(source, SLOT);
+    await insert(source, copied + 1, captured);
+    await waitForStored(name, name, captured);
+    await stop(p);
+    const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+    return { disk, before: before! };
+  }
+
   interface Gap {
     id: string;
     from_lsn: string;
@@ -155,23 +184,7 @@ describe('a source with another history', () => {
       await buffer.createDatabase(name);
       const source = await newSource();
       const e = env(name, source);
-      let p = startPhilotes(e);
-      await waitForSlotActive(source, SLOT);
-      await insert(source, 1, 20);
-      await waitForStored(name, name, 20);
-      await stop(p);
-
-      // The disk snapshot: taken with the server stopped, slot included.
-      await source.stop();
-      const disk = await source.copyData();
-      await source.start();
-
-      p = startPhilotes(e);
-      await waitForSlotActive(source, SLOT);
-      await insert(source, 21, 220);
-      await waitForStored(name, name, 220);
-      await stop(p);
-      const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+      const { disk, before } = await captureAroundDiskCopy(name, source, e, 20, 220);
 
       // Restored: 200 transactions are gone; the application writes 20 more (less WAL).
       await source.stop();
@@ -220,7 +233,7 @@ describe('a source with another history', () => {
       );
       expect(Number(retracted!.n)).toBeGreaterThanOrEqual(200);
 
-      p = startPhilotes(e);
+      const p = startPhilotes(e);
       await waitForSlotActive(source, SLOT);
       await insert(source, 1021, 1025, 'after the reset');
       await waitFor(async () => (await replay(name, name)).has(1025), {
@@ -241,20 +254,8 @@ describe('a source with another history', () => {
       const source = await newSource();
       await source.query(`CREATE TABLE pad (id int PRIMARY KEY, p text)`, [], 'app');
       const e = env(name, source);
-      let p = startPhilotes(e);
-      await waitForSlotActive(source, SLOT);
-      await insert(source, 1, 10);
-      await waitForStored(name, name, 10);
-      await stop(p);
-      await source.stop();
-      const disk = await source.copyData();
-      await source.start();
-      p = startPhilotes(e);
-      await waitForSlotActive(source, SLOT);
-      await insert(source, 11, 210); // 200 transactions: 200 xids
-      await waitForStored(name, name, 210);
-      await stop(p);
-      const [before] = await b<{ lsn: string }>(name, 'SELECT lsn FROM cdc_checkpoints');
+      // 200 transactions (200 xids) after the copy.
+      const { disk, before } = await captureAroundDiskCopy(name, source, e, 10, 210);
 
       await source.stop();
       await source.restoreData(disk);
@@ -275,7 +276,7 @@ describe('a source with another history', () => {
       const done = await reset(e, name);
       expect(done.code, done.stdout.join('\n') + done.stderr.join('\n')).toBe(0);
       expect((await gaps(name)).map((g) => g.reason)).toEqual(['retracted']);
-      p = startPhilotes(e);
+      const p = startPhilotes(e);
       await waitForSlotActive(source, SLOT);
       await insert(source, 2001, 2002, 'after the reset');
       await waitFor(async () => (await replay(name, name)).has(2002), {
