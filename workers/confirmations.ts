@@ -5,10 +5,16 @@
  * stored checkpoint is confirmed before the buffer records it (so that a slot found further on
  * at the next start was moved by someone else).
  *
- * The reader tells it what happened (batches sent and stored, commits read, keepalives, records)
+ * The reader tells it what happened (batches sent and stored, keepalives, records; the commits
+ * read it learns from the batch builder, their one owner)
  * and asks it what to do (`next`): which position to confirm, and which to ask the buffer to
  * record first.
  */
+/** Where the last commit read ends (a Number: it moves with every transaction). */
+export interface CommitPosition {
+  readonly lastCommitEnd: number;
+}
+
 export class Confirmations {
   /** Everything up to here is committed in the buffer. */
   private durableLsn: bigint;
@@ -22,16 +28,19 @@ export class Confirmations {
   private idleWalEnd = 0n;
   /** The WAL end the last keepalive reported. */
   private keepaliveWalEnd = 0n;
-  /** The end of the last commit read (a Number: it moves with every transaction). */
-  private lastCommitEnd = 0;
   private batchSeq = 0;
   private durableSeq = 0;
 
   /**
    * @param startLsn where streaming starts: durable and confirmed by definition
    * @param recordedLsn how far the buffer already allows confirming
+   * @param commits where the last commit read ends: the batch builder owns that position
    */
-  constructor(startLsn: bigint, recordedLsn: bigint) {
+  constructor(
+    startLsn: bigint,
+    recordedLsn: bigint,
+    private readonly commits: CommitPosition = { lastCommitEnd: 0 },
+  ) {
     this.durableLsn = startLsn;
     this.confirmedLsn = startLsn;
     this.recordedLsn = recordedLsn;
@@ -53,11 +62,6 @@ export class Confirmations {
   /** The buffer now records `lsn` as confirmable. */
   recorded(lsn: bigint): void {
     if (lsn > this.recordedLsn) this.recordedLsn = lsn;
-  }
-
-  /** A commit was read (its end LSN): the server's WAL reaches at least this far. */
-  commitRead(endLsn: number): void {
-    if (endLsn > this.lastCommitEnd) this.lastCommitEnd = endLsn;
   }
 
   /**
@@ -90,7 +94,7 @@ export class Confirmations {
 
   /** How far the server's WAL is known to reach: its last keepalive, or a later commit. */
   get serverWalEnd(): bigint {
-    const commitEnd = BigInt(this.lastCommitEnd);
+    const commitEnd = BigInt(this.commits.lastCommitEnd);
     return commitEnd > this.keepaliveWalEnd ? commitEnd : this.keepaliveWalEnd;
   }
 

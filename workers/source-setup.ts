@@ -4,6 +4,7 @@
  * primary keys).
  */
 import type pg from 'pg';
+import { supports } from '../src/common/server-features.js';
 import type { SourceConfig } from '../src/common/config.js';
 import {
   DDL_TRIGGER_VERSION,
@@ -15,17 +16,14 @@ import { FatalSourceError } from '../src/common/errors.js';
 import type { Logger } from '../src/common/logger.js';
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import {
-  checkSlotKind,
   createPublication,
   createSlot,
   currentWalLsn,
-  findGap,
-  gapError,
-  isInvalidated,
   pgoutputProtocol,
   publicationExists,
   publicationMissingError,
   readSlotState,
+  slotVerdict,
   tablesWithoutIdentity,
   where,
   type SlotState,
@@ -99,13 +97,13 @@ export async function prepareSource(
     );
   }
   const serverVersion = Number(row.version);
-  if (serverVersion < 100000) {
+  if (!supports(serverVersion, 'pgoutput')) {
     throw new FatalSourceError(
       `PostgreSQL ${serverVersion} on ${where(source)} has no pgoutput; version 10 or later is needed`,
       'SERVER_TOO_OLD',
     );
   }
-  if (source.messages.length > 0 && serverVersion < 140000) {
+  if (source.messages.length > 0 && !supports(serverVersion, 'logicalMessages')) {
     throw new FatalSourceError(
       `PostgreSQL ${serverVersion} on ${where(source)} cannot send logical messages to pgoutput (version 14 or later); remove messages from this source's configuration`,
       'SERVER_TOO_OLD',
@@ -190,7 +188,7 @@ async function prepareDdlCapture(
   log: Logger,
   record: BufferRecord | null,
 ): Promise<DdlGap | null> {
-  if (serverVersion < 140000) {
+  if (!supports(serverVersion, 'logicalMessages')) {
     throw new FatalSourceError(
       `PostgreSQL ${serverVersion} on ${where(source)} cannot send logical messages to pgoutput (version 14 or later), which DDL capture needs; set ddl: false for this source`,
       'SERVER_TOO_OLD',
@@ -293,7 +291,6 @@ async function checkSlot(
   server: ServerHistory,
 ): Promise<{ slotCreated: false; startLsn: bigint; recordedLsn: bigint; mustRecord: boolean }> {
   const slot = await readSlotState(client, source.slot);
-  if (slot !== null) checkSlotKind(source, slot);
   let confirmedLsn = record.confirmedLsn === null ? null : confirmedOnHistory(stored, server);
   const mustRecord = confirmedLsn === null;
   if (confirmedLsn === null) {
@@ -312,8 +309,8 @@ async function checkSlot(
     );
   }
   const durable = { checkpointLsn: record.checkpointLsn, confirmedLsn };
-  const gap = findGap(durable, slot, await currentWalLsn(client));
-  if (gap !== null) throw gapError(source, gap, slot, record.checkpointLsn);
+  const problem = slotVerdict(source, slot, await currentWalLsn(client), durable);
+  if (problem !== null) throw problem.error;
   warnAboutRetention(slot!, log);
   log.info(
     {
@@ -350,13 +347,8 @@ async function newCapture(
       'replication slot exists; the buffer has no checkpoint for this source yet, so capture starts where the slot is',
     );
   }
-  checkSlotKind(source, slot);
-  if (isInvalidated(slot)) {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot.invalidationReason ?? 'wal_status lost'}) and cannot be read; the buffer has no checkpoint for this source, so nothing stored is at stake: drop the slot (SELECT pg_drop_replication_slot('${source.slot}')) and start again`,
-      'SLOT_INVALIDATED',
-    );
-  }
+  const problem = slotVerdict(source, slot, 0n, null);
+  if (problem !== null) throw problem.error;
   warnAboutRetention(slot, log);
   let startLsn = slot.confirmedFlushLsn ?? 0n;
   if (publicationCreated && !slotCreated) {

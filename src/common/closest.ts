@@ -1,4 +1,5 @@
-/** Did-you-mean: the nearest known word to a misspelt one (a config key, a command). */
+/** Did-you-mean: the nearest known word to a misspelt one (a config key, a command, a source). */
+import type { Config } from './config.js';
 
 /** The known key nearest to a misspelt one (edit distance at most 2, or a case slip). */
 export function closest(key: string, known: readonly string[]): string | undefined {
@@ -26,4 +27,11 @@ function editDistance(a: string, b: string): number {
     }
   }
   return row[b.length]!;
+}
+
+/** What a command says for a --source that is not configured: the nearest id, and all of them. */
+export function unknownSource(config: Config, id: string): string {
+  const ids = config.sources.map((s) => s.id);
+  const near = closest(id, ids);
+  return `unknown source "${id}"${near ? ` (did you mean "${near}"?)` : ''}; configured: ${ids.join(', ')}`;
 }

@@ -10,6 +10,7 @@
  * durable record before streaming.
  */
 import type pg from 'pg';
+import { supports } from './server-features.js';
 import type { SlotDecodingStats } from './protocol.js';
 import type { SourceConfig } from './config.js';
 import { FatalSourceError, type FatalCode } from './errors.js';
@@ -97,7 +98,7 @@ export async function readSlotDecodingStats(
  * the server lacks it.
  */
 export function pgoutputProtocol(source: SourceConfig, serverVersion: number): 1 | 2 | null {
-  const streams = serverVersion >= 140000;
+  const streams = supports(serverVersion, 'streamingProtocol');
   if (source.protocol === 2 && !streams) return null;
   return source.protocol ?? (streams ? 2 : 1);
 }
@@ -158,20 +159,29 @@ export async function createSlot(client: pg.Client, source: SourceConfig): Promi
   }
 }
 
-/** Fails plainly if the slot is not one Philotes can read for this source. */
-export function checkSlotKind(source: SourceConfig, slot: SlotState): void {
+/** Why the slot is not one Philotes can read for this source, if it is not. */
+function wrongSlot(source: SourceConfig, slot: SlotState): SlotProblem | null {
   if (slot.slotType !== 'logical' || slot.plugin !== 'pgoutput') {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" on ${where(source)} is a ${slot.slotType} slot with plugin ${slot.plugin ?? 'none'}; Philotes needs a logical pgoutput slot (choose another PHILOTES_CDC_REPLICATION_SLOT)`,
-      'SLOT_WRONG_KIND',
-    );
+    const what = `replication slot "${source.slot}" on ${where(source)} is a ${slot.slotType} slot with plugin ${slot.plugin ?? 'none'}`;
+    return {
+      what,
+      error: new FatalSourceError(
+        `${what}; Philotes needs a logical pgoutput slot (choose another PHILOTES_CDC_REPLICATION_SLOT)`,
+        'SLOT_WRONG_KIND',
+      ),
+    };
   }
   if (slot.database !== source.connection.database) {
-    throw new FatalSourceError(
-      `replication slot "${source.slot}" belongs to database "${slot.database}", not "${source.connection.database}"`,
-      'SLOT_WRONG_DATABASE',
-    );
+    const what = `replication slot "${source.slot}" belongs to database "${slot.database}", not "${source.connection.database}"`;
+    return { what, error: new FatalSourceError(what, 'SLOT_WRONG_DATABASE') };
   }
+  return null;
+}
+
+/** Fails plainly if the slot is not one Philotes can read for this source. */
+export function checkSlotKind(source: SourceConfig, slot: SlotState): void {
+  const wrong = wrongSlot(source, slot);
+  if (wrong !== null) throw wrong.error;
 }
 
 // ---- continuity ----
@@ -272,6 +282,47 @@ export function gapError(
   );
 }
 
+/** A slot that cannot serve the source: the error a start throws, and what it says happened. */
+export interface SlotProblem {
+  readonly error: FatalSourceError;
+  /** What happened, without the way out (check prints the way out as its fix). */
+  readonly what: string;
+}
+
+/**
+ * The slot and continuity verdict, one pure function for everyone: the reader throws its error
+ * (at the start, and again once its stream holds the slot), `check` prints it. Null: the slot can
+ * serve the source — it delivers everything after what the buffer holds (`record`), or, for a
+ * source new to the buffer, it is usable or missing (then a start creates it).
+ */
+export function slotVerdict(
+  source: SourceConfig,
+  slot: SlotState | null,
+  currentWal: bigint,
+  record: DurableRecord | null,
+): SlotProblem | null {
+  if (slot !== null) {
+    const wrong = wrongSlot(source, slot);
+    if (wrong !== null) return wrong;
+  }
+  if (record === null) {
+    if (slot === null || !isInvalidated(slot)) return null;
+    const what = `replication slot "${source.slot}" on ${where(source)} has been invalidated (${slot.invalidationReason ?? 'wal_status lost'}) and cannot be read`;
+    return {
+      what,
+      error: new FatalSourceError(
+        `${what}; the buffer has no checkpoint for this source, so nothing stored is at stake: drop the slot (SELECT pg_drop_replication_slot('${source.slot}')) and start again`,
+        'SLOT_INVALIDATED',
+      ),
+    };
+  }
+  const gap = findGap(record, slot, currentWal);
+  if (gap === null) return null;
+  const error = gapError(source, gap, slot, record.checkpointLsn);
+  const what = error.message.slice(0, error.message.indexOf(' To record the gap'));
+  return { error, what };
+}
+
 // ---- publication ----
 
 /** Tables in a publication that have no usable replica identity. */
@@ -356,7 +407,9 @@ export async function createPublication(
       ?.v,
   );
   const options =
-    source.partitionRoot && version >= 130000 ? ' WITH (publish_via_partition_root = true)' : '';
+    source.partitionRoot && supports(version, 'publishViaPartitionRoot')
+      ? ' WITH (publish_via_partition_root = true)'
+      : '';
   try {
     await client.query(
       `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}${options}`,

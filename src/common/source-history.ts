@@ -16,6 +16,7 @@
  *   last one stored (a server that never assigned that xid has not lived that history).
  */
 import pg from 'pg';
+import { supports } from './server-features.js';
 import { FatalSourceError } from './errors.js';
 import { formatBytes, formatLsn, parseLsn } from './lsn.js';
 import { pgClientOptions } from './pg-connection.js';
@@ -160,7 +161,7 @@ export function xidAssigned(xid: number, nextXid: bigint): boolean {
 /** The server's next 64-bit xid (PostgreSQL 13+ has pg_snapshot; txid_ before). */
 export async function readNextXid(client: pg.Client, serverVersion: number): Promise<bigint> {
   const result = await client.query<{ xid: string }>(
-    `SELECT ${serverVersion >= 130000 ? 'pg_snapshot_xmax(pg_current_snapshot())' : 'txid_snapshot_xmax(txid_current_snapshot())'}::text AS xid`,
+    `SELECT ${supports(serverVersion, 'xid8Snapshots') ? 'pg_snapshot_xmax(pg_current_snapshot())' : 'txid_snapshot_xmax(txid_current_snapshot())'}::text AS xid`,
   );
   return BigInt(result.rows[0]!.xid);
 }

@@ -6,17 +6,16 @@
  * the buffer rebuilds the tables despite the gap. Loudly: an error line, and the metric.
  */
 import type { SourceConfig } from '../common/config.js';
+import { isFatalCode, policyOf } from '../common/error-policy.js';
 import type { Logger } from '../common/logger.js';
 import type { BufferStore } from '../buffer/store.js';
-import { resetWith, type ResetOutcome } from '../reset-source.js';
-import { connectSource } from '../source-connection.js';
+import { resetWith, type ResetOutcome } from './reset-source.js';
+import { connectSource } from '../common/source-connection.js';
 
 /** The reader's fatal codes that mean changes were lost, which a snapshot makes good. */
-const LOST_CHANGES = new Set(['SLOT_MISSING', 'SLOT_INVALIDATED', 'SLOT_ADVANCED', 'WAL_REMOVED']);
-
 export function isLostChanges(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
-  return typeof code === 'string' && LOST_CHANGES.has(code);
+  return isFatalCode(code) && policyOf(code).retry === 'recover_with_snapshot';
 }
 
 /**

@@ -4,15 +4,17 @@
  * metrics from what its runs report.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { supports } from '../common/server-features.js';
 import pRetry from 'p-retry';
 import type { ReaderThreads } from './reader-pool.js';
 import type { Config, SourceConfig } from '../common/config.js';
+import { fixFor, isFatalCode, policyOf } from '../common/error-policy.js';
 import { isFatal } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { lsnToNumber, parseLsn } from '../common/lsn.js';
 import { readerSettings, type ReadyMessage, type SlotStatusMessage } from '../common/protocol.js';
-import { oneLine } from '../exit.js';
-import type { Metrics } from '../metrics.js';
+import { oneLine } from '../common/exit.js';
+import type { Metrics } from '../http/metrics.js';
 import type { BufferStore } from '../buffer/store.js';
 import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
@@ -50,6 +52,9 @@ export interface SourceReport {
   readonly nextAttemptAt: string | null;
   readonly lastError: string | null;
   readonly lastErrorCode: string | null;
+  /** For a fatal code: what a person does, for this source, and where the docs explain it. */
+  readonly lastErrorFix: string | null;
+  readonly lastErrorDocs: string | null;
   readonly lastErrorAt: string | null;
   readonly lastErrorDetails: Readonly<Record<string, unknown>> | null;
   readonly checkpointLsn: string | null;
@@ -198,7 +203,7 @@ export class SourceRunner implements ReaderRunListener {
       'reader ready',
     );
     const snapshot = this.snapshot.report();
-    if (message.serverVersion < 140000 && snapshot?.state === 'running') {
+    if (!supports(message.serverVersion, 'logicalMessages') && snapshot?.state === 'running') {
       // The reader cannot copy (no logical messages before 14; it says so): the record ends
       // here rather than stay running for ever.
       this.snapshot.begin(null);
@@ -315,6 +320,8 @@ export class SourceRunner implements ReaderRunListener {
         this.state === 'backoff' || this.state === 'failed' ? iso(this.nextAttemptAt) : null,
       lastError: this.lastError,
       lastErrorCode: this.lastErrorCode,
+      lastErrorFix: fixFor(this.lastErrorCode, this.source),
+      lastErrorDocs: isFatalCode(this.lastErrorCode) ? policyOf(this.lastErrorCode).docs : null,
       lastErrorAt: iso(this.lastErrorAt),
       lastErrorDetails: this.lastErrorDetails,
       checkpointLsn: this.checkpointLsn,

@@ -6,7 +6,7 @@
  */
 import type { Config, SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
-import type { Metrics } from '../metrics.js';
+import type { Metrics } from '../http/metrics.js';
 import type { BufferStore } from '../buffer/store.js';
 import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';

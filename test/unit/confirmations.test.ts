@@ -7,9 +7,15 @@ import { Confirmations } from '../../workers/confirmations.js';
 
 const START = 1_000n;
 
-/** A reader at START whose buffer already allows confirming up to `recorded`. */
-function rule(recorded = START): Confirmations {
-  return new Confirmations(START, recorded);
+/**
+ * A reader at START whose buffer already allows confirming up to `recorded`; `commitRead` stands
+ * for the batch builder, which owns the position of the last commit read.
+ */
+function rule(recorded = START): Confirmations & { commitRead(endLsn: number): void } {
+  const commits = { lastCommitEnd: 0 };
+  return Object.assign(new Confirmations(START, recorded, commits), {
+    commitRead: (endLsn: number) => (commits.lastCommitEnd = endLsn),
+  });
 }
 
 describe('Confirmations', () => {

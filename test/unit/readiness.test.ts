@@ -8,7 +8,7 @@ import type { BufferStore } from '../../src/buffer/store.js';
 import type { ReaderThreads } from '../../src/supervisor/reader-pool.js';
 import { loadConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
-import { Metrics } from '../../src/metrics.js';
+import { Metrics } from '../../src/http/metrics.js';
 import { backoffDelay, SourceRunner } from '../../src/supervisor/source-runner.js';
 
 const GRACE_S = 60;

@@ -1,12 +1,17 @@
 /**
- * Turns decoded pgoutput changes into rows of cdc_events in binary COPY format, accumulated into
- * one batch at a time. Building the rows here, in the reader thread, means the supervisor never
- * parses or re-serializes an event: it streams the bytes it is handed into the buffer. Values go
- * from the message's bytes to the batch's bytes (see copy-buffer.ts); a row allocates nothing.
+ * The framing of cdc_events rows: transactions, batches, the staging of streamed (in-progress)
+ * transactions, schema versions and their DDL links, and snapshot rows, accumulated into one
+ * batch at a time. Each row itself is written by row-encoder.ts. Building the rows here, in the
+ * reader thread, means the supervisor never parses or re-serializes an event: it streams the
+ * bytes it is handed into the buffer. The builder is the one owner of the commit position
+ * (lastCommitEnd): the batch's checkpoint and the confirmations both read it here.
+ *
+ * Longer than most files here, on purpose: a streamed transaction's staging shares every piece
+ * of state with the framing of ordinary ones (the open block, seq, relations, schema versions,
+ * the batch's counts), and split apart the two would have to reach into each other.
  */
 import type {
   BatchPayload,
-  ColumnInfo,
   OperationCounts,
   SchemaChange,
   SchemaDdl,
@@ -14,49 +19,26 @@ import type {
   CopySegment,
   SnapshotProgress,
 } from '../../src/common/protocol.js';
-import { FatalSourceError } from '../../src/common/errors.js';
 import { formatLsn } from '../../src/common/lsn.js';
-import { resetCommand } from '../../src/common/source-admin.js';
-
-/** The largest seq cdc_events (an int column) can hold. */
-const MAX_SEQ = 2 ** 31 - 1;
-import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { CopyBuffer, type TakenCopy } from './copy-buffer.js';
 import { PG_EPOCH_OFFSET_US, TupleView } from './pgoutput.js';
-import { jsonNullElements, writeJson, type TypeInfo } from './values.js';
+import {
+  FIELD_COUNT,
+  fields,
+  MAX_SEQ,
+  MESSAGE_ENCODING,
+  OPERATIONS,
+  relationEncoding,
+  tableOnlyEncoding,
+  tooManyChangesError,
+  tupleBytes,
+  writeEventRow,
+  type RelationEncoding,
+  type ResolvedRelation,
+  type RowFrame,
+} from './row-encoder.js';
 
-export interface ResolvedColumn {
-  readonly name: string;
-  readonly type: TypeInfo;
-  readonly typeMod: number;
-  /** Part of the replica identity (what a 'K' old tuple carries). */
-  readonly key: boolean;
-}
-
-export interface ResolvedRelation {
-  readonly oid: number;
-  readonly schema: string;
-  readonly table: string;
-  readonly columns: readonly ResolvedColumn[];
-  readonly primaryKey: readonly string[];
-}
-
-interface RelationEncoding {
-  readonly relation: ResolvedRelation;
-  /** '"name":' for each column, UTF-8, computed once. */
-  readonly keys: readonly Uint8Array[];
-  /**
-   * The order to write columns in: jsonb's own key order (shorter names first, then bytewise).
-   * jsonb keeps no order of its own, and input already in its order spares the buffer a sort.
-   */
-  readonly order: Int32Array;
-  /** The schema_name and table_name fields. */
-  readonly location: Uint8Array;
-  /** The primary_key field. */
-  readonly primaryKey: Uint8Array;
-  /** A new shape, recorded with the first change that uses it (see relation()). */
-  pendingSchema: Omit<SchemaChange, 'lsn'> | null;
-}
+export type { ResolvedColumn, ResolvedRelation } from './row-encoder.js';
 
 /**
  * A DDL link of a streamed transaction: its LSN is that transaction's commit, known only at the
@@ -109,26 +91,6 @@ function noCounts(): OperationCounts {
   return { insert: 0, update: 0, delete: 0, truncate: 0, message: 0, ddl: 0, snapshot: 0 };
 }
 
-/** Column texts as a pgoutput TupleData ('t' values, 'n' for NULL), for TupleView. */
-function tupleBytes(values: ReadonlyArray<string | null>): Buffer {
-  const parts: Buffer[] = [];
-  const count = Buffer.alloc(2);
-  count.writeInt16BE(values.length);
-  parts.push(count);
-  for (const v of values) {
-    if (v === null) {
-      parts.push(Buffer.from('n'));
-      continue;
-    }
-    const text = Buffer.from(v, 'utf8');
-    const head = Buffer.alloc(5);
-    head[0] = 0x74; // 't'
-    head.writeInt32BE(text.length, 1);
-    parts.push(head, text);
-  }
-  return Buffer.concat(parts);
-}
-
 /** A snapshot chunk's rows (workers/snapshot/chunk-rows.ts), row i located in a TupleView. */
 export interface SnapshotRowSource {
   view(i: number, tuple: TupleView): TupleView;
@@ -144,45 +106,6 @@ export function pgTimeToMs(pgMicros: number): number {
   return Math.floor((pgMicros + PG_EPOCH_OFFSET_US_NUMBER) / 1000);
 }
 
-/** Prepared fields: a value's bytes once, copied into every row that needs them. */
-function fields(write: (out: CopyBuffer) => void): Uint8Array {
-  const out = new CopyBuffer(64);
-  write(out);
-  return out.buf.subarray(0, out.length);
-}
-
-const FIELD_COUNT = EVENT_COPY_COLUMNS.length;
-const NULL_FIELD = fields((out) => out.nullField());
-const NULL_JSON = Buffer.from('null');
-const JSONB_VERSION = 1;
-const OPERATIONS = {
-  INSERT: fields((out) => out.textField('INSERT')),
-  UPDATE: fields((out) => out.textField('UPDATE')),
-  DELETE: fields((out) => out.textField('DELETE')),
-  TRUNCATE: fields((out) => out.textField('TRUNCATE')),
-  MESSAGE: fields((out) => out.textField('MESSAGE')),
-  DDL: fields((out) => out.textField('DDL')),
-  SNAPSHOT: fields((out) => out.textField('SNAPSHOT')),
-} as const;
-
-/** An event that is no row: it names a table (or none, ''), with that table's key. */
-function tableOnlyEncoding(schema: string, table: string, primaryKey: string[]): RelationEncoding {
-  return {
-    relation: { oid: 0, schema, table, columns: [], primaryKey },
-    keys: [],
-    order: new Int32Array(0),
-    location: fields((out) => {
-      out.textField(schema);
-      out.textField(table);
-    }),
-    primaryKey: fields((out) => out.textArrayField(primaryKey)),
-    pendingSchema: null,
-  };
-}
-
-/** A logical message names no table: empty schema and table names, no key. */
-const MESSAGE_ENCODING = tableOnlyEncoding('', '', []);
-
 /** What the reader needs of a DDL message (src/common/ddl-capture.ts writes it). */
 interface DdlPayload {
   command_tag?: string;
@@ -195,24 +118,14 @@ interface DdlPayload {
 
 const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
 
-/** jsonb's key order: by length in bytes, then bytewise. */
-function jsonbKeyOrder(names: readonly string[]): Int32Array {
-  const bytes = names.map((n) => Buffer.from(n, 'utf8'));
-  const order = names.map((_, i) => i);
-  order.sort((a, b) => bytes[a]!.length - bytes[b]!.length || Buffer.compare(bytes[a]!, bytes[b]!));
-  return Int32Array.from(order);
-}
-
 export class BatchBuilder {
   private readonly relations = new Map<number, RelationEncoding>();
   private readonly sourceField: Uint8Array;
 
   // The open transaction, if any. Its fixed fields are prepared once, as bytes.
   private inTransaction = false;
-  private readonly txHead = new CopyBuffer(64); // field count, source_id, lsn
-  private readonly txMiddle = new CopyBuffer(64); // xid, committed_at
+  private readonly frame: RowFrame;
   private txSeq = 0;
-  private txFinalLsn = 0;
   private currentXid = 0;
 
   // The batch being filled: the rows, written as they come; cdc_events rows in `events`, the
@@ -234,7 +147,10 @@ export class BatchBuilder {
   /** The streamed transaction whose block is open, and the (sub)transaction of its change. */
   private stream: StreamedTransaction | null = null;
   private streamSubXid = 0;
-  private checkpointLsn = -1;
+  /** The end of the last commit read: the one owner of the commit position (see lastCommitEnd). */
+  private commitEnd = 0;
+  /** A commit was read since the last batch was taken: the batch moves the checkpoint to it. */
+  private committed = false;
   /** The pending checkpoint completes a transaction with events in an earlier batch. */
   private commitMustBeStored = false;
   private checkpointXid = 0;
@@ -250,6 +166,12 @@ export class BatchBuilder {
     batchMaxBytes = 4 * 1024 * 1024,
   ) {
     this.sourceField = fields((out) => out.textField(sourceId));
+    this.frame = {
+      head: new CopyBuffer(64),
+      middle: new CopyBuffer(64),
+      sourceId,
+      finalLsn: 0,
+    };
     this.events = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));
     this.staged = new CopyBuffer(1 << 16, Math.max(16 << 20, 2 * batchMaxBytes));
     this.out = this.events;
@@ -289,18 +211,31 @@ export class BatchBuilder {
     return this.inTransaction;
   }
 
+  /**
+   * The end of the last commit read (0: none yet): the position the next batch's checkpoint
+   * moves to, and, for the confirmations, how far the server's WAL is known to reach.
+   */
+  get lastCommitEnd(): number {
+    return this.commitEnd;
+  }
+
+  private noteCommitEnd(endLsn: number): void {
+    if (endLsn > this.commitEnd) this.commitEnd = endLsn;
+    this.committed = true;
+  }
+
   /** LSNs and times are Numbers here (see PgoutputHandler); times are µs since 2000-01-01. */
   begin(finalLsn: number, commitTime: number, xid: number): void {
     this.inTransaction = true;
-    this.txFinalLsn = finalLsn;
+    this.frame.finalLsn = finalLsn;
     this.txSeq = 0;
     this.currentXid = xid;
-    const head = this.txHead;
+    const head = this.frame.head;
     head.length = 0;
     head.int16(FIELD_COUNT);
     head.bytes(this.sourceField);
     head.int64Field(finalLsn);
-    const middle = this.txMiddle;
+    const middle = this.frame.middle;
     middle.length = 0;
     middle.int64Field(xid);
     // timestamptz's binary form is this very number: µs since 2000-01-01 UTC.
@@ -326,7 +261,7 @@ export class BatchBuilder {
       this.commitMustBeStored = true;
     }
     this.transactions++;
-    this.checkpointLsn = endLsn;
+    this.noteCommitEnd(endLsn);
     this.checkpointXid = this.currentXid;
     this.checkpointCommitTime = commitTime;
     // Its events (txSeq of them) are in this batch or an earlier one; either way it must go out.
@@ -342,32 +277,7 @@ export class BatchBuilder {
   relation(relation: ResolvedRelation): void {
     const relations = this.stream?.relations ?? this.relations;
     const previous = relations.get(relation.oid) ?? this.relations.get(relation.oid);
-    const shapeChanged = !previous || !sameShape(previous.relation, relation);
-    relations.set(relation.oid, {
-      relation,
-      keys: relation.columns.map((c) => Buffer.from(`${JSON.stringify(c.name)}:`)),
-      order: jsonbKeyOrder(relation.columns.map((c) => c.name)),
-      location: fields((out) => {
-        out.textField(relation.schema);
-        out.textField(relation.table);
-      }),
-      primaryKey: fields((out) => out.textArrayField(relation.primaryKey)),
-      pendingSchema: shapeChanged
-        ? {
-            schema: relation.schema,
-            table: relation.table,
-            columns: relation.columns.map((c): ColumnInfo => ({
-              name: c.name,
-              type: c.type.name,
-              typeOid: c.type.oid,
-              typeMod: c.typeMod,
-              key: c.key,
-              ...(c.type.textForm || c.type.element?.textForm ? { encoding: 'text' as const } : {}),
-            })),
-            primaryKey: [...relation.primaryKey],
-          }
-        : (previous.pendingSchema ?? null),
-    });
+    relations.set(relation.oid, relationEncoding(relation, previous));
   }
 
   hasRelation(oid: number): boolean {
@@ -494,7 +404,7 @@ export class BatchBuilder {
       const streamLink: StreamDdlLink = { ...link, xid: this.streamSubXid };
       for (const key of tables.keys()) this.stream.ddlByTable.set(key, streamLink);
     } else {
-      const settled: SchemaDdl = { ...link, lsn: formatLsn(BigInt(this.txFinalLsn)) };
+      const settled: SchemaDdl = { ...link, lsn: formatLsn(BigInt(this.frame.finalLsn)) };
       for (const key of tables.keys()) this.ddlByTable.set(key, settled);
     }
   }
@@ -592,7 +502,7 @@ export class BatchBuilder {
     const stream = this.stream;
     if (stream === null || subXid === this.streamSubXid) return;
     this.streamSubXid = subXid;
-    const middle = this.txMiddle;
+    const middle = this.frame.middle;
     middle.length = 0;
     middle.int64Field(subXid);
     middle.int64Field(0); // committed_at: set at the commit
@@ -666,7 +576,7 @@ export class BatchBuilder {
       for (const [key, link] of stream.ddlByTable) this.ddlByTable.set(key, settledLink(link, lsn));
     }
     this.transactions++;
-    this.checkpointLsn = endLsn;
+    this.noteCommitEnd(endLsn);
     this.checkpointXid = xid;
     this.checkpointCommitTime = commitTime;
     this.commitMustBeStored = true;
@@ -674,7 +584,7 @@ export class BatchBuilder {
 
   /** Hands over the batch as one transferable buffer and starts a new one. */
   take(): TakenBatch {
-    const committed = this.checkpointLsn >= 0;
+    const committed = this.committed;
     const batch: TakenBatch = {
       // Exactly the used bytes, transferable (see CopyBuffer.take), and large values by reference.
       ...eventsPart(this.events.takeAll()),
@@ -684,7 +594,7 @@ export class BatchBuilder {
       streamOps: this.streamOps,
       snapshotProgress: this.snapshotProgress,
       counts: this.counts,
-      checkpointLsn: committed ? formatLsn(BigInt(this.checkpointLsn)) : null,
+      checkpointLsn: committed ? formatLsn(BigInt(this.commitEnd)) : null,
       checkpointXid: committed ? this.checkpointXid : null,
       checkpointCommitTimeMs: committed ? pgTimeToMs(this.checkpointCommitTime) : null,
       transactions: this.transactions,
@@ -696,7 +606,7 @@ export class BatchBuilder {
     this.snapshotProgress = [];
     this.counts = noCounts();
     if (this.stream === null) this.tally = this.counts;
-    this.checkpointLsn = -1;
+    this.committed = false;
     this.commitMustBeStored = false;
     this.transactions = 0;
     this.schemaChanges = [];
@@ -720,7 +630,7 @@ export class BatchBuilder {
       this.ddlByTable.delete(key);
       this.schemaChanges.push({
         ...enc.pendingSchema,
-        lsn: formatLsn(BigInt(this.txFinalLsn)),
+        lsn: formatLsn(BigInt(this.frame.finalLsn)),
         ...(ddl ? { ddl } : {}),
       });
     }
@@ -741,183 +651,21 @@ export class BatchBuilder {
     if (!this.inTransaction) throw new Error('pgoutput: change outside a transaction');
     // cdc_events.seq is an int: a transaction's 2,147,483,648th change has no number. Loud,
     // never a wrap (a negative seq would sort before the transaction's first change).
-    if (this.txSeq >= MAX_SEQ) throw this.tooManyChanges(enc);
-    const out = this.out;
-    const rowStart = out.length;
-    try {
-      out.bytes(this.txHead.buf, 0, this.txHead.length);
-      out.int32Field(this.txSeq + 1);
-      out.bytes(this.txMiddle.buf, 0, this.txMiddle.length);
-      out.bytes(enc.location);
-      out.bytes(operation);
-      const beforeImage = before ? this.writeJsonb(enc, before, beforeKeyOnly, null) : null;
-      if (!before) out.bytes(NULL_FIELD);
-      const afterImage = after ? this.writeJsonb(enc, after, false, fallback) : null;
-      if (!after) out.bytes(NULL_FIELD);
-      out.bytes(enc.primaryKey);
-      const unchanged = afterImage?.unchanged ?? null;
-      if (unchanged) out.textArrayField(unchanged);
-      else out.bytes(NULL_FIELD);
-      // A json/jsonb column holding the JSON document null looks like SQL NULL in the image:
-      // details names such columns, so that a replay can tell them apart.
-      if (details === null && (beforeImage?.jsonNulls || afterImage?.jsonNulls)) {
-        details = JSON.stringify({
-          json_null: {
-            ...(beforeImage?.jsonNulls ? { before: beforeImage.jsonNulls } : {}),
-            ...(afterImage?.jsonNulls ? { after: afterImage.jsonNulls } : {}),
-          },
-        });
-      }
-      if (details === null) out.bytes(NULL_FIELD);
-      else {
-        const field = out.openField();
-        out.byte(JSONB_VERSION);
-        out.text(details);
-        out.closeField(field);
-      }
-    } catch (error) {
-      out.truncate(rowStart); // no half row in the batch
-      throw error;
-    }
+    if (this.txSeq >= MAX_SEQ) throw tooManyChangesError(this.frame, enc, this.txSeq);
+    writeEventRow(
+      this.out,
+      this.frame,
+      this.txSeq + 1,
+      enc,
+      operation,
+      before,
+      beforeKeyOnly,
+      after,
+      fallback,
+      details,
+    );
     this.txSeq++;
     this.rowCount++;
     if (this.stream !== null) this.stagedRowCount++;
   }
-
-  private tooManyChanges(enc: RelationEncoding): FatalSourceError {
-    const lsn = formatLsn(BigInt(this.txFinalLsn));
-    return new FatalSourceError(
-      `the transaction committed at ${lsn} has more than ${MAX_SEQ} changes (its latest to ${enc.relation.schema}.${enc.relation.table}): cdc_events.seq cannot number more within one transaction. Capture cannot pass it; to skip it (a gap, recorded): ${resetCommand(this.sourceId, ' --skip-to-current')}`,
-      'TRANSACTION_TOO_LARGE',
-      { lsn, changes: this.txSeq },
-    );
-  }
-
-  /**
-   * A value the encoder has no lossless form for: a bug of ours, never a reason to retry (the
-   * same WAL would fail the same way forever). The source stops naming where it is.
-   */
-  private unencodable(
-    enc: RelationEncoding,
-    column: string,
-    type: TypeInfo,
-    text: string,
-    cause: unknown,
-  ): FatalSourceError {
-    const { schema, table } = enc.relation;
-    const lsn = formatLsn(BigInt(this.txFinalLsn));
-    return new FatalSourceError(
-      `cannot encode the value of column "${column}" of ${schema}.${table} (type ${type.name}, oid ${type.oid}) in the transaction committed at ${lsn}: ${(cause as Error)?.message ?? String(cause)}. This is a Philotes bug: report it with the type. Capture cannot pass this transaction; to skip it (a gap, recorded): ${resetCommand(this.sourceId, ' --skip-to-current')}`,
-      'VALUE_UNENCODABLE',
-      {
-        schema,
-        table,
-        column,
-        type: type.name,
-        typeOid: type.oid,
-        lsn,
-        valuePrefix: text.slice(0, 60),
-      },
-    );
-  }
-
-  /**
-   * A tuple as a jsonb field holding a JSON object. Returns the columns left out because their
-   * value is an unchanged TOASTed one that was not sent (never reported as null, they are named
-   * in unchanged_columns), and the json/jsonb columns whose value is the JSON document null.
-   */
-  private writeJsonb(
-    enc: RelationEncoding,
-    tuple: TupleView,
-    keyOnly: boolean,
-    fallback: TupleView | null,
-  ): { unchanged: string[] | null; jsonNulls: string[] | null } {
-    const columns = enc.relation.columns;
-    const n = tuple.count;
-    if (n > columns.length)
-      throw new Error(`pgoutput: tuple has more columns than relation ${enc.relation.table}`);
-    const out = this.out;
-    const field = out.openField();
-    out.byte(JSONB_VERSION);
-    let unchanged: number[] | null = null;
-    /** [column, name or element path] of json values that are the JSON document null. */
-    let jsonNulls: Array<[number, string]> | null = null;
-    let first = true;
-    out.byte(0x7b); // {
-    const order = enc.order;
-    for (let k = 0; k < order.length; k++) {
-      const i = order[k]!;
-      if (i >= n) continue; // a tuple shorter than its relation
-      const column = columns[i]!;
-      if (keyOnly && !column.key) continue;
-      let source = tuple;
-      if (source.isUnchanged(i) && fallback !== null && i < fallback.count) source = fallback;
-      if (source.isUnchanged(i)) {
-        (unchanged ??= []).push(i);
-        continue;
-      }
-      if (!first) out.byte(0x2c); // ,
-      first = false;
-      out.bytes(enc.keys[i]!);
-      if (source.isNull(i)) out.bytes(NULL_JSON);
-      else {
-        try {
-          if (column.type.kind === 'json') {
-            if (isJsonNull(source, i)) (jsonNulls ??= []).push([i, column.name]);
-          } else if (column.type.kind === 'array' && column.type.element?.kind === 'json') {
-            for (const path of jsonNullElements(source.text(i), column.type))
-              (jsonNulls ??= []).push([i, `${column.name}${path}`]);
-          }
-          writeJson(out, source, i, column.type);
-        } catch (error) {
-          throw this.unencodable(enc, column.name, column.type, source.text(i), error);
-        }
-      }
-    }
-    out.byte(0x7d); // }
-    out.closeField(field);
-    // Named in column order, whatever order the keys went in.
-    const names = (list: number[] | null) =>
-      list && list.sort((a, b) => a - b).map((i) => columns[i]!.name);
-    return {
-      unchanged: names(unchanged),
-      jsonNulls: jsonNulls && jsonNulls.sort((a, b) => a[0] - b[0]).map(([, name]) => name),
-    };
-  }
-}
-
-/** The value is the JSON document null (json keeps the whitespace around it as written). */
-function isJsonNull(tuple: TupleView, i: number): boolean {
-  const src = tuple.buf;
-  let start = tuple.starts[i]!;
-  let end = tuple.ends[i]!;
-  while (start < end && isJsonSpace(src[start]!)) start++;
-  while (end > start && isJsonSpace(src[end - 1]!)) end--;
-  return (
-    end - start === 4 &&
-    src[start] === 0x6e &&
-    src[start + 1] === 0x75 &&
-    src[start + 2] === 0x6c &&
-    src[start + 3] === 0x6c
-  );
-}
-
-function isJsonSpace(b: number): boolean {
-  return b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d;
-}
-
-function sameShape(a: ResolvedRelation, b: ResolvedRelation): boolean {
-  if (a.schema !== b.schema || a.table !== b.table || a.columns.length !== b.columns.length)
-    return false;
-  if (a.primaryKey.join('\0') !== b.primaryKey.join('\0')) return false;
-  return a.columns.every((c, i) => {
-    const d = b.columns[i];
-    return (
-      d !== undefined &&
-      c.name === d.name &&
-      c.type.oid === d.type.oid &&
-      c.typeMod === d.typeMod &&
-      c.key === d.key
-    );
-  });
 }

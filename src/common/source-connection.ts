@@ -4,9 +4,9 @@
  * connection left to reject the query in flight.
  */
 import pg from 'pg';
-import type { SourceConfig } from './common/config.js';
-import { describeConnectionError } from './common/errors.js';
-import { pgClientOptions } from './common/pg-connection.js';
+import type { SourceConfig } from './config.js';
+import { describeConnectionError } from './errors.js';
+import { pgClientOptions } from './pg-connection.js';
 
 export async function connectSource(source: SourceConfig): Promise<pg.Client> {
   const client = new pg.Client(pgClientOptions(source.connection, `philotes:${source.id}`));

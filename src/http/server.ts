@@ -10,7 +10,7 @@
  */
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import type { Logger } from './common/logger.js';
+import type { Logger } from '../common/logger.js';
 import type { Metrics } from './metrics.js';
 
 export interface Probe {

@@ -8,9 +8,9 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
-import type { Config, SourceConfig } from './common/config.js';
-import { pgClientOptions } from './common/pg-connection.js';
-import { BufferStore, type GapRecord } from './buffer/store.js';
+import type { Config, SourceConfig } from '../common/config.js';
+import { pgClientOptions } from '../common/pg-connection.js';
+import { BufferStore, type GapRecord } from '../buffer/store.js';
 import {
   confirmedOnHistory,
   findDivergence,
@@ -19,11 +19,11 @@ import {
   type Divergence,
   type ServerHistory,
   type StoredHistory,
-} from './common/source-history.js';
-import { unknownSource } from './cli-output.js';
-import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit.js';
-import type { Logger } from './common/logger.js';
-import { formatBytes, formatLsn, parseLsn } from './common/lsn.js';
+} from '../common/source-history.js';
+import { unknownSource } from '../common/closest.js';
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from '../common/exit.js';
+import type { Logger } from '../common/logger.js';
+import { formatBytes, formatLsn, parseLsn } from '../common/lsn.js';
 import {
   checkSlotKind,
   createPublication,
@@ -36,7 +36,7 @@ import {
   where,
   type GapReason,
   type SlotState,
-} from './common/source-admin.js';
+} from '../common/source-admin.js';
 
 export interface ResetOptions {
   readonly sourceId: string;

@@ -3,9 +3,7 @@
  * --json, one JSON document for scripts. Cells are strings already; null prints as "-".
  */
 
-import { closest } from './common/closest.js';
-import type { Config } from './common/config.js';
-import { formatBytes } from './common/lsn.js';
+import { formatBytes } from '../common/lsn.js';
 
 export type Cell = string | number | boolean | null;
 
@@ -43,11 +41,4 @@ export function humanSeconds(seconds: number | null): string | null {
   if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
   if (s < 86_400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
   return `${Math.floor(s / 86_400)}d ${Math.floor((s % 86_400) / 3600)}h`;
-}
-
-/** What a command says for a --source that is not configured: the nearest id, and all of them. */
-export function unknownSource(config: Config, id: string): string {
-  const ids = config.sources.map((s) => s.id);
-  const near = closest(id, ids);
-  return `unknown source "${id}"${near ? ` (did you mean "${near}"?)` : ''}; configured: ${ids.join(', ')}`;
 }

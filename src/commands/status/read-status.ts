@@ -5,18 +5,22 @@
  * reached says why in its row and does not hide the others.
  */
 import pg from 'pg';
-import type { Config, SourceConfig } from './common/config.js';
-import { describeConnectionError, type FatalSourceError } from './common/errors.js';
-import { formatLsn, parseLsn } from './common/lsn.js';
-import { pgClientOptions } from './common/pg-connection.js';
-import { compareHistory, divergenceSummary, storedHistoryOfRow } from './common/source-history.js';
+import type { Config, SourceConfig } from '../../common/config.js';
+import { describeConnectionError, type FatalSourceError } from '../../common/errors.js';
+import { formatLsn, parseLsn } from '../../common/lsn.js';
+import { pgClientOptions } from '../../common/pg-connection.js';
+import {
+  compareHistory,
+  divergenceSummary,
+  storedHistoryOfRow,
+} from '../../common/source-history.js';
 import {
   currentWalLsn,
   resetCommand,
   readSlotState,
   retainedWalBytes,
   slotHolder,
-} from './common/source-admin.js';
+} from '../../common/source-admin.js';
 
 export interface SourceStatus {
   readonly source: string;

@@ -6,12 +6,12 @@
  * captures the source finds it within seconds and copies the tables between watermarks, as the
  * initial snapshot does.
  */
-import type { Config } from './common/config.js';
-import type { Logger } from './common/logger.js';
-import { connectSource } from './source-connection.js';
-import { BufferStore } from './buffer/store.js';
-import { unknownSource } from './cli-output.js';
-import { EXIT_OK, EXIT_USAGE } from './exit.js';
+import type { Config } from '../../common/config.js';
+import type { Logger } from '../../common/logger.js';
+import { connectSource } from '../../common/source-connection.js';
+import { BufferStore } from '../../buffer/store.js';
+import { unknownSource } from '../../common/closest.js';
+import { EXIT_OK, EXIT_USAGE } from '../../common/exit.js';
 
 export class SnapshotCommandError extends Error {
   constructor(

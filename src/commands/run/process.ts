@@ -5,17 +5,17 @@
  */
 import type http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { ReaderThreads } from './supervisor/reader-pool.js';
-import { ConfigError, loadConfig, type Config } from './common/config.js';
-import { classifyBufferError, isFatal } from './common/errors.js';
-import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './exit.js';
-import { renderStatusPage, type StatusPageData } from './status-page.js';
-import { startHttpServer, type Probe } from './http.js';
-import { createLogger, safeConnection, type Logger } from './common/logger.js';
-import { Metrics } from './metrics.js';
-import { backoffDelay, type SourceReport } from './supervisor/source-runner.js';
-import { Supervisor } from './supervisor/supervisor.js';
-import { BufferStore } from './buffer/store.js';
+import type { ReaderThreads } from '../../supervisor/reader-pool.js';
+import { ConfigError, loadConfig, type Config } from '../../common/config.js';
+import { classifyBufferError, isFatal } from '../../common/errors.js';
+import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from '../../common/exit.js';
+import { renderStatusPage, type StatusPageData } from '../../http/status-page.js';
+import { startHttpServer, type Probe } from '../../http/server.js';
+import { createLogger, safeConnection, type Logger } from '../../common/logger.js';
+import { Metrics } from '../../http/metrics.js';
+import { backoffDelay, type SourceReport } from '../../supervisor/source-runner.js';
+import { Supervisor } from '../../supervisor/supervisor.js';
+import { BufferStore } from '../../buffer/store.js';
 
 /** Backoff while the buffer is not there yet (compose, Kubernetes, a failover). */
 const BUFFER_RETRY_MIN_MS = 500;
@@ -80,6 +80,8 @@ function waitingReport(
     nextAttemptAt: null,
     lastError: wait.problem === null ? null : `waiting for the buffer database: ${wait.problem}`,
     lastErrorCode: null,
+    lastErrorFix: null,
+    lastErrorDocs: null,
     lastErrorAt: null,
     lastErrorDetails: null,
     checkpointLsn: null,

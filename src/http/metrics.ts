@@ -4,9 +4,9 @@
  * restarts. Labels are bounded: source and operation only.
  */
 import client from 'prom-client';
-import type { SlotStatusMessage } from './common/protocol.js';
-import type { BatchWriterObserver, StoredGroupReport } from './supervisor/batch-writer.js';
-import { SNAPSHOT_TABLE_STATES } from './supervisor/snapshot-progress.js';
+import type { SlotStatusMessage } from '../common/protocol.js';
+import type { BatchWriterObserver, StoredGroupReport } from '../supervisor/batch-writer.js';
+import { SNAPSHOT_TABLE_STATES } from '../supervisor/snapshot-progress.js';
 
 /** Every operation an event can have (its label values, created at 0 per source). */
 const OPERATIONS = [

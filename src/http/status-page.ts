@@ -5,9 +5,9 @@
  * JavaScript on a few lines fetch the page again every 2 s and swap the table in, so there is one
  * renderer and no build step. Nothing on it is a secret: it shows what /readyz shows.
  */
-import { humanSeconds } from './cli-output.js';
-import { formatBytes } from './common/lsn.js';
-import type { SourceReport } from './supervisor/source-runner.js';
+import { humanSeconds } from '../commands/output.js';
+import { formatBytes } from '../common/lsn.js';
+import type { SourceReport } from '../supervisor/source-runner.js';
 
 export interface StatusPageData {
   readonly ready: boolean;
@@ -86,7 +86,7 @@ function row(s: SourceReport, now: number): string {
   const error =
     s.lastError === null
       ? ''
-      : `${s.lastErrorCode ? `${s.lastErrorCode}: ` : ''}${s.lastError}${s.lastErrorAt ? ` (${relative(s.lastErrorAt, now)})` : ''}`;
+      : `${s.lastErrorCode ? `${s.lastErrorCode}: ` : ''}${s.lastError}${s.lastErrorAt ? ` (${relative(s.lastErrorAt, now)})` : ''}${s.lastErrorFix ? ` — fix: ${s.lastErrorFix}` : ''}`;
   const cells = [
     `<td class="source">${escape(s.source)}</td>`,
     `<td class="state ${tone(s.state)}">${escape(state)}</td>`,

@@ -1,0 +1,116 @@
+/**
+ * The buffer: its server version, its schema (migrations applied, or to apply), and what it holds
+ * for each source (the record the source checks compare with).
+ */
+import type { Config } from '../../common/config.js';
+import { BUFFER_TABLES } from '../../common/database-identity.js';
+import { supports } from '../../common/server-features.js';
+import { SCHEMA_VERSION } from '../../buffer/migrations.js';
+import { withClient, type Finding } from './finding.js';
+
+export interface BufferRecord {
+  lsn: string;
+  confirmed_lsn: string | null;
+  /** The whole row: the identity columns exist from buffer schema 6 on. */
+  row: Record<string, unknown>;
+}
+
+export async function checkBuffer(
+  config: Config,
+): Promise<{ findings: Finding[]; records: Map<string, BufferRecord> | null }> {
+  let records: Map<string, BufferRecord> | null = null;
+  const findings = await withClient('buffer', 'buffer', config.buffer, async (client, add) => {
+    const version = Number(
+      (await client.query<{ v: string }>(`SELECT current_setting('server_version_num') AS v`))
+        .rows[0]?.v,
+    );
+    if (!supports(version, 'genRandomUuid')) {
+      add({
+        check: 'version',
+        verdict: 'blocker',
+        detail: `PostgreSQL ${version}; the buffer needs 13 or later (gen_random_uuid)`,
+        fix: 'use a newer server for the buffer',
+      });
+    }
+    const present = await client.query<{ name: string }>(
+      `SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL`,
+      [BUFFER_TABLES],
+    );
+    const tables = new Set(present.rows.map((r) => r.name));
+    const applied = tables.has('philotes_migrations')
+      ? Number(
+          (
+            await client.query<{ v: number | null }>(
+              'SELECT max(version) AS v FROM philotes_migrations',
+            )
+          ).rows[0]?.v ?? 0,
+        )
+      : 0;
+    const canCreate = (
+      await client.query<{ ok: boolean }>(
+        `SELECT has_schema_privilege(current_schema(), 'CREATE') AS ok`,
+      )
+    ).rows[0]?.ok;
+    if (applied > SCHEMA_VERSION) {
+      add({
+        check: 'schema',
+        verdict: 'blocker',
+        detail: `buffer schema version ${applied} is newer than this Philotes knows (${SCHEMA_VERSION})`,
+        fix: 'run the Philotes version that migrated it, or a newer one',
+      });
+    } else if (applied < SCHEMA_VERSION) {
+      add({
+        check: 'schema',
+        verdict: canCreate ? 'ok' : 'blocker',
+        detail:
+          applied === 0
+            ? `no Philotes tables yet: the first start creates them (schema version ${SCHEMA_VERSION})`
+            : `schema version ${applied}: the next start migrates it to ${SCHEMA_VERSION}`,
+        fix: canCreate
+          ? null
+          : `GRANT CREATE ON SCHEMA <schema> TO ${config.buffer.user}, or migrate once as an owner`,
+      });
+    } else {
+      add({ check: 'schema', verdict: 'ok', detail: `schema version ${applied}`, fix: null });
+    }
+    const missing: string[] = [];
+    // What a run needs on the data tables (philotes_migrations only matters when migrating).
+    const dataTables = BUFFER_TABLES.filter((t) => t !== 'philotes_migrations');
+    for (const table of dataTables.filter((t) => tables.has(t))) {
+      for (const privilege of ['SELECT', 'INSERT', 'UPDATE', 'DELETE']) {
+        const ok = (
+          await client.query<{ ok: boolean }>('SELECT has_table_privilege($1, $2) AS ok', [
+            table,
+            privilege,
+          ])
+        ).rows[0]?.ok;
+        if (!ok) missing.push(`${privilege} on ${table}`);
+      }
+    }
+    add(
+      missing.length === 0
+        ? {
+            check: 'privileges',
+            verdict: 'ok',
+            detail: 'can read and write the Philotes tables',
+            fix: null,
+          }
+        : {
+            check: 'privileges',
+            verdict: 'blocker',
+            detail: `${config.buffer.user} lacks ${missing.join(', ')}`,
+            fix: `GRANT SELECT, INSERT, UPDATE, DELETE ON ${dataTables.join(', ')} TO ${config.buffer.user}`,
+          },
+    );
+    records = new Map();
+    if (tables.has('cdc_checkpoints')) {
+      const rows = await client.query<BufferRecord & { source_id: string }>(
+        `SELECT source_id, lsn, confirmed_lsn::text, to_jsonb(c) AS row
+           FROM cdc_checkpoints c WHERE source_id = ANY($1)`,
+        [config.sources.map((s) => s.id)],
+      );
+      for (const row of rows.rows) records.set(row.source_id, row);
+    }
+  });
+  return { findings, records };
+}

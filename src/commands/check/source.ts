@@ -1,0 +1,160 @@
+/**
+ * A source's server and role: wal_level, version and pgoutput protocol, REPLICATION; then the
+ * checks that need them (history, slot, publication, DDL capture), in the order a start meets
+ * them.
+ */
+import type pg from 'pg';
+import type { SourceConfig } from '../../common/config.js';
+import { ddlTriggerCurrent, readDdlTriggerState } from '../../common/ddl-capture.js';
+import { fixFor } from '../../common/error-policy.js';
+import { supports } from '../../common/server-features.js';
+import { currentWalLsn, pgoutputProtocol, readSlotState } from '../../common/source-admin.js';
+import type { BufferRecord } from './buffer.js';
+import { checkHistory, checkSlot } from './continuity.js';
+import { withClient, type AddFinding, type Finding } from './finding.js';
+import { checkPublication } from './publication.js';
+
+export async function checkSource(
+  source: SourceConfig,
+  record: BufferRecord | null,
+  bufferRead: boolean,
+): Promise<Finding[]> {
+  return withClient(source.id, 'source', source.connection, async (client, add) => {
+    const settings = (
+      await client.query<{
+        wal_level: string;
+        version: string;
+        max_slots: string;
+        max_senders: string;
+        slots: number;
+        senders: number;
+      }>(
+        `SELECT current_setting('wal_level') AS wal_level,
+                current_setting('server_version_num') AS version,
+                current_setting('max_replication_slots') AS max_slots,
+                current_setting('max_wal_senders') AS max_senders,
+                (SELECT count(*)::int FROM pg_replication_slots) AS slots,
+                (SELECT count(*)::int FROM pg_stat_replication) AS senders`,
+      )
+    ).rows[0]!;
+    add(
+      settings.wal_level === 'logical'
+        ? { check: 'wal_level', verdict: 'ok', detail: 'logical', fix: null }
+        : {
+            check: 'wal_level',
+            verdict: 'blocker',
+            detail: `wal_level is ${settings.wal_level}; logical decoding needs logical`,
+            fix: fixFor('WAL_LEVEL_NOT_LOGICAL', source),
+          },
+    );
+    if (!supports(Number(settings.version), 'pgoutput')) {
+      add({
+        check: 'version',
+        verdict: 'blocker',
+        detail: `PostgreSQL ${settings.version} has no pgoutput`,
+        fix: 'PostgreSQL 10 or later',
+      });
+    }
+    add(protocolFinding(source, Number(settings.version)));
+    const role = (
+      await client.query<{ replication: boolean; superuser: boolean; name: string }>(
+        `SELECT (r.rolsuper OR r.rolreplication OR EXISTS (
+                  SELECT 1 FROM pg_roles g
+                   WHERE g.rolname = 'rds_replication' AND pg_has_role(current_user, g.oid, 'member'))) AS replication,
+                r.rolsuper AS superuser, r.rolname AS name
+           FROM pg_roles r WHERE r.rolname = current_user`,
+      )
+    ).rows[0]!;
+    add(
+      role.replication
+        ? {
+            check: 'replication',
+            verdict: 'ok',
+            detail: `${role.name} may use replication`,
+            fix: null,
+          }
+        : {
+            check: 'replication',
+            verdict: 'blocker',
+            detail: `${role.name} has no REPLICATION attribute`,
+            fix: fixFor('NO_REPLICATION_ATTRIBUTE', source),
+          },
+    );
+
+    const slot = await readSlotState(client, source.slot);
+    const wal = await currentWalLsn(client);
+    if (record !== null && role.replication) await checkHistory(client, source, record, add);
+    await checkSlot(client, source, slot, wal, settings, record, bufferRead, add);
+    await checkPublication(client, source, role.superuser, record, add);
+    if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
+  });
+}
+
+/** Which pgoutput protocol the source will use, and whether its server has it. */
+function protocolFinding(source: SourceConfig, version: number): Omit<Finding, 'target'> {
+  const protocol = pgoutputProtocol(source, version);
+  if (protocol === null) {
+    return {
+      check: 'protocol',
+      verdict: 'blocker',
+      detail: `protocol 2 is configured; PostgreSQL ${version} has only protocol 1`,
+      fix: 'protocol: 1 or auto for this source',
+    };
+  }
+  return {
+    check: 'protocol',
+    verdict: 'ok',
+    detail:
+      protocol === 2
+        ? 'pgoutput protocol 2: large transactions are streamed while in progress'
+        : `pgoutput protocol 1: the source spills large transactions to its disk until they commit${source.protocol === 1 && supports(version, 'streamingProtocol') ? ' (protocol: 1 is configured)' : ''}`,
+    fix: null,
+  };
+}
+
+/** `ddl: true`: the event trigger is current, or Philotes may install it. */
+async function checkDdlCapture(
+  client: pg.Client,
+  source: SourceConfig,
+  version: number,
+  add: AddFinding,
+): Promise<void> {
+  if (!supports(version, 'logicalMessages')) {
+    add({
+      check: 'ddl capture',
+      verdict: 'blocker',
+      detail: `PostgreSQL ${version} cannot send logical messages to pgoutput`,
+      fix: 'PostgreSQL 14 or later, or ddl: false',
+    });
+    return;
+  }
+  const state = await readDdlTriggerState(client);
+  if (ddlTriggerCurrent(state)) {
+    add({
+      check: 'ddl capture',
+      verdict: 'ok',
+      detail: `event trigger installed (version ${state.version})`,
+      fix: null,
+    });
+  } else if (state.canInstall) {
+    add({
+      check: 'ddl capture',
+      verdict: 'ok',
+      detail:
+        state.version === null
+          ? 'event trigger not installed yet; Philotes installs it at start (the role is a superuser)'
+          : `event trigger version ${state.version} will be upgraded at start`,
+      fix: null,
+    });
+  } else {
+    add({
+      check: 'ddl capture',
+      verdict: 'blocker',
+      detail:
+        state.version === null
+          ? 'the DDL capture event trigger is not installed and the role may not create event triggers'
+          : `the DDL capture event trigger (version ${state.version}) is outdated or disabled and the role may not replace it`,
+      fix: `as a superuser: philotes-worker ddl-trigger --print | psql (database of source ${source.id})`,
+    });
+  }
+}

@@ -1,0 +1,49 @@
+/**
+ * What every command shares: the configuration as the command line names it (--config wins over
+ * PHILOTES_CONFIG), its errors printed one per line, the version, and the log a command writes
+ * (to stderr: stdout is the command's report). Light on purpose: main.ts imports every command's
+ * definition at start-up, and `run` must start its reader threads before the heavy modules load.
+ */
+import { readFileSync } from 'node:fs';
+import { ConfigError, loadConfig, type Config } from '../common/config.js';
+import type { Logger } from '../common/logger.js';
+import { die, EXIT_USAGE, oneLine } from '../common/exit.js';
+
+/** The --config option, if given. */
+let configPath: string | undefined;
+
+export function setConfigPath(path: string | undefined): void {
+  configPath = path;
+}
+
+/** The configuration, or an exit 2 with every problem on a line of its own (none carries a secret). */
+export function cliConfig(): Config {
+  try {
+    return loadConfig(process.env, configPath);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      for (const problem of error.problems.slice(0, -1))
+        process.stderr.write(`philotes: ${oneLine(problem)}\n`);
+      die(EXIT_USAGE, error.problems[error.problems.length - 1] ?? error.message);
+    }
+    throw error;
+  }
+}
+
+/** A command's log: to stderr, at warn unless a quieter or louder level is configured. */
+export async function commandLog(config: Config): Promise<Logger> {
+  const { createLogger } = await import('../common/logger.js');
+  return createLogger(config.logLevel === 'info' ? 'warn' : config.logLevel, {}, 2);
+}
+
+/** A report line to stdout. */
+export function print(line: string): void {
+  process.stdout.write(`${line}\n`);
+}
+
+export function version(): string {
+  const pkg = JSON.parse(
+    readFileSync(new URL('../../../package.json', import.meta.url), 'utf8'),
+  ) as { version: string };
+  return pkg.version;
+}

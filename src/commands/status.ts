@@ -1,0 +1,68 @@
+/**
+ * `philotes-worker status`: every configured source now, read from the buffer and the sources,
+ * changing nothing (the reading: status/read-status.ts); a table, or --json. Exit 1 when
+ * something could not be read or a source has a problem.
+ */
+import type { Command } from 'commander';
+import type { SourceStatus } from './status/read-status.js';
+import { cliConfig } from './cli.js';
+import { EXIT_ERROR, EXIT_OK } from '../common/exit.js';
+import { formatTable, humanBytes, humanSeconds } from './output.js';
+
+function slotCell(s: SourceStatus): string | null {
+  if (s.slotExists === null) return null;
+  if (!s.slotExists) return 'missing';
+  return s.slotActive ? `active: ${s.slotOwner ?? '?'}` : 'inactive';
+}
+
+/** The status table, one row per source. */
+export function renderStatus(sources: readonly SourceStatus[]): string {
+  return formatTable(
+    [
+      'SOURCE',
+      'CHECKPOINT',
+      'STORED',
+      'LAG',
+      'RETAINED WAL',
+      'WAL STATUS',
+      'SLOT',
+      'SNAPSHOT',
+      'PROBLEM',
+    ],
+    sources.map((s) => [
+      s.source,
+      s.checkpointLsn,
+      s.checkpointAgeSeconds === null ? null : `${humanSeconds(s.checkpointAgeSeconds)} ago`,
+      humanBytes(s.lagBytes),
+      humanBytes(s.retainedWalBytes),
+      s.walStatus,
+      slotCell(s),
+      s.snapshot === null
+        ? null
+        : `#${s.snapshot.id} ${s.snapshot.reason} ${s.snapshot.state}, ${s.snapshot.rows} rows`,
+      s.problem,
+    ]),
+  );
+}
+
+async function status(opts: { json?: boolean }): Promise<void> {
+  const loaded = cliConfig();
+  const { readStatus } = await import('./status/read-status.js');
+  const report = await readStatus(loaded);
+  if (opts.json) process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+  else process.stdout.write(`${renderStatus(report.sources)}\n`);
+  // 1: something could not be read (a source, the buffer); the rows say what.
+  process.exit(
+    report.buffer !== null || report.sources.some((s) => s.problem) ? EXIT_ERROR : EXIT_OK,
+  );
+}
+
+export function registerStatus(program: Command): void {
+  program
+    .command('status')
+    .description(
+      'every configured source now: its checkpoint and when it was stored, lag, the WAL its slot retains, wal_status, and who holds the slot; read from the buffer and the sources, changing nothing (exit 1 if something could not be read)',
+    )
+    .option('--json', 'one JSON document instead of a table')
+    .action(status);
+}
