@@ -1,10 +1,13 @@
 /**
  * The checks behind the configuration, shared by the environment and the file: each reads one
  * setting from a flat map of raw strings, validates it, and names it exactly in its message
- * (never echoing a password or a URL, which may carry one).
+ * (never echoing a password or a URL, which may carry one). Which setting uses which check, and
+ * its default: config-registry.ts.
  */
 import { readFileSync } from 'node:fs';
-import type { Config, ConnectionConfig, SourceSettings, SslMode } from './config.js';
+import type { ConnectionConfig, Env, SnapshotMode, SslMode } from './config-types.js';
+
+export type { Env, SnapshotMode } from './config-types.js';
 
 /** A bad configuration: every problem found, each a line naming the setting. */
 export class ConfigError extends Error {
@@ -38,14 +41,11 @@ export class Problems {
   }
 }
 
-export type Env = Readonly<Record<string, string | undefined>>;
-
 /** Slot and publication names are interpolated into replication commands: keep them plain. */
 const IDENTIFIER = /^[a-z_][a-z0-9_]{0,62}$/;
 const SOURCE_ID = /^[A-Za-z0-9_.-]{1,128}$/;
 const TABLE_NAME = /^([A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*$/;
 const SSL_MODES: readonly SslMode[] = ['disable', 'prefer', 'require', 'verify-ca', 'verify-full'];
-const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 export function get(env: Env, name: string): string | undefined {
   const value = env[name];
@@ -275,9 +275,7 @@ export function prefixes(env: Env, name: string): string[] {
   return list;
 }
 
-export type SnapshotMode = 'initial' | 'never' | 'when_needed';
-
-/** When a source copies the rows its tables already hold (see the README's Snapshots). */
+/** When a source copies the rows its tables already hold (see docs/snapshots.md). */
 export function snapshotMode(env: Env, name: string): SnapshotMode {
   const raw = get(env, name);
   if (raw === undefined) return 'initial';
@@ -306,150 +304,4 @@ export function tables(env: Env, name: string): string[] {
     }
   }
   return list;
-}
-
-/** A source setting: its key in a file, its variable in the environment, how it is read. */
-export const SOURCE_SETTINGS: ReadonlyArray<{
-  readonly key: keyof SourceSettings;
-  readonly fileKey: string;
-  readonly env: string;
-  readonly read: (env: Env, name: string) => number;
-}> = [
-  {
-    key: 'checkpointIntervalMs',
-    fileKey: 'checkpointInterval',
-    env: 'PHILOTES_CDC_CHECKPOINT_INTERVAL',
-    read: (env, name) => duration(env, name, '10s', 10, 3_600_000),
-  },
-  {
-    key: 'sourceTimeoutMs',
-    fileKey: 'sourceTimeout',
-    env: 'PHILOTES_CDC_SOURCE_TIMEOUT',
-    read: (env, name) => duration(env, name, '30s', 1000, 3_600_000),
-  },
-  {
-    key: 'batchMaxRows',
-    fileKey: 'batchMaxRows',
-    env: 'PHILOTES_CDC_BATCH_MAX_ROWS',
-    read: (env, name) => integer(env, name, 5000, 1, 1_000_000),
-  },
-  {
-    key: 'batchMaxBytes',
-    fileKey: 'batchMaxBytes',
-    env: 'PHILOTES_CDC_BATCH_MAX_BYTES',
-    read: (env, name) => integer(env, name, 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
-  },
-  {
-    key: 'batchMaxWaitMs',
-    fileKey: 'batchMaxWait',
-    env: 'PHILOTES_CDC_BATCH_MAX_WAIT',
-    read: (env, name) => duration(env, name, '0ms', 0, 60_000),
-  },
-  {
-    key: 'maxInFlightBatches',
-    fileKey: 'maxInFlightBatches',
-    env: 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES',
-    read: (env, name) => integer(env, name, 4, 1, 64),
-  },
-  {
-    key: 'snapshotChunkRows',
-    fileKey: 'snapshotChunkRows',
-    env: 'PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS',
-    read: (env, name) => integer(env, name, 10_000, 1, 1_000_000),
-  },
-  {
-    key: 'snapshotParallelTables',
-    fileKey: 'snapshotParallelTables',
-    env: 'PHILOTES_CDC_SNAPSHOT_PARALLEL_TABLES',
-    read: (env, name) => integer(env, name, 1, 1, 16),
-  },
-  {
-    key: 'readerHeapLimitMb',
-    fileKey: 'readerHeapLimitMb',
-    env: 'PHILOTES_CDC_READER_HEAP_LIMIT_MB',
-    read: (env, name) => integer(env, name, 512, 4, 65_536),
-  },
-];
-
-/**
- * Source settings read from `env` under `name(setting)`; a setting not there comes from
- * `fallback` (the file's defaults), else from its documented default.
- */
-export function readSourceSettings(
-  env: Env,
-  name: (setting: (typeof SOURCE_SETTINGS)[number]) => string,
-  problems: Problems,
-  fallback?: SourceSettings,
-): SourceSettings {
-  const settings: Record<string, number> = {};
-  for (const setting of SOURCE_SETTINGS) {
-    const key = name(setting);
-    const value =
-      fallback !== undefined && get(env, key) === undefined
-        ? fallback[setting.key]
-        : problems.attempt(() => setting.read(env, key));
-    settings[setting.key] = value ?? 0;
-  }
-  return Object.freeze(settings as unknown as SourceSettings);
-}
-
-/** The process-wide settings, from the environment (a file's top level fills in what is unset). */
-export function readProcessSettings(
-  source: Env,
-  problems: Problems,
-  /** The key each variable is read under in `source` (a file names them its own way). */
-  name: (variable: string) => string = (variable) => variable,
-): Omit<Config, 'sources' | 'buffer' | 'origin' | keyof SourceSettings> {
-  const as = name;
-  const logLevel = get(source, as('PHILOTES_LOG_LEVEL')) ?? 'info';
-  if (!(LOG_LEVELS as readonly string[]).includes(logLevel)) {
-    problems.add(
-      `${as('PHILOTES_LOG_LEVEL')} must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(logLevel)}`,
-    );
-  }
-  const restartMinDelayMs = problems.attempt(() =>
-    duration(source, as('PHILOTES_RESTART_MIN_DELAY'), '500ms', 10, 3_600_000),
-  );
-  const restartMaxDelayMs = problems.attempt(() =>
-    duration(source, as('PHILOTES_RESTART_MAX_DELAY'), '30s', 10, 3_600_000),
-  );
-  if (
-    restartMinDelayMs !== undefined &&
-    restartMaxDelayMs !== undefined &&
-    restartMaxDelayMs < restartMinDelayMs
-  ) {
-    problems.add(
-      `${as('PHILOTES_RESTART_MAX_DELAY')} must not be less than ${as('PHILOTES_RESTART_MIN_DELAY')}`,
-    );
-  }
-  return {
-    metricsPort:
-      problems.attempt(() => integer(source, as('PHILOTES_METRICS_PORT'), 9753, 0, 65535)) ?? 0,
-    metricsHost: get(source, as('PHILOTES_METRICS_HOST')) ?? '0.0.0.0',
-    logLevel: logLevel as Config['logLevel'],
-    shutdownTimeoutMs:
-      problems.attempt(() =>
-        duration(source, as('PHILOTES_SHUTDOWN_TIMEOUT'), '10s', 100, 600_000),
-      ) ?? 0,
-    restartMinDelayMs: restartMinDelayMs ?? 0,
-    restartMaxDelayMs: restartMaxDelayMs ?? 0,
-    readinessGraceMs:
-      problems.attempt(() =>
-        duration(source, as('PHILOTES_READINESS_GRACE'), '60s', 1000, 86_400_000),
-      ) ?? 0,
-    commitWriters:
-      problems.attempt(() => integer(source, as('PHILOTES_COMMIT_WRITERS'), 2, 1, 64)) ?? 1,
-    commitCoalesce:
-      problems.attempt(() => flag(source, as('PHILOTES_COMMIT_COALESCE'), true)) ?? true,
-    maxBytesInFlight:
-      problems.attempt(() =>
-        integer(
-          source,
-          as('PHILOTES_MAX_BYTES_IN_FLIGHT'),
-          128 * 1024 * 1024,
-          1024 * 1024,
-          64 * 1024 * 1024 * 1024,
-        ),
-      ) ?? 0,
-  };
 }

@@ -9,54 +9,35 @@ import { createRequire } from 'node:module';
 import { closest } from './closest.js';
 import type * as YamlModule from 'yaml';
 import type { z as Zod } from 'zod';
-import type { Config, ConnectionConfig, SourceConfig, SourceSettings } from './config.js';
+import type { Config, ConnectionConfig, SourceConfig, SourceSettings } from './config-types.js';
 import {
-  ConfigError,
   connection,
   envNames,
-  flag,
   get,
   identifier,
   Problems,
-  protocolVersion,
-  snapshotMode,
-  type SnapshotMode,
-  readProcessSettings,
-  readSourceSettings,
-  SOURCE_SETTINGS,
   sourceId,
-  tables,
   type ConnectionField,
   type Env,
+  type SnapshotMode,
 } from './config-fields.js';
+import {
+  CONNECTION_FILE_KEYS,
+  PROCESS_SETTINGS,
+  readProcessSettings,
+  readSourceSettings,
+  SOURCE_IDENTITY as S,
+  SOURCE_SETTINGS,
+} from './config-registry.js';
+import { ConfigError } from './config-fields.js';
 
 /** Process-wide settings: the environment variable wins over the file's top-level key. */
-const PROCESS_KEYS: Readonly<Record<string, string>> = {
-  PHILOTES_METRICS_PORT: 'metricsPort',
-  PHILOTES_METRICS_HOST: 'metricsHost',
-  PHILOTES_LOG_LEVEL: 'logLevel',
-  PHILOTES_SHUTDOWN_TIMEOUT: 'shutdownTimeout',
-  PHILOTES_RESTART_MIN_DELAY: 'restartMinDelay',
-  PHILOTES_RESTART_MAX_DELAY: 'restartMaxDelay',
-  PHILOTES_READINESS_GRACE: 'readinessGrace',
-  PHILOTES_COMMIT_WRITERS: 'commitWriters',
-  PHILOTES_COMMIT_COALESCE: 'commitCoalesce',
-  PHILOTES_MAX_BYTES_IN_FLIGHT: 'maxBytesInFlight',
-};
+const PROCESS_KEYS: Readonly<Record<string, string>> = Object.fromEntries(
+  PROCESS_SETTINGS.map((s) => [s.env, s.fileKey]),
+);
 
 /** The keys a connection may have (buffer, each source). */
-const CONNECTION_KEYS = [
-  'url',
-  'host',
-  'port',
-  'database',
-  'user',
-  'password',
-  'passwordEnv',
-  'passwordFile',
-  'sslmode',
-  'sslRootCert',
-] as const;
+const CONNECTION_KEYS = CONNECTION_FILE_KEYS;
 
 /**
  * The parser and the schema library load only when a file is read: most deployments of one
@@ -80,15 +61,15 @@ function buildSchemas() {
   const settingKeys = Object.fromEntries(SOURCE_SETTINGS.map((s) => [s.fileKey, scalar]));
   const source = z
     .object({
-      id: z.string(),
-      slot: z.string(),
-      publication: z.string(),
-      tables: z.array(z.string()),
-      partitionRoot: scalar,
-      messages: z.array(z.string().min(1)),
-      ddl: scalar,
-      protocol: scalar,
-      snapshot: scalar,
+      [S.id.fileKey]: z.string(),
+      [S.slot.fileKey]: z.string(),
+      [S.publication.fileKey]: z.string(),
+      [S.tables.fileKey]: z.array(z.string()),
+      [S.partitionRoot.fileKey]: scalar,
+      [S.messages.fileKey]: z.array(z.string().min(1)),
+      [S.ddl.fileKey]: scalar,
+      [S.protocol.fileKey]: scalar,
+      [S.snapshot.fileKey]: scalar,
       ...connectionKeys,
       ...settingKeys,
     })
@@ -175,7 +156,7 @@ export function loadConfigFile(path: string, env: Env): Config {
   for (const s of SOURCE_SETTINGS) put(`defaults.${s.fileKey}`, defaults[s.fileKey]);
   const defaultSettings = readSourceSettings(flat, (s) => `defaults.${s.fileKey}`, problems);
   put('defaults.snapshot', defaults['snapshot']);
-  const defaultSnapshot = problems.attempt(() => snapshotMode(flat, 'defaults.snapshot'));
+  const defaultSnapshot = problems.attempt(() => S.snapshot.read(flat, 'defaults.snapshot'));
 
   const reading: Reading = { env, flat, put, problems };
   const buffer = readBuffer(file, reading);
@@ -324,23 +305,23 @@ function readSource(
     get(flat, `${at}.slot`) === undefined
       ? undefined
       : problems.attempt(() => identifier(flat, `${at}.slot`, ''));
-  const publication = problems.attempt(() => identifier(flat, `${at}.publication`, 'philotes_pub'));
-  const tableList = problems.attempt(() => tables(flat, `${at}.tables`));
+  const publication = problems.attempt(() => S.publication.read(flat, `${at}.publication`));
+  const tableList = problems.attempt(() => S.tables.read(flat, `${at}.tables`));
   put(`${at}.partitionRoot`, raw['partitionRoot']);
   // An array in the file: prefixes may hold commas, so they are taken as they are.
   const messages = Array.isArray(raw['messages'])
     ? raw['messages'].filter((m): m is string => typeof m === 'string' && m !== '')
     : [];
-  const partitionRoot = problems.attempt(() => flag(flat, `${at}.partitionRoot`, true));
+  const partitionRoot = problems.attempt(() => S.partitionRoot.read(flat, `${at}.partitionRoot`));
   put(`${at}.ddl`, raw['ddl']);
   put(`${at}.protocol`, raw['protocol']);
-  const ddl = problems.attempt(() => flag(flat, `${at}.ddl`, false));
-  const protocol = problems.attempt(() => protocolVersion(flat, `${at}.protocol`));
+  const ddl = problems.attempt(() => S.ddl.read(flat, `${at}.ddl`));
+  const protocol = problems.attempt(() => S.protocol.read(flat, `${at}.protocol`));
   put(`${at}.snapshot`, raw['snapshot']);
   const snapshot =
     raw['snapshot'] === undefined
       ? defaultSnapshot
-      : problems.attempt(() => snapshotMode(flat, `${at}.snapshot`));
+      : problems.attempt(() => S.snapshot.read(flat, `${at}.snapshot`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);

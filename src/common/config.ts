@@ -5,135 +5,34 @@
  * once, each naming the variable or the file's key and what is wrong, and never echoing a
  * password or a connection URL (which may carry one).
  */
+import { connection, envNames, get, identifier, Problems, sourceId } from './config-fields.js';
+import { loadConfigFile } from './config-file.js';
 import {
-  connection,
-  envNames,
-  flag,
-  get,
-  identifier,
-  prefixes,
-  protocolVersion,
-  snapshotMode,
-  type SnapshotMode,
-  Problems,
+  CONFIG_FILE_SETTING,
   readProcessSettings,
   readSourceSettings,
-  sourceId,
-  tables,
-  type Env,
-} from './config-fields.js';
-import { loadConfigFile } from './config-file.js';
+  SOURCE_IDENTITY as S,
+} from './config-registry.js';
+import type { Config, Env, SourceConfig } from './config-types.js';
 
 export { ConfigError, parseDuration } from './config-fields.js';
-
-export type SslMode = 'disable' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
-
-export interface ConnectionConfig {
-  readonly host: string;
-  readonly port: number;
-  readonly database: string;
-  readonly user: string;
-  readonly password: string | undefined;
-  readonly sslmode: SslMode;
-  /** PEM of the CA that signs the server's certificate (from `_SSLROOTCERT`), for verify-*. */
-  readonly sslRootCert: string | undefined;
-}
-
-/** A source's tunables (PHILOTES_CDC_* in the environment; per source and in `defaults` in a file). */
-export interface SourceSettings {
-  /** How often the durable position is confirmed to the source. */
-  readonly checkpointIntervalMs: number;
-  /** A replication connection silent for longer than this is treated as dead. */
-  readonly sourceTimeoutMs: number;
-  /** A batch is sent to the supervisor when it holds this many rows ... */
-  readonly batchMaxRows: number;
-  /** ... or this many bytes of encoded events ... */
-  readonly batchMaxBytes: number;
-  /**
-   * ... or when its first row has waited this long; 0 (the default): as soon as the reader has
-   * handled everything the source has sent so far.
-   */
-  readonly batchMaxWaitMs: number;
-  /** Batches a reader may have sent but not seen stored before it stops reading the slot. */
-  readonly maxInFlightBatches: number;
-  /** The reader thread's JS heap limit: a reader that exceeds it is restarted, alone. */
-  readonly readerHeapLimitMb: number;
-  /** Rows a snapshot reads per chunk (one short query between two watermarks). */
-  readonly snapshotChunkRows: number;
-  /** Tables a snapshot copies at once, each on a source connection of its own. */
-  readonly snapshotParallelTables: number;
-}
-
-export interface SourceConfig {
-  readonly settings: SourceSettings;
-  /** Stable identity of the source in the buffer (checkpoints, events, schema history). */
-  readonly id: string;
-  readonly connection: ConnectionConfig;
-  readonly slot: string;
-  readonly publication: string;
-  /** Tables for a newly created publication (`schema.table`); empty means FOR ALL TABLES. */
-  readonly tables: readonly string[];
-  /**
-   * A publication Philotes creates publishes a partitioned table's changes as the root table
-   * (publish_via_partition_root, PostgreSQL 13+); false: as the partition each row is in.
-   */
-  readonly partitionRoot: boolean;
-  /**
-   * Prefixes of logical messages (pg_logical_emit_message) to capture as MESSAGE events; empty:
-   * none are requested from the server.
-   */
-  readonly messages: readonly string[];
-  /**
-   * Capture DDL as DDL events: Philotes installs an event trigger on the source that writes each
-   * command as a transactional logical message (PostgreSQL 14+; installing needs a superuser).
-   */
-  readonly ddl: boolean;
-  /**
-   * pgoutput protocol version. 2 streams large transactions while they are in progress instead
-   * of letting the server spill them to its disk until commit (PostgreSQL 14+); null (auto): 2
-   * where the server has it, else 1.
-   */
-  readonly protocol: 1 | 2 | null;
-  /**
-   * initial: a source new to the buffer first copies the rows its tables hold; never: only
-   * changes; when_needed: also copies again after a lost slot instead of failing.
-   */
-  readonly snapshot: SnapshotMode;
-}
-
-/**
- * The whole configuration. The SourceSettings at the top level are the defaults every source's
- * own settings start from (the environment's, or the file's `defaults`).
- */
-export interface Config extends SourceSettings {
-  readonly sources: readonly SourceConfig[];
-  readonly buffer: ConnectionConfig;
-  /** Where the configuration came from: the environment, or the file's path. */
-  readonly origin: 'environment' | { readonly file: string };
-  /** 0 disables the HTTP server. */
-  readonly metricsPort: number;
-  readonly metricsHost: string;
-  readonly logLevel: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
-  readonly shutdownTimeoutMs: number;
-  /** Backoff between reader restarts. */
-  readonly restartMinDelayMs: number;
-  readonly restartMaxDelayMs: number;
-  /** /readyz answers 503 once a source has not streamed for this long. */
-  readonly readinessGraceMs: number;
-  /** Buffer transactions in progress at once (the writer's connections). */
-  readonly commitWriters: number;
-  /** Store several sources' waiting batches in one buffer transaction. */
-  readonly commitCoalesce: boolean;
-  /** Bytes of batches queued or being written, across all sources, before every reader holds. */
-  readonly maxBytesInFlight: number;
-}
+export type {
+  Config,
+  ConnectionConfig,
+  Env,
+  LogLevel,
+  SnapshotMode,
+  SourceConfig,
+  SourceSettings,
+  SslMode,
+} from './config-types.js';
 
 /**
  * The configuration: from the file named by `configPath` (the --config option) or
  * PHILOTES_CONFIG if either is set, else from the environment alone (one source).
  */
 export function loadConfig(env: Env = process.env, configPath?: string): Config {
-  const file = configPath ?? get(env, 'PHILOTES_CONFIG');
+  const file = configPath ?? get(env, CONFIG_FILE_SETTING.env);
   if (file !== undefined) return loadConfigFile(file, env);
   return loadEnvConfig(env);
 }
@@ -141,24 +40,20 @@ export function loadConfig(env: Env = process.env, configPath?: string): Config 
 function loadEnvConfig(env: Env): Config {
   const problems = new Problems();
   const slot =
-    problems.attempt(() => identifier(env, 'PHILOTES_CDC_REPLICATION_SLOT', 'philotes_cdc')) ??
-    'philotes_cdc';
-  const publication = problems.attempt(() =>
-    identifier(env, 'PHILOTES_CDC_PUBLICATION', 'philotes_pub'),
-  );
-  const id = problems.attempt(() => sourceId(env, 'PHILOTES_CDC_SOURCE_ID', slot));
+    problems.attempt(() => identifier(env, S.slot.env, S.slot.default)) ?? S.slot.default;
+  const id = problems.attempt(() => sourceId(env, S.id.env, slot));
   const settings = readSourceSettings(env, (s) => s.env, problems);
   const source = {
     id,
     connection: problems.attempt(() => connection(env, envNames('PHILOTES_CDC_SOURCE'))),
     slot,
-    publication,
-    tables: problems.attempt(() => Object.freeze(tables(env, 'PHILOTES_CDC_TABLES'))),
-    partitionRoot: problems.attempt(() => flag(env, 'PHILOTES_CDC_PARTITION_ROOT', true)),
-    messages: problems.attempt(() => Object.freeze(prefixes(env, 'PHILOTES_CDC_MESSAGES'))),
-    ddl: problems.attempt(() => flag(env, 'PHILOTES_CDC_DDL', false)),
-    protocol: problems.attempt(() => protocolVersion(env, 'PHILOTES_CDC_PROTOCOL')),
-    snapshot: problems.attempt(() => snapshotMode(env, 'PHILOTES_CDC_SNAPSHOT')),
+    publication: problems.attempt(() => S.publication.read(env, S.publication.env)),
+    tables: problems.attempt(() => Object.freeze(S.tables.read(env, S.tables.env))),
+    partitionRoot: problems.attempt(() => S.partitionRoot.read(env, S.partitionRoot.env)),
+    messages: problems.attempt(() => Object.freeze(S.messages.read(env, S.messages.env))),
+    ddl: problems.attempt(() => S.ddl.read(env, S.ddl.env)),
+    protocol: problems.attempt(() => S.protocol.read(env, S.protocol.env)),
+    snapshot: problems.attempt(() => S.snapshot.read(env, S.snapshot.env)),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

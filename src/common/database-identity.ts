@@ -22,5 +22,6 @@ export const BUFFER_TABLES = [
   'cdc_staged',
   'cdc_snapshots',
   'cdc_snapshot_tables',
+  'cdc_retracted_events',
   'philotes_migrations',
 ];

@@ -4,7 +4,7 @@
  */
 import type { ErrorInfo } from './protocol.js';
 
-/** Why a source stopped for good; each has its row in the README's fatal-state table. */
+/** Why a source stopped for good; each has its row in docs/operations.md's fatal-state table (test/unit/docs.test.ts) and its policy in error-policy.ts. */
 export type FatalCode =
   | 'WAL_LEVEL_NOT_LOGICAL'
   | 'SERVER_TOO_OLD'

@@ -97,7 +97,7 @@ describe('capture one source', () => {
       ['j'],
       ['t'],
     ]);
-    // The README's replay: the row from `after`, then JSON null for the columns details names.
+    // The replay of docs/events.md: the row from `after`, then JSON null for the columns details names.
     const state = new Map<number, { j: unknown; t: unknown }>();
     for (const e of events) {
       const nulls = e.details?.json_null?.after ?? [];
@@ -139,7 +139,7 @@ describe('capture one source', () => {
       ['a[1][1]', 'a[2][2]'],
       null,
     ]);
-    // The README's replay: the row from `after`, then each listed element set to JSON null.
+    // The replay of docs/events.md: the row from `after`, then each listed element set to JSON null.
     const scratch = `arrs_${Math.random().toString(36).slice(2, 8)}`;
     await f.source.createDatabase(scratch);
     await f.source.query(

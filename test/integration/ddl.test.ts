@@ -76,7 +76,7 @@ async function replay(client: pg.Client, events: StoredEvent[]): Promise<void> {
         if (e.operation === 'UPDATE')
           await client.query(`DELETE FROM ${table} WHERE ${keyMatch(e.before ?? e.after!)}`);
         await client.query(`INSERT INTO ${table} SELECT * FROM ${record(e.after!)}`);
-        // The README's recipe: a json column listed here holds JSON null, not SQL NULL.
+        // The recipe of docs/events.md: a json column listed here holds JSON null, not SQL NULL.
         for (const column of e.details?.json_null?.after ?? [])
           await client.query(
             `UPDATE ${table} SET "${column}" = 'null' WHERE ${keyMatch(e.after!)}`,

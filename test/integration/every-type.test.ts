@@ -251,7 +251,7 @@ describe('every type a table can have', () => {
           replayable: string;
         }>(
           // An UPDATE leaves out unchanged TOASTed values (unchanged_columns): the replay
-          // keeps the row's earlier ones, as the README's replay does.
+          // keeps the row's earlier ones, as the replay in docs/events.md does.
           `SELECT operation, merged AS after, (merged - $1::text[])::text AS replayable
              FROM (SELECT e.lsn, e.seq, e.operation,
                           CASE WHEN e.operation = 'UPDATE' THEN p.after || e.after ELSE e.after END AS merged
@@ -278,7 +278,7 @@ describe('every type a table can have', () => {
       'INSERT',
       'UPDATE',
     ]);
-    // json travels as jsonb (the README: whitespace and key order normalized): compared so.
+    // json travels as jsonb (docs/events.md: whitespace and key order normalized): compared so.
     const text = (c: Column, at: string) =>
       c.typname === 'json'
         ? `${at}::jsonb::text`

@@ -1,7 +1,7 @@
 /**
- * The type matrix: every PostgreSQL type the README's "Events" table names, with its edge values,
+ * The type matrix: every PostgreSQL type the "Events" table (docs/events.md) names, with its edge values,
  * captured for real and checked two ways:
- *  (a) the JSON form of each value follows the README table, value for value;
+ *  (a) the JSON form of each value follows the docs' table (docs/events.md), value for value;
  *  (b) every before/after parses back with jsonb_populate_record, in a scratch database on the
  *      source cluster with the same DDL, into exactly the source row.
  * Plus unchanged TOASTed values (never null: omitted and named, or filled in from the old row under
@@ -27,7 +27,7 @@ const TYPES_DDL = `
 `;
 
 /**
- * How the README says a column's non-null values appear in JSON. 'float' is a number, or a string
+ * How docs/events.md says a column's non-null values appear in JSON. 'float' is a number, or a string
  * for NaN and ±Infinity; 'text' is a string holding PostgreSQL's own text form.
  */
 type Kind = 'number' | 'string' | 'float' | 'boolean' | 'json' | 'text' | 'array';
@@ -104,7 +104,7 @@ const COLUMNS: ReadonlyArray<{ name: string; type: string; kind: Kind }> = [
 const MATRIX_DDL = `CREATE TABLE matrix (${COLUMNS.map((c) => `${c.name} ${c.type}`).join(', ')});
   ALTER TABLE matrix REPLICA IDENTITY FULL;`;
 
-/** A column's SQL literal and the JSON the README says its event value must be. */
+/** A column's SQL literal and the JSON docs/events.md says its event value must be. */
 type Cell = readonly [sql: string, json: string];
 
 const BIG = '123456789012345678901234567890';
@@ -251,7 +251,7 @@ const DELETED_ID = 3;
  * The row as text with json normalized to jsonb: what a replay must reproduce exactly.
  *
  * LIMITATION (json): cdc_events.after is jsonb, so a json value's whitespace, key order and
- * duplicate keys cannot survive the buffer (the README promises "the JSON value itself"); and no
+ * duplicate keys cannot survive the buffer (docs/events.md promises "the JSON value itself"); and no
  * encoding could fix that for this replay: jsonb_populate_record fills a json column from a JSON
  * string with the quoted string, not its contents. json is therefore compared as jsonb here, and
  * the json test below pins down exactly what survives.
@@ -318,7 +318,7 @@ function insertSql(id: number, cells: Record<string, Cell>): string {
   return `INSERT INTO matrix (${names.join(', ')}) VALUES (${values.join(', ')})`;
 }
 
-/** The JSON text of an event's row as the README says it must be (every column present). */
+/** The JSON text of an event's row as docs/events.md says it must be (every column present). */
 function expectedJson(id: number, overrides: Record<string, string> = {}): string {
   const cells = ROWS[id]!;
   const fields = COLUMNS.map((c) => {
@@ -406,7 +406,7 @@ describe('type matrix', () => {
     ]);
   });
 
-  it('encodes every value as the README table says (JSON type and exact value)', async () => {
+  it('encodes every value as the events table (docs/events.md) says (JSON type and exact value)', async () => {
     const inserts = events.filter((e) => e.operation === 'INSERT');
     for (const e of inserts) {
       const got = await jsonFields(f.buffer, e.after!);
@@ -420,7 +420,7 @@ describe('type matrix', () => {
         // ...with the exact value (jsonb-normalized on both sides, so 1e308 = 1e+308)...
         expect(g.text, `row ${e.key} ${c.name} (${c.type})`).toBe(want.get(c.name)!.text);
         if (g.type === 'null') continue;
-        // ...and of the JSON type the README names for the column's type.
+        // ...and of the JSON type docs/events.md names for the column's type.
         expect(JSON_TYPES[c.kind], `row ${e.key} ${c.name} is a JSON ${g.type}`).toContain(g.type);
         if (c.kind === 'float' && g.type === 'string') {
           expect(JSON.parse(g.text)).toMatch(/^(NaN|Infinity|-Infinity)$/);
@@ -567,7 +567,7 @@ describe('type matrix', () => {
     });
 
     // LIMITATION: a jsonb value that is JSON null ('null'::jsonb, not SQL NULL) is spliced as the
-    // JSON value itself, as the README says, which is exactly how SQL NULL is written: the two
+    // JSON value itself, as docs/events.md says, which is exactly how SQL NULL is written: the two
     // cannot be told apart in `after`, and the replay turns it into SQL NULL (inside jsonb[] too).
     // No JSON value fixes that without changing the event format; pinned here so it stays known.
     it('LIMITATION: jsonb null is written as null, the same as SQL NULL', async () => {

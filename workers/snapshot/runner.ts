@@ -49,7 +49,7 @@ export interface SnapshotTable {
  * The columns a table's chunks are read by: a unique, valid, immediate index on NOT NULL plain
  * columns, preferring the replica identity index (its columns are in every change the stream
  * carries), then the primary key, then the narrowest other one. Null: none, and the table's rows
- * cannot be copied exactly (see the README). A unique index without a primary key serves an
+ * cannot be copied exactly (see docs/snapshots.md). A unique index without a primary key serves an
  * insert-only table (without a replica identity the source refuses UPDATE and DELETE on it).
  */
 async function chunkKey(
@@ -444,7 +444,7 @@ export class SnapshotRunner {
     if (chosen === null || keyIndexes.some((i) => i < 0)) {
       log.warn(
         { table: name },
-        'snapshot: the table has no primary key and no unique index on NOT NULL columns; its rows are not copied (see the README: Snapshots, tables without a key)',
+        'snapshot: the table has no primary key and no unique index on NOT NULL columns; its rows are not copied (see docs/snapshots.md, tables without a primary key)',
       );
       await this.emptyChunk(c, t.schema, t.name, state, 'skipped_no_key');
       return;

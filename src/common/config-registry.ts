@@ -1,0 +1,394 @@
+/**
+ * Every setting, declared once: its environment variable, its key in a configuration file, its
+ * default as documented, how it is read and checked, and one line of doc. Both loaders walk these
+ * lists (config.ts for the environment, config-file.ts for a file); docs/configuration.md's
+ * tables and philotes.example.yaml are held equal to them by test/unit/config-docs.test.ts. A new
+ * setting is one entry here, one field in config-types.ts, and the rows that test asks for.
+ */
+import {
+  ConfigError,
+  duration,
+  flag,
+  get,
+  identifier,
+  integer,
+  prefixes,
+  Problems,
+  protocolVersion,
+  snapshotMode,
+  tables,
+} from './config-fields.js';
+import type { Config, Env, LogLevel, SnapshotMode, SourceSettings } from './config-types.js';
+
+/** What the docs say about a setting. */
+export interface SettingDoc {
+  /** The environment variable. */
+  readonly env: string;
+  /** The key in a configuration file (per source and under `defaults:`, or at the top level). */
+  readonly fileKey: string;
+  /** The default, as the docs write it. */
+  readonly default: string;
+  /** One line of doc. */
+  readonly doc: string;
+}
+
+export interface Setting<K extends string, T> extends SettingDoc {
+  /** The field of the configuration it fills. */
+  readonly key: K;
+  /** Reads and checks it from a flat map of strings under `name` (absent: the default). */
+  readonly read: (env: Env, name: string) => T;
+}
+
+// ---- a source's tunables (SourceSettings): per source, under `defaults:`, or PHILOTES_CDC_* ----
+
+export const SOURCE_SETTINGS: ReadonlyArray<Setting<keyof SourceSettings, number>> = [
+  {
+    key: 'checkpointIntervalMs',
+    fileKey: 'checkpointInterval',
+    env: 'PHILOTES_CDC_CHECKPOINT_INTERVAL',
+    default: '10s',
+    doc: 'how often the durable position is confirmed to the source',
+    read: (env, name) => duration(env, name, '10s', 10, 3_600_000),
+  },
+  {
+    key: 'sourceTimeoutMs',
+    fileKey: 'sourceTimeout',
+    env: 'PHILOTES_CDC_SOURCE_TIMEOUT',
+    default: '30s',
+    doc: 'a replication connection silent this long (Philotes asks for replies) is treated as dead and reopened',
+    read: (env, name) => duration(env, name, '30s', 1000, 3_600_000),
+  },
+  {
+    key: 'batchMaxRows',
+    fileKey: 'batchMaxRows',
+    env: 'PHILOTES_CDC_BATCH_MAX_ROWS',
+    default: '5000',
+    doc: 'a batch is sent to the supervisor at this many events...',
+    read: (env, name) => integer(env, name, 5000, 1, 1_000_000),
+  },
+  {
+    key: 'batchMaxBytes',
+    fileKey: 'batchMaxBytes',
+    env: 'PHILOTES_CDC_BATCH_MAX_BYTES',
+    default: '4194304',
+    doc: '...or this many bytes...',
+    read: (env, name) => integer(env, name, 4 * 1024 * 1024, 1024, 256 * 1024 * 1024),
+  },
+  {
+    key: 'batchMaxWaitMs',
+    fileKey: 'batchMaxWait',
+    env: 'PHILOTES_CDC_BATCH_MAX_WAIT',
+    default: '0ms',
+    doc: '...or, at 0, as soon as the reader has handled all the source has sent; above 0, when its first event has waited this long (fewer, larger buffer transactions at low rates)',
+    read: (env, name) => duration(env, name, '0ms', 0, 60_000),
+  },
+  {
+    key: 'maxInFlightBatches',
+    fileKey: 'maxInFlightBatches',
+    env: 'PHILOTES_CDC_MAX_IN_FLIGHT_BATCHES',
+    default: '4',
+    doc: 'batches sent but not yet stored before the reader stops reading the slot',
+    read: (env, name) => integer(env, name, 4, 1, 64),
+  },
+  {
+    key: 'snapshotChunkRows',
+    fileKey: 'snapshotChunkRows',
+    env: 'PHILOTES_CDC_SNAPSHOT_CHUNK_ROWS',
+    default: '10000',
+    doc: 'rows a snapshot reads per chunk (one short query between two watermarks)',
+    read: (env, name) => integer(env, name, 10_000, 1, 1_000_000),
+  },
+  {
+    key: 'snapshotParallelTables',
+    fileKey: 'snapshotParallelTables',
+    env: 'PHILOTES_CDC_SNAPSHOT_PARALLEL_TABLES',
+    default: '1',
+    doc: 'tables a snapshot copies at once, each on a source connection of its own',
+    read: (env, name) => integer(env, name, 1, 1, 16),
+  },
+  {
+    key: 'readerHeapLimitMb',
+    fileKey: 'readerHeapLimitMb',
+    env: 'PHILOTES_CDC_READER_HEAP_LIMIT_MB',
+    default: '512',
+    doc: "the reader thread's JS heap limit in MB: a reader that exceeds it is restarted, alone",
+    read: (env, name) => integer(env, name, 512, 4, 65_536),
+  },
+];
+
+// ---- what a source is (SourceConfig): per source in a file, or PHILOTES_CDC_* ----
+
+/**
+ * The source's own settings. `id` and `slot` are read by each loader itself (the environment's id
+ * defaults to the slot name; a file requires both), the rest through `read`.
+ */
+export const SOURCE_IDENTITY = {
+  id: {
+    env: 'PHILOTES_CDC_SOURCE_ID',
+    fileKey: 'id',
+    default: 'the slot name',
+    doc: "the source's identity in the buffer (events, checkpoint, schema history); in a file required and unique",
+  },
+  slot: {
+    env: 'PHILOTES_CDC_REPLICATION_SLOT',
+    fileKey: 'slot',
+    default: 'philotes_cdc',
+    doc: 'the replication slot, [a-z_][a-z0-9_]*; in a file required, one per source and server',
+  },
+  publication: {
+    env: 'PHILOTES_CDC_PUBLICATION',
+    fileKey: 'publication',
+    default: 'philotes_pub',
+    doc: 'the publication, [a-z_][a-z0-9_]*',
+    read: (env: Env, name: string): string => identifier(env, name, 'philotes_pub'),
+  },
+  tables: {
+    env: 'PHILOTES_CDC_TABLES',
+    fileKey: 'tables',
+    default: 'all tables',
+    doc: 'schema.table list for a publication Philotes creates (comma-separated; a list in a file); none: FOR ALL TABLES',
+    read: (env: Env, name: string): string[] => tables(env, name),
+  },
+  partitionRoot: {
+    env: 'PHILOTES_CDC_PARTITION_ROOT',
+    fileKey: 'partitionRoot',
+    default: 'on',
+    doc: "a publication Philotes creates publishes a partitioned table's changes as the root table (off: as the partition)",
+    read: (env: Env, name: string): boolean => flag(env, name, true),
+  },
+  messages: {
+    env: 'PHILOTES_CDC_MESSAGES',
+    fileKey: 'messages',
+    default: 'none',
+    doc: 'prefixes of logical messages (pg_logical_emit_message) stored as MESSAGE events (comma-separated; a list in a file)',
+    read: (env: Env, name: string): string[] => prefixes(env, name),
+  },
+  ddl: {
+    env: 'PHILOTES_CDC_DDL',
+    fileKey: 'ddl',
+    default: 'off',
+    doc: 'on: capture DDL as DDL events through an event trigger on the source (PostgreSQL 14+; installing it needs a superuser)',
+    read: (env: Env, name: string): boolean => flag(env, name, false),
+  },
+  protocol: {
+    env: 'PHILOTES_CDC_PROTOCOL',
+    fileKey: 'protocol',
+    default: 'auto',
+    doc: 'pgoutput protocol: 2 streams large transactions while in progress (PostgreSQL 14+), 1 lets the server spill them; auto: 2 where the server has it',
+    read: (env: Env, name: string): 1 | 2 | null => protocolVersion(env, name),
+  },
+  snapshot: {
+    env: 'PHILOTES_CDC_SNAPSHOT',
+    fileKey: 'snapshot',
+    default: 'initial',
+    doc: 'initial: a source new to the buffer copies the rows its tables hold first; never: changes only; when_needed: also again after a lost slot, instead of stopping',
+    read: (env: Env, name: string): SnapshotMode => snapshotMode(env, name),
+  },
+} as const satisfies Record<string, SettingDoc & { read?: (env: Env, name: string) => unknown }>;
+
+// ---- connections: PHILOTES_CDC_SOURCE_* and PHILOTES_BUFFER_*, or a file's keys ----
+
+/** A connection's fields: the variable is `<prefix>_<SUFFIX>`, the file key as given. */
+export const CONNECTION_FIELDS: ReadonlyArray<{
+  readonly suffix: string;
+  readonly fileKey: string;
+  readonly default: string;
+  readonly doc: string;
+}> = [
+  {
+    suffix: 'URL',
+    fileKey: 'url',
+    default: '—',
+    doc: 'postgres://user:password@host:port/database?sslmode=…; the fields below override its parts',
+  },
+  { suffix: 'HOST', fileKey: 'host', default: 'localhost', doc: 'host' },
+  { suffix: 'PORT', fileKey: 'port', default: '5432', doc: 'port' },
+  { suffix: 'DATABASE', fileKey: 'database', default: 'required', doc: 'database' },
+  { suffix: 'USER', fileKey: 'user', default: 'required', doc: 'user' },
+  {
+    suffix: 'PASSWORD',
+    fileKey: 'password',
+    default: '—',
+    doc: 'password (in a file, or passwordEnv: a variable to read it from, or passwordFile: a file, e.g. a Kubernetes secret)',
+  },
+  {
+    suffix: 'SSLMODE',
+    fileKey: 'sslmode',
+    default: 'prefer',
+    doc: 'disable, prefer, require, verify-ca or verify-full',
+  },
+  {
+    suffix: 'SSLROOTCERT',
+    fileKey: 'sslRootCert',
+    default: '—',
+    doc: 'CA certificate file (PEM) for verify-ca / verify-full',
+  },
+];
+
+/** A file's connection keys: the fields, and the two other ways to give a password. */
+export const CONNECTION_FILE_KEYS = [
+  ...CONNECTION_FIELDS.map((f) => f.fileKey),
+  'passwordEnv',
+  'passwordFile',
+] as const;
+
+// ---- process-wide settings: the environment, or a file's top level (the variable wins) ----
+
+type ProcessSettings = Omit<Config, 'sources' | 'buffer' | 'origin' | keyof SourceSettings>;
+
+const LOG_LEVELS: readonly LogLevel[] = [
+  'fatal',
+  'error',
+  'warn',
+  'info',
+  'debug',
+  'trace',
+  'silent',
+];
+
+function logLevel(env: Env, name: string): LogLevel {
+  const level = get(env, name) ?? 'info';
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) {
+    throw new ConfigError(
+      `${name} must be one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(level)}`,
+    );
+  }
+  return level as LogLevel;
+}
+
+export const PROCESS_SETTINGS: ReadonlyArray<Setting<keyof ProcessSettings, unknown>> = [
+  {
+    key: 'logLevel',
+    env: 'PHILOTES_LOG_LEVEL',
+    fileKey: 'logLevel',
+    default: 'info',
+    doc: LOG_LEVELS.join(', '),
+    read: logLevel,
+  },
+  {
+    key: 'restartMinDelayMs',
+    env: 'PHILOTES_RESTART_MIN_DELAY',
+    fileKey: 'restartMinDelay',
+    default: '500ms',
+    doc: 'the first backoff between reader restarts (doubling, jittered)',
+    read: (env, name) => duration(env, name, '500ms', 10, 3_600_000),
+  },
+  {
+    key: 'restartMaxDelayMs',
+    env: 'PHILOTES_RESTART_MAX_DELAY',
+    fileKey: 'restartMaxDelay',
+    default: '30s',
+    doc: 'the longest backoff, and how often a failed source is tried again',
+    read: (env, name) => duration(env, name, '30s', 10, 3_600_000),
+  },
+  {
+    key: 'metricsPort',
+    env: 'PHILOTES_METRICS_PORT',
+    fileKey: 'metricsPort',
+    default: '9753',
+    doc: 'HTTP port for /metrics, /healthz, /readyz and the status page; 0 turns the server off',
+    read: (env, name) => integer(env, name, 9753, 0, 65535),
+  },
+  {
+    key: 'metricsHost',
+    env: 'PHILOTES_METRICS_HOST',
+    fileKey: 'metricsHost',
+    default: '0.0.0.0',
+    doc: 'the address the HTTP server binds',
+    read: (env, name) => get(env, name) ?? '0.0.0.0',
+  },
+  {
+    key: 'shutdownTimeoutMs',
+    env: 'PHILOTES_SHUTDOWN_TIMEOUT',
+    fileKey: 'shutdownTimeout',
+    default: '10s',
+    doc: 'after a stop signal, exit anyway after this long',
+    read: (env, name) => duration(env, name, '10s', 100, 600_000),
+  },
+  {
+    key: 'readinessGraceMs',
+    env: 'PHILOTES_READINESS_GRACE',
+    fileKey: 'readinessGrace',
+    default: '60s',
+    doc: '/readyz answers 503 once a source has not streamed for this long',
+    read: (env, name) => duration(env, name, '60s', 1000, 86_400_000),
+  },
+  {
+    key: 'commitWriters',
+    env: 'PHILOTES_COMMIT_WRITERS',
+    fileKey: 'commitWriters',
+    default: '2',
+    doc: 'buffer transactions in progress at once (each a buffer connection)',
+    read: (env, name) => integer(env, name, 2, 1, 64),
+  },
+  {
+    key: 'commitCoalesce',
+    env: 'PHILOTES_COMMIT_COALESCE',
+    fileKey: 'commitCoalesce',
+    default: 'on',
+    doc: 'store the batches several sources have waiting in one buffer transaction',
+    read: (env, name) => flag(env, name, true),
+  },
+  {
+    key: 'maxBytesInFlight',
+    env: 'PHILOTES_MAX_BYTES_IN_FLIGHT',
+    fileKey: 'maxBytesInFlight',
+    default: '134217728',
+    doc: 'bytes of batches received and not yet stored, all sources together, before every reader holds',
+    read: (env, name) =>
+      integer(env, name, 128 * 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024 * 1024),
+  },
+];
+
+/** Where the configuration comes from, when not from the environment alone. */
+export const CONFIG_FILE_SETTING: SettingDoc = {
+  env: 'PHILOTES_CONFIG',
+  fileKey: '',
+  default: '—',
+  doc: 'a configuration file with any number of sources (or --config); then sources come from the file only',
+};
+
+// ---- walking the lists ----
+
+/**
+ * Source settings read from `env` under `name(setting)`; a setting not there comes from
+ * `fallback` (the file's defaults), else from its documented default.
+ */
+export function readSourceSettings(
+  env: Env,
+  name: (setting: (typeof SOURCE_SETTINGS)[number]) => string,
+  problems: Problems,
+  fallback?: SourceSettings,
+): SourceSettings {
+  const settings: Record<string, number> = {};
+  for (const setting of SOURCE_SETTINGS) {
+    const key = name(setting);
+    const value =
+      fallback !== undefined && get(env, key) === undefined
+        ? fallback[setting.key]
+        : problems.attempt(() => setting.read(env, key));
+    settings[setting.key] = value ?? 0;
+  }
+  return Object.freeze(settings as unknown as SourceSettings);
+}
+
+/** The process-wide settings, each read under `name(variable)` (a file names them its own way). */
+export function readProcessSettings(
+  source: Env,
+  problems: Problems,
+  name: (variable: string) => string = (variable) => variable,
+): ProcessSettings {
+  const settings: Record<string, unknown> = {};
+  for (const setting of PROCESS_SETTINGS) {
+    settings[setting.key] = problems.attempt(() => setting.read(source, name(setting.env)));
+  }
+  const min = settings['restartMinDelayMs'] as number | undefined;
+  const max = settings['restartMaxDelayMs'] as number | undefined;
+  if (min !== undefined && max !== undefined && max < min) {
+    problems.add(
+      `${name('PHILOTES_RESTART_MAX_DELAY')} must not be less than ${name('PHILOTES_RESTART_MIN_DELAY')}`,
+    );
+  }
+  // A setting that failed its check is reported; the value left is never used (the load throws).
+  return settings as unknown as ProcessSettings;
+}

@@ -1,0 +1,113 @@
+/**
+ * The configuration's types, in a leaf of their own: the loaders (config.ts, config-file.ts),
+ * the registry of settings (config-registry.ts) and the checks (config-fields.ts) all import
+ * them, and none imports another's types through a circle.
+ */
+
+export type Env = Readonly<Record<string, string | undefined>>;
+
+export type SnapshotMode = 'initial' | 'never' | 'when_needed';
+
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
+
+export type SslMode = 'disable' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
+
+export interface ConnectionConfig {
+  readonly host: string;
+  readonly port: number;
+  readonly database: string;
+  readonly user: string;
+  readonly password: string | undefined;
+  readonly sslmode: SslMode;
+  /** PEM of the CA that signs the server's certificate (from `_SSLROOTCERT`), for verify-*. */
+  readonly sslRootCert: string | undefined;
+}
+
+/** A source's tunables (PHILOTES_CDC_* in the environment; per source and in `defaults` in a file). */
+export interface SourceSettings {
+  /** How often the durable position is confirmed to the source. */
+  readonly checkpointIntervalMs: number;
+  /** A replication connection silent for longer than this is treated as dead. */
+  readonly sourceTimeoutMs: number;
+  /** A batch is sent to the supervisor when it holds this many rows ... */
+  readonly batchMaxRows: number;
+  /** ... or this many bytes of encoded events ... */
+  readonly batchMaxBytes: number;
+  /**
+   * ... or when its first row has waited this long; 0 (the default): as soon as the reader has
+   * handled everything the source has sent so far.
+   */
+  readonly batchMaxWaitMs: number;
+  /** Batches a reader may have sent but not seen stored before it stops reading the slot. */
+  readonly maxInFlightBatches: number;
+  /** The reader thread's JS heap limit: a reader that exceeds it is restarted, alone. */
+  readonly readerHeapLimitMb: number;
+  /** Rows a snapshot reads per chunk (one short query between two watermarks). */
+  readonly snapshotChunkRows: number;
+  /** Tables a snapshot copies at once, each on a source connection of its own. */
+  readonly snapshotParallelTables: number;
+}
+
+export interface SourceConfig {
+  readonly settings: SourceSettings;
+  /** Stable identity of the source in the buffer (checkpoints, events, schema history). */
+  readonly id: string;
+  readonly connection: ConnectionConfig;
+  readonly slot: string;
+  readonly publication: string;
+  /** Tables for a newly created publication (`schema.table`); empty means FOR ALL TABLES. */
+  readonly tables: readonly string[];
+  /**
+   * A publication Philotes creates publishes a partitioned table's changes as the root table
+   * (publish_via_partition_root, PostgreSQL 13+); false: as the partition each row is in.
+   */
+  readonly partitionRoot: boolean;
+  /**
+   * Prefixes of logical messages (pg_logical_emit_message) to capture as MESSAGE events; empty:
+   * none are requested from the server.
+   */
+  readonly messages: readonly string[];
+  /**
+   * Capture DDL as DDL events: Philotes installs an event trigger on the source that writes each
+   * command as a transactional logical message (PostgreSQL 14+; installing needs a superuser).
+   */
+  readonly ddl: boolean;
+  /**
+   * pgoutput protocol version. 2 streams large transactions while they are in progress instead
+   * of letting the server spill them to its disk until commit (PostgreSQL 14+); null (auto): 2
+   * where the server has it, else 1.
+   */
+  readonly protocol: 1 | 2 | null;
+  /**
+   * initial: a source new to the buffer first copies the rows its tables hold; never: only
+   * changes; when_needed: also copies again after a lost slot instead of failing.
+   */
+  readonly snapshot: SnapshotMode;
+}
+
+/**
+ * The whole configuration. The SourceSettings at the top level are the defaults every source's
+ * own settings start from (the environment's, or the file's `defaults`).
+ */
+export interface Config extends SourceSettings {
+  readonly sources: readonly SourceConfig[];
+  readonly buffer: ConnectionConfig;
+  /** Where the configuration came from: the environment, or the file's path. */
+  readonly origin: 'environment' | { readonly file: string };
+  /** 0 disables the HTTP server. */
+  readonly metricsPort: number;
+  readonly metricsHost: string;
+  readonly logLevel: LogLevel;
+  readonly shutdownTimeoutMs: number;
+  /** Backoff between reader restarts. */
+  readonly restartMinDelayMs: number;
+  readonly restartMaxDelayMs: number;
+  /** /readyz answers 503 once a source has not streamed for this long. */
+  readonly readinessGraceMs: number;
+  /** Buffer transactions in progress at once (the writer's connections). */
+  readonly commitWriters: number;
+  /** Store several sources' waiting batches in one buffer transaction. */
+  readonly commitCoalesce: boolean;
+  /** Bytes of batches queued or being written, across all sources, before every reader holds. */
+  readonly maxBytesInFlight: number;
+}
