@@ -4,7 +4,8 @@
  */
 import type { SourceConfig } from '../src/common/config.js';
 import { FatalSourceError } from '../src/common/errors.js';
-import { publicationMissingError, resetCommand } from '../src/common/source-admin.js';
+import { policyOf } from '../src/common/error-policy.js';
+import { publicationMissingError } from '../src/common/source-admin.js';
 import type { SourceNotice } from './replication-stream.js';
 
 /**
@@ -42,7 +43,7 @@ export function explainSourceError(error: unknown, source: SourceConfig): unknow
   }
   if (e.code === '58P01') {
     return new FatalSourceError(
-      `stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${resetCommand(source.id)}`,
+      `stopped: the source server has removed WAL that slot "${source.slot}" still needs (${e.message}); the changes in it can no longer be delivered. To record the gap in the buffer (cdc_gaps) and resume at a new slot: ${policyOf('WAL_REMOVED').fix(source)}`,
       'WAL_REMOVED',
       { slot: source.slot },
     );

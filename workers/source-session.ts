@@ -29,15 +29,10 @@ import {
   type PgoutputOptions,
   type StreamEvents,
 } from './replication-stream.js';
-import {
-  CatalogResolver,
-  prepareSource,
-  type BufferRecord,
-  type PreparedSource,
-  type StreamRelation,
-} from './source-setup.js';
+import { CatalogResolver, type StreamRelation } from './catalog-resolver.js';
+import { prepareSource, type BufferRecord, type PreparedSource } from './source-setup.js';
 
-/** What the stream does not carry about a table, looked up on the source (source-setup.ts). */
+/** What the stream does not carry about a table, looked up on the source (catalog-resolver.ts). */
 export interface RelationCatalog {
   /** A Type message: the name of a non-built-in type at this point of the WAL. */
   noteType(typeOid: number, name: string): void;

@@ -11,7 +11,7 @@
  */
 import type { SourceConfig } from './config.js';
 import type { FatalCode } from './errors.js';
-import { resetCommand, where } from './source-admin.js';
+import { resetCommand, where } from './source-names.js';
 
 export type RetryDirective =
   /** Stops the source; tried again every PHILOTES_RESTART_MAX_DELAY, it recovers once fixed. */

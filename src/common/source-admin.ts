@@ -9,6 +9,8 @@
  * starts at "now". Either is a silent gap unless the client compares the slot with its own
  * durable record before streaming.
  */
+import { policyOf } from './error-policy.js';
+import { resetCommand, where } from './source-names.js';
 import type pg from 'pg';
 import { supports } from './server-features.js';
 import type { SlotDecodingStats } from './protocol.js';
@@ -16,6 +18,8 @@ import type { SourceConfig } from './config.js';
 import { FatalSourceError, type FatalCode } from './errors.js';
 import type { Logger } from './logger.js';
 import { formatBytes, formatLsn, parseLsn } from './lsn.js';
+
+export { resetCommand, where } from './source-names.js';
 
 export interface SlotState {
   readonly plugin: string | null;
@@ -31,10 +35,6 @@ export interface SlotState {
   readonly restartLsn: bigint | null;
   /** Bytes of WAL it may still hold before max_slot_wal_keep_size invalidates it (13+; null: no limit). */
   readonly safeWalSize: number | null;
-}
-
-export function where(source: SourceConfig): string {
-  return `${source.connection.host}:${source.connection.port}/${source.connection.database}`;
 }
 
 /** The slot as pg_replication_slots shows it now, or null if there is no such slot. */
@@ -144,13 +144,13 @@ export async function createSlot(client: pg.Client, source: SourceConfig): Promi
     const code = (error as { code?: string }).code;
     if (code === '42501') {
       throw new FatalSourceError(
-        `cannot create replication slot "${source.slot}" on ${where(source)}: the user needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)`,
+        `cannot create replication slot "${source.slot}" on ${where(source)}: the user needs the REPLICATION attribute (fix: ${policyOf('NO_REPLICATION_ATTRIBUTE').fix(source)})`,
         'NO_REPLICATION_ATTRIBUTE',
       );
     }
     if (code === '53400') {
       throw new FatalSourceError(
-        `cannot create replication slot "${source.slot}" on ${where(source)}: all replication slots are in use (raise max_replication_slots)`,
+        `cannot create replication slot "${source.slot}" on ${where(source)}: all replication slots are in use (fix: ${policyOf('NO_FREE_SLOT').fix(source)})`,
         'NO_FREE_SLOT',
       );
     }
@@ -166,14 +166,15 @@ function wrongSlot(source: SourceConfig, slot: SlotState): SlotProblem | null {
     return {
       what,
       error: new FatalSourceError(
-        `${what}; Philotes needs a logical pgoutput slot (choose another PHILOTES_CDC_REPLICATION_SLOT)`,
+        `${what}; Philotes needs a logical pgoutput slot (fix: ${policyOf('SLOT_WRONG_KIND').fix(source)})`,
         'SLOT_WRONG_KIND',
       ),
     };
   }
   if (slot.database !== source.connection.database) {
     const what = `replication slot "${source.slot}" belongs to database "${slot.database}", not "${source.connection.database}"`;
-    return { what, error: new FatalSourceError(what, 'SLOT_WRONG_DATABASE') };
+    const fix = policyOf('SLOT_WRONG_DATABASE').fix(source);
+    return { what, error: new FatalSourceError(`${what} (fix: ${fix})`, 'SLOT_WRONG_DATABASE') };
   }
   return null;
 }
@@ -238,11 +239,6 @@ export function findGap(
   return null;
 }
 
-/** The operator command that records a gap and lets capture go on. */
-export function resetCommand(sourceId: string, extra = ''): string {
-  return `philotes-worker reset-source --source ${sourceId} --accept-gap${extra}`;
-}
-
 /** The fatal error for a gap: what happened, the positions, the size, and the way out. */
 export function gapError(
   source: SourceConfig,
@@ -271,7 +267,7 @@ export function gapError(
   };
   const { code, what } = explained[gap.reason];
   return new FatalSourceError(
-    `${head} ${what} To record the gap in the buffer (cdc_gaps) and resume at ${gap.reason === 'slot_advanced' ? to : 'a new slot'}: ${resetCommand(source.id)}`,
+    `${head} ${what} To record the gap in the buffer (cdc_gaps) and resume at ${gap.reason === 'slot_advanced' ? to : 'a new slot'}: ${policyOf(code).fix(source)}`,
     code,
     {
       gapFromLsn: from,
@@ -419,13 +415,13 @@ export async function createPublication(
     if (code === '42710') return false; // created concurrently
     if (code === '42501') {
       throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (create it as a superuser, or list tables you own in PHILOTES_CDC_TABLES)`,
+        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (fix: ${policyOf('NO_PRIVILEGE').fix(source)})`,
         'NO_PRIVILEGE',
       );
     }
     if (code === '42P01') {
       throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (check PHILOTES_CDC_TABLES)`,
+        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (fix: ${policyOf('TABLE_MISSING').fix(source)})`,
         'TABLE_MISSING',
       );
     }

@@ -6,10 +6,10 @@ import { describe, expect, it } from 'vitest';
 import type { SourceConfig } from '../../src/common/config.js';
 import { isFatal } from '../../src/common/errors.js';
 import { formatBytes, parseLsn } from '../../src/common/lsn.js';
-import { findGap, gapError, type SlotState } from '../../src/common/source-admin.js';
+import { findGap, gapError, slotVerdict, type SlotState } from '../../src/common/source-admin.js';
 import type { FatalSourceError } from '../../src/common/errors.js';
 import { explainSourceError, noticeGapError } from '../../workers/source-errors.js';
-import { choosePrimaryKey } from '../../workers/source-setup.js';
+import { choosePrimaryKey } from '../../workers/catalog-resolver.js';
 
 const L = parseLsn;
 
@@ -261,5 +261,53 @@ describe('what the stream says that means a gap', () => {
     expect(removed.code).toBe('WAL_REMOVED');
     const other = Object.assign(new Error('publication "other" does not exist'), { code: '42704' });
     expect(explainSourceError(other, SOURCE)).toBe(other);
+  });
+});
+
+describe('slotVerdict: the one slot and continuity verdict the reader throws and check prints', () => {
+  const record = { checkpointLsn: L('0/3000'), confirmedLsn: L('0/3000') };
+  const WAL = L('0/9000');
+
+  it('a slot that can deliver everything after the record, or none yet for a new source: no problem', () => {
+    expect(slotVerdict(SOURCE, slot(), WAL, record)).toBeNull();
+    expect(slotVerdict(SOURCE, null, WAL, null)).toBeNull();
+    expect(slotVerdict(SOURCE, slot({ confirmedFlushLsn: L('0/8000') }), WAL, null)).toBeNull();
+  });
+
+  it('a slot of the wrong kind or database, whatever the buffer holds', () => {
+    for (const rec of [null, record]) {
+      expect(slotVerdict(SOURCE, slot({ slotType: 'physical' }), WAL, rec)?.error.code).toBe(
+        'SLOT_WRONG_KIND',
+      );
+      expect(slotVerdict(SOURCE, slot({ plugin: 'wal2json' }), WAL, rec)?.error.code).toBe(
+        'SLOT_WRONG_KIND',
+      );
+      expect(slotVerdict(SOURCE, slot({ database: 'other' }), WAL, rec)?.error.code).toBe(
+        'SLOT_WRONG_DATABASE',
+      );
+    }
+  });
+
+  it('under a checkpoint: missing, invalidated and advanced are the gaps findGap finds, with their positions', () => {
+    const cases: Array<[SlotState | null, string]> = [
+      [null, 'SLOT_MISSING'],
+      [slot({ walStatus: 'lost' }), 'SLOT_INVALIDATED'],
+      [slot({ confirmedFlushLsn: L('0/5000') }), 'SLOT_ADVANCED'],
+    ];
+    for (const [s, code] of cases) {
+      const problem = slotVerdict(SOURCE, s, WAL, record);
+      expect(problem?.error.code).toBe(code);
+      expect(problem?.error.details?.['gapFromLsn']).toBe('0/3000');
+      // What happened, without the way out: check prints the way out as its fix.
+      expect(problem!.error.message.startsWith(problem!.what)).toBe(true);
+      expect(problem!.what).not.toContain('reset-source');
+      expect(problem!.error.message).toContain('reset-source --source orders --accept-gap');
+    }
+  });
+
+  it('an invalidated slot with no checkpoint: nothing stored is at stake, and it says so', () => {
+    const problem = slotVerdict(SOURCE, slot({ walStatus: 'lost' }), WAL, null);
+    expect(problem?.error.code).toBe('SLOT_INVALIDATED');
+    expect(problem?.error.message).toContain('nothing stored is at stake');
   });
 });

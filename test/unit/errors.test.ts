@@ -2,6 +2,8 @@
  * Retryable versus fatal, table-driven: what restarts a reader with backoff, what stops a source
  * for good, and what the buffer's errors mean for an operator.
  */
+import { loadConfig } from '../../src/common/config.js';
+import { FATAL_CODES, fixFor, policyOf } from '../../src/common/error-policy.js';
 import { describe, expect, it } from 'vitest';
 import {
   classifyBufferError,
@@ -132,5 +134,43 @@ describe('describeConnectionError', () => {
   it('leaves other errors alone', () => {
     const error = coded('28P01', 'password authentication failed');
     expect(describeConnectionError(error, 'buffer', 'h', 1)).toBe(error);
+  });
+});
+
+describe('the error policy', () => {
+  const source = loadConfig({
+    PHILOTES_CDC_SOURCE_DATABASE: 'app',
+    PHILOTES_CDC_SOURCE_USER: 'cdc_role',
+    PHILOTES_CDC_SOURCE_ID: 'orders',
+    PHILOTES_BUFFER_DATABASE: 'buffer',
+    PHILOTES_BUFFER_USER: 'philotes',
+  }).sources[0]!;
+
+  it('gives every fatal code a summary, a retry directive, a fix for the source and its docs row', () => {
+    for (const code of FATAL_CODES) {
+      const policy = policyOf(code);
+      expect(policy.summary.length, code).toBeGreaterThan(10);
+      expect(policy.docs).toBe(`docs/operations.md#${code.toLowerCase()}`);
+      expect(fixFor(code, source), code).toBe(policy.fix(source));
+      expect(policy.fix(source).length, code).toBeGreaterThan(5);
+    }
+    expect(fixFor('57P01', source)).toBeNull();
+    expect(fixFor(null, source)).toBeNull();
+  });
+
+  it("fills in the source's names", () => {
+    expect(fixFor('NO_REPLICATION_ATTRIBUTE', source)).toBe('ALTER ROLE cdc_role REPLICATION');
+    expect(fixFor('SLOT_MISSING', source)).toBe(
+      'philotes-worker reset-source --source orders --accept-gap',
+    );
+  });
+
+  it('only lost changes recover with a snapshot (snapshot: when_needed)', () => {
+    expect(FATAL_CODES.filter((c) => policyOf(c).retry === 'recover_with_snapshot')).toEqual([
+      'SLOT_MISSING',
+      'SLOT_ADVANCED',
+      'SLOT_INVALIDATED',
+      'WAL_REMOVED',
+    ]);
   });
 });

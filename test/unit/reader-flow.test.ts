@@ -28,7 +28,8 @@ import type {
   ReplicationConnection,
   SourceSession,
 } from '../../workers/source-session.js';
-import type { PreparedSource, StreamRelation } from '../../workers/source-setup.js';
+import type { StreamRelation } from '../../workers/catalog-resolver.js';
+import type { PreparedSource } from '../../workers/source-setup.js';
 import { Msg } from '../support/pgoutput.js';
 import { waitFor } from '../support/poll.js';
 

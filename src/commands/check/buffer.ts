@@ -6,14 +6,16 @@ import type { Config } from '../../common/config.js';
 import { BUFFER_TABLES } from '../../common/database-identity.js';
 import { supports } from '../../common/server-features.js';
 import { SCHEMA_VERSION } from '../../buffer/migrations.js';
+import {
+  readCheckpoints,
+  schemaVersion,
+  tablesPresent,
+  type CheckpointRow,
+} from '../../buffer/reads.js';
 import { withClient, type Finding } from './finding.js';
 
-export interface BufferRecord {
-  lsn: string;
-  confirmed_lsn: string | null;
-  /** The whole row: the identity columns exist from buffer schema 6 on. */
-  row: Record<string, unknown>;
-}
+/** What the buffer holds for a source: its checkpoint row. */
+export type BufferRecord = CheckpointRow;
 
 export async function checkBuffer(
   config: Config,
@@ -32,20 +34,8 @@ export async function checkBuffer(
         fix: 'use a newer server for the buffer',
       });
     }
-    const present = await client.query<{ name: string }>(
-      `SELECT t AS name FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NOT NULL`,
-      [BUFFER_TABLES],
-    );
-    const tables = new Set(present.rows.map((r) => r.name));
-    const applied = tables.has('philotes_migrations')
-      ? Number(
-          (
-            await client.query<{ v: number | null }>(
-              'SELECT max(version) AS v FROM philotes_migrations',
-            )
-          ).rows[0]?.v ?? 0,
-        )
-      : 0;
+    const tables = await tablesPresent(client, BUFFER_TABLES);
+    const applied = await schemaVersion(client);
     const canCreate = (
       await client.query<{ ok: boolean }>(
         `SELECT has_schema_privilege(current_schema(), 'CREATE') AS ok`,
@@ -102,15 +92,10 @@ export async function checkBuffer(
             fix: `GRANT SELECT, INSERT, UPDATE, DELETE ON ${dataTables.join(', ')} TO ${config.buffer.user}`,
           },
     );
-    records = new Map();
-    if (tables.has('cdc_checkpoints')) {
-      const rows = await client.query<BufferRecord & { source_id: string }>(
-        `SELECT source_id, lsn, confirmed_lsn::text, to_jsonb(c) AS row
-           FROM cdc_checkpoints c WHERE source_id = ANY($1)`,
-        [config.sources.map((s) => s.id)],
-      );
-      for (const row of rows.rows) records.set(row.source_id, row);
-    }
+    records = await readCheckpoints(
+      client,
+      config.sources.map((s) => s.id),
+    );
   });
   return { findings, records };
 }

@@ -5,6 +5,14 @@
  * reached says why in its row and does not hide the others.
  */
 import pg from 'pg';
+import {
+  readCheckpoints,
+  readLatestSnapshots,
+  type CheckpointRow,
+  type StoredSnapshot,
+} from '../../buffer/reads.js';
+
+export type { StoredSnapshot } from '../../buffer/reads.js';
 import type { Config, SourceConfig } from '../../common/config.js';
 import { describeConnectionError, type FatalSourceError } from '../../common/errors.js';
 import { formatLsn, parseLsn } from '../../common/lsn.js';
@@ -51,27 +59,6 @@ export interface SourceStatus {
   readonly snapshot: StoredSnapshot | null;
 }
 
-export interface StoredSnapshot {
-  readonly id: number;
-  readonly reason: string;
-  /** running, done or abandoned (replaced by another after a gap). */
-  readonly state: string;
-  readonly startedAt: string;
-  readonly finishedAt: string | null;
-  readonly rows: number;
-  /** Its tables by state (running includes those not begun). */
-  readonly tables: Readonly<Record<string, number>>;
-}
-
-interface CheckpointRow {
-  source_id: string;
-  lsn: string;
-  confirmed_lsn: string | null;
-  committed_at: Date;
-  metadata: { source_committed_at?: string | null } | null;
-  row: Record<string, unknown>;
-}
-
 /** Reads the status of every configured source; `problems` names what could not be read. */
 export async function readStatus(
   config: Config,
@@ -108,56 +95,11 @@ async function readBuffer(config: Config): Promise<{
   await client.connect();
   try {
     // Read only: a buffer Philotes never started on has no tables yet, which is no error here.
-    const exists = await client.query<{ ok: boolean }>(
-      `SELECT to_regclass('cdc_checkpoints') IS NOT NULL AS ok`,
-    );
-    const none = { checkpoints: new Map(), snapshots: new Map() };
-    if (!exists.rows[0]?.ok) return none;
     const ids = config.sources.map((s) => s.id);
-    const rows = await client.query<CheckpointRow>(
-      `SELECT source_id, lsn, confirmed_lsn::text, committed_at, metadata, to_jsonb(c) AS row
-         FROM cdc_checkpoints c WHERE source_id = ANY($1)`,
-      [ids],
-    );
-    const checkpoints = new Map(rows.rows.map((r) => [r.source_id, r]));
-    const hasSnapshots = await client.query<{ ok: boolean }>(
-      `SELECT to_regclass('cdc_snapshots') IS NOT NULL AS ok`,
-    );
-    if (!hasSnapshots.rows[0]?.ok) return { ...none, checkpoints };
-    const latest = await client.query<{
-      source_id: string;
-      id: string;
-      reason: string;
-      state: string;
-      started_at: Date;
-      finished_at: Date | null;
-      rows: string;
-      tables: Record<string, number> | null;
-    }>(
-      `SELECT DISTINCT ON (s.source_id) s.source_id, s.id, s.reason, s.state, s.started_at,
-              s.finished_at, s.rows,
-              (SELECT jsonb_object_agg(state, n) FROM (
-                 SELECT t.state, count(*)::int AS n FROM cdc_snapshot_tables t
-                  WHERE t.snapshot_id = s.id GROUP BY t.state) c) AS tables
-         FROM cdc_snapshots s WHERE s.source_id = ANY($1)
-        ORDER BY s.source_id, s.id DESC`,
-      [ids],
-    );
-    const snapshots = new Map(
-      latest.rows.map((r) => [
-        r.source_id,
-        {
-          id: Number(r.id),
-          reason: r.reason,
-          state: r.state,
-          startedAt: r.started_at.toISOString(),
-          finishedAt: r.finished_at?.toISOString() ?? null,
-          rows: Number(r.rows),
-          tables: r.tables ?? {},
-        },
-      ]),
-    );
-    return { checkpoints, snapshots };
+    return {
+      checkpoints: await readCheckpoints(client, ids),
+      snapshots: await readLatestSnapshots(client, ids),
+    };
   } finally {
     await client.end().catch(() => undefined);
   }

@@ -1,0 +1,118 @@
+/**
+ * Accepted gaps: recorded in cdc_gaps with the checkpoint moved past them, in one transaction; a
+ * retracted range's events moved to cdc_retracted_events (see docs/design/source-history.md).
+ */
+import type pg from 'pg';
+import type { SourceIdentity } from '../common/source-history.js';
+import { deleteEventsFrom, IDENTITY_COLUMNS, identityValues } from './checkpoints.js';
+import { insertSnapshot } from './snapshots.js';
+
+/** A range recorded in cdc_gaps (see GapReason); `retract` moves the events from fromLsn on out. */
+export interface GapRecord {
+  readonly fromLsn: string;
+  readonly toLsn: string;
+  readonly reason: string;
+  readonly details: Record<string, unknown>;
+  /** The range's events are of a history that no longer exists: into cdc_retracted_events. */
+  readonly retract?: boolean;
+}
+
+/**
+ * Records accepted gaps and moves the source's checkpoint past them, in one transaction.
+ * Events stored at or past the old checkpoint belong to a transaction cut off by a crash: the
+ * new checkpoint is past them, so they are removed here or never. A gap with `retract` names
+ * events of a history the source no longer has: they move to cdc_retracted_events, under that
+ * gap's id, so that the source's events stay one history in (lsn, seq) order.
+ */
+export async function recordGap(
+  pool: pg.Pool,
+  reset: {
+    sourceId: string;
+    slot: string;
+    /** The old checkpoint (null: none). */
+    checkpointLsn: string | null;
+    gaps: readonly GapRecord[];
+    /** Where capture resumes: the new checkpoint (and confirmable position). */
+    resumeLsn: string;
+    /** The server's identity now, recorded with the new checkpoint. */
+    identity: SourceIdentity | null;
+    /** Begin a snapshot of every published table with the gap (its reason), replacing any other. */
+    snapshot?: string | null;
+  },
+): Promise<{
+  gapIds: number[];
+  removedEvents: number;
+  retractedEvents: number;
+  snapshotId: number | null;
+}> {
+  const client = await pool.connect();
+  try {
+    await client.query('BEGIN');
+    const gapIds: number[] = [];
+    let retractedEvents = 0;
+    let retractedSnapshotRows = 0;
+    for (const gap of reset.gaps) {
+      const inserted = await client.query<{ id: string }>(
+        `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
+         VALUES ($1, $2, $3::pg_lsn, $4::pg_lsn, $5, $6) RETURNING id`,
+        [reset.sourceId, reset.slot, gap.fromLsn, gap.toLsn, gap.reason, gap.details],
+      );
+      const id = Number(inserted.rows[0]!.id);
+      gapIds.push(id);
+      if (gap.retract) {
+        const moved = await client.query<{ events: string; snapshot_rows: string }>(
+          `WITH moved AS (
+             DELETE FROM cdc_events WHERE source_id = $1 AND lsn >= $2::pg_lsn RETURNING *
+           ), kept AS (
+             INSERT INTO cdc_retracted_events SELECT moved.*, $3::bigint FROM moved
+           )
+           SELECT count(*) AS events, count(*) FILTER (WHERE operation = 'SNAPSHOT') AS snapshot_rows
+             FROM moved`,
+          [reset.sourceId, gap.fromLsn, id],
+        );
+        retractedEvents += Number(moved.rows[0]!.events);
+        retractedSnapshotRows += Number(moved.rows[0]!.snapshot_rows);
+      }
+    }
+    const removed = await deleteEventsFrom(client, reset.sourceId, reset.checkpointLsn);
+    await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [reset.sourceId]);
+    await client.query(
+      `INSERT INTO cdc_checkpoints
+         (source_id, lsn, transaction_id, committed_at, metadata, confirmed_lsn, ${IDENTITY_COLUMNS})
+       VALUES ($1, $2::text, NULL, now(), $3, $2::text::pg_lsn, $4, $5, $6)
+       ON CONFLICT (source_id) DO UPDATE
+         SET lsn = EXCLUDED.lsn, transaction_id = NULL, committed_at = EXCLUDED.committed_at,
+             metadata = EXCLUDED.metadata, confirmed_lsn = EXCLUDED.confirmed_lsn,
+             source_system_id = coalesce(EXCLUDED.source_system_id, cdc_checkpoints.source_system_id),
+             source_timeline = coalesce(EXCLUDED.source_timeline, cdc_checkpoints.source_timeline),
+             source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`,
+      [
+        reset.sourceId,
+        reset.resumeLsn,
+        { slot: reset.slot, gap_id: gapIds[gapIds.length - 1] ?? null },
+        ...identityValues(reset.identity),
+      ],
+    );
+    // A snapshot whose rows were retracted, or one running (its progress may name chunks that
+    // were), no longer rebuilds the tables: a new one does, of the same kind.
+    let snapshotReason = reset.snapshot ?? null;
+    if (retractedEvents > 0 && snapshotReason === null) {
+      const running = await client.query<{ reason: string }>(
+        `SELECT reason FROM cdc_snapshots WHERE source_id = $1 AND state = 'running' ORDER BY id LIMIT 1`,
+        [reset.sourceId],
+      );
+      snapshotReason = running.rows[0]?.reason ?? (retractedSnapshotRows > 0 ? 'on_demand' : null);
+    }
+    const snapshotId =
+      snapshotReason === null
+        ? null
+        : await insertSnapshot(client, reset.sourceId, snapshotReason, true);
+    await client.query('COMMIT');
+    return { gapIds, removedEvents: removed.rowCount ?? 0, retractedEvents, snapshotId };
+  } catch (error) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw error;
+  } finally {
+    client.release();
+  }
+}
