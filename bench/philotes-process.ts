@@ -1,6 +1,6 @@
 /**
  * The real CLI as the benches run it: one source (`app` on `source`) into `buffer`, default
- * settings, source id `bench`. PHILOTES_CDC_* settings in the bench's own environment pass
+ * settings but snapshot: never, source id `bench`. PHILOTES_CDC_* settings in the bench's own environment pass
  * through (tuning experiments); `settings` override them.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -22,6 +22,9 @@ export function spawnPhilotes(
       PHILOTES_BUFFER_URL: buffer.url('buffer'),
       PHILOTES_METRICS_PORT: '0',
       PHILOTES_LOG_LEVEL: process.env['PHILOTES_BENCH_LOG_LEVEL'] ?? 'warn',
+      // The drains measure the stream: the backlog's rows are in the tables already, and an
+      // initial snapshot (the default) would copy them alongside (bench/snapshot.ts sets it).
+      PHILOTES_CDC_SNAPSHOT: 'never',
       ...(Object.fromEntries(
         Object.entries(process.env).filter(([k]) => k.startsWith('PHILOTES_CDC_')),
       ) as Record<string, string>),

@@ -11,6 +11,7 @@ import type * as YamlModule from 'yaml';
 import type { z as Zod } from 'zod';
 import type { Config, ConnectionConfig, SourceConfig, SourceSettings } from './config-types.js';
 import {
+  ConfigError,
   connection,
   envNames,
   get,
@@ -29,7 +30,6 @@ import {
   SOURCE_IDENTITY as S,
   SOURCE_SETTINGS,
 } from './config-registry.js';
-import { ConfigError } from './config-fields.js';
 
 /** Process-wide settings: the environment variable wins over the file's top-level key. */
 const PROCESS_KEYS: Readonly<Record<string, string>> = Object.fromEntries(
