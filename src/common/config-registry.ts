@@ -3,7 +3,8 @@
  * default as documented, how it is read and checked, and one line of doc. Both loaders walk these
  * lists (config.ts for the environment, config-file.ts for a file); docs/configuration.md's
  * tables and philotes.example.yaml are held equal to them by test/unit/config-docs.test.ts. A new
- * setting is one entry here, one field in config-types.ts, and the rows that test asks for.
+ * setting is one entry here, one field in config-types.ts, and the rows that test asks for (its
+ * failure message prints the tables as they must read).
  */
 import {
   ConfigError,
