@@ -194,6 +194,7 @@ export function connection(env: Env, name: (field: ConnectionField) => string): 
     password,
     sslmode,
     sslRootCert,
+    sslRootCertFile: certPath,
   });
 }
 

@@ -257,6 +257,16 @@ function putConnection(raw: RawObject, at: string, { env, flat, put, problems }:
   }
 }
 
+/** A connection whose password came from a file remembers the file, to read it at each attempt. */
+function withPasswordFile(
+  conn: ConnectionConfig | undefined,
+  raw: RawObject,
+): ConnectionConfig | undefined {
+  const file = raw['passwordFile'];
+  if (conn === undefined || typeof file !== 'string') return conn;
+  return Object.freeze({ ...conn, passwordFile: file });
+}
+
 const fileNames =
   (at: string) =>
   (field: ConnectionField): string =>
@@ -278,7 +288,10 @@ function readBuffer(file: RawObject, reading: Reading): ConnectionConfig | undef
     return undefined;
   }
   putConnection(file['buffer'], 'buffer', reading);
-  return problems.attempt(() => connection(flat, fileNames('buffer')));
+  return withPasswordFile(
+    problems.attempt(() => connection(flat, fileNames('buffer'))),
+    file['buffer'],
+  );
 }
 
 function readSource(
@@ -325,7 +338,10 @@ function readSource(
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);
-  const conn = problems.attempt(() => connection(flat, fileNames(at)));
+  const conn = withPasswordFile(
+    problems.attempt(() => connection(flat, fileNames(at))),
+    raw,
+  );
   if (problems.list.length > before || id === undefined || slot === undefined) return undefined;
   return Object.freeze({
     id,

@@ -21,6 +21,14 @@ export interface ConnectionConfig {
   readonly sslmode: SslMode;
   /** PEM of the CA that signs the server's certificate (from `_SSLROOTCERT`), for verify-*. */
   readonly sslRootCert: string | undefined;
+  /**
+   * The file the password came from (a file's `passwordFile`, a mounted secret): read again at
+   * every connection attempt, so that a rotated secret is used without a signal or a restart.
+   * `password` holds what it said at load, the fallback while the file cannot be read.
+   */
+  readonly passwordFile?: string | undefined;
+  /** The file `sslRootCert` came from: read again whenever a connection's options are built. */
+  readonly sslRootCertFile?: string | undefined;
 }
 
 /** A source's tunables (PHILOTES_CDC_* in the environment; per source and in `defaults` in a file). */

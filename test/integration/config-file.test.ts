@@ -3,7 +3,7 @@
  * source's changes land exactly once, /readyz lists them all, and a file with mistakes stops
  * start-up with every mistake on its own line.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -237,6 +237,57 @@ sources:
     });
     expect(p.signal('SIGTERM')).toBe(true);
     expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+  });
+
+  it('a password file rotated on disk, as Kubernetes rotates a secret, is used at the next attempt without a signal', async () => {
+    await f.source.query(`CREATE ROLE rotated LOGIN REPLICATION PASSWORD 'new-pw'`);
+    await f.source.createDatabase('rotated');
+    await f.source.query('CREATE TABLE t (id int PRIMARY KEY)', [], 'rotated');
+    await f.source.query('ALTER TABLE t OWNER TO rotated', [], 'rotated');
+    await f.source.query('GRANT CREATE ON DATABASE rotated TO rotated', [], 'rotated');
+    const secret = join(dir, 'rotated-password');
+    writeFileSync(secret, 'old-pw\n');
+    const path = join(dir, 'rotated.yaml');
+    writeFileSync(
+      path,
+      `buffer: { host: ${f.buffer.host}, port: ${f.buffer.port}, database: buffer, user: ${f.buffer.user}, passwordEnv: BUFFER_PASSWORD }
+defaults: { checkpointInterval: 1s, snapshot: never }
+restartMinDelay: 100ms
+restartMaxDelay: 1s
+sources:
+  - { id: rotated, host: ${f.source.host}, port: ${f.source.port}, database: rotated, user: rotated, passwordFile: ${secret}, slot: philotes_rotated, tables: [public.t] }
+`,
+    );
+    const { p, readyz } = await startFromFile(path, {});
+    const state = async () => (await readyz()).sources.find((s) => s.source === 'rotated')?.state;
+    await waitFor(async () => (await state()) === 'failed', {
+      what: 'the source with the old password to fail',
+      timeoutMs: 60_000,
+    });
+    // The secret is replaced the way a kubelet does it: a new file renamed over the old one.
+    writeFileSync(`${secret}.new`, 'new-pw\n');
+    renameSync(`${secret}.new`, secret);
+    await waitFor(async () => (await state()) === 'streaming', {
+      what: 'the source to connect with the new password, without SIGHUP',
+      timeoutMs: 60_000,
+    });
+    await f.source.query('INSERT INTO t VALUES (1)', [], 'rotated');
+    await waitFor(
+      async () =>
+        (
+          await f.buffer.query<{ n: number }>(
+            `SELECT count(*)::int AS n FROM cdc_events WHERE source_id = 'rotated' AND operation = 'INSERT'`,
+            [],
+            'buffer',
+          )
+        )[0]!.n === 1,
+      { what: 'the row to be stored', timeoutMs: 60_000 },
+    );
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
+    const all = [...p.stdout, ...p.stderr].join('\n');
+    expect(all).not.toContain('new-pw');
+    expect(all).not.toContain('old-pw');
   });
 
   it('a reader thread over its heap limit is replaced and restarted alone, with growing delays', async () => {
