@@ -47,7 +47,7 @@ export function registerCheck(program: Command): void {
   program
     .command('check')
     .description(
-      'preflight the buffer and every configured source without changing anything (no migration, slot or publication is created): connection, wal_level, REPLICATION, free slots and WAL senders, the slot and the WAL it retains, continuity with the buffer, the publication and its tables, replica identities, the buffer schema and privileges; exit 0 ok, 1 warnings, 2 blockers',
+      'preflight the buffer and every configured source without changing anything (no migration, slot or publication is created): connection, wal_level, REPLICATION, free slots and WAL senders, the slot and the WAL it retains, continuity with the buffer, the publication and its tables, replica identities, SELECT on the tables a snapshot reads, the buffer schema and privileges; exit 0 ok, 1 warnings, 2 blockers',
     )
     .option('--json', 'one JSON document instead of a table')
     .action(check);

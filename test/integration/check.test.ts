@@ -146,6 +146,31 @@ describe('philotes-worker check', () => {
     expect(r.text).toContain('fix the blockers first');
   });
 
+  it('a role that may replicate but not read a published table: the first snapshot is a blocker, fixed by the GRANT it names', async () => {
+    await good.createDatabase('locked');
+    await good.query('CREATE TABLE items (id int PRIMARY KEY, v text)', [], 'locked');
+    await good.query('CREATE PUBLICATION philotes_pub FOR TABLE items', [], 'locked');
+    await good.query(`CREATE ROLE snapper LOGIN REPLICATION PASSWORD 'snapper-pw'`);
+    const entry = (snapshot: string) =>
+      `{ host: ${good.host}, port: ${good.port}, database: locked, user: snapper, password: snapper-pw, id: locked, slot: philotes_locked, snapshot: ${snapshot} }`;
+    const denied = await check(configFile([entry('initial')]));
+    expect(denied.code).toBe(2);
+    const privilege = finding(denied.findings, 'locked', 'snapshot privilege');
+    expect(privilege.verdict).toBe('blocker');
+    expect(privilege.detail).toContain('public.items');
+    expect(privilege.fix).toBe(
+      'GRANT SELECT ON public.items TO snapper, or snapshot: never for this source',
+    );
+    // Without a snapshot in the first run, the same gap is only worth a warning.
+    const never = await check(configFile([entry('never')]));
+    expect(finding(never.findings, 'locked', 'snapshot privilege').verdict).toBe('warning');
+
+    await good.query('GRANT SELECT ON items TO snapper', [], 'locked');
+    const granted = await check(configFile([entry('initial')]));
+    expect(finding(granted.findings, 'locked', 'snapshot privilege').verdict).toBe('ok');
+    expect(granted.findings.filter((f) => f.verdict === 'blocker')).toEqual([]);
+  });
+
   it('a slot another client streams is a blocker that names the client', async () => {
     await good.createDatabase('held');
     await good.query('CREATE TABLE items (id int PRIMARY KEY)', [], 'held');

@@ -44,6 +44,7 @@ export async function checkPublication(
           },
     );
     reportIdentity(await tablesWithoutIdentity(client, source.publication), add);
+    await checkSnapshotPrivilege(client, source, record, names, add);
     if (source.snapshot !== 'never') {
       const keyless = await tablesWithoutChunkKey(client, source.publication);
       if (keyless.length > 0)
@@ -132,6 +133,67 @@ export async function checkPublication(
     unkeyed.rows.map((r) => r.name),
     add,
   );
+  if (missing.length === 0) {
+    const published =
+      wanted.length > 0
+        ? wanted
+        : (
+            await client.query<{ name: string }>(
+              `SELECT format('%I.%I', n.nspname, c.relname) AS name
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
+                  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
+                ORDER BY 1`,
+            )
+          ).rows.map((r) => r.name);
+    await checkSnapshotPrivilege(client, source, record, published, add);
+  }
+}
+
+/**
+ * A snapshot reads the published tables with the source's role: without SELECT on one, the copy
+ * fails with permission denied (42501) and the source stops. For a source new to the buffer with
+ * `snapshot: initial` or `when_needed` that is its first run, so a blocker; once the buffer holds
+ * the source, only a later snapshot (on demand, or when_needed after a lost slot) needs it.
+ */
+async function checkSnapshotPrivilege(
+  client: pg.Client,
+  source: SourceConfig,
+  record: BufferRecord | null,
+  tables: readonly string[],
+  add: AddFinding,
+): Promise<void> {
+  if (tables.length === 0) return;
+  const denied = (
+    await client.query<{ name: string }>(
+      `SELECT t AS name FROM unnest($1::text[]) AS t
+        WHERE to_regclass(t) IS NOT NULL AND NOT has_table_privilege(to_regclass(t), 'SELECT')
+        ORDER BY 1`,
+      [tables],
+    )
+  ).rows.map((r) => r.name);
+  const needed = source.snapshot !== 'never' && record === null;
+  if (denied.length === 0) {
+    add({
+      check: 'snapshot privilege',
+      verdict: 'ok',
+      detail: `${source.connection.user} may read every published table (SELECT), as a snapshot does`,
+      fix: null,
+    });
+    return;
+  }
+  const shown =
+    denied.slice(0, 5).join(', ') + (denied.length > 5 ? ` and ${denied.length - 5} more` : '');
+  add({
+    check: 'snapshot privilege',
+    verdict: needed ? 'blocker' : 'warning',
+    detail: `${source.connection.user} has no SELECT on ${shown}: ${
+      needed
+        ? `the first run's snapshot (snapshot: ${source.snapshot}) fails with permission denied`
+        : 'a snapshot (on demand, or when_needed after a lost slot) would fail with permission denied'
+    }`,
+    fix: `GRANT SELECT ON ${denied.join(', ')} TO ${source.connection.user}${needed ? ', or snapshot: never for this source' : ''}`,
+  });
 }
 
 function reportIdentity(tables: readonly string[], add: AddFinding): void {
