@@ -9,7 +9,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ITEMS_DDL, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
-import { outputTail } from '../support/faults.js';
+import { outputTail, waitForExit } from '../support/faults.js';
 import { runPhilotesToExit, startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 import { freePort } from '../support/ports.js';
 import { waitFor } from '../support/poll.js';
@@ -197,6 +197,34 @@ describe('philotes-worker status', () => {
     expect(after.sources[0]!.snapshot).toMatchObject({ reason: 'on_demand', rows: 2 });
     const again = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
     expect(again.stdout.find((l) => l.startsWith('app '))).toMatch(/#\d+ on_demand done, 2 rows/);
+  });
+
+  it('a source nobody streams is a problem, and a slot gone under the checkpoint is the fatal state a start would meet', async () => {
+    await philotes?.kill9();
+    philotes = startPhilotes(f.env());
+    await waitForSlotActive(f.source);
+    expect(philotes.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(philotes, 30_000)).toEqual({ code: 0, signal: null });
+    const stopped = await runPhilotesToExit(f.env(), 30_000, { args: ['status', '--json'] });
+    expect(stopped.code).toBe(1);
+    const idle = JSON.parse(stopped.stdout.join('\n')) as StatusReport;
+    expect(idle.sources[0]!.problem).toMatch(/^not streaming: no client streams slot philotes_cdc/);
+
+    await f.source.query(`SELECT pg_drop_replication_slot('philotes_cdc')`, [], 'app');
+    const gone = await runPhilotesToExit(f.env(), 30_000, { args: ['status', '--json'] });
+    expect(gone.code).toBe(1);
+    const missing = JSON.parse(gone.stdout.join('\n')) as StatusReport;
+    expect(missing.sources[0]!.problem).toMatch(/^SLOT_MISSING: /);
+    expect(missing.sources[0]!.problem).toContain(
+      'way out: philotes-worker reset-source --source app --accept-gap',
+    );
+    // Put the slot back where the buffer's record is, for what follows.
+    const table = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
+    expect(table.stdout.find((l) => l.startsWith('app '))).toMatch(/SLOT_MISSING/);
+    const reset = await runPhilotesToExit(f.env(), 60_000, {
+      args: ['reset-source', '--source', 'app', '--accept-gap'],
+    });
+    expect(reset.code, reset.stderr.join('\n')).toBe(0);
   });
 
   it('says which source it cannot read, and exits 1', async () => {

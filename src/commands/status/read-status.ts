@@ -22,12 +22,15 @@ import {
   divergenceSummary,
   storedHistoryOfRow,
 } from '../../common/source-history.js';
+import { fixFor } from '../../common/error-policy.js';
 import {
   currentWalLsn,
   resetCommand,
   readSlotState,
   retainedWalBytes,
   slotHolder,
+  slotVerdict,
+  type SlotState,
 } from '../../common/source-admin.js';
 
 export interface SourceStatus {
@@ -163,7 +166,7 @@ async function sourceStatus(
           ? `buffer: ${bufferProblem}`
           : history !== null
             ? `${divergenceSummary(history)} (way out: ${resetCommand(source.id)})`
-            : historyProblem,
+            : (historyProblem ?? streamingProblem(source, slot, wal, checkpoint, owner)),
       historyCode: history?.code ?? null,
     };
   } catch (error) {
@@ -187,4 +190,35 @@ async function sourceStatus(
 function explain(error: unknown, side: 'source' | 'buffer', host: string, port: number): string {
   const described = describeConnectionError(error, side, host, port);
   return described instanceof Error ? described.message : String(described);
+}
+
+/**
+ * Why the source is not streaming now, if it is not: the slot verdict a start would throw (the
+ * same rule, slotVerdict), or a slot no client streams (Philotes stopped, failing, or in backoff:
+ * its log and /readyz say why), or a slot another program holds.
+ */
+function streamingProblem(
+  source: SourceConfig,
+  slot: SlotState | null,
+  wal: bigint,
+  checkpoint: CheckpointRow | null,
+  owner: string | null,
+): string | null {
+  const durable =
+    checkpoint === null
+      ? null
+      : {
+          checkpointLsn: parseLsn(checkpoint.lsn),
+          confirmedLsn: parseLsn(checkpoint.confirmed_lsn ?? checkpoint.lsn),
+        };
+  const verdict = slotVerdict(source, slot, wal, durable);
+  if (verdict !== null)
+    return `${verdict.error.code}: ${verdict.what} (way out: ${fixFor(verdict.error.code, source)})`;
+  if (slot === null)
+    return `not streaming: slot ${source.slot} does not exist yet (a first start creates it)`;
+  if (!slot.active)
+    return `not streaming: no client streams slot ${source.slot} (Philotes stopped, failing or retrying: its log and /readyz say why)`;
+  if (owner !== null && !owner.startsWith('philotes'))
+    return `not streaming: slot ${source.slot} is held by ${owner}, not by Philotes`;
+  return null;
 }
