@@ -48,7 +48,8 @@ const program = new Command()
   .description(
     'Change-data-capture for PostgreSQL: logical replication into a buffer database, exactly once. Configuration comes from the environment (one source) or a file (--config, any number of sources); see README.md.',
   )
-  .version(version())
+  // -v as well as --version: what most tools answer to (commander's own short flag is -V).
+  .version(version(), '-v, --version')
   .option(
     '--config <path>',
     'a configuration file (YAML or JSON) with any number of sources; or PHILOTES_CONFIG',
@@ -56,7 +57,8 @@ const program = new Command()
   .hook('preAction', (command) => {
     setConfigPath((command.opts() as { config?: string }).config);
   })
-  .showHelpAfterError()
+  // A hint, not the whole help text under the error.
+  .showHelpAfterError('(philotes-worker --help lists the commands and options)')
   // Help and --version exit 0; every other command-line error exits 2, like a bad setting.
   .exitOverride((error: CommanderError) => {
     process.exit(error.exitCode === 0 ? EXIT_OK : EXIT_USAGE);

@@ -136,7 +136,9 @@ export function loadConfigFile(path: string, env: Env): Config {
   }
   const checked = schemas().file.safeParse(raw);
   if (!checked.success) {
-    for (const issue of checked.error.issues) problems.add(describeIssue(issue));
+    // One problem a line: several unknown keys at one level are several problems.
+    for (const issue of checked.error.issues)
+      for (const line of describeIssue(issue).split('\n')) problems.add(line);
   }
   const file: RawObject = isObject(raw) ? raw : {};
 

@@ -5,7 +5,15 @@
  * once, each naming the variable or the file's key and what is wrong, and never echoing a
  * password or a connection URL (which may carry one).
  */
-import { connection, envNames, get, identifier, Problems, sourceId } from './config-fields.js';
+import {
+  ConfigError,
+  connection,
+  envNames,
+  get,
+  identifier,
+  Problems,
+  sourceId,
+} from './config-fields.js';
 import { loadConfigFile } from './config-file.js';
 import {
   CONFIG_FILE_SETTING,
@@ -38,6 +46,11 @@ export function loadConfig(env: Env = process.env, configPath?: string): Config 
 }
 
 function loadEnvConfig(env: Env): Config {
+  // Nothing configured at all: say how to configure, not which one variable is missing first.
+  if (!Object.keys(env).some((key) => key.startsWith('PHILOTES_') && get(env, key) !== undefined))
+    throw new ConfigError(
+      `no configuration: give a file with --config <path> (or ${CONFIG_FILE_SETTING.env}), or set the source and buffer connections in the environment (PHILOTES_CDC_SOURCE_URL and PHILOTES_BUFFER_URL, or their _HOST, _DATABASE, _USER… variables); see docs/configuration.md`,
+    );
   const problems = new Problems();
   const slot =
     problems.attempt(() => identifier(env, S.slot.env, S.slot.default)) ?? S.slot.default;

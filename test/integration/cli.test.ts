@@ -54,6 +54,12 @@ describe('the command line without a database', () => {
     expect(r.stdout.join('')).toMatch(/^\d+\.\d+\.\d+/);
   });
 
+  it('-v prints the version too', async () => {
+    const r = await runPhilotesToExit(await nowhere(), 20_000, { args: ['-v'] });
+    expect(r.code).toBe(0);
+    expect(r.stdout.join('\n')).toMatch(/^\d+\.\d+\.\d+$/m);
+  });
+
   it('a misspelt command or an unknown flag is an error with a hint, exit 2', async () => {
     const env = await nowhere();
     const command = await runPhilotesToExit(env, 20_000, { args: ['stauts'] });
@@ -64,6 +70,9 @@ describe('the command line without a database', () => {
     const flag = await runPhilotesToExit(env, 20_000, { args: ['--jsn'] });
     expect(flag.code).toBe(2);
     expect(flag.stderr.join('\n')).toMatch(/unknown option '--jsn'/);
+    // A hint to --help, not the help text under the error.
+    expect(flag.stderr.join('\n')).toContain('philotes-worker --help lists the commands');
+    expect(flag.stderr.join('\n')).not.toMatch(/^Usage:/m);
   });
 
   it('print-config shows the effective configuration and no secret, as YAML or JSON', async () => {

@@ -333,3 +333,24 @@ sources:
     ]);
   });
 });
+
+describe('problem lines', () => {
+  it('two unknown keys at one level are two problems, one a line', () => {
+    const path = file(`
+sources:
+  - id: a
+    url: postgres://cdc@db1/orders
+    slot: philotes_a
+    checkpointIntervalMs: 5s
+    sourceTimeoutMs: 5s
+`);
+    const list = problems(() => loadConfig({}, path));
+    expect(list).toContain(
+      'sources[0].checkpointIntervalMs: unknown key (did you mean "checkpointInterval"?)',
+    );
+    expect(list).toContain(
+      'sources[0].sourceTimeoutMs: unknown key (did you mean "sourceTimeout"?)',
+    );
+    expect(list.every((line) => !line.includes('\n'))).toBe(true);
+  });
+});

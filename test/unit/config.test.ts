@@ -456,3 +456,12 @@ describe('sslrootcert', () => {
     );
   });
 });
+
+describe('no configuration at all', () => {
+  it('says how to configure, naming --config, instead of the first missing variable', () => {
+    const error = configError(() => loadConfig({ HOME: '/root', PATH: '/usr/bin' }));
+    expect(error.problems).toHaveLength(1);
+    expect(error.problems[0]).toMatch(/^no configuration: give a file with --config <path>/);
+    expect(error.problems[0]).toContain('PHILOTES_CDC_SOURCE_URL');
+  });
+});
