@@ -4,6 +4,8 @@
  * on (no tables yet) is no error for them.
  */
 import type pg from 'pg';
+import { parseLsn } from '../common/lsn.js';
+import type { DurableRecord } from '../common/source-admin.js';
 
 /** A source's cdc_checkpoints row, the whole row as JSON too (its columns differ by version). */
 export interface CheckpointRow {
@@ -14,6 +16,13 @@ export interface CheckpointRow {
   readonly metadata: { source_committed_at?: string | null } | null;
   /** The whole row: the identity columns exist from buffer schema 6 on. */
   readonly row: Record<string, unknown>;
+}
+
+/** What a checkpoint row promises, as the slot verdict takes it (confirmed: never behind it). */
+export function durableRecordOf(row: CheckpointRow): DurableRecord {
+  const checkpointLsn = parseLsn(row.lsn);
+  const confirmed = row.confirmed_lsn === null ? checkpointLsn : parseLsn(row.confirmed_lsn);
+  return { checkpointLsn, confirmedLsn: confirmed > checkpointLsn ? confirmed : checkpointLsn };
 }
 
 /** A source's latest snapshot, as the buffer records it. */

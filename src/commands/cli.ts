@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { ConfigError, loadConfig, type Config } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
-import { die, EXIT_USAGE, oneLine } from '../common/exit.js';
+import { CommandError, die, EXIT_ERROR, EXIT_USAGE, oneLine } from '../common/exit.js';
 
 /** The --config option, if given. */
 let configPath: string | undefined;
@@ -34,6 +34,16 @@ export function cliConfig(): Config {
 export async function commandLog(config: Config): Promise<Logger> {
   const { createLogger } = await import('../common/logger.js');
   return createLogger(config.logLevel === 'info' ? 'warn' : config.logLevel, {}, 2);
+}
+
+/**
+ * How a command that failed ends: its own exit code for a CommandError (what it could not do),
+ * 2 for what a person must fix (a fatal error), else 1; the message on one line.
+ */
+export async function failCommand(error: unknown): Promise<never> {
+  if (error instanceof CommandError) die(error.exitCode, error.message);
+  const { isFatal } = await import('../common/errors.js');
+  die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, (error as Error).message);
 }
 
 /** A report line to stdout. */

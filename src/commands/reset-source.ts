@@ -4,8 +4,7 @@
  * be recorded.
  */
 import type { Command } from 'commander';
-import { cliConfig, commandLog, print } from './cli.js';
-import { die, EXIT_ERROR, EXIT_USAGE } from '../common/exit.js';
+import { cliConfig, commandLog, failCommand, print } from './cli.js';
 
 async function resetSource(opts: {
   source: string;
@@ -14,9 +13,8 @@ async function resetSource(opts: {
   snapshot?: boolean;
 }): Promise<void> {
   const loaded = cliConfig();
-  const [{ resetSource: reset, ResetError }, { isFatal }, log] = await Promise.all([
+  const [{ resetSource: reset }, log] = await Promise.all([
     import('../supervisor/reset-source.js'),
-    import('../common/errors.js'),
     commandLog(loaded),
   ]);
   try {
@@ -33,8 +31,7 @@ async function resetSource(opts: {
     );
     process.exit(code);
   } catch (error) {
-    if (error instanceof ResetError) die(error.exitCode, error.message);
-    die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, (error as Error).message);
+    await failCommand(error);
   }
 }
 

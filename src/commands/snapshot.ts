@@ -3,14 +3,12 @@
  * request in the buffer (the work: snapshot/request.ts).
  */
 import type { Command } from 'commander';
-import { cliConfig, commandLog, print } from './cli.js';
-import { die, EXIT_ERROR, EXIT_USAGE } from '../common/exit.js';
+import { cliConfig, commandLog, failCommand, print } from './cli.js';
 
 async function snapshot(opts: { source: string; table?: string[] }): Promise<void> {
   const loaded = cliConfig();
-  const [{ requestSnapshot, SnapshotCommandError }, { isFatal }, log] = await Promise.all([
+  const [{ requestSnapshot }, log] = await Promise.all([
     import('./snapshot/request.js'),
-    import('../common/errors.js'),
     commandLog(loaded),
   ]);
   try {
@@ -23,8 +21,7 @@ async function snapshot(opts: { source: string; table?: string[] }): Promise<voi
       ),
     );
   } catch (error) {
-    if (error instanceof SnapshotCommandError) die(error.exitCode, error.message);
-    die(isFatal(error) ? EXIT_USAGE : EXIT_ERROR, (error as Error).message);
+    await failCommand(error);
   }
 }
 

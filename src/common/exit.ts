@@ -14,3 +14,13 @@ export function die(code: number, message: string): never {
   process.stderr.write(`philotes: ${oneLine(message)}\n`);
   process.exit(code);
 }
+
+/** A command that cannot do what it was asked, and the exit code that says why. */
+export class CommandError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode: number,
+  ) {
+    super(message);
+  }
+}

@@ -246,6 +246,16 @@ export function gapError(
   slot: SlotState | null,
   checkpointLsn: bigint,
 ): FatalSourceError {
+  return gapProblem(source, gap, slot, checkpointLsn).error;
+}
+
+/** A gap as a slot problem: its error, and what happened without the way out. */
+function gapProblem(
+  source: SourceConfig,
+  gap: Gap,
+  slot: SlotState | null,
+  checkpointLsn: bigint,
+): SlotProblem {
   const from = formatLsn(gap.fromLsn);
   const to = formatLsn(gap.toLsn);
   const size = formatBytes(gap.toLsn - gap.fromLsn);
@@ -266,7 +276,7 @@ export function gapError(
     },
   };
   const { code, what } = explained[gap.reason];
-  return new FatalSourceError(
+  const error = new FatalSourceError(
     `${head} ${what} To record the gap in the buffer (cdc_gaps) and resume at ${gap.reason === 'slot_advanced' ? to : 'a new slot'}: ${policyOf(code).fix(source)}`,
     code,
     {
@@ -276,6 +286,7 @@ export function gapError(
       slot: source.slot,
     },
   );
+  return { error, what: `${head} ${what}` };
 }
 
 /** A slot that cannot serve the source: the error a start throws, and what it says happened. */
@@ -313,10 +324,7 @@ export function slotVerdict(
     };
   }
   const gap = findGap(record, slot, currentWal);
-  if (gap === null) return null;
-  const error = gapError(source, gap, slot, record.checkpointLsn);
-  const what = error.message.slice(0, error.message.indexOf(' To record the gap'));
-  return { error, what };
+  return gap === null ? null : gapProblem(source, gap, slot, record.checkpointLsn);
 }
 
 // ---- publication ----

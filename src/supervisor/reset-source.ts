@@ -21,7 +21,7 @@ import {
   type StoredHistory,
 } from '../common/source-history.js';
 import { unknownSource } from '../common/closest.js';
-import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from '../common/exit.js';
+import { CommandError, EXIT_ERROR, EXIT_OK, EXIT_USAGE } from '../common/exit.js';
 import type { Logger } from '../common/logger.js';
 import { formatBytes, formatLsn, parseLsn } from '../common/lsn.js';
 import {
@@ -73,14 +73,7 @@ const EXPLAIN: Record<GapReason, string> = {
 /** How long to wait for the source's lock before saying another process holds it. */
 const LOCK_WAIT_MS = 10_000;
 
-export class ResetError extends Error {
-  constructor(
-    message: string,
-    readonly exitCode: number,
-  ) {
-    super(message);
-  }
-}
+export class ResetError extends CommandError {}
 
 /** Runs the command; resolves with the exit code, having written its report with `out`. */
 export async function resetSource(

@@ -54,6 +54,15 @@ describe('a fleet from a configuration file', () => {
    * Starts Philotes on a config file whose passwords come from BUFFER_PASSWORD and `passwords`;
    * `readyz` reads its /readyz.
    */
+  /** A REPLICATION role that owns a database of its name with a table t it may publish. */
+  async function replicatingOwner(name: string, password: string): Promise<void> {
+    await f.source.query(`CREATE ROLE ${name} LOGIN REPLICATION PASSWORD '${password}'`);
+    await f.source.createDatabase(name);
+    await f.source.query('CREATE TABLE t (id int PRIMARY KEY)', [], name);
+    await f.source.query(`ALTER TABLE t OWNER TO ${name}`, [], name);
+    await f.source.query(`GRANT CREATE ON DATABASE ${name} TO ${name}`, [], name);
+  }
+
   async function startFromFile(
     path: string,
     passwords: Record<string, string>,
@@ -178,11 +187,7 @@ sources:
   });
 
   it('one source with a bad password fails alone while another streams, and recovers by itself once the password is fixed', async () => {
-    await f.source.query(`CREATE ROLE flaky LOGIN REPLICATION PASSWORD 'right-pw'`);
-    await f.source.createDatabase('flaky');
-    await f.source.query('CREATE TABLE t (id int PRIMARY KEY)', [], 'flaky');
-    await f.source.query('ALTER TABLE t OWNER TO flaky', [], 'flaky');
-    await f.source.query('GRANT CREATE ON DATABASE flaky TO flaky', [], 'flaky');
+    await replicatingOwner('flaky', 'right-pw');
     await f.source.query(`ALTER ROLE flaky PASSWORD 'changed-pw'`);
     const path = join(dir, 'two.yaml');
     writeFileSync(
@@ -240,11 +245,7 @@ sources:
   });
 
   it('a password file rotated on disk, as Kubernetes rotates a secret, is used at the next attempt without a signal', async () => {
-    await f.source.query(`CREATE ROLE rotated LOGIN REPLICATION PASSWORD 'new-pw'`);
-    await f.source.createDatabase('rotated');
-    await f.source.query('CREATE TABLE t (id int PRIMARY KEY)', [], 'rotated');
-    await f.source.query('ALTER TABLE t OWNER TO rotated', [], 'rotated');
-    await f.source.query('GRANT CREATE ON DATABASE rotated TO rotated', [], 'rotated');
+    await replicatingOwner('rotated', 'new-pw');
     const secret = join(dir, 'rotated-password');
     writeFileSync(secret, 'old-pw\n');
     const path = join(dir, 'rotated.yaml');

@@ -5,7 +5,7 @@
  */
 import type pg from 'pg';
 import type { SourceConfig } from '../../common/config.js';
-import { formatBytes, parseLsn } from '../../common/lsn.js';
+import { formatBytes } from '../../common/lsn.js';
 import { fixFor } from '../../common/error-policy.js';
 import {
   retainedWalBytes,
@@ -18,6 +18,7 @@ import {
   divergenceSummary,
   storedHistoryOfRow,
 } from '../../common/source-history.js';
+import { durableRecordOf } from '../../buffer/reads.js';
 import type { BufferRecord } from './buffer.js';
 import type { AddFinding } from './finding.js';
 
@@ -63,17 +64,8 @@ export async function checkSlot(
   add: AddFinding,
 ): Promise<void> {
   const name = `slot ${source.slot}`;
-  const checkpoint = record === null ? null : parseLsn(record.lsn);
-  const durable =
-    checkpoint === null
-      ? null
-      : {
-          checkpointLsn: checkpoint,
-          confirmedLsn:
-            record!.confirmed_lsn === null ? checkpoint : parseLsn(record!.confirmed_lsn),
-        };
   // The same verdict a start throws: printed here with the way out as the fix.
-  const problem = slotVerdict(source, slot, wal, durable);
+  const problem = slotVerdict(source, slot, wal, record === null ? null : durableRecordOf(record));
   const continuityProblem = problem?.error.code === 'SLOT_ADVANCED' ? problem : null;
   if (problem !== null && continuityProblem === null) {
     add({

@@ -11,16 +11,9 @@ import type { Logger } from '../../common/logger.js';
 import { connectSource } from '../../common/source-connection.js';
 import { BufferStore } from '../../buffer/store.js';
 import { unknownSource } from '../../common/closest.js';
-import { EXIT_OK, EXIT_USAGE } from '../../common/exit.js';
+import { CommandError, EXIT_OK, EXIT_USAGE } from '../../common/exit.js';
 
-export class SnapshotCommandError extends Error {
-  constructor(
-    message: string,
-    readonly exitCode: number,
-  ) {
-    super(message);
-  }
-}
+export class SnapshotCommandError extends CommandError {}
 
 export async function requestSnapshot(
   config: Config,

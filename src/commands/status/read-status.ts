@@ -6,6 +6,7 @@
  */
 import pg from 'pg';
 import {
+  durableRecordOf,
   readCheckpoints,
   readLatestSnapshots,
   type CheckpointRow,
@@ -204,14 +205,12 @@ function streamingProblem(
   checkpoint: CheckpointRow | null,
   owner: string | null,
 ): string | null {
-  const durable =
-    checkpoint === null
-      ? null
-      : {
-          checkpointLsn: parseLsn(checkpoint.lsn),
-          confirmedLsn: parseLsn(checkpoint.confirmed_lsn ?? checkpoint.lsn),
-        };
-  const verdict = slotVerdict(source, slot, wal, durable);
+  const verdict = slotVerdict(
+    source,
+    slot,
+    wal,
+    checkpoint === null ? null : durableRecordOf(checkpoint),
+  );
   if (verdict !== null)
     return `${verdict.error.code}: ${verdict.what} (way out: ${fixFor(verdict.error.code, source)})`;
   if (slot === null)
