@@ -113,7 +113,7 @@ async function buildBacklog(
   // A marker transaction after the backlog: once the checkpoint passes the position taken just
   // before its commit, everything before it is stored.
   const rows = await source.query<{ lsn: string }>(
-    `INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
+    `INSERT INTO bench_marker DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
     [],
     'app',
   );
@@ -207,7 +207,11 @@ async function runScenario(s: Scenario): Promise<Result> {
   try {
     await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
     await source.query(s.ddl, [], 'app');
-    await source.query('CREATE TABLE bench_marker (id int)', [], 'app');
+    await source.query(
+      'CREATE TABLE bench_marker (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)',
+      [],
+      'app',
+    );
     await source.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], 'app');
     await source.query(
       `SELECT pg_create_logical_replication_slot('philotes_cdc', 'pgoutput')`,

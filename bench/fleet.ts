@@ -80,7 +80,11 @@ async function backlog(
 ): Promise<string> {
   await source.createDatabase(database);
   await source.query(DDL, [], database);
-  await source.query('CREATE TABLE bench_marker (id int)', [], database);
+  await source.query(
+    'CREATE TABLE bench_marker (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)',
+    [],
+    database,
+  );
   await source.query('CREATE PUBLICATION philotes_pub FOR ALL TABLES', [], database);
   await source.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [slot], database);
   const script = join(work, 'small.sql');
@@ -94,7 +98,7 @@ async function backlog(
   // A marker transaction after the backlog: once the checkpoint passes the position taken just
   // before its commit, everything before it is stored.
   const [row] = await source.query<{ lsn: string }>(
-    'INSERT INTO bench_marker VALUES (1) RETURNING pg_current_wal_insert_lsn()::text AS lsn',
+    'INSERT INTO bench_marker DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text AS lsn',
     [],
     database,
   );

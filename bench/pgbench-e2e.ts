@@ -21,6 +21,8 @@ async function main(): Promise<void> {
     PHILOTES_METRICS_PORT: '0',
     PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
     PHILOTES_LOG_LEVEL: 'warn',
+    // pgbench_history has no key and is insert-only: published as it is.
+    PHILOTES_CDC_KEYLESS_TABLES: 'accept',
   };
   const start = (): ChildProcess =>
     spawn(process.execPath, [PHILOTES_MAIN], { env, stdio: ['ignore', 'ignore', 'inherit'] });

@@ -17,7 +17,6 @@ import { FatalSourceError } from '../src/common/errors.js';
 import type { Logger } from '../src/common/logger.js';
 import { formatLsn, parseLsn } from '../src/common/lsn.js';
 import {
-  createPublication,
   createSlot,
   currentWalLsn,
   pgoutputProtocol,
@@ -25,7 +24,6 @@ import {
   publicationMissingError,
   readSlotState,
   slotVerdict,
-  tablesWithoutIdentity,
   where,
   type SlotState,
 } from '../src/common/source-admin.js';
@@ -39,6 +37,7 @@ import {
   type SourceIdentity,
   type StoredHistory,
 } from '../src/common/source-history.js';
+import { createPublication } from '../src/common/publication.js';
 
 export interface PreparedSource {
   readonly serverVersion: number;
@@ -145,7 +144,6 @@ export async function prepareSource(
   } else {
     publicationCreated = await createPublication(client, source, log);
   }
-  await warnAboutIdentity(client, source.publication, log);
 
   const slot =
     record !== null && stored !== null
@@ -361,22 +359,4 @@ function warnAboutRetention(slot: SlotState, log: Logger): void {
       'the replication slot is about to lose WAL it has not delivered yet (wal_status unreserved, beyond max_slot_wal_keep_size): if it is invalidated, changes are lost and the source stops',
     );
   }
-}
-
-/**
- * PostgreSQL rejects UPDATE and DELETE on a published table that has no replica identity (no
- * primary key under the default identity, or identity NONE). Insert-only tables are fine, which
- * is why this warns rather than refuses; an operator must see it either way.
- */
-async function warnAboutIdentity(
-  client: pg.Client,
-  publication: string,
-  log: Logger,
-): Promise<void> {
-  const tables = await tablesWithoutIdentity(client, publication);
-  if (tables.length === 0) return;
-  log.warn(
-    { publication, tables: tables.slice(0, 50), count: tables.length },
-    'published tables without a primary key or replica identity: UPDATE and DELETE on them fail on the source (inserts are fine); give them a primary key or REPLICA IDENTITY FULL, or leave them out with PHILOTES_CDC_TABLES',
-  );
 }

@@ -5,9 +5,15 @@
  * its default: config-registry.ts.
  */
 import { readFileSync } from 'node:fs';
-import type { ConnectionConfig, Env, SnapshotMode, SslMode } from './config-types.js';
+import type {
+  ConnectionConfig,
+  Env,
+  KeylessTables,
+  SnapshotMode,
+  SslMode,
+} from './config-types.js';
 
-export type { Env, SnapshotMode } from './config-types.js';
+export type { Env, KeylessTables, SnapshotMode } from './config-types.js';
 
 /** A bad configuration: every problem found, each a line naming the setting. */
 export class ConfigError extends Error {
@@ -283,6 +289,18 @@ export function snapshotMode(env: Env, name: string): SnapshotMode {
   if (raw === 'initial' || raw === 'never' || raw === 'when_needed') return raw;
   throw new ConfigError(
     `${name} must be initial, never or when_needed, got ${JSON.stringify(raw)}`,
+  );
+}
+
+const KEYLESS_TABLES: readonly KeylessTables[] = ['block', 'leave_out', 'identity_full', 'accept'];
+
+export function keylessTables(env: Env, name: string): KeylessTables {
+  const raw = get(env, name);
+  if (raw === undefined) return 'block';
+  const found = KEYLESS_TABLES.find((k) => k === raw);
+  if (found !== undefined) return found;
+  throw new ConfigError(
+    `${name} must be block, leave_out, identity_full or accept, got ${JSON.stringify(raw)}`,
   );
 }
 

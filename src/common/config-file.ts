@@ -20,6 +20,7 @@ import {
   sourceId,
   type ConnectionField,
   type Env,
+  type KeylessTables,
   type SnapshotMode,
 } from './config-fields.js';
 import {
@@ -70,6 +71,7 @@ function buildSchemas() {
       [S.ddl.fileKey]: scalar,
       [S.protocol.fileKey]: scalar,
       [S.snapshot.fileKey]: scalar,
+      [S.keylessTables.fileKey]: scalar,
       ...connectionKeys,
       ...settingKeys,
     })
@@ -80,7 +82,7 @@ function buildSchemas() {
     .object({
       buffer: z.object(connectionKeys).partial().strict(),
       defaults: z
-        .object({ ...settingKeys, snapshot: scalar })
+        .object({ ...settingKeys, snapshot: scalar, keylessTables: scalar })
         .partial()
         .strict(),
       sources: z.array(source).min(1),
@@ -159,6 +161,10 @@ export function loadConfigFile(path: string, env: Env): Config {
   const defaultSettings = readSourceSettings(flat, (s) => `defaults.${s.fileKey}`, problems);
   put('defaults.snapshot', defaults['snapshot']);
   const defaultSnapshot = problems.attempt(() => S.snapshot.read(flat, 'defaults.snapshot'));
+  put('defaults.keylessTables', defaults['keylessTables']);
+  const defaultKeyless = problems.attempt(() =>
+    S.keylessTables.read(flat, 'defaults.keylessTables'),
+  );
 
   const reading: Reading = { env, flat, put, problems };
   const buffer = readBuffer(file, reading);
@@ -168,7 +174,10 @@ export function loadConfigFile(path: string, env: Env): Config {
   rawSources.forEach((entry: unknown, index) => {
     if (!isObject(entry)) return; // the schema said so
     const at = `sources[${index}]`;
-    const source = readSource(entry, at, reading, defaultSettings, defaultSnapshot ?? 'initial');
+    const source = readSource(entry, at, reading, defaultSettings, {
+      snapshot: defaultSnapshot ?? 'initial',
+      keylessTables: defaultKeyless ?? 'block',
+    });
     if (source) read.push({ index, source });
   });
   checkUnique(read, problems);
@@ -223,7 +232,7 @@ function knownKeys(path: ReadonlyArray<PropertyKey>): string[] {
   const { file, source, connectionKeys, settingKeys } = schemas();
   if (path.length === 0) return Object.keys(file.shape);
   if (path[0] === 'buffer') return Object.keys(connectionKeys);
-  if (path[0] === 'defaults') return [...Object.keys(settingKeys), 'snapshot'];
+  if (path[0] === 'defaults') return [...Object.keys(settingKeys), 'snapshot', 'keylessTables'];
   return Object.keys(source.shape);
 }
 
@@ -301,7 +310,7 @@ function readSource(
   at: string,
   reading: Reading,
   defaults: SourceSettings,
-  defaultSnapshot: SnapshotMode,
+  sourceDefaults: { readonly snapshot: SnapshotMode; readonly keylessTables: KeylessTables },
 ): SourceConfig | undefined {
   const { flat, put, problems } = reading;
   const before = problems.list.length;
@@ -335,8 +344,13 @@ function readSource(
   put(`${at}.snapshot`, raw['snapshot']);
   const snapshot =
     raw['snapshot'] === undefined
-      ? defaultSnapshot
+      ? sourceDefaults.snapshot
       : problems.attempt(() => S.snapshot.read(flat, `${at}.snapshot`));
+  put(`${at}.keylessTables`, raw['keylessTables']);
+  const keyless =
+    raw['keylessTables'] === undefined
+      ? sourceDefaults.keylessTables
+      : problems.attempt(() => S.keylessTables.read(flat, `${at}.keylessTables`));
   for (const s of SOURCE_SETTINGS) put(`${at}.${s.fileKey}`, raw[s.fileKey]);
   const settings = readSourceSettings(flat, (s) => `${at}.${s.fileKey}`, problems, defaults);
   putConnection(raw, at, reading);
@@ -356,6 +370,7 @@ function readSource(
     ddl: ddl!,
     protocol: protocol ?? null,
     snapshot: snapshot ?? 'initial',
+    keylessTables: keyless ?? 'block',
     settings,
   });
 }

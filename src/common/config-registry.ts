@@ -13,13 +13,21 @@ import {
   get,
   identifier,
   integer,
+  keylessTables,
   prefixes,
   Problems,
   protocolVersion,
   snapshotMode,
   tables,
 } from './config-fields.js';
-import type { Config, Env, LogLevel, SnapshotMode, SourceSettings } from './config-types.js';
+import type {
+  Config,
+  Env,
+  KeylessTables,
+  LogLevel,
+  SnapshotMode,
+  SourceSettings,
+} from './config-types.js';
 
 /** What the docs say about a setting. */
 export interface SettingDoc {
@@ -184,6 +192,13 @@ export const SOURCE_IDENTITY = {
     default: 'initial',
     doc: 'initial: a source new to the buffer copies the rows its tables hold first; never: changes only; when_needed: also again after a lost slot, instead of stopping',
     read: (env: Env, name: string): SnapshotMode => snapshotMode(env, name),
+  },
+  keylessTables: {
+    env: 'PHILOTES_CDC_KEYLESS_TABLES',
+    fileKey: 'keylessTables',
+    default: 'block',
+    doc: 'a publication Philotes creates and tables without a replica identity (their UPDATE/DELETE would fail): block (do not create it), leave_out (list the others, kept current), identity_full, accept',
+    read: (env: Env, name: string): KeylessTables => keylessTables(env, name),
   },
 } as const satisfies Record<string, SettingDoc & { read?: (env: Env, name: string) => unknown }>;
 

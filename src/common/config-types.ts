@@ -8,6 +8,13 @@ export type Env = Readonly<Record<string, string | undefined>>;
 
 export type SnapshotMode = 'initial' | 'never' | 'when_needed';
 
+/**
+ * What a publication Philotes creates does with tables without a replica identity, whose UPDATE
+ * and DELETE PostgreSQL refuses once they are published (docs/configuration.md, Tables without a
+ * replica identity).
+ */
+export type KeylessTables = 'block' | 'leave_out' | 'identity_full' | 'accept';
+
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent';
 
 export type SslMode = 'disable' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
@@ -91,6 +98,13 @@ export interface SourceConfig {
    * changes; when_needed: also copies again after a lost slot instead of failing.
    */
   readonly snapshot: SnapshotMode;
+  /**
+   * block: a publication Philotes would create over a table without a replica identity is not
+   * created (the source stops and names the tables); leave_out: the publication lists every
+   * other table and Philotes keeps it current; identity_full: Philotes gives those tables
+   * REPLICA IDENTITY FULL; accept: published anyway (their UPDATE and DELETE fail).
+   */
+  readonly keylessTables: KeylessTables;
 }
 
 /**

@@ -28,6 +28,7 @@ export type {
   Config,
   ConnectionConfig,
   Env,
+  KeylessTables,
   LogLevel,
   SnapshotMode,
   SourceConfig,
@@ -67,6 +68,7 @@ function loadEnvConfig(env: Env): Config {
     ddl: problems.attempt(() => S.ddl.read(env, S.ddl.env)),
     protocol: problems.attempt(() => S.protocol.read(env, S.protocol.env)),
     snapshot: problems.attempt(() => S.snapshot.read(env, S.snapshot.env)),
+    keylessTables: problems.attempt(() => S.keylessTables.read(env, S.keylessTables.env)),
     settings,
   };
   const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));

@@ -76,6 +76,13 @@ const POLICY: { readonly [code in FatalCode]: Omit<FatalPolicy, 'docs'> } = {
     retry: 'retry_slowly',
     fix: () => "correct the source's tables, or create the table",
   },
+  KEYLESS_TABLES: {
+    summary:
+      'the publication Philotes would create covers tables without a replica identity, whose UPDATE and DELETE PostgreSQL would then refuse',
+    retry: 'retry_slowly',
+    fix: (s) =>
+      `give those tables a primary key (or REPLICA IDENTITY FULL), or set keylessTables for source ${s.id}: leave_out (publish the others, kept current), identity_full (Philotes sets REPLICA IDENTITY FULL; the role must own them) or accept (published; their UPDATE and DELETE fail)`,
+  },
   SLOT_WRONG_KIND: {
     summary: 'the configured slot exists but is not a logical pgoutput slot',
     retry: 'retry_slowly',

@@ -12,6 +12,7 @@ export type FatalCode =
   | 'NO_PRIVILEGE'
   | 'NO_FREE_SLOT'
   | 'TABLE_MISSING'
+  | 'KEYLESS_TABLES'
   | 'SLOT_WRONG_KIND'
   | 'SLOT_WRONG_DATABASE'
   | 'SLOT_MISSING'

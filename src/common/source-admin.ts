@@ -16,7 +16,6 @@ import { supports } from './server-features.js';
 import type { SlotDecodingStats } from './protocol.js';
 import type { SourceConfig } from './config.js';
 import { FatalSourceError, type FatalCode } from './errors.js';
-import type { Logger } from './logger.js';
 import { formatBytes, formatLsn, parseLsn } from './lsn.js';
 
 export { resetCommand, where } from './source-names.js';
@@ -330,27 +329,6 @@ export function slotVerdict(
 // ---- publication ----
 
 /** Tables in a publication that have no usable replica identity. */
-export async function tablesWithoutIdentity(
-  client: pg.Client,
-  publication: string,
-): Promise<string[]> {
-  const result = await client.query<{ name: string }>(
-    `SELECT format('%I.%I', n.nspname, c.relname) AS name
-       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind = 'r'
-        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' AND c.relpersistence = 'p'
-        AND (c.relreplident = 'n'
-             OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-        AND EXISTS (
-              SELECT 1 FROM pg_publication_tables pt
-               WHERE pt.pubname = $1 AND pt.schemaname = n.nspname AND pt.tablename = c.relname)
-      ORDER BY 1`,
-    [publication],
-  );
-  return result.rows.map((r) => r.name);
-}
-
 /**
  * Published tables a snapshot cannot copy: no primary key and no unique index on NOT NULL plain
  * columns to read chunks by (see workers/snapshot/runner.ts, chunkKey).
@@ -385,58 +363,6 @@ export async function publicationExists(client: pg.Client, publication: string):
     publication,
   ]);
   return (existing.rowCount ?? 0) > 0;
-}
-
-/** Creates the publication; false if it was created concurrently. */
-export async function createPublication(
-  client: pg.Client,
-  source: SourceConfig,
-  log: Logger,
-): Promise<boolean> {
-  const target =
-    source.tables.length === 0
-      ? 'FOR ALL TABLES'
-      : `FOR TABLE ${source.tables
-          .map((t) =>
-            t
-              .split('.')
-              .map((part) => client.escapeIdentifier(part))
-              .join('.'),
-          )
-          .join(', ')}`;
-  // A partitioned table's changes under its own name rather than each partition's: what a
-  // consumer rebuilding the table wants, and steady when partitions come and go (PG 13+).
-  const version = Number(
-    (await client.query<{ v: string }>(`SELECT current_setting('server_version_num') AS v`)).rows[0]
-      ?.v,
-  );
-  const options =
-    source.partitionRoot && supports(version, 'publishViaPartitionRoot')
-      ? ' WITH (publish_via_partition_root = true)'
-      : '';
-  try {
-    await client.query(
-      `CREATE PUBLICATION ${client.escapeIdentifier(source.publication)} ${target}${options}`,
-    );
-  } catch (error) {
-    const code = (error as { code?: string }).code;
-    if (code === '42710') return false; // created concurrently
-    if (code === '42501') {
-      throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (fix: ${policyOf('NO_PRIVILEGE').fix(source)})`,
-        'NO_PRIVILEGE',
-      );
-    }
-    if (code === '42P01') {
-      throw new FatalSourceError(
-        `cannot create publication "${source.publication}" on ${where(source)}: ${(error as Error).message} (fix: ${policyOf('TABLE_MISSING').fix(source)})`,
-        'TABLE_MISSING',
-      );
-    }
-    throw error;
-  }
-  log.info({ publication: source.publication, target, options }, 'publication created');
-  return true;
 }
 
 /**

@@ -26,7 +26,6 @@ import type { Logger } from '../common/logger.js';
 import { formatBytes, formatLsn, parseLsn } from '../common/lsn.js';
 import {
   checkSlotKind,
-  createPublication,
   createSlot,
   currentWalLsn,
   findGap,
@@ -37,6 +36,7 @@ import {
   type GapReason,
   type SlotState,
 } from '../common/source-admin.js';
+import { createPublication } from '../common/publication.js';
 
 export interface ResetOptions {
   readonly sourceId: string;

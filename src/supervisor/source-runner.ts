@@ -18,6 +18,7 @@ import type { Metrics } from '../http/metrics.js';
 import type { BufferStore } from '../buffer/store.js';
 import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
+import { PublicationKeeper } from './publication-keeper.js';
 import { isLostChanges, recoverLostSlot } from './lost-slot-recovery.js';
 import {
   SNAPSHOT_TABLE_STATES,
@@ -73,6 +74,11 @@ export interface SourceReport {
   readonly restarts: number;
   /** The snapshot running, or the last one this process ran; null if none. */
   readonly snapshot: SnapshotReport | null;
+  /**
+   * Published tables without a replica identity, whose UPDATE and DELETE the source refuses (a
+   * publication Philotes made; null until looked at, or for the user's own).
+   */
+  readonly failingTables: readonly string[] | null;
 }
 
 /** Events stored per second, over a sliding window of whole seconds. */
@@ -134,6 +140,7 @@ export class SourceRunner implements ReaderRunListener {
   private stopping = false;
   private current: ReaderRun | null = null;
   private readonly retryAbort = new AbortController();
+  private readonly keeper: PublicationKeeper;
 
   constructor(
     readonly source: SourceConfig,
@@ -149,6 +156,7 @@ export class SourceRunner implements ReaderRunListener {
     private readonly reportFatal: (source: string, message: string) => void = () => undefined,
   ) {
     this.outageSince = startedAt;
+    this.keeper = new PublicationKeeper(source, store, log);
     this.steadyMs = Math.min(HEALTHY_RUN_MS, config.readinessGraceMs / 2);
     metrics.initSource(source.id);
     metrics.sourceState.set({ source: source.id, state: this.state }, 1);
@@ -341,6 +349,7 @@ export class SourceRunner implements ReaderRunListener {
       eventsPerSecond: this.eventRate.rate(now),
       restarts: this.restarts,
       snapshot: this.snapshot.report(),
+      failingTables: this.keeper.report().failingTables,
     };
   }
 
@@ -509,6 +518,8 @@ export class SourceRunner implements ReaderRunListener {
   private async runReader(lockLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
+    // Before any snapshot asked for is handed over: the tables it names must be published.
+    await this.keeper.keep(true);
     let snapshot = await this.store.pendingSnapshot(this.source.id);
     if (snapshot === null && checkpoint === null && this.source.snapshot !== 'never') {
       // A source new to the buffer: the rows its tables hold come first (the reader copies them
@@ -554,9 +565,12 @@ export class SourceRunner implements ReaderRunListener {
    */
   private async pollSnapshot(run: ReaderRun): Promise<void> {
     if (this.state !== 'streaming' || this.current !== run || this.polling) return;
-    if (this.snapshot.report()?.state === 'running') return;
     this.polling = true;
     try {
+      // In this one loop, first: a snapshot it asks for is only taken below, after its tables
+      // have joined the publication (publication-keeper.ts).
+      await this.keeper.keep();
+      if (this.snapshot.report()?.state === 'running' || this.current !== run) return;
       const next = await this.store.pendingSnapshot(this.source.id);
       if (next === null || this.current !== run || next.id === this.snapshot.report()?.id) return;
       this.snapshot.begin(next);

@@ -137,13 +137,35 @@ describe('philotes-worker check', () => {
     expect(pw.detail).toMatch(/password/);
     expect(pw.fix).toMatch(/password/);
     expect(finding(r.findings, 'nodb', 'connection').fix).toMatch(/database/);
+    // The first start would not create a publication that breaks the table's writes.
     const identity = finding(r.findings, 'unkeyed', 'replica identity');
-    expect(identity.verdict).toBe('warning');
+    expect(identity.verdict).toBe('blocker');
     expect(identity.detail).toContain('public.events_log');
+    expect(identity.fix).toContain('keylessTables');
     // No secret in the output.
     expect(r.text).not.toContain('plain-pw');
     expect(r.text).not.toContain(good.password);
     expect(r.text).toContain('fix the blockers first');
+  });
+
+  it('a keyless table under each keylessTables: the same rule the first start applies', async () => {
+    const withMode = (mode: string) =>
+      configFile([on(good, 'unkeyed', 'unkeyed').replace(/ }$/, `, keylessTables: ${mode} }`)]);
+    const left = await check(withMode('leave_out'));
+    const leftOut = finding(left.findings, 'unkeyed', 'replica identity');
+    expect(leftOut.verdict).toBe('warning');
+    expect(leftOut.detail).toMatch(/left out.*public\.events_log/);
+    expect(finding(left.findings, 'unkeyed', 'publication').detail).toContain('kept current');
+    const full = await check(withMode('identity_full'));
+    expect(finding(full.findings, 'unkeyed', 'replica identity')).toMatchObject({
+      verdict: 'ok',
+      detail: expect.stringContaining('REPLICA IDENTITY FULL') as unknown,
+    });
+    const accepted = await check(withMode('accept'));
+    expect(finding(accepted.findings, 'unkeyed', 'replica identity')).toMatchObject({
+      verdict: 'warning',
+      detail: expect.stringContaining('will refuse UPDATE and DELETE') as unknown,
+    });
   });
 
   it('a role that may replicate but not read a published table: the first snapshot is a blocker, fixed by the GRANT it names', async () => {

@@ -60,40 +60,173 @@ describe('publication', () => {
     await f?.destroy();
   });
 
-  it('(a) a table without a primary key: FOR ALL TABLES as the issue asks, and its inserts are captured', async () => {
-    // PostgreSQL rejects UPDATE/DELETE on such a table once published (Philotes warns about it at
-    // start); insert-only tables like pgbench_history are the common case and must just work.
-    const philotes = startPhilotes(f.env());
+  /** Drops what a case left on the source and in the buffer, for the next one. */
+  async function cleanSlate(): Promise<void> {
+    await f.source.query(
+      `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'philotes_cdc';
+       DROP PUBLICATION IF EXISTS philotes_pub;`,
+      [],
+      'app',
+    );
+    await f.buffer.query(
+      `DELETE FROM cdc_events; DELETE FROM cdc_checkpoints; DELETE FROM cdc_schema_history;
+       DELETE FROM cdc_snapshot_tables; DELETE FROM cdc_snapshots;`,
+      [],
+      'buffer',
+    );
+  }
+
+  async function stop(philotes: ReturnType<typeof startPhilotes>): Promise<void> {
+    philotes.signal('SIGTERM');
+    const exit = await waitFor(() => philotes.exited, {
+      what: 'philotes to exit after SIGTERM',
+      timeoutMs: 30_000,
+    });
+    expect(exit, philotes.stderr.join('\n')).toEqual({ code: 0, signal: null });
+  }
+
+  /** The application's write on the keyless table: null when the source took it, else its error. */
+  const appUpdate = (table = 'bad'): Promise<string | null> =>
+    f.source
+      .query(`UPDATE ${table} SET v = v`, [], 'app')
+      .then(() => null)
+      .catch((error: unknown) => (error as Error).message);
+
+  /** Each key's last image, replaying the table's events in (lsn, seq) order. */
+  async function replayed(table: string): Promise<Array<Record<string, unknown>>> {
+    const rows = new Map<string, Record<string, unknown>>();
+    for (const e of await readEvents(f.buffer, 'app', table)) {
+      const image = (e.after ?? e.before)!;
+      if (e.operation === 'DELETE') rows.delete(String(image['id']));
+      else rows.set(String(image['id']), e.after!);
+    }
+    return [...rows.values()].sort((x, y) => Number(x['id']) - Number(y['id']));
+  }
+  const sourceRows = (table: string) =>
+    f.source.query<Record<string, unknown>>(`SELECT * FROM ${table} ORDER BY id`, [], 'app');
+
+  it('(a) keylessTables: block (the default): no publication over a keyless table, and the application keeps writing', async () => {
+    expect(await appUpdate()).toBeNull();
+    const run = await runUntilSourceFails(f.env());
+    const line = expectFailedSource(run);
+    expect(line).toContain('public.bad');
+    expect(line).toContain('keylessTables');
+    expect(await publications('app')).toEqual([]);
+    expect((await slots()).map((s) => s.slot_name)).not.toContain('philotes_cdc');
+    expect(await appUpdate()).toBeNull();
+  });
+
+  it('(a2) keylessTables: accept: FOR ALL TABLES, the inserts captured, and the updates fail as said', async () => {
+    // Insert-only tables such as pgbench_history: the user accepts what PostgreSQL then refuses.
+    const philotes = startPhilotes(f.env({ PHILOTES_CDC_KEYLESS_TABLES: 'accept' }));
     try {
       await waitForSlotActive(f.source);
       const [publication] = await publications('app');
       expect(publication?.puballtables).toBe(true);
       expect([...(publication?.tables ?? [])].sort()).toEqual(['public.bad', 'public.good']);
+      expect(await appUpdate()).toMatch(/does not have a replica identity/);
       await f.source.query(`INSERT INTO bad VALUES ('inserted')`, [], 'app');
       await waitForCatchUp(f, 60_000);
-      const events = await readEvents(f.buffer);
+      const events = (await readEvents(f.buffer, 'app')).filter((e) => e.operation !== 'SNAPSHOT');
       expect(events.map((e) => [e.table_name, e.operation, e.after, e.primary_key])).toEqual([
         ['bad', 'INSERT', { v: 'inserted' }, []],
       ]);
     } finally {
-      philotes.signal('SIGTERM');
-      const exit = await waitFor(() => philotes.exited, {
-        what: 'philotes to exit after SIGTERM',
-        timeoutMs: 30_000,
-      });
-      expect(exit, philotes.stderr.join('\n')).toEqual({ code: 0, signal: null });
+      await stop(philotes);
     }
-    // A clean slate for the next case.
-    await f.source.query(
-      `SELECT pg_drop_replication_slot('philotes_cdc'); DROP PUBLICATION philotes_pub;`,
-      [],
-      'app',
-    );
-    await f.buffer.query(
-      'DELETE FROM cdc_events; DELETE FROM cdc_checkpoints; DELETE FROM cdc_schema_history;',
-      [],
-      'buffer',
-    );
+    await cleanSlate();
+  });
+
+  it('(a3) keylessTables: identity_full: the table gets REPLICA IDENTITY FULL, its updates work and carry the old row', async () => {
+    const philotes = startPhilotes(f.env({ PHILOTES_CDC_KEYLESS_TABLES: 'identity_full' }));
+    try {
+      await waitForSlotActive(f.source);
+      const [ident] = await f.source.query<{ relreplident: string }>(
+        `SELECT relreplident FROM pg_class WHERE oid = 'bad'::regclass`,
+        [],
+        'app',
+      );
+      expect(ident?.relreplident).toBe('f');
+      await f.source.query(`UPDATE bad SET v = 'full' WHERE v = 'x'`, [], 'app');
+      await waitForCatchUp(f, 60_000);
+      const updates = (await readEvents(f.buffer, 'app', 'bad')).filter(
+        (e) => e.operation === 'UPDATE',
+      );
+      expect(updates.map((e) => [e.before, e.after])).toEqual([[{ v: 'x' }, { v: 'full' }]]);
+    } finally {
+      await stop(philotes);
+    }
+    await f.source.query(`ALTER TABLE bad REPLICA IDENTITY DEFAULT`, [], 'app');
+    await cleanSlate();
+  });
+
+  it('(a4) keylessTables: leave_out: the others published, kept current, every new table exact from its first row', async () => {
+    const philotes = startPhilotes(f.env({ PHILOTES_CDC_KEYLESS_TABLES: 'leave_out' }));
+    try {
+      await waitForSlotActive(f.source);
+      expect(await publications('app')).toEqual([
+        { pubname: 'philotes_pub', puballtables: false, tables: ['public.good'] },
+      ]);
+      expect(await appUpdate()).toBeNull();
+
+      // While Philotes runs: a new keyed table written to before it can have joined, a new
+      // keyless one, and the keyless table given a key.
+      await f.source.query(
+        `CREATE TABLE late (id int PRIMARY KEY, v text);
+         INSERT INTO late VALUES (1, 'before'), (2, 'before'), (4, 'only in the snapshot');
+         CREATE TABLE late_nokey (v text);
+         INSERT INTO late_nokey VALUES ('n');
+         ALTER TABLE bad ADD COLUMN id serial PRIMARY KEY;`,
+        [],
+        'app',
+      );
+      expect(await appUpdate('late_nokey')).toBeNull();
+      await waitFor(
+        async () =>
+          [...((await publications('app'))[0]?.tables ?? [])].sort().join() ===
+          'public.bad,public.good,public.late',
+        { what: 'the new and the newly keyed table to join the publication', timeoutMs: 90_000 },
+      );
+      await f.source.query(
+        `INSERT INTO late VALUES (3, 'after');
+         UPDATE late SET v = 'after' WHERE id = 1;
+         DELETE FROM late WHERE id = 2;
+         UPDATE bad SET v = 'keyed' WHERE v = 'gone';`,
+        [],
+        'app',
+      );
+      await waitFor(
+        async () =>
+          (
+            await f.buffer.query<{ n: number }>(
+              `SELECT count(*)::int AS n FROM cdc_snapshots
+                WHERE source_id = 'app' AND reason = 'on_demand' AND state = 'done'`,
+              [],
+              'buffer',
+            )
+          )[0]?.n === 1,
+        { what: 'the snapshot of the joined tables to finish', timeoutMs: 90_000 },
+      );
+      await waitForCatchUp(f, 60_000);
+      expect(await replayed('late')).toEqual(await sourceRows('late'));
+      expect(await replayed('bad')).toEqual(await sourceRows('bad'));
+      expect(await readEvents(f.buffer, 'app', 'late_nokey')).toEqual([]);
+      expect(await appUpdate('late_nokey')).toBeNull();
+
+      // A published table that loses its key: its writes fail until the keeper drops it.
+      await f.source.query(`ALTER TABLE late DROP CONSTRAINT late_pkey`, [], 'app');
+      await waitFor(async () => (await appUpdate('late')) === null, {
+        what: 'the keyless table to leave the publication, so that its writes work again',
+        timeoutMs: 90_000,
+      });
+      expect([...((await publications('app'))[0]?.tables ?? [])].sort()).toEqual([
+        'public.bad',
+        'public.good',
+      ]);
+    } finally {
+      await stop(philotes);
+    }
+    await cleanSlate();
   });
 
   it('(b) PHILOTES_CDC_TABLES=public.good: a FOR TABLE publication, and only that table is captured', async () => {

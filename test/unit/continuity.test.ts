@@ -48,6 +48,7 @@ const SOURCE: SourceConfig = {
   ddl: false,
   protocol: null,
   snapshot: 'never',
+  keylessTables: 'block',
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,

@@ -8,10 +8,18 @@ import {
   publicationExists,
   resetCommand,
   tablesWithoutChunkKey,
-  tablesWithoutIdentity,
 } from '../../common/source-admin.js';
 import type { BufferRecord } from './buffer.js';
 import type { AddFinding } from './finding.js';
+import {
+  coveredTables,
+  planKeeping,
+  planPublication,
+  readPublication,
+  someOf,
+  type PublicationPlan,
+} from '../../common/publication.js';
+import { policyOf } from '../../common/error-policy.js';
 
 export async function checkPublication(
   client: pg.Client,
@@ -43,7 +51,7 @@ export async function checkPublication(
             fix: `ALTER PUBLICATION ${source.publication} ADD TABLE ${notCovered.join(', ')}`,
           },
     );
-    reportIdentity(await tablesWithoutIdentity(client, source.publication), add);
+    await reportKeeping(client, source, add);
     await checkSnapshotPrivilege(client, source, record, names, add);
     if (source.snapshot !== 'never') {
       const keyless = await tablesWithoutChunkKey(client, source.publication);
@@ -77,17 +85,12 @@ export async function checkPublication(
             [wanted],
           )
         ).rows.map((r) => r.name);
+  // FOR TABLE needs the role to own every table; leave_out lists them even for all tables.
+  const listsTables = wanted.length > 0 || source.keylessTables === 'leave_out';
   const notOwned =
-    wanted.length === 0 || superuser
+    !listsTables || superuser || missing.length > 0
       ? []
-      : (
-          await client.query<{ name: string }>(
-            `SELECT t AS name FROM unnest($1::text[]) AS t
-              WHERE to_regclass(t) IS NOT NULL
-                AND NOT pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = to_regclass(t)), 'USAGE')`,
-            [wanted],
-          )
-        ).rows.map((r) => r.name);
+      : (await coveredTables(client, wanted)).filter((t) => !t.owned).map((t) => t.name);
   if (missing.length > 0) {
     add({
       check: 'publication',
@@ -95,7 +98,7 @@ export async function checkPublication(
       detail: `${name} would cover ${missing.join(', ')}, which do not exist`,
       fix: 'check the tables setting',
     });
-  } else if (wanted.length === 0 && !superuser) {
+  } else if (!listsTables && !superuser) {
     add({
       check: 'publication',
       verdict: 'blocker',
@@ -106,46 +109,37 @@ export async function checkPublication(
     add({
       check: 'publication',
       verdict: 'blocker',
-      detail: `${name} does not exist, and the user does not own ${notOwned.join(', ')}`,
+      detail: `${name} does not exist, and the user does not own ${someOf(notOwned)}`,
       fix: `create the publication as the owner or a superuser`,
     });
   } else {
-    add({
-      check: 'publication',
-      verdict: 'ok',
-      detail: `${name} does not exist yet: the first start creates it ${wanted.length === 0 ? 'FOR ALL TABLES' : `for ${wanted.length} table(s)`}`,
-      fix: null,
-    });
+    // The rule the run applies when it creates it (src/common/publication.ts).
+    const plan = await planPublication(client, source);
+    if (plan.refusal !== null) {
+      add({
+        check: 'replica identity',
+        verdict: 'blocker',
+        detail: plan.refusal,
+        fix: policyOf('KEYLESS_TABLES').fix(source),
+      });
+    } else {
+      const what =
+        plan.target === 'all'
+          ? 'FOR ALL TABLES'
+          : plan.target.length === 0
+            ? 'with no tables yet'
+            : `for ${plan.target.length} table(s)`;
+      add({
+        check: 'publication',
+        verdict: 'ok',
+        detail: `${name} does not exist yet: the first start creates it ${what}${source.keylessTables === 'leave_out' ? ', kept current as tables come and go (keylessTables: leave_out)' : ''}`,
+        fix: null,
+      });
+      reportPlannedIdentity(source, plan, add);
+    }
   }
-  const unkeyed = await client.query<{ name: string }>(
-    `SELECT format('%I.%I', n.nspname, c.relname) AS name
-       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind = 'r' AND c.relpersistence = 'p'
-        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
-        AND (cardinality($1::text[]) = 0 OR c.oid = ANY (SELECT to_regclass(t) FROM unnest($1::text[]) t))
-        AND (c.relreplident = 'n'
-             OR (c.relreplident = 'd' AND NOT EXISTS (
-                   SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
-      ORDER BY 1`,
-    [wanted],
-  );
-  reportIdentity(
-    unkeyed.rows.map((r) => r.name),
-    add,
-  );
   if (missing.length === 0) {
-    const published =
-      wanted.length > 0
-        ? wanted
-        : (
-            await client.query<{ name: string }>(
-              `SELECT format('%I.%I', n.nspname, c.relname) AS name
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' AND NOT c.relispartition
-                  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
-                ORDER BY 1`,
-            )
-          ).rows.map((r) => r.name);
+    const published = (await coveredTables(client, wanted)).map((t) => t.name);
     await checkSnapshotPrivilege(client, source, record, published, add);
   }
 }
@@ -196,8 +190,30 @@ async function checkSnapshotPrivilege(
   });
 }
 
-function reportIdentity(tables: readonly string[], add: AddFinding): void {
-  if (tables.length === 0) {
+/** What the keeper finds in an existing publication (the user's is only told of). */
+async function reportKeeping(
+  client: pg.Client,
+  source: SourceConfig,
+  add: AddFinding,
+): Promise<void> {
+  const state = await readPublication(client, source.publication);
+  const plan = await planKeeping(client, source);
+  const failing = plan?.failing ?? [];
+  if (plan !== null && plan.identityFull.length > 0)
+    add({
+      check: 'replica identity',
+      verdict: 'ok',
+      detail: `${someOf(plan.identityFull)} will get REPLICA IDENTITY FULL at the start (keylessTables: identity_full)`,
+      fix: null,
+    });
+  if (plan !== null && (plan.add.length > 0 || plan.drop.length > 0))
+    add({
+      check: 'publication',
+      verdict: 'ok',
+      detail: `the start keeps publication ${source.publication} current (keylessTables: leave_out):${plan.add.length > 0 ? ` adds ${someOf(plan.add)} (after asking for a snapshot of them)` : ''}${plan.drop.length > 0 ? ` drops ${someOf(plan.drop)} (no replica identity any more)` : ''}`,
+      fix: null,
+    });
+  if (failing.length === 0) {
     add({
       check: 'replica identity',
       verdict: 'ok',
@@ -206,12 +222,51 @@ function reportIdentity(tables: readonly string[], add: AddFinding): void {
     });
     return;
   }
-  const shown =
-    tables.slice(0, 5).join(', ') + (tables.length > 5 ? ` and ${tables.length - 5} more` : '');
   add({
     check: 'replica identity',
     verdict: 'warning',
-    detail: `${tables.length} published table(s) without a primary key or replica identity: ${shown}; UPDATE and DELETE on them fail on the source`,
-    fix: 'add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or leave them out (tables)',
+    detail: `${failing.length} published table(s) without a primary key or replica identity: ${someOf(failing)}; the source refuses UPDATE and DELETE on them now${state.managed ? '' : ` (publication ${source.publication} is not Philotes': it is left as it is)`}`,
+    fix: state.managed
+      ? `add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set keylessTables for source ${source.id}`
+      : `add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or ALTER PUBLICATION ${source.publication} DROP TABLE ...`,
   });
+}
+
+/** The replica identity side of a publication the first start will create. */
+function reportPlannedIdentity(source: SourceConfig, plan: PublicationPlan, add: AddFinding): void {
+  if (plan.keyless.length === 0) {
+    add({
+      check: 'replica identity',
+      verdict: 'ok',
+      detail: 'every table it will publish has a key or a replica identity',
+      fix: null,
+    });
+    return;
+  }
+  const shown = someOf(plan.keyless);
+  switch (source.keylessTables) {
+    case 'leave_out':
+      add({
+        check: 'replica identity',
+        verdict: 'warning',
+        detail: `${plan.keyless.length} table(s) without a replica identity are left out, so their changes are not captured: ${shown}`,
+        fix: 'give them a primary key: the running Philotes then adds them (with a snapshot of their rows)',
+      });
+      return;
+    case 'identity_full':
+      add({
+        check: 'replica identity',
+        verdict: 'ok',
+        detail: `${shown} will get REPLICA IDENTITY FULL at the first start (keylessTables: identity_full)`,
+        fix: null,
+      });
+      return;
+    default:
+      add({
+        check: 'replica identity',
+        verdict: 'warning',
+        detail: `${plan.keyless.length} table(s) without a replica identity will be published (keylessTables: accept): the source will refuse UPDATE and DELETE on ${shown}`,
+        fix: `give them a primary key, or set keylessTables: leave_out or identity_full for source ${source.id}`,
+      });
+  }
 }

@@ -94,6 +94,7 @@ function waitingReport(
     eventsPerSecond: 0,
     restarts: 0,
     snapshot: null,
+    failingTables: null,
   };
 }
 
