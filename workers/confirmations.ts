@@ -92,6 +92,15 @@ export class Confirmations {
     return this.recordedLsn;
   }
 
+  /**
+   * Everything of this source's database up to here is in the buffer: the durable position, or
+   * an idle WAL end (the WAL between holds only other databases' changes, or none). What the lag
+   * is measured from, so that a busy neighbour's WAL does not count against an idle source.
+   */
+  get capturedUpTo(): bigint {
+    return this.idleWalEnd > this.durableLsn ? this.idleWalEnd : this.durableLsn;
+  }
+
   /** How far the server's WAL is known to reach: its last keepalive, or a later commit. */
   get serverWalEnd(): bigint {
     const commitEnd = BigInt(this.commits.lastCommitEnd);

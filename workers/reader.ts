@@ -552,11 +552,12 @@ export class SlotReader {
   }
 
   private reportProgress(): void {
-    const { serverWalEnd, confirmed } = this.confirmations;
+    const { serverWalEnd, confirmed, capturedUpTo } = this.confirmations;
     this.post({
       type: 'progress',
       serverWalEnd: serverWalEnd === 0n ? null : formatLsn(serverWalEnd),
       confirmedLsn: confirmed === 0n ? null : formatLsn(confirmed),
+      capturedLsn: capturedUpTo === 0n ? null : formatLsn(capturedUpTo),
     });
   }
 

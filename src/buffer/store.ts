@@ -9,7 +9,6 @@
 import pg from 'pg';
 import type { ConnectionConfig } from '../common/config.js';
 import { pgClientOptions } from '../common/pg-connection.js';
-import { describeConnectionError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import type { PendingSnapshot } from '../common/protocol.js';
 import { DATABASE_IDENTITY_SQL, type DatabaseIdentity } from '../common/database-identity.js';
@@ -21,6 +20,7 @@ import {
   type Checkpoint,
 } from './checkpoints.js';
 import { recordGap } from './gaps.js';
+import { BufferHealth } from './health.js';
 import { lockSource, type SourceLock } from './lock.js';
 import { migrate } from './migrations.js';
 import { createSnapshot, endSnapshot, pendingSnapshot, requestSnapshot } from './snapshots.js';
@@ -29,6 +29,7 @@ import { storeGroup, type StoredGroup, type StoreGroupPart } from './writes.js';
 export type { Checkpoint } from './checkpoints.js';
 export type { GapRecord } from './gaps.js';
 export type { SourceLock } from './lock.js';
+export type { BufferHealthReport, BufferState } from './health.js';
 export { CommitOutcomeUnknownError, type StoredGroup, type StoreGroupPart } from './writes.js';
 
 export class BufferStore {
@@ -39,11 +40,15 @@ export class BufferStore {
     private readonly pool: pg.Pool,
     private readonly clientOptions: pg.ClientConfig,
     private readonly log: Logger,
+    /** Open, or what the last connection to it met (health.ts). */
+    readonly health: BufferHealth,
   ) {}
 
   static async open(conn: ConnectionConfig, log: Logger, poolSize: number): Promise<BufferStore> {
     const options = pgClientOptions(conn, 'philotes:buffer');
     const pool = new pg.Pool({ ...options, max: poolSize });
+    const health = new BufferHealth(conn);
+    health.watch(pool);
     // An idle client that loses its connection must not crash the process; the next query
     // on a fresh client reports the problem where it can be handled.
     pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
@@ -51,15 +56,23 @@ export class BufferStore {
     // mid-COPY would then be an unhandled 'error' event and kill the process. The failing query
     // rejects as well, and that is where the failure is handled (rollback, reader restart).
     pool.on('connect', (client) =>
-      client.on('error', (error) => log.warn({ err: error }, 'buffer connection lost')),
+      client.on('error', (error) => {
+        health.failed(error);
+        log.warn({ err: error }, 'buffer connection lost');
+      }),
     );
-    const store = new BufferStore(pool, { ...options, application_name: 'philotes:lock' }, log);
+    const store = new BufferStore(
+      pool,
+      { ...options, application_name: 'philotes:lock' },
+      log,
+      health,
+    );
     let client: pg.PoolClient;
     try {
       client = await pool.connect();
     } catch (error) {
       await pool.end().catch(() => undefined);
-      throw describeConnectionError(error, 'buffer', conn.host, conn.port);
+      throw error; // described by the health watch
     }
     try {
       const applied = await migrate(client);

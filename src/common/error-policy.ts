@@ -166,6 +166,23 @@ export function policyOf(code: FatalCode): FatalPolicy {
 }
 
 /** The fix for `code` on `source`, or null for a code that is not fatal (or none). */
+/**
+ * The server's own refusals that retrying cannot fix (errors.ts FATAL_SQLSTATES) arrive with a
+ * SQLSTATE, not one of our codes: what a person does about the common ones.
+ */
+const SQLSTATE_FIXES: Readonly<Record<string, (s: SourceConfig) => string>> = {
+  '28P01': (s) =>
+    `check the password of user ${s.connection.user} for ${where(s)} (the source's password, passwordEnv or passwordFile; a passwordFile is read again at every attempt)`,
+  '28000': (s) =>
+    `let user ${s.connection.user} connect in pg_hba.conf on ${where(s)}, for database ${s.connection.database} and for replication`,
+  '3D000': (s) =>
+    `create database ${s.connection.database} on ${where(s)}, or correct the source's database`,
+  '42501': (s) =>
+    `grant ${s.connection.user} the privilege named above (philotes-worker check lists what the run needs)`,
+};
+
 export function fixFor(code: string | null | undefined, source: SourceConfig): string | null {
-  return isFatalCode(code) ? POLICY[code].fix(source) : null;
+  if (isFatalCode(code)) return POLICY[code].fix(source);
+  const fix = code === null || code === undefined ? undefined : SQLSTATE_FIXES[code];
+  return fix === undefined ? null : fix(source);
 }

@@ -224,6 +224,8 @@ export interface ProgressMessage {
   readonly serverWalEnd: string | null;
   /** Position last confirmed to the source. */
   readonly confirmedLsn: string | null;
+  /** Everything of the source's database up to here is stored (Confirmations.capturedUpTo). */
+  readonly capturedLsn: string | null;
 }
 
 /** The slot as the source sees it, polled while the reader runs: the WAL it holds back. */

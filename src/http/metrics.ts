@@ -282,6 +282,23 @@ export class Metrics {
     },
   });
 
+  private bufferUpNow: () => boolean | null = () => null;
+  readonly bufferUp = new client.Gauge({
+    name: 'philotes_buffer_up',
+    help: 'Is 1 while connections to the buffer database succeed, 0 once the last one failed (what /readyz reports as buffer.state); absent before the buffer was first reached.',
+    registers: [this.registry],
+    collect: () => {
+      const up = this.bufferUpNow();
+      if (up === null) this.bufferUp.reset();
+      else this.bufferUp.set(up ? 1 : 0);
+    },
+  });
+
+  /** Where philotes_buffer_up reads from at each scrape (null: not opened yet). */
+  watchBuffer(up: () => boolean | null): void {
+    this.bufferUpNow = up;
+  }
+
   /** Where the readiness gauges read from at each scrape. */
   watchReadiness(
     reports: () => ReadonlyArray<{ source: string; ready: boolean; notStreaming: number }>,

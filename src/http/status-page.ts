@@ -23,16 +23,51 @@ const REFRESH_SECONDS = 2;
 const BAD = new Set(['failed', 'lost', 'unreserved']);
 const WARN = new Set(['backoff', 'starting', 'stopping', 'extended']);
 
+/** "1 table", "2 tables". */
+export function plural(n: number, word: string, many = `${word}s`): string {
+  return `${n} ${n === 1 ? word : many}`;
+}
+
+/**
+ * The headline: the words /readyz answers first ("ready" or "not ready"), then what is true of
+ * the sources and the buffer; its colour follows the same verdict (green only when ready and
+ * every source streams, amber when ready within the grace period, red when not ready).
+ */
+export function summarize(data: Pick<StatusPageData, 'ready' | 'buffer' | 'sources'>): {
+  readonly text: string;
+  readonly tone: 'ok' | 'warn' | 'bad';
+} {
+  const count = (state: string) => data.sources.filter((s) => s.state === state).length;
+  const streaming = count('streaming');
+  const others = [
+    ['failed', count('failed')],
+    ['in backoff', count('backoff')],
+    ['starting', count('starting')],
+    ['stopping', count('stopping')],
+    ['standby', count('standby')],
+  ] as const;
+  const parts = [
+    `${streaming} of ${plural(data.sources.length, 'source')} streaming`,
+    ...others.filter(([, n]) => n > 0).map(([what, n]) => `${n} ${what}`),
+  ];
+  if (data.buffer.state !== 'open') parts.push(`buffer ${data.buffer.state}`);
+  const text = `${data.ready ? 'ready' : 'not ready'}: ${parts.join(', ')}`;
+  const allWell = streaming === data.sources.length && data.buffer.state === 'open';
+  return { text, tone: !data.ready ? 'bad' : allWell ? 'ok' : 'warn' };
+}
+
 export function renderStatusPage(data: StatusPageData): string {
-  const failed = data.sources.filter((s) => s.state === 'failed').length;
-  const streaming = data.sources.filter((s) => s.state === 'streaming').length;
-  const summary = `${data.sources.length} source${data.sources.length === 1 ? '' : 's'}: ${streaming} streaming${failed > 0 ? `, ${failed} failed` : ''}`;
+  const summary = summarize(data);
+  const buffer =
+    data.buffer.state === 'open'
+      ? 'buffer open'
+      : `<span class="${data.buffer.state === 'waiting' ? 'warn' : 'bad'}">buffer ${escape(data.buffer.state)}${data.buffer.problem ? `: ${escape(data.buffer.problem)}` : ''}</span>`;
   return `<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Philotes: ${escape(summary)}</title>
+<title>Philotes: ${escape(summary.text)}</title>
 <noscript><meta http-equiv="refresh" content="${REFRESH_SECONDS * 5}"></noscript>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2329; }
@@ -45,13 +80,17 @@ export function renderStatusPage(data: StatusPageData): string {
   .bad { color: #b3261e; font-weight: 600; }
   .warn { color: #9a6700; }
   .ok { color: #1a7f37; }
-  td.error { max-width: 40em; overflow-wrap: anywhere; color: #5b6670; }
+  td.error { max-width: 40em; overflow-wrap: anywhere; }
+  td.error.past { color: #5b6670; }
+  td.error.current { color: #b3261e; }
+  td.error summary { cursor: pointer; }
+  td.error .whole { white-space: pre-wrap; margin: .3em 0 0; }
 </style>
 </head>
 <body>
 <main id="status">
-<h1>Philotes — <span id="summary" class="${data.ready ? 'ok' : 'bad'}">${escape(summary)}${data.ready ? '' : ' (not ready)'}</span></h1>
-<p class="meta">version ${escape(data.version)} · buffer ${escape(data.buffer.state)}${data.buffer.problem ? `: ${escape(data.buffer.problem)}` : ''} · as of <time datetime="${new Date(data.now).toISOString()}">${new Date(data.now).toISOString()}</time> · <a href="/readyz">/readyz</a> · <a href="/metrics">/metrics</a></p>
+<h1>Philotes — <span id="summary" class="${summary.tone}">${escape(summary.text)}</span></h1>
+<p class="meta">version ${escape(data.version)} · <span id="buffer">${buffer}</span> · as of <time datetime="${new Date(data.now).toISOString()}">${new Date(data.now).toISOString()}</time> · <a href="/readyz">/readyz</a> · <a href="/metrics">/metrics</a></p>
 <table id="sources">
 <thead><tr><th>source</th><th>state</th><th>lag</th><th>retained WAL</th><th>WAL status</th><th>checkpoint age</th><th>events/s</th><th>snapshot</th><th>restarts</th><th>last error</th></tr></thead>
 <tbody>
@@ -65,7 +104,12 @@ setInterval(async () => {
   try {
     const res = await fetch(location.pathname, { cache: 'no-store' });
     const next = new DOMParser().parseFromString(await res.text(), 'text/html');
+    // An error opened to its whole text stays open across the refresh.
+    const open = [...document.querySelectorAll('tr[data-source] details[open]')]
+      .map((d) => d.closest('tr').dataset.source);
     document.getElementById('status').replaceWith(next.getElementById('status'));
+    for (const source of open)
+      document.querySelector('tr[data-source="' + CSS.escape(source) + '"] details')?.setAttribute('open', '');
     document.title = next.title;
   } catch {}
 }, ${REFRESH_SECONDS * 1000});
@@ -76,28 +120,27 @@ setInterval(async () => {
 }
 
 function row(s: SourceReport, now: number): string {
-  const state = `${s.state}${s.state === 'streaming' ? '' : ` for ${duration(s.stateSeconds)}`}${s.nextAttemptAt ? `, next attempt ${relative(s.nextAttemptAt, now)}` : ''}`;
+  // A failing source passes through starting at each attempt: how long it has not streamed is
+  // what a person wants, not how long since the last attempt.
+  const state = `${s.state}${s.state === 'streaming' ? '' : ` for ${duration(s.notStreamingSeconds ?? s.stateSeconds)}`}${s.nextAttemptAt ? `, next attempt ${relative(s.nextAttemptAt, now)}` : ''}`;
   const lag =
     s.lagBytes === null
       ? '-'
       : `${formatBytes(BigInt(s.lagBytes))}${s.lagSeconds ? ` / ${duration(s.lagSeconds)}` : ''}`;
   const age =
     s.lastStoredAt === null ? '-' : duration(Math.round((now - Date.parse(s.lastStoredAt)) / 1000));
-  const error =
-    s.lastError === null
-      ? ''
-      : `${s.lastErrorCode ? `${s.lastErrorCode}: ` : ''}${s.lastError}${s.lastErrorAt ? ` (${relative(s.lastErrorAt, now)})` : ''}${s.lastErrorFix ? ` — fix: ${s.lastErrorFix}` : ''}`;
+  const error = errorCell(s, now);
   const cells = [
     `<td class="source">${escape(s.source)}</td>`,
     `<td class="state ${tone(s.state)}">${escape(state)}</td>`,
-    `<td class="lag num">${escape(lag)}</td>`,
+    `<td class="lag num" title="WAL of this source's database not yet stored, and how long ago the server was where the stored position is">${escape(lag)}</td>`,
     `<td class="retained num">${s.retainedWalBytes === null ? '-' : escape(formatBytes(BigInt(s.retainedWalBytes)))}</td>`,
     `<td class="wal-status ${tone(s.walStatus ?? '')}">${escape(s.walStatus ?? '-')}</td>`,
     `<td class="checkpoint-age num">${escape(age)}</td>`,
     `<td class="events num">${s.eventsPerSecond}</td>`,
     `<td class="snapshot">${escape(snapshotCell(s))}</td>`,
     `<td class="restarts num">${s.restarts}</td>`,
-    `<td class="error">${escape(error)}</td>`,
+    error,
   ];
   return `<tr data-source="${escape(s.source)}" data-state="${escape(s.state)}">${cells.join('')}</tr>`;
 }
@@ -111,10 +154,10 @@ function snapshotCell(s: SourceReport): string {
   const skipped =
     (t.skipped_no_key > 0 ? `, ${t.skipped_no_key} without a key skipped` : '') +
     (t.not_published > 0 ? `, ${t.not_published} not in the publication` : '');
-  const rows = `${snap.rows.toLocaleString('en-US')} rows`;
+  const rows = plural(snap.rows, 'row').replace(/^\d+/, snap.rows.toLocaleString('en-US'));
   return snap.state === 'done'
-    ? `#${snap.id} ${snap.reason} done: ${t.done} tables${skipped}, ${rows}`
-    : `#${snap.id} ${snap.reason}: ${t.done} of ${total} tables${skipped}, ${rows}${snap.current ? `, now ${snap.current}` : ''}`;
+    ? `#${snap.id} ${snap.reason} done: ${plural(t.done, 'table')}${skipped}, ${rows}`
+    : `#${snap.id} ${snap.reason}: ${t.done} of ${plural(total, 'table')}${skipped}, ${rows}${snap.current ? `, now ${snap.current}` : ''}`;
 }
 
 function tone(value: string): string {
@@ -127,7 +170,37 @@ function duration(seconds: number): string {
 
 function relative(iso: string, now: number): string {
   const seconds = Math.round((Date.parse(iso) - now) / 1000);
-  return seconds >= 0 ? `in ${duration(seconds)}` : `${duration(-seconds)} ago`;
+  if (seconds === 0) return 'now';
+  return seconds > 0 ? `in ${duration(seconds)}` : `${duration(-seconds)} ago`;
+}
+
+/** Longer than this, an error shows its first words and opens to the whole text. */
+const SHORT_ERROR = 110;
+
+/**
+ * The last error, short: its code and first words, when it happened, and the whole text, the
+ * fix and the docs one click away (<details>, no script needed). On a streaming source it is
+ * history, and says so.
+ */
+function errorCell(s: SourceReport, now: number): string {
+  if (s.lastError === null) return '<td class="error"></td>';
+  const past = s.state === 'streaming';
+  const when = s.lastErrorAt ? relative(s.lastErrorAt, now) : null;
+  const head = `${past ? 'before it streamed again: ' : ''}${s.lastErrorCode ? `${s.lastErrorCode}: ` : ''}`;
+  const text = s.lastError;
+  const short = text.length > SHORT_ERROR ? `${text.slice(0, SHORT_ERROR).trimEnd()}…` : text;
+  // The docs ship with Philotes (README, docs/), not on this port: named, not linked.
+  const whole = [
+    text.length > SHORT_ERROR ? text : null,
+    s.lastErrorFix ? `fix: ${s.lastErrorFix}` : null,
+    s.lastErrorDocs ? `docs: ${s.lastErrorDocs}` : null,
+  ].filter((x): x is string => x !== null);
+  const summary = `${escape(head + short)}${when ? ` <span class="when">(${escape(when)})</span>` : ''}`;
+  const body =
+    whole.length === 0
+      ? summary
+      : `<details><summary>${summary}</summary><div class="whole">${escape(whole.join('\n'))}</div></details>`;
+  return `<td class="error${past ? ' past' : ' current'}">${body}</td>`;
 }
 
 function escape(text: string): string {

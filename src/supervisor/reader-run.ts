@@ -8,6 +8,7 @@ import type { SourceConfig } from '../common/config.js';
 import { classifyBufferError, ReaderError, ReaderThreadError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import type {
+  ProgressMessage,
   PendingSnapshot,
   ReaderMessage,
   ReaderResult,
@@ -27,7 +28,7 @@ const ABORT_GRACE_MS = 5_000;
 export interface ReaderRunListener {
   ready(message: ReadyMessage): void;
   slot(message: SlotStatusMessage): void;
-  progress(confirmedLsn: string | null, serverWalEnd: string | null): void;
+  progress(message: ProgressMessage): void;
   queued(length: number): void;
   stored(report: StoredGroupReport): void;
 }
@@ -162,7 +163,7 @@ export class ReaderRun {
         void this.writer.recordConfirmable(message.lsn, message.identity, message.ddlGap);
         break;
       case 'progress':
-        this.options.listener.progress(message.confirmedLsn, message.serverWalEnd);
+        this.options.listener.progress(message);
         break;
       case 'slot':
         this.options.listener.slot(message);

@@ -12,7 +12,12 @@ import { fixFor, isFatalCode, policyOf } from '../common/error-policy.js';
 import { isFatal } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { lsnToNumber, parseLsn } from '../common/lsn.js';
-import { readerSettings, type ReadyMessage, type SlotStatusMessage } from '../common/protocol.js';
+import {
+  readerSettings,
+  type ProgressMessage,
+  type ReadyMessage,
+  type SlotStatusMessage,
+} from '../common/protocol.js';
 import { oneLine } from '../common/exit.js';
 import type { Metrics } from '../http/metrics.js';
 import type { BufferStore } from '../buffer/store.js';
@@ -81,6 +86,35 @@ export interface SourceReport {
   readonly failingTables: readonly string[] | null;
 }
 
+/**
+ * When the server's WAL end (as the stream reports it) passed each position: samples taken as the
+ * reader reports progress. The lag in seconds is how long ago the end first went past the stored
+ * position, which is what lag means to a consumer (how old the newest change it cannot see yet
+ * may be) and, unlike the age of the last stored commit, does not grow while the source is idle.
+ */
+export class WalClock {
+  private readonly samples: Array<{ readonly at: number; readonly end: bigint }> = [];
+
+  constructor(private readonly capacity = 1_000) {}
+
+  note(end: bigint, at: number): void {
+    const last = this.samples.at(-1);
+    if (last !== undefined && last.end >= end) return;
+    this.samples.push({ at, end });
+    if (this.samples.length > this.capacity) this.samples.shift();
+  }
+
+  /** Seconds since the end first went past `lsn`; 0 if it has not; null with no sample. */
+  secondsSince(lsn: bigint, now: number): number | null {
+    if (this.samples.length === 0) return null;
+    let i = this.samples.length - 1;
+    if (this.samples[i]!.end <= lsn) return 0;
+    while (i > 0 && this.samples[i - 1]!.end > lsn) i--;
+    // samples[i] is the first seen past lsn (or the oldest kept: at least this long ago).
+    return Math.max(0, Math.round((now - this.samples[i]!.at) / 1000));
+  }
+}
+
 /** Events stored per second, over a sliding window of whole seconds. */
 class RateWindow {
   private readonly buckets = new Map<number, number>();
@@ -116,6 +150,8 @@ export class SourceRunner implements ReaderRunListener {
   private lastStoredAt: number | null = null;
   private slotStatus: SlotStatusMessage | null = null;
   private lagBytes: bigint | null = null;
+  private capturedLsn = 0n;
+  private readonly walClock = new WalClock();
   /** Source commit time of the last stored transaction (ms since epoch). */
   private lastSourceCommitMs: number | null = null;
   private readonly eventRate = new RateWindow();
@@ -229,14 +265,16 @@ export class SourceRunner implements ReaderRunListener {
     this.metrics.recordSlot(this.source.id, message);
   }
 
-  progress(confirmedLsn: string | null, serverWalEnd: string | null): void {
+  progress({ confirmedLsn, serverWalEnd, capturedLsn }: ProgressMessage): void {
     const labels = { source: this.source.id };
     if (confirmedLsn !== null) {
       this.confirmedLsn = confirmedLsn;
       this.metrics.confirmedLsn.set(labels, lsnToNumber(parseLsn(confirmedLsn)));
     }
+    if (capturedLsn !== null) this.capturedLsn = parseLsn(capturedLsn);
     if (serverWalEnd !== null) {
       this.serverWalEnd = parseLsn(serverWalEnd);
+      this.walClock.note(this.serverWalEnd, Date.now());
       this.metrics.serverWalEnd.set(labels, lsnToNumber(this.serverWalEnd));
       this.updateLag();
     }
@@ -283,13 +321,24 @@ export class SourceRunner implements ReaderRunListener {
     this.updateLag();
   }
 
+  /**
+   * How far this source's changes are stored: the checkpoint, the confirmed position, or where
+   * the reader last found nothing of its database pending (WAL written by other databases of the
+   * server holds nothing for it), whichever is further.
+   */
+  private captured(): bigint {
+    const checkpoint = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
+    const confirmed = this.confirmedLsn === null ? 0n : parseLsn(this.confirmedLsn);
+    let captured = confirmed > checkpoint ? confirmed : checkpoint;
+    if (this.capturedLsn > captured) captured = this.capturedLsn;
+    return captured;
+  }
+
   private updateLag(): void {
     if (this.serverWalEnd === 0n) return;
     // Idle confirmations move the confirmed position past the checkpoint (WAL written elsewhere
     // holds nothing for us), so lag is measured from whichever is further.
-    const checkpoint = this.checkpointLsn === null ? 0n : parseLsn(this.checkpointLsn);
-    const confirmed = this.confirmedLsn === null ? 0n : parseLsn(this.confirmedLsn);
-    const captured = confirmed > checkpoint ? confirmed : checkpoint;
+    const captured = this.captured();
     if (captured === 0n) return;
     const lag = this.serverWalEnd - captured;
     this.lagBytes = lag > 0n ? lag : 0n;
@@ -343,9 +392,7 @@ export class SourceRunner implements ReaderRunListener {
           ? null
           : this.lagBytes === 0n
             ? 0
-            : this.lastSourceCommitMs === null
-              ? null
-              : Math.max(0, Math.round((now - this.lastSourceCommitMs) / 1000)),
+            : this.walClock.secondsSince(this.captured(), now),
       eventsPerSecond: this.eventRate.rate(now),
       restarts: this.restarts,
       snapshot: this.snapshot.report(),
@@ -457,12 +504,13 @@ export class SourceRunner implements ReaderRunListener {
     this.metrics.lastErrorTimestamp.set(labels, this.lastErrorAt / 1000);
     this.attempts++;
     this.metrics.consecutiveFailures.set(labels, this.attempts);
+    // A fatal failure is tried again too (slowly, by run()): every failure is a restart.
+    this.metrics.readerRestarts.inc(labels);
+    this.restarts++;
     if (delayMs === null) return; // fatal: reported once by run()
     this.nextAttemptAt = Date.now() + delayMs;
     this.metrics.nextAttemptTimestamp.set(labels, this.nextAttemptAt / 1000);
     this.metrics.readerFailures.inc({ ...labels, kind: 'retryable' });
-    this.metrics.readerRestarts.inc(labels);
-    this.restarts++;
     this.log.warn(
       {
         err: error,

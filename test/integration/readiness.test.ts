@@ -7,7 +7,13 @@
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { freePort } from '../support/cluster.js';
-import { startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
+import {
+  ITEMS_DDL,
+  startFixture,
+  startLoad,
+  waitForSlotActive,
+  type Fixture,
+} from '../support/fixture.js';
 import { readMetric, sampleFor } from '../support/faults.js';
 import {
   linesWithDuplicateKeys,
@@ -173,6 +179,46 @@ describe('readiness and liveness', () => {
         ).length === 1,
       { what: 'the row to be stored', timeoutMs: 30_000 },
     );
+    expect(p.signal('SIGTERM')).toBe(true);
+    expect(await p.exited).toEqual({ code: 0, signal: null });
+  });
+
+  it("an idle source on a server shared with a busy database: its lag is its own, not the neighbour's WAL", async () => {
+    await f.source.createDatabase('quiet');
+    await f.source.createDatabase('busy');
+    await f.source.query('CREATE TABLE q (id int PRIMARY KEY)', [], 'quiet');
+    await f.source.query(ITEMS_DDL, [], 'busy');
+    const { p, base } = await start({
+      PHILOTES_CDC_SOURCE_DATABASE: 'quiet',
+      PHILOTES_CDC_SOURCE_ID: 'quiet',
+      PHILOTES_CDC_REPLICATION_SLOT: 'philotes_quiet',
+      PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
+    });
+    await waitForSlotActive(f.source, 'philotes_quiet');
+    await f.source.query('INSERT INTO q VALUES (1)', [], 'quiet');
+    type Lag = { lagSeconds: number | null; lagBytes: number | null; lastStoredAt: string | null };
+    const quiet = async () => (await get(`${base}/readyz`)).body.sources[0] as unknown as Lag;
+    await waitFor(async () => (await quiet()).lastStoredAt !== null, {
+      what: "quiet's one commit to be stored",
+      timeoutMs: 30_000,
+    });
+    const load = startLoad(f.source, { clients: 2, database: 'busy' });
+    try {
+      // The neighbour writes WAL all along; quiet's last commit grows old meanwhile.
+      const lags = await sampleFor(
+        12_000,
+        'lagSeconds',
+        async () => (await quiet()).lagSeconds,
+        500,
+      );
+      const last = await quiet();
+      expect(Date.now() - Date.parse(last.lastStoredAt!)).toBeGreaterThan(11_000);
+      expect(load.stats.committedTransactions).toBeGreaterThan(10);
+      // Seconds since the stored position was passed, not since quiet last committed.
+      expect(Math.max(...lags.map((l) => l ?? 0)), JSON.stringify(lags)).toBeLessThanOrEqual(5);
+    } finally {
+      await load.stop();
+    }
     expect(p.signal('SIGTERM')).toBe(true);
     expect(await p.exited).toEqual({ code: 0, signal: null });
   });

@@ -9,7 +9,8 @@ import type { ReaderThreads } from '../../src/supervisor/reader-pool.js';
 import { loadConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
 import { Metrics } from '../../src/http/metrics.js';
-import { backoffDelay, SourceRunner } from '../../src/supervisor/source-runner.js';
+import { backoffDelay, SourceRunner, WalClock } from '../../src/supervisor/source-runner.js';
+import { plural, summarize } from '../../src/http/status-page.js';
 
 const GRACE_S = 60;
 
@@ -106,5 +107,74 @@ describe('source readiness', () => {
         expect(d).toBeLessThanOrEqual(ceiling);
       }
     }
+  });
+});
+
+describe('lag in seconds (WalClock)', () => {
+  it('is how long ago the WAL end first went past the stored position, not the last commit', () => {
+    const clock = new WalClock();
+    clock.note(100n, 1_000);
+    clock.note(100n, 5_000); // the end did not move: the first sample stands
+    clock.note(200n, 9_000);
+    clock.note(300n, 12_000);
+    // Stored up to the end: no lag, however old the last commit.
+    expect(clock.secondsSince(300n, 60_000)).toBe(0);
+    // Stored up to 150: the end passed it first at 9 s.
+    expect(clock.secondsSince(150n, 20_000)).toBe(11);
+    expect(clock.secondsSince(100n, 20_000)).toBe(11);
+    // Behind every sample kept: at least as old as the oldest.
+    expect(clock.secondsSince(50n, 20_000)).toBe(19);
+    expect(new WalClock().secondsSince(1n, 0)).toBeNull();
+  });
+
+  it('keeps a bounded history', () => {
+    const clock = new WalClock(3);
+    for (let i = 1; i <= 10; i++) clock.note(BigInt(i * 10), i * 1_000);
+    // Only 80, 90, 100 are kept: position 15 is at least as old as the oldest of them.
+    expect(clock.secondsSince(15n, 10_000)).toBe(2);
+  });
+});
+
+describe('the status page headline (summarize)', () => {
+  const report = (source: string, state: string) =>
+    ({ source, state }) as unknown as Parameters<typeof summarize>[0]['sources'][number];
+  const open = { state: 'open' };
+
+  it('says what /readyz says first, then the truth about the sources and the buffer', () => {
+    expect(summarize({ ready: true, buffer: open, sources: [report('a', 'streaming')] })).toEqual({
+      text: 'ready: 1 of 1 source streaming',
+      tone: 'ok',
+    });
+    expect(
+      summarize({
+        ready: true,
+        buffer: open,
+        sources: [report('a', 'streaming'), report('b', 'backoff')],
+      }),
+    ).toEqual({ text: 'ready: 1 of 2 sources streaming, 1 in backoff', tone: 'warn' });
+    expect(
+      summarize({
+        ready: false,
+        buffer: { state: 'unreachable' },
+        sources: [report('a', 'failed'), report('b', 'failed'), report('c', 'streaming')],
+      }),
+    ).toEqual({
+      text: 'not ready: 1 of 3 sources streaming, 2 failed, buffer unreachable',
+      tone: 'bad',
+    });
+    // Every source streaming while the buffer is down is not green.
+    expect(
+      summarize({
+        ready: true,
+        buffer: { state: 'unreachable' },
+        sources: [report('a', 'streaming')],
+      }).tone,
+    ).toBe('warn');
+  });
+
+  it('counts in words that agree with the number', () => {
+    expect(plural(1, 'table')).toBe('1 table');
+    expect(plural(0, 'table')).toBe('0 tables');
+    expect(plural(2, 'source')).toBe('2 sources');
   });
 });

@@ -121,12 +121,16 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
       notStreaming: r.notStreamingSeconds ?? 0,
     })),
   );
+  metrics.watchBuffer(() =>
+    store !== null ? store.health.up() : wait.problem === null ? null : false,
+  );
   /** What /readyz and the status page both show, computed once per request. */
   const readinessState = (now: number) => {
     const sources = reports(now);
+    // The buffer as its connections last found it (buffer/health.ts), not as the pool was opened.
     const buffer: StatusPageData['buffer'] & Record<string, unknown> =
       store !== null
-        ? { state: 'open' }
+        ? { ...store.health.report() }
         : {
             state: 'waiting',
             problem: wait.problem,
