@@ -7,6 +7,7 @@ import client from 'prom-client';
 import type { SlotStatusMessage } from '../common/protocol.js';
 import type { BatchWriterObserver, StoredGroupReport } from '../supervisor/batch-writer.js';
 import { SNAPSHOT_TABLE_STATES } from '../supervisor/snapshot-progress.js';
+import { SOURCE_STATES } from '../supervisor/source-runner.js';
 
 /** Every operation an event can have (its label values, created at 0 per source). */
 const OPERATIONS = [
@@ -397,8 +398,7 @@ export class Metrics {
     for (const reason of GAP_REASONS) this.gaps.remove({ source, reason });
     for (const operation of OPERATIONS) this.events.remove({ source, operation });
     for (const kind of ['retryable', 'fatal']) this.readerFailures.remove({ source, kind });
-    for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
-      this.sourceState.remove({ source, state });
+    for (const state of SOURCE_STATES) this.sourceState.remove({ source, state });
     for (const status of WAL_STATUSES) this.slotWalStatus.remove({ source, status });
   }
 
@@ -419,8 +419,7 @@ export class Metrics {
     this.readerUp.set({ source }, 0);
     this.queuedBatches.set({ source }, 0);
     this.sourceDiverged.set({ source }, 0);
-    for (const state of ['starting', 'streaming', 'backoff', 'stopping', 'stopped', 'failed'])
-      this.sourceState.set({ source, state }, 0);
+    for (const state of SOURCE_STATES) this.sourceState.set({ source, state }, 0);
     this.consecutiveFailures.set({ source }, 0);
     this.nextAttemptTimestamp.set({ source }, 0);
     this.lastErrorTimestamp.set({ source }, 0);

@@ -37,7 +37,29 @@ const SNAPSHOT_POLL_MS = 5_000;
 /** A reader that ran this long before failing has earned a fresh backoff cycle. */
 const HEALTHY_RUN_MS = 60_000;
 
-export type SourceState = 'starting' | 'streaming' | 'backoff' | 'stopping' | 'stopped' | 'failed';
+export type SourceState =
+  | 'starting'
+  | 'streaming'
+  | 'backoff'
+  | 'stopping'
+  | 'stopped'
+  | 'failed'
+  /** Another process holds the source's lock in the buffer and captures it; this one waits. */
+  | 'standby';
+
+/** Every state, for the metrics' label values. */
+export const SOURCE_STATES: readonly SourceState[] = [
+  'starting',
+  'streaming',
+  'backoff',
+  'stopping',
+  'stopped',
+  'failed',
+  'standby',
+];
+
+/** How often a standby asks for the source's lock: it takes over within this of a stop. */
+const STANDBY_POLL_MS = 2_000;
 
 /** The backoff before attempt n+1: doubling from min to max, with jitter (50-100 %). */
 export function backoffDelay(attempt: number, minMs: number, maxMs: number): number {
@@ -211,6 +233,10 @@ export class SourceRunner implements ReaderRunListener {
       this.streamingSince = now;
       this.nextAttemptAt = null;
       this.metrics.nextAttemptTimestamp.set(labels, 0);
+    } else if (state === 'standby') {
+      // Another process captures the source: no outage of ours.
+      this.streamingSince = null;
+      this.outageSince = null;
     } else {
       this.streamingSince = null;
       this.outageSince ??= now;
@@ -354,10 +380,12 @@ export class SourceRunner implements ReaderRunListener {
   /**
    * Ready while streaming steadily, and for a grace period after it stopped (restarts are
    * normal: server restarts, failovers), however many attempts it makes meanwhile. A source
-   * that failed for good is never ready.
+   * that failed for good is never ready. A standby is: the process that holds the source's lock
+   * captures it, and this one is doing what it should, waiting to take over.
    */
   isReady(now = Date.now()): boolean {
     if (this.state === 'failed' || this.state === 'stopped') return false;
+    if (this.state === 'standby') return true;
     this.settle(now);
     if (this.outageSince === null) return true;
     return now - this.outageSince < this.config.readinessGraceMs;
@@ -525,11 +553,25 @@ export class SourceRunner implements ReaderRunListener {
 
   private async runOnce(): Promise<void> {
     this.setState('starting');
-    const lock = await this.store.lockSource(this.source.id);
+    let lock = await this.store.lockSource(this.source.id);
     if (!lock) {
-      throw new Error(
-        `another Philotes process is capturing source "${this.source.id}" into this buffer (it holds the source's lock); retrying until it stops`,
+      // Not a failure: another process captures the source (a second replica, a rolling
+      // deploy). This one stands by, ready by the documented rule, and takes over when the
+      // lock is free.
+      this.setState('standby');
+      this.log.info(
+        `another Philotes process is capturing source "${this.source.id}" into this buffer (it holds the source's lock): standing by to take over`,
       );
+      while (lock === null && !this.stopping) {
+        await sleep(STANDBY_POLL_MS, undefined, { signal: this.retryAbort.signal }).catch(
+          () => undefined,
+        );
+        if (this.stopping) return;
+        lock = await this.store.lockSource(this.source.id);
+      }
+      if (lock === null) return;
+      this.log.info('the source is free: taking over');
+      this.setState('starting');
     }
     try {
       await this.runLocked(lock.lost);

@@ -24,6 +24,7 @@ import {
   waitForExit,
 } from '../support/faults.js';
 import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
+import { freePort } from '../support/ports.js';
 import { waitFor } from '../support/poll.js';
 
 describe('two processes for one source', () => {
@@ -47,8 +48,32 @@ describe('two processes for one source', () => {
     await waitForSlotActive(f.source);
     const load = startLoad(f.source, { clients: 3 });
     try {
-      const second = startPhilotes(env);
+      const port = await freePort();
+      const second = startPhilotes({
+        ...env,
+        PHILOTES_METRICS_PORT: String(port),
+        PHILOTES_METRICS_HOST: '127.0.0.1',
+        PHILOTES_READINESS_GRACE: '2s',
+      });
       processes.push(second);
+      // It stands by, and says so: its own state, ready (the first captures the source), and
+      // not a reader down for the alert rules.
+      const readyz = async () => {
+        const res = await fetch(`http://127.0.0.1:${port}/readyz`, {
+          signal: AbortSignal.timeout(5_000),
+        });
+        return {
+          status: res.status,
+          body: (await res.json()) as { sources: Array<{ state: string; lastError: unknown }> },
+        };
+      };
+      await waitFor(
+        async () => (await readyz().catch(() => null))?.body.sources[0]?.state === 'standby',
+        {
+          what: 'the second process to stand by',
+          timeoutMs: 30_000,
+        },
+      );
       // Both run side by side under load for a while; the second keeps retrying the lock.
       await waitForEventGrowth(f.buffer, await countEvents(f.buffer), 400);
       const [holders] = await f.buffer.query<{ n: number }>(
@@ -59,6 +84,13 @@ describe('two processes for one source', () => {
       );
       expect(holders!.n).toBe(1);
       expect(second.proc.exitCode).toBeNull();
+      // Longer than the grace period by now: still ready, still standby, no error.
+      const standing = await readyz();
+      expect(standing.status).toBe(200);
+      expect(standing.body.sources[0]).toMatchObject({ state: 'standby', lastError: null });
+      const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      expect(metrics).toMatch(/^philotes_source_state\{[^}]*state="standby"[^}]*\} 1$/m);
+      expect(metrics).toMatch(/^philotes_reader_up\{[^}]*\} 0$/m);
 
       first.signal('SIGTERM');
       expect((await waitForExit(first, 30_000)).code).toBe(0);
