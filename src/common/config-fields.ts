@@ -90,7 +90,8 @@ export function duration(
   return ms;
 }
 
-function formatMs(ms: number): string {
+/** "10s", "500ms", "5m": a duration as the settings are written. */
+export function formatMs(ms: number): string {
   if (ms % 3_600_000 === 0 && ms > 0) return `${ms / 3_600_000}h`;
   if (ms % 60_000 === 0 && ms > 0) return `${ms / 60_000}m`;
   if (ms % 1000 === 0 && ms > 0) return `${ms / 1000}s`;
@@ -201,6 +202,11 @@ export function connection(env: Env, name: (field: ConnectionField) => string): 
     sslmode,
     sslRootCert,
     sslRootCertFile: certPath,
+    passwordSetting: env[name('password')]
+      ? name('password')
+      : fromUrl.password
+        ? name('url')
+        : undefined,
   });
 }
 

@@ -268,14 +268,27 @@ function putConnection(raw: RawObject, at: string, { env, flat, put, problems }:
   }
 }
 
-/** A connection whose password came from a file remembers the file, to read it at each attempt. */
+/**
+ * A connection remembers where its password came from: the file, read again at each attempt;
+ * the variable or file key by its name, for error lines and print-config.
+ */
 function withPasswordFile(
   conn: ConnectionConfig | undefined,
   raw: RawObject,
+  at: string,
 ): ConnectionConfig | undefined {
+  if (conn === undefined) return conn;
   const file = raw['passwordFile'];
-  if (conn === undefined || typeof file !== 'string') return conn;
-  return Object.freeze({ ...conn, passwordFile: file });
+  const variable = raw['passwordEnv'];
+  if (typeof file === 'string')
+    return Object.freeze({ ...conn, passwordFile: file, passwordSetting: `${at}.passwordFile` });
+  if (typeof variable === 'string')
+    return Object.freeze({
+      ...conn,
+      passwordEnv: variable,
+      passwordSetting: `${at}.passwordEnv (${variable})`,
+    });
+  return conn;
 }
 
 const fileNames =
@@ -290,7 +303,8 @@ function readBuffer(file: RawObject, reading: Reading): ConnectionConfig | undef
   );
   if (!isObject(file['buffer'])) {
     // No buffer in the file: the environment's PHILOTES_BUFFER_* (one buffer for many files).
-    return problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));
+    const conn = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));
+    return conn && Object.freeze({ ...conn, fromEnvironment: true });
   }
   if (fromEnv.length > 0) {
     problems.add(
@@ -302,6 +316,7 @@ function readBuffer(file: RawObject, reading: Reading): ConnectionConfig | undef
   return withPasswordFile(
     problems.attempt(() => connection(flat, fileNames('buffer'))),
     file['buffer'],
+    'buffer',
   );
 }
 
@@ -357,6 +372,7 @@ function readSource(
   const conn = withPasswordFile(
     problems.attempt(() => connection(flat, fileNames(at))),
     raw,
+    at,
   );
   if (problems.list.length > before || id === undefined || slot === undefined) return undefined;
   return Object.freeze({

@@ -36,6 +36,16 @@ export interface ConnectionConfig {
   readonly passwordFile?: string | undefined;
   /** The file `sslRootCert` came from: read again whenever a connection's options are built. */
   readonly sslRootCertFile?: string | undefined;
+  /**
+   * The setting that gave the password, as the user wrote it (`PHILOTES_BUFFER_PASSWORD`, the
+   * `_URL`, `buffer.passwordEnv`, `sources[1].passwordFile`): what an error about the password
+   * names. Undefined when none was given.
+   */
+  readonly passwordSetting?: string | undefined;
+  /** The environment variable a file's `passwordEnv` names (print-config refers to it). */
+  readonly passwordEnv?: string | undefined;
+  /** Read from the environment (PHILOTES_BUFFER_*, PHILOTES_CDC_SOURCE_*), not a file's keys. */
+  readonly fromEnvironment?: boolean | undefined;
 }
 
 /** A source's tunables (PHILOTES_CDC_* in the environment; per source and in `defaults` in a file). */

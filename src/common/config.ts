@@ -59,7 +59,9 @@ function loadEnvConfig(env: Env): Config {
   const settings = readSourceSettings(env, (s) => s.env, problems);
   const source = {
     id,
-    connection: problems.attempt(() => connection(env, envNames('PHILOTES_CDC_SOURCE'))),
+    connection: problems.attempt(() =>
+      Object.freeze({ ...connection(env, envNames('PHILOTES_CDC_SOURCE')), fromEnvironment: true }),
+    ),
     slot,
     publication: problems.attempt(() => S.publication.read(env, S.publication.env)),
     tables: problems.attempt(() => Object.freeze(S.tables.read(env, S.tables.env))),
@@ -71,7 +73,9 @@ function loadEnvConfig(env: Env): Config {
     keylessTables: problems.attempt(() => S.keylessTables.read(env, S.keylessTables.env)),
     settings,
   };
-  const buffer = problems.attempt(() => connection(env, envNames('PHILOTES_BUFFER')));
+  const buffer = problems.attempt(() =>
+    Object.freeze({ ...connection(env, envNames('PHILOTES_BUFFER')), fromEnvironment: true }),
+  );
   const processWide = readProcessSettings(env, problems);
   problems.throwIfAny();
   return Object.freeze({

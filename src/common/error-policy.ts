@@ -10,7 +10,7 @@
  * that it recovers by itself once the cause is fixed.
  */
 import type { SourceConfig } from './config.js';
-import type { FatalCode } from './errors.js';
+import { passwordSource, type FatalCode } from './errors.js';
 import { resetCommand, where } from './source-names.js';
 
 export type RetryDirective =
@@ -172,7 +172,7 @@ export function policyOf(code: FatalCode): FatalPolicy {
  */
 const SQLSTATE_FIXES: Readonly<Record<string, (s: SourceConfig) => string>> = {
   '28P01': (s) =>
-    `check the password of user ${s.connection.user} for ${where(s)} (the source's password, passwordEnv or passwordFile; a passwordFile is read again at every attempt)`,
+    `check the password of user ${s.connection.user} for ${where(s)} ${passwordSource(s.connection)}; a passwordFile is read again at every attempt`,
   '28000': (s) =>
     `let user ${s.connection.user} connect in pg_hba.conf on ${where(s)}, for database ${s.connection.database} and for replication`,
   '3D000': (s) =>

@@ -201,7 +201,8 @@ const BUFFER_SQLSTATES: Record<string, Omit<BufferErrorClass, 'retry'> & { retry
   '28P01': {
     problem: 'credentials',
     retry: false,
-    summary: 'the buffer database rejected the password (PHILOTES_BUFFER_PASSWORD / _URL)',
+    // The setting that gave it is added where the configuration is known (passwordSource).
+    summary: 'the buffer database rejected the password',
   },
   '28000': {
     problem: 'credentials',
@@ -246,6 +247,13 @@ const BUFFER_SQLSTATES: Record<string, Omit<BufferErrorClass, 'retry'> & { retry
     summary: 'the buffer database is starting up or shutting down: waiting for it',
   },
 };
+
+/** "(from buffer.passwordEnv (BUFFER_PASSWORD))": which setting a rejected password came from. */
+export function passwordSource(conn: { readonly passwordSetting?: string | undefined }): string {
+  return conn.passwordSetting === undefined
+    ? '(no password is set: give one with password, passwordEnv or passwordFile)'
+    : `(from ${conn.passwordSetting})`;
+}
 
 export function classifyBufferError(error: unknown): BufferErrorClass {
   const code = (error as { code?: unknown } | null)?.code;

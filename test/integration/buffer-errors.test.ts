@@ -55,7 +55,7 @@ describe('buffer database errors', () => {
   it('a wrong buffer password: exit 2 at once, one line, no "not reachable yet"', async () => {
     const run = await runPhilotesToExit(f.env({ PHILOTES_BUFFER_PASSWORD: 'wrong-pw-123' }));
     const line = expectFatal(run);
-    expect(line).toContain('rejected the password');
+    expect(line).toContain('rejected the password (from PHILOTES_BUFFER_PASSWORD)');
     expect(line).not.toContain('wrong-pw-123');
   });
 

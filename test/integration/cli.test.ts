@@ -4,6 +4,8 @@
  * status reads each source's checkpoint and slot without changing anything (exit 1 when something
  * cannot be read).
  */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -75,23 +77,43 @@ describe('the command line without a database', () => {
     expect(flag.stderr.join('\n')).not.toMatch(/^Usage:/m);
   });
 
-  it('print-config shows the effective configuration and no secret, as YAML or JSON', async () => {
+  it('print-config prints a file --config accepts, with no secret, that prints the same again', async () => {
     const env = await nowhere();
     const yaml = await runPhilotesToExit(env, 20_000, { args: ['print-config'] });
     expect(yaml.code).toBe(0);
     const text = yaml.stdout.join('\n');
-    expect(text).toContain('checkpointIntervalMs: 10000');
-    expect(text).toContain('password: (set, hidden)');
+    expect(text).toContain('checkpointInterval: 10s');
+    expect(text).toMatch(/^# To run it: set SOURCE_PHILOTES_CDC_PASSWORD to the password/m);
     const json = await runPhilotesToExit(env, 20_000, { args: ['print-config', '--json'] });
     expect(json.code).toBe(0);
     const config = JSON.parse(json.stdout.join('\n')) as {
-      sources: Array<{ connection: { password: string } }>;
+      sources: Array<{ passwordEnv: string }>;
     };
-    expect(config.sources[0]!.connection.password).toBe('(set, hidden)');
+    expect(config.sources[0]!.passwordEnv).toBe('SOURCE_PHILOTES_CDC_PASSWORD');
     for (const out of [yaml, json]) {
       const all = [...out.stdout, ...out.stderr].join('\n');
       expect(all).not.toContain('source-secret');
       expect(all).not.toContain('buffer-secret');
+    }
+    // Fed back as it is (the buffer stays in PHILOTES_BUFFER_*; the source's password in the
+    // variable the comment names), it prints the same configuration.
+    const dir = mkdtempSync(join(tmpdir(), 'philotes-print-'));
+    try {
+      const path = join(dir, 'printed.yaml');
+      writeFileSync(path, `${text}\n`);
+      const fileEnv = Object.fromEntries(
+        Object.entries(env).filter(([key]) => !key.startsWith('PHILOTES_CDC_')),
+      );
+      const again = await runPhilotesToExit(
+        { ...fileEnv, SOURCE_PHILOTES_CDC_PASSWORD: 'source-secret' },
+        20_000,
+        { args: ['print-config', '--config', path] },
+      );
+      expect(again.code, again.stderr.join('\n')).toBe(0);
+      const body = (lines: string[]) => lines.filter((l) => !l.startsWith('#')).join('\n');
+      expect(body(again.stdout)).toBe(body(yaml.stdout).replace(/\n+$/, ''));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });

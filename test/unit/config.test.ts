@@ -51,6 +51,7 @@ describe('loadConfig defaults', () => {
       user: 'cdc',
       password: undefined,
       sslmode: 'prefer',
+      fromEnvironment: true,
     });
     expect(config.buffer).toEqual({
       host: 'localhost',
@@ -59,6 +60,7 @@ describe('loadConfig defaults', () => {
       user: 'philotes',
       password: undefined,
       sslmode: 'prefer',
+      fromEnvironment: true,
     });
     expect(config.checkpointIntervalMs).toBe(10_000);
     expect(config.logLevel).toBe('info');
@@ -156,6 +158,9 @@ describe('connection URLs', () => {
       user: 'u',
       password: 'p',
       sslmode: 'require',
+      // Which setting gave the password, for the error that a wrong one gets.
+      passwordSetting: 'PHILOTES_CDC_SOURCE_URL',
+      fromEnvironment: true,
     });
   });
 
@@ -172,6 +177,8 @@ describe('connection URLs', () => {
       user: 'bufuser',
       password: 'bufpw',
       sslmode: 'prefer',
+      passwordSetting: 'PHILOTES_BUFFER_URL',
+      fromEnvironment: true,
     });
   });
 
@@ -195,6 +202,8 @@ describe('connection URLs', () => {
       user: 'otheruser',
       password: 'otherpw',
       sslmode: 'disable',
+      passwordSetting: 'PHILOTES_CDC_SOURCE_PASSWORD',
+      fromEnvironment: true,
     });
   });
 

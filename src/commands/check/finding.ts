@@ -5,7 +5,7 @@
  */
 import pg from 'pg';
 import type { ConnectionConfig } from '../../common/config.js';
-import { describeConnectionError } from '../../common/errors.js';
+import { describeConnectionError, passwordSource } from '../../common/errors.js';
 import { pgClientOptions } from '../../common/pg-connection.js';
 
 export type Verdict = 'ok' | 'warning' | 'blocker';
@@ -49,7 +49,7 @@ export async function withClient(
       check: 'connection',
       verdict: 'blocker',
       detail: described instanceof Error ? described.message : String(described),
-      fix: connectionFix((error as { code?: string }).code),
+      fix: connectionFix((error as { code?: string }).code, conn),
     });
     return findings;
   }
@@ -72,11 +72,12 @@ export async function withClient(
   return findings;
 }
 
-function connectionFix(code: string | undefined): string {
+function connectionFix(code: string | undefined, conn: ConnectionConfig): string {
   switch (code) {
     case '28P01':
+      return `check the password of user ${conn.user} ${passwordSource(conn)}`;
     case '28000':
-      return 'check the user and password (and pg_hba.conf)';
+      return `check the user and pg_hba.conf on ${conn.host}:${conn.port}`;
     case '3D000':
       return 'check the database name, or create the database';
     case 'ECONNREFUSED':

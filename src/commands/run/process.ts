@@ -7,7 +7,7 @@ import type http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ReaderThreads } from '../../supervisor/reader-pool.js';
 import { ConfigError, loadConfig, type Config } from '../../common/config.js';
-import { classifyBufferError, isFatal } from '../../common/errors.js';
+import { classifyBufferError, isFatal, passwordSource } from '../../common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from '../../common/exit.js';
 import { renderStatusPage, type StatusPageData } from '../../http/status-page.js';
 import { startHttpServer, type Probe } from '../../http/server.js';
@@ -264,7 +264,11 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
   } catch (error) {
     if (shuttingDown) return; // a signal ended the wait; the handler exits
     const kind = classifyBufferError(error);
-    const message = `buffer database ${config.buffer.host}:${config.buffer.port}/${config.buffer.database}: ${kind.summary}: ${(error as Error).message}`;
+    const summary =
+      (error as { code?: unknown }).code === '28P01'
+        ? `${kind.summary} ${passwordSource(config.buffer)}`
+        : kind.summary;
+    const message = `buffer database ${config.buffer.host}:${config.buffer.port}/${config.buffer.database}: ${summary}: ${(error as Error).message}`;
     log.error({ err: error, problem: kind.problem }, 'cannot open buffer database');
     die(isFatal(error) || !kind.retry ? EXIT_USAGE : EXIT_ERROR, message);
   }
