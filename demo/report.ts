@@ -160,7 +160,10 @@ export async function collectReport(
       (
         await one<{ n: number }>(
           buffer,
-          'SELECT count(DISTINCT lsn)::int AS n FROM cdc_events WHERE source_id = $1',
+          // The snapshot's rows sit at positions of their own (its chunks' watermarks): the
+          // source's transactions are the commit positions of everything else.
+          `SELECT count(DISTINCT lsn)::int AS n FROM cdc_events
+            WHERE source_id = $1 AND operation <> 'SNAPSHOT'`,
           [SOURCE_ID],
         )
       )?.n ?? 0,
@@ -205,7 +208,8 @@ export function printReport(
   );
   out.say(
     `  The buffer held all of them ${seconds(catchUpMs)} after the load ended, ` +
-      `from ${report.transactions} transactions (distinct commit LSNs).`,
+      `in ${report.transactions} transactions (distinct commit LSNs of the changes) ` +
+      `${report.transactions === load.committed ? '✓' : `✗ (the source committed ${load.committed})`}.`,
   );
   out.say();
   const storedTotal = (prefix: string) =>
@@ -263,7 +267,10 @@ export function printReport(
     out.say(
       `  confirmed_flush_lsn ${slot['confirmed_flush_lsn']} (buffer checkpoint ${stored.checkpoint})`,
     );
-    out.say(`  server WAL at ${slot['wal_lsn']}; WAL the slot holds back: ${slot['retained']}`);
+    out.say(
+      `  server WAL at ${slot['wal_lsn']}; WAL the slot holds back now: ${slot['retained']} ` +
+        `(/readyz's retainedWalBytes is the slot as Philotes last polled it, every 15 s: see slotPolledAt)`,
+    );
   }
 
   const metricLines = report.metrics.body.split('\n').filter((l) => l && !l.startsWith('#'));

@@ -101,7 +101,11 @@ export class SlotReader {
       slot: task.source.slot,
       thread: 'reader',
     });
-    this.builder = new BatchBuilder(task.source.id, task.settings.batchMaxBytes);
+    this.builder = new BatchBuilder(
+      task.source.id,
+      task.settings.batchMaxBytes,
+      task.source.configFile,
+    );
     this.confirmations = new Confirmations(0n, 0n, this.builder);
     this.finished = new Promise<void>((resolve, reject) => {
       this.settle = { resolve, reject };

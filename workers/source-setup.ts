@@ -25,6 +25,7 @@ import {
   readSlotState,
   slotVerdict,
   where,
+  workerCommand,
   type SlotState,
 } from '../src/common/source-admin.js';
 import {
@@ -191,7 +192,7 @@ async function prepareDdlCapture(
           ? `is version ${state.version}, older than this Philotes' ${DDL_TRIGGER_VERSION}`
           : 'has a disabled or missing event trigger';
     throw new FatalSourceError(
-      `DDL capture on ${where(source)} ${what}, and the role cannot install it (event triggers need a superuser): run \`philotes-worker ddl-trigger --source ${source.id} --print | psql <superuser connection>\` once, or set ddl: false`,
+      `DDL capture on ${where(source)} ${what}, and the role cannot install it (event triggers need a superuser): run \`${workerCommand(source, 'ddl-trigger', `--source ${source.id} --print`)} | psql <superuser connection>\` once, or set ddl: false`,
       'DDL_TRIGGER_MISSING',
     );
   }

@@ -196,6 +196,26 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       );
     `,
   },
+  {
+    version: 7,
+    name: 'source status',
+    sql: `
+      -- What each running Philotes process says about each of its sources: its state, since
+      -- when, and its last error, for \`status\` and \`check\` (which run elsewhere). Written on
+      -- every change and refreshed every 30 s; a row older than that is a process gone quiet.
+      CREATE TABLE IF NOT EXISTS cdc_source_status (
+        source_id text NOT NULL,
+        reporter text NOT NULL,
+        state text NOT NULL,
+        since timestamptz NOT NULL,
+        last_error text,
+        last_error_code text,
+        last_error_at timestamptz,
+        reported_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (source_id, reporter)
+      );
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

@@ -24,6 +24,7 @@ import { BufferHealth } from './health.js';
 import { lockSource, type SourceLock } from './lock.js';
 import { migrate } from './migrations.js';
 import { createSnapshot, endSnapshot, pendingSnapshot, requestSnapshot } from './snapshots.js';
+import { recordSourceStatus, removeSourceStatus, type SourceStatusRow } from './source-status.js';
 import { storeGroup, type StoredGroup, type StoreGroupPart } from './writes.js';
 
 export type { Checkpoint } from './checkpoints.js';
@@ -147,6 +148,15 @@ export class BufferStore {
     ddlGap?: { fromLsn: string; toLsn: string },
   ): Promise<void> {
     return recordConfirmable(this.pool, sourceId, slot, lsn, identity, ddlGap);
+  }
+
+  /** What this process says about a source, for status and check (source-status.ts). */
+  recordSourceStatus(row: SourceStatusRow): Promise<void> {
+    return recordSourceStatus(this.pool, row);
+  }
+
+  removeSourceStatus(sourceId: string, reporter: string): Promise<void> {
+    return removeSourceStatus(this.pool, sourceId, reporter);
   }
 
   async close(): Promise<void> {

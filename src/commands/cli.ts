@@ -32,8 +32,8 @@ export function cliConfig(): Config {
 
 /** A command's log: to stderr, at warn unless a quieter or louder level is configured. */
 export async function commandLog(config: Config): Promise<Logger> {
-  const { createLogger } = await import('../common/logger.js');
-  return createLogger(config.logLevel === 'info' ? 'warn' : config.logLevel, {}, 2);
+  const { createCommandLogger } = await import('../common/logger.js');
+  return createCommandLogger(config.logLevel === 'info' ? 'warn' : config.logLevel);
 }
 
 /**

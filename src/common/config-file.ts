@@ -107,6 +107,8 @@ interface Reading {
   /** A scalar into the flat map under `key`; anything else was reported by the schema. */
   readonly put: (key: string, value: unknown) => void;
   readonly problems: Problems;
+  /** The file being read: each source remembers it, for the commands its messages suggest. */
+  readonly path: string;
 }
 
 export function loadConfigFile(path: string, env: Env): Config {
@@ -166,7 +168,7 @@ export function loadConfigFile(path: string, env: Env): Config {
     S.keylessTables.read(flat, 'defaults.keylessTables'),
   );
 
-  const reading: Reading = { env, flat, put, problems };
+  const reading: Reading = { env, flat, put, problems, path };
   const buffer = readBuffer(file, reading);
 
   const rawSources = Array.isArray(file['sources']) ? file['sources'] : [];
@@ -387,6 +389,7 @@ function readSource(
     protocol: protocol ?? null,
     snapshot: snapshot ?? 'initial',
     keylessTables: keyless ?? 'block',
+    configFile: reading.path,
     settings,
   });
 }

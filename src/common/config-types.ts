@@ -115,6 +115,8 @@ export interface SourceConfig {
    * REPLICA IDENTITY FULL; accept: published anyway (their UPDATE and DELETE fail).
    */
   readonly keylessTables: KeylessTables;
+  /** The file the source was read from (absent: the environment), for commands suggested. */
+  readonly configFile?: string | undefined;
 }
 
 /**

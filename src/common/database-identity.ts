@@ -23,5 +23,6 @@ export const BUFFER_TABLES = [
   'cdc_snapshots',
   'cdc_snapshot_tables',
   'cdc_retracted_events',
+  'cdc_source_status',
   'philotes_migrations',
 ];

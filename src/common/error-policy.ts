@@ -11,7 +11,7 @@
  */
 import type { SourceConfig } from './config.js';
 import { passwordSource, type FatalCode } from './errors.js';
-import { resetCommand, where } from './source-names.js';
+import { resetCommand, where, workerCommand } from './source-names.js';
 
 export type RetryDirective =
   /** Stops the source; tried again every PHILOTES_RESTART_MAX_DELAY, it recovers once fixed. */
@@ -99,57 +99,57 @@ const POLICY: { readonly [code in FatalCode]: Omit<FatalPolicy, 'docs'> } = {
       'the slot is gone while the buffer has a checkpoint: changes since it are in no stream',
     retry: 'recover_with_snapshot',
     // It creates the slot and records the gap; with --snapshot it also rebuilds the tables.
-    fix: (s) => resetCommand(s.id),
+    fix: (s) => resetCommand(s),
   },
   SLOT_ADVANCED: {
     summary: 'another client moved the slot past what Philotes stored; the server would skip it',
     retry: 'recover_with_snapshot',
-    fix: (s) => resetCommand(s.id),
+    fix: (s) => resetCommand(s),
   },
   SLOT_INVALIDATED: {
     summary: 'the server invalidated the slot (it needed more WAL than it may keep)',
     retry: 'recover_with_snapshot',
-    fix: (s) => resetCommand(s.id),
+    fix: (s) => resetCommand(s),
   },
   WAL_REMOVED: {
     summary: 'the server removed WAL the slot still needs',
     retry: 'recover_with_snapshot',
-    fix: (s) => resetCommand(s.id),
+    fix: (s) => resetCommand(s),
   },
   PUBLICATION_MISSING: {
     summary: 'the publication is missing at a point of the WAL the slot must decode',
     retry: 'needs_reset',
     fix: (s) =>
-      `create publication "${s.publication}" again, then ${resetCommand(s.id, ' --skip-to-current')} (the changes while it was missing cannot be decoded)`,
+      `create publication "${s.publication}" again, then ${resetCommand(s, ' --skip-to-current')} (the changes while it was missing cannot be decoded)`,
   },
   SOURCE_DIVERGED: {
     summary: 'the server is the same cluster on another history (restored, or failed over behind)',
     retry: 'needs_reset',
     // With --snapshot it also rebuilds the tables from the new history.
-    fix: (s) => `${resetCommand(s.id)} ${RETRACTS}`,
+    fix: (s) => `${resetCommand(s)} ${RETRACTS}`,
   },
   SOURCE_REPLACED: {
     summary: 'the server is another cluster, or the database was created again',
     retry: 'needs_reset',
     // Check the source's host first: a wrong host looks the same.
-    fix: (s) => `${resetCommand(s.id, ' --snapshot')} ${RETRACTS}`,
+    fix: (s) => `${resetCommand(s, ' --snapshot')} ${RETRACTS}`,
   },
   VALUE_UNENCODABLE: {
     summary: 'a value Philotes cannot encode without loss (a Philotes bug)',
     retry: 'needs_reset',
     fix: (s) =>
-      `report it with the type; to skip the transaction (a gap, recorded): ${resetCommand(s.id, ' --skip-to-current')}`,
+      `report it with the type; to skip the transaction (a gap, recorded): ${resetCommand(s, ' --skip-to-current')}`,
   },
   TRANSACTION_TOO_LARGE: {
     summary: 'one transaction has more changes than cdc_events.seq can number (2^31 - 1)',
     retry: 'needs_reset',
-    fix: (s) => `to skip it (a gap, recorded): ${resetCommand(s.id, ' --skip-to-current')}`,
+    fix: (s) => `to skip it (a gap, recorded): ${resetCommand(s, ' --skip-to-current')}`,
   },
   DDL_TRIGGER_MISSING: {
     summary: 'ddl: true, but the DDL capture trigger is missing, outdated or disabled',
     retry: 'retry_slowly',
     fix: (s) =>
-      `philotes-worker ddl-trigger --source ${s.id} --print | psql as a superuser (or give the role superuser for one start), or set ddl: false`,
+      `${workerCommand(s, 'ddl-trigger', `--source ${s.id} --print`)} | psql as a superuser (or give the role superuser for one start), or set ddl: false`,
   },
 };
 
@@ -178,7 +178,7 @@ const SQLSTATE_FIXES: Readonly<Record<string, (s: SourceConfig) => string>> = {
   '3D000': (s) =>
     `create database ${s.connection.database} on ${where(s)}, or correct the source's database`,
   '42501': (s) =>
-    `grant ${s.connection.user} the privilege named above (philotes-worker check lists what the run needs)`,
+    `grant ${s.connection.user} the privilege named above (${workerCommand(s, 'check', '')} lists what the run needs)`,
 };
 
 export function fixFor(code: string | null | undefined, source: SourceConfig): string | null {

@@ -18,7 +18,7 @@ import type { SourceConfig } from './config.js';
 import { FatalSourceError, type FatalCode } from './errors.js';
 import { formatBytes, formatLsn, parseLsn } from './lsn.js';
 
-export { resetCommand, where } from './source-names.js';
+export { resetCommand, where, workerCommand } from './source-names.js';
 
 export interface SlotState {
   readonly plugin: string | null;
@@ -377,7 +377,7 @@ export function publicationMissingError(
   atLsn: string | null,
 ): FatalSourceError {
   return new FatalSourceError(
-    `stopped: publication "${source.publication}" ${detail}. Decoding reads the catalog as it was at each point of the WAL, so creating the publication again does not make the changes committed while it was missing decodable: they cannot be delivered. To create the publication if needed, skip the slot to the source's current position and record the gap in the buffer (cdc_gaps): ${resetCommand(source.id, ' --skip-to-current')}`,
+    `stopped: publication "${source.publication}" ${detail}. Decoding reads the catalog as it was at each point of the WAL, so creating the publication again does not make the changes committed while it was missing decodable: they cannot be delivered. To create the publication if needed, skip the slot to the source's current position and record the gap in the buffer (cdc_gaps): ${resetCommand(source, ' --skip-to-current')}`,
     'PUBLICATION_MISSING',
     { publication: source.publication, slot: source.slot, atLsn },
   );

@@ -249,7 +249,7 @@ export function divergenceError(
 ): FatalSourceError {
   const known = stored.identity;
   return new FatalSourceError(
-    `stopped to avoid a silent gap: ${where(source)} ${describe(d, stored, server)}. To retract the buffer's events of the lost history (moved to cdc_retracted_events, the range recorded in cdc_gaps), record what was lost, and resume on the server's history: ${resetCommand(source.id)}${d.kind === 'replaced' ? " --snapshot (the new server's rows are copied again), or give the new server a new source id" : ''}`,
+    `stopped to avoid a silent gap: ${where(source)} ${describe(d, stored, server)}. To retract the buffer's events of the lost history (moved to cdc_retracted_events, the range recorded in cdc_gaps), record what was lost, and resume on the server's history: ${resetCommand(source)}${d.kind === 'replaced' ? " --snapshot (the new server's rows are copied again), or give the new server a new source id" : ''}`,
     d.kind === 'replaced' ? 'SOURCE_REPLACED' : 'SOURCE_DIVERGED',
     {
       why: d.why,

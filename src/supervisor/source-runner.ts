@@ -24,6 +24,7 @@ import type { BufferStore } from '../buffer/store.js';
 import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
 import { PublicationKeeper } from './publication-keeper.js';
+import { StatusReporter } from './status-reporter.js';
 import { isLostChanges, recoverLostSlot } from './lost-slot-recovery.js';
 import {
   SNAPSHOT_TABLE_STATES,
@@ -90,6 +91,8 @@ export interface SourceReport {
   readonly lastStoredAt: string | null;
   /** The WAL the source holds for the slot, as last polled (null before the first poll). */
   readonly retainedWalBytes: number | null;
+  /** When the slot was last polled (every 15 s while streaming). */
+  readonly slotPolledAt: string | null;
   readonly walStatus: string | null;
   /** WAL between the server's end and what is captured (null until both are known). */
   readonly lagBytes: number | null;
@@ -171,6 +174,7 @@ export class SourceRunner implements ReaderRunListener {
   private serverWalEnd = 0n;
   private lastStoredAt: number | null = null;
   private slotStatus: SlotStatusMessage | null = null;
+  private slotPolledAt: number | null = null;
   private lagBytes: bigint | null = null;
   private capturedLsn = 0n;
   private readonly walClock = new WalClock();
@@ -199,6 +203,7 @@ export class SourceRunner implements ReaderRunListener {
   private current: ReaderRun | null = null;
   private readonly retryAbort = new AbortController();
   private readonly keeper: PublicationKeeper;
+  private readonly reporter: StatusReporter;
 
   constructor(
     readonly source: SourceConfig,
@@ -215,6 +220,18 @@ export class SourceRunner implements ReaderRunListener {
   ) {
     this.outageSince = startedAt;
     this.keeper = new PublicationKeeper(source, store, log);
+    this.reporter = new StatusReporter(
+      store,
+      source.id,
+      () => ({
+        state: this.state,
+        since: new Date(this.outageSince ?? this.stateSince),
+        lastError: this.lastError,
+        lastErrorCode: this.lastErrorCode,
+        lastErrorAt: this.lastErrorAt === null ? null : new Date(this.lastErrorAt),
+      }),
+      log,
+    );
     this.steadyMs = Math.min(HEALTHY_RUN_MS, config.readinessGraceMs / 2);
     metrics.initSource(source.id);
     metrics.sourceState.set({ source: source.id, state: this.state }, 1);
@@ -242,6 +259,7 @@ export class SourceRunner implements ReaderRunListener {
       this.outageSince ??= now;
     }
     this.metrics.readerUp.set(labels, state === 'streaming' ? 1 : 0);
+    this.reporter.changed();
   }
 
   /** Ends the outage once the source has streamed steadily. */
@@ -288,6 +306,7 @@ export class SourceRunner implements ReaderRunListener {
 
   slot(message: SlotStatusMessage): void {
     this.slotStatus = message;
+    this.slotPolledAt = Date.now();
     this.metrics.recordSlot(this.source.id, message);
   }
 
@@ -413,6 +432,7 @@ export class SourceRunner implements ReaderRunListener {
       confirmedLsn: this.confirmedLsn,
       lastStoredAt: iso(this.lastStoredAt),
       retainedWalBytes: this.slotStatus?.retainedWalBytes ?? null,
+      slotPolledAt: iso(this.slotPolledAt),
       walStatus: this.slotStatus?.walStatus ?? null,
       lagBytes: this.lagBytes === null ? null : Number(this.lagBytes),
       lagSeconds:
@@ -431,6 +451,7 @@ export class SourceRunner implements ReaderRunListener {
   /** Runs the source until stopped: a failed source is retried at the slowest pace. */
   async run(): Promise<void> {
     const signal = this.retryAbort.signal;
+    this.reporter.start();
     while (!this.stopping) {
       let freshCycle = false;
       try {
@@ -493,6 +514,7 @@ export class SourceRunner implements ReaderRunListener {
       }
     }
     this.setState('stopped');
+    await this.reporter.stop();
   }
 
   /**
@@ -531,6 +553,7 @@ export class SourceRunner implements ReaderRunListener {
     this.lastErrorAt = Date.now();
     this.metrics.lastErrorTimestamp.set(labels, this.lastErrorAt / 1000);
     this.attempts++;
+    this.reporter.changed();
     this.metrics.consecutiveFailures.set(labels, this.attempts);
     // A fatal failure is tried again too (slowly, by run()): every failure is a restart.
     this.metrics.readerRestarts.inc(labels);
@@ -694,6 +717,8 @@ export class SourceRunner implements ReaderRunListener {
       run.requestStop();
       await run.task.catch(() => undefined);
     }
+    // Before the buffer closes: a stopped process must not be read as running.
+    await this.reporter.stop();
   }
 }
 

@@ -234,6 +234,61 @@ describe('philotes-worker check', () => {
     }
   });
 
+  it('a source a running Philotes fails on: check and status say so, with its last error, until it stops', async () => {
+    await good.createDatabase('failing');
+    await good.query('CREATE TABLE nokey (v text)', [], 'failing');
+    const path = configFile([on(good, 'failing', 'failing')]);
+    const philotes = startPhilotes(
+      { ...env(), PHILOTES_METRICS_PORT: '0' },
+      { args: ['--config', path] },
+    );
+    try {
+      await waitFor(
+        async () =>
+          (
+            await buffer.query<{ state: string }>(
+              `SELECT state FROM cdc_source_status WHERE source_id = 'failing'`,
+              [],
+              'buffer',
+            )
+          )[0]?.state === 'failed',
+        { what: 'the running Philotes to report the source failed', timeoutMs: 60_000 },
+      );
+      const r = await check(path);
+      expect(r.code, r.text).toBe(2);
+      const running = finding(r.findings, 'failing', 'running');
+      expect(running.verdict).toBe('blocker');
+      expect(running.detail).toMatch(/reports it failed since .*KEYLESS_TABLES: .*public\.nokey/);
+      expect(running.fix).toContain('keylessTables');
+      const status = await runPhilotesToExit(env(), 60_000, {
+        args: ['--config', path, 'status', '--json'],
+      });
+      expect(status.code).toBe(1);
+      const [row] = (
+        JSON.parse(status.stdout.join('\n')) as {
+          sources: Array<{ problem: string; reported: { state: string } | null }>;
+        }
+      ).sources;
+      expect(row!.reported?.state).toBe('failed');
+      expect(row!.problem).toMatch(
+        /^not streaming: Philotes on \S+ reports it failed since .*KEYLESS_TABLES/,
+      );
+    } finally {
+      philotes.signal('SIGTERM');
+      await philotes.exited;
+    }
+    // A clean stop takes its report away: nobody reads a stopped process as failing.
+    expect(
+      await buffer.query(
+        `SELECT 1 FROM cdc_source_status WHERE source_id = 'failing'`,
+        [],
+        'buffer',
+      ),
+    ).toEqual([]);
+    const after = await check(path);
+    expect(after.findings.filter((f) => f.check === 'running')).toEqual([]);
+  });
+
   it("a slot advanced behind the buffer's back is a continuity blocker with the reset command", async () => {
     const path = configFile([on(good, 'gap', 'gap')]);
     const philotes = startPhilotes(
@@ -267,7 +322,10 @@ describe('philotes-worker check', () => {
     expect(r.code, r.text).toBe(2);
     const continuity = finding(r.findings, 'gap', 'continuity');
     expect(continuity.verdict).toBe('blocker');
-    expect(continuity.fix).toBe('philotes-worker reset-source --source gap --accept-gap');
+    // With the --config it was configured by: the command runs as suggested.
+    expect(continuity.fix).toBe(
+      `philotes-worker reset-source --source gap --accept-gap --config ${path}`,
+    );
     expect(finding(r.findings, 'buffer', 'schema').verdict).toBe('ok');
   });
 });

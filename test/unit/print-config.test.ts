@@ -15,7 +15,13 @@ const dir = mkdtempSync(join(tmpdir(), 'philotes-print-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** What a configuration does: everything but where it and its secrets were read from. */
-const BOOKKEEPING = new Set(['origin', 'passwordSetting', 'passwordEnv', 'fromEnvironment']);
+const BOOKKEEPING = new Set([
+  'origin',
+  'configFile',
+  'passwordSetting',
+  'passwordEnv',
+  'fromEnvironment',
+]);
 function effect(config: Config): unknown {
   return JSON.parse(
     JSON.stringify(config, (key, value: unknown) => (BOOKKEEPING.has(key) ? undefined : value)),

@@ -164,12 +164,15 @@ export class BatchBuilder {
   constructor(
     private readonly sourceId: string,
     batchMaxBytes = 4 * 1024 * 1024,
+    /** The file that configures the source, for the commands its errors suggest. */
+    configFile?: string,
   ) {
     this.sourceField = fields((out) => out.textField(sourceId));
     this.frame = {
       head: new CopyBuffer(64),
       middle: new CopyBuffer(64),
       sourceId,
+      source: { id: sourceId, configFile },
       finalLsn: 0,
     };
     this.events = new CopyBuffer(1 << 20, Math.max(16 << 20, 2 * batchMaxBytes));

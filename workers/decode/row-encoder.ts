@@ -9,7 +9,7 @@ import type { ColumnInfo, SchemaChange } from '../../src/common/protocol.js';
 import { EVENT_COPY_COLUMNS } from '../../src/common/buffer-format.js';
 import { FatalSourceError } from '../../src/common/errors.js';
 import { formatLsn } from '../../src/common/lsn.js';
-import { resetCommand } from '../../src/common/source-admin.js';
+import { resetCommand, type SourceRef } from '../../src/common/source-names.js';
 import { CopyBuffer } from './copy-buffer.js';
 import type { TupleView } from './pgoutput.js';
 import { jsonNullElements, writeJson, type TypeInfo } from './values.js';
@@ -60,6 +60,8 @@ export interface RowFrame {
   /** xid, committed_at. */
   readonly middle: CopyBuffer;
   readonly sourceId: string;
+  /** The source as a suggested command names it (with its --config). */
+  readonly source: SourceRef;
   /** The transaction's final LSN (its commit's), or a streamed transaction's xid. */
   finalLsn: number;
 }
@@ -234,7 +236,7 @@ export function tooManyChangesError(
 ): FatalSourceError {
   const lsn = formatLsn(BigInt(frame.finalLsn));
   return new FatalSourceError(
-    `the transaction committed at ${lsn} has more than ${MAX_SEQ} changes (its latest to ${enc.relation.schema}.${enc.relation.table}): cdc_events.seq cannot number more within one transaction. Capture cannot pass it; to skip it (a gap, recorded): ${resetCommand(frame.sourceId, ' --skip-to-current')}`,
+    `the transaction committed at ${lsn} has more than ${MAX_SEQ} changes (its latest to ${enc.relation.schema}.${enc.relation.table}): cdc_events.seq cannot number more within one transaction. Capture cannot pass it; to skip it (a gap, recorded): ${resetCommand(frame.source, ' --skip-to-current')}`,
     'TRANSACTION_TOO_LARGE',
     { lsn, changes },
   );
@@ -255,7 +257,7 @@ function unencodableError(
   const { schema, table } = enc.relation;
   const lsn = formatLsn(BigInt(frame.finalLsn));
   return new FatalSourceError(
-    `cannot encode the value of column "${column}" of ${schema}.${table} (type ${type.name}, oid ${type.oid}) in the transaction committed at ${lsn}: ${(cause as Error)?.message ?? String(cause)}. This is a Philotes bug: report it with the type. Capture cannot pass this transaction; to skip it (a gap, recorded): ${resetCommand(frame.sourceId, ' --skip-to-current')}`,
+    `cannot encode the value of column "${column}" of ${schema}.${table} (type ${type.name}, oid ${type.oid}) in the transaction committed at ${lsn}: ${(cause as Error)?.message ?? String(cause)}. This is a Philotes bug: report it with the type. Capture cannot pass this transaction; to skip it (a gap, recorded): ${resetCommand(frame.source, ' --skip-to-current')}`,
     'VALUE_UNENCODABLE',
     {
       schema,

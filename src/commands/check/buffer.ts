@@ -13,14 +13,18 @@ import {
   type CheckpointRow,
 } from '../../buffer/reads.js';
 import { withClient, type Finding } from './finding.js';
+import { readSourceStatus, type ReportedStatus } from '../../buffer/source-status.js';
 
 /** What the buffer holds for a source: its checkpoint row. */
 export type BufferRecord = CheckpointRow;
 
-export async function checkBuffer(
-  config: Config,
-): Promise<{ findings: Finding[]; records: Map<string, BufferRecord> | null }> {
+export async function checkBuffer(config: Config): Promise<{
+  findings: Finding[];
+  records: Map<string, BufferRecord> | null;
+  reports: Map<string, ReportedStatus[]>;
+}> {
   let records: Map<string, BufferRecord> | null = null;
+  const reports = new Map<string, ReportedStatus[]>();
   const findings = await withClient('buffer', 'buffer', config.buffer, async (client, add) => {
     const version = Number(
       (await client.query<{ v: string }>(`SELECT current_setting('server_version_num') AS v`))
@@ -96,6 +100,8 @@ export async function checkBuffer(
       client,
       config.sources.map((s) => s.id),
     );
+    for (const source of config.sources)
+      reports.set(source.id, await readSourceStatus(client, source.id));
   });
-  return { findings, records };
+  return { findings, records, reports };
 }

@@ -70,7 +70,7 @@ export async function checkPublication(
       check: 'publication',
       verdict: 'blocker',
       detail: `${name} is missing, but the buffer holds this source's changes: those committed while it was missing cannot be decoded`,
-      fix: resetCommand(source.id, ' --skip-to-current'),
+      fix: resetCommand(source, ' --skip-to-current'),
     });
     return;
   }

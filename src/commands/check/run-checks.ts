@@ -6,14 +6,20 @@
 import type { Config } from '../../common/config.js';
 import { checkBuffer } from './buffer.js';
 import type { Finding } from './finding.js';
+import { runningFindings } from './running.js';
 import { checkSource } from './source.js';
 
 export async function runChecks(config: Config): Promise<Finding[]> {
   const buffer = await checkBuffer(config);
   const perSource = await Promise.all(
-    config.sources.map((source) =>
-      checkSource(source, buffer.records?.get(source.id) ?? null, buffer.records !== null),
-    ),
+    config.sources.map(async (source) => [
+      ...runningFindings(source, buffer.reports.get(source.id) ?? []),
+      ...(await checkSource(
+        source,
+        buffer.records?.get(source.id) ?? null,
+        buffer.records !== null,
+      )),
+    ]),
   );
   return [...buffer.findings, ...perSource.flat()];
 }

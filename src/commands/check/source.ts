@@ -9,6 +9,7 @@ import { ddlTriggerCurrent, readDdlTriggerState } from '../../common/ddl-capture
 import { fixFor } from '../../common/error-policy.js';
 import { supports } from '../../common/server-features.js';
 import { currentWalLsn, pgoutputProtocol, readSlotState } from '../../common/source-admin.js';
+import { workerCommand } from '../../common/source-names.js';
 import type { BufferRecord } from './buffer.js';
 import { checkHistory, checkSlot } from './continuity.js';
 import { withClient, type AddFinding, type Finding } from './finding.js';
@@ -154,7 +155,7 @@ async function checkDdlCapture(
         state.version === null
           ? 'the DDL capture event trigger is not installed and the role may not create event triggers'
           : `the DDL capture event trigger (version ${state.version}) is outdated or disabled and the role may not replace it`,
-      fix: `as a superuser: philotes-worker ddl-trigger --print | psql (database of source ${source.id})`,
+      fix: `as a superuser: ${workerCommand(source, 'ddl-trigger', `--source ${source.id} --print`)} | psql (database of source ${source.id})`,
     });
   }
 }

@@ -88,6 +88,7 @@ function waitingReport(
     confirmedLsn: null,
     lastStoredAt: null,
     retainedWalBytes: null,
+    slotPolledAt: null,
     walStatus: null,
     lagBytes: null,
     lagSeconds: null,

@@ -33,6 +33,7 @@ import {
   slotVerdict,
   type SlotState,
 } from '../../common/source-admin.js';
+import { isCurrent, readSourceStatus, type ReportedStatus } from '../../buffer/source-status.js';
 
 export interface SourceStatus {
   readonly source: string;
@@ -61,6 +62,11 @@ export interface SourceStatus {
   readonly historyCode: string | null;
   /** The source's latest snapshot as the buffer records it, if it had one. */
   readonly snapshot: StoredSnapshot | null;
+  /**
+   * What the running Philotes process says about it (cdc_source_status), if one has reported in
+   * the last minute: its state, since when, and its last error.
+   */
+  readonly reported: ReportedStatus | null;
 }
 
 /** Reads the status of every configured source; `problems` names what could not be read. */
@@ -70,9 +76,10 @@ export async function readStatus(
   const now = Date.now();
   let checkpoints = new Map<string, CheckpointRow>();
   let snapshots = new Map<string, StoredSnapshot>();
+  let reports = new Map<string, ReportedStatus[]>();
   let bufferProblem: string | null = null;
   try {
-    ({ checkpoints, snapshots } = await readBuffer(config));
+    ({ checkpoints, snapshots, reports } = await readBuffer(config));
   } catch (error) {
     bufferProblem = explain(error, 'buffer', config.buffer.host, config.buffer.port);
   }
@@ -82,6 +89,7 @@ export async function readStatus(
         source,
         checkpoints.get(source.id) ?? null,
         snapshots.get(source.id) ?? null,
+        activeReport(reports.get(source.id) ?? []),
         bufferProblem,
         now,
       ),
@@ -93,6 +101,7 @@ export async function readStatus(
 async function readBuffer(config: Config): Promise<{
   checkpoints: Map<string, CheckpointRow>;
   snapshots: Map<string, StoredSnapshot>;
+  reports: Map<string, ReportedStatus[]>;
 }> {
   const client = new pg.Client(pgClientOptions(config.buffer, 'philotes:status'));
   client.on('error', () => undefined); // a lost connection rejects the query in flight
@@ -100,9 +109,12 @@ async function readBuffer(config: Config): Promise<{
   try {
     // Read only: a buffer Philotes never started on has no tables yet, which is no error here.
     const ids = config.sources.map((s) => s.id);
+    const reports = new Map<string, ReportedStatus[]>();
+    for (const id of ids) reports.set(id, await readSourceStatus(client, id));
     return {
       checkpoints: await readCheckpoints(client, ids),
       snapshots: await readLatestSnapshots(client, ids),
+      reports,
     };
   } finally {
     await client.end().catch(() => undefined);
@@ -113,6 +125,7 @@ async function sourceStatus(
   source: SourceConfig,
   checkpoint: CheckpointRow | null,
   snapshot: StoredSnapshot | null,
+  reported: ReportedStatus | null,
   bufferProblem: string | null,
   now: number,
 ): Promise<SourceStatus> {
@@ -125,6 +138,7 @@ async function sourceStatus(
     checkpointAgeSeconds: stored === null ? null : Math.round((now - stored.getTime()) / 1000),
     lastSourceCommitAt: checkpoint?.metadata?.source_committed_at ?? null,
     snapshot,
+    reported,
   };
   const client = new pg.Client(pgClientOptions(source.connection, `philotes:status`));
   client.on('error', () => undefined);
@@ -166,8 +180,8 @@ async function sourceStatus(
         bufferProblem !== null
           ? `buffer: ${bufferProblem}`
           : history !== null
-            ? `${divergenceSummary(history)} (way out: ${resetCommand(source.id)})`
-            : (historyProblem ?? streamingProblem(source, slot, wal, checkpoint, owner)),
+            ? `${divergenceSummary(history)} (way out: ${resetCommand(source)})`
+            : (historyProblem ?? streamingProblem(source, slot, wal, checkpoint, owner, reported)),
       historyCode: history?.code ?? null,
     };
   } catch (error) {
@@ -188,6 +202,12 @@ async function sourceStatus(
   }
 }
 
+/** The report that speaks for the source now: a current one, the capturing process's first. */
+function activeReport(reports: readonly ReportedStatus[]): ReportedStatus | null {
+  const current = reports.filter(isCurrent);
+  return current.find((r) => r.state !== 'standby') ?? current[0] ?? null;
+}
+
 function explain(error: unknown, side: 'source' | 'buffer', host: string, port: number): string {
   const described = describeConnectionError(error, side, host, port);
   return described instanceof Error ? described.message : String(described);
@@ -204,6 +224,7 @@ function streamingProblem(
   wal: bigint,
   checkpoint: CheckpointRow | null,
   owner: string | null,
+  reported: ReportedStatus | null,
 ): string | null {
   const verdict = slotVerdict(
     source,
@@ -213,10 +234,19 @@ function streamingProblem(
   );
   if (verdict !== null)
     return `${verdict.error.code}: ${verdict.what} (way out: ${fixFor(verdict.error.code, source)})`;
+  // The run that would stream it says why it does not (a first start failing has no slot yet).
+  if ((slot === null || !slot.active) && reported !== null && reported.state !== 'streaming') {
+    const error =
+      reported.lastError === null
+        ? ''
+        : `: ${reported.lastErrorCode ? `${reported.lastErrorCode}: ` : ''}${reported.lastError}`;
+    const fix = fixFor(reported.lastErrorCode, source);
+    return `not streaming: Philotes on ${reported.reporter} reports it ${reported.state} since ${reported.since}${error}${fix ? ` (fix: ${fix})` : ''}`;
+  }
   if (slot === null)
     return `not streaming: slot ${source.slot} does not exist yet (a first start creates it)`;
   if (!slot.active)
-    return `not streaming: no client streams slot ${source.slot} (Philotes stopped, failing or retrying: its log and /readyz say why)`;
+    return `not streaming: no client streams slot ${source.slot} (no Philotes reports this source: stopped, or not started on this buffer)`;
   if (owner !== null && !owner.startsWith('philotes'))
     return `not streaming: slot ${source.slot} is held by ${owner}, not by Philotes`;
   return null;
