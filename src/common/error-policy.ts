@@ -31,6 +31,11 @@ export interface FatalPolicy {
   fix(source: SourceConfig): string;
   /** The docs page and anchor that explain the code. */
   readonly docs: string;
+  /**
+   * How `check` finds it before a run — the name of its finding (the same rule the run applies) —
+   * or why nothing can know it beforehand. test/unit/fatal-coverage.test.ts holds every code to it.
+   */
+  readonly beforehand: { readonly check: string } | { readonly unknowable: string };
 }
 
 const OPERATIONS_DOC = 'docs/operations.md';
@@ -44,53 +49,62 @@ const POLICY: { readonly [code in FatalCode]: Omit<FatalPolicy, 'docs'> } = {
   WAL_LEVEL_NOT_LOGICAL: {
     summary: 'the source server does not write logical WAL (wal_level is not logical)',
     retry: 'retry_slowly',
+    beforehand: { check: 'wal_level' },
     fix: (s) =>
       `ALTER SYSTEM SET wal_level = logical on ${where(s)}, then restart that server (or set it in postgresql.conf)`,
   },
   SERVER_TOO_OLD: {
     summary: 'the source server lacks a feature the configuration asks for',
     retry: 'retry_slowly',
+    beforehand: { check: 'protocol' },
     fix: () =>
       'use PostgreSQL 14 or later for protocol 2, logical messages, DDL capture and snapshots (10 or later for capture at all), or turn off the feature for this source',
   },
   NO_REPLICATION_ATTRIBUTE: {
     summary: 'the source role may not use replication',
     retry: 'retry_slowly',
+    beforehand: { check: 'replication' },
     // On Amazon RDS: GRANT rds_replication TO the role instead (the docs say so).
     fix: (s) => `ALTER ROLE ${s.connection.user} REPLICATION`,
   },
   NO_PRIVILEGE: {
     summary: 'the source role lacks a privilege Philotes needs (creating the publication)',
     retry: 'retry_slowly',
+    beforehand: { check: 'publication' },
     fix: (s) =>
       `create publication "${s.publication}" as a superuser or the tables' owner, or list tables ${s.connection.user} owns in the source's tables`,
   },
   NO_FREE_SLOT: {
     summary: 'every replication slot of the source server is in use',
     retry: 'retry_slowly',
+    beforehand: { check: 'slot' },
     fix: (s) =>
       `raise max_replication_slots on ${where(s)} (a restart), or drop a slot nobody reads`,
   },
   TABLE_MISSING: {
     summary: 'a table the configuration lists does not exist on the source',
     retry: 'retry_slowly',
+    beforehand: { check: 'publication' },
     fix: () => "correct the source's tables, or create the table",
   },
   KEYLESS_TABLES: {
     summary:
       'the publication Philotes would create covers tables without a replica identity, whose UPDATE and DELETE PostgreSQL would then refuse',
     retry: 'retry_slowly',
+    beforehand: { check: 'replica identity' },
     fix: (s) =>
       `give those tables a primary key (or REPLICA IDENTITY FULL), or set keylessTables for source ${s.id}: leave_out (publish the others, kept current), identity_full (Philotes sets REPLICA IDENTITY FULL; the role must own them) or accept (published; their UPDATE and DELETE fail)`,
   },
   SLOT_WRONG_KIND: {
     summary: 'the configured slot exists but is not a logical pgoutput slot',
     retry: 'retry_slowly',
+    beforehand: { check: 'slot' },
     fix: (s) => `choose another slot name for this source than "${s.slot}"`,
   },
   SLOT_WRONG_DATABASE: {
     summary: 'the configured slot belongs to another database',
     retry: 'retry_slowly',
+    beforehand: { check: 'slot' },
     fix: (s) =>
       `choose another slot name for this source than "${s.slot}", or point it at the slot's database`,
   },
@@ -98,56 +112,69 @@ const POLICY: { readonly [code in FatalCode]: Omit<FatalPolicy, 'docs'> } = {
     summary:
       'the slot is gone while the buffer has a checkpoint: changes since it are in no stream',
     retry: 'recover_with_snapshot',
+    beforehand: { check: 'slot' },
     // It creates the slot and records the gap; with --snapshot it also rebuilds the tables.
     fix: (s) => resetCommand(s),
   },
   SLOT_ADVANCED: {
     summary: 'another client moved the slot past what Philotes stored; the server would skip it',
     retry: 'recover_with_snapshot',
+    beforehand: { check: 'continuity' },
     fix: (s) => resetCommand(s),
   },
   SLOT_INVALIDATED: {
     summary: 'the server invalidated the slot (it needed more WAL than it may keep)',
     retry: 'recover_with_snapshot',
+    beforehand: { check: 'slot' },
     fix: (s) => resetCommand(s),
   },
   WAL_REMOVED: {
     summary: 'the server removed WAL the slot still needs',
     retry: 'recover_with_snapshot',
+    beforehand: {
+      unknowable:
+        'the server says the WAL is gone only when the stream asks for it; check warns while wal_status is unreserved',
+    },
     fix: (s) => resetCommand(s),
   },
   PUBLICATION_MISSING: {
     summary: 'the publication is missing at a point of the WAL the slot must decode',
     retry: 'needs_reset',
+    beforehand: { check: 'publication' },
     fix: (s) =>
       `create publication "${s.publication}" again, then ${resetCommand(s, ' --skip-to-current')} (the changes while it was missing cannot be decoded)`,
   },
   SOURCE_DIVERGED: {
     summary: 'the server is the same cluster on another history (restored, or failed over behind)',
     retry: 'needs_reset',
+    beforehand: { check: 'history' },
     // With --snapshot it also rebuilds the tables from the new history.
     fix: (s) => `${resetCommand(s)} ${RETRACTS}`,
   },
   SOURCE_REPLACED: {
     summary: 'the server is another cluster, or the database was created again',
     retry: 'needs_reset',
+    beforehand: { check: 'history' },
     // Check the source's host first: a wrong host looks the same.
     fix: (s) => `${resetCommand(s, ' --snapshot')} ${RETRACTS}`,
   },
   VALUE_UNENCODABLE: {
     summary: 'a value Philotes cannot encode without loss (a Philotes bug)',
     retry: 'needs_reset',
+    beforehand: { unknowable: 'a value the stream has not sent yet' },
     fix: (s) =>
       `report it with the type; to skip the transaction (a gap, recorded): ${resetCommand(s, ' --skip-to-current')}`,
   },
   TRANSACTION_TOO_LARGE: {
     summary: 'one transaction has more changes than cdc_events.seq can number (2^31 - 1)',
     retry: 'needs_reset',
+    beforehand: { unknowable: 'a transaction the stream has not sent yet' },
     fix: (s) => `to skip it (a gap, recorded): ${resetCommand(s, ' --skip-to-current')}`,
   },
   DDL_TRIGGER_MISSING: {
     summary: 'ddl: true, but the DDL capture trigger is missing, outdated or disabled',
     retry: 'retry_slowly',
+    beforehand: { check: 'ddl capture' },
     fix: (s) =>
       `${workerCommand(s, 'ddl-trigger', `--source ${s.id} --print`)} | psql as a superuser (or give the role superuser for one start), or set ddl: false`,
   },

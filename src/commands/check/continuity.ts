@@ -36,6 +36,7 @@ export async function checkHistory(
     add({
       check: 'history',
       verdict: 'blocker',
+      code: error.code,
       detail: divergenceSummary(error),
       fix: fixFor(error.code, source),
     });
@@ -71,6 +72,7 @@ export async function checkSlot(
     add({
       check: 'slot',
       verdict: 'blocker',
+      code: problem.error.code,
       detail: problem.what,
       fix: fixFor(problem.error.code, source),
     });
@@ -79,6 +81,7 @@ export async function checkSlot(
       add({
         check: 'slot',
         verdict: 'blocker',
+        code: 'NO_FREE_SLOT',
         detail: `${name} does not exist and all ${settings.max_slots} replication slots are taken`,
         fix: fixFor('NO_FREE_SLOT', source),
       });
@@ -123,6 +126,7 @@ export async function checkSlot(
           ? {
               check: 'continuity',
               verdict: 'blocker',
+              code: continuityProblem.error.code,
               detail: continuityProblem.what,
               fix: fixFor(continuityProblem.error.code, source),
             }

@@ -5,6 +5,7 @@
  */
 import pg from 'pg';
 import type { ConnectionConfig } from '../../common/config.js';
+import type { FatalCode } from '../../common/errors.js';
 import { describeConnectionError, passwordSource } from '../../common/errors.js';
 import { pgClientOptions } from '../../common/pg-connection.js';
 
@@ -18,6 +19,8 @@ export interface Finding {
   readonly detail: string;
   /** What to do about it, for a warning or a blocker. */
   readonly fix: string | null;
+  /** For a blocker a run would stop on: the fatal code it would stop with (error-policy.ts). */
+  readonly code?: FatalCode | undefined;
 }
 
 /** Adds a finding for the check's target. */

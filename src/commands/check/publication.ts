@@ -69,6 +69,7 @@ export async function checkPublication(
     add({
       check: 'publication',
       verdict: 'blocker',
+      code: 'PUBLICATION_MISSING',
       detail: `${name} is missing, but the buffer holds this source's changes: those committed while it was missing cannot be decoded`,
       fix: resetCommand(source, ' --skip-to-current'),
     });
@@ -95,6 +96,7 @@ export async function checkPublication(
     add({
       check: 'publication',
       verdict: 'blocker',
+      code: 'TABLE_MISSING',
       detail: `${name} would cover ${missing.join(', ')}, which do not exist`,
       fix: 'check the tables setting',
     });
@@ -102,6 +104,7 @@ export async function checkPublication(
     add({
       check: 'publication',
       verdict: 'blocker',
+      code: 'NO_PRIVILEGE',
       detail: `${name} does not exist, and creating it FOR ALL TABLES needs a superuser`,
       fix: `CREATE PUBLICATION ${source.publication} FOR ALL TABLES as a superuser, or list tables the user owns (tables)`,
     });
@@ -109,6 +112,7 @@ export async function checkPublication(
     add({
       check: 'publication',
       verdict: 'blocker',
+      code: 'NO_PRIVILEGE',
       detail: `${name} does not exist, and the user does not own ${someOf(notOwned)}`,
       fix: `create the publication as the owner or a superuser`,
     });
@@ -119,6 +123,7 @@ export async function checkPublication(
       add({
         check: 'replica identity',
         verdict: 'blocker',
+        code: 'KEYLESS_TABLES',
         detail: plan.refusal,
         fix: policyOf('KEYLESS_TABLES').fix(source),
       });

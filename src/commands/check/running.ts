@@ -6,7 +6,7 @@
  * history and not reported as its state.
  */
 import type { SourceConfig } from '../../common/config.js';
-import { fixFor } from '../../common/error-policy.js';
+import { fixFor, isFatalCode } from '../../common/error-policy.js';
 import { isCurrent, type ReportedStatus } from '../../buffer/source-status.js';
 import type { Finding } from './finding.js';
 
@@ -39,6 +39,7 @@ export function runningFindings(
       target: source.id,
       check: 'running',
       verdict: failed ? 'blocker' : 'warning',
+      code: failed && isFatalCode(active.lastErrorCode) ? active.lastErrorCode : undefined,
       detail: `${by} reports it ${active.state} since ${active.since}${error}`,
       fix:
         fixFor(active.lastErrorCode, source) ??

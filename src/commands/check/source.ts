@@ -44,6 +44,7 @@ export async function checkSource(
         : {
             check: 'wal_level',
             verdict: 'blocker',
+            code: 'WAL_LEVEL_NOT_LOGICAL',
             detail: `wal_level is ${settings.wal_level}; logical decoding needs logical`,
             fix: fixFor('WAL_LEVEL_NOT_LOGICAL', source),
           },
@@ -77,6 +78,7 @@ export async function checkSource(
         : {
             check: 'replication',
             verdict: 'blocker',
+            code: 'NO_REPLICATION_ATTRIBUTE',
             detail: `${role.name} has no REPLICATION attribute`,
             fix: fixFor('NO_REPLICATION_ATTRIBUTE', source),
           },
@@ -98,6 +100,7 @@ function protocolFinding(source: SourceConfig, version: number): Omit<Finding, '
     return {
       check: 'protocol',
       verdict: 'blocker',
+      code: 'SERVER_TOO_OLD',
       detail: `protocol 2 is configured; PostgreSQL ${version} has only protocol 1`,
       fix: 'protocol: 1 or auto for this source',
     };
@@ -124,6 +127,7 @@ async function checkDdlCapture(
     add({
       check: 'ddl capture',
       verdict: 'blocker',
+      code: 'SERVER_TOO_OLD',
       detail: `PostgreSQL ${version} cannot send logical messages to pgoutput`,
       fix: 'PostgreSQL 14 or later, or ddl: false',
     });
@@ -151,6 +155,7 @@ async function checkDdlCapture(
     add({
       check: 'ddl capture',
       verdict: 'blocker',
+      code: 'DDL_TRIGGER_MISSING',
       detail:
         state.version === null
           ? 'the DDL capture event trigger is not installed and the role may not create event triggers'
