@@ -278,9 +278,9 @@ describe('a 200,000-row transaction', () => {
       await waitForCheckpointXid(f, xid);
 
       expectExactlyOnce(await bulkSummary(f, 'bulk_killed'), await sourceDigest(f, 'bulk_killed'));
+      // The transaction stored before the big one is untouched by the restart's clean-up (this
+      // test's own: it passes alone, without the one above).
       expect(await storedEvents(f, 'marker')).toBe(1);
-      // The first test's transaction is untouched by the restart's clean-up.
-      expect(await storedEvents(f, 'bulk')).toBe(ROWS);
     });
   });
 });
