@@ -427,6 +427,7 @@ describe('observability: dashboard and alert rules against the real metrics', ()
       );
       expect(rules.map((r) => r.name).sort()).toEqual(
         [
+          'PhilotesBufferDown',
           'PhilotesGapRecorded',
           'PhilotesNoCommitStored',
           'PhilotesReaderDown',
