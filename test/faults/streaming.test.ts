@@ -213,6 +213,12 @@ describe('streamed in-progress transactions', () => {
   });
 
   it('a migration streamed while in progress: its DDL lands first, in its transaction, and makes the schema version', async () => {
+    // The rows it updates (the first test's, or these when it runs alone), stored before.
+    await app.query(
+      `INSERT INTO big SELECT g, 'm', repeat('x', 40) FROM generate_series(1, 100000) g
+       ON CONFLICT (id) DO NOTHING`,
+    );
+    await marker(60);
     await app.query('BEGIN');
     await app.query('ALTER TABLE big ADD COLUMN extra int');
     await app.query('UPDATE big SET extra = 7 WHERE id <= 100000');
