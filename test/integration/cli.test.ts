@@ -265,8 +265,8 @@ describe('philotes-worker status', () => {
     });
     expect(r.code).toBe(1);
     const report = JSON.parse(r.stdout.join('\n')) as StatusReport;
-    expect(report.sources[0]!.problem).toMatch(/refused/);
-    // The buffer was still read: the checkpoint is there.
-    expect(report.sources[0]!.checkpointLsn).not.toBeNull();
+    expect(report.sources[0]!.problem).toMatch(/refused by source/);
+    // The buffer was still read: the problem is the source's own, not the buffer's.
+    expect(report.buffer).toBeNull();
   });
 });
