@@ -11,6 +11,7 @@
  * only handed to the reader after the table it names has joined.
  */
 import type { SourceConfig } from '../common/config.js';
+import { ConnectionError, describeConnectionError } from '../common/errors.js';
 import type { Logger } from '../common/logger.js';
 import { applyKeeping, planKeeping, someOf } from '../common/publication.js';
 import { connectSource } from '../common/source-connection.js';
@@ -51,7 +52,18 @@ export class PublicationKeeper {
     try {
       await this.keepOnce();
     } catch (error) {
-      this.log.warn({ err: error }, 'could not keep the publication current; trying again');
+      // A source that cannot be reached says so through its reader; this is only the keeper.
+      const unreachable =
+        describeConnectionError(
+          error,
+          'source',
+          this.source.connection.host,
+          this.source.connection.port,
+        ) instanceof ConnectionError;
+      this.log[unreachable ? 'debug' : 'warn'](
+        { err: error },
+        'could not keep the publication current; trying again',
+      );
     }
   }
 
