@@ -234,6 +234,16 @@ describe('changes that can no longer be delivered', () => {
     expect(reported!.lastErrorDetails?.gapFromLsn).toBe(gapFrom(before));
     expect(line).toContain(gapFrom(before));
     expect(line).toContain(`reset-source --source ${c.id} --accept-gap`);
+    // check reads the same missing slot the same way: the same code, from the same position.
+    const checked = await runToExit(c, ['check', '--json']);
+    const slotFinding = (
+      JSON.parse(checked.stdout.join('\n')) as {
+        findings: Array<{ target: string; check: string; detail: string; code?: string }>;
+      }
+    ).findings.find((x) => x.target === c.id && x.check === 'slot');
+    expect(slotFinding).toMatchObject({ code: 'SLOT_MISSING' });
+    expect(slotFinding!.detail).toContain(`up to ${gapFrom(before)};`);
+    expect(line).toContain(`up to ${gapFrom(before)};`);
     // Refused before creating anything: no new slot that would start at "now".
     expect(await slotRow(c)).toBeUndefined();
     expect(await storedIds(c)).toEqual(range(1, 10));
