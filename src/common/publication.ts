@@ -325,9 +325,11 @@ export interface KeepingPlan {
    * fail on the source, which an operator must hear about.
    */
   readonly failing: readonly string[];
+  /** Philotes made the publication (its comment says so); the user's own is only told of. */
+  readonly managed: boolean;
 }
 
-const NOTHING: KeepingPlan = { add: [], drop: [], identityFull: [], failing: [] };
+const NOTHING: KeepingPlan = { add: [], drop: [], identityFull: [], failing: [], managed: true };
 
 /**
  * Null for a missing publication. The user's own is never changed: only its failing tables are
@@ -340,7 +342,7 @@ export async function planKeeping(
   const state = await readPublication(client, source.publication);
   if (!state.exists) return null;
   const published = await tablesWithoutIdentity(client, source.publication);
-  if (!state.managed) return { ...NOTHING, failing: published };
+  if (!state.managed) return { ...NOTHING, failing: published, managed: false };
   const mode: KeylessTables = source.keylessTables;
   if (mode === 'leave_out' && !state.allTables) {
     const covered = await coveredTables(client, source.tables);

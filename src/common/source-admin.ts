@@ -328,7 +328,6 @@ export function slotVerdict(
 
 // ---- publication ----
 
-/** Tables in a publication that have no usable replica identity. */
 /**
  * Published tables a snapshot cannot copy: no primary key and no unique index on NOT NULL plain
  * columns to read chunks by (see workers/snapshot/runner.ts, chunkKey).

@@ -15,7 +15,6 @@ import {
   coveredTables,
   planKeeping,
   planPublication,
-  readPublication,
   someOf,
   type PublicationPlan,
 } from '../../common/publication.js';
@@ -59,7 +58,7 @@ export async function checkPublication(
         add({
           check: 'snapshot',
           verdict: 'warning',
-          detail: `a snapshot cannot copy ${keyless.slice(0, 10).join(', ')}${keyless.length > 10 ? ` and ${keyless.length - 10} more` : ''}: no primary key and no unique index on NOT NULL columns (their rows are skipped_no_key; their changes are captured)`,
+          detail: `a snapshot cannot copy ${someOf(keyless, 10)}: no primary key and no unique index on NOT NULL columns (their rows are skipped_no_key; their changes are captured)`,
           fix: 'give each a primary key or a unique index on NOT NULL columns (README: Tables without a primary key)',
         });
     }
@@ -181,8 +180,7 @@ async function checkSnapshotPrivilege(
     });
     return;
   }
-  const shown =
-    denied.slice(0, 5).join(', ') + (denied.length > 5 ? ` and ${denied.length - 5} more` : '');
+  const shown = someOf(denied);
   add({
     check: 'snapshot privilege',
     verdict: needed ? 'blocker' : 'warning',
@@ -201,8 +199,8 @@ async function reportKeeping(
   source: SourceConfig,
   add: AddFinding,
 ): Promise<void> {
-  const state = await readPublication(client, source.publication);
   const plan = await planKeeping(client, source);
+  const managed = plan?.managed ?? false;
   const failing = plan?.failing ?? [];
   if (plan !== null && plan.identityFull.length > 0)
     add({
@@ -230,8 +228,8 @@ async function reportKeeping(
   add({
     check: 'replica identity',
     verdict: 'warning',
-    detail: `${failing.length} published table(s) without a primary key or replica identity: ${someOf(failing)}; the source refuses UPDATE and DELETE on them now${state.managed ? '' : ` (publication ${source.publication} is not Philotes': it is left as it is)`}`,
-    fix: state.managed
+    detail: `${failing.length} published table(s) without a primary key or replica identity: ${someOf(failing)}; the source refuses UPDATE and DELETE on them now${managed ? '' : ` (publication ${source.publication} is not Philotes': it is left as it is)`}`,
+    fix: managed
       ? `add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or set keylessTables for source ${source.id}`
       : `add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, or ALTER PUBLICATION ${source.publication} DROP TABLE ...`,
   });
