@@ -6,7 +6,7 @@
  * made each version. DDL keeps working while Philotes is down, a role that may not install the
  * trigger gets a clear error, and `ddl-trigger` installs, prints and removes it.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type pg from 'pg';
 import { connect, startFixture, waitForSlotActive, type Fixture } from '../support/fixture.js';
 import {
@@ -93,42 +93,85 @@ async function replay(client: pg.Client, events: StoredEvent[]): Promise<void> {
 
 describe('DDL capture', () => {
   let f: Fixture;
-  let philotes: PhilotesProcess | undefined;
-  let app: pg.Client;
-  const env = () => f.env({ PHILOTES_CDC_DDL: 'on' });
 
-  const storedEvents = () =>
-    f.buffer.query<StoredEvent>(
-      `SELECT lsn::text, seq, operation, schema_name, table_name, before, after, primary_key, details
-         FROM cdc_events WHERE source_id = 'app' ORDER BY cdc_events.lsn, seq`,
-      [],
-      'buffer',
-    );
-  const waitForMarker = (marker: number) =>
-    waitFor(
-      async () => {
-        const events = await storedEvents();
-        return events.some((e) => e.table_name === 'marker' && e.after?.['id'] === marker)
-          ? events
-          : false;
+  /**
+   * One test's own source: a database of its own (its own event trigger), source id and slot, and
+   * a Philotes streaming it. Each test starts from nothing and needs no other test before it.
+   */
+  interface Case {
+    id: string;
+    slot: string;
+    app: pg.Client;
+    philotes: PhilotesProcess;
+    env: () => Record<string, string>;
+    start(): Promise<void>;
+    storedEvents(): Promise<StoredEvent[]>;
+    waitForMarker(marker: number): Promise<StoredEvent[]>;
+  }
+  const cases: Case[] = [];
+
+  async function startCase(id: string): Promise<Case> {
+    await f.source.createDatabase(id);
+    const slot = `slot_${id}`;
+    const env = () =>
+      f.env({
+        PHILOTES_CDC_DDL: 'on',
+        PHILOTES_CDC_SOURCE_DATABASE: id,
+        PHILOTES_CDC_SOURCE_ID: id,
+        PHILOTES_CDC_REPLICATION_SLOT: slot,
+      });
+    const storedEvents = () =>
+      f.buffer.query<StoredEvent>(
+        `SELECT lsn::text, seq, operation, schema_name, table_name, before, after, primary_key, details
+           FROM cdc_events WHERE source_id = $1 ORDER BY cdc_events.lsn, seq`,
+        [id],
+        'buffer',
+      );
+    const c: Case = {
+      id,
+      slot,
+      app: await connect(f.source, id),
+      philotes: startPhilotes(env()),
+      env,
+      async start() {
+        c.philotes = startPhilotes(env());
+        await waitForSlotActive(f.source, slot);
       },
-      { what: `marker ${marker} in the buffer`, timeoutMs: 60_000 },
-    );
+      storedEvents,
+      waitForMarker: (marker) =>
+        waitFor(
+          async () => {
+            const events = await storedEvents();
+            return events.some((e) => e.table_name === 'marker' && e.after?.['id'] === marker)
+              ? events
+              : false;
+          },
+          { what: `marker ${marker} of ${id} in the buffer`, timeoutMs: 60_000 },
+        ),
+    };
+    cases.push(c);
+    await waitForSlotActive(f.source, slot);
+    return c;
+  }
 
   beforeAll(async () => {
     f = await startFixture();
-    philotes = startPhilotes(env());
-    await waitForSlotActive(f.source);
-    app = await connect(f.source, 'app');
+  });
+
+  afterEach(async () => {
+    for (const c of cases.splice(0)) {
+      await c.app.end();
+      await c.philotes.kill9();
+    }
   });
 
   afterAll(async () => {
-    await app?.end();
-    await philotes?.kill9();
     await f?.destroy();
   });
 
   it('stores DDL in order with the rows, and a replay of the buffer rebuilds schema and data', async () => {
+    const c = await startCase('ordered');
+    const app = c.app;
     const statements = [
       'CREATE TABLE marker (id int PRIMARY KEY)',
       'CREATE TABLE acct (id serial PRIMARY KEY, name text NOT NULL, amount int DEFAULT 0)',
@@ -160,7 +203,7 @@ describe('DDL capture', () => {
       'INSERT INTO marker VALUES (1)',
     ];
     for (const sql of statements) await app.query(sql);
-    const events = await waitForMarker(1);
+    const events = await c.waitForMarker(1);
 
     const ddl = events.filter((e) => e.operation === 'DDL');
     expect(ddl.map((e) => [e.details!.command_tag, e.table_name])).toEqual([
@@ -189,8 +232,8 @@ describe('DDL capture', () => {
     ]);
 
     // Replay into an empty database and compare with the source.
-    await f.source.createDatabase('replayed');
-    const target = await connect(f.source, 'replayed');
+    await f.source.createDatabase('ordered_replayed');
+    const target = await connect(f.source, 'ordered_replayed');
     try {
       await replay(target, events);
       await app.query('DISCARD TEMP');
@@ -202,8 +245,8 @@ describe('DDL capture', () => {
     // Each schema version names the DDL that made it.
     const history = await f.buffer.query<{ version: number; ddl: Record<string, unknown> | null }>(
       `SELECT version, ddl FROM cdc_schema_history
-        WHERE source_id = 'app' AND table_name = 'acct' ORDER BY version`,
-      [],
+        WHERE source_id = $1 AND table_name = 'acct' ORDER BY version`,
+      [c.id],
       'buffer',
     );
     expect(history.map((h) => h.ddl?.['statement'])).toEqual([
@@ -220,12 +263,16 @@ describe('DDL capture', () => {
   });
 
   it('DDL keeps working while Philotes is down, and is captured when it is back', async () => {
-    await philotes!.kill9();
-    await app.query('CREATE TABLE while_down (id int PRIMARY KEY)');
-    await app.query('INSERT INTO while_down VALUES (1)');
-    philotes = startPhilotes(env());
-    await app.query('INSERT INTO marker VALUES (2)');
-    const events = await waitForMarker(2);
+    const c = await startCase('down');
+    await c.app.query('CREATE TABLE marker (id int PRIMARY KEY)');
+    await c.app.query('INSERT INTO marker VALUES (1)');
+    await c.waitForMarker(1);
+    await c.philotes.kill9();
+    await c.app.query('CREATE TABLE while_down (id int PRIMARY KEY)');
+    await c.app.query('INSERT INTO while_down VALUES (1)');
+    c.philotes = startPhilotes(c.env());
+    await c.app.query('INSERT INTO marker VALUES (2)');
+    const events = await c.waitForMarker(2);
     expect(events.filter((e) => e.table_name === 'while_down').map((e) => e.operation)).toEqual([
       'DDL',
       'INSERT',
@@ -233,26 +280,27 @@ describe('DDL capture', () => {
   });
 
   it('a trigger dropped while Philotes is down is put back, and the DDL it may have missed is recorded as a gap', async () => {
-    philotes!.signal('SIGTERM');
-    await philotes!.exited;
+    const c = await startCase('dropped_down');
+    const app = c.app;
+    await app.query('CREATE TABLE marker (id int PRIMARY KEY)');
+    await app.query('INSERT INTO marker VALUES (1)');
+    await c.waitForMarker(1);
+    c.philotes.signal('SIGTERM');
+    await c.philotes.exited;
     const [cp] = await f.buffer.query<{ lsn: string }>(
-      `SELECT lsn FROM cdc_checkpoints WHERE source_id = 'app'`,
-      [],
+      `SELECT lsn FROM cdc_checkpoints WHERE source_id = $1`,
+      [c.id],
       'buffer',
     );
-    await f.source.query('DROP EVENT TRIGGER philotes_ddl_command_end', [], 'app');
+    await app.query('DROP EVENT TRIGGER philotes_ddl_command_end');
     await app.query('CREATE TABLE uncaptured (id int PRIMARY KEY)');
-    const [after] = await f.source.query<{ lsn: string }>(
-      'SELECT pg_current_wal_lsn()::text AS lsn',
-      [],
-      'app',
-    );
-    philotes = startPhilotes(env());
-    await waitForSlotActive(f.source);
+    const [after] = (await app.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn'))
+      .rows;
+    await c.start();
     const gaps = await f.buffer.query<{ from_lsn: string; to_lsn: string }>(
       `SELECT from_lsn::text, to_lsn::text FROM cdc_gaps
-        WHERE source_id = 'app' AND reason = 'ddl_not_captured'`,
-      [],
+        WHERE source_id = $1 AND reason = 'ddl_not_captured'`,
+      [c.id],
       'buffer',
     );
     // Exactly once, from the checkpoint to past the uncaptured DDL; the rows are all there.
@@ -261,18 +309,17 @@ describe('DDL capture', () => {
     expect(parseLsn(gaps[0]!.to_lsn)).toBeGreaterThanOrEqual(parseLsn(after!.lsn));
     await app.query('INSERT INTO uncaptured VALUES (1)');
     await app.query('INSERT INTO marker VALUES (4)');
-    const events = await waitForMarker(4);
+    const events = await c.waitForMarker(4);
     expect(events.filter((e) => e.table_name === 'uncaptured').map((e) => e.operation)).toEqual([
       'INSERT',
     ]);
     // A later start with the trigger in place records nothing more.
-    philotes!.signal('SIGTERM');
-    await philotes!.exited;
-    philotes = startPhilotes(env());
-    await waitForSlotActive(f.source);
+    c.philotes.signal('SIGTERM');
+    await c.philotes.exited;
+    await c.start();
     const again = await f.buffer.query(
-      `SELECT 1 FROM cdc_gaps WHERE source_id = 'app' AND reason = 'ddl_not_captured'`,
-      [],
+      `SELECT 1 FROM cdc_gaps WHERE source_id = $1 AND reason = 'ddl_not_captured'`,
+      [c.id],
       'buffer',
     );
     expect(again).toHaveLength(1);
@@ -283,7 +330,7 @@ describe('DDL capture', () => {
     await f.source.query(`CREATE ROLE plain LOGIN REPLICATION PASSWORD 'plain'`);
     await f.source.query(`GRANT CREATE ON DATABASE app2 TO plain`);
     const plainEnv = {
-      ...env(),
+      ...f.env({ PHILOTES_CDC_DDL: 'on' }),
       PHILOTES_CDC_SOURCE_DATABASE: 'app2',
       PHILOTES_CDC_SOURCE_USER: 'plain',
       PHILOTES_CDC_SOURCE_PASSWORD: 'plain',
@@ -327,15 +374,18 @@ describe('DDL capture', () => {
   });
 
   it('a trigger dropped while Philotes runs stops the source loudly; a superuser start puts it back', async () => {
-    const [beforeDrop] = await f.source.query<{ lsn: string }>(
-      'SELECT pg_current_wal_lsn()::text AS lsn',
-      [],
-      'app',
-    );
-    await f.source.query('DROP EVENT TRIGGER philotes_ddl_command_end', [], 'app');
+    const c = await startCase('dropped_running');
+    const app = c.app;
+    await app.query('CREATE TABLE marker (id int PRIMARY KEY)');
+    await app.query('INSERT INTO marker VALUES (1)');
+    await c.waitForMarker(1);
+    const lsnNow = async () =>
+      (await app.query<{ lsn: string }>('SELECT pg_current_wal_lsn()::text AS lsn')).rows[0]!;
+    const beforeDrop = await lsnNow();
+    await app.query('DROP EVENT TRIGGER philotes_ddl_command_end');
     await waitFor(
       () =>
-        philotes!.stderr.some(
+        c.philotes.stderr.some(
           (l) => l.includes('DDL capture trigger') && l.includes('removed or disabled'),
         ),
       {
@@ -346,27 +396,22 @@ describe('DDL capture', () => {
     // The DDL since the trigger was last seen is recorded as possibly missing, before the stop.
     const recorded = await f.buffer.query<{ from_lsn: string; to_lsn: string }>(
       `SELECT from_lsn::text, to_lsn::text FROM cdc_gaps
-        WHERE source_id = 'app' AND reason = 'ddl_not_captured' ORDER BY id DESC LIMIT 1`,
-      [],
+        WHERE source_id = $1 AND reason = 'ddl_not_captured' ORDER BY id DESC LIMIT 1`,
+      [c.id],
       'buffer',
     );
-    const [droppedAt] = await f.source.query<{ lsn: string }>(
-      'SELECT pg_current_wal_lsn()::text AS lsn',
-      [],
-      'app',
-    );
+    const droppedAt = await lsnNow();
     // From where the trigger was last seen (before the drop) to past it.
     expect(parseLsn(recorded[0]!.from_lsn)).toBeLessThanOrEqual(parseLsn(beforeDrop!.lsn));
     expect(parseLsn(recorded[0]!.to_lsn)).toBeGreaterThan(parseLsn(beforeDrop!.lsn));
     expect(parseLsn(recorded[0]!.to_lsn)).toBeLessThanOrEqual(parseLsn(droppedAt!.lsn));
-    await philotes!.kill9();
-    philotes = startPhilotes(env());
-    await waitForSlotActive(f.source);
-    const triggers = await f.source.query<{ evtname: string; evtenabled: string }>(
-      `SELECT evtname, evtenabled FROM pg_event_trigger ORDER BY 1`,
-      [],
-      'app',
-    );
+    await c.philotes.kill9();
+    await c.start();
+    const triggers = (
+      await app.query<{ evtname: string; evtenabled: string }>(
+        `SELECT evtname, evtenabled FROM pg_event_trigger ORDER BY 1`,
+      )
+    ).rows;
     // Back, and firing also under session_replication_role = replica.
     expect(triggers).toEqual([
       { evtname: 'philotes_ddl_command_end', evtenabled: 'A' },
@@ -374,7 +419,7 @@ describe('DDL capture', () => {
     ]);
     await app.query('CREATE TABLE after_repair (id int PRIMARY KEY)');
     await app.query('INSERT INTO marker VALUES (3)');
-    const events = await waitForMarker(3);
+    const events = await c.waitForMarker(3);
     expect(events.some((e) => e.operation === 'DDL' && e.table_name === 'after_repair')).toBe(true);
   });
 });
