@@ -49,12 +49,12 @@ describe('philotes-worker check', () => {
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
-  function configFile(sources: string[]): string {
+  function configFile(sources: string[], bufferDatabase = 'buffer'): string {
     const path = join(dir, `check-${Math.random().toString(36).slice(2, 8)}.yaml`);
     writeFileSync(
       path,
       [
-        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: buffer, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
+        `buffer: { host: ${buffer.host}, port: ${buffer.port}, database: ${bufferDatabase}, user: ${buffer.user}, passwordEnv: BUFFER_PASSWORD }`,
         'defaults: { snapshot: never }',
         'sources:',
         ...sources.map((s) => `  - ${s}`),
@@ -95,21 +95,27 @@ describe('philotes-worker check', () => {
   }
 
   it('a clean source and a fresh buffer: ready to run, and check created nothing', async () => {
-    const path = configFile([on(good, 'shop', 'shop')]);
+    // Its own source database and buffer database: fresh whichever test ran before.
+    await good.createDatabase('clean');
+    await good.query('CREATE TABLE items (id int PRIMARY KEY, v text)', [], 'clean');
+    await buffer.createDatabase('fresh');
+    const path = configFile([on(good, 'clean', 'clean')], 'fresh');
     const r = await check(path);
     expect(
       r.findings.filter((f) => f.verdict !== 'ok'),
       r.text,
     ).toEqual([]);
     expect(r.code).toBe(0);
-    expect(finding(r.findings, 'shop', 'slot').detail).toContain('first start creates it');
+    expect(finding(r.findings, 'clean', 'slot').detail).toContain('first start creates it');
     expect(finding(r.findings, 'buffer', 'schema').detail).toContain('first start creates them');
-    expect(finding(r.findings, 'shop', 'protocol').detail).toContain('protocol 2');
+    expect(finding(r.findings, 'clean', 'protocol').detail).toContain('protocol 2');
     expect(r.text).toContain('ready to run');
     // Nothing was created by looking.
-    expect(await good.query(`SELECT slot_name FROM pg_replication_slots`)).toEqual([]);
-    expect(await good.query(`SELECT pubname FROM pg_publication`, [], 'shop')).toEqual([]);
-    expect(await buffer.query(`SELECT to_regclass('cdc_events') AS t`, [], 'buffer')).toEqual([
+    expect(
+      await good.query(`SELECT slot_name FROM pg_replication_slots WHERE database = 'clean'`),
+    ).toEqual([]);
+    expect(await good.query(`SELECT pubname FROM pg_publication`, [], 'clean')).toEqual([]);
+    expect(await buffer.query(`SELECT to_regclass('cdc_events') AS t`, [], 'fresh')).toEqual([
       { t: null },
     ]);
   });

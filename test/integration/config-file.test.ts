@@ -34,6 +34,9 @@ describe('a fleet from a configuration file', () => {
       f.source.createDatabase('billing'),
       second.createDatabase('crm'),
     ]);
+    // Every test that streams shop, billing or crm finds its table there, whichever ran first.
+    for (const s of sources())
+      await s.cluster.query('CREATE TABLE t (id int PRIMARY KEY, v text)', [], s.database);
     dir = mkdtempSync(join(tmpdir(), 'philotes-fleet-'));
   });
 
@@ -140,8 +143,6 @@ sources:
     slot: philotes_crm
 `,
     );
-    for (const s of sources())
-      await s.cluster.query('CREATE TABLE t (id int PRIMARY KEY, v text)', [], s.database);
     const { p, readyz } = await startFromFile(path, { SOURCE_PASSWORD: f.source.password });
     for (const s of sources()) await waitForSlotActive(s.cluster, s.slot);
     await Promise.all(

@@ -414,13 +414,24 @@ describe('observability: dashboard and alert rules against the real metrics', ()
 
     it('evaluates every alert rule without errors, and none fires for a healthy worker', async () => {
       type Rule = { name: string; health: string; lastError?: string; state: string };
+      // The rules are read once Prometheus has scraped the worker and evaluated them since: an
+      // evaluation before the first scrape sees no series at all (this test may run first).
+      const upNow = async () =>
+        ((await query('up{job="philotes"}')) as Array<{ value: [number, string] }>).map(
+          (s) => s.value[1],
+        );
+      await waitFor(async () => (await upNow()).join() === '1', {
+        what: 'prometheus to have scraped the worker',
+        timeoutMs: 60_000,
+      });
+      const scraped = Date.now();
       const rules = await waitFor(
         async () => {
           const body = (await (await fetch(`${promBase}/api/v1/rules?type=alert`)).json()) as {
             data: { groups: Array<{ rules: Array<Rule & { lastEvaluation: string }> }> };
           };
           const all = body.data.groups.flatMap((g) => g.rules);
-          const evaluated = all.every((r) => !r.lastEvaluation.startsWith('0001-'));
+          const evaluated = all.every((r) => Date.parse(r.lastEvaluation) > scraped);
           return all.length > 0 && evaluated && all;
         },
         { what: 'every alert rule to be evaluated', timeoutMs: 60_000 },
@@ -448,8 +459,7 @@ describe('observability: dashboard and alert rules against the real metrics', ()
         expect({ name: r.name, state: r.state }).toEqual({ name: r.name, state: 'inactive' });
       }
       // The target the rules watch is the worker, and it is up.
-      const up = (await query('up{job="philotes"}')) as Array<{ value: [number, string] }>;
-      expect(up.map((s) => s.value[1])).toEqual(['1']);
+      expect(await upNow()).toEqual(['1']);
     });
   });
 });

@@ -42,7 +42,9 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   let base = '';
   let load: ReturnType<typeof startLoad> | undefined;
 
-  const writeConfig = (withNowhere: boolean, nowherePort: number) =>
+  let nowherePort = 0;
+  let generation = 0;
+  const writeConfig = (withNowhere: boolean) =>
     writeFileSync(
       config,
       [
@@ -54,7 +56,8 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
         'defaults: { checkpointInterval: 1s, snapshot: never }',
         'sources:',
         `  - { id: shop, host: ${source.host}, port: ${source.port}, database: shop, user: ${source.user}, passwordEnv: SOURCE_PASSWORD, slot: philotes_shop }`,
-        `  - { id: billing, host: ${source.host}, port: ${source.port}, database: billing, user: ${source.user}, passwordFile: ${passwordFile}, slot: philotes_billing }`,
+        // batchMaxRows changes with each broken fleet: a SIGHUP then restarts billing.
+        `  - { id: billing, host: ${source.host}, port: ${source.port}, database: billing, user: ${source.user}, passwordFile: ${passwordFile}, slot: philotes_billing, batchMaxRows: ${1000 + generation} }`,
         ...(withNowhere
           ? [
               `  - { id: nowhere, host: 127.0.0.1, port: ${nowherePort}, database: app, user: ${source.user}, password: unused, slot: philotes_nowhere }`,
@@ -73,6 +76,28 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   });
   const stateOf = (id: string) =>
     page.locator(`tr[data-source="${id}"]`).getAttribute('data-state');
+
+  /**
+   * Puts the fleet in the state a test starts from, whichever test ran before it. Broken: billing
+   * restarted with a wrong password in its file, and a source whose server is not there.
+   * Healthy: the right password and no such source.
+   */
+  async function fleet(state: 'broken' | 'healthy'): Promise<void> {
+    if (state === 'broken') {
+      writeFileSync(passwordFile, 'wrong-password\n');
+      generation++;
+      writeConfig(true);
+    } else {
+      writeFileSync(passwordFile, `${source.password}\n`);
+      writeConfig(false);
+    }
+    philotes!.signal('SIGHUP');
+    if (state === 'broken')
+      await waitFor(async () => (await stateOf('billing')) === 'failed', {
+        what: 'billing to fail on the wrong password',
+        timeoutMs: 60_000,
+      });
+  }
 
   /**
    * The page and /readyz agree: the headline begins with /readyz's status, its colour is red
@@ -127,7 +152,8 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
     config = join(dir, 'fleet.yaml');
     passwordFile = join(dir, 'billing-password');
     writeFileSync(passwordFile, 'wrong-password\n');
-    writeConfig(true, await freePort());
+    nowherePort = await freePort();
+    writeConfig(true);
     const port = await freePort();
     base = `http://127.0.0.1:${port}/`;
     philotes = startPhilotes(
@@ -159,6 +185,7 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   });
 
   it('a failed source and one in backoff: not ready, in red, with short errors that open to the whole text', async () => {
+    await fleet('broken');
     // The page swaps its table in every 2 s: wait for what the fleet is doing by now.
     await waitFor(
       async () =>
@@ -208,6 +235,7 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   });
 
   it('the password file fixed: the failed source streams again, and its error is shown as past', async () => {
+    await fleet('broken');
     writeFileSync(passwordFile, `${source.password}\n`);
     await waitFor(async () => (await stateOf('billing')) === 'streaming', {
       what: 'billing to stream with the rotated password (no signal)',
@@ -250,8 +278,7 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   });
 
   it('every source streaming: ready, in green', async () => {
-    writeConfig(false, 0);
-    philotes!.signal('SIGHUP');
+    await fleet('healthy');
     await waitFor(
       async () => {
         const r = await readiness();
