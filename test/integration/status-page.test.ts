@@ -44,6 +44,8 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
 
   let nowherePort = 0;
   let generation = 0;
+  /** What the config and password file say now; 'changed' once a test has fixed the file. */
+  let fleetState: 'broken' | 'healthy' | 'changed' = 'broken';
   const writeConfig = (withNowhere: boolean) =>
     writeFileSync(
       config,
@@ -83,15 +85,20 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
    * Healthy: the right password and no such source.
    */
   async function fleet(state: 'broken' | 'healthy'): Promise<void> {
-    if (state === 'broken') {
-      writeFileSync(passwordFile, 'wrong-password\n');
-      generation++;
-      writeConfig(true);
-    } else {
-      writeFileSync(passwordFile, `${source.password}\n`);
-      writeConfig(false);
+    // Already broken (as started, or by the test before): a SIGHUP now would only restart
+    // billing, and its fresh start would look healthy for the readiness grace.
+    if (state !== fleetState) {
+      if (state === 'broken') {
+        writeFileSync(passwordFile, 'wrong-password\n');
+        generation++;
+        writeConfig(true);
+      } else {
+        writeFileSync(passwordFile, `${source.password}\n`);
+        writeConfig(false);
+      }
+      philotes!.signal('SIGHUP');
+      fleetState = state;
     }
-    philotes!.signal('SIGHUP');
     if (state === 'broken')
       await waitFor(async () => (await stateOf('billing')) === 'failed', {
         what: 'billing to fail on the wrong password',
@@ -237,6 +244,7 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   it('the password file fixed: the failed source streams again, and its error is shown as past', async () => {
     await fleet('broken');
     writeFileSync(passwordFile, `${source.password}\n`);
+    fleetState = 'changed';
     await waitFor(async () => (await stateOf('billing')) === 'streaming', {
       what: 'billing to stream with the rotated password (no signal)',
       timeoutMs: 60_000,
