@@ -5,7 +5,7 @@
  * past what the buffer has stored, and every committed change must land exactly once, in order.
  */
 import type pg from 'pg';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { freePort } from '../support/cluster.js';
 import {
   expectEveryChangeOnce,
@@ -49,6 +49,13 @@ describe('buffer database outages while streaming', () => {
     f = await startFixture();
     await f.source.query(ITEMS_DDL, [], 'app');
     metricsPort = await freePort();
+    philotes = startPhilotes(f.env({ PHILOTES_METRICS_PORT: String(metricsPort) }));
+    await waitForSlotActive(f.source);
+  });
+
+  // The SIGTERM test may have run before: every test starts from a running Philotes.
+  beforeEach(async () => {
+    if (philotes.status() === null) return;
     philotes = startPhilotes(f.env({ PHILOTES_METRICS_PORT: String(metricsPort) }));
     await waitForSlotActive(f.source);
   });
@@ -190,7 +197,7 @@ describe('buffer database outages while streaming', () => {
       await expectExactlyOnce();
     }));
 
-  it('leaves a consistent buffer and checkpoint on SIGTERM after all three outages', async () => {
+  it('leaves a consistent buffer and checkpoint on SIGTERM (after the outages, when they ran first)', async () => {
     expect(philotes.signal('SIGTERM')).toBe(true);
     const exit = await waitForExit(philotes, 30_000);
     expect(exit, outputTail(philotes)).toEqual({ code: 0, signal: null });

@@ -4,7 +4,7 @@
  * and says nothing, as with a hung server or a silent network partition). Philotes must notice
  * each time by itself, reconnect to the slot, and store every committed change exactly once.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { freePort } from '../support/cluster.js';
 import {
   expectEveryChangeOnce,
@@ -40,19 +40,27 @@ describe('walsender failures while streaming', () => {
   let load: ReturnType<typeof startLoad> | undefined;
   let thaw: (() => void) | undefined;
 
+  const env = () =>
+    f.env({
+      PHILOTES_METRICS_PORT: String(metricsPort),
+      // A silent connection is given up after 3 s; status updates (which ask the server for a
+      // reply) go out every second.
+      PHILOTES_CDC_SOURCE_TIMEOUT: '3s',
+      PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
+    });
+
   beforeAll(async () => {
     f = await startFixture();
     await f.source.query(ITEMS_DDL, [], 'app');
     metricsPort = await freePort();
-    philotes = startPhilotes(
-      f.env({
-        PHILOTES_METRICS_PORT: String(metricsPort),
-        // A silent connection is given up after 3 s; status updates (which ask the server for a
-        // reply) go out every second.
-        PHILOTES_CDC_SOURCE_TIMEOUT: '3s',
-        PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
-      }),
-    );
+    philotes = startPhilotes(env());
+    await waitForSlotActive(f.source);
+  });
+
+  // The stop test may have run before: every test starts from a running Philotes.
+  beforeEach(async () => {
+    if (philotes.status() === null) return;
+    philotes = startPhilotes(env());
     await waitForSlotActive(f.source);
   });
 
