@@ -62,10 +62,22 @@ describe('publication', () => {
 
   /** Drops what a case left on the source and in the buffer, for the next one. */
   async function cleanSlate(): Promise<void> {
+    // The default slot, of whichever database the case before used: released by its walsender
+    // (which may outlive the stopped Philotes by a moment), then dropped.
+    await waitFor(
+      async () =>
+        (
+          await f.source.query<{ active: boolean }>(
+            `SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
+          )
+        )[0]?.active !== true,
+      { what: 'the default slot to be released' },
+    );
     await f.source.query(
-      `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-        WHERE slot_name = 'philotes_cdc' AND database = 'app' AND NOT active;
-       DROP PUBLICATION IF EXISTS philotes_pub;
+      `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
+    );
+    await f.source.query(
+      `DROP PUBLICATION IF EXISTS philotes_pub;
        -- The tables as beforeAll made them: bad without a key or identity, no new tables.
        ALTER TABLE bad DROP COLUMN IF EXISTS id;
        ALTER TABLE bad REPLICA IDENTITY DEFAULT;
@@ -288,23 +300,6 @@ describe('publication', () => {
   });
 
   describe('in a database of its own', () => {
-    beforeAll(async () => {
-      // A slot of database app (from the cases above, if they ran); these tests use the
-      // default slot name elsewhere.
-      await waitFor(
-        async () =>
-          (
-            await f.source.query<{ active: boolean }>(
-              `SELECT active FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
-            )
-          )[0]?.active !== true,
-        { what: 'the slot of database app to be released' },
-      );
-      await f.source.query(
-        `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'philotes_cdc'`,
-      );
-    });
-
     it('(c) a publication the user created beforehand is used as is', async () => {
       await f.source.createDatabase('own_pub');
       await f.source.query(
