@@ -304,13 +304,23 @@ describe.skipIf(CHROMIUM === undefined)('the status page in a browser', () => {
   it('is a plain table with JavaScript off', async () => {
     const context = await browser!.newContext({ javaScriptEnabled: false });
     const plain = await context.newPage();
-    await plain.goto(base);
-    const rows = await plain
-      .locator('#sources tbody tr')
-      .evaluateAll((trs) =>
-        trs.map((tr) => [tr.getAttribute('data-source'), tr.getAttribute('data-state')]),
-      );
-    expect(rows).toEqual((await readiness()).body.sources.map((s) => [s.source, s.state]));
+    // Read between two /readyz answers that agree: a state may change while the page loads.
+    const states = async () =>
+      JSON.stringify((await readiness()).body.sources.map((s) => [s.source, s.state]));
+    await waitFor(
+      async () => {
+        const before = await states();
+        await plain.goto(base);
+        const rows = await plain
+          .locator('#sources tbody tr')
+          .evaluateAll((trs) =>
+            trs.map((tr) => [tr.getAttribute('data-source'), tr.getAttribute('data-state')]),
+          );
+        const after = await states();
+        return before === after && JSON.stringify(rows) === after;
+      },
+      { what: 'the plain page to show the states /readyz gives', timeoutMs: 30_000 },
+    );
     await context.close();
   });
 });
