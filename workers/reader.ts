@@ -178,6 +178,19 @@ export class SlotReader {
         ddlGap: prepared.ddlGap,
       });
       if (this.failed !== null) throw this.failed;
+      // The supervisor runs this reader only while it holds the source's lease: a walsender an
+      // earlier owner left streaming the slot is stale, and the fence keeps its owner from storing.
+      const takeover = await session.takeOverSlot();
+      if (takeover?.freed === true)
+        this.log.warn(
+          { pid: takeover.pid, applicationName: takeover.applicationName },
+          'the slot was still streamed by an earlier Philotes reader (a process that died or froze, or this one before a restart): terminated its walsender to take the slot over',
+        );
+      else if (takeover !== null)
+        this.log.warn(
+          { pid: takeover.pid, applicationName: takeover.applicationName },
+          `the slot is still streamed by pid ${takeover.pid} and was not taken over: ${takeover.why}; the stream starts once the server lets go of it (wal_sender_timeout)`,
+        );
       const start = formatLsn(prepared.startLsn);
       const watch = this.watch;
       const snapshots = this.snapshots;
@@ -217,6 +230,11 @@ export class SlotReader {
             source.messages.length > 0 ||
             source.ddl ||
             supports(prepared.serverVersion, 'logicalMessages'),
+          walSenderTimeoutMs:
+            this.task.settings.walSenderTimeoutMs > 0 &&
+            supports(prepared.serverVersion, 'walSenderTimeoutPerSession')
+              ? this.task.settings.walSenderTimeoutMs
+              : null,
         },
       );
 

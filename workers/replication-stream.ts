@@ -52,6 +52,8 @@ export interface PgoutputOptions {
   readonly protocol: 1 | 2;
   /** Ask for logical messages too (PostgreSQL 14+; older servers refuse the option). */
   readonly messages: boolean;
+  /** This connection's wal_sender_timeout (PostgreSQL 12+); null: the server's. */
+  readonly walSenderTimeoutMs: number | null;
 }
 
 type SubscribePlugin = Parameters<LogicalReplicationService['subscribe']>[0];
@@ -127,7 +129,13 @@ export class ReplicationStream {
     pgoutput: PgoutputOptions,
   ) {
     this.service = new LogicalReplicationService(
-      { ...options, options: REPLICATION_SESSION_OPTIONS },
+      {
+        ...options,
+        options:
+          pgoutput.walSenderTimeoutMs === null
+            ? REPLICATION_SESSION_OPTIONS
+            : `${REPLICATION_SESSION_OPTIONS} -c wal_sender_timeout=${pgoutput.walSenderTimeoutMs}`,
+      },
       // timeoutSeconds: 0 turns off the library's own timer, which would confirm the last
       // *received* LSN. Every status update is sent by acknowledge() below.
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: false } },

@@ -18,7 +18,9 @@ import {
   currentWalLsn,
   readSlotDecodingStats,
   readSlotState,
+  takeOverSlot,
   type SlotState,
+  type SlotTakeover,
 } from '../src/common/source-admin.js';
 import { readNextXid } from '../src/common/source-history.js';
 import type { ResolvedRelation } from './decode/event-rows.js';
@@ -50,6 +52,8 @@ export interface SourceSession {
   /** Which database of which running server this is (compared with the buffer's). */
   databaseIdentity(): Promise<string | null>;
   slotState(): Promise<SlotState | null>;
+  /** Frees the slot from a stale Philotes walsender, if one streams it (source-admin.ts). */
+  takeOverSlot(): Promise<SlotTakeover | null>;
   /** The slot's confirmed_flush_lsn as the server has it now. */
   slotConfirmedFlush(): Promise<string | null>;
   slotDecodingStats(): Promise<SlotDecodingStats | null>;
@@ -109,6 +113,10 @@ class PgSourceSession implements SourceSession {
 
   slotState(): Promise<SlotState | null> {
     return readSlotState(this.client, this.source.slot);
+  }
+
+  takeOverSlot(): Promise<SlotTakeover | null> {
+    return takeOverSlot(this.client, this.source.slot);
   }
 
   async slotConfirmedFlush(): Promise<string | null> {

@@ -5,6 +5,7 @@
  * restart (events at or past it belong to a transaction a crash cut off).
  */
 import type pg from 'pg';
+import { inFencedTransaction, type LeaseBook } from './leases.js';
 import type { Logger } from '../common/logger.js';
 import type { BatchMessage } from '../common/protocol.js';
 import type { SourceIdentity } from '../common/source-history.js';
@@ -119,28 +120,29 @@ export async function prepareSource(
   pool: pg.Pool,
   log: Logger,
   sourceId: string,
+  book: LeaseBook | null,
 ): Promise<Checkpoint | null> {
-  const client = await pool.connect();
-  try {
-    await client.query('BEGIN');
-    const row = await selectCheckpoint(client, sourceId, true);
-    const removed = await deleteEventsFrom(client, sourceId, row?.lsn ?? null);
-    // The source streams a transaction that was in progress again, from its start.
-    const unstaged = await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [sourceId]);
-    await client.query('COMMIT');
-    if (removed.rowCount || unstaged.rowCount) {
-      log.info(
-        { source: sourceId, removed: removed.rowCount, removedStaged: unstaged.rowCount },
-        'removed events of an incomplete transaction',
-      );
-    }
-    return row;
-  } catch (error) {
-    await client.query('ROLLBACK').catch(() => undefined);
-    throw error;
-  } finally {
-    client.release();
+  const { row, removed, unstaged } = await inFencedTransaction(
+    pool,
+    book,
+    sourceId,
+    async (client) => {
+      const row = await selectCheckpoint(client, sourceId, true);
+      const removed = await deleteEventsFrom(client, sourceId, row?.lsn ?? null);
+      // The source streams a transaction that was in progress again, from its start.
+      const unstaged = await client.query('DELETE FROM cdc_staged WHERE source_id = $1', [
+        sourceId,
+      ]);
+      return { row, removed: removed.rowCount ?? 0, unstaged: unstaged.rowCount ?? 0 };
+    },
+  );
+  if (removed || unstaged) {
+    log.info(
+      { source: sourceId, removed, removedStaged: unstaged },
+      'removed events of an incomplete transaction',
+    );
   }
+  return row;
 }
 
 /**
@@ -152,8 +154,9 @@ export async function recordConfirmable(
   sourceId: string,
   slot: string,
   lsn: string,
-  identity?: SourceIdentity,
-  ddlGap?: { fromLsn: string; toLsn: string },
+  identity: SourceIdentity | undefined,
+  ddlGap: { fromLsn: string; toLsn: string } | undefined,
+  book: LeaseBook | null,
 ): Promise<void> {
   const upsert = `INSERT INTO cdc_checkpoints
        (source_id, lsn, committed_at, metadata, confirmed_lsn, ${IDENTITY_COLUMNS})
@@ -164,14 +167,13 @@ export async function recordConfirmable(
            source_timeline = coalesce(EXCLUDED.source_timeline, cdc_checkpoints.source_timeline),
            source_database_oid = coalesce(EXCLUDED.source_database_oid, cdc_checkpoints.source_database_oid)`;
   const values = [sourceId, lsn, { slot, capture_started_at: lsn }, ...identityValues(identity)];
-  if (ddlGap === undefined) {
+  if (ddlGap === undefined && book === null) {
     await pool.query(upsert, values);
     return;
   }
-  const client = await pool.connect();
-  try {
-    await client.query('BEGIN');
+  await inFencedTransaction(pool, book, sourceId, async (client) => {
     await client.query(upsert, values);
+    if (ddlGap === undefined) return;
     // Once per restart of the capture, however many starts see it.
     await client.query(
       `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
@@ -188,11 +190,5 @@ export async function recordConfirmable(
         },
       ],
     );
-    await client.query('COMMIT');
-  } catch (error) {
-    await client.query('ROLLBACK').catch(() => undefined);
-    throw error;
-  } finally {
-    client.release();
-  }
+  });
 }

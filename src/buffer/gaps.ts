@@ -3,6 +3,7 @@
  * retracted range's events moved to cdc_retracted_events (see docs/design/source-history.md).
  */
 import type pg from 'pg';
+import { asFencedError, type LeaseBook } from './leases.js';
 import type { SourceIdentity } from '../common/source-history.js';
 import { deleteEventsFrom, IDENTITY_COLUMNS, identityValues } from './checkpoints.js';
 import { insertSnapshot } from './snapshots.js';
@@ -39,6 +40,7 @@ export async function recordGap(
     /** Begin a snapshot of every published table with the gap (its reason), replacing any other. */
     snapshot?: string | null;
   },
+  book: LeaseBook | null,
 ): Promise<{
   gapIds: number[];
   removedEvents: number;
@@ -48,6 +50,8 @@ export async function recordGap(
   const client = await pool.connect();
   try {
     await client.query('BEGIN');
+    const fence = book?.fence(client, [reset.sourceId]);
+    if (fence) await client.query(fence);
     const gapIds: number[] = [];
     let retractedEvents = 0;
     let retractedSnapshotRows = 0;
@@ -111,7 +115,7 @@ export async function recordGap(
     return { gapIds, removedEvents: removed.rowCount ?? 0, retractedEvents, snapshotId };
   } catch (error) {
     await client.query('ROLLBACK').catch(() => undefined);
-    throw error;
+    throw asFencedError(error) ?? error;
   } finally {
     client.release();
   }

@@ -216,6 +216,70 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       );
     `,
   },
+  {
+    version: 8,
+    name: 'members and leases',
+    sql: `
+      -- Each running Philotes process, while it lives: registered at start, its heartbeat moved
+      -- with every lease renewal, removed at a clean stop. A member whose expires_at has passed
+      -- is gone (killed, frozen, cut off); its leases expire with it. A command that takes a
+      -- lease for a moment (reset-source) is a member of role 'command', which the fair share of
+      -- the capturing members does not count.
+      CREATE TABLE IF NOT EXISTS cdc_members (
+        id text PRIMARY KEY,
+        role text NOT NULL DEFAULT 'capture',
+        host text NOT NULL,
+        pid int NOT NULL,
+        version text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now(),
+        expires_at timestamptz NOT NULL
+      );
+      -- Who captures each source: one row per source, under the buffer's clock. A new owner
+      -- always takes a new epoch. The fence (philotes_fence) locks the row FOR KEY SHARE inside
+      -- every transaction that stores for the source; epoch is a key column (the unique index
+      -- below), so a takeover, which changes it, waits for every fenced transaction in flight and
+      -- every later one sees the new epoch, while a renewal (expires_at only) waits for none.
+      CREATE TABLE IF NOT EXISTS cdc_leases (
+        source_id text PRIMARY KEY,
+        owner text,
+        epoch bigint NOT NULL,
+        acquired_at timestamptz NOT NULL DEFAULT now(),
+        expires_at timestamptz NOT NULL,
+        UNIQUE (source_id, epoch)
+      );
+      -- Every change of owner, for the people on call and for the tests that prove no source was
+      -- owned twice at once.
+      CREATE TABLE IF NOT EXISTS cdc_lease_history (
+        id bigserial PRIMARY KEY,
+        source_id text NOT NULL,
+        owner text,
+        epoch bigint NOT NULL,
+        event text NOT NULL,
+        at timestamptz NOT NULL DEFAULT clock_timestamp()
+      );
+      -- Raises PH001 unless member p_owner holds every source in p_sources with its epoch, and
+      -- holds each lease row (FOR KEY SHARE) until the calling transaction ends.
+      CREATE OR REPLACE FUNCTION philotes_fence(p_owner text, p_sources text[], p_epochs bigint[])
+      RETURNS void LANGUAGE plpgsql AS $fence$
+      DECLARE
+        held text[];
+        missing text[];
+      BEGIN
+        SELECT coalesce(array_agg(h.source_id), '{}') INTO held FROM (
+          SELECT l.source_id FROM cdc_leases l
+            JOIN unnest(p_sources, p_epochs) AS w(source_id, epoch) ON w.source_id = l.source_id
+           WHERE l.owner = p_owner AND l.epoch = w.epoch
+             FOR KEY SHARE OF l) h;
+        IF cardinality(held) < cardinality(p_sources) THEN
+          SELECT array_agg(s) INTO missing FROM unnest(p_sources) s WHERE s <> ALL (held);
+          RAISE EXCEPTION 'fenced: this Philotes process no longer holds the lease of source(s) %', array_to_string(missing, ', ')
+            USING ERRCODE = 'PH001', DETAIL = array_to_string(missing, ',');
+        END IF;
+      END
+      $fence$;
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

@@ -4,6 +4,7 @@
  * rows.
  */
 import type pg from 'pg';
+import { inFencedTransaction, type LeaseBook } from './leases.js';
 import type { PendingSnapshot, SnapshotProgress, SnapshotTableState } from '../common/protocol.js';
 
 /** The source's snapshot that has not finished, with each table's progress, if any. */
@@ -46,11 +47,19 @@ export async function pendingSnapshot(
   };
 }
 
-/** Ends a snapshot that cannot run (its state says why). */
-export async function endSnapshot(pool: pg.Pool, id: number, state: string): Promise<void> {
-  await pool.query(
-    `UPDATE cdc_snapshots SET state = $2, finished_at = now() WHERE id = $1 AND state = 'running'`,
-    [id, state],
+/** Ends a snapshot that cannot run (its state says why); fenced for its source. */
+export async function endSnapshot(
+  pool: pg.Pool,
+  book: LeaseBook | null,
+  sourceId: string,
+  id: number,
+  state: string,
+): Promise<void> {
+  await inFencedTransaction(pool, book, sourceId, (client) =>
+    client.query(
+      `UPDATE cdc_snapshots SET state = $2, finished_at = now() WHERE id = $1 AND state = 'running'`,
+      [id, state],
+    ),
   );
 }
 
@@ -67,12 +76,16 @@ export async function requestSnapshot(
   return Number(result.rows[0]!.id);
 }
 
+/** The source's initial snapshot, fenced: only the lease's holder begins one. */
 export async function createSnapshot(
   pool: pg.Pool,
+  book: LeaseBook | null,
   sourceId: string,
   reason: string,
 ): Promise<PendingSnapshot> {
-  const id = await insertSnapshot(pool, sourceId, reason, false);
+  const id = await inFencedTransaction(pool, book, sourceId, (client) =>
+    insertSnapshot(client, sourceId, reason, false),
+  );
   return { id, reason, rows: 0, tables: [] };
 }
 

@@ -2,7 +2,7 @@
  * The buffer database, for the running side: one pool, migrated at open, and the buffer's SQL by
  * concern in the modules beside this one — writes.ts (events with their checkpoints, one
  * transaction per group), checkpoints.ts (resuming, recording confirmable positions),
- * snapshots.ts, gaps.ts (accepted gaps, retractions), lock.ts (a source's lock), and reads.ts
+ * snapshots.ts, gaps.ts (accepted gaps, retractions), leases.ts (members, leases, the fence), and reads.ts
  * (what the commands read on a connection of their own). This class holds the pool and hands it
  * to them; callers see one object.
  */
@@ -21,7 +21,19 @@ import {
 } from './checkpoints.js';
 import { recordGap } from './gaps.js';
 import { BufferHealth } from './health.js';
-import { lockSource, type SourceLock } from './lock.js';
+import {
+  acquireLease,
+  bufferApplicationName,
+  leaveMembers,
+  readLeases,
+  releaseLease,
+  renewLeases,
+  type AcquireResult,
+  type HeldLease,
+  type LeaseBook,
+  type LeaseRow,
+  type Member,
+} from './leases.js';
 import { migrate } from './migrations.js';
 import { createSnapshot, endSnapshot, pendingSnapshot, requestSnapshot } from './snapshots.js';
 import { recordSourceStatus, removeSourceStatus, type SourceStatusRow } from './source-status.js';
@@ -29,50 +41,75 @@ import { storeGroup, type StoredGroup, type StoreGroupPart } from './writes.js';
 
 export type { Checkpoint } from './checkpoints.js';
 export type { GapRecord } from './gaps.js';
-export type { SourceLock } from './lock.js';
+export {
+  asFencedError,
+  describeOwner,
+  newMemberId,
+  FencedError,
+  LeaseBook,
+  type HeldLease,
+  type LeaseRow,
+  type Member,
+} from './leases.js';
 export type { BufferHealthReport, BufferState } from './health.js';
 export { CommitOutcomeUnknownError, type StoredGroup, type StoreGroupPart } from './writes.js';
+
+/** Longest a lease statement may take (an acquisition waits up to 1 s for a row lock). */
+const LEASE_QUERY_TIMEOUT_MS = 5_000;
 
 export class BufferStore {
   /** Which database this is, so a reader can tell when its source is this same database. */
   identity: DatabaseIdentity = { identity: '', schema: '' };
 
+  /**
+   * The leases this process holds, when it stores for sources: every store is fenced with them
+   * (leases.ts). Null for a command that only reads.
+   */
+  book: LeaseBook | null = null;
+
   private constructor(
     private readonly pool: pg.Pool,
-    private readonly clientOptions: pg.ClientConfig,
+    /**
+     * The leases' own connections (renewal, acquisition): a renewal never queues behind the
+     * writers' long transactions, which would let a lease lapse under load.
+     */
+    private readonly leasePool: pg.Pool,
     private readonly log: Logger,
     /** Open, or what the last connection to it met (health.ts). */
     readonly health: BufferHealth,
   ) {}
 
-  static async open(conn: ConnectionConfig, log: Logger, poolSize: number): Promise<BufferStore> {
-    const options = pgClientOptions(conn, 'philotes:buffer');
-    const pool = new pg.Pool({ ...options, max: poolSize });
+  /**
+   * `memberId`: the process's id in the fleet (leases.ts), which names its sessions so that a
+   * member taking over from a frozen one can find them.
+   */
+  static async open(
+    conn: ConnectionConfig,
+    log: Logger,
+    poolSize: number,
+    memberId?: string,
+  ): Promise<BufferStore> {
+    const options = pgClientOptions(
+      conn,
+      memberId === undefined ? 'philotes:buffer' : bufferApplicationName(memberId),
+    );
     const health = new BufferHealth(conn);
-    health.watch(pool);
-    // An idle client that loses its connection must not crash the process; the next query
-    // on a fresh client reports the problem where it can be handled.
-    pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
-    // pg-pool drops its own 'error' listener while a client is checked out; a connection lost
-    // mid-COPY would then be an unhandled 'error' event and kill the process. The failing query
-    // rejects as well, and that is where the failure is handled (rollback, reader restart).
-    pool.on('connect', (client) =>
-      client.on('error', (error) => {
-        health.failed(error);
-        log.warn({ err: error }, 'buffer connection lost');
-      }),
-    );
-    const store = new BufferStore(
-      pool,
-      { ...options, application_name: 'philotes:lock' },
-      log,
+    const pool = watchedPool(options, poolSize, health, log);
+    // Opened on first use: only a running process holds leases. A statement that hangs (a
+    // network cut without a reset) is given up, and its connection dropped by the pool, well
+    // before a lease could lapse waiting for it.
+    const leasePool = watchedPool(
+      { ...options, query_timeout: LEASE_QUERY_TIMEOUT_MS },
+      2,
       health,
+      log,
     );
+    const store = new BufferStore(pool, leasePool, log, health);
     let client: pg.PoolClient;
     try {
       client = await pool.connect();
     } catch (error) {
-      await pool.end().catch(() => undefined);
+      await Promise.all([pool.end(), leasePool.end()]).catch(() => undefined);
       throw error; // described by the health watch
     }
     try {
@@ -85,7 +122,7 @@ export class BufferStore {
       );
     } catch (error) {
       client.release(true);
-      await pool.end().catch(() => undefined);
+      await Promise.all([pool.end(), leasePool.end()]).catch(() => undefined);
       throw error;
     }
     client.release();
@@ -97,7 +134,7 @@ export class BufferStore {
    * a large transaction cut off by a crash) and returns the checkpoint to resume from.
    */
   prepareSource(sourceId: string): Promise<Checkpoint | null> {
-    return prepareSource(this.pool, this.log, sourceId);
+    return prepareSource(this.pool, this.log, sourceId, this.book);
   }
 
   /** The source's snapshot that has not finished, with each table's progress, if any. */
@@ -106,8 +143,8 @@ export class BufferStore {
   }
 
   /** Ends a snapshot that cannot run (its state says why). */
-  endSnapshot(id: number, state: string): Promise<void> {
-    return endSnapshot(this.pool, id, state);
+  endSnapshot(sourceId: string, id: number, state: string): Promise<void> {
+    return endSnapshot(this.pool, this.book, sourceId, id, state);
   }
 
   /** Asks for an on-demand snapshot (see philotes_request_snapshot in the migrations). */
@@ -116,7 +153,7 @@ export class BufferStore {
   }
 
   createSnapshot(sourceId: string, reason: string): Promise<PendingSnapshot> {
-    return createSnapshot(this.pool, sourceId, reason);
+    return createSnapshot(this.pool, this.book, sourceId, reason);
   }
 
   /** The stored checkpoint, read without changing anything. */
@@ -126,17 +163,35 @@ export class BufferStore {
 
   /** Records accepted gaps and moves the source's checkpoint past them (gaps.ts). */
   recordGap(reset: Parameters<typeof recordGap>[1]): ReturnType<typeof recordGap> {
-    return recordGap(this.pool, reset);
+    return recordGap(this.pool, reset, this.book);
   }
 
-  /** The source's lock, on a connection of its own; null if another process holds it. */
-  lockSource(sourceId: string): Promise<SourceLock | null> {
-    return lockSource(this.clientOptions, sourceId);
+  /** Registers or refreshes this member and renews its leases, in one statement (leases.ts). */
+  renewLeases(member: Member, ttlMs: number): ReturnType<typeof renewLeases> {
+    return renewLeases(this.leasePool, member, ttlMs);
+  }
+
+  /** Takes a source's lease with a new epoch; null if another live member holds it. */
+  acquireLease(memberId: string, sourceId: string, ttlMs: number): Promise<AcquireResult> {
+    return acquireLease(this.leasePool, memberId, sourceId, ttlMs);
+  }
+
+  releaseLease(memberId: string, lease: HeldLease): Promise<void> {
+    return releaseLease(this.leasePool, memberId, lease);
+  }
+
+  /** One source's lease as the buffer holds it, null if nobody ever took it. */
+  async readLease(sourceId: string): Promise<LeaseRow | null> {
+    return (await readLeases(this.pool, sourceId))[0] ?? null;
+  }
+
+  leaveMembers(memberId: string): Promise<void> {
+    return leaveMembers(this.leasePool, memberId);
   }
 
   /** Several sources' batches in ONE transaction, each source's checkpoint with them (writes.ts). */
   storeGroup(parts: readonly StoreGroupPart[]): Promise<StoredGroup[]> {
-    return storeGroup(this.pool, this.log, parts);
+    return storeGroup(this.pool, this.log, parts, this.book);
   }
 
   /** Records that Philotes may confirm the slot up to `lsn`, before it does (checkpoints.ts). */
@@ -147,7 +202,7 @@ export class BufferStore {
     identity?: SourceIdentity,
     ddlGap?: { fromLsn: string; toLsn: string },
   ): Promise<void> {
-    return recordConfirmable(this.pool, sourceId, slot, lsn, identity, ddlGap);
+    return recordConfirmable(this.pool, sourceId, slot, lsn, identity, ddlGap, this.book);
   }
 
   /** What this process says about a source, for status and check (source-status.ts). */
@@ -160,6 +215,30 @@ export class BufferStore {
   }
 
   async close(): Promise<void> {
-    await this.pool.end();
+    await Promise.all([this.pool.end(), this.leasePool.end()]);
   }
+}
+
+/** A pool whose connections report to the buffer's health, and whose lost ones never crash. */
+function watchedPool(
+  options: pg.ClientConfig,
+  max: number,
+  health: BufferHealth,
+  log: Logger,
+): pg.Pool {
+  const pool = new pg.Pool({ ...options, max });
+  health.watch(pool);
+  // An idle client that loses its connection must not crash the process; the next query
+  // on a fresh client reports the problem where it can be handled.
+  pool.on('error', (error) => log.warn({ err: error }, 'idle buffer connection lost'));
+  // pg-pool drops its own 'error' listener while a client is checked out; a connection lost
+  // mid-COPY would then be an unhandled 'error' event and kill the process. The failing query
+  // rejects as well, and that is where the failure is handled (rollback, reader restart).
+  pool.on('connect', (client) =>
+    client.on('error', (error) => {
+      health.failed(error);
+      log.warn({ err: error }, 'buffer connection lost');
+    }),
+  );
+  return pool;
 }

@@ -17,6 +17,7 @@ import {
   EVENT_COPY_COLUMNS,
 } from '../common/buffer-format.js';
 import { checkpointUpsert } from './checkpoints.js';
+import { asFencedError, type LeaseBook } from './leases.js';
 import { storeSnapshotProgress } from './snapshots.js';
 
 /** The readers send rows in binary COPY format; a COPY adds the header and the trailer. */
@@ -89,6 +90,7 @@ export async function storeGroup(
   pool: pg.Pool,
   log: Logger,
   parts: readonly StoreGroupPart[],
+  book: LeaseBook | null,
 ): Promise<StoredGroup[]> {
   const client = await pool.connect();
   let broken = false;
@@ -111,10 +113,19 @@ export async function storeGroup(
         }
       }
     }
-    // The checkpoints first: within the transaction the order does not matter, and so they
-    // share the BEGIN's round trip.
+    // The fence first, so that it holds every part's lease row until the COMMIT, then the
+    // checkpoints (within the transaction the order does not matter): all share the BEGIN's
+    // round trip.
+    const fence = book?.fence(
+      client,
+      parts.map((p) => p.sourceId),
+    );
     await client.query(
-      checkpoints.length > 0 ? `BEGIN; ${checkpointUpsert(client, checkpoints)}` : 'BEGIN',
+      [
+        'BEGIN',
+        ...(fence ? [fence] : []),
+        ...(checkpoints.length > 0 ? [checkpointUpsert(client, checkpoints)] : []),
+      ].join('; '),
     );
     if (data.length > 0) {
       const chunks = [COPY_BINARY_HEADER, ...data, COPY_BINARY_TRAILER];
@@ -164,7 +175,7 @@ export async function storeGroup(
   } catch (error) {
     broken = true;
     await client.query('ROLLBACK').catch(() => undefined);
-    throw error;
+    throw asFencedError(error) ?? error;
   } finally {
     // A client whose transaction failed midway (e.g. the server went away) is not reused.
     client.release(broken);

@@ -4,7 +4,7 @@
  * be recorded.
  */
 import type { Command } from 'commander';
-import { cliConfig, commandLog, failCommand, print } from './cli.js';
+import { cliConfig, commandLog, failCommand, print, version } from './cli.js';
 
 async function resetSource(opts: {
   source: string;
@@ -28,6 +28,7 @@ async function resetSource(opts: {
       },
       log,
       print,
+      version(),
     );
     process.exit(code);
   } catch (error) {

@@ -68,6 +68,20 @@ export const SOURCE_SETTINGS: ReadonlyArray<Setting<keyof SourceSettings, number
     read: (env, name) => duration(env, name, '30s', 1000, 3_600_000),
   },
   {
+    key: 'walSenderTimeoutMs',
+    fileKey: 'walSenderTimeout',
+    env: 'PHILOTES_CDC_WAL_SENDER_TIMEOUT',
+    default: '15s',
+    doc: "the replication connection's own wal_sender_timeout (PostgreSQL 12+; 0: the server's): how soon the source frees the slot of a reader that vanished (a host lost, a frozen process), so that another replica can take it",
+    read: (env, name) => {
+      const ms = duration(env, name, '15s', 0, 3_600_000);
+      // Below a second, a reader busy for a moment would lose its connection.
+      if (ms > 0 && ms < 1000)
+        throw new ConfigError(`${name} must be 0 (the server's) or at least 1s, got ${ms}ms`);
+      return ms;
+    },
+  },
+  {
     key: 'batchMaxRows',
     fileKey: 'batchMaxRows',
     env: 'PHILOTES_CDC_BATCH_MAX_ROWS',
@@ -354,6 +368,30 @@ export const PROCESS_SETTINGS: ReadonlyArray<Setting<keyof ProcessSettings, unkn
     read: (env, name) =>
       integer(env, name, 128 * 1024 * 1024, 1024 * 1024, 64 * 1024 * 1024 * 1024),
   },
+  {
+    key: 'leaseTtlMs',
+    env: 'PHILOTES_LEASE_TTL',
+    fileKey: 'leaseTtl',
+    default: '6s',
+    doc: "a source's lease lasts this long unrenewed: after a replica dies, another takes its sources after at most this",
+    read: (env, name) => duration(env, name, '6s', 1000, 600_000),
+  },
+  {
+    key: 'leaseRenewIntervalMs',
+    env: 'PHILOTES_LEASE_RENEW_INTERVAL',
+    fileKey: 'leaseRenewInterval',
+    default: '2s',
+    doc: 'how often a replica renews its leases (one statement for all) and looks for free ones; at most half the TTL',
+    read: (env, name) => duration(env, name, '2s', 100, 300_000),
+  },
+  {
+    key: 'maxSources',
+    env: 'PHILOTES_MAX_SOURCES',
+    fileKey: 'maxSources',
+    default: '0',
+    doc: 'at most this many sources captured by one replica (0: its fair share of the live replicas, no other bound)',
+    read: (env, name) => integer(env, name, 0, 0, 100_000),
+  },
 ];
 
 /** Where the configuration comes from, when not from the environment alone. */
@@ -403,6 +441,15 @@ export function readProcessSettings(
   if (min !== undefined && max !== undefined && max < min) {
     problems.add(
       `${name('PHILOTES_RESTART_MAX_DELAY')} must not be less than ${name('PHILOTES_RESTART_MIN_DELAY')}`,
+    );
+  }
+  const ttl = settings['leaseTtlMs'] as number | undefined;
+  const renew = settings['leaseRenewIntervalMs'] as number | undefined;
+  // A replica stops a source one interval before its TTL: with less than two intervals it
+  // would stop between every pair of renewals.
+  if (ttl !== undefined && renew !== undefined && ttl < 2 * renew) {
+    problems.add(
+      `${name('PHILOTES_LEASE_RENEW_INTERVAL')} must be at most half of ${name('PHILOTES_LEASE_TTL')}`,
     );
   }
   // A setting that failed its check is reported; the value left is never used (the load throws).

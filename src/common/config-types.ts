@@ -54,6 +54,11 @@ export interface SourceSettings {
   readonly checkpointIntervalMs: number;
   /** A replication connection silent for longer than this is treated as dead. */
   readonly sourceTimeoutMs: number;
+  /**
+   * The replication connection's own wal_sender_timeout (PostgreSQL 12+; 0: the server's): how
+   * soon the source lets go of a slot whose reader vanished without closing its connection.
+   */
+  readonly walSenderTimeoutMs: number;
   /** A batch is sent to the supervisor when it holds this many rows ... */
   readonly batchMaxRows: number;
   /** ... or this many bytes of encoded events ... */
@@ -144,4 +149,9 @@ export interface Config extends SourceSettings {
   readonly commitCoalesce: boolean;
   /** Bytes of batches queued or being written, across all sources, before every reader holds. */
   readonly maxBytesInFlight: number;
+  /** A source's lease lasts this long unrenewed (src/buffer/leases.ts). */
+  readonly leaseTtlMs: number;
+  readonly leaseRenewIntervalMs: number;
+  /** At most this many sources per replica; 0: the fair share alone. */
+  readonly maxSources: number;
 }

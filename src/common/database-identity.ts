@@ -24,5 +24,8 @@ export const BUFFER_TABLES = [
   'cdc_snapshot_tables',
   'cdc_retracted_events',
   'cdc_source_status',
+  'cdc_members',
+  'cdc_leases',
+  'cdc_lease_history',
   'philotes_migrations',
 ];

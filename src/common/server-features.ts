@@ -16,6 +16,8 @@ export const SERVER_FEATURES = {
   logicalMessages: { since: 140000, what: 'logical messages in pgoutput' },
   /** pgoutput protocol 2: large in-progress transactions streamed as they are decoded. */
   streamingProtocol: { since: 140000, what: 'pgoutput protocol 2' },
+  /** wal_sender_timeout set by the replication connection itself (before: server-wide only). */
+  walSenderTimeoutPerSession: { since: 120000, what: 'wal_sender_timeout per connection' },
   /** pg_stat_replication_slots (spill and stream counters). */
   slotStatistics: { since: 140000, what: 'pg_stat_replication_slots' },
 } as const;

@@ -120,6 +120,67 @@ export async function slotHolder(
   return { applicationName: row?.application_name ?? '', address: row?.client_addr ?? null };
 }
 
+/** What taking the slot over from a walsender that still streams it came to. */
+export interface SlotTakeover {
+  readonly pid: number;
+  readonly applicationName: string;
+  /** The walsender is gone and the slot free; false: why not (the stream start then fails). */
+  readonly freed: boolean;
+  readonly why: string | null;
+}
+
+/** How long a terminated walsender may take to let go of the slot. */
+const TAKEOVER_WAIT_MS = 5_000;
+
+/**
+ * For a reader that holds the source's lease (the fence keeps any earlier owner from storing):
+ * a walsender of an earlier Philotes run that still streams the slot — a process killed or
+ * frozen whose TCP connection the server has not yet seen die — is terminated, so that the
+ * stream starts now rather than after `wal_sender_timeout`. Only a walsender whose client names
+ * itself Philotes (application_name `philotes:…`) is touched: another client streaming the slot
+ * is an operator's mistake, reported as it was. Needs the same role as that walsender or
+ * pg_signal_backend; without it, the slot is freed when the server times the walsender out.
+ */
+export async function takeOverSlot(client: pg.Client, slot: string): Promise<SlotTakeover | null> {
+  const state = await readSlotState(client, slot);
+  if (state?.activePid == null) return null;
+  const pid = state.activePid;
+  const { applicationName } = await slotHolder(client, pid);
+  if (!applicationName.startsWith('philotes:'))
+    return {
+      pid,
+      applicationName,
+      freed: false,
+      why: applicationName
+        ? `it is streamed by another client (${applicationName})`
+        : 'it is streamed by a client this role cannot see (pg_read_all_stats shows it)',
+    };
+  try {
+    const result = await client.query<{ ok: boolean }>('SELECT pg_terminate_backend($1) AS ok', [
+      pid,
+    ]);
+    if (result.rows[0]?.ok !== true)
+      return { pid, applicationName, freed: false, why: 'the walsender could not be signalled' };
+  } catch (error) {
+    const e = error as { code?: unknown; message?: unknown };
+    return {
+      pid,
+      applicationName,
+      freed: false,
+      why:
+        e.code === '42501'
+          ? 'this role may not terminate it (it needs the same role or pg_signal_backend)'
+          : String(e.message),
+    };
+  }
+  for (const deadline = Date.now() + TAKEOVER_WAIT_MS; Date.now() < deadline;) {
+    const now = await readSlotState(client, slot);
+    if (now?.activePid !== pid) return { pid, applicationName, freed: true, why: null };
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return { pid, applicationName, freed: false, why: 'it did not exit within 5 s' };
+}
+
 export function isInvalidated(slot: SlotState): boolean {
   return slot.walStatus === 'lost' || slot.invalidationReason !== null;
 }

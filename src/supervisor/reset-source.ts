@@ -10,7 +10,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import type { Config, SourceConfig } from '../common/config.js';
 import { pgClientOptions } from '../common/pg-connection.js';
-import { BufferStore, type GapRecord } from '../buffer/store.js';
+import { hostname } from 'node:os';
+import { BufferStore, describeOwner, newMemberId, type GapRecord } from '../buffer/store.js';
+import { LeaseKeeper } from './lease-keeper.js';
 import {
   confirmedOnHistory,
   findDivergence,
@@ -70,8 +72,8 @@ const EXPLAIN: Record<GapReason, string> = {
   source_replaced: 'the server is not the one the buffer holds',
 };
 
-/** How long to wait for the source's lock before saying another process holds it. */
-const LOCK_WAIT_MS = 10_000;
+/** How long to wait for the source's lease before saying another process holds it. */
+const LEASE_WAIT_MS = 10_000;
 
 export class ResetError extends CommandError {}
 
@@ -81,23 +83,34 @@ export async function resetSource(
   opts: ResetOptions,
   log: Logger,
   out: (line: string) => void,
+  version = 'unknown',
 ): Promise<number> {
   const source = config.sources.find((s) => s.id === opts.sourceId);
   if (!source) {
     throw new ResetError(unknownSource(config, opts.sourceId), EXIT_USAGE);
   }
-  const store = await BufferStore.open(config.buffer, log, 2);
+  const memberId = newMemberId(hostname(), process.pid);
+  const store = await BufferStore.open(config.buffer, log, 2, memberId);
+  // The command holds the source's lease while it resets, as a member of role 'command' (not
+  // counted in the capturing members' fair share), renewed like any other: what it records is
+  // fenced, so a running process cannot capture the source meanwhile, nor this command record
+  // anything once the lease is lost.
+  const keeper = new LeaseKeeper(store, config, log, () => 1, memberId, version, 'command');
+  store.book = keeper.book;
   try {
-    // A worker whose source is failed takes the lock only for a moment at each slow retry:
+    await keeper.start();
+    // A process whose source is failed holds the lease only for a moment at each slow retry:
     // wait that out; one that captures the source holds it for good.
-    let lock = await store.lockSource(source.id);
-    for (const deadline = Date.now() + LOCK_WAIT_MS; !lock && Date.now() < deadline;) {
+    let held = await keeper.acquire(source.id);
+    for (const deadline = Date.now() + LEASE_WAIT_MS; !held && Date.now() < deadline;) {
       await sleep(250);
-      lock = await store.lockSource(source.id);
+      held = await keeper.acquire(source.id);
     }
-    if (!lock) {
+    if (!held) {
+      const lease = await store.readLease(source.id);
+      const who = lease?.owner ? ` (${describeOwner(lease)})` : '';
       throw new ResetError(
-        `source "${source.id}" is being captured by a running Philotes process (it holds the source's lock in the buffer); stop that process, then run reset-source again`,
+        `source "${source.id}" is being captured by a running Philotes process${who}; stop that process, or wait until it gives the source up, then run reset-source again`,
         EXIT_ERROR,
       );
     }
@@ -110,9 +123,10 @@ export async function resetSource(
       return (await resetWith(store, client, source, opts, sourceLog, out)).exitCode;
     } finally {
       await client.end().catch(() => undefined);
-      await lock.release();
+      await keeper.release(held.lease);
     }
   } finally {
+    await keeper.stop();
     await store.close();
   }
 }

@@ -20,7 +20,8 @@ import {
 } from '../common/protocol.js';
 import { oneLine } from '../common/exit.js';
 import type { Metrics } from '../http/metrics.js';
-import type { BufferStore } from '../buffer/store.js';
+import { asFencedError, type BufferStore } from '../buffer/store.js';
+import { LeaseLostError, type LeaseKeeper } from './lease-keeper.js';
 import type { BatchWriter, StoredGroupReport } from './batch-writer.js';
 import { ReaderRun, type ReaderRunListener } from './reader-run.js';
 import { PublicationKeeper } from './publication-keeper.js';
@@ -211,6 +212,7 @@ export class SourceRunner implements ReaderRunListener {
     private readonly threads: ReaderThreads,
     private readonly store: BufferStore,
     private readonly writer: BatchWriter,
+    private readonly leases: LeaseKeeper,
     private readonly metrics: Metrics,
     private readonly log: Logger,
     /** When the process started: a source that has never streamed has not streamed since then. */
@@ -297,7 +299,7 @@ export class SourceRunner implements ReaderRunListener {
       this.snapshot.begin(null);
       this.reportSnapshotTables();
       this.store
-        .endSnapshot(snapshot.id, 'unsupported')
+        .endSnapshot(this.source.id, snapshot.id, 'unsupported')
         .catch((error: unknown) =>
           this.log.warn({ err: error, snapshot: snapshot.id }, 'could not end the snapshot record'),
         );
@@ -576,30 +578,37 @@ export class SourceRunner implements ReaderRunListener {
 
   private async runOnce(): Promise<void> {
     this.setState('starting');
-    let lock = await this.store.lockSource(this.source.id);
-    if (!lock) {
+    let held = await this.leases.acquire(this.source.id);
+    if (!held) {
       // Not a failure: another process captures the source (a second replica, a rolling
-      // deploy). This one stands by, ready by the documented rule, and takes over when the
-      // lock is free.
+      // deploy), or this one has its fair share. It stands by, ready by the documented rule,
+      // and takes over when the lease is free or expires.
       this.setState('standby');
       this.log.info(
-        `another Philotes process is capturing source "${this.source.id}" into this buffer (it holds the source's lock): standing by to take over`,
+        `another Philotes process captures source "${this.source.id}" into this buffer (it holds the source's lease), or this process has its share of the fleet: standing by`,
       );
-      while (lock === null && !this.stopping) {
+      while (held === null && !this.stopping) {
         await sleep(STANDBY_POLL_MS, undefined, { signal: this.retryAbort.signal }).catch(
           () => undefined,
         );
         if (this.stopping) return;
-        lock = await this.store.lockSource(this.source.id);
+        held = await this.leases.acquire(this.source.id);
       }
-      if (lock === null) return;
+      if (held === null) return;
       this.log.info('the source is free: taking over');
       this.setState('starting');
     }
     try {
-      await this.runLocked(lock.lost);
+      await this.runLocked(held.lost);
+    } catch (error) {
+      // The lease is gone (another process took the source, or it could not be renewed in
+      // time): not a failure of the source. Stand by; the next attempt waits for the lease.
+      const fenced = asFencedError(error);
+      if (!(error instanceof LeaseLostError) && fenced === null) throw error;
+      this.log.warn(`${(error as Error).message}: the reader stopped; standing by for the lease`);
+      this.setState('standby');
     } finally {
-      await lock.release();
+      await this.leases.release(held.lease);
     }
   }
 

@@ -11,6 +11,7 @@ import type { BufferStore } from '../buffer/store.js';
 import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';
 import { BatchWriter } from './batch-writer.js';
+import { LeaseKeeper } from './lease-keeper.js';
 
 export interface ReloadResult {
   readonly added: string[];
@@ -28,6 +29,8 @@ export class Supervisor {
   private reloading: Promise<unknown> = Promise.resolve();
   /** Every source's batches go through it, coalesced into shared buffer transactions. */
   private readonly writer: BatchWriter;
+  /** This process's membership of the fleet and the leases of the sources it captures. */
+  readonly leases: LeaseKeeper;
 
   constructor(
     private config: Config,
@@ -36,6 +39,8 @@ export class Supervisor {
     private readonly metrics: Metrics,
     private readonly log: Logger,
     private readonly startedAt: number,
+    /** This process in the fleet: its member id (newMemberId) and version. */
+    member: { readonly id: string; readonly version: string },
     private readonly reportFatal?: (source: string, message: string) => void,
   ) {
     this.writer = new BatchWriter(
@@ -48,6 +53,16 @@ export class Supervisor {
       log,
       metrics.writerObserver,
     );
+    this.leases = new LeaseKeeper(
+      store,
+      config,
+      log,
+      () => this.config.sources.length,
+      member.id,
+      member.version,
+    );
+    // Every store this process makes is fenced with the leases it holds.
+    store.book = this.leases.book;
   }
 
   /** The runners, in the configuration's order. */
@@ -57,9 +72,11 @@ export class Supervisor {
 
   /** Runs every source until stopped. A source that fails never stops the others. */
   async run(): Promise<void> {
+    await this.leases.start();
     for (const source of this.config.sources) this.start(source);
     await this.stopped;
     await Promise.all([...this.entries.values()].map((e) => e.done));
+    await this.leases.stop();
   }
 
   async stop(): Promise<void> {
@@ -120,6 +137,7 @@ export class Supervisor {
       this.threads,
       this.store,
       this.writer,
+      this.leases,
       this.metrics,
       log,
       this.startedAt,

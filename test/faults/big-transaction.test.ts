@@ -249,7 +249,7 @@ describe('a 200,000-row transaction', () => {
           (
             await f.buffer.query(
               `SELECT 1 FROM pg_stat_activity
-                WHERE application_name = 'philotes:buffer' AND wait_event_type = 'Lock'
+                WHERE application_name LIKE 'philotes:buffer%' AND wait_event_type = 'Lock'
                   AND query LIKE '%INTO cdc_checkpoints%transaction_id%'`,
               [],
               'buffer',

@@ -138,7 +138,7 @@ describe('buffer database outages while streaming', () => {
           async () => {
             const [row] = await f.buffer.query<{ n: number }>(
               `SELECT count(*)::int AS n FROM pg_stat_activity
-              WHERE application_name = 'philotes:buffer' AND wait_event_type = 'Lock'`,
+              WHERE application_name LIKE 'philotes:buffer%' AND wait_event_type = 'Lock'`,
             );
             return (row?.n ?? 0) > 0;
           },

@@ -1,7 +1,8 @@
 /**
  * Two Philotes processes started for the same source and buffer (a rolling deploy, a duplicated
- * config). Only one may capture at a time: the second waits on the buffer's lock for the source
- * and takes over when the first stops, and the buffer still holds every change exactly once.
+ * config). Only one may capture at a time: the second stands by while the first holds the
+ * source's lease and takes over when the first stops, and the buffer still holds every change
+ * exactly once.
  * Small batches split load transactions across buffer transactions, so a second process that
  * cleaned up "beyond the checkpoint" while the first was storing would cut a transaction.
  */
@@ -74,15 +75,20 @@ describe('two processes for one source', () => {
           timeoutMs: 30_000,
         },
       );
-      // Both run side by side under load for a while; the second keeps retrying the lock.
+      // Both run side by side under load for a while; the second keeps asking for the lease.
       await waitForEventGrowth(f.buffer, await countEvents(f.buffer), 400);
-      const [holders] = await f.buffer.query<{ n: number }>(
-        `SELECT count(*)::int AS n FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-          WHERE l.locktype = 'advisory' AND a.application_name = 'philotes:lock'`,
+      const members = await f.buffer.query<{ id: string; pid: number }>(
+        `SELECT id, pid FROM cdc_members ORDER BY started_at`,
         [],
         'buffer',
       );
-      expect(holders!.n).toBe(1);
+      expect(members.map((m) => m.pid)).toEqual([first.proc.pid, second.proc.pid]);
+      const leases = await f.buffer.query<{ owner: string }>(
+        `SELECT owner FROM cdc_leases`,
+        [],
+        'buffer',
+      );
+      expect(leases).toEqual([{ owner: members[0]!.id }]);
       expect(second.proc.exitCode).toBeNull();
       // Longer than the grace period by now: still ready, still standby, no error.
       const standing = await readyz();

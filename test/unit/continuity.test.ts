@@ -52,6 +52,7 @@ const SOURCE: SourceConfig = {
   settings: {
     checkpointIntervalMs: 10_000,
     sourceTimeoutMs: 30_000,
+    walSenderTimeoutMs: 15_000,
     batchMaxRows: 5000,
     batchMaxBytes: 4 * 1024 * 1024,
     batchMaxWaitMs: 0,

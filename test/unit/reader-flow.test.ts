@@ -225,6 +225,7 @@ async function startReader(
     prepare: () => Promise.resolve(prepared),
     databaseIdentity: () => Promise.resolve('another database'),
     slotState: () => Promise.resolve(slot(options.slotConfirmed ?? START)),
+    takeOverSlot: () => Promise.resolve(null),
     slotConfirmedFlush: () => Promise.resolve(stream?.lastAck ? formatLsn(stream.lastAck) : null),
     slotDecodingStats: () => Promise.resolve(null),
     currentWal: () => Promise.resolve(START + 0x10_0000n),

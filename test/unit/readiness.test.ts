@@ -3,6 +3,7 @@
  * streamed steadily, and neither retries nor short reconnections reset it.
  */
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import type { LeaseKeeper } from '../../src/supervisor/lease-keeper.js';
 import type { BatchWriter } from '../../src/supervisor/batch-writer.js';
 import type { BufferStore } from '../../src/buffer/store.js';
 import type { ReaderThreads } from '../../src/supervisor/reader-pool.js';
@@ -29,6 +30,7 @@ function runner(startedAt: number): SourceRunner {
     {} as ReaderThreads,
     {} as BufferStore,
     {} as BatchWriter,
+    {} as LeaseKeeper,
     new Metrics(),
     createLogger('silent'),
     startedAt,

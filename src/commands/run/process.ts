@@ -4,6 +4,7 @@
  * main.ts once the reader threads are starting.
  */
 import type http from 'node:http';
+import { hostname } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ReaderThreads } from '../../supervisor/reader-pool.js';
 import { ConfigError, loadConfig, type Config } from '../../common/config.js';
@@ -15,7 +16,7 @@ import { createLogger, safeConnection, type Logger } from '../../common/logger.j
 import { Metrics } from '../../http/metrics.js';
 import { backoffDelay, type SourceReport } from '../../supervisor/source-runner.js';
 import { Supervisor } from '../../supervisor/supervisor.js';
-import { BufferStore } from '../../buffer/store.js';
+import { BufferStore, newMemberId } from '../../buffer/store.js';
 
 /** Backoff while the buffer is not there yet (compose, Kubernetes, a failover). */
 const BUFFER_RETRY_MIN_MS = 500;
@@ -35,6 +36,7 @@ interface BufferWait {
  */
 async function openBuffer(
   config: Config,
+  memberId: string,
   log: Logger,
   wait: BufferWait,
   signal: AbortSignal,
@@ -43,7 +45,7 @@ async function openBuffer(
   for (let attempt = 1; ; attempt++) {
     try {
       // The writers' connections, and a few for start-ups, confirmable positions and gaps.
-      const store = await BufferStore.open(config.buffer, log, config.commitWriters + 3);
+      const store = await BufferStore.open(config.buffer, log, config.commitWriters + 3, memberId);
       if (attempt > 1) log.info({ attempts: attempt }, 'buffer database open');
       return store;
     } catch (error) {
@@ -103,7 +105,10 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
   const startedAt = Date.now();
   // Process-wide lines carry no `source`; each source's lines get it once, from its child logger.
   const log = createLogger(config.logLevel);
-  log.info({ sources: config.sources.map((s) => s.id) }, 'philotes starting');
+  // This process's id among the replicas sharing the buffer (cdc_members); its buffer sessions
+  // are named after it.
+  const memberId = newMemberId(hostname(), process.pid);
+  log.info({ sources: config.sources.map((s) => s.id), member: memberId }, 'philotes starting');
 
   const metrics = new Metrics(version);
   const wait: BufferWait = { problem: null, attempts: 0, nextAttemptAt: null };
@@ -261,7 +266,7 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
   };
 
   try {
-    store = await openBuffer(config, log, wait, waitAbort.signal);
+    store = await openBuffer(config, memberId, log, wait, waitAbort.signal);
   } catch (error) {
     if (shuttingDown) return; // a signal ended the wait; the handler exits
     const kind = classifyBufferError(error);
@@ -277,8 +282,15 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
 
   // A source that fails for good stays `failed` (and is retried slowly) while the others run:
   // the process itself stops only on a signal.
-  supervisor = new Supervisor(config, threads, store, metrics, log, startedAt, (source, message) =>
-    process.stderr.write(`philotes: source "${source}": ${message}\n`),
+  supervisor = new Supervisor(
+    config,
+    threads,
+    store,
+    metrics,
+    log,
+    startedAt,
+    { id: memberId, version },
+    (source, message) => process.stderr.write(`philotes: source "${source}": ${message}\n`),
   );
   phase = 'running';
   await supervisor.run();
@@ -298,6 +310,9 @@ function processWideChanges(running: Config, next: Config): string[] {
     'commitWriters',
     'commitCoalesce',
     'maxBytesInFlight',
+    'leaseTtlMs',
+    'leaseRenewIntervalMs',
+    'maxSources',
   ] as const;
   return keys.filter((key) => JSON.stringify(running[key]) !== JSON.stringify(next[key]));
 }

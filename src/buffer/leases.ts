@@ -1,0 +1,337 @@
+/**
+ * Members and leases (migration 8): which Philotes process captures which source, decided by rows
+ * under the buffer's clock, and the fence that makes a stale owner's store fail inside its own
+ * transaction. The argument is in docs/design/leases.md.
+ */
+import { randomBytes } from 'node:crypto';
+import type pg from 'pg';
+
+/** A lease this process holds: the epoch its every store is fenced with. */
+export interface HeldLease {
+  readonly sourceId: string;
+  readonly epoch: string;
+}
+
+/** A new member id: `host:pid:token`, the token also naming its buffer sessions. */
+export function newMemberId(host: string, pid: number): string {
+  return `${host}:${pid}:${randomBytes(4).toString('hex')}`;
+}
+
+/** This process as a member of the buffer's fleet. */
+export interface Member {
+  readonly id: string;
+  /** 'capture' for a running process; 'command' for one that holds a lease for a moment. */
+  readonly role: 'capture' | 'command';
+  readonly host: string;
+  readonly pid: number;
+  readonly version: string;
+}
+
+/** The SQLSTATE philotes_fence raises (a class of our own: no PostgreSQL error uses PH). */
+export const FENCED_SQLSTATE = 'PH001';
+
+/** A store was refused because another process took the source over (or it was released). */
+export class FencedError extends Error {
+  readonly code = FENCED_SQLSTATE;
+  constructor(readonly sources: readonly string[]) {
+    super(
+      `fenced: this Philotes process no longer holds the lease of source(s) ${sources.join(', ')}; another process captures them now`,
+    );
+    this.name = 'FencedError';
+  }
+}
+
+/** The fenced error a failed buffer query carries, if it is one. */
+export function asFencedError(error: unknown): FencedError | null {
+  if (error instanceof FencedError) return error;
+  const e = error as { code?: unknown; detail?: unknown } | null;
+  if (e?.code !== FENCED_SQLSTATE) return null;
+  return new FencedError(typeof e.detail === 'string' ? e.detail.split(',') : []);
+}
+
+/**
+ * The fence statement for a transaction storing for these leases, values written out (escaped)
+ * so it travels in one simple query with the BEGIN.
+ */
+export function fenceStatement(
+  client: pg.ClientBase,
+  owner: string,
+  leases: readonly HeldLease[],
+): string {
+  const sources = leases.map((l) => client.escapeLiteral(l.sourceId)).join(', ');
+  const epochs = leases.map((l) => String(BigInt(l.epoch))).join(', ');
+  return `SELECT philotes_fence(${client.escapeLiteral(owner)}, ARRAY[${sources}]::text[], ARRAY[${epochs}]::bigint[])`;
+}
+
+/**
+ * The leases this process holds, by source: what each store is fenced with. A store for a source
+ * whose lease is not here is refused before it begins.
+ */
+export class LeaseBook {
+  private readonly held = new Map<string, HeldLease>();
+
+  constructor(readonly owner: string) {}
+
+  hold(lease: HeldLease): void {
+    this.held.set(lease.sourceId, lease);
+  }
+
+  /** Forgets the lease of a source (lost or released); only that very lease, if given. */
+  drop(sourceId: string, lease?: HeldLease): void {
+    if (lease === undefined || this.held.get(sourceId)?.epoch === lease.epoch)
+      this.held.delete(sourceId);
+  }
+
+  get(sourceId: string): HeldLease | undefined {
+    return this.held.get(sourceId);
+  }
+
+  all(): HeldLease[] {
+    return [...this.held.values()];
+  }
+
+  /** The fence for a transaction storing for these sources; FencedError if one is not held. */
+  fence(client: pg.ClientBase, sourceIds: readonly string[]): string {
+    const leases = [...new Set(sourceIds)].map((id) => this.held.get(id) ?? id);
+    const missing = leases.filter((l): l is string => typeof l === 'string');
+    if (missing.length > 0) throw new FencedError(missing);
+    return fenceStatement(client, this.owner, leases as HeldLease[]);
+  }
+}
+
+/**
+ * Runs `work` in a transaction fenced for `sourceId` (with no book: a plain transaction, for a
+ * command that does not capture). A refused fence comes out as FencedError.
+ */
+export async function inFencedTransaction<T>(
+  pool: pg.Pool,
+  book: LeaseBook | null,
+  sourceId: string,
+  work: (client: pg.PoolClient) => Promise<T>,
+): Promise<T> {
+  const client = await pool.connect();
+  try {
+    const fence = book?.fence(client, [sourceId]);
+    await client.query(fence ? `BEGIN; ${fence}` : 'BEGIN');
+    const result = await work(client);
+    await client.query('COMMIT');
+    return result;
+  } catch (error) {
+    await client.query('ROLLBACK').catch(() => undefined);
+    throw asFencedError(error) ?? error;
+  } finally {
+    client.release();
+  }
+}
+
+const ms = (name: string) => `${name}::int8 * interval '1 millisecond'`;
+
+/**
+ * Registers the member (or refreshes it) and renews every lease it holds, in one statement.
+ * Returns the leases it still holds and how many members are alive.
+ */
+export async function renewLeases(
+  pool: pg.Pool,
+  member: Member,
+  ttlMs: number,
+): Promise<{ held: HeldLease[]; liveMembers: number }> {
+  const result = await pool.query<{ source_id: string | null; epoch: string | null; live: number }>(
+    `WITH m AS (
+       INSERT INTO cdc_members (id, role, host, pid, version, expires_at)
+       VALUES ($1, $6, $2, $3, $4, now() + ${ms('$5')})
+       ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+       RETURNING id),
+     l AS (
+       UPDATE cdc_leases SET expires_at = now() + ${ms('$5')}
+        WHERE owner = $1 AND EXISTS (SELECT 1 FROM m)
+       RETURNING source_id, epoch::text)
+     SELECT l.source_id, l.epoch,
+            (SELECT count(*)::int FROM cdc_members
+              WHERE expires_at > now() AND id <> $1 AND role = 'capture') + 1 AS live
+       FROM (SELECT 1) one LEFT JOIN l ON true`,
+    [member.id, member.host, member.pid, member.version, ttlMs, member.role],
+  );
+  return {
+    held: result.rows
+      .filter((r) => r.source_id !== null)
+      .map((r) => ({ sourceId: r.source_id!, epoch: r.epoch! })),
+    liveMembers: result.rows[0]?.live ?? 1,
+  };
+}
+
+/** What asking for a source's lease came to. */
+export type AcquireResult =
+  | { readonly lease: HeldLease }
+  | {
+      readonly lease: null;
+      /** The member that holds it (alive, or expired with a transaction still in flight). */
+      readonly heldBy: string | null;
+      /** Buffer sessions of an expired owner terminated to free the lease row (see below). */
+      readonly terminated: number;
+    };
+
+/**
+ * Takes the source's lease if it is free, expired, or already this member's, always with a new
+ * epoch: every reader run stores under an epoch of its own, so a store left over from an
+ * earlier run is fenced too. A lease another live member holds is seen without a lock, so that
+ * standbys asking for it never delay the owner's stores.
+ *
+ * Taking the row over waits for every fenced transaction in flight (see docs/design/leases.md),
+ * at most a second here. An expired owner whose transaction holds the row that long is frozen
+ * (a stopped process, a paused VM): its buffer sessions are terminated — safe, since its lease
+ * has expired and whatever it was storing is not committed — and the caller asks again.
+ */
+export async function acquireLease(
+  pool: pg.Pool,
+  memberId: string,
+  sourceId: string,
+  ttlMs: number,
+): Promise<AcquireResult> {
+  const client = await pool.connect();
+  let broken: Error | undefined;
+  let other: string | null = null;
+  try {
+    const seen = await client.query<{ owner: string | null; expired: boolean }>(
+      'SELECT owner, expires_at < now() AS expired FROM cdc_leases WHERE source_id = $1',
+      [sourceId],
+    );
+    const current = seen.rows[0];
+    if (current?.owner != null && current.owner !== memberId) other = current.owner;
+    if (other !== null && !current!.expired) return { lease: null, heldBy: other, terminated: 0 };
+    await client.query(`BEGIN; SET LOCAL lock_timeout = '1s'`);
+    const result = await client.query<{ epoch: string; previous: string | null }>(
+      `WITH before AS (SELECT owner FROM cdc_leases WHERE source_id = $2)
+       INSERT INTO cdc_leases AS l (source_id, owner, epoch, acquired_at, expires_at)
+       VALUES ($2, $1, 1, now(), now() + ${ms('$3')})
+       ON CONFLICT (source_id) DO UPDATE
+          SET owner = EXCLUDED.owner, epoch = l.epoch + 1, acquired_at = now(),
+              expires_at = EXCLUDED.expires_at
+        WHERE l.owner IS NULL OR l.owner = EXCLUDED.owner OR l.expires_at < now()
+       RETURNING l.epoch::text, (SELECT owner FROM before) AS previous`,
+      [memberId, sourceId, ttlMs],
+    );
+    const row = result.rows[0];
+    if (!row) {
+      await client.query('ROLLBACK');
+      return { lease: null, heldBy: other, terminated: 0 };
+    }
+    const event =
+      row.previous === null ? 'acquired' : row.previous === memberId ? 'renewed_run' : 'taken_over';
+    await client.query(
+      `INSERT INTO cdc_lease_history (source_id, owner, epoch, event) VALUES ($1, $2, $3, $4)`,
+      [sourceId, memberId, row.epoch, event],
+    );
+    await client.query('COMMIT');
+    return { lease: { sourceId, epoch: row.epoch } };
+  } catch (error) {
+    if ((error as { code?: unknown }).code !== '55P03') {
+      // A connection that failed (or timed out) mid-statement is not reused.
+      broken = error as Error;
+      await client.query('ROLLBACK').catch(() => undefined);
+      throw error;
+    }
+    // lock_timeout: an expired owner's transaction still holds the row.
+    await client.query('ROLLBACK');
+    const terminated = other === null ? 0 : await terminateExpired(client, sourceId, other);
+    return { lease: null, heldBy: other, terminated };
+  } finally {
+    client.release(broken);
+  }
+}
+
+/** The application_name of a member's buffer sessions: how a stale one is found. */
+export function bufferApplicationName(memberId: string): string {
+  return `philotes:buffer:${memberId.slice(memberId.lastIndexOf(':') + 1)}`;
+}
+
+/**
+ * Terminates the buffer sessions of `owner` that are in a transaction (only those can hold the
+ * row), if its lease of `sourceId` is still expired at this
+ * very statement (a renewal since would have made it live again). Needs the same buffer role as
+ * that member, or pg_signal_backend; without it, nothing is terminated and the lease waits for
+ * the frozen session to end.
+ */
+async function terminateExpired(
+  client: pg.PoolClient,
+  sourceId: string,
+  owner: string,
+): Promise<number> {
+  const result = await client
+    .query<{ n: number }>(
+      `SELECT count(*) FILTER (WHERE pg_terminate_backend(a.pid))::int AS n
+         FROM pg_stat_activity a
+        WHERE a.application_name = $3 AND a.datname = current_database()
+          AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+          AND EXISTS (SELECT 1 FROM cdc_leases
+                       WHERE source_id = $1 AND owner = $2 AND expires_at < now())`,
+      [sourceId, owner, bufferApplicationName(owner)],
+    )
+    .catch(() => null);
+  return result?.rows[0]?.n ?? 0;
+}
+
+/** Gives a lease back (after the reader stopped and stored what it had): free for anyone. */
+export async function releaseLease(
+  pool: pg.Pool,
+  memberId: string,
+  lease: HeldLease,
+): Promise<void> {
+  await pool.query(
+    `WITH r AS (
+       UPDATE cdc_leases SET owner = NULL, expires_at = now()
+        WHERE source_id = $2 AND owner = $1 AND epoch = $3::bigint
+       RETURNING source_id, epoch)
+     INSERT INTO cdc_lease_history (source_id, owner, epoch, event)
+     SELECT source_id, $1, epoch, 'released' FROM r`,
+    [memberId, lease.sourceId, lease.epoch],
+  );
+}
+
+/** A clean stop: the member leaves (its leases are released one by one before). */
+export async function leaveMembers(pool: pg.Pool, memberId: string): Promise<void> {
+  await pool.query('DELETE FROM cdc_members WHERE id = $1', [memberId]);
+}
+
+/** A source's lease as the buffer holds it, with its owner's member row if it has one. */
+export interface LeaseRow {
+  readonly sourceId: string;
+  readonly owner: string | null;
+  readonly epoch: string;
+  readonly host: string | null;
+  readonly pid: number | null;
+  /** Milliseconds until it expires under the buffer's clock; negative once expired. */
+  readonly expiresInMs: number;
+}
+
+/** Every lease, or one source's (reads: status, check, the commands' messages). */
+export async function readLeases(pool: pg.Pool, sourceId?: string): Promise<LeaseRow[]> {
+  const result = await pool.query<{
+    source_id: string;
+    owner: string | null;
+    epoch: string;
+    host: string | null;
+    pid: number | null;
+    expires_in_ms: number;
+  }>(
+    `SELECT l.source_id, l.owner, l.epoch::text, m.host, m.pid,
+            (extract(epoch FROM l.expires_at - now()) * 1000)::float8 AS expires_in_ms
+       FROM cdc_leases l LEFT JOIN cdc_members m ON m.id = l.owner
+      WHERE $1::text IS NULL OR l.source_id = $1
+      ORDER BY l.source_id`,
+    [sourceId ?? null],
+  );
+  return result.rows.map((r) => ({
+    sourceId: r.source_id,
+    owner: r.owner,
+    epoch: r.epoch,
+    host: r.host,
+    pid: r.pid,
+    expiresInMs: r.expires_in_ms,
+  }));
+}
+
+/** "member M (host H, pid P)", for messages. */
+export function describeOwner(lease: LeaseRow): string {
+  const where = lease.host !== null ? ` on host ${lease.host}, pid ${lease.pid}` : '';
+  return `member ${lease.owner}${where} holds its lease`;
+}
