@@ -126,36 +126,51 @@ export async function inFencedTransaction<T>(
 
 const ms = (name: string) => `${name}::int8 * interval '1 millisecond'`;
 
+/** A live capturing member as the last renewal saw it: what the fair share is computed from. */
+export interface MemberLoad {
+  readonly id: string;
+  /** Leases it holds that have not expired. */
+  readonly held: number;
+  /** Its maxSources; 0: no bound but the fair share. */
+  readonly capacity: number;
+}
+
 /**
  * Registers the member (or refreshes it) and renews every lease it holds, in one statement.
- * Returns the leases it still holds and how many members are alive.
+ * Returns the leases it still holds and every live capturing member's load, itself included.
  */
 export async function renewLeases(
   pool: pg.Pool,
   member: Member,
   ttlMs: number,
-): Promise<{ held: HeldLease[]; liveMembers: number }> {
-  const result = await pool.query<{ source_id: string | null; epoch: string | null; live: number }>(
+  capacity: number,
+): Promise<{ held: HeldLease[]; members: MemberLoad[] }> {
+  // The statement's reads see the tables as they were before its own writes: the member's own
+  // row and leases come from the CTEs, the others' from the tables.
+  const result = await pool.query<{ held: HeldLease[]; others: MemberLoad[] }>(
     `WITH m AS (
-       INSERT INTO cdc_members (id, role, host, pid, version, expires_at)
-       VALUES ($1, $6, $2, $3, $4, now() + ${ms('$5')})
-       ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at
+       INSERT INTO cdc_members (id, role, host, pid, version, capacity, expires_at)
+       VALUES ($1, $6, $2, $3, $4, $7, now() + ${ms('$5')})
+       ON CONFLICT (id) DO UPDATE
+          SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, capacity = EXCLUDED.capacity
        RETURNING id),
      l AS (
        UPDATE cdc_leases SET expires_at = now() + ${ms('$5')}
         WHERE owner = $1 AND EXISTS (SELECT 1 FROM m)
        RETURNING source_id, epoch::text)
-     SELECT l.source_id, l.epoch,
-            (SELECT count(*)::int FROM cdc_members
-              WHERE expires_at > now() AND id <> $1 AND role = 'capture') + 1 AS live
-       FROM (SELECT 1) one LEFT JOIN l ON true`,
-    [member.id, member.host, member.pid, member.version, ttlMs, member.role],
+     SELECT (SELECT coalesce(json_agg(json_build_object('sourceId', source_id, 'epoch', epoch)), '[]')
+               FROM l) AS held,
+            (SELECT coalesce(json_agg(json_build_object('id', o.id, 'capacity', o.capacity,
+                      'held', (SELECT count(*) FROM cdc_leases x
+                                WHERE x.owner = o.id AND x.expires_at > now()))), '[]')
+               FROM cdc_members o
+              WHERE o.expires_at > now() AND o.id <> $1 AND o.role = 'capture') AS others`,
+    [member.id, member.host, member.pid, member.version, ttlMs, member.role, capacity],
   );
+  const row = result.rows[0]!;
   return {
-    held: result.rows
-      .filter((r) => r.source_id !== null)
-      .map((r) => ({ sourceId: r.source_id!, epoch: r.epoch! })),
-    liveMembers: result.rows[0]?.live ?? 1,
+    held: row.held,
+    members: [{ id: member.id, held: row.held.length, capacity }, ...row.others],
   };
 }
 
@@ -166,6 +181,8 @@ export type AcquireResult =
       readonly lease: null;
       /** The member that holds it (alive, or expired with a transaction still in flight). */
       readonly heldBy: string | null;
+      /** When the lease it holds expires unless renewed (ms from now); null if not held. */
+      readonly expiresInMs: number | null;
       /** Buffer sessions of an expired owner terminated to free the lease row (see below). */
       readonly terminated: number;
     };
@@ -186,18 +203,31 @@ export async function acquireLease(
   memberId: string,
   sourceId: string,
   ttlMs: number,
+  /**
+   * Asked, once the lease looks free, whether to take it, with how long nobody has held it
+   * (Infinity for a source never owned): the caller's share decides, and it may reserve room
+   * synchronously here. Not asked for a lease another live member holds.
+   */
+  admit: (unownedForMs: number) => boolean = () => true,
 ): Promise<AcquireResult> {
   const client = await pool.connect();
   let broken: Error | undefined;
   let other: string | null = null;
   try {
-    const seen = await client.query<{ owner: string | null; expired: boolean }>(
-      'SELECT owner, expires_at < now() AS expired FROM cdc_leases WHERE source_id = $1',
+    const seen = await client.query<{ owner: string | null; expires_in_ms: number }>(
+      `SELECT owner, (extract(epoch FROM expires_at - now()) * 1000)::float8 AS expires_in_ms
+         FROM cdc_leases WHERE source_id = $1`,
       [sourceId],
     );
     const current = seen.rows[0];
+    const expiresInMs = current?.owner == null ? null : current.expires_in_ms;
     if (current?.owner != null && current.owner !== memberId) other = current.owner;
-    if (other !== null && !current!.expired) return { lease: null, heldBy: other, terminated: 0 };
+    if (other !== null && current!.expires_in_ms > 0)
+      return { lease: null, heldBy: other, expiresInMs, terminated: 0 };
+    // A source never owned (no row) has been unowned for as long as anyone can tell.
+    const unownedFor =
+      current === undefined ? Infinity : current.owner === memberId ? 0 : -current.expires_in_ms;
+    if (!admit(unownedFor)) return { lease: null, heldBy: other, expiresInMs, terminated: 0 };
     await client.query(`BEGIN; SET LOCAL lock_timeout = '1s'`);
     const result = await client.query<{ epoch: string; previous: string | null }>(
       `WITH before AS (SELECT owner FROM cdc_leases WHERE source_id = $2)
@@ -213,7 +243,7 @@ export async function acquireLease(
     const row = result.rows[0];
     if (!row) {
       await client.query('ROLLBACK');
-      return { lease: null, heldBy: other, terminated: 0 };
+      return { lease: null, heldBy: other, expiresInMs: null, terminated: 0 };
     }
     const event =
       row.previous === null ? 'acquired' : row.previous === memberId ? 'renewed_run' : 'taken_over';
@@ -233,7 +263,7 @@ export async function acquireLease(
     // lock_timeout: an expired owner's transaction still holds the row.
     await client.query('ROLLBACK');
     const terminated = other === null ? 0 : await terminateExpired(client, sourceId, other);
-    return { lease: null, heldBy: other, terminated };
+    return { lease: null, heldBy: other, expiresInMs: null, terminated };
   } finally {
     client.release(broken);
   }
@@ -270,7 +300,14 @@ async function terminateExpired(
   return result?.rows[0]?.n ?? 0;
 }
 
-/** Gives a lease back (after the reader stopped and stored what it had): free for anyone. */
+/** The channel a released lease is announced on, so that standbys take it at once. */
+export const LEASES_CHANNEL = 'philotes_leases';
+
+/**
+ * Gives a lease back (after the reader stopped and stored what it had): free for anyone, and
+ * said on LEASES_CHANNEL. The NOTIFY is in this short transaction of its own, never in a
+ * capture transaction (it takes a global lock at commit).
+ */
 export async function releaseLease(
   pool: pg.Pool,
   memberId: string,
@@ -280,11 +317,39 @@ export async function releaseLease(
     `WITH r AS (
        UPDATE cdc_leases SET owner = NULL, expires_at = now()
         WHERE source_id = $2 AND owner = $1 AND epoch = $3::bigint
-       RETURNING source_id, epoch)
-     INSERT INTO cdc_lease_history (source_id, owner, epoch, event)
-     SELECT source_id, $1, epoch, 'released' FROM r`,
+       RETURNING source_id, epoch),
+     h AS (
+       INSERT INTO cdc_lease_history (source_id, owner, epoch, event)
+       SELECT source_id, $1, epoch, 'released' FROM r)
+     SELECT pg_notify('${LEASES_CHANNEL}', source_id) FROM r`,
     [memberId, lease.sourceId, lease.epoch],
   );
+}
+
+/**
+ * At start: members on this host whose process is gone (killed, or this container's earlier
+ * run, which had this very pid) hold their leases until the TTL runs out; nobody else can use
+ * them, so they are expired now and the restarted process takes its sources at once. A wrong
+ * guess only costs that member its leases: the fence keeps the data exact either way.
+ */
+export async function expireGoneMembers(
+  pool: pg.Pool,
+  self: Member,
+  isGone: (pid: number) => boolean,
+): Promise<string[]> {
+  const rows = await pool.query<{ id: string; pid: number }>(
+    `SELECT id, pid FROM cdc_members WHERE host = $1 AND id <> $2 AND expires_at > now()`,
+    [self.host, self.id],
+  );
+  const gone = rows.rows.filter((m) => m.pid === self.pid || isGone(m.pid)).map((m) => m.id);
+  if (gone.length === 0) return [];
+  await pool.query(
+    `WITH l AS (UPDATE cdc_leases SET expires_at = now() - interval '1 millisecond'
+                 WHERE owner = ANY($1) AND expires_at > now() RETURNING source_id)
+     UPDATE cdc_members SET expires_at = now() - interval '1 millisecond' WHERE id = ANY($1)`,
+    [gone],
+  );
+  return gone;
 }
 
 /** A clean stop: the member leaves (its leases are released one by one before). */

@@ -231,6 +231,8 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
         host text NOT NULL,
         pid int NOT NULL,
         version text NOT NULL,
+        -- Its maxSources (0: no bound but the fair share): what the others may hand it.
+        capacity int NOT NULL DEFAULT 0,
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now(),
         expires_at timestamptz NOT NULL

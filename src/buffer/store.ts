@@ -24,6 +24,7 @@ import { BufferHealth } from './health.js';
 import {
   acquireLease,
   bufferApplicationName,
+  expireGoneMembers,
   leaveMembers,
   readLeases,
   releaseLease,
@@ -43,8 +44,11 @@ export type { Checkpoint } from './checkpoints.js';
 export type { GapRecord } from './gaps.js';
 export {
   asFencedError,
+  bufferApplicationName,
   describeOwner,
+  LEASES_CHANNEL,
   newMemberId,
+  type MemberLoad,
   FencedError,
   LeaseBook,
   type HeldLease,
@@ -167,13 +171,23 @@ export class BufferStore {
   }
 
   /** Registers or refreshes this member and renews its leases, in one statement (leases.ts). */
-  renewLeases(member: Member, ttlMs: number): ReturnType<typeof renewLeases> {
-    return renewLeases(this.leasePool, member, ttlMs);
+  renewLeases(member: Member, ttlMs: number, capacity: number): ReturnType<typeof renewLeases> {
+    return renewLeases(this.leasePool, member, ttlMs, capacity);
+  }
+
+  /** Expires the leases of members of this host whose process is gone (leases.ts). */
+  expireGoneMembers(self: Member, isGone: (pid: number) => boolean): Promise<string[]> {
+    return expireGoneMembers(this.leasePool, self, isGone);
   }
 
   /** Takes a source's lease with a new epoch; null if another live member holds it. */
-  acquireLease(memberId: string, sourceId: string, ttlMs: number): Promise<AcquireResult> {
-    return acquireLease(this.leasePool, memberId, sourceId, ttlMs);
+  acquireLease(
+    memberId: string,
+    sourceId: string,
+    ttlMs: number,
+    admit?: (unownedForMs: number) => boolean,
+  ): Promise<AcquireResult> {
+    return acquireLease(this.leasePool, memberId, sourceId, ttlMs, admit);
   }
 
   releaseLease(memberId: string, lease: HeldLease): Promise<void> {

@@ -385,6 +385,14 @@ export const PROCESS_SETTINGS: ReadonlyArray<Setting<keyof ProcessSettings, unkn
     read: (env, name) => duration(env, name, '2s', 100, 300_000),
   },
   {
+    key: 'rebalanceMinHoldMs',
+    env: 'PHILOTES_REBALANCE_MIN_HOLD',
+    fileKey: 'rebalanceMinHold',
+    default: '10s',
+    doc: 'a replica above its fair share hands sources back to the others (gracefully) only after holding them this long, so that nothing flaps while replicas come and go',
+    read: (env, name) => duration(env, name, '10s', 0, 3_600_000),
+  },
+  {
     key: 'maxSources',
     env: 'PHILOTES_MAX_SOURCES',
     fileKey: 'maxSources',

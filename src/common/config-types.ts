@@ -151,7 +151,10 @@ export interface Config extends SourceSettings {
   readonly maxBytesInFlight: number;
   /** A source's lease lasts this long unrenewed (src/buffer/leases.ts). */
   readonly leaseTtlMs: number;
+  /** How often a replica renews all its leases (one statement). */
   readonly leaseRenewIntervalMs: number;
   /** At most this many sources per replica; 0: the fair share alone. */
   readonly maxSources: number;
+  /** A lease is held at least this long before it is handed back to rebalance. */
+  readonly rebalanceMinHoldMs: number;
 }

@@ -3,17 +3,36 @@
  * start, every lease renewed in one statement each interval, and a lease given up locally — its
  * reader stopped — before the buffer could let another member take it. The fence makes that last
  * rule a matter of latency, not of correctness: a store after the lease is gone fails anyway.
+ *
+ * Sharing: a member takes free leases up to its fair share, ceil(sources / live members) (and
+ * maxSources); one above its share hands the surplus back gracefully, once it has held a lease
+ * for the minimum hold time and only as many as the others have room for, so a newcomer gets
+ * its share and nothing flaps. A lease released is announced (NOTIFY), and standbys take it at
+ * once. The argument: docs/design/leases.md.
  */
 import { hostname } from 'node:os';
 import { performance } from 'node:perf_hooks';
+import pg from 'pg';
 import type { Logger } from '../common/logger.js';
-import { LeaseBook, type BufferStore, type HeldLease, type Member } from '../buffer/store.js';
+import type { ConnectionConfig } from '../common/config.js';
+import { pgClientOptions } from '../common/pg-connection.js';
+import {
+  LEASES_CHANNEL,
+  LeaseBook,
+  bufferApplicationName,
+  type BufferStore,
+  type HeldLease,
+  type Member,
+  type MemberLoad,
+} from '../buffer/store.js';
 
 export interface LeaseSettings {
   readonly leaseTtlMs: number;
   readonly leaseRenewIntervalMs: number;
   /** At most this many sources per process; 0: no bound but the fair share. */
   readonly maxSources: number;
+  /** A lease is held at least this long before it is handed back to rebalance. */
+  readonly rebalanceMinHoldMs: number;
 }
 
 /** A lease this process lost while it held it: its reader stops, and it stands by. */
@@ -33,20 +52,39 @@ export interface RunLease {
   readonly lost: Promise<never>;
 }
 
+/** Longest a standby waits between two looks at a lease (a NOTIFY or an expiry comes sooner). */
+const STANDBY_POLL_MS = 2_000;
+
+interface Holding {
+  readonly lease: HeldLease;
+  /** performance.now() at acquisition: the minimum hold time counts from it. */
+  readonly acquiredAt: number;
+  /**
+   * performance.now() when the request that last set the expiry was sent (its acquisition, then
+   * each renewal): the buffer counts the TTL from a moment after that.
+   */
+  countsFrom: number;
+  readonly lose: (error: LeaseLostError) => void;
+  handingBack: boolean;
+}
+
 export class LeaseKeeper {
   readonly member: Member;
   readonly book: LeaseBook;
-  private liveMembers = 1;
-  /**
-   * performance.now() when the request that last set each held lease's expiry was sent (its
-   * acquisition, then each renewal): the buffer counts the TTL from a moment after that.
-   */
-  private readonly countsFrom = new Map<string, number>();
+  private members: MemberLoad[] = [];
+  private readonly holdings = new Map<string, Holding>();
+  /** Sources whose lease is being asked for right now. */
+  private readonly acquiring = new Set<string>();
   private renewTimer: NodeJS.Timeout | undefined;
   private deadlineTimer: NodeJS.Timeout | undefined;
   private renewing: Promise<void> | null = null;
   private renewFailures = 0;
-  private readonly losers = new Map<string, (error: LeaseLostError) => void>();
+  /** Standbys waiting for a chance: woken by a NOTIFY, a hand-back here, or their timer. */
+  private readonly waiters = new Map<string, () => void>();
+  private listener: pg.Client | null = null;
+  private stopped = false;
+  /** Asks the source's runner to hand its lease back gracefully (set by the supervisor). */
+  handBack: (sourceId: string) => void = () => undefined;
 
   constructor(
     private readonly store: BufferStore,
@@ -58,6 +96,8 @@ export class LeaseKeeper {
     memberId: string,
     version: string,
     role: Member['role'] = 'capture',
+    /** The buffer, to LISTEN for released leases on (a capturing member only). */
+    private readonly buffer: ConnectionConfig | null = null,
   ) {
     this.member = { id: memberId, role, host: hostname(), pid: process.pid, version };
     this.book = new LeaseBook(this.member.id);
@@ -68,12 +108,24 @@ export class LeaseKeeper {
     await this.renew().catch((error: unknown) =>
       this.log.warn({ err: error }, 'registering this process in the buffer failed; retrying'),
     );
+    if (this.member.role === 'capture') {
+      const gone = await this.store
+        .expireGoneMembers(this.member, processGone)
+        .catch(() => [] as string[]);
+      if (gone.length > 0)
+        this.log.info(
+          { members: gone },
+          'members of an earlier run on this host are gone: their leases are free now',
+        );
+      void this.listen();
+    }
     this.renewTimer = setInterval(() => {
       this.renewing ??= this.renew()
         .then(() => {
           if (this.renewFailures > 0)
             this.log.info({ failures: this.renewFailures }, 'renewing the leases works again');
           this.renewFailures = 0;
+          this.rebalance();
         })
         .catch((error: unknown) => {
           // Once per outage at warn: the buffer's own state is reported elsewhere.
@@ -91,22 +143,55 @@ export class LeaseKeeper {
     this.deadlineTimer.unref();
   }
 
+  /** ceil(sources / live members), bounded by maxSources. */
+  share(): number {
+    const live = Math.max(1, this.members.length);
+    const share = Math.ceil(this.sources() / live);
+    return this.settings.maxSources > 0 ? Math.min(share, this.settings.maxSources) : share;
+  }
+
+  /** The sources this process holds leases of. */
+  owned(): string[] {
+    return [...this.holdings.keys()];
+  }
+
+  /** Live capturing members as the last renewal saw them, this one first. */
+  fleet(): readonly MemberLoad[] {
+    return this.members;
+  }
+
   /**
-   * Takes the source's lease if this process's fair share allows and nobody alive holds it.
-   * Null: stand by and ask again later.
+   * Takes the source's lease if this process's share allows and nobody alive holds it; beyond
+   * the share only one the others have left unowned for a TTL (a member at its maxSources, a
+   * source another replica's configuration lacks). Null: stand by (waitForChance) and ask again.
    */
   async acquire(sourceId: string): Promise<RunLease | null> {
-    const share = Math.ceil(this.sources() / Math.max(1, this.liveMembers));
-    const bound = this.settings.maxSources > 0 ? Math.min(share, this.settings.maxSources) : share;
-    const held = this.book.all().filter((l) => l.sourceId !== sourceId).length;
-    if (held >= bound) return null;
+    // Every runner asks at once (at start, after a member died, at a NOTIFY): room is reserved
+    // synchronously once the lease looks free, so that the ones in flight count too and only
+    // those whose lease is free use it.
+    const admit = (unownedForMs: number): boolean => {
+      const held =
+        [...this.holdings.keys()].filter((id) => id !== sourceId).length + this.acquiring.size;
+      const cap = this.settings.maxSources;
+      if (cap > 0 && held >= cap) return false;
+      if (held >= this.share() && unownedForMs < this.settings.leaseTtlMs) return false;
+      this.acquiring.add(sourceId);
+      return true;
+    };
     const sentAt = performance.now();
-    const result = await this.store.acquireLease(
-      this.member.id,
-      sourceId,
-      this.settings.leaseTtlMs,
-    );
+    let result: Awaited<ReturnType<BufferStore['acquireLease']>>;
+    try {
+      result = await this.store.acquireLease(
+        this.member.id,
+        sourceId,
+        this.settings.leaseTtlMs,
+        admit,
+      );
+    } finally {
+      this.acquiring.delete(sourceId);
+    }
     if (result.lease === null) {
+      this.hint.set(sourceId, result.expiresInMs);
       if (result.terminated > 0)
         this.log.warn(
           { source: sourceId, owner: result.heldBy, sessions: result.terminated },
@@ -115,19 +200,56 @@ export class LeaseKeeper {
       return null;
     }
     const { lease } = result;
-    this.book.hold(lease);
-    this.countsFrom.set(sourceId, sentAt);
-    const lost = new Promise<never>((_, reject) => this.losers.set(sourceId, reject));
+    this.hint.delete(sourceId);
+    let lose: (error: LeaseLostError) => void = () => undefined;
+    const lost = new Promise<never>((_, reject) => (lose = reject));
     lost.catch(() => undefined);
+    this.holdings.set(sourceId, {
+      lease,
+      acquiredAt: sentAt,
+      countsFrom: sentAt,
+      lose,
+      handingBack: false,
+    });
+    this.book.hold(lease);
     this.log.info({ source: sourceId, epoch: lease.epoch }, 'lease acquired');
     return { lease, lost };
   }
 
+  /** When the lease a standby asked for expires, if another holds it (ms from the answer). */
+  private readonly hint = new Map<string, number | null>();
+
+  /**
+   * A standby's wait before asking again: until a lease is released (NOTIFY), the one it waits
+   * for would expire, or STANDBY_POLL_MS, whichever comes first.
+   */
+  async waitForChance(sourceId: string, signal: AbortSignal): Promise<void> {
+    const expiresIn = this.hint.get(sourceId) ?? null;
+    const ms =
+      expiresIn === null
+        ? STANDBY_POLL_MS
+        : Math.max(20, Math.min(STANDBY_POLL_MS, expiresIn + 20));
+    await new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        if (this.waiters.get(sourceId) === done) this.waiters.delete(sourceId);
+        signal.removeEventListener('abort', done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.waiters.set(sourceId, done);
+      signal.addEventListener('abort', done, { once: true });
+    });
+  }
+
   /** After the reader stopped and stored what it had: the lease is free for anyone. */
   async release(lease: HeldLease): Promise<void> {
-    const held = this.book.get(lease.sourceId)?.epoch === lease.epoch;
+    const held = this.holdings.get(lease.sourceId)?.lease.epoch === lease.epoch;
     this.forget(lease);
-    if (!held) return;
+    if (held) await this.giveBack(lease);
+  }
+
+  private async giveBack(lease: HeldLease): Promise<void> {
     await this.store
       .releaseLease(this.member.id, lease)
       .catch((error: unknown) =>
@@ -138,11 +260,16 @@ export class LeaseKeeper {
       );
   }
 
-  /** A clean stop, after every runner stopped: the member leaves. */
+  /** A clean stop, after every runner stopped and released: the member leaves. */
   async stop(): Promise<void> {
+    this.stopped = true;
     clearInterval(this.renewTimer);
     clearInterval(this.deadlineTimer);
+    this.wake();
     await this.renewing;
+    const listener = this.listener;
+    this.listener = null;
+    await listener?.end().catch(() => undefined);
     await this.store
       .leaveMembers(this.member.id)
       .catch((error: unknown) => this.log.warn({ err: error }, 'leaving the fleet failed'));
@@ -150,18 +277,57 @@ export class LeaseKeeper {
 
   private async renew(): Promise<void> {
     const sentAt = performance.now();
-    const { held, liveMembers } = await this.store.renewLeases(
+    const { held, members } = await this.store.renewLeases(
       this.member,
       this.settings.leaseTtlMs,
+      this.settings.maxSources,
     );
-    this.liveMembers = liveMembers;
+    this.members = members;
     const renewed = new Map(held.map((l) => [l.sourceId, l.epoch]));
-    for (const lease of this.book.all()) {
+    for (const holding of [...this.holdings.values()]) {
       // Acquired after the renewal was sent: the renewal says nothing about it.
-      if ((this.countsFrom.get(lease.sourceId) ?? 0) > sentAt) continue;
-      if (renewed.get(lease.sourceId) === lease.epoch) this.countsFrom.set(lease.sourceId, sentAt);
-      else this.lose(lease, 'another Philotes process holds it now');
+      if (holding.acquiredAt > sentAt) continue;
+      if (renewed.get(holding.lease.sourceId) === holding.lease.epoch) holding.countsFrom = sentAt;
+      else this.lose(holding.lease, 'another Philotes process holds it now');
     }
+  }
+
+  /**
+   * Above the fair share: hand back the surplus the other members have room for (each up to its
+   * share and maxSources), newest first, once held for the minimum hold time.
+   */
+  private rebalance(): void {
+    if (this.member.role !== 'capture' || this.stopped) return;
+    const share = this.share();
+    const keeping = [...this.holdings.values()].filter((h) => !h.handingBack);
+    const surplus = keeping.length - share;
+    if (surplus <= 0) return;
+    const live = Math.max(1, this.members.length);
+    const fair = Math.ceil(this.sources() / live);
+    const room = this.members
+      .filter((m) => m.id !== this.member.id)
+      .reduce((sum, m) => {
+        const bound = m.capacity > 0 ? Math.min(fair, m.capacity) : fair;
+        return sum + Math.max(0, bound - m.held);
+      }, 0);
+    const now = performance.now();
+    const candidates = keeping
+      .filter((h) => now - h.acquiredAt >= this.settings.rebalanceMinHoldMs)
+      .sort((a, b) => b.acquiredAt - a.acquiredAt)
+      .slice(0, Math.min(surplus, room));
+    for (const holding of candidates) {
+      holding.handingBack = true;
+      this.log.info(
+        { source: holding.lease.sourceId, share, held: keeping.length, members: live },
+        `handing source "${holding.lease.sourceId}" back: this process holds ${keeping.length} sources, its fair share of ${live} members is ${share}`,
+      );
+      this.handBack(holding.lease.sourceId);
+    }
+  }
+
+  /** Whether the lease is being handed back (its reader stops by request, not by failure). */
+  isHandingBack(sourceId: string): boolean {
+    return this.holdings.get(sourceId)?.handingBack === true;
   }
 
   /**
@@ -169,27 +335,76 @@ export class LeaseKeeper {
    * one renewal interval before TTL has passed since sending is always before it expires there.
    */
   private checkDeadline(): void {
-    for (const lease of this.book.all()) {
-      const since = performance.now() - (this.countsFrom.get(lease.sourceId) ?? 0);
+    const now = performance.now();
+    for (const holding of [...this.holdings.values()]) {
+      const since = now - holding.countsFrom;
       if (since < this.settings.leaseTtlMs - this.settings.leaseRenewIntervalMs) continue;
       this.lose(
-        lease,
+        holding.lease,
         `not renewed for ${Math.round(since / 100) / 10} s (lease TTL ${this.settings.leaseTtlMs / 1000} s): stopping before another process may take it`,
       );
     }
   }
 
   private forget(lease: HeldLease): void {
-    if (this.book.get(lease.sourceId)?.epoch !== lease.epoch) return;
+    if (this.holdings.get(lease.sourceId)?.lease.epoch !== lease.epoch) return;
+    this.holdings.delete(lease.sourceId);
     this.book.drop(lease.sourceId, lease);
-    this.losers.delete(lease.sourceId);
-    this.countsFrom.delete(lease.sourceId);
   }
 
   private lose(lease: HeldLease, reason: string): void {
-    const reject = this.losers.get(lease.sourceId);
+    const holding = this.holdings.get(lease.sourceId);
     this.forget(lease);
     this.log.warn({ source: lease.sourceId, epoch: lease.epoch }, `lease lost: ${reason}`);
-    reject?.(new LeaseLostError(lease.sourceId, reason));
+    holding?.lose(new LeaseLostError(lease.sourceId, reason));
+  }
+
+  /** Wakes the standby of one source (its lease was released), or all of them. */
+  private wake(sourceId?: string): void {
+    if (sourceId !== undefined) this.waiters.get(sourceId)?.();
+    else for (const waiter of [...this.waiters.values()]) waiter();
+  }
+
+  /**
+   * LISTEN for released leases on a connection of its own, reconnecting while this member runs:
+   * the standbys then take a lease the moment it is given back, not at their next poll.
+   */
+  private async listen(): Promise<void> {
+    if (this.buffer === null) return;
+    while (!this.stopped) {
+      const client = new pg.Client(
+        pgClientOptions(this.buffer, bufferApplicationName(this.member.id)),
+      );
+      const ended = new Promise<void>((resolve) => {
+        client.on('error', () => resolve());
+        client.on('end', () => resolve());
+      });
+      client.on('notification', (message) => this.wake(message.payload ?? undefined));
+      try {
+        await client.connect();
+        await client.query(`LISTEN ${LEASES_CHANNEL}`);
+        if (this.stopped) break;
+        this.listener = client;
+        // Released while we were not listening: ask now.
+        this.wake();
+        await ended;
+      } catch {
+        // The buffer is away: the standbys poll meanwhile.
+      } finally {
+        if (this.listener === client) this.listener = null;
+        await client.end().catch(() => undefined);
+      }
+      if (!this.stopped) await new Promise((resolve) => setTimeout(resolve, STANDBY_POLL_MS));
+    }
+  }
+}
+
+/** Whether no process with this pid runs on this host (signal 0 checks without signalling). */
+function processGone(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return false;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ESRCH';
   }
 }

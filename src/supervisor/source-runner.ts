@@ -60,9 +60,6 @@ export const SOURCE_STATES: readonly SourceState[] = [
   'standby',
 ];
 
-/** How often a standby asks for the source's lock: it takes over within this of a stop. */
-const STANDBY_POLL_MS = 2_000;
-
 /** The backoff before attempt n+1: doubling from min to max, with jitter (50-100 %). */
 export function backoffDelay(attempt: number, minMs: number, maxMs: number): number {
   const ceiling = Math.min(maxMs, minMs * 2 ** Math.min(attempt - 1, 30));
@@ -201,6 +198,8 @@ export class SourceRunner implements ReaderRunListener {
   /** The fatal error last said out loud (the same one is not repeated every retry). */
   private fatalReported: string | null = null;
   private stopping = false;
+  /** The reader is stopping to hand the lease to another member (rebalancing), not failing. */
+  private handingBack = false;
   private current: ReaderRun | null = null;
   private readonly retryAbort = new AbortController();
   private readonly keeper: PublicationKeeper;
@@ -588,9 +587,7 @@ export class SourceRunner implements ReaderRunListener {
         `another Philotes process captures source "${this.source.id}" into this buffer (it holds the source's lease), or this process has its share of the fleet: standing by`,
       );
       while (held === null && !this.stopping) {
-        await sleep(STANDBY_POLL_MS, undefined, { signal: this.retryAbort.signal }).catch(
-          () => undefined,
-        );
+        await this.leases.waitForChance(this.source.id, this.retryAbort.signal);
         if (this.stopping) return;
         held = await this.leases.acquire(this.source.id);
       }
@@ -600,6 +597,10 @@ export class SourceRunner implements ReaderRunListener {
     }
     try {
       await this.runLocked(held.lost);
+      if (this.handingBack) {
+        this.log.info('handed the source back: its reader stored and confirmed what it had');
+        this.setState('standby');
+      }
     } catch (error) {
       // The lease is gone (another process took the source, or it could not be renewed in
       // time): not a failure of the source. Stand by; the next attempt waits for the lease.
@@ -608,8 +609,21 @@ export class SourceRunner implements ReaderRunListener {
       this.log.warn(`${(error as Error).message}: the reader stopped; standing by for the lease`);
       this.setState('standby');
     } finally {
+      this.handingBack = false;
       await this.leases.release(held.lease);
     }
+  }
+
+  /**
+   * Rebalancing: the reader stops as at a clean stop (stores what is in flight, confirms it),
+   * then the lease is released and the source stands by here while another member takes it.
+   */
+  handBack(): void {
+    const run = this.current;
+    if (this.stopping || run === null || this.handingBack) return;
+    this.handingBack = true;
+    this.log.info('handing the source back to rebalance the fleet: stopping its reader');
+    run.requestStop();
   }
 
   private async runLocked(lockLost: Promise<never>): Promise<void> {
@@ -678,7 +692,8 @@ export class SourceRunner implements ReaderRunListener {
       this.current = null;
       if (this.state === 'streaming') this.setState('starting');
     }
-    if (!this.stopping) throw new Error('reader returned without being asked to stop');
+    if (!this.stopping && !this.handingBack)
+      throw new Error('reader returned without being asked to stop');
   }
 
   /**

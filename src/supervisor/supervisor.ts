@@ -60,7 +60,11 @@ export class Supervisor {
       () => this.config.sources.length,
       member.id,
       member.version,
+      'capture',
+      config.buffer,
     );
+    // Rebalancing: the keeper picks a surplus source, its runner stops it gracefully.
+    this.leases.handBack = (sourceId) => void this.entries.get(sourceId)?.runner.handBack();
     // Every store this process makes is fenced with the leases it holds.
     store.book = this.leases.book;
   }

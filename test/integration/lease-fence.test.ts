@@ -30,7 +30,7 @@ describe('the lease fence', () => {
     stores.push(store);
     store.book = new LeaseBook(id);
     const m: Member = { id, role: 'capture', host: hostname(), pid: process.pid, version: 'test' };
-    await store.renewLeases(m, TTL_MS);
+    await store.renewLeases(m, TTL_MS, 0);
     return { member: m, store };
   }
 
@@ -88,14 +88,14 @@ describe('the lease fence', () => {
       `BEGIN; ${a.store.book!.fence(inFlight, ['src_wait'])}; INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason) VALUES ('src_wait', 's', '0/1', '0/2', 'test')`,
     );
     // A renewal (expires_at only) does not wait for it.
-    const renewed = await a.store.renewLeases(a.member, TTL_MS);
+    const renewed = await a.store.renewLeases(a.member, TTL_MS, 0);
     expect(renewed.held.map((l) => l.sourceId)).toContain('src_wait');
 
     await expire('src_wait');
     // The takeover waits for the row lock (1 s at most per attempt)...
     const waiting = await b.store.acquireLease(b.member.id, 'src_wait', TTL_MS);
     // ...and, the owner's lease having expired, ended its open transaction: nothing of it lands.
-    expect(waiting).toEqual({ lease: null, heldBy: a.member.id, terminated: 1 });
+    expect(waiting).toEqual({ lease: null, heldBy: a.member.id, expiresInMs: null, terminated: 1 });
     expect(
       await cluster.query(`SELECT 1 FROM cdc_gaps WHERE source_id = 'src_wait'`, [], 'buffer'),
     ).toEqual([]);

@@ -179,13 +179,14 @@ export async function readEvents(
   buffer: Cluster,
   sourceId = 'app',
   table?: string,
+  database = 'buffer',
 ): Promise<EventRow[]> {
   return buffer.query<EventRow & Record<string, unknown>>(
     `SELECT lsn::text, seq, operation, table_name, before, after, primary_key, unchanged_columns
        FROM cdc_events WHERE source_id = $1 ${table ? 'AND table_name = $2' : ''}
       ORDER BY cdc_events.lsn, seq`,
     table ? [sourceId, table] : [sourceId],
-    'buffer',
+    database,
   ) as Promise<EventRow[]>;
 }
 

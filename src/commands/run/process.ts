@@ -313,6 +313,7 @@ function processWideChanges(running: Config, next: Config): string[] {
     'leaseTtlMs',
     'leaseRenewIntervalMs',
     'maxSources',
+    'rebalanceMinHoldMs',
   ] as const;
   return keys.filter((key) => JSON.stringify(running[key]) !== JSON.stringify(next[key]));
 }
