@@ -176,7 +176,12 @@ export async function renewLeases(
 
 /** What asking for a source's lease came to. */
 export type AcquireResult =
-  | { readonly lease: HeldLease }
+  | {
+      readonly lease: HeldLease;
+      /** acquired: it was free; taken_over: another member let it expire. */
+      readonly event: 'acquired' | 'taken_over';
+      readonly previous: string | null;
+    }
   | {
       readonly lease: null;
       /** The member that holds it (alive, or expired with a transaction still in flight). */
@@ -245,6 +250,7 @@ export async function acquireLease(
       await client.query('ROLLBACK');
       return { lease: null, heldBy: other, expiresInMs: null, terminated: 0 };
     }
+    // A lease released has no owner: only one that expired under another member is taken over.
     const event =
       row.previous === null ? 'acquired' : row.previous === memberId ? 'renewed_run' : 'taken_over';
     await client.query(
@@ -252,7 +258,11 @@ export async function acquireLease(
       [sourceId, memberId, row.epoch, event],
     );
     await client.query('COMMIT');
-    return { lease: { sourceId, epoch: row.epoch } };
+    return {
+      lease: { sourceId, epoch: row.epoch },
+      event: event === 'taken_over' ? 'taken_over' : 'acquired',
+      previous: row.previous,
+    };
   } catch (error) {
     if ((error as { code?: unknown }).code !== '55P03') {
       // A connection that failed (or timed out) mid-statement is not reused.
@@ -369,8 +379,11 @@ export interface LeaseRow {
 }
 
 /** Every lease, or one source's (reads: status, check, the commands' messages). */
-export async function readLeases(pool: pg.Pool, sourceId?: string): Promise<LeaseRow[]> {
-  const result = await pool.query<{
+export async function readLeases(
+  db: pg.Pool | pg.ClientBase,
+  sourceId?: string,
+): Promise<LeaseRow[]> {
+  const result = await db.query<{
     source_id: string;
     owner: string | null;
     epoch: string;
@@ -399,4 +412,36 @@ export async function readLeases(pool: pg.Pool, sourceId?: string): Promise<Leas
 export function describeOwner(lease: LeaseRow): string {
   const where = lease.host !== null ? ` on host ${lease.host}, pid ${lease.pid}` : '';
   return `member ${lease.owner}${where} holds its lease`;
+}
+
+/** A member row, for `status`. */
+export interface MemberRow {
+  readonly id: string;
+  readonly role: string;
+  readonly host: string;
+  readonly pid: number;
+  readonly version: string;
+  readonly startedAt: string;
+  /** Seconds since its last renewal. */
+  readonly heartbeatAgeSeconds: number;
+  readonly live: boolean;
+  /** Leases it holds that have not expired. */
+  readonly sources: number;
+}
+
+/** The members the buffer knows of, live ones first (empty before migration 8). */
+export async function readMembers(db: pg.ClientBase): Promise<MemberRow[]> {
+  const exists = await db.query<{ ok: boolean }>(
+    `SELECT to_regclass('cdc_members') IS NOT NULL AS ok`,
+  );
+  if (exists.rows[0]?.ok !== true) return [];
+  const result = await db.query<MemberRow>(
+    `SELECT m.id, m.role, m.host, m.pid, m.version, m.started_at::text AS "startedAt",
+            extract(epoch FROM now() - m.heartbeat_at)::int AS "heartbeatAgeSeconds",
+            m.expires_at > now() AS live,
+            (SELECT count(*)::int FROM cdc_leases l
+              WHERE l.owner = m.id AND l.expires_at > now()) AS sources
+       FROM cdc_members m ORDER BY m.expires_at > now() DESC, m.started_at`,
+  );
+  return result.rows;
 }

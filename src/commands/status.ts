@@ -4,7 +4,7 @@
  * something could not be read or a source has a problem.
  */
 import type { Command } from 'commander';
-import type { SourceStatus } from './status/read-status.js';
+import type { MemberRow, SourceStatus } from './status/read-status.js';
 import { cliConfig } from './cli.js';
 import { EXIT_ERROR, EXIT_OK } from '../common/exit.js';
 import { formatTable, humanBytes, humanSeconds } from './output.js';
@@ -13,6 +13,24 @@ function slotCell(s: SourceStatus): string | null {
   if (s.slotExists === null) return null;
   if (!s.slotExists) return 'missing';
   return s.slotActive ? `active: ${s.slotOwner ?? '?'}` : 'inactive';
+}
+
+/** The replicas on the buffer, one row each (none: no Philotes has run since migration 8). */
+export function renderMembers(members: readonly MemberRow[]): string {
+  if (members.length === 0) return 'replicas: none registered in the buffer';
+  return formatTable(
+    ['REPLICA', 'ROLE', 'VERSION', 'STARTED', 'LAST RENEWAL', 'SOURCES'],
+    members.map((m) => [
+      `${m.host}:${m.pid}`,
+      m.role,
+      m.version,
+      m.startedAt.slice(0, 19),
+      m.live
+        ? `${humanSeconds(m.heartbeatAgeSeconds)} ago`
+        : `gone (${humanSeconds(m.heartbeatAgeSeconds)} ago)`,
+      String(m.sources),
+    ]),
+  );
 }
 
 /** The status table, one row per source. */
@@ -25,6 +43,7 @@ export function renderStatus(sources: readonly SourceStatus[]): string {
       'LAG',
       'RETAINED WAL',
       'WAL STATUS',
+      'OWNER',
       'SLOT',
       'SNAPSHOT',
       'PROBLEM',
@@ -36,6 +55,7 @@ export function renderStatus(sources: readonly SourceStatus[]): string {
       humanBytes(s.lagBytes),
       humanBytes(s.retainedWalBytes),
       s.walStatus,
+      s.owner,
       slotCell(s),
       s.snapshot === null
         ? null
@@ -50,7 +70,8 @@ async function status(opts: { json?: boolean }): Promise<void> {
   const { readStatus } = await import('./status/read-status.js');
   const report = await readStatus(loaded);
   if (opts.json) process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
-  else process.stdout.write(`${renderStatus(report.sources)}\n`);
+  else
+    process.stdout.write(`${renderStatus(report.sources)}\n\n${renderMembers(report.members)}\n`);
   // 1: something could not be read (a source, the buffer); the rows say what.
   process.exit(
     report.buffer !== null || report.sources.some((s) => s.problem) ? EXIT_ERROR : EXIT_OK,

@@ -6,6 +6,7 @@
 import client from 'prom-client';
 import type { SlotStatusMessage } from '../common/protocol.js';
 import type { BatchWriterObserver, StoredGroupReport } from '../supervisor/batch-writer.js';
+import { LEASE_CHANGES, type LeaseObserver } from '../supervisor/lease-keeper.js';
 import { SNAPSHOT_TABLE_STATES } from '../supervisor/snapshot-progress.js';
 import { SOURCE_STATES } from '../supervisor/source-runner.js';
 
@@ -250,6 +251,40 @@ export class Metrics {
     help: 'Is 1 while every reader holds because the bytes in flight passed PHILOTES_MAX_BYTES_IN_FLIGHT.',
     registers: [this.registry],
   });
+  readonly sourcesOwned = new client.Gauge({
+    name: 'philotes_sources_owned',
+    help: 'Sources whose lease this process holds (it captures them).',
+    registers: [this.registry],
+  });
+  readonly sourceOwned = new client.Gauge({
+    name: 'philotes_source_owned',
+    help: "Is 1 while this process holds the source's lease; the fleet owns a source when one replica says 1 (alert PhilotesSourceUnowned).",
+    labelNames: ['source'] as const,
+    registers: [this.registry],
+  });
+  readonly fleetMembers = new client.Gauge({
+    name: 'philotes_fleet_members',
+    help: 'Live Philotes processes capturing into this buffer, this one included, as its last lease renewal saw them.',
+    registers: [this.registry],
+  });
+  readonly leaseChanges = new client.Counter({
+    name: 'philotes_lease_changes_total',
+    help: 'Changes of the leases this process holds: acquired (free), taken_over (from a member that let it expire), released, expired (given up: not renewed in time, or found gone), fenced (a store refused).',
+    labelNames: ['reason'] as const,
+    registers: [this.registry],
+  });
+  /** What the lease keeper reports. */
+  readonly leaseObserver: LeaseObserver = {
+    change: (reason, sourceId, owned) => {
+      this.leaseChanges.inc({ reason });
+      if (owned !== null) {
+        this.sourceOwned.set({ source: sourceId }, owned.includes(sourceId) ? 1 : 0);
+        this.sourcesOwned.set(owned.length);
+      }
+    },
+    members: (live) => this.fleetMembers.set(live),
+  };
+
   /** What the batch writer reports, into the process-wide families. */
   readonly writerObserver: BatchWriterObserver = {
     transaction: (sources) => {
@@ -310,6 +345,9 @@ export class Metrics {
   constructor(version = 'unknown') {
     client.collectDefaultMetrics({ register: this.registry });
     this.buildInfo.set({ version, node: process.version }, 1);
+    for (const reason of LEASE_CHANGES) this.leaseChanges.inc({ reason }, 0);
+    this.sourcesOwned.set(0);
+    this.fleetMembers.set(1);
   }
 
   /** The slot's WAL retention as last polled from the source. */
@@ -405,6 +443,7 @@ export class Metrics {
   /** Creates every per-source series at zero so dashboards and rates start from a value. */
   initSource(source: string): void {
     for (const operation of OPERATIONS) this.events.inc({ source, operation }, 0);
+    this.sourceOwned.set({ source }, 0);
     this.transactions.inc({ source }, 0);
     this.snapshotRows.inc({ source }, 0);
     for (const state of SNAPSHOT_TABLE_STATES) this.snapshotTables.set({ source, state }, 0);

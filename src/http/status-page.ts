@@ -15,6 +15,22 @@ export interface StatusPageData {
   readonly buffer: { readonly state: string; readonly problem?: string | null };
   readonly sources: readonly SourceReport[];
   readonly now: number;
+  /** This process in the fleet of replicas on the buffer (null before it has joined). */
+  readonly fleet?: FleetReport | null;
+}
+
+/** This process among the replicas sharing the buffer's sources. */
+export interface FleetReport {
+  readonly member: string;
+  /** Live capturing members, this one included, as its last lease renewal saw them. */
+  readonly members: number;
+  /** Sources this process captures (holds the lease of). */
+  readonly owned: number;
+}
+
+/** A member id (host:pid:token) as people read it: host:pid. */
+export function memberName(id: string): string {
+  return id.slice(0, id.lastIndexOf(':')) || id;
 }
 
 const REFRESH_SECONDS = 2;
@@ -90,7 +106,7 @@ export function renderStatusPage(data: StatusPageData): string {
 <body>
 <main id="status">
 <h1>Philotes — <span id="summary" class="${summary.tone}">${escape(summary.text)}</span></h1>
-<p class="meta">version ${escape(data.version)} · <span id="buffer">${buffer}</span> · as of <time datetime="${new Date(data.now).toISOString()}">${new Date(data.now).toISOString()}</time> · <a href="/readyz">/readyz</a> · <a href="/metrics">/metrics</a></p>
+<p class="meta">version ${escape(data.version)} · <span id="buffer">${buffer}</span>${data.fleet ? ` · <span id="fleet" title="${escape(data.fleet.member)}">${escape(memberName(data.fleet.member))}: ${escape(plural(data.fleet.owned, 'source'))} of ${escape(plural(data.fleet.members, 'replica'))}</span>` : ''} · as of <time datetime="${new Date(data.now).toISOString()}">${new Date(data.now).toISOString()}</time> · <a href="/readyz">/readyz</a> · <a href="/metrics">/metrics</a></p>
 <table id="sources">
 <thead><tr><th>source</th><th>state</th><th>lag</th><th>retained WAL</th><th>WAL status</th><th>checkpoint age</th><th>events/s</th><th>snapshot</th><th>restarts</th><th>last error</th></tr></thead>
 <tbody>
@@ -122,7 +138,7 @@ setInterval(async () => {
 function row(s: SourceReport, now: number): string {
   // A failing source passes through starting at each attempt: how long it has not streamed is
   // what a person wants, not how long since the last attempt.
-  const state = `${s.state}${s.state === 'streaming' ? '' : ` for ${duration(s.notStreamingSeconds ?? s.stateSeconds)}`}${s.nextAttemptAt ? `, next attempt ${relative(s.nextAttemptAt, now)}` : ''}`;
+  const state = `${s.state}${s.state === 'streaming' ? '' : ` for ${duration(s.notStreamingSeconds ?? s.stateSeconds)}`}${s.nextAttemptAt ? `, next attempt ${relative(s.nextAttemptAt, now)}` : ''}${s.state === 'standby' && s.owner !== null ? `, captured by ${memberName(s.owner)}` : ''}`;
   const lag =
     s.lagBytes === null
       ? '-'

@@ -35,6 +35,20 @@ export interface LeaseSettings {
   readonly rebalanceMinHoldMs: number;
 }
 
+/** How a lease of this process changed (philotes_lease_changes_total's reasons). */
+export const LEASE_CHANGES = ['acquired', 'taken_over', 'released', 'expired', 'fenced'] as const;
+export type LeaseChange = (typeof LEASE_CHANGES)[number];
+
+/** What the keeper reports, for the metrics. */
+export interface LeaseObserver {
+  /** A change; `owned`: the sources it holds now (null: unchanged, as for `fenced`). */
+  change(reason: LeaseChange, sourceId: string, owned: readonly string[] | null): void;
+  /** Live capturing members, this one included. */
+  members(live: number): void;
+}
+
+const NO_OBSERVER: LeaseObserver = { change: () => undefined, members: () => undefined };
+
 /** A lease this process lost while it held it: its reader stops, and it stands by. */
 export class LeaseLostError extends Error {
   constructor(
@@ -83,8 +97,11 @@ export class LeaseKeeper {
   private readonly waiters = new Map<string, () => void>();
   private listener: pg.Client | null = null;
   private stopped = false;
-  /** Asks the source's runner to hand its lease back gracefully (set by the supervisor). */
-  handBack: (sourceId: string) => void = () => undefined;
+  /**
+   * Asks the source's runner to hand its lease back gracefully (set by the supervisor); false
+   * when it cannot now (its reader is still starting): asked again at the next renewal.
+   */
+  handBack: (sourceId: string) => boolean = () => false;
 
   constructor(
     private readonly store: BufferStore,
@@ -98,6 +115,7 @@ export class LeaseKeeper {
     role: Member['role'] = 'capture',
     /** The buffer, to LISTEN for released leases on (a capturing member only). */
     private readonly buffer: ConnectionConfig | null = null,
+    private readonly observer: LeaseObserver = NO_OBSERVER,
   ) {
     this.member = { id: memberId, role, host: hostname(), pid: process.pid, version };
     this.book = new LeaseBook(this.member.id);
@@ -155,6 +173,12 @@ export class LeaseKeeper {
     return [...this.holdings.keys()];
   }
 
+  /** Who holds the source's lease: this member, or the one its last ask found (null: nobody). */
+  ownerOf(sourceId: string): string | null {
+    if (this.holdings.has(sourceId)) return this.member.id;
+    return this.seenOwner.get(sourceId) ?? null;
+  }
+
   /** Live capturing members as the last renewal saw them, this one first. */
   fleet(): readonly MemberLoad[] {
     return this.members;
@@ -192,6 +216,10 @@ export class LeaseKeeper {
     }
     if (result.lease === null) {
       this.hint.set(sourceId, result.expiresInMs);
+      this.seenOwner.set(
+        sourceId,
+        result.expiresInMs !== null && result.expiresInMs > 0 ? result.heldBy : null,
+      );
       if (result.terminated > 0)
         this.log.warn(
           { source: sourceId, owner: result.heldBy, sessions: result.terminated },
@@ -212,12 +240,20 @@ export class LeaseKeeper {
       handingBack: false,
     });
     this.book.hold(lease);
-    this.log.info({ source: sourceId, epoch: lease.epoch }, 'lease acquired');
+    this.observer.change(result.event, sourceId, this.owned());
+    this.log.info(
+      { source: sourceId, epoch: lease.epoch, previous: result.previous },
+      result.event === 'taken_over'
+        ? `lease taken over from ${result.previous}, which let it expire`
+        : 'lease acquired',
+    );
     return { lease, lost };
   }
 
   /** When the lease a standby asked for expires, if another holds it (ms from the answer). */
   private readonly hint = new Map<string, number | null>();
+  /** The member a standby's last ask found holding the lease. */
+  private readonly seenOwner = new Map<string, string | null>();
 
   /**
    * A standby's wait before asking again: until a lease is released (NOTIFY), the one it waits
@@ -246,7 +282,14 @@ export class LeaseKeeper {
   async release(lease: HeldLease): Promise<void> {
     const held = this.holdings.get(lease.sourceId)?.lease.epoch === lease.epoch;
     this.forget(lease);
-    if (held) await this.giveBack(lease);
+    if (!held) return;
+    await this.giveBack(lease);
+    this.observer.change('released', lease.sourceId, this.owned());
+  }
+
+  /** A store of this source was refused by the fence (the caller stands by). */
+  fenced(sourceId: string): void {
+    this.observer.change('fenced', sourceId, null);
   }
 
   private async giveBack(lease: HeldLease): Promise<void> {
@@ -283,6 +326,7 @@ export class LeaseKeeper {
       this.settings.maxSources,
     );
     this.members = members;
+    this.observer.members(members.length);
     const renewed = new Map(held.map((l) => [l.sourceId, l.epoch]));
     for (const holding of [...this.holdings.values()]) {
       // Acquired after the renewal was sent: the renewal says nothing about it.
@@ -316,12 +360,12 @@ export class LeaseKeeper {
       .sort((a, b) => b.acquiredAt - a.acquiredAt)
       .slice(0, Math.min(surplus, room));
     for (const holding of candidates) {
+      if (!this.handBack(holding.lease.sourceId)) continue;
       holding.handingBack = true;
       this.log.info(
         { source: holding.lease.sourceId, share, held: keeping.length, members: live },
         `handing source "${holding.lease.sourceId}" back: this process holds ${keeping.length} sources, its fair share of ${live} members is ${share}`,
       );
-      this.handBack(holding.lease.sourceId);
     }
   }
 
@@ -355,6 +399,7 @@ export class LeaseKeeper {
   private lose(lease: HeldLease, reason: string): void {
     const holding = this.holdings.get(lease.sourceId);
     this.forget(lease);
+    this.observer.change('expired', lease.sourceId, this.owned());
     this.log.warn({ source: lease.sourceId, epoch: lease.epoch }, `lease lost: ${reason}`);
     holding?.lose(new LeaseLostError(lease.sourceId, reason));
   }

@@ -107,6 +107,12 @@ export interface SourceReport {
    * publication Philotes made; null until looked at, or for the user's own).
    */
   readonly failingTables: readonly string[] | null;
+  /**
+   * The member (a Philotes process: host:pid:token) that holds the source's lease, as this
+   * process last saw it: itself while it captures the source; null when nobody does, or not yet
+   * known.
+   */
+  readonly owner: string | null;
 }
 
 /**
@@ -446,6 +452,7 @@ export class SourceRunner implements ReaderRunListener {
       restarts: this.restarts,
       snapshot: this.snapshot.report(),
       failingTables: this.keeper.report().failingTables,
+      owner: this.leases.ownerOf(this.source.id),
     };
   }
 
@@ -606,6 +613,7 @@ export class SourceRunner implements ReaderRunListener {
       // time): not a failure of the source. Stand by; the next attempt waits for the lease.
       const fenced = asFencedError(error);
       if (!(error instanceof LeaseLostError) && fenced === null) throw error;
+      if (fenced !== null) this.leases.fenced(this.source.id);
       this.log.warn(`${(error as Error).message}: the reader stopped; standing by for the lease`);
       this.setState('standby');
     } finally {
@@ -618,12 +626,14 @@ export class SourceRunner implements ReaderRunListener {
    * Rebalancing: the reader stops as at a clean stop (stores what is in flight, confirms it),
    * then the lease is released and the source stands by here while another member takes it.
    */
-  handBack(): void {
+  handBack(): boolean {
     const run = this.current;
-    if (this.stopping || run === null || this.handingBack) return;
+    // Still starting (no reader yet): the keeper asks again at its next renewal.
+    if (this.stopping || run === null || this.handingBack) return false;
     this.handingBack = true;
     this.log.info('handing the source back to rebalance the fleet: stopping its reader');
     run.requestStop();
+    return true;
   }
 
   private async runLocked(lockLost: Promise<never>): Promise<void> {

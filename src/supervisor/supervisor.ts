@@ -62,9 +62,10 @@ export class Supervisor {
       member.version,
       'capture',
       config.buffer,
+      metrics.leaseObserver,
     );
     // Rebalancing: the keeper picks a surplus source, its runner stops it gracefully.
-    this.leases.handBack = (sourceId) => void this.entries.get(sourceId)?.runner.handBack();
+    this.leases.handBack = (sourceId) => this.entries.get(sourceId)?.runner.handBack() ?? false;
     // Every store this process makes is fenced with the leases it holds.
     store.book = this.leases.book;
   }

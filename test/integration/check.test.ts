@@ -109,6 +109,8 @@ describe('philotes-worker check', () => {
     expect(finding(r.findings, 'clean', 'slot').detail).toContain('first start creates it');
     expect(finding(r.findings, 'buffer', 'schema').detail).toContain('first start creates them');
     expect(finding(r.findings, 'clean', 'protocol').detail).toContain('protocol 2');
+    // A superuser source role may terminate any stale walsender when a replica takes over.
+    expect(finding(r.findings, 'clean', 'slot takeover').detail).toContain('of any role');
     expect(r.text).toContain('ready to run');
     // Nothing was created by looking.
     expect(
@@ -136,6 +138,11 @@ describe('philotes-worker check', () => {
     const repl = finding(r.findings, 'norepl', 'replication');
     expect(repl.verdict).toBe('blocker');
     expect(repl.fix).toBe('ALTER ROLE plain REPLICATION');
+    // A plain role may end only walsenders of its own role: said, not a problem.
+    expect(finding(r.findings, 'norepl', 'slot takeover')).toMatchObject({
+      verdict: 'ok',
+      detail: expect.stringContaining('of its own role') as unknown,
+    });
     // Not a superuser: it cannot create a FOR ALL TABLES publication either.
     expect(finding(r.findings, 'norepl', 'publication').verdict).toBe('blocker');
     const pw = finding(r.findings, 'badpw', 'connection');

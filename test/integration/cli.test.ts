@@ -5,7 +5,7 @@
  * cannot be read).
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -175,8 +175,10 @@ describe('philotes-worker status', () => {
 
   interface StatusReport {
     buffer: string | null;
+    members: Array<Record<string, unknown>>;
     sources: Array<{
       source: string;
+      owner: string | null;
       checkpointLsn: string | null;
       slotActive: boolean | null;
       slotOwner: string | null;
@@ -208,11 +210,20 @@ describe('philotes-worker status', () => {
     });
     expect(json.sources[0]!.slotOwner).toContain('philotes:app');
     expect(json.sources[0]!.lagBytes).toBeGreaterThanOrEqual(0);
+    // The replica that holds the lease, and the replicas on the buffer.
+    expect(json.sources[0]!.owner).toBe(`${hostname()}:${philotes.pid}`);
+    expect(json.members).toEqual([
+      expect.objectContaining({ pid: philotes.pid, role: 'capture', live: true, sources: 1 }),
+    ]);
 
     const table = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
     expect(table.code, outputTail(philotes)).toBe(0);
     expect(table.stdout[0]).toMatch(/^SOURCE\s+CHECKPOINT\s+STORED\s+LAG/);
     expect(table.stdout.find((l) => l.startsWith('app '))).toMatch(/active: philotes:app/);
+    expect(table.stdout.find((l) => l.startsWith('app '))).toContain(
+      `${hostname()}:${philotes.pid}`,
+    );
+    expect(table.stdout.find((l) => l.startsWith('REPLICA'))).toMatch(/^REPLICA\s+ROLE/);
     expect(json.sources[0]!.snapshot).toBeNull(); // snapshot: never
 
     // A snapshot asked for through the buffer's API shows in status once the worker ran it.

@@ -447,6 +447,7 @@ describe('observability: dashboard and alert rules against the real metrics', ()
           'PhilotesSlotRetainedWalHigh',
           'PhilotesSlotWalAtRisk',
           'PhilotesSourceFailed',
+          'PhilotesSourceUnowned',
           'PhilotesTargetDown',
         ].sort(),
       );

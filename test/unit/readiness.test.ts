@@ -30,7 +30,7 @@ function runner(startedAt: number): SourceRunner {
     {} as ReaderThreads,
     {} as BufferStore,
     {} as BatchWriter,
-    {} as LeaseKeeper,
+    { ownerOf: () => null } as unknown as LeaseKeeper,
     new Metrics(),
     createLogger('silent'),
     startedAt,

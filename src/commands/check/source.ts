@@ -84,6 +84,8 @@ export async function checkSource(
           },
     );
 
+    add(await takeoverFinding(client, source, role, Number(settings.version)));
+
     const slot = await readSlotState(client, source.slot);
     const wal = await currentWalLsn(client);
     if (record !== null && role.replication) await checkHistory(client, source, record, add);
@@ -91,6 +93,46 @@ export async function checkSource(
     await checkPublication(client, source, role.superuser, record, add);
     if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
   });
+}
+
+/**
+ * Whether a replica that takes the source over may terminate the walsender an earlier Philotes
+ * reader left streaming the slot (source-admin.ts takeOverSlot), and how long the server keeps
+ * one it may not.
+ */
+async function takeoverFinding(
+  client: pg.Client,
+  source: SourceConfig,
+  role: { superuser: boolean; name: string },
+  version: number,
+): Promise<Omit<Finding, 'target'>> {
+  const signal = (
+    await client.query<{ ok: boolean }>(
+      `SELECT pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') AS ok`,
+    )
+  ).rows[0]!.ok;
+  const timeout = source.settings.walSenderTimeoutMs;
+  const perSession = supports(version, 'walSenderTimeoutPerSession');
+  const fallback =
+    timeout > 0 && perSession
+      ? `the source frees it after walSenderTimeout (${timeout / 1000} s)`
+      : "the source frees it after the server's wal_sender_timeout";
+  if (timeout > 0 && !perSession)
+    return {
+      check: 'slot takeover',
+      verdict: 'warning',
+      detail: `PostgreSQL ${version} cannot take wal_sender_timeout from the replication connection (12 or later can): a replica that vanished holds the slot until the server's wal_sender_timeout`,
+      fix: 'lower wal_sender_timeout on the server, or leave walSenderTimeout at 0 to say you accept it',
+    };
+  return {
+    check: 'slot takeover',
+    verdict: 'ok',
+    detail:
+      role.superuser || signal
+        ? `${role.name} may terminate a stale walsender of any role (${role.superuser ? 'superuser' : 'pg_signal_backend'}), so a replica that takes the source over starts at once`
+        : `${role.name} may terminate a stale walsender of its own role (the replicas of this configuration); one of another role is not terminated: ${fallback}`,
+    fix: null,
+  };
 }
 
 /** Which pgoutput protocol the source will use, and whether its server has it. */

@@ -10,7 +10,7 @@ import type { ReaderThreads } from '../../supervisor/reader-pool.js';
 import { ConfigError, loadConfig, type Config } from '../../common/config.js';
 import { classifyBufferError, isFatal, passwordSource } from '../../common/errors.js';
 import { die, EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from '../../common/exit.js';
-import { renderStatusPage, type StatusPageData } from '../../http/status-page.js';
+import { renderStatusPage, type FleetReport, type StatusPageData } from '../../http/status-page.js';
 import { startHttpServer, type Probe } from '../../http/server.js';
 import { createLogger, safeConnection, type Logger } from '../../common/logger.js';
 import { Metrics } from '../../http/metrics.js';
@@ -98,6 +98,7 @@ function waitingReport(
     restarts: 0,
     snapshot: null,
     failingTables: null,
+    owner: null,
   };
 }
 
@@ -144,16 +145,29 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
             nextAttemptAt:
               wait.nextAttemptAt === null ? null : new Date(wait.nextAttemptAt).toISOString(),
           };
-    return { ready: phase !== 'stopping' && sources.every((s) => s.ready), buffer, sources };
+    const fleet: FleetReport | null = supervisor
+      ? {
+          member: supervisor.leases.member.id,
+          members: supervisor.leases.fleet().length,
+          owned: supervisor.leases.owned().length,
+        }
+      : null;
+    return {
+      ready: phase !== 'stopping' && sources.every((s) => s.ready),
+      buffer,
+      sources,
+      fleet,
+    };
   };
   const readiness = (): Probe => {
-    const { ready, buffer, sources } = readinessState(Date.now());
+    const { ready, buffer, sources, fleet } = readinessState(Date.now());
     return {
       ok: ready,
       body: {
         status: ready ? 'ready' : 'not ready',
         graceSeconds: config.readinessGraceMs / 1000,
         buffer,
+        fleet,
         sources,
       },
     };

@@ -34,10 +34,15 @@ import {
   type SlotState,
 } from '../../common/source-admin.js';
 import { isCurrent, readSourceStatus, type ReportedStatus } from '../../buffer/source-status.js';
+import { readLeases, readMembers, type LeaseRow, type MemberRow } from '../../buffer/leases.js';
+
+export type { MemberRow } from '../../buffer/leases.js';
 
 export interface SourceStatus {
   readonly source: string;
   readonly slot: string;
+  /** The replica that holds the source's lease (host:pid), null when none holds it now. */
+  readonly owner: string | null;
   /** The stored checkpoint (end of the last stored transaction), null before the first. */
   readonly checkpointLsn: string | null;
   /** When the checkpoint was last moved, and the source commit time of that transaction. */
@@ -72,14 +77,16 @@ export interface SourceStatus {
 /** Reads the status of every configured source; `problems` names what could not be read. */
 export async function readStatus(
   config: Config,
-): Promise<{ buffer: string | null; sources: SourceStatus[] }> {
+): Promise<{ buffer: string | null; sources: SourceStatus[]; members: MemberRow[] }> {
   const now = Date.now();
   let checkpoints = new Map<string, CheckpointRow>();
   let snapshots = new Map<string, StoredSnapshot>();
   let reports = new Map<string, ReportedStatus[]>();
+  let leases = new Map<string, LeaseRow>();
+  let members: MemberRow[] = [];
   let bufferProblem: string | null = null;
   try {
-    ({ checkpoints, snapshots, reports } = await readBuffer(config));
+    ({ checkpoints, snapshots, reports, leases, members } = await readBuffer(config));
   } catch (error) {
     bufferProblem = explain(error, 'buffer', config.buffer.host, config.buffer.port);
   }
@@ -90,18 +97,21 @@ export async function readStatus(
         checkpoints.get(source.id) ?? null,
         snapshots.get(source.id) ?? null,
         activeReport(reports.get(source.id) ?? []),
+        leases.get(source.id) ?? null,
         bufferProblem,
         now,
       ),
     ),
   );
-  return { buffer: bufferProblem, sources };
+  return { buffer: bufferProblem, sources, members };
 }
 
 async function readBuffer(config: Config): Promise<{
   checkpoints: Map<string, CheckpointRow>;
   snapshots: Map<string, StoredSnapshot>;
   reports: Map<string, ReportedStatus[]>;
+  leases: Map<string, LeaseRow>;
+  members: MemberRow[];
 }> {
   const client = new pg.Client(pgClientOptions(config.buffer, 'philotes:status'));
   client.on('error', () => undefined); // a lost connection rejects the query in flight
@@ -111,10 +121,21 @@ async function readBuffer(config: Config): Promise<{
     const ids = config.sources.map((s) => s.id);
     const reports = new Map<string, ReportedStatus[]>();
     for (const id of ids) reports.set(id, await readSourceStatus(client, id));
+    const members = await readMembers(client);
+    // Live leases only: an expired one is nobody's.
+    const leases = new Map(
+      members.length === 0
+        ? []
+        : (await readLeases(client))
+            .filter((l) => l.owner !== null && l.expiresInMs > 0)
+            .map((l) => [l.sourceId, l] as const),
+    );
     return {
       checkpoints: await readCheckpoints(client, ids),
       snapshots: await readLatestSnapshots(client, ids),
       reports,
+      leases,
+      members,
     };
   } finally {
     await client.end().catch(() => undefined);
@@ -126,6 +147,7 @@ async function sourceStatus(
   checkpoint: CheckpointRow | null,
   snapshot: StoredSnapshot | null,
   reported: ReportedStatus | null,
+  lease: LeaseRow | null,
   bufferProblem: string | null,
   now: number,
 ): Promise<SourceStatus> {
@@ -133,6 +155,7 @@ async function sourceStatus(
   const base = {
     source: source.id,
     slot: source.slot,
+    owner: lease === null ? null : lease.host !== null ? `${lease.host}:${lease.pid}` : lease.owner,
     checkpointLsn: checkpoint?.lsn ?? null,
     checkpointStoredAt: stored?.toISOString() ?? null,
     checkpointAgeSeconds: stored === null ? null : Math.round((now - stored.getTime()) / 1000),
