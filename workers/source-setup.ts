@@ -102,6 +102,12 @@ export async function prepareSource(
     );
   }
 
+  if (source.failover && !supports(serverVersion, 'failoverSlots')) {
+    throw new FatalSourceError(
+      `PostgreSQL ${serverVersion} on ${where(source)} has no failover slots (version 17 or later); set failover: false for this source, or use logical replication slots on a standby another way`,
+      'SERVER_TOO_OLD',
+    );
+  }
   const protocol = pgoutputProtocol(source, serverVersion);
   if (protocol === null) {
     throw new FatalSourceError(
@@ -296,7 +302,7 @@ async function checkSlot(
   const durable = { checkpointLsn: record.checkpointLsn, confirmedLsn };
   const problem = slotVerdict(source, slot, await currentWalLsn(client), durable);
   if (problem !== null) throw problem.error;
-  warnAboutRetention(slot!, log);
+  warnAboutSlot(slot!, log, source);
   log.info(
     {
       confirmedFlushLsn:
@@ -334,7 +340,7 @@ async function newCapture(
   }
   const problem = slotVerdict(source, slot, 0n, null);
   if (problem !== null) throw problem.error;
-  warnAboutRetention(slot, log);
+  warnAboutSlot(slot, log, source);
   let startLsn = slot.confirmedFlushLsn ?? 0n;
   if (publicationCreated && !slotCreated) {
     // The slot is older than the publication just created: changes between the two cannot be
@@ -352,8 +358,14 @@ async function newCapture(
   return { slotCreated, startLsn, recordedLsn: startLsn, mustRecord: true };
 }
 
-/** A slot about to lose WAL it still needs is worth a loud line before it happens. */
-function warnAboutRetention(slot: SlotState, log: Logger): void {
+/** A slot about to lose WAL it still needs, or one a standby will not keep, is worth a loud line. */
+function warnAboutSlot(slot: SlotState, log: Logger, source?: SourceConfig): void {
+  if (source?.failover === true && slot.failover === false) {
+    log.warn(
+      { failover: false },
+      `failover: true, but the slot was created without FAILOVER: a standby does not keep it, and a promotion loses it. Mark it: ALTER_REPLICATION_SLOT ${source.slot} (FAILOVER true) on a replication connection (psql "dbname=… replication=database")`,
+    );
+  }
   if (slot.walStatus === 'unreserved') {
     log.warn(
       { walStatus: slot.walStatus },

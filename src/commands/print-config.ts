@@ -63,6 +63,7 @@ function sourceKeys(source: SourceConfig, notes: string[]): Record<string, unkno
   keys['partitionRoot'] = source.partitionRoot;
   if (source.messages.length > 0) keys['messages'] = [...source.messages];
   keys['ddl'] = source.ddl;
+  keys['failover'] = source.failover;
   keys['protocol'] = source.protocol ?? 'auto';
   keys['snapshot'] = source.snapshot;
   keys['keylessTables'] = source.keylessTables;

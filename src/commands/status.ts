@@ -12,7 +12,8 @@ import { formatTable, humanBytes, humanSeconds } from './output.js';
 function slotCell(s: SourceStatus): string | null {
   if (s.slotExists === null) return null;
   if (!s.slotExists) return 'missing';
-  return s.slotActive ? `active: ${s.slotOwner ?? '?'}` : 'inactive';
+  const failover = s.slotFailover === true ? ', failover' : '';
+  return s.slotActive ? `active: ${s.slotOwner ?? '?'}${failover}` : `inactive${failover}`;
 }
 
 /** The replicas on the buffer, one row each (none: no Philotes has run since migration 8). */

@@ -69,6 +69,7 @@ function buildSchemas() {
       [S.partitionRoot.fileKey]: scalar,
       [S.messages.fileKey]: z.array(z.string().min(1)),
       [S.ddl.fileKey]: scalar,
+      [S.failover.fileKey]: scalar,
       [S.protocol.fileKey]: scalar,
       [S.snapshot.fileKey]: scalar,
       [S.keylessTables.fileKey]: scalar,
@@ -357,6 +358,8 @@ function readSource(
   put(`${at}.ddl`, raw['ddl']);
   put(`${at}.protocol`, raw['protocol']);
   const ddl = problems.attempt(() => S.ddl.read(flat, `${at}.ddl`));
+  put(`${at}.failover`, raw['failover']);
+  const failover = problems.attempt(() => S.failover.read(flat, `${at}.failover`));
   const protocol = problems.attempt(() => S.protocol.read(flat, `${at}.protocol`));
   put(`${at}.snapshot`, raw['snapshot']);
   const snapshot =
@@ -386,6 +389,7 @@ function readSource(
     partitionRoot: partitionRoot!,
     messages: Object.freeze(messages),
     ddl: ddl!,
+    failover: failover!,
     protocol: protocol ?? null,
     snapshot: snapshot ?? 'initial',
     keylessTables: keyless ?? 'block',

@@ -193,6 +193,13 @@ export const SOURCE_IDENTITY = {
     doc: 'on: capture DDL as DDL events through an event trigger on the source (PostgreSQL 14+; installing it needs a superuser)',
     read: (env: Env, name: string): boolean => flag(env, name, false),
   },
+  failover: {
+    env: 'PHILOTES_CDC_FAILOVER',
+    fileKey: 'failover',
+    default: 'off',
+    doc: 'on: create the slot with FAILOVER (PostgreSQL 17+), so that a standby with sync_replication_slots keeps it and capture resumes exactly on the promoted standby',
+    read: (env: Env, name: string): boolean => flag(env, name, false),
+  },
   protocol: {
     env: 'PHILOTES_CDC_PROTOCOL',
     fileKey: 'protocol',

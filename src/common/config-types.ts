@@ -103,6 +103,11 @@ export interface SourceConfig {
    */
   readonly ddl: boolean;
   /**
+   * Create the slot with FAILOVER (PostgreSQL 17+): a standby with sync_replication_slots keeps
+   * it, so that after a promotion capture resumes from the buffer's checkpoint, exactly.
+   */
+  readonly failover: boolean;
+  /**
    * pgoutput protocol version. 2 streams large transactions while they are in progress instead
    * of letting the server spill them to its disk until commit (PostgreSQL 14+); null (auto): 2
    * where the server has it, else 1.

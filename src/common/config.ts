@@ -68,6 +68,7 @@ function loadEnvConfig(env: Env): Config {
     partitionRoot: problems.attempt(() => S.partitionRoot.read(env, S.partitionRoot.env)),
     messages: problems.attempt(() => Object.freeze(S.messages.read(env, S.messages.env))),
     ddl: problems.attempt(() => S.ddl.read(env, S.ddl.env)),
+    failover: problems.attempt(() => S.failover.read(env, S.failover.env)),
     protocol: problems.attempt(() => S.protocol.read(env, S.protocol.env)),
     snapshot: problems.attempt(() => S.snapshot.read(env, S.snapshot.env)),
     keylessTables: problems.attempt(() => S.keylessTables.read(env, S.keylessTables.env)),

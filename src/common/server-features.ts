@@ -18,6 +18,8 @@ export const SERVER_FEATURES = {
   streamingProtocol: { since: 140000, what: 'pgoutput protocol 2' },
   /** wal_sender_timeout set by the replication connection itself (before: server-wide only). */
   walSenderTimeoutPerSession: { since: 120000, what: 'wal_sender_timeout per connection' },
+  /** Failover slots: created with FAILOVER, kept by a standby with sync_replication_slots. */
+  failoverSlots: { since: 170000, what: 'failover slots' },
   /** pg_stat_replication_slots (spill and stream counters). */
   slotStatistics: { since: 140000, what: 'pg_stat_replication_slots' },
 } as const;

@@ -34,6 +34,10 @@ export interface SlotState {
   readonly restartLsn: bigint | null;
   /** Bytes of WAL it may still hold before max_slot_wal_keep_size invalidates it (13+; null: no limit). */
   readonly safeWalSize: number | null;
+  /** Created with FAILOVER: a standby with sync_replication_slots keeps it (17+; null before). */
+  readonly failover: boolean | null;
+  /** On a standby: a copy kept in sync from the primary's failover slot (17+; null before). */
+  readonly synced: boolean | null;
 }
 
 /** The slot as pg_replication_slots shows it now, or null if there is no such slot. */
@@ -63,6 +67,8 @@ export async function readSlotState(client: pg.Client, slot: string): Promise<Sl
     confirmedFlushLsn: lsn('confirmed_flush_lsn'),
     restartLsn: lsn('restart_lsn'),
     safeWalSize: typeof s['safe_wal_size'] === 'number' ? s['safe_wal_size'] : null,
+    failover: typeof s['failover'] === 'boolean' ? s['failover'] : null,
+    synced: typeof s['synced'] === 'boolean' ? s['synced'] : null,
   };
 }
 
@@ -197,8 +203,14 @@ export async function currentWalLsn(client: pg.Client): Promise<bigint> {
 /** Creates the slot; false if it was created concurrently (read it back either way). */
 export async function createSlot(client: pg.Client, source: SourceConfig): Promise<boolean> {
   try {
-    // Waits for transactions running now to finish: a consistent starting point.
-    await client.query(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, [source.slot]);
+    // Waits for transactions running now to finish: a consistent starting point. failover
+    // (17+; the start checks the version first): temporary and two-phase stay off.
+    await client.query(
+      source.failover
+        ? `SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)`
+        : `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`,
+      [source.slot],
+    );
     return true;
   } catch (error) {
     const code = (error as { code?: string }).code;

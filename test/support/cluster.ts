@@ -385,18 +385,20 @@ export async function startCluster(opts: ClusterOptions = {}): Promise<Cluster> 
 /**
  * A cluster started from a copy of another's data directory (`copyData` of a stopped cluster):
  * the same system, its own port and socket. `standby`: it starts in recovery (standby.signal)
- * with nothing to stream from, so it stays where the copy was until promoted. Without
+ * with nothing to stream from, so it stays where the copy was until promoted (or, with
+ * `settings` naming a primary_conninfo, streams from that primary). Without
  * `keepSlots` the copy's replication slots are removed, as pg_basebackup leaves them out.
  */
 export async function startClusterFromCopy(
   from: Cluster,
   copy: string,
-  opts: { standby?: boolean; keepSlots?: boolean } = {},
+  opts: { standby?: boolean; keepSlots?: boolean; settings?: Record<string, string> } = {},
 ): Promise<Cluster> {
   const origin = from as PgCluster;
   const root = mkdtempSync(join(tmpdir(), 'philotes-pg-'));
   const cluster = new PgCluster(root, origin.password, {
     ...origin.settings,
+    ...opts.settings,
     unix_socket_directories: root,
   });
   registry.add(cluster);

@@ -33,6 +33,33 @@ export const ITEMS_DDL = `
     big text
   )`;
 
+/** The environment of a Philotes for source database `app` on `source`, buffer `buffer`. */
+export function philotesEnv(
+  source: Cluster,
+  buffer: Cluster,
+  overrides: Record<string, string> = {},
+): Record<string, string> {
+  return {
+    PHILOTES_CDC_SOURCE_HOST: source.host,
+    PHILOTES_CDC_SOURCE_PORT: String(source.port),
+    PHILOTES_CDC_SOURCE_DATABASE: 'app',
+    PHILOTES_CDC_SOURCE_USER: source.user,
+    PHILOTES_CDC_SOURCE_PASSWORD: source.password,
+    PHILOTES_CDC_SOURCE_ID: 'app',
+    PHILOTES_BUFFER_HOST: buffer.host,
+    PHILOTES_BUFFER_PORT: String(buffer.port),
+    PHILOTES_BUFFER_DATABASE: 'buffer',
+    PHILOTES_BUFFER_USER: buffer.user,
+    PHILOTES_BUFFER_PASSWORD: buffer.password,
+    PHILOTES_METRICS_PORT: '0',
+    PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
+    PHILOTES_RESTART_MIN_DELAY: '100ms',
+    PHILOTES_RESTART_MAX_DELAY: '2s',
+    PHILOTES_LOG_LEVEL: 'info',
+    ...overrides,
+  };
+}
+
 export async function startFixture(
   opts: { sourceSettings?: Record<string, string> } = {},
 ): Promise<Fixture> {
@@ -44,25 +71,7 @@ export async function startFixture(
   return {
     source,
     buffer,
-    env: (overrides = {}) => ({
-      PHILOTES_CDC_SOURCE_HOST: source.host,
-      PHILOTES_CDC_SOURCE_PORT: String(source.port),
-      PHILOTES_CDC_SOURCE_DATABASE: 'app',
-      PHILOTES_CDC_SOURCE_USER: source.user,
-      PHILOTES_CDC_SOURCE_PASSWORD: source.password,
-      PHILOTES_CDC_SOURCE_ID: 'app',
-      PHILOTES_BUFFER_HOST: buffer.host,
-      PHILOTES_BUFFER_PORT: String(buffer.port),
-      PHILOTES_BUFFER_DATABASE: 'buffer',
-      PHILOTES_BUFFER_USER: buffer.user,
-      PHILOTES_BUFFER_PASSWORD: buffer.password,
-      PHILOTES_METRICS_PORT: '0',
-      PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
-      PHILOTES_RESTART_MIN_DELAY: '100ms',
-      PHILOTES_RESTART_MAX_DELAY: '2s',
-      PHILOTES_LOG_LEVEL: 'info',
-      ...overrides,
-    }),
+    env: (overrides = {}) => philotesEnv(source, buffer, overrides),
     destroy: async () => {
       await Promise.allSettled([source.destroy(), buffer.destroy()]);
     },

@@ -25,6 +25,8 @@ function slot(overrides: Partial<SlotState> = {}): SlotState {
     confirmedFlushLsn: L('0/3000'),
     restartLsn: L('0/2000'),
     safeWalSize: null,
+    failover: null,
+    synced: null,
     ...overrides,
   };
 }
@@ -46,6 +48,7 @@ const SOURCE: SourceConfig = {
   partitionRoot: true,
   messages: [],
   ddl: false,
+  failover: false,
   protocol: null,
   snapshot: 'never',
   keylessTables: 'block',

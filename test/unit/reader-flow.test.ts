@@ -116,6 +116,8 @@ function slot(confirmedFlushLsn: bigint): SlotState {
     confirmedFlushLsn,
     restartLsn: confirmedFlushLsn,
     safeWalSize: null,
+    failover: null,
+    synced: null,
   };
 }
 

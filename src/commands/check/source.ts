@@ -8,7 +8,12 @@ import type { SourceConfig } from '../../common/config.js';
 import { ddlTriggerCurrent, readDdlTriggerState } from '../../common/ddl-capture.js';
 import { fixFor } from '../../common/error-policy.js';
 import { supports } from '../../common/server-features.js';
-import { currentWalLsn, pgoutputProtocol, readSlotState } from '../../common/source-admin.js';
+import {
+  currentWalLsn,
+  pgoutputProtocol,
+  readSlotState,
+  type SlotState,
+} from '../../common/source-admin.js';
 import { workerCommand } from '../../common/source-names.js';
 import type { BufferRecord } from './buffer.js';
 import { checkHistory, checkSlot } from './continuity.js';
@@ -87,12 +92,76 @@ export async function checkSource(
     add(await takeoverFinding(client, source, role, Number(settings.version)));
 
     const slot = await readSlotState(client, source.slot);
+    if (source.failover || slot?.failover === true)
+      add(await failoverFinding(client, source, slot, Number(settings.version)));
     const wal = await currentWalLsn(client);
     if (record !== null && role.replication) await checkHistory(client, source, record, add);
     await checkSlot(client, source, slot, wal, settings, record, bufferRead, add);
     await checkPublication(client, source, role.superuser, record, add);
     if (source.ddl) await checkDdlCapture(client, source, Number(settings.version), add);
   });
+}
+
+/**
+ * A failover slot (PostgreSQL 17+): whether the slot has FAILOVER, and whether the primary
+ * holds logical changes back until a standby has them (synchronized_standby_slots) — without
+ * that, a promoted standby may lack WAL the buffer already holds, a fork before the checkpoint.
+ * Whether a standby has the slot synced shows on the standby (pg_replication_slots.synced).
+ */
+async function failoverFinding(
+  client: pg.Client,
+  source: SourceConfig,
+  slot: SlotState | null,
+  version: number,
+): Promise<Omit<Finding, 'target'>> {
+  if (!supports(version, 'failoverSlots'))
+    return {
+      check: 'failover',
+      verdict: 'blocker',
+      code: 'SERVER_TOO_OLD',
+      detail: `failover: true, but PostgreSQL ${version} has no failover slots (version 17 or later)`,
+      fix: 'set failover: false for this source',
+    };
+  if (slot !== null && slot.failover !== true)
+    return {
+      check: 'failover',
+      verdict: 'warning',
+      detail: `failover: true, but slot ${source.slot} was created without FAILOVER: a standby does not keep it`,
+      fix: `on a replication connection (psql "dbname=${source.connection.database} replication=database"): ALTER_REPLICATION_SLOT ${source.slot} (FAILOVER true)`,
+    };
+  const standby = (
+    await client.query<{ names: string; active: string[] | null; missing: string[] | null }>(
+      `WITH s AS (SELECT trim(n) AS n FROM unnest(string_to_array(
+                    current_setting('synchronized_standby_slots', true), ',')) n WHERE trim(n) <> '')
+       SELECT coalesce(current_setting('synchronized_standby_slots', true), '') AS names,
+              (SELECT array_agg(n) FROM s JOIN pg_replication_slots r ON r.slot_name = s.n AND r.active) AS active,
+              (SELECT array_agg(n) FROM s WHERE n NOT IN (SELECT slot_name FROM pg_replication_slots)) AS missing`,
+    )
+  ).rows[0]!;
+  const what =
+    slot === null
+      ? 'the first start creates the slot with FAILOVER'
+      : `slot ${source.slot} has FAILOVER`;
+  if (standby.names.trim() === '')
+    return {
+      check: 'failover',
+      verdict: 'warning',
+      detail: `${what}, but synchronized_standby_slots is empty: Philotes may receive changes a standby does not have yet, and after promoting it the buffer holds a history the new primary lacks (SOURCE_DIVERGED)`,
+      fix: "on the primary: synchronized_standby_slots = '<the standby's physical slot>' (and on the standby sync_replication_slots = on, hot_standby_feedback = on, a dbname in primary_conninfo)",
+    };
+  if (standby.missing !== null)
+    return {
+      check: 'failover',
+      verdict: 'warning',
+      detail: `${what}; synchronized_standby_slots names ${standby.missing.join(', ')}, which does not exist: logical decoding waits for it`,
+      fix: 'create that physical slot for the standby, or correct synchronized_standby_slots',
+    };
+  return {
+    check: 'failover',
+    verdict: 'ok',
+    detail: `${what}; changes reach Philotes only once standby slot(s) ${standby.names} have them (${standby.active === null ? 'none streaming now' : `streaming: ${standby.active.join(', ')}`}); on the standby, pg_replication_slots.synced says whether it holds the slot`,
+    fix: null,
+  };
 }
 
 /**

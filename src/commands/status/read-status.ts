@@ -54,6 +54,8 @@ export interface SourceStatus {
   readonly lagBytes: number | null;
   readonly slotExists: boolean | null;
   readonly slotActive: boolean | null;
+  /** The slot was created with FAILOVER (PostgreSQL 17+; null before, or no slot). */
+  readonly slotFailover: boolean | null;
   /** Who holds the slot: application name, address and PID of its walsender's client. */
   readonly slotOwner: string | null;
   readonly walStatus: string | null;
@@ -196,6 +198,7 @@ async function sourceStatus(
       lagBytes: captured === null ? null : Math.max(0, Number(wal - captured)),
       slotExists: slot !== null,
       slotActive: slot?.active ?? null,
+      slotFailover: slot?.failover ?? null,
       slotOwner: owner,
       walStatus: slot?.walStatus ?? null,
       retainedWalBytes: slot === null ? null : retainedWalBytes(slot, wal),
@@ -214,6 +217,7 @@ async function sourceStatus(
       lagBytes: null,
       slotExists: null,
       slotActive: null,
+      slotFailover: null,
       slotOwner: null,
       walStatus: null,
       retainedWalBytes: null,
