@@ -5,6 +5,8 @@
  *
  *   npm run bench                 # all scenarios but fleet
  *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge | large | snapshot
+ *   npm run bench -- fleet --replicas 3   # fleet, then N replicas sharing 12 sources (bench/replicas.ts)
+ *   npm run bench -- replicas           # only the replicas (3 unless --replicas N)
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -16,6 +18,7 @@ import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
+import { runReplicas, type ReplicasResult } from './replicas.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 import { commitLatency } from './commit-latency.js';
 import { spawnPhilotes } from './philotes-process.js';
@@ -358,11 +361,18 @@ function round(n: number): number {
 }
 
 async function main(): Promise<void> {
-  const wanted = process.argv.slice(2);
+  const argv = process.argv.slice(2);
+  const replicasAt = argv.indexOf('--replicas');
+  const replicas = replicasAt >= 0 ? Number(argv[replicasAt + 1]) : null;
+  if (replicas !== null && !(Number.isInteger(replicas) && replicas >= 2))
+    throw new Error('--replicas needs a number of replicas, 2 or more');
+  const wanted =
+    replicasAt >= 0 ? argv.filter((_, i) => i !== replicasAt && i !== replicasAt + 1) : argv;
   const scenarios =
     wanted.length > 0 ? SCENARIOS.filter((s) => wanted.includes(s.name)) : SCENARIOS;
   const latencyWanted = wanted.length === 0 || wanted.includes('latency');
   const fleetWanted = wanted.includes('fleet');
+  const replicasWanted = wanted.includes('replicas') || replicas !== null;
   const hugeWanted = wanted.includes('huge');
   const largeWanted = wanted.includes('large');
   const snapshotWanted = wanted.includes('snapshot');
@@ -370,12 +380,13 @@ async function main(): Promise<void> {
     scenarios.length === 0 &&
     !latencyWanted &&
     !fleetWanted &&
+    !replicasWanted &&
     !hugeWanted &&
     !largeWanted &&
     !snapshotWanted
   ) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'huge', 'large', 'snapshot'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'replicas', 'huge', 'large', 'snapshot'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -431,6 +442,15 @@ async function main(): Promise<void> {
       );
     }
   }
+  let replicaRun: ReplicasResult | null = null;
+  if (replicasWanted) {
+    process.stderr.write(`bench: replicas: ${replicas ?? 3} replicas sharing 12 sources\n`);
+    replicaRun = await runReplicas(replicas ?? 3);
+    const r = replicaRun;
+    process.stdout.write(
+      `bench: replicas ${r.replicas}: kill -9 to all streaming p50 ${r.killP50Seconds} s, max ${r.killMaxSeconds} s (${r.killSeconds.join(', ')}); SIGTERM max ${r.stopMaxSeconds} s (${r.stopSeconds.join(', ')}); drain ${r.drain.rows} rows: 1 replica ${r.drain.oneRowsPerSecond} rows/s, ${r.replicas} replicas ${r.drain.manyRowsPerSecond} rows/s (${r.drain.ratio} ×); buffer connections per replica ${r.bufferConnectionsPerReplica.join(', ')}\n`,
+    );
+  }
   let huge: HugeRun[] | null = null;
   if (hugeWanted) {
     process.stderr.write(
@@ -471,7 +491,11 @@ async function main(): Promise<void> {
   );
   writeFileSync(
     file,
-    JSON.stringify({ machine, results, latency, fleet, huge, large, snapshot }, null, 2),
+    JSON.stringify(
+      { machine, results, latency, fleet, replicas: replicaRun, huge, large, snapshot },
+      null,
+      2,
+    ),
   );
   process.stderr.write(`bench: wrote ${file}\n`);
 }
