@@ -190,6 +190,34 @@ describe('replicas sharing the sources', () => {
     );
   }
 
+  /**
+   * No source was ever owned by two replicas at once, by the buffer's lease history: each source's
+   * epochs follow one another, and a lease is taken only once released, or taken over from an
+   * owner that let it expire (which the fence then keeps from storing).
+   */
+  async function expectOneOwnerAtATime(bufferDb: string): Promise<void> {
+    const history = await buffer.query<{ source_id: string; event: string; epoch: string }>(
+      'SELECT source_id, event, epoch::text FROM cdc_lease_history ORDER BY id',
+      [],
+      bufferDb,
+    );
+    const held = new Map<string, bigint>();
+    for (const h of history) {
+      const epoch = BigInt(h.epoch);
+      const current = held.get(h.source_id);
+      if (h.event === 'released') {
+        expect(current, `${h.source_id} released epoch ${epoch}`).toBe(epoch);
+        held.delete(h.source_id);
+        continue;
+      }
+      // Taken while another held it: only as a takeover of an expired lease, with a later epoch.
+      if (current !== undefined)
+        expect(h.event, `${h.source_id} epoch ${epoch} while ${current} held`).not.toBe('acquired');
+      expect(epoch > (current ?? 0n), `${h.source_id} epoch ${epoch}`).toBe(true);
+      held.set(h.source_id, epoch);
+    }
+  }
+
   /** Stops the load, waits until every slot has confirmed its server's WAL, checks each source. */
   async function expectExact(bufferDb: string, sources: readonly Source[]): Promise<void> {
     const stats = await Promise.all(loads.map((l) => l.stop()));
@@ -211,6 +239,7 @@ describe('replicas sharing the sources', () => {
         { what: 'every slot to confirm the load', timeoutMs: 90_000 },
       );
     }
+    await expectOneOwnerAtATime(bufferDb);
     for (const s of sources) {
       const rows = checkItemHistories(await readEvents(buffer, s.id, undefined, bufferDb));
       await assertReplayMatchesSource(s.cluster, rows, s.database);
