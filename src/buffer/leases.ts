@@ -144,15 +144,17 @@ export async function renewLeases(
   member: Member,
   ttlMs: number,
   capacity: number,
+  leaving = false,
 ): Promise<{ held: HeldLease[]; members: MemberLoad[] }> {
   // The statement's reads see the tables as they were before its own writes: the member's own
   // row and leases come from the CTEs, the others' from the tables.
   const result = await pool.query<{ held: HeldLease[]; others: MemberLoad[] }>(
     `WITH m AS (
-       INSERT INTO cdc_members (id, role, host, pid, version, capacity, expires_at)
-       VALUES ($1, $6, $2, $3, $4, $7, now() + ${ms('$5')})
+       INSERT INTO cdc_members (id, role, host, pid, version, capacity, leaving, expires_at)
+       VALUES ($1, $6, $2, $3, $4, $7, $8, now() + ${ms('$5')})
        ON CONFLICT (id) DO UPDATE
-          SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, capacity = EXCLUDED.capacity
+          SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, capacity = EXCLUDED.capacity,
+              leaving = EXCLUDED.leaving
        RETURNING id),
      l AS (
        UPDATE cdc_leases SET expires_at = now() + ${ms('$5')}
@@ -164,13 +166,16 @@ export async function renewLeases(
                       'held', (SELECT count(*) FROM cdc_leases x
                                 WHERE x.owner = o.id AND x.expires_at > now()))), '[]')
                FROM cdc_members o
-              WHERE o.expires_at > now() AND o.id <> $1 AND o.role = 'capture') AS others`,
-    [member.id, member.host, member.pid, member.version, ttlMs, member.role, capacity],
+              WHERE o.expires_at > now() AND o.id <> $1 AND o.role = 'capture'
+                AND NOT o.leaving) AS others`,
+    [member.id, member.host, member.pid, member.version, ttlMs, member.role, capacity, leaving],
   );
   const row = result.rows[0]!;
   return {
     held: row.held,
-    members: [{ id: member.id, held: row.held.length, capacity }, ...row.others],
+    members: leaving
+      ? row.others
+      : [{ id: member.id, held: row.held.length, capacity }, ...row.others],
   };
 }
 

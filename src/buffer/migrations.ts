@@ -233,6 +233,9 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
         version text NOT NULL,
         -- Its maxSources (0: no bound but the fair share): what the others may hand it.
         capacity int NOT NULL DEFAULT 0,
+        -- Stopping: it still renews the leases its readers finish with, but the others no longer
+        -- count it in the fair share, so that they take what it releases at once.
+        leaving boolean NOT NULL DEFAULT false,
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now(),
         expires_at timestamptz NOT NULL

@@ -171,8 +171,13 @@ export class BufferStore {
   }
 
   /** Registers or refreshes this member and renews its leases, in one statement (leases.ts). */
-  renewLeases(member: Member, ttlMs: number, capacity: number): ReturnType<typeof renewLeases> {
-    return renewLeases(this.leasePool, member, ttlMs, capacity);
+  renewLeases(
+    member: Member,
+    ttlMs: number,
+    capacity: number,
+    leaving = false,
+  ): ReturnType<typeof renewLeases> {
+    return renewLeases(this.leasePool, member, ttlMs, capacity, leaving);
   }
 
   /** Expires the leases of members of this host whose process is gone (leases.ts). */

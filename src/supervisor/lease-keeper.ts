@@ -93,6 +93,8 @@ export class LeaseKeeper {
   private deadlineTimer: NodeJS.Timeout | undefined;
   private renewing: Promise<void> | null = null;
   private renewFailures = 0;
+  /** Stopping: renewals say so (see leave()). */
+  private leaving = false;
   /** Standbys waiting for a chance: woken by a NOTIFY, a hand-back here, or their timer. */
   private readonly waiters = new Map<string, () => void>();
   private listener: pg.Client | null = null;
@@ -303,6 +305,24 @@ export class LeaseKeeper {
       );
   }
 
+  /**
+   * A clean stop begins: this member still renews what its readers finish with, but says it is
+   * leaving, so that the others stop counting it and take each lease the moment it is released.
+   */
+  async leave(): Promise<void> {
+    this.leaving = true;
+    await this.refresh();
+  }
+
+  /** A renewal now (or the one in flight): the members as they are, before a decision. */
+  private refresh(): Promise<void> {
+    // A failure here is the timer's to report (once per outage): this caller only waits.
+    this.renewing ??= this.renew()
+      .catch(() => undefined)
+      .finally(() => (this.renewing = null));
+    return this.renewing;
+  }
+
   /** A clean stop, after every runner stopped and released: the member leaves. */
   async stop(): Promise<void> {
     this.stopped = true;
@@ -324,6 +344,7 @@ export class LeaseKeeper {
       this.member,
       this.settings.leaseTtlMs,
       this.settings.maxSources,
+      this.leaving,
     );
     this.members = members;
     this.observer.members(members.length);
@@ -341,7 +362,7 @@ export class LeaseKeeper {
    * share and maxSources), newest first, once held for the minimum hold time.
    */
   private rebalance(): void {
-    if (this.member.role !== 'capture' || this.stopped) return;
+    if (this.member.role !== 'capture' || this.stopped || this.leaving) return;
     const share = this.share();
     const keeping = [...this.holdings.values()].filter((h) => !h.handingBack);
     const surplus = keeping.length - share;
@@ -424,7 +445,13 @@ export class LeaseKeeper {
         client.on('error', () => resolve());
         client.on('end', () => resolve());
       });
-      client.on('notification', (message) => this.wake(message.payload ?? undefined));
+      // A lease released: the member that released it may be leaving (a rolling update), and
+      // the share is then larger. Renew first, so that the standby decides on today's members.
+      client.on('notification', (message) => {
+        const sourceId = message.payload ?? undefined;
+        if (sourceId !== undefined && !this.waiters.has(sourceId)) return;
+        void this.refresh().then(() => this.wake(sourceId));
+      });
       try {
         await client.connect();
         await client.query(`LISTEN ${LEASES_CHANNEL}`);

@@ -87,6 +87,8 @@ export class Supervisor {
   async stop(): Promise<void> {
     this.stopping = true;
     this.resolveStopped();
+    // The others stop counting this process first: each lease it releases is taken at once.
+    await this.leases.leave();
     await this.reloading;
     await Promise.all(this.runners.map((r) => r.stop()));
   }

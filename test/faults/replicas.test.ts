@@ -18,7 +18,7 @@ import {
   readEvents,
   startLoad,
 } from '../support/fixture.js';
-import { freezeProcess, outputTail } from '../support/faults.js';
+import { freezeProcess, outputTail, waitForExit } from '../support/faults.js';
 import { startPhilotes, type PhilotesProcess } from '../support/philotes.js';
 import { waitFor } from '../support/poll.js';
 import { startTcpProxy, type TcpProxy } from '../support/tcp-proxy.js';
@@ -318,7 +318,7 @@ describe('replicas sharing the sources', () => {
     await expectExact(c.bufferDb, c.sources);
   });
 
-  it('a fourth replica joins: 3/3/3/3 by graceful hand-overs, never a source owned twice', async () => {
+  it('a fourth replica joins: 3/3/3/3 by graceful hand-overs, never a source owned twice; one stops: 4/4/4', async () => {
     const c = await fleet(12);
     const replicas = [replica(c.config), replica(c.config), replica(c.config)];
     await splitAs(c, replicas, [4, 4, 4]);
@@ -349,6 +349,14 @@ describe('replicas sharing the sources', () => {
       moves.map((m) => m.source_id),
       10,
     );
+
+    // A rolling update: one replica stops (SIGTERM) and its sources go to the others at once.
+    const leaving = replicas.shift()!;
+    const theirs = (await owners(c.bufferDb, c.sources)).byPid.get(leaving.pid) ?? [];
+    expect(leaving.signal('SIGTERM')).toBe(true);
+    expect(await waitForExit(leaving, 30_000)).toEqual({ code: 0, signal: null });
+    await splitAs(c, replicas, [4, 4, 4]);
+    await sourcesGrow(c.bufferDb, theirs, 10);
     await expectExact(c.bufferDb, c.sources);
   });
 
