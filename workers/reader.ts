@@ -621,7 +621,14 @@ export class SlotReader {
     if (this.failed !== null) return;
     const error = explainSourceError(failure, this.task.source);
     this.failed = error ?? new Error('unknown error');
-    if (report) this.log.error({ err: error }, 'reader failed');
+    // Asked to stop (a shutdown, a hand-over), perhaps while still starting: connections closed
+    // under a connect or a START_REPLICATION fail, and that is the stop, not a fault of the source.
+    if (report && this.stopping)
+      this.log.info(
+        { err: error },
+        'the reader met an error while stopping: what is stored stays stored',
+      );
+    else if (report) this.log.error({ err: error }, 'reader failed');
     for (const w of this.creditWaiters.splice(0)) w();
     for (const w of this.durableWaiters.splice(0)) w();
     for (const w of this.recordWaiters.splice(0)) w.resolve();
