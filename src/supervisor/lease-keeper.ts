@@ -284,9 +284,11 @@ export class LeaseKeeper {
   async release(lease: HeldLease): Promise<void> {
     const held = this.holdings.get(lease.sourceId)?.lease.epoch === lease.epoch;
     this.forget(lease);
-    if (!held) return;
+    // Given up here but perhaps still ours in the buffer (a deadline passed while renewals
+    // failed): release it there too, or it would be renewed with the others and block the
+    // source. A lease another member took is not touched (owner and epoch must match).
     await this.giveBack(lease);
-    this.observer.change('released', lease.sourceId, this.owned());
+    if (held) this.observer.change('released', lease.sourceId, this.owned());
   }
 
   /** A store of this source was refused by the fence (the caller stands by). */

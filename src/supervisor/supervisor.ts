@@ -4,6 +4,7 @@
  * with a reload (SIGHUP): added ones start, removed ones stop gracefully with their final
  * checkpoint (their slots stay), changed ones restart; the others are not touched.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config, SourceConfig } from '../common/config.js';
 import type { Logger } from '../common/logger.js';
 import type { Metrics } from '../http/metrics.js';
@@ -12,6 +13,9 @@ import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';
 import { BatchWriter } from './batch-writer.js';
 import { LeaseKeeper } from './lease-keeper.js';
+
+/** How long a stop waits to tell the buffer this process is leaving. */
+const LEAVE_WAIT_MS = 1_000;
 
 export interface ReloadResult {
   readonly added: string[];
@@ -87,8 +91,9 @@ export class Supervisor {
   async stop(): Promise<void> {
     this.stopping = true;
     this.resolveStopped();
-    // The others stop counting this process first: each lease it releases is taken at once.
-    await this.leases.leave();
+    // The others stop counting this process first: each lease it releases is taken at once. A
+    // buffer that does not answer must not hold the stop up (the leases then expire).
+    await Promise.race([this.leases.leave(), sleep(LEAVE_WAIT_MS)]);
     await this.reloading;
     await Promise.all(this.runners.map((r) => r.stop()));
   }
