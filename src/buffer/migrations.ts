@@ -285,6 +285,83 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       $fence$;
     `,
   },
+  {
+    version: 9,
+    name: 'consumers and their positions',
+    sql: `
+      -- A consumer is a named group that reads the buffer; its position per source is the last
+      -- event it has taken for done, (lsn, seq). A source's events are committed in (lsn, seq)
+      -- order, one buffer transaction at a time (the lease's epochs follow one another), so a
+      -- position per source is enough: nothing is ever committed below it later.
+      CREATE TABLE IF NOT EXISTS cdc_consumers (
+        name text PRIMARY KEY,
+        created_at timestamptz NOT NULL DEFAULT now()
+      );
+      CREATE TABLE IF NOT EXISTS cdc_consumer_offsets (
+        consumer text NOT NULL REFERENCES cdc_consumers (name) ON DELETE CASCADE,
+        source_id text NOT NULL,
+        lsn pg_lsn NOT NULL,
+        seq int NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, source_id)
+      );
+      CREATE OR REPLACE FUNCTION philotes_create_consumer(p_consumer text)
+      RETURNS void LANGUAGE sql AS $fn$
+        INSERT INTO cdc_consumers (name) VALUES (p_consumer) ON CONFLICT (name) DO NOTHING
+      $fn$;
+      -- The documented read: the consumer's next events of a source, in (lsn, seq) order, at most
+      -- p_limit, whole transactions only. Events at or past the source's checkpoint belong to a
+      -- transaction not completely stored yet (a large one stored in parts, or one a crash cut
+      -- off, which the next start removes): they are never returned. An index range on the
+      -- primary key (source_id, lsn, seq).
+      CREATE OR REPLACE FUNCTION philotes_read(p_consumer text, p_source text, p_limit int DEFAULT 1000)
+      RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE AS $fn$
+      DECLARE
+        v_lsn pg_lsn := '0/0';
+        v_seq int := -1;
+        v_end pg_lsn;
+      BEGIN
+        IF NOT EXISTS (SELECT 1 FROM cdc_consumers WHERE name = p_consumer) THEN
+          RAISE EXCEPTION 'philotes_read: unknown consumer %: create it with philotes_create_consumer(%)',
+            p_consumer, quote_literal(p_consumer) USING ERRCODE = 'PH002';
+        END IF;
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source;
+        IF NOT FOUND THEN v_lsn := '0/0'; v_seq := -1; END IF;
+        -- Read first: the events below it were committed with it (or before), so the query
+        -- below, on a later snapshot, sees every one of them.
+        SELECT c.lsn::pg_lsn INTO v_end FROM cdc_checkpoints c WHERE c.source_id = p_source;
+        IF v_end IS NULL THEN RETURN; END IF;
+        RETURN QUERY
+          SELECT e.* FROM cdc_events e
+           WHERE e.source_id = p_source AND (e.lsn, e.seq) > (v_lsn, v_seq) AND e.lsn < v_end
+           ORDER BY e.lsn, e.seq
+           LIMIT p_limit;
+      END
+      $fn$;
+      -- The documented commit: the consumer has done everything up to (p_lsn, p_seq). Run it in
+      -- the transaction that stores the consumer's effects, and the effects happen exactly once.
+      -- A position behind the committed one is refused: two readers of one group and source.
+      CREATE OR REPLACE FUNCTION philotes_commit(p_consumer text, p_source text, p_lsn pg_lsn, p_seq int)
+      RETURNS void LANGUAGE plpgsql AS $fn$
+      DECLARE
+        v_lsn pg_lsn;
+        v_seq int;
+      BEGIN
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source FOR UPDATE;
+        IF FOUND AND (p_lsn, p_seq) < (v_lsn, v_seq) THEN
+          RAISE EXCEPTION 'philotes_commit: consumer % is at %/% of source %, past %/%: another reader of this group moved it',
+            p_consumer, v_lsn, v_seq, p_source, p_lsn, p_seq USING ERRCODE = 'PH003';
+        END IF;
+        INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq)
+        VALUES (p_consumer, p_source, p_lsn, p_seq)
+        ON CONFLICT (consumer, source_id) DO UPDATE
+           SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, committed_at = now();
+      END
+      $fn$;
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

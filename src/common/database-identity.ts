@@ -27,5 +27,7 @@ export const BUFFER_TABLES = [
   'cdc_members',
   'cdc_leases',
   'cdc_lease_history',
+  'cdc_consumers',
+  'cdc_consumer_offsets',
   'philotes_migrations',
 ];
