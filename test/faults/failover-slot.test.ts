@@ -75,7 +75,9 @@ describe('a failover slot across a promotion', () => {
   const env = (source: Cluster) =>
     philotesEnv(source, buffer, { PHILOTES_CDC_FAILOVER: 'on', PHILOTES_CDC_SNAPSHOT: 'never' });
 
-  it('resumes exactly on the promoted standby, with no gap', async (ctx) => {
+  // The standby's slot sync worker naps up to 30 s between rounds: about 25 s here for the
+  // slot to be synced and persistent, more on a loaded machine. Room for that, not a hang.
+  it('resumes exactly on the promoted standby, with no gap', { timeout: 240_000 }, async (ctx) => {
     if (version < 170000) ctx.skip();
     const promoted = standby!;
     philotes = startPhilotes(env(primary));
@@ -108,7 +110,7 @@ describe('a failover slot across a promotion', () => {
           );
           return slot?.synced === true && !slot.temporary;
         },
-        { what: 'the standby to sync the failover slot', timeoutMs: 60_000 },
+        { what: 'the standby to sync the failover slot', timeoutMs: 120_000 },
       );
       await waitForEventGrowth(buffer, await countEvents(buffer), 200);
       // The failover, under load: the primary goes, the standby is promoted.
