@@ -36,6 +36,7 @@ import {
   type Member,
 } from './leases.js';
 import { migrate } from './migrations.js';
+import { EventWakeups } from './wakeups.js';
 import { createSnapshot, endSnapshot, pendingSnapshot, requestSnapshot } from './snapshots.js';
 import { recordSourceStatus, removeSourceStatus, type SourceStatusRow } from './source-status.js';
 import { storeGroup, type StoredGroup, type StoreGroupPart } from './writes.js';
@@ -208,6 +209,13 @@ export class BufferStore {
     return leaveMembers(this.leasePool, memberId);
   }
 
+  /** Wakes the consumers of sources whose checkpoint moved (wakeups.ts), created on first use. */
+  get wakeups(): EventWakeups {
+    this.wakeupsValue ??= new EventWakeups(this.pool, this.log);
+    return this.wakeupsValue;
+  }
+  private wakeupsValue: EventWakeups | null = null;
+
   /** Several sources' batches in ONE transaction, each source's checkpoint with them (writes.ts). */
   storeGroup(parts: readonly StoreGroupPart[]): Promise<StoredGroup[]> {
     return storeGroup(this.pool, this.log, parts, this.book);
@@ -234,6 +242,7 @@ export class BufferStore {
   }
 
   async close(): Promise<void> {
+    await this.wakeupsValue?.stop();
     await Promise.all([this.pool.end(), this.leasePool.end()]);
   }
 }

@@ -185,12 +185,18 @@ export class BatchWriter {
       this.observer.transaction(group.length, durationMs);
       const storedAt = Date.now();
       group.forEach((part, i) => part.writer.stored(part, results[i]!, durationMs, storedAt));
+      this.wake(group.filter((_, i) => results[i]!.checkpointLsn !== null));
     } finally {
       for (const part of group) {
         this.addBytes(-part.bytes);
         part.writer.settled();
       }
     }
+  }
+
+  /** New events below these sources' checkpoints: their consumers are woken (wakeups.ts). */
+  private wake(parts: readonly Part[]): void {
+    if (parts.length > 0) this.store.wakeups.stored(parts.map((p) => p.writer.source.id));
   }
 
   private async writeAlone(group: readonly Part[]): Promise<void> {
@@ -203,6 +209,7 @@ export class BatchWriter {
         const durationMs = performance.now() - started;
         this.observer.transaction(1, durationMs);
         part.writer.stored(part, result!, durationMs, Date.now());
+        if (result!.checkpointLsn !== null) this.wake([part]);
       } catch (error) {
         part.writer.fail(error);
       }

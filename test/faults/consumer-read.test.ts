@@ -4,7 +4,8 @@
  * its commit moves the checkpoint; a kill -9 in the middle leaves those rows in cdc_events until
  * the next start removes them. A consumer reading meanwhile must see none of them, and a
  * consumer that commits its position in the transaction of its effects (rows in a table of its
- * own) ends with exactly the buffer's events: nothing lost, nothing applied twice.
+ * own) ends with exactly the buffer's events: nothing lost, nothing applied twice. A consumer
+ * LISTENing on philotes_events is woken when there is something new to read.
  */
 import type pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -71,6 +72,7 @@ describe('consuming the buffer through philotes_read', () => {
       PHILOTES_CDC_BATCH_MAX_ROWS: '1000',
       PHILOTES_CDC_SNAPSHOT: 'never',
     });
+    await philotes?.kill9(); // this case's own settings, whatever ran before
     philotes = startPhilotes(env);
     await waitForSlotActive(f.source);
     consumer = await connect(f.buffer, 'buffer');
@@ -160,5 +162,32 @@ describe('consuming the buffer through philotes_read', () => {
     await expect(
       consumer.query(`SELECT philotes_commit('app_consumer', 'app', '0/1', 0)`),
     ).rejects.toMatchObject({ code: 'PH003' });
+  });
+
+  it('wakes a consumer LISTENing on philotes_events when new events can be read', async () => {
+    if (philotes?.proc.exitCode !== null || philotes === undefined) {
+      philotes = startPhilotes(f.env({ PHILOTES_CDC_SNAPSHOT: 'never' }));
+      await waitForSlotActive(f.source);
+    }
+    const listener = await connect(f.buffer, 'buffer');
+    try {
+      const woken: string[] = [];
+      listener.on('notification', (n) => woken.push(n.payload ?? ''));
+      await listener.query('LISTEN philotes_events');
+      await listener.query(`SELECT philotes_create_consumer('woken')`);
+      await f.source.query(`INSERT INTO items (client, name) VALUES (7, 'wake me')`, [], 'app');
+      await waitFor(() => woken.includes('app'), {
+        what: 'a wake-up for source app',
+        timeoutMs: 30_000,
+        intervalMs: 10,
+      });
+      // Woken, the read finds the event (the wake-up follows the commit that made it readable).
+      const events = await listener.query<{ name: string }>(
+        `SELECT after->>'name' AS name FROM philotes_read('woken', 'app', 1000000)`,
+      );
+      expect(events.rows.map((e) => e.name)).toContain('wake me');
+    } finally {
+      await listener.end();
+    }
   });
 });
