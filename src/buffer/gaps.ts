@@ -3,7 +3,7 @@
  * retracted range's events moved to cdc_retracted_events (see docs/design/source-history.md).
  */
 import type pg from 'pg';
-import { asFencedError, type LeaseBook } from './leases.js';
+import { inFencedTransaction, type LeaseBook } from './leases.js';
 import type { SourceIdentity } from '../common/source-history.js';
 import { deleteEventsFrom, IDENTITY_COLUMNS, identityValues } from './checkpoints.js';
 import { insertSnapshot } from './snapshots.js';
@@ -47,11 +47,7 @@ export async function recordGap(
   retractedEvents: number;
   snapshotId: number | null;
 }> {
-  const client = await pool.connect();
-  try {
-    await client.query('BEGIN');
-    const fence = book?.fence(client, [reset.sourceId]);
-    if (fence) await client.query(fence);
+  return inFencedTransaction(pool, book, reset.sourceId, async (client) => {
     const gapIds: number[] = [];
     let retractedEvents = 0;
     let retractedSnapshotRows = 0;
@@ -111,12 +107,6 @@ export async function recordGap(
       snapshotReason === null
         ? null
         : await insertSnapshot(client, reset.sourceId, snapshotReason, true);
-    await client.query('COMMIT');
     return { gapIds, removedEvents: removed.rowCount ?? 0, retractedEvents, snapshotId };
-  } catch (error) {
-    await client.query('ROLLBACK').catch(() => undefined);
-    throw asFencedError(error) ?? error;
-  } finally {
-    client.release();
-  }
+  });
 }

@@ -64,35 +64,19 @@ export function fenceStatement(
 }
 
 /**
- * The leases this process holds, by source: what each store is fenced with. A store for a source
- * whose lease is not here is refused before it begins.
+ * The leases this process holds, as its stores see them: what each store is fenced with. A store
+ * for a source whose lease is not held is refused before it begins. A view of whoever keeps the
+ * leases (the lease keeper), not a copy of them.
  */
 export class LeaseBook {
-  private readonly held = new Map<string, HeldLease>();
-
-  constructor(readonly owner: string) {}
-
-  hold(lease: HeldLease): void {
-    this.held.set(lease.sourceId, lease);
-  }
-
-  /** Forgets the lease of a source (lost or released); only that very lease, if given. */
-  drop(sourceId: string, lease?: HeldLease): void {
-    if (lease === undefined || this.held.get(sourceId)?.epoch === lease.epoch)
-      this.held.delete(sourceId);
-  }
-
-  get(sourceId: string): HeldLease | undefined {
-    return this.held.get(sourceId);
-  }
-
-  all(): HeldLease[] {
-    return [...this.held.values()];
-  }
+  constructor(
+    readonly owner: string,
+    private readonly held: (sourceId: string) => HeldLease | undefined,
+  ) {}
 
   /** The fence for a transaction storing for these sources; FencedError if one is not held. */
   fence(client: pg.ClientBase, sourceIds: readonly string[]): string {
-    const leases = [...new Set(sourceIds)].map((id) => this.held.get(id) ?? id);
+    const leases = [...new Set(sourceIds)].map((id) => this.held(id) ?? id);
     const missing = leases.filter((l): l is string => typeof l === 'string');
     if (missing.length > 0) throw new FencedError(missing);
     return fenceStatement(client, this.owner, leases as HeldLease[]);

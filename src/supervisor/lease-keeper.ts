@@ -120,14 +120,12 @@ export class LeaseKeeper {
     private readonly observer: LeaseObserver = NO_OBSERVER,
   ) {
     this.member = { id: memberId, role, host: hostname(), pid: process.pid, version };
-    this.book = new LeaseBook(this.member.id);
+    this.book = new LeaseBook(this.member.id, (id) => this.holdings.get(id)?.lease);
   }
 
   /** Registers this member, then renews every interval and checks the deadlines more often. */
   async start(): Promise<void> {
-    await this.renew().catch((error: unknown) =>
-      this.log.warn({ err: error }, 'registering this process in the buffer failed; retrying'),
-    );
+    await this.refresh();
     if (this.member.role === 'capture') {
       const gone = await this.store
         .expireGoneMembers(this.member, processGone)
@@ -139,21 +137,7 @@ export class LeaseKeeper {
         );
       void this.listen();
     }
-    this.renewTimer = setInterval(() => {
-      this.renewing ??= this.renew()
-        .then(() => {
-          if (this.renewFailures > 0)
-            this.log.info({ failures: this.renewFailures }, 'renewing the leases works again');
-          this.renewFailures = 0;
-          this.rebalance();
-        })
-        .catch((error: unknown) => {
-          // Once per outage at warn: the buffer's own state is reported elsewhere.
-          if (this.renewFailures++ === 0)
-            this.log.warn({ err: error }, 'renewing the leases failed; retrying every interval');
-        })
-        .finally(() => (this.renewing = null));
-    }, this.settings.leaseRenewIntervalMs);
+    this.renewTimer = setInterval(() => void this.refresh(), this.settings.leaseRenewIntervalMs);
     this.renewTimer.unref();
     // A check each quarter interval keeps a late timer from stretching the margin much.
     this.deadlineTimer = setInterval(
@@ -178,7 +162,7 @@ export class LeaseKeeper {
   /** Who holds the source's lease: this member, or the one its last ask found (null: nobody). */
   ownerOf(sourceId: string): string | null {
     if (this.holdings.has(sourceId)) return this.member.id;
-    return this.seenOwner.get(sourceId) ?? null;
+    return this.seen.get(sourceId)?.owner ?? null;
   }
 
   /** Live capturing members as the last renewal saw them, this one first. */
@@ -217,11 +201,11 @@ export class LeaseKeeper {
       this.acquiring.delete(sourceId);
     }
     if (result.lease === null) {
-      this.hint.set(sourceId, result.expiresInMs);
-      this.seenOwner.set(
-        sourceId,
-        result.expiresInMs !== null && result.expiresInMs > 0 ? result.heldBy : null,
-      );
+      const live = result.expiresInMs !== null && result.expiresInMs > 0;
+      this.seen.set(sourceId, {
+        owner: live ? result.heldBy : null,
+        expiresInMs: result.expiresInMs,
+      });
       if (result.terminated > 0)
         this.log.warn(
           { source: sourceId, owner: result.heldBy, sessions: result.terminated },
@@ -230,7 +214,7 @@ export class LeaseKeeper {
       return null;
     }
     const { lease } = result;
-    this.hint.delete(sourceId);
+    this.seen.delete(sourceId);
     let lose: (error: LeaseLostError) => void = () => undefined;
     const lost = new Promise<never>((_, reject) => (lose = reject));
     lost.catch(() => undefined);
@@ -241,7 +225,6 @@ export class LeaseKeeper {
       lose,
       handingBack: false,
     });
-    this.book.hold(lease);
     this.observer.change(result.event, sourceId, this.owned());
     this.log.info(
       { source: sourceId, epoch: lease.epoch, previous: result.previous },
@@ -252,17 +235,18 @@ export class LeaseKeeper {
     return { lease, lost };
   }
 
-  /** When the lease a standby asked for expires, if another holds it (ms from the answer). */
-  private readonly hint = new Map<string, number | null>();
-  /** The member a standby's last ask found holding the lease. */
-  private readonly seenOwner = new Map<string, string | null>();
+  /**
+   * What a standby's last ask found: the member holding the lease, and when that lease expires
+   * unless renewed (ms from the answer; null if nobody held it).
+   */
+  private readonly seen = new Map<string, { owner: string | null; expiresInMs: number | null }>();
 
   /**
    * A standby's wait before asking again: until a lease is released (NOTIFY), the one it waits
    * for would expire, or STANDBY_POLL_MS, whichever comes first.
    */
   async waitForChance(sourceId: string, signal: AbortSignal): Promise<void> {
-    const expiresIn = this.hint.get(sourceId) ?? null;
+    const expiresIn = this.seen.get(sourceId)?.expiresInMs ?? null;
     const ms =
       expiresIn === null
         ? STANDBY_POLL_MS
@@ -316,11 +300,23 @@ export class LeaseKeeper {
     await this.refresh();
   }
 
-  /** A renewal now (or the one in flight): the members as they are, before a decision. */
+  /**
+   * A renewal now, or the one in flight (the timer's, or one asked for so that a decision sees
+   * today's members), then the rebalancing it allows. Never rejects.
+   */
   private refresh(): Promise<void> {
-    // A failure here is the timer's to report (once per outage): this caller only waits.
     this.renewing ??= this.renew()
-      .catch(() => undefined)
+      .then(() => {
+        if (this.renewFailures > 0)
+          this.log.info({ failures: this.renewFailures }, 'renewing the leases works again');
+        this.renewFailures = 0;
+        this.rebalance();
+      })
+      .catch((error: unknown) => {
+        // Once per outage at warn: the buffer's own state is reported elsewhere.
+        if (this.renewFailures++ === 0)
+          this.log.warn({ err: error }, 'renewing the leases failed; retrying every interval');
+      })
       .finally(() => (this.renewing = null));
     return this.renewing;
   }
@@ -392,11 +388,6 @@ export class LeaseKeeper {
     }
   }
 
-  /** Whether the lease is being handed back (its reader stops by request, not by failure). */
-  isHandingBack(sourceId: string): boolean {
-    return this.holdings.get(sourceId)?.handingBack === true;
-  }
-
   /**
    * The buffer counts a lease's TTL from its renewal's start, which is after we sent it: stopping
    * one renewal interval before TTL has passed since sending is always before it expires there.
@@ -416,7 +407,6 @@ export class LeaseKeeper {
   private forget(lease: HeldLease): void {
     if (this.holdings.get(lease.sourceId)?.lease.epoch !== lease.epoch) return;
     this.holdings.delete(lease.sourceId);
-    this.book.drop(lease.sourceId, lease);
   }
 
   private lose(lease: HeldLease, reason: string): void {

@@ -97,9 +97,9 @@ export class ReaderRun {
   }
 
   /** Resolves when the reader stopped cleanly; rejects with why it did not. */
-  async wait(lockLost: Promise<never>): Promise<void> {
+  async wait(leaseLost: Promise<never>): Promise<void> {
     try {
-      const result = await Promise.race([this.task, this.writerFailed, lockLost]);
+      const result = await Promise.race([this.task, this.writerFailed, leaseLost]);
       if (result.error) throw new ReaderError(result.error);
     } catch (failure) {
       await this.abort();

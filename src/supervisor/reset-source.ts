@@ -132,7 +132,7 @@ export async function resetSource(
 }
 
 /**
- * The reset itself, for a caller that holds the source's lock and a connection to it: the command
+ * The reset itself, for a caller that holds the source's lease and a connection to it: the command
  * above, and a source with `snapshot: when_needed` that recovers from a lost slot by itself.
  */
 export async function resetWith(

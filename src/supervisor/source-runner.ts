@@ -46,7 +46,7 @@ export type SourceState =
   | 'stopping'
   | 'stopped'
   | 'failed'
-  /** Another process holds the source's lock in the buffer and captures it; this one waits. */
+  /** Another process holds the source's lease and captures it (or this one has its share); this one waits. */
   | 'standby';
 
 /** Every state, for the metrics' label values. */
@@ -406,7 +406,7 @@ export class SourceRunner implements ReaderRunListener {
   /**
    * Ready while streaming steadily, and for a grace period after it stopped (restarts are
    * normal: server restarts, failovers), however many attempts it makes meanwhile. A source
-   * that failed for good is never ready. A standby is: the process that holds the source's lock
+   * that failed for good is never ready. A standby is: the process that holds the source's lease
    * captures it, and this one is doing what it should, waiting to take over.
    */
   isReady(now = Date.now()): boolean {
@@ -603,7 +603,7 @@ export class SourceRunner implements ReaderRunListener {
       this.setState('starting');
     }
     try {
-      await this.runLocked(held.lost);
+      await this.runLeased(held.lost);
       if (this.handingBack) {
         this.log.info('handed the source back: its reader stored and confirmed what it had');
         this.setState('standby');
@@ -636,9 +636,9 @@ export class SourceRunner implements ReaderRunListener {
     return true;
   }
 
-  private async runLocked(lockLost: Promise<never>): Promise<void> {
+  private async runLeased(leaseLost: Promise<never>): Promise<void> {
     try {
-      await this.runReader(lockLost);
+      await this.runReader(leaseLost);
     } catch (error) {
       if (this.stopping || this.source.snapshot !== 'when_needed' || !isLostChanges(error))
         throw error;
@@ -657,11 +657,11 @@ export class SourceRunner implements ReaderRunListener {
         },
         `changes were lost (${oneLine((error as Error).message)}); snapshot: when_needed recorded gap #${recovered.gap!.id} in cdc_gaps (${recovered.gap!.fromLsn} to ${recovered.gap!.toLsn}) and begins snapshot #${recovered.snapshotId} of every published table`,
       );
-      await this.runReader(lockLost);
+      await this.runReader(leaseLost);
     }
   }
 
-  private async runReader(lockLost: Promise<never>): Promise<void> {
+  private async runReader(leaseLost: Promise<never>): Promise<void> {
     const checkpoint = await this.store.prepareSource(this.source.id);
     if (checkpoint) this.noteCheckpoint(checkpoint.lsn);
     // Before any snapshot asked for is handed over: the tables it names must be published.
@@ -695,7 +695,7 @@ export class SourceRunner implements ReaderRunListener {
     this.current = run;
     const poll = setInterval(() => void this.pollSnapshot(run), SNAPSHOT_POLL_MS);
     try {
-      await run.wait(lockLost);
+      await run.wait(leaseLost);
       this.log.info('reader stopped cleanly');
     } finally {
       clearInterval(poll);

@@ -12,7 +12,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseLsn } from '../../src/common/lsn.js';
 import { startCluster, startClusterFromCopy, type Cluster } from '../support/cluster.js';
-import { waitForSlotActive } from '../support/fixture.js';
+import { philotesEnv, waitForSlotActive } from '../support/fixture.js';
 import { outputTail, waitForExit } from '../support/faults.js';
 import {
   runPhilotesToExit,
@@ -49,25 +49,11 @@ describe('a source with another history', () => {
   }
 
   function env(name: string, source: Cluster, extra: Record<string, string> = {}) {
-    return {
-      PHILOTES_CDC_SOURCE_HOST: source.host,
-      PHILOTES_CDC_SOURCE_PORT: String(source.port),
-      PHILOTES_CDC_SOURCE_DATABASE: 'app',
-      PHILOTES_CDC_SOURCE_USER: source.user,
-      PHILOTES_CDC_SOURCE_PASSWORD: source.password,
+    return philotesEnv(source, buffer, {
       PHILOTES_CDC_SOURCE_ID: name,
-      PHILOTES_BUFFER_HOST: buffer.host,
-      PHILOTES_BUFFER_PORT: String(buffer.port),
       PHILOTES_BUFFER_DATABASE: name,
-      PHILOTES_BUFFER_USER: buffer.user,
-      PHILOTES_BUFFER_PASSWORD: buffer.password,
-      PHILOTES_METRICS_PORT: '0',
-      PHILOTES_CDC_CHECKPOINT_INTERVAL: '1s',
-      PHILOTES_RESTART_MIN_DELAY: '100ms',
-      PHILOTES_RESTART_MAX_DELAY: '2s',
-      PHILOTES_LOG_LEVEL: 'info',
       ...extra,
-    };
+    });
   }
 
   const b = <T = Record<string, unknown>>(db: string, sql: string, params: unknown[] = []) =>

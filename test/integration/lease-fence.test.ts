@@ -7,7 +7,13 @@
 import { hostname } from 'node:os';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BufferStore, FencedError, LeaseBook, newMemberId } from '../../src/buffer/store.js';
+import {
+  BufferStore,
+  FencedError,
+  LeaseBook,
+  newMemberId,
+  type HeldLease,
+} from '../../src/buffer/store.js';
 import { bufferApplicationName, type Member } from '../../src/buffer/leases.js';
 import type { ConnectionConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
@@ -23,15 +29,23 @@ describe('the lease fence', () => {
   const stores: BufferStore[] = [];
   const clients: pg.Client[] = [];
 
-  /** A member with its own store (and so its own, named, buffer sessions). */
-  async function member(): Promise<{ member: Member; store: BufferStore }> {
+  /**
+   * A member with its own store (and so its own, named, buffer sessions), fencing its stores
+   * with the leases it was given to `hold` (the lease keeper's part).
+   */
+  async function member(): Promise<{
+    member: Member;
+    store: BufferStore;
+    hold: (lease: HeldLease) => void;
+  }> {
     const id = newMemberId(hostname(), process.pid);
     const store = await BufferStore.open(conn, log, 3, id);
     stores.push(store);
-    store.book = new LeaseBook(id);
+    const held = new Map<string, HeldLease>();
+    store.book = new LeaseBook(id, (source) => held.get(source));
     const m: Member = { id, role: 'capture', host: hostname(), pid: process.pid, version: 'test' };
     await store.renewLeases(m, TTL_MS, 0);
-    return { member: m, store };
+    return { member: m, store, hold: (lease) => held.set(lease.sourceId, lease) };
   }
 
   /** A session of `memberId`'s own, as a transaction it left open would be. */
@@ -78,7 +92,7 @@ describe('the lease fence', () => {
     const b = await member();
     const first = await a.store.acquireLease(a.member.id, 'src_wait', TTL_MS);
     expect(first.lease).not.toBeNull();
-    a.store.book!.hold(first.lease!);
+    a.hold(first.lease!);
     // Another live member holds it: refused without waiting.
     expect((await b.store.acquireLease(b.member.id, 'src_wait', TTL_MS)).lease).toBeNull();
 
@@ -118,7 +132,7 @@ describe('the lease fence', () => {
     const a = await member();
     const b = await member();
     const first = await a.store.acquireLease(a.member.id, 'src_commit', TTL_MS);
-    a.store.book!.hold(first.lease!);
+    a.hold(first.lease!);
     const inFlight = await sessionOf(a.member.id);
     await inFlight.query(
       `BEGIN; ${a.store.book!.fence(inFlight, ['src_commit'])}; INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason) VALUES ('src_commit', 's', '0/1', '0/2', 'test')`,
@@ -160,7 +174,7 @@ describe('the lease fence', () => {
     const a = await member();
     const b = await member();
     for (const id of ['src_g1', 'src_g2'])
-      a.store.book!.hold((await a.store.acquireLease(a.member.id, id, TTL_MS)).lease!);
+      a.hold((await a.store.acquireLease(a.member.id, id, TTL_MS)).lease!);
     await expire('src_g2');
     expect((await b.store.acquireLease(b.member.id, 'src_g2', TTL_MS)).lease).not.toBeNull();
     const client = await sessionOf(a.member.id);
