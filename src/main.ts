@@ -2,7 +2,7 @@
 /**
  * philotes-worker: the command line. This file only wires the commands; each lives in
  * src/commands/ with its definition, action and rendering: `run` (the default: capture until
- * SIGTERM/SIGINT), `reset-source`, `snapshot`, `check`, `status`, `ddl-trigger`, `print-config`.
+ * SIGTERM/SIGINT), `reset-source`, `snapshot`, `check`, `status`, `consume`, `ddl-trigger`, `print-config`.
  *
  * Exit codes: 0 after a clean stop, 2 for configuration or source errors a person must fix (and
  * for a bad command line), 1 for anything else (for `status`: something could not be read).
@@ -13,6 +13,7 @@
 import { Command, CommanderError } from 'commander';
 import { closest } from './common/closest.js';
 import { registerCheck } from './commands/check.js';
+import { registerConsume } from './commands/consume.js';
 import { setConfigPath, version } from './commands/cli.js';
 import { registerDdlTrigger } from './commands/ddl-trigger.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './common/exit.js';
@@ -68,6 +69,7 @@ registerRun(program);
 registerResetSource(program);
 registerSnapshot(program);
 registerCheck(program);
+registerConsume(program);
 registerStatus(program);
 registerDdlTrigger(program);
 registerPrintConfig(program);

@@ -46,11 +46,14 @@ export async function recordGap(
   removedEvents: number;
   retractedEvents: number;
   snapshotId: number | null;
+  /** Consumers that had taken retracted events: they undo them before they read on. */
+  rewoundConsumers: string[];
 }> {
   return inFencedTransaction(pool, book, reset.sourceId, async (client) => {
     const gapIds: number[] = [];
     let retractedEvents = 0;
     let retractedSnapshotRows = 0;
+    const rewoundConsumers: string[] = [];
     for (const gap of reset.gaps) {
       const inserted = await client.query<{ id: string }>(
         `INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason, details)
@@ -72,6 +75,7 @@ export async function recordGap(
         );
         retractedEvents += Number(moved.rows[0]!.events);
         retractedSnapshotRows += Number(moved.rows[0]!.snapshot_rows);
+        rewoundConsumers.push(...(await rewindConsumers(client, reset.sourceId, gap.fromLsn, id)));
       }
     }
     const removed = await deleteEventsFrom(client, reset.sourceId, reset.checkpointLsn);
@@ -107,6 +111,42 @@ export async function recordGap(
       snapshotReason === null
         ? null
         : await insertSnapshot(client, reset.sourceId, snapshotReason, true);
-    return { gapIds, removedEvents: removed.rowCount ?? 0, retractedEvents, snapshotId };
+    return {
+      gapIds,
+      removedEvents: removed.rowCount ?? 0,
+      retractedEvents,
+      snapshotId,
+      rewoundConsumers,
+    };
   });
+}
+
+/**
+ * Consumers whose position is past the start of a retracted range had taken events of the lost
+ * history: each goes back to just before the range (the new history's events there are still
+ * to come, and would otherwise be skipped: a silent gap), with a retraction to undo first, up to
+ * where it was (cdc_consumer_retractions, migration 10).
+ */
+async function rewindConsumers(
+  client: pg.PoolClient,
+  sourceId: string,
+  fromLsn: string,
+  gapId: number,
+): Promise<string[]> {
+  const result = await client.query<{ consumer: string }>(
+    `WITH past AS (
+       SELECT consumer, lsn, seq FROM cdc_consumer_offsets
+        WHERE source_id = $1 AND (lsn, seq) >= ($2::pg_lsn, 0) FOR UPDATE),
+     pending AS (
+       INSERT INTO cdc_consumer_retractions (consumer, source_id, gap_id, upto_lsn, upto_seq)
+       SELECT p.consumer, $1, $3, p.lsn, p.seq FROM past p
+        WHERE EXISTS (SELECT 1 FROM cdc_retracted_events x
+                       WHERE x.gap_id = $3 AND x.source_id = $1
+                         AND (x.lsn, x.seq) <= (p.lsn, p.seq)))
+     UPDATE cdc_consumer_offsets o SET lsn = $2::pg_lsn, seq = -1, committed_at = now()
+       FROM past p WHERE o.consumer = p.consumer AND o.source_id = $1
+     RETURNING o.consumer`,
+    [sourceId, fromLsn, gapId],
+  );
+  return result.rows.map((r) => r.consumer);
 }

@@ -17,11 +17,24 @@ export function newMemberId(host: string, pid: number): string {
   return `${host}:${pid}:${randomBytes(4).toString('hex')}`;
 }
 
+/**
+ * The lease of one source for one consumer group, in cdc_leases beside the sources' own: a source
+ * id never holds a ':' (config-fields.ts), so the keys cannot meet.
+ */
+export function consumerLeaseKey(group: string, sourceId: string): string {
+  return `consumer:${group}:${sourceId}`;
+}
+
 /** This process as a member of the buffer's fleet. */
 export interface Member {
   readonly id: string;
-  /** 'capture' for a running process; 'command' for one that holds a lease for a moment. */
-  readonly role: 'capture' | 'command';
+  /**
+   * 'capture' for a running process; 'command' for one that holds a lease for a moment;
+   * 'consumer' for a member of a consumer group (its leases are consumerLeaseKey's).
+   */
+  readonly role: 'capture' | 'command' | 'consumer';
+  /** A consumer's group: its fair share counts the group's members only. */
+  readonly group?: string | undefined;
   readonly host: string;
   readonly pid: number;
   readonly version: string;
@@ -134,8 +147,9 @@ export async function renewLeases(
   // row and leases come from the CTEs, the others' from the tables.
   const result = await pool.query<{ held: HeldLease[]; others: MemberLoad[] }>(
     `WITH m AS (
-       INSERT INTO cdc_members (id, role, host, pid, version, capacity, leaving, expires_at)
-       VALUES ($1, $6, $2, $3, $4, $7, $8, now() + ${ms('$5')})
+       INSERT INTO cdc_members (id, role, host, pid, version, capacity, leaving, expires_at,
+                                consumer_group)
+       VALUES ($1, $6, $2, $3, $4, $7, $8, now() + ${ms('$5')}, $9)
        ON CONFLICT (id) DO UPDATE
           SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, capacity = EXCLUDED.capacity,
               leaving = EXCLUDED.leaving
@@ -150,9 +164,19 @@ export async function renewLeases(
                       'held', (SELECT count(*) FROM cdc_leases x
                                 WHERE x.owner = o.id AND x.expires_at > now()))), '[]')
                FROM cdc_members o
-              WHERE o.expires_at > now() AND o.id <> $1 AND o.role = 'capture'
-                AND NOT o.leaving) AS others`,
-    [member.id, member.host, member.pid, member.version, ttlMs, member.role, capacity, leaving],
+              WHERE o.expires_at > now() AND o.id <> $1 AND o.role = $6
+                AND o.consumer_group IS NOT DISTINCT FROM $9 AND NOT o.leaving) AS others`,
+    [
+      member.id,
+      member.host,
+      member.pid,
+      member.version,
+      ttlMs,
+      member.role,
+      capacity,
+      leaving,
+      member.group ?? null,
+    ],
   );
   const row = result.rows[0]!;
   return {
@@ -334,13 +358,14 @@ export async function releaseLease(
 export async function expireGoneMembers(
   pool: pg.Pool,
   self: Member,
-  isGone: (pid: number) => boolean,
+  /** Whether the member with this id and pid (on this host) no longer runs. */
+  isGone: (member: { id: string; pid: number }) => boolean,
 ): Promise<string[]> {
   const rows = await pool.query<{ id: string; pid: number }>(
     `SELECT id, pid FROM cdc_members WHERE host = $1 AND id <> $2 AND expires_at > now()`,
     [self.host, self.id],
   );
-  const gone = rows.rows.filter((m) => m.pid === self.pid || isGone(m.pid)).map((m) => m.id);
+  const gone = rows.rows.filter((m) => isGone(m)).map((m) => m.id);
   if (gone.length === 0) return [];
   await pool.query(
     `WITH l AS (UPDATE cdc_leases SET expires_at = now() - interval '1 millisecond'
@@ -433,4 +458,49 @@ export async function readMembers(db: pg.ClientBase): Promise<MemberRow[]> {
        FROM cdc_members m ORDER BY m.expires_at > now() DESC, m.started_at`,
   );
   return result.rows;
+}
+
+/**
+ * The lease statements on a pool of their own (a renewal never queues behind long transactions):
+ * what the lease keeper (src/supervisor/lease-keeper.ts) uses, for a capturing process as for a
+ * consumer.
+ */
+export class PoolLeases {
+  constructor(private readonly pool: pg.Pool) {}
+
+  /** Registers or refreshes this member and renews its leases, in one statement. */
+  renewLeases(
+    member: Member,
+    ttlMs: number,
+    capacity: number,
+    leaving = false,
+  ): ReturnType<typeof renewLeases> {
+    return renewLeases(this.pool, member, ttlMs, capacity, leaving);
+  }
+
+  /** Expires the leases of members of this host whose process is gone. */
+  expireGoneMembers(
+    self: Member,
+    isGone: (member: { id: string; pid: number }) => boolean,
+  ): Promise<string[]> {
+    return expireGoneMembers(this.pool, self, isGone);
+  }
+
+  /** Takes a lease with a new epoch; null if another live member holds it. */
+  acquireLease(
+    memberId: string,
+    sourceId: string,
+    ttlMs: number,
+    admit?: (unownedForMs: number) => boolean,
+  ): Promise<AcquireResult> {
+    return acquireLease(this.pool, memberId, sourceId, ttlMs, admit);
+  }
+
+  releaseLease(memberId: string, lease: HeldLease): Promise<void> {
+    return releaseLease(this.pool, memberId, lease);
+  }
+
+  leaveMembers(memberId: string): Promise<void> {
+    return leaveMembers(this.pool, memberId);
+  }
 }

@@ -362,6 +362,118 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       $fn$;
     `,
   },
+  {
+    version: 10,
+    name: 'consumer groups, gaps and retractions for consumers',
+    sql: `
+      -- A member of a consumer group (role 'consumer') shares the group's sources with the other
+      -- members through leases of its own, keyed 'consumer:<group>:<source>' in cdc_leases (a
+      -- source id never holds a ':'), fenced like the capture's. The fair share counts the members
+      -- of the same group only.
+      ALTER TABLE cdc_members ADD COLUMN IF NOT EXISTS consumer_group text;
+      -- Events a consumer had taken (its position was past them) that were then retracted: a
+      -- source restored or failed over to another history (reset-source, reason 'retracted').
+      -- The consumer's position went back to where the retracted range begins, and until the
+      -- consumer has undone every retracted event up to (upto_lsn, upto_seq), newest first, it
+      -- reads nothing else of the source.
+      CREATE TABLE IF NOT EXISTS cdc_consumer_retractions (
+        consumer text NOT NULL REFERENCES cdc_consumers (name) ON DELETE CASCADE,
+        source_id text NOT NULL,
+        gap_id bigint NOT NULL REFERENCES cdc_gaps (id),
+        upto_lsn pg_lsn NOT NULL,
+        upto_seq int NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, source_id, gap_id)
+      );
+      -- As in version 9, and: a consumer with a retraction to undo reads nothing (PH004).
+      CREATE OR REPLACE FUNCTION philotes_read(p_consumer text, p_source text, p_limit int DEFAULT 1000)
+      RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE AS $fn$
+      DECLARE
+        v_lsn pg_lsn := '0/0';
+        v_seq int := -1;
+        v_end pg_lsn;
+      BEGIN
+        IF NOT EXISTS (SELECT 1 FROM cdc_consumers WHERE name = p_consumer) THEN
+          RAISE EXCEPTION 'philotes_read: unknown consumer %: create it with philotes_create_consumer(%)',
+            p_consumer, quote_literal(p_consumer) USING ERRCODE = 'PH002';
+        END IF;
+        IF EXISTS (SELECT 1 FROM cdc_consumer_retractions r
+                    WHERE r.consumer = p_consumer AND r.source_id = p_source) THEN
+          RAISE EXCEPTION 'philotes_read: consumer % has events of source % to undo first: they were retracted (see philotes_read_retracted)',
+            p_consumer, p_source USING ERRCODE = 'PH004';
+        END IF;
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source;
+        IF NOT FOUND THEN v_lsn := '0/0'; v_seq := -1; END IF;
+        SELECT c.lsn::pg_lsn INTO v_end FROM cdc_checkpoints c WHERE c.source_id = p_source;
+        IF v_end IS NULL THEN RETURN; END IF;
+        RETURN QUERY
+          SELECT e.* FROM cdc_events e
+           WHERE e.source_id = p_source AND (e.lsn, e.seq) > (v_lsn, v_seq) AND e.lsn < v_end
+           ORDER BY e.lsn, e.seq
+           LIMIT p_limit;
+      END
+      $fn$;
+      -- As in version 9, and: a position whose event is not in cdc_events (retracted while the
+      -- consumer worked on it) or with a retraction to undo is refused (PH004), so that the
+      -- consumer's transaction, effects and all, rolls back. A position with seq -1 is the one
+      -- before the events at its lsn (a gap's from_lsn, a start point): nothing to check.
+      CREATE OR REPLACE FUNCTION philotes_commit(p_consumer text, p_source text, p_lsn pg_lsn, p_seq int)
+      RETURNS void LANGUAGE plpgsql AS $fn$
+      DECLARE
+        v_lsn pg_lsn;
+        v_seq int;
+      BEGIN
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source FOR UPDATE;
+        IF FOUND AND (p_lsn, p_seq) < (v_lsn, v_seq) THEN
+          RAISE EXCEPTION 'philotes_commit: consumer % is at %/% of source %, past %/%: another reader of this group moved it',
+            p_consumer, v_lsn, v_seq, p_source, p_lsn, p_seq USING ERRCODE = 'PH003';
+        END IF;
+        -- After the lock: a retraction that committed meanwhile is seen here.
+        IF EXISTS (SELECT 1 FROM cdc_consumer_retractions r
+                    WHERE r.consumer = p_consumer AND r.source_id = p_source)
+           OR (p_seq >= 0 AND NOT EXISTS (SELECT 1 FROM cdc_events e
+                 WHERE e.source_id = p_source AND e.lsn = p_lsn AND e.seq = p_seq)) THEN
+          RAISE EXCEPTION 'philotes_commit: event %/% of source % is no longer in cdc_events: it was retracted (a source restored or failed over); read again',
+            p_lsn, p_seq, p_source USING ERRCODE = 'PH004';
+        END IF;
+        INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq)
+        VALUES (p_consumer, p_source, p_lsn, p_seq)
+        ON CONFLICT (consumer, source_id) DO UPDATE
+           SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, committed_at = now();
+      END
+      $fn$;
+      -- The retracted events the consumer must undo, newest first, the oldest retraction first:
+      -- each row is a cdc_events row with the gap's id.
+      CREATE OR REPLACE FUNCTION philotes_read_retracted(p_consumer text, p_source text, p_limit int DEFAULT 1000)
+      RETURNS SETOF cdc_retracted_events LANGUAGE sql STABLE AS $fn$
+        SELECT e.* FROM (
+          SELECT r.gap_id, r.upto_lsn, r.upto_seq FROM cdc_consumer_retractions r
+           WHERE r.consumer = p_consumer AND r.source_id = p_source
+           ORDER BY r.gap_id LIMIT 1) r
+          JOIN LATERAL (
+            SELECT x.* FROM cdc_retracted_events x
+             WHERE x.gap_id = r.gap_id AND x.source_id = p_source
+               AND (x.lsn, x.seq) <= (r.upto_lsn, r.upto_seq)
+             ORDER BY x.lsn DESC, x.seq DESC LIMIT p_limit) e ON true
+      $fn$;
+      -- The consumer has undone the retraction's events down to (p_lsn, p_seq): the rest are
+      -- below it; once none is left, the retraction is done and the consumer reads on.
+      CREATE OR REPLACE FUNCTION philotes_commit_retracted(p_consumer text, p_source text, p_gap bigint, p_lsn pg_lsn, p_seq int)
+      RETURNS void LANGUAGE plpgsql AS $fn$
+      BEGIN
+        UPDATE cdc_consumer_retractions SET upto_lsn = p_lsn, upto_seq = p_seq - 1
+         WHERE consumer = p_consumer AND source_id = p_source AND gap_id = p_gap;
+        DELETE FROM cdc_consumer_retractions r
+         WHERE r.consumer = p_consumer AND r.source_id = p_source AND r.gap_id = p_gap
+           AND NOT EXISTS (SELECT 1 FROM cdc_retracted_events x
+                            WHERE x.gap_id = r.gap_id AND x.source_id = r.source_id
+                              AND (x.lsn, x.seq) <= (r.upto_lsn, r.upto_seq));
+      END
+      $fn$;
+    `,
+  },
 ];
 
 /** The buffer schema version this Philotes migrates to. */

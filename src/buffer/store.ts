@@ -22,18 +22,11 @@ import {
 import { recordGap } from './gaps.js';
 import { BufferHealth } from './health.js';
 import {
-  acquireLease,
   bufferApplicationName,
-  expireGoneMembers,
-  leaveMembers,
+  PoolLeases,
   readLeases,
-  releaseLease,
-  renewLeases,
-  type AcquireResult,
-  type HeldLease,
   type LeaseBook,
   type LeaseRow,
-  type Member,
 } from './leases.js';
 import { migrate } from './migrations.js';
 import { EventWakeups } from './wakeups.js';
@@ -52,6 +45,7 @@ export {
   type MemberLoad,
   FencedError,
   LeaseBook,
+  PoolLeases,
   type HeldLease,
   type LeaseRow,
   type Member,
@@ -72,6 +66,9 @@ export class BufferStore {
    */
   book: LeaseBook | null = null;
 
+  /** The lease statements, on the leases' own connections (leases.ts). */
+  readonly leases: PoolLeases;
+
   private constructor(
     private readonly pool: pg.Pool,
     /**
@@ -82,7 +79,9 @@ export class BufferStore {
     private readonly log: Logger,
     /** Open, or what the last connection to it met (health.ts). */
     readonly health: BufferHealth,
-  ) {}
+  ) {
+    this.leases = new PoolLeases(leasePool);
+  }
 
   /**
    * `memberId`: the process's id in the fleet (leases.ts), which names its sessions so that a
@@ -171,42 +170,9 @@ export class BufferStore {
     return recordGap(this.pool, reset, this.book);
   }
 
-  /** Registers or refreshes this member and renews its leases, in one statement (leases.ts). */
-  renewLeases(
-    member: Member,
-    ttlMs: number,
-    capacity: number,
-    leaving = false,
-  ): ReturnType<typeof renewLeases> {
-    return renewLeases(this.leasePool, member, ttlMs, capacity, leaving);
-  }
-
-  /** Expires the leases of members of this host whose process is gone (leases.ts). */
-  expireGoneMembers(self: Member, isGone: (pid: number) => boolean): Promise<string[]> {
-    return expireGoneMembers(this.leasePool, self, isGone);
-  }
-
-  /** Takes a source's lease with a new epoch; null if another live member holds it. */
-  acquireLease(
-    memberId: string,
-    sourceId: string,
-    ttlMs: number,
-    admit?: (unownedForMs: number) => boolean,
-  ): Promise<AcquireResult> {
-    return acquireLease(this.leasePool, memberId, sourceId, ttlMs, admit);
-  }
-
-  releaseLease(memberId: string, lease: HeldLease): Promise<void> {
-    return releaseLease(this.leasePool, memberId, lease);
-  }
-
   /** One source's lease as the buffer holds it, null if nobody ever took it. */
   async readLease(sourceId: string): Promise<LeaseRow | null> {
     return (await readLeases(this.pool, sourceId))[0] ?? null;
-  }
-
-  leaveMembers(memberId: string): Promise<void> {
-    return leaveMembers(this.leasePool, memberId);
   }
 
   /** Wakes the consumers of sources whose checkpoint moved (wakeups.ts), created on first use. */

@@ -5,7 +5,13 @@
  * definition at start-up, and `run` must start its reader threads before the heavy modules load.
  */
 import { readFileSync } from 'node:fs';
-import { ConfigError, loadConfig, type Config } from '../common/config.js';
+import {
+  ConfigError,
+  loadConfig,
+  loadConsumerConfig,
+  type Config,
+  type ConsumerConfig,
+} from '../common/config.js';
 import type { Logger } from '../common/logger.js';
 import { CommandError, die, EXIT_ERROR, EXIT_USAGE, oneLine } from '../common/exit.js';
 
@@ -17,9 +23,14 @@ export function setConfigPath(path: string | undefined): void {
 }
 
 /** The configuration, or an exit 2 with every problem on a line of its own (none carries a secret). */
-export function cliConfig(): Config {
+export function cliConfig(): Config;
+/** As a consumer reads it (loadConsumerConfig: the buffer alone will do). */
+export function cliConfig(consumer: 'consumer'): ConsumerConfig;
+export function cliConfig(consumer?: 'consumer'): Config | ConsumerConfig {
   try {
-    return loadConfig(process.env, configPath);
+    return consumer === undefined
+      ? loadConfig(process.env, configPath)
+      : loadConsumerConfig(process.env, configPath);
   } catch (error) {
     if (error instanceof ConfigError) {
       for (const problem of error.problems.slice(0, -1))
@@ -31,7 +42,7 @@ export function cliConfig(): Config {
 }
 
 /** A command's log: to stderr, at warn unless a quieter or louder level is configured. */
-export async function commandLog(config: Config): Promise<Logger> {
+export async function commandLog(config: Pick<Config, 'logLevel'>): Promise<Logger> {
   const { createCommandLogger } = await import('../common/logger.js');
   return createCommandLogger(config.logLevel === 'info' ? 'warn' : config.logLevel);
 }
@@ -51,9 +62,18 @@ export function print(line: string): void {
   process.stdout.write(`${line}\n`);
 }
 
+/** Philotes' version, from package.json: two levels up from src/, three from dist/src/. */
 export function version(): string {
-  const pkg = JSON.parse(
-    readFileSync(new URL('../../../package.json', import.meta.url), 'utf8'),
-  ) as { version: string };
-  return pkg.version;
+  for (const up of ['../../../package.json', '../../package.json']) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(up, import.meta.url), 'utf8')) as {
+        name?: string;
+        version: string;
+      };
+      if (pkg.name === 'philotes') return pkg.version;
+    } catch {
+      // not this one
+    }
+  }
+  return 'unknown';
 }

@@ -46,6 +46,29 @@ export function loadConfig(env: Env = process.env, configPath?: string): Config 
   return loadEnvConfig(env);
 }
 
+/** What a consumer (`consume`, the consume() API) needs: the buffer, the log, the leases. */
+export type ConsumerConfig = Pick<
+  Config,
+  'buffer' | 'origin' | 'logLevel' | 'leaseTtlMs' | 'leaseRenewIntervalMs' | 'rebalanceMinHoldMs'
+>;
+
+/**
+ * A consumer's configuration: the file's (all of it checked, as for `run`) if one is named, else
+ * the buffer's connection and the process settings from the environment, with no source: a
+ * consumer may run where only the buffer is known.
+ */
+export function loadConsumerConfig(env: Env = process.env, configPath?: string): ConsumerConfig {
+  const file = configPath ?? get(env, CONFIG_FILE_SETTING.env);
+  if (file !== undefined) return loadConfigFile(file, env);
+  const problems = new Problems();
+  const buffer = problems.attempt(() =>
+    Object.freeze({ ...connection(env, envNames('PHILOTES_BUFFER')), fromEnvironment: true }),
+  );
+  const processWide = readProcessSettings(env, problems);
+  problems.throwIfAny();
+  return Object.freeze({ buffer: buffer!, origin: 'environment' as const, ...processWide });
+}
+
 function loadEnvConfig(env: Env): Config {
   // Nothing configured at all: say how to configure, not which one variable is missing first.
   if (!Object.keys(env).some((key) => key.startsWith('PHILOTES_') && get(env, key) !== undefined))

@@ -29,5 +29,6 @@ export const BUFFER_TABLES = [
   'cdc_lease_history',
   'cdc_consumers',
   'cdc_consumer_offsets',
+  'cdc_consumer_retractions',
   'philotes_migrations',
 ];

@@ -20,7 +20,7 @@ import {
   LEASES_CHANNEL,
   LeaseBook,
   bufferApplicationName,
-  type BufferStore,
+  type PoolLeases,
   type HeldLease,
   type Member,
   type MemberLoad,
@@ -106,7 +106,7 @@ export class LeaseKeeper {
   handBack: (sourceId: string) => boolean = () => false;
 
   constructor(
-    private readonly store: BufferStore,
+    private readonly store: PoolLeases,
     private readonly settings: LeaseSettings,
     private readonly log: Logger,
     /** How many sources the configuration names: the fair share is of these. */
@@ -118,17 +118,24 @@ export class LeaseKeeper {
     /** The buffer, to LISTEN for released leases on (a capturing member only). */
     private readonly buffer: ConnectionConfig | null = null,
     private readonly observer: LeaseObserver = NO_OBSERVER,
+    /** A consumer's group: it shares the group's leases with the group's members only. */
+    group?: string,
   ) {
-    this.member = { id: memberId, role, host: hostname(), pid: process.pid, version };
+    this.member = { id: memberId, role, host: hostname(), pid: process.pid, version, group };
     this.book = new LeaseBook(this.member.id, (id) => this.holdings.get(id)?.lease);
+    MEMBERS_HERE.add(memberId);
   }
 
   /** Registers this member, then renews every interval and checks the deadlines more often. */
   async start(): Promise<void> {
     await this.refresh();
-    if (this.member.role === 'capture') {
+    // A member that runs (captures or consumes), not a command holding a lease for a moment.
+    if (this.member.role !== 'command') {
       const gone = await this.store
-        .expireGoneMembers(this.member, processGone)
+        .expireGoneMembers(
+          this.member,
+          (m) => !MEMBERS_HERE.has(m.id) && (m.pid === process.pid || processGone(m.pid)),
+        )
         .catch(() => [] as string[]);
       if (gone.length > 0)
         this.log.info(
@@ -189,7 +196,7 @@ export class LeaseKeeper {
       return true;
     };
     const sentAt = performance.now();
-    let result: Awaited<ReturnType<BufferStore['acquireLease']>>;
+    let result: Awaited<ReturnType<PoolLeases['acquireLease']>>;
     try {
       result = await this.store.acquireLease(
         this.member.id,
@@ -324,6 +331,7 @@ export class LeaseKeeper {
   /** A clean stop, after every runner stopped and released: the member leaves. */
   async stop(): Promise<void> {
     this.stopped = true;
+    MEMBERS_HERE.delete(this.member.id);
     clearInterval(this.renewTimer);
     clearInterval(this.deadlineTimer);
     this.wake();
@@ -360,7 +368,7 @@ export class LeaseKeeper {
    * share and maxSources), newest first, once held for the minimum hold time.
    */
   private rebalance(): void {
-    if (this.member.role !== 'capture' || this.stopped || this.leaving) return;
+    if (this.member.role === 'command' || this.stopped || this.leaving) return;
     const share = this.share();
     const keeping = [...this.holdings.values()].filter((h) => !h.handingBack);
     const surplus = keeping.length - share;
@@ -462,6 +470,12 @@ export class LeaseKeeper {
     }
   }
 }
+
+/**
+ * The members this very process runs (a consumer of two groups, a capture beside a consumer): a
+ * member row of this host with this pid is an earlier run's only if it is not one of them.
+ */
+const MEMBERS_HERE = new Set<string>();
 
 /** Whether no process with this pid runs on this host (signal 0 checks without signalling). */
 function processGone(pid: number): boolean {

@@ -95,7 +95,7 @@ export async function resetSource(
   // counted in the capturing members' fair share), renewed like any other: what it records is
   // fenced, so a running process cannot capture the source meanwhile, nor this command record
   // anything once the lease is lost.
-  const keeper = new LeaseKeeper(store, config, log, () => 1, memberId, version, 'command');
+  const keeper = new LeaseKeeper(store.leases, config, log, () => 1, memberId, version, 'command');
   store.book = keeper.book;
   try {
     await keeper.start();
@@ -389,6 +389,7 @@ async function resetDiverged(
       keepLsn: formatLsn(keep),
       resumeLsn: formatLsn(start),
       retractedEvents: recorded.retractedEvents,
+      rewoundConsumers: recorded.rewoundConsumers,
       snapshot: recorded.snapshotId,
       ...shared,
     },
@@ -397,7 +398,7 @@ async function resetDiverged(
   const retracted =
     retractedId === null
       ? 'No event of the buffer lies past it.'
-      : `Retracted ${recorded.retractedEvents} event(s) from ${formatLsn(keep)} to ${checkpoint} (gap #${retractedId}, reason retracted; the events are in cdc_retracted_events).`;
+      : `Retracted ${recorded.retractedEvents} event(s) from ${formatLsn(keep)} to ${checkpoint} (gap #${retractedId}, reason retracted; the events are in cdc_retracted_events).${recorded.rewoundConsumers.length === 0 ? '' : ` Consumer(s) ${recorded.rewoundConsumers.join(', ')} had taken some of them: each undoes them (philotes_read_retracted) before it reads on from ${formatLsn(keep)}.`}`;
   const lost =
     lostId === null
       ? `Nothing was lost: slot "${source.slot}" delivers the server's history from ${formatLsn(start)}.`

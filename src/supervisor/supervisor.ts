@@ -58,7 +58,7 @@ export class Supervisor {
       metrics.writerObserver,
     );
     this.leases = new LeaseKeeper(
-      store,
+      store.leases,
       config,
       log,
       () => this.config.sources.length,

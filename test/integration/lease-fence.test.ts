@@ -44,7 +44,7 @@ describe('the lease fence', () => {
     const held = new Map<string, HeldLease>();
     store.book = new LeaseBook(id, (source) => held.get(source));
     const m: Member = { id, role: 'capture', host: hostname(), pid: process.pid, version: 'test' };
-    await store.renewLeases(m, TTL_MS, 0);
+    await store.leases.renewLeases(m, TTL_MS, 0);
     return { member: m, store, hold: (lease) => held.set(lease.sourceId, lease) };
   }
 
@@ -90,11 +90,11 @@ describe('the lease fence', () => {
   it('lets a takeover wait for the old epoch in flight, then refuses the old epoch', async () => {
     const a = await member();
     const b = await member();
-    const first = await a.store.acquireLease(a.member.id, 'src_wait', TTL_MS);
+    const first = await a.store.leases.acquireLease(a.member.id, 'src_wait', TTL_MS);
     expect(first.lease).not.toBeNull();
     a.hold(first.lease!);
     // Another live member holds it: refused without waiting.
-    expect((await b.store.acquireLease(b.member.id, 'src_wait', TTL_MS)).lease).toBeNull();
+    expect((await b.store.leases.acquireLease(b.member.id, 'src_wait', TTL_MS)).lease).toBeNull();
 
     // A's store in flight: fenced, then paused before COMMIT.
     const inFlight = await sessionOf(a.member.id);
@@ -102,18 +102,18 @@ describe('the lease fence', () => {
       `BEGIN; ${a.store.book!.fence(inFlight, ['src_wait'])}; INSERT INTO cdc_gaps (source_id, slot_name, from_lsn, to_lsn, reason) VALUES ('src_wait', 's', '0/1', '0/2', 'test')`,
     );
     // A renewal (expires_at only) does not wait for it.
-    const renewed = await a.store.renewLeases(a.member, TTL_MS, 0);
+    const renewed = await a.store.leases.renewLeases(a.member, TTL_MS, 0);
     expect(renewed.held.map((l) => l.sourceId)).toContain('src_wait');
 
     await expire('src_wait');
     // The takeover waits for the row lock (1 s at most per attempt)...
-    const waiting = await b.store.acquireLease(b.member.id, 'src_wait', TTL_MS);
+    const waiting = await b.store.leases.acquireLease(b.member.id, 'src_wait', TTL_MS);
     // ...and, the owner's lease having expired, ended its open transaction: nothing of it lands.
     expect(waiting).toEqual({ lease: null, heldBy: a.member.id, expiresInMs: null, terminated: 1 });
     expect(
       await cluster.query(`SELECT 1 FROM cdc_gaps WHERE source_id = 'src_wait'`, [], 'buffer'),
     ).toEqual([]);
-    const taken = await b.store.acquireLease(b.member.id, 'src_wait', TTL_MS);
+    const taken = await b.store.leases.acquireLease(b.member.id, 'src_wait', TTL_MS);
     expect(taken.lease?.epoch).toBe(String(BigInt(first.lease!.epoch) + 1n));
 
     // Every store of A's epoch now fails inside its transaction.
@@ -131,7 +131,7 @@ describe('the lease fence', () => {
   it('commits a fenced transaction that began before the takeover, and then the takeover', async () => {
     const a = await member();
     const b = await member();
-    const first = await a.store.acquireLease(a.member.id, 'src_commit', TTL_MS);
+    const first = await a.store.leases.acquireLease(a.member.id, 'src_commit', TTL_MS);
     a.hold(first.lease!);
     const inFlight = await sessionOf(a.member.id);
     await inFlight.query(
@@ -174,9 +174,9 @@ describe('the lease fence', () => {
     const a = await member();
     const b = await member();
     for (const id of ['src_g1', 'src_g2'])
-      a.hold((await a.store.acquireLease(a.member.id, id, TTL_MS)).lease!);
+      a.hold((await a.store.leases.acquireLease(a.member.id, id, TTL_MS)).lease!);
     await expire('src_g2');
-    expect((await b.store.acquireLease(b.member.id, 'src_g2', TTL_MS)).lease).not.toBeNull();
+    expect((await b.store.leases.acquireLease(b.member.id, 'src_g2', TTL_MS)).lease).not.toBeNull();
     const client = await sessionOf(a.member.id);
     await expect(
       client.query(`BEGIN; ${a.store.book!.fence(client, ['src_g1', 'src_g2'])}`),
@@ -189,9 +189,9 @@ describe('the lease fence', () => {
   it('gives a released lease to the next member at once, with a new epoch', async () => {
     const a = await member();
     const b = await member();
-    const first = (await a.store.acquireLease(a.member.id, 'src_release', TTL_MS)).lease!;
-    await a.store.releaseLease(a.member.id, first);
-    const next = (await b.store.acquireLease(b.member.id, 'src_release', TTL_MS)).lease;
+    const first = (await a.store.leases.acquireLease(a.member.id, 'src_release', TTL_MS)).lease!;
+    await a.store.leases.releaseLease(a.member.id, first);
+    const next = (await b.store.leases.acquireLease(b.member.id, 'src_release', TTL_MS)).lease;
     expect(next?.epoch).toBe(String(BigInt(first.epoch) + 1n));
     const lease = await b.store.readLease('src_release');
     expect(lease).toMatchObject({ owner: b.member.id, host: hostname(), pid: process.pid });

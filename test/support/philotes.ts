@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { waitFor } from './poll.js';
 import { onProcessEnd } from './process-end.js';
 
-const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 export const PHILOTES_MAIN = join(REPO_ROOT, 'dist/src/main.js');
 
 export interface ExitStatus {
