@@ -71,11 +71,6 @@ async function consumeCommand(opts: ConsumeOpts): Promise<void> {
     if (error instanceof ConsumeError) die(EXIT_USAGE, error.message);
     throw error;
   }
-  process.stderr.write(
-    opts.exec === undefined
-      ? `philotes: consuming as group "${opts.group}" to stdout: at-least-once (a batch is committed once written to the pipe; what the reader of the pipe had not done when it or this process died comes again). For exactly once, write the effects in the batch's transaction (the consume() API).\n`
-      : `philotes: consuming as group "${opts.group}" through "${opts.exec}": a batch is committed only after the command exited 0; at-least-once (a batch whose command succeeded may come again if this process dies before its commit).\n`,
-  );
   let stopping: Promise<void> | null = null;
   const stop = () => (stopping ??= member.stop());
   process.once('SIGTERM', () => void stop());
@@ -88,6 +83,11 @@ async function consumeCommand(opts: ConsumeOpts): Promise<void> {
     if (error instanceof ConsumeError) die(EXIT_USAGE, error.message);
     await failCommand(error);
   }
+  process.stderr.write(
+    opts.exec === undefined
+      ? `philotes: consuming as group "${opts.group}" to stdout: at-least-once (a batch is committed once written to the pipe; what the reader of the pipe had not done when it or this process died comes again). For exactly once, write the effects in the batch's transaction (the consume() API).\n`
+      : `philotes: consuming as group "${opts.group}" through "${opts.exec}": a batch is committed only after the command exited 0; at-least-once (a batch whose command succeeded may come again if this process dies before its commit).\n`,
+  );
   await member.done.catch(failCommand);
   process.exit(EXIT_OK);
 }

@@ -133,6 +133,7 @@ export class GroupMember {
   private stopping = false;
   /** Started: sources found from now on get a loop at once. */
   private running = false;
+  private keeperStarted = false;
   private failure: Error | null = null;
   private resolveDone: () => void = () => undefined;
   private rejectDone: (error: Error) => void = () => undefined;
@@ -200,6 +201,7 @@ export class GroupMember {
   async start(): Promise<void> {
     try {
       await this.prepare();
+      this.keeperStarted = true;
       await this.keeper.start();
       if (!this.named) await this.refreshSources();
       if (this.settings.listen) this.listening = this.listen();
@@ -235,10 +237,10 @@ export class GroupMember {
       this.stopping = true;
       clearInterval(this.refreshTimer);
       this.abort.abort();
-      await this.keeper.leave().catch(() => undefined);
+      if (this.keeperStarted) await this.keeper.leave().catch(() => undefined);
       for (const loop of this.loops.values()) loop.wake();
       await Promise.all([...this.loops.values()].map((l) => l.done));
-      await this.keeper.stop();
+      if (this.keeperStarted) await this.keeper.stop();
       const listener = this.listener;
       this.listener = null;
       await listener?.end().catch(() => undefined);
@@ -265,11 +267,17 @@ export class GroupMember {
 
   /** The buffer must be Philotes' at schema 10 or later; the group is created if new. */
   private async prepare(): Promise<void> {
-    const version = await this.pool.query<{ version: number | null }>(
-      `SELECT CASE WHEN to_regclass('philotes_migrations') IS NULL THEN NULL
-              ELSE (SELECT max(version) FROM philotes_migrations) END AS version`,
+    const exists = await this.pool.query<{ ok: boolean }>(
+      `SELECT to_regclass('philotes_migrations') IS NOT NULL AS ok`,
     );
-    const have = version.rows[0]?.version ?? null;
+    const have =
+      exists.rows[0]?.ok === true
+        ? ((
+            await this.pool.query<{ version: number | null }>(
+              'SELECT max(version) AS version FROM philotes_migrations',
+            )
+          ).rows[0]?.version ?? null)
+        : null;
     if (have === null)
       throw new ConsumeError(
         'this database is not a Philotes buffer (no philotes_migrations table): point the consumer at the buffer Philotes stores into',
