@@ -7,6 +7,35 @@ import type pg from 'pg';
 /** Arbitrary constant: "philotes" on a phone keypad. */
 const MIGRATION_LOCK_KEY = 74_456_837;
 
+/**
+ * The documented read (migrations 9 to 11), made again whenever cdc_events is (partitions.ts:
+ * partitioning renames the old table, and a function's row type follows it).
+ */
+export const READ_FUNCTION = `
+      DROP FUNCTION IF EXISTS philotes_read(text, text, int);
+      CREATE FUNCTION philotes_read(p_consumer text, p_source text, p_limit int DEFAULT 1000)
+      RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE AS $fn$
+      DECLARE
+        v_lsn pg_lsn := '0/0';
+        v_seq int := -1;
+        v_end pg_lsn;
+      BEGIN
+        PERFORM philotes_consumer_usable(p_consumer, p_source);
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source;
+        IF NOT FOUND THEN v_lsn := '0/0'; v_seq := -1; END IF;
+        -- Read first: the events below it were committed with it (or before), so the query
+        -- below, on a later snapshot, sees every one of them.
+        SELECT c.lsn::pg_lsn INTO v_end FROM cdc_checkpoints c WHERE c.source_id = p_source;
+        IF v_end IS NULL THEN RETURN; END IF;
+        RETURN QUERY
+          SELECT e.* FROM cdc_events e
+           WHERE e.source_id = p_source AND (e.lsn, e.seq) > (v_lsn, v_seq) AND e.lsn < v_end
+           ORDER BY e.lsn, e.seq
+           LIMIT p_limit;
+      END
+      $fn$;`;
+
 const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> = [
   {
     version: 1,
@@ -470,6 +499,77 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
            AND NOT EXISTS (SELECT 1 FROM cdc_retracted_events x
                             WHERE x.gap_id = r.gap_id AND x.source_id = r.source_id
                               AND (x.lsn, x.seq) <= (r.upto_lsn, r.upto_seq));
+      END
+      $fn$;
+    `,
+  },
+  {
+    version: 11,
+    name: 'partitions and retention',
+    sql: `
+      -- The partitions of cdc_events (by stored_at, see src/buffer/partitions.ts), each range as
+      -- it was attached: from_at NULL is the old unpartitioned table attached as the first one.
+      -- A dropped partition keeps its row (dropped_at), for the people on call.
+      CREATE TABLE IF NOT EXISTS cdc_partitions (
+        name text PRIMARY KEY,
+        from_at timestamptz,
+        to_at timestamptz NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        dropped_at timestamptz,
+        dropped_events bigint
+      );
+      -- A group that retention left behind (retentionMax passed while it had not read a partition
+      -- dropped since): it reads nothing more (PH005) until it is deleted and made again.
+      ALTER TABLE cdc_consumers ADD COLUMN IF NOT EXISTS expired_at timestamptz;
+      ALTER TABLE cdc_consumers ADD COLUMN IF NOT EXISTS expired_reason text;
+      CREATE OR REPLACE FUNCTION philotes_consumer_usable(p_consumer text, p_source text)
+      RETURNS void LANGUAGE plpgsql STABLE AS $fn$
+      DECLARE
+        v_expired timestamptz;
+        v_reason text;
+      BEGIN
+        SELECT expired_at, expired_reason INTO v_expired, v_reason FROM cdc_consumers WHERE name = p_consumer;
+        IF NOT FOUND THEN
+          RAISE EXCEPTION 'unknown consumer %: create it with philotes_create_consumer(%)',
+            p_consumer, quote_literal(p_consumer) USING ERRCODE = 'PH002';
+        END IF;
+        IF v_expired IS NOT NULL THEN
+          RAISE EXCEPTION 'consumer % expired at %: %', p_consumer, v_expired, v_reason
+            USING ERRCODE = 'PH005',
+                  HINT = 'its events were dropped by retention before it read them; delete it (DELETE FROM cdc_consumers WHERE name = ...) and make it again, from a snapshot';
+        END IF;
+        IF EXISTS (SELECT 1 FROM cdc_consumer_retractions r
+                    WHERE r.consumer = p_consumer AND r.source_id = p_source) THEN
+          RAISE EXCEPTION 'consumer % has events of source % to undo first: they were retracted (see philotes_read_retracted)',
+            p_consumer, p_source USING ERRCODE = 'PH004';
+        END IF;
+      END
+      $fn$;
+      ${READ_FUNCTION}
+      -- As in version 10, and an expired group is refused (PH005).
+      CREATE OR REPLACE FUNCTION philotes_commit(p_consumer text, p_source text, p_lsn pg_lsn, p_seq int)
+      RETURNS void LANGUAGE plpgsql AS $fn$
+      DECLARE
+        v_lsn pg_lsn;
+        v_seq int;
+      BEGIN
+        SELECT o.lsn, o.seq INTO v_lsn, v_seq FROM cdc_consumer_offsets o
+         WHERE o.consumer = p_consumer AND o.source_id = p_source FOR UPDATE;
+        IF FOUND AND (p_lsn, p_seq) < (v_lsn, v_seq) THEN
+          RAISE EXCEPTION 'philotes_commit: consumer % is at %/% of source %, past %/%: another reader of this group moved it',
+            p_consumer, v_lsn, v_seq, p_source, p_lsn, p_seq USING ERRCODE = 'PH003';
+        END IF;
+        -- After the lock: a retraction or an expiry that committed meanwhile is seen here.
+        PERFORM philotes_consumer_usable(p_consumer, p_source);
+        IF p_seq >= 0 AND NOT EXISTS (SELECT 1 FROM cdc_events e
+             WHERE e.source_id = p_source AND e.lsn = p_lsn AND e.seq = p_seq) THEN
+          RAISE EXCEPTION 'philotes_commit: event %/% of source % is no longer in cdc_events: it was retracted (a source restored or failed over); read again',
+            p_lsn, p_seq, p_source USING ERRCODE = 'PH004';
+        END IF;
+        INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq)
+        VALUES (p_consumer, p_source, p_lsn, p_seq)
+        ON CONFLICT (consumer, source_id) DO UPDATE
+           SET lsn = EXCLUDED.lsn, seq = EXCLUDED.seq, committed_at = now();
       END
       $fn$;
     `,

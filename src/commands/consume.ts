@@ -88,7 +88,11 @@ async function consumeCommand(opts: ConsumeOpts): Promise<void> {
       ? `philotes: consuming as group "${opts.group}" to stdout: at-least-once (a batch is committed once written to the pipe; what the reader of the pipe had not done when it or this process died comes again). For exactly once, write the effects in the batch's transaction (the consume() API).\n`
       : `philotes: consuming as group "${opts.group}" through "${opts.exec}": a batch is committed only after the command exited 0; at-least-once (a batch whose command succeeded may come again if this process dies before its commit).\n`,
   );
-  await member.done.catch(failCommand);
+  await member.done.catch(async (error: unknown) =>
+    (error as { code?: unknown }).code === 'PH005'
+      ? die(EXIT_USAGE, (error as Error).message)
+      : failCommand(error),
+  );
   process.exit(EXIT_OK);
 }
 

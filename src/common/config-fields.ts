@@ -61,15 +61,24 @@ export function get(env: Env, name: string): string | undefined {
 }
 
 export function parseDuration(name: string, raw: string): number {
-  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(raw);
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$/.exec(raw);
   if (!match) {
     throw new ConfigError(
-      `${name} must be a duration like 500ms, 10s or 1m, got ${JSON.stringify(raw)}`,
+      `${name} must be a duration like 500ms, 10s, 1m, 2h or 7d, got ${JSON.stringify(raw)}`,
     );
   }
   const value = Number(match[1]);
   const unit = match[2] ?? 's';
-  const factor = unit === 'ms' ? 1 : unit === 's' ? 1000 : unit === 'm' ? 60_000 : 3_600_000;
+  const factor =
+    unit === 'ms'
+      ? 1
+      : unit === 's'
+        ? 1000
+        : unit === 'm'
+          ? 60_000
+          : unit === 'h'
+            ? 3_600_000
+            : 86_400_000;
   return Math.round(value * factor);
 }
 

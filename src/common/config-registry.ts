@@ -400,6 +400,38 @@ export const PROCESS_SETTINGS: ReadonlyArray<Setting<keyof ProcessSettings, unkn
     read: (env, name) => duration(env, name, '10s', 0, 3_600_000),
   },
   {
+    key: 'retentionMs',
+    env: 'PHILOTES_RETENTION',
+    fileKey: 'retention',
+    default: '7d',
+    doc: 'events are kept at least this long; a partition older than this is dropped once every consumer group has read it (0: keep everything)',
+    read: (env, name) => duration(env, name, '7d', 0, 3650 * 86_400_000),
+  },
+  {
+    key: 'retentionMaxMs',
+    env: 'PHILOTES_RETENTION_MAX',
+    fileKey: 'retentionMax',
+    default: '30d',
+    doc: 'a partition older than this is dropped even if a consumer group has not read it: that group is expired, loudly (0: groups hold partitions for ever)',
+    read: (env, name) => duration(env, name, '30d', 0, 3650 * 86_400_000),
+  },
+  {
+    key: 'partitionIntervalMs',
+    env: 'PHILOTES_PARTITION_INTERVAL',
+    fileKey: 'partitionInterval',
+    default: '1d',
+    doc: "the time range of one cdc_events partition (by the buffer's clock when the event was stored); retention drops whole partitions",
+    read: (env, name) => duration(env, name, '1d', 10_000, 31 * 86_400_000),
+  },
+  {
+    key: 'partitionsAhead',
+    env: 'PHILOTES_PARTITIONS_AHEAD',
+    fileKey: 'partitionsAhead',
+    default: '3',
+    doc: 'partitions made ahead of need: the capture keeps storing this many intervals even if maintenance cannot run',
+    read: (env, name) => integer(env, name, 3, 1, 1000),
+  },
+  {
     key: 'maxSources',
     env: 'PHILOTES_MAX_SOURCES',
     fileKey: 'maxSources',
@@ -457,6 +489,14 @@ export function readProcessSettings(
     problems.add(
       `${name('PHILOTES_RESTART_MAX_DELAY')} must not be less than ${name('PHILOTES_RESTART_MIN_DELAY')}`,
     );
+  }
+  const retention = settings['retentionMs'] as number | undefined;
+  const retentionMax = settings['retentionMaxMs'] as number | undefined;
+  if (retention !== undefined && retentionMax !== undefined && retentionMax !== 0) {
+    if (retention === 0 || retentionMax < retention)
+      problems.add(
+        `${name('PHILOTES_RETENTION_MAX')} must be 0 or at least ${name('PHILOTES_RETENTION')} (which must then not be 0)`,
+      );
   }
   const ttl = settings['leaseTtlMs'] as number | undefined;
   const renew = settings['leaseRenewIntervalMs'] as number | undefined;

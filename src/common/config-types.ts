@@ -160,6 +160,12 @@ export interface Config extends SourceSettings {
   readonly leaseRenewIntervalMs: number;
   /** At most this many sources per replica; 0: the fair share alone. */
   readonly maxSources: number;
+  /** Events are kept at least this long (0: for ever); see src/buffer/partitions.ts. */
+  readonly retentionMs: number;
+  /** A partition older than this is dropped even if a group lags (it is expired); 0: never. */
+  readonly retentionMaxMs: number;
+  readonly partitionIntervalMs: number;
+  readonly partitionsAhead: number;
   /** A lease is held at least this long before it is handed back to rebalance. */
   readonly rebalanceMinHoldMs: number;
 }

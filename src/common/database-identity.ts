@@ -30,5 +30,6 @@ export const BUFFER_TABLES = [
   'cdc_consumers',
   'cdc_consumer_offsets',
   'cdc_consumer_retractions',
+  'cdc_partitions',
   'philotes_migrations',
 ];

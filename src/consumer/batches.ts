@@ -21,6 +21,20 @@ import {
   type GapRow,
 } from './records.js';
 
+/** Retention dropped events the group had not read: it reads nothing more (PH005). */
+export class GroupExpiredError extends Error {
+  readonly code = 'PH005';
+  constructor(
+    readonly group: string,
+    reason: string,
+  ) {
+    super(
+      `consumer group "${group}" expired: ${reason}. Delete it (DELETE FROM cdc_consumers WHERE name = '${group}') and make it again, from a snapshot of what it builds`,
+    );
+    this.name = 'GroupExpiredError';
+  }
+}
+
 /** Where a group begins reading a source it has no position of yet. */
 export type StartAt = 'earliest' | 'latest' | { readonly lsn: string };
 
@@ -34,7 +48,7 @@ export interface Batch {
 
 /**
  * Gives the group a position of the source if it has none (`latest`: the source's checkpoint now,
- * so that only what is stored from now on is read). Committed at once: a later read must not
+ * so that only what is stored from now on is read; `earliest`: before everything). Committed at once: a later read must not
  * take `latest` again and skip what came meanwhile.
  */
 export async function ensurePosition(
@@ -43,15 +57,18 @@ export async function ensurePosition(
   source: string,
   from: StartAt,
 ): Promise<void> {
-  if (from === 'earliest') return;
+  // `earliest` too has a row: a group holds the partitions of the sources it has a position
+  // of (retention, src/buffer/partitions.ts), from the moment it begins one.
   const lsn =
     from === 'latest'
       ? `coalesce((SELECT lsn::pg_lsn FROM cdc_checkpoints WHERE source_id = $2), '0/0')`
-      : '$3::pg_lsn';
+      : from === 'earliest'
+        ? `'0/0'::pg_lsn`
+        : '$3::pg_lsn';
   await client.query(
     `INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq)
      SELECT $1, $2, ${lsn}, -1 ON CONFLICT (consumer, source_id) DO NOTHING`,
-    from === 'latest' ? [group, source] : [group, source, from.lsn],
+    typeof from === 'object' ? [group, source, from.lsn] : [group, source],
   );
 }
 
@@ -69,8 +86,11 @@ export async function nextBatch(
     lsn: string;
     seq: number;
     retracting: boolean;
+    expired: string | null;
   }>(
     `SELECT (SELECT c.lsn FROM cdc_checkpoints c WHERE c.source_id = $2) AS checkpoint,
+            (SELECT g.expired_reason FROM cdc_consumers g
+              WHERE g.name = $1 AND g.expired_at IS NOT NULL) AS expired,
             coalesce(o.lsn, '0/0')::text AS lsn, coalesce(o.seq, -1) AS seq,
             EXISTS (SELECT 1 FROM cdc_consumer_retractions r
                      WHERE r.consumer = $1 AND r.source_id = $2) AS retracting
@@ -78,7 +98,8 @@ export async function nextBatch(
        LEFT JOIN cdc_consumer_offsets o ON o.consumer = $1 AND o.source_id = $2`,
     [group, source],
   );
-  const { checkpoint, lsn, seq, retracting } = state.rows[0]!;
+  const { checkpoint, lsn, seq, retracting, expired } = state.rows[0]!;
+  if (expired !== null) throw new GroupExpiredError(group, expired);
   if (retracting) return retractionBatch(client, group, source, limit);
   if (checkpoint === null) return null;
   const events = await client.query<EventRow>(

@@ -372,6 +372,13 @@ export class GroupMember {
           return;
         }
         const code = (error as { code?: unknown }).code;
+        if (code === 'PH005') {
+          // Nothing it reads now could be exact: the member stops, and says why.
+          this.log.error({ err: error, source }, (error as Error).message);
+          this.failure ??= error as Error;
+          void this.stop();
+          return;
+        }
         if (code === 'PH004') {
           this.log.warn(
             { source, err: error },

@@ -7,6 +7,8 @@ import client from 'prom-client';
 import type { SlotStatusMessage } from '../common/protocol.js';
 import type { BatchWriterObserver, StoredGroupReport } from '../supervisor/batch-writer.js';
 import { LEASE_CHANGES, type LeaseObserver } from '../supervisor/lease-keeper.js';
+import type { BufferKeeperObserver } from '../supervisor/buffer-keeper.js';
+import { LAG_COUNT_CAP } from '../buffer/consumer-stats.js';
 import { SNAPSHOT_TABLE_STATES } from '../supervisor/snapshot-progress.js';
 import { SOURCE_STATES } from '../supervisor/source-runner.js';
 
@@ -283,6 +285,87 @@ export class Metrics {
       }
     },
     members: (live) => this.fleetMembers.set(live),
+  };
+
+  readonly consumerLagEvents = new client.Gauge({
+    name: 'philotes_consumer_lag_events',
+    help: `Events of the source stored (and readable) after the consumer group's position (counted up to ${LAG_COUNT_CAP}).`,
+    labelNames: ['group', 'source'] as const,
+    registers: [this.registry],
+  });
+  readonly consumerLagSeconds = new client.Gauge({
+    name: 'philotes_consumer_lag_seconds',
+    help: "How long the group's oldest unread event of the source has been in the buffer (0: it has read everything).",
+    labelNames: ['group', 'source'] as const,
+    registers: [this.registry],
+  });
+  readonly consumerLagBytes = new client.Gauge({
+    name: 'philotes_consumer_lag_bytes',
+    help: "WAL bytes between the group's position and the source's checkpoint.",
+    labelNames: ['group', 'source'] as const,
+    registers: [this.registry],
+  });
+  readonly consumerExpired = new client.Gauge({
+    name: 'philotes_consumer_expired',
+    help: 'Is 1 for a consumer group retention expired (retentionMax dropped events it had not read): it reads nothing more.',
+    labelNames: ['group'] as const,
+    registers: [this.registry],
+  });
+  readonly bufferPartitions = new client.Gauge({
+    name: 'philotes_buffer_partitions',
+    help: 'Partitions of cdc_events (1 while it is not partitioned yet).',
+    registers: [this.registry],
+  });
+  readonly bufferSizeBytes = new client.Gauge({
+    name: 'philotes_buffer_bytes',
+    help: 'Bytes of cdc_events on disk, its indexes and TOAST included.',
+    registers: [this.registry],
+  });
+  readonly bufferOldestSeconds = new client.Gauge({
+    name: 'philotes_buffer_oldest_event_age_seconds',
+    help: 'Age of the oldest event the buffer still holds (about: the first rows of the oldest partition).',
+    registers: [this.registry],
+  });
+  readonly retentionDropped = new client.Counter({
+    name: 'philotes_retention_dropped_total',
+    help: 'Partitions of cdc_events retention dropped (by this process).',
+    registers: [this.registry],
+  });
+  readonly retentionDroppedEvents = new client.Counter({
+    name: 'philotes_retention_dropped_events_total',
+    help: 'Events in the partitions retention dropped (about: the planner estimate of each).',
+    registers: [this.registry],
+  });
+
+  /** What the buffer keeper sees each round (src/supervisor/buffer-keeper.ts). */
+  readonly bufferKeeperObserver: BufferKeeperObserver = {
+    size: (size) => {
+      this.bufferPartitions.set(size.partitions);
+      this.bufferSizeBytes.set(size.bytes);
+      this.bufferOldestSeconds.set(
+        size.oldestStoredAt === null
+          ? 0
+          : Math.max(0, (Date.now() - size.oldestStoredAt.getTime()) / 1000),
+      );
+    },
+    consumers: (lag) => {
+      this.consumerLagEvents.reset();
+      this.consumerLagSeconds.reset();
+      this.consumerLagBytes.reset();
+      this.consumerExpired.reset();
+      for (const l of lag) {
+        const labels = { group: l.group, source: l.source };
+        this.consumerLagEvents.set(labels, l.lagEvents);
+        this.consumerLagSeconds.set(labels, l.lagSeconds);
+        this.consumerLagBytes.set(labels, l.lagBytes);
+        this.consumerExpired.set({ group: l.group }, l.expired ? 1 : 0);
+      }
+    },
+    dropped: (_partition, events) => {
+      this.retentionDropped.inc();
+      this.retentionDroppedEvents.inc(events);
+    },
+    expired: () => undefined,
   };
 
   /** What the batch writer reports, into the process-wide families. */

@@ -13,6 +13,7 @@ import type { ReaderThreads } from './reader-pool.js';
 import { SourceRunner } from './source-runner.js';
 import { BatchWriter } from './batch-writer.js';
 import { LeaseKeeper } from './lease-keeper.js';
+import { BufferKeeper } from './buffer-keeper.js';
 
 /** How long a stop waits to tell the buffer this process is leaving. */
 const LEAVE_WAIT_MS = 1_000;
@@ -35,6 +36,8 @@ export class Supervisor {
   private readonly writer: BatchWriter;
   /** This process's membership of the fleet and the leases of the sources it captures. */
   readonly leases: LeaseKeeper;
+  /** Partitions, retention, and the sizes and lags the metrics show. */
+  readonly bufferKeeper: BufferKeeper;
 
   constructor(
     private config: Config,
@@ -72,6 +75,7 @@ export class Supervisor {
     this.leases.handBack = (sourceId) => this.entries.get(sourceId)?.runner.handBack() ?? false;
     // Every store this process makes is fenced with the leases it holds.
     store.book = this.leases.book;
+    this.bufferKeeper = new BufferKeeper(config.buffer, config, log, metrics.bufferKeeperObserver);
   }
 
   /** The runners, in the configuration's order. */
@@ -82,10 +86,11 @@ export class Supervisor {
   /** Runs every source until stopped. A source that fails never stops the others. */
   async run(): Promise<void> {
     await this.leases.start();
+    this.bufferKeeper.start();
     for (const source of this.config.sources) this.start(source);
     await this.stopped;
     await Promise.all([...this.entries.values()].map((e) => e.done));
-    await this.leases.stop();
+    await Promise.all([this.leases.stop(), this.bufferKeeper.stop()]);
   }
 
   async stop(): Promise<void> {

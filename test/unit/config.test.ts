@@ -115,12 +115,12 @@ describe('durations', () => {
     expect(load({ PHILOTES_CDC_CHECKPOINT_INTERVAL: raw }).checkpointIntervalMs).toBe(ms);
   });
 
-  it.each(['ten seconds', '10 sec', '-1s', '1d', '1S', 's', ''])(
+  it.each(['ten seconds', '10 sec', '-1s', '1w', '1S', 's', ''])(
     'parseDuration rejects %j with the variable name',
     (raw) => {
       const error = configError(() => parseDuration('PHILOTES_CDC_CHECKPOINT_INTERVAL', raw));
       expect(error.message).toBe(
-        `PHILOTES_CDC_CHECKPOINT_INTERVAL must be a duration like 500ms, 10s or 1m, got ${JSON.stringify(raw)}`,
+        `PHILOTES_CDC_CHECKPOINT_INTERVAL must be a duration like 500ms, 10s, 1m, 2h or 7d, got ${JSON.stringify(raw)}`,
       );
     },
   );
@@ -128,7 +128,7 @@ describe('durations', () => {
   it('names the variable for a malformed duration', () => {
     const error = configError(() => load({ PHILOTES_CDC_CHECKPOINT_INTERVAL: 'soon' }));
     expect(error.message).toBe(
-      'PHILOTES_CDC_CHECKPOINT_INTERVAL must be a duration like 500ms, 10s or 1m, got "soon"',
+      'PHILOTES_CDC_CHECKPOINT_INTERVAL must be a duration like 500ms, 10s, 1m, 2h or 7d, got "soon"',
     );
   });
 

@@ -1,0 +1,164 @@
+/**
+ * The buffer's upkeep, beside the capture (src/buffer/partitions.ts): cdc_events partitioned
+ * (converted in place once), partitions made ahead, and retention: a partition whose whole range
+ * is older than `retention` is dropped once every consumer group has read it; one older than
+ * `retentionMax` is dropped anyway, and the groups still behind it are expired, loudly.
+ *
+ * One replica at a time does it (a session advisory lock on the keeper's own connection, tried,
+ * never waited for); every replica reads the sizes and the consumers' lag for its metrics.
+ */
+import pg from 'pg';
+import type { ConnectionConfig } from '../common/config.js';
+import type { Logger } from '../common/logger.js';
+import { pgClientOptions } from '../common/pg-connection.js';
+import { readConsumerLag, type ConsumerLag } from '../buffer/consumer-stats.js';
+import {
+  bufferSize,
+  dropPartition,
+  ensurePartitions,
+  expireGroups,
+  groupsBehind,
+  partitionEvents,
+  partitionsOlderThan,
+  type BufferSize,
+  type PartitionSettings,
+} from '../buffer/partitions.js';
+
+/** "partitions" on a phone keypad: the maintenance lock's key. */
+const MAINTENANCE_LOCK_KEY = 72_784_846;
+
+export interface RetentionSettings extends PartitionSettings {
+  readonly retentionMs: number;
+  readonly retentionMaxMs: number;
+}
+
+/** What a round saw, for the metrics and the status page. */
+export interface BufferKeeperObserver {
+  size(size: BufferSize): void;
+  consumers(lag: readonly ConsumerLag[]): void;
+  dropped(partition: string, events: number): void;
+  expired(groups: readonly string[]): void;
+}
+
+export class BufferKeeper {
+  private timer: NodeJS.Timeout | undefined;
+  private running: Promise<void> | null = null;
+  private client: pg.Client | null = null;
+  private stopped = false;
+  private failures = 0;
+  /** The last round's view, for /readyz and the status page. */
+  last: { size: BufferSize | null; consumers: readonly ConsumerLag[] } = {
+    size: null,
+    consumers: [],
+  };
+
+  constructor(
+    private readonly buffer: ConnectionConfig,
+    private readonly settings: RetentionSettings,
+    private readonly log: Logger,
+    private readonly observer: BufferKeeperObserver,
+  ) {}
+
+  /** Each round at most a quarter interval apart (and at least every 5 minutes, 1 s at most often). */
+  get periodMs(): number {
+    return Math.max(1000, Math.min(300_000, this.settings.partitionIntervalMs / 4));
+  }
+
+  start(): void {
+    void this.round();
+    this.timer = setInterval(() => void this.round(), this.periodMs);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearInterval(this.timer);
+    await this.running;
+    await this.client?.end().catch(() => undefined);
+    this.client = null;
+  }
+
+  /** One round now (or the one in flight). Never rejects. */
+  round(): Promise<void> {
+    this.running ??= this.work()
+      .then(() => {
+        if (this.failures > 0) this.log.info('buffer maintenance works again');
+        this.failures = 0;
+      })
+      .catch((error: unknown) => {
+        if (this.failures++ === 0)
+          this.log.error(
+            { err: error },
+            `buffer maintenance failed (partitions, retention); retrying every ${this.periodMs / 1000} s: the capture goes on while partitions made ahead last (partitionsAhead)`,
+          );
+        void this.client?.end().catch(() => undefined);
+        this.client = null;
+      })
+      .finally(() => (this.running = null));
+    return this.running;
+  }
+
+  private async connection(): Promise<pg.Client> {
+    if (this.client !== null) return this.client;
+    const client = new pg.Client(pgClientOptions(this.buffer, 'philotes:maintenance'));
+    client.on('error', () => undefined); // the query in flight rejects
+    await client.connect();
+    this.client = client;
+    return client;
+  }
+
+  private async work(): Promise<void> {
+    if (this.stopped) return;
+    const client = await this.connection();
+    const lock = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1) AS ok', [
+      MAINTENANCE_LOCK_KEY,
+    ]);
+    if (lock.rows[0]?.ok === true) {
+      try {
+        if (await partitionEvents(client, this.settings))
+          this.log.info(
+            'cdc_events is partitioned now: the old table is its first partition (nothing was rewritten)',
+          );
+        const made = await ensurePartitions(client, this.settings);
+        if (made.length > 0) this.log.info({ partitions: made }, 'buffer partitions made ahead');
+        if (this.settings.retentionMs > 0) await this.retain(client);
+      } finally {
+        await client.query('SELECT pg_advisory_unlock($1)', [MAINTENANCE_LOCK_KEY]);
+      }
+    }
+    const size = await bufferSize(client);
+    const consumers = await readConsumerLag(client);
+    this.last = { size, consumers };
+    this.observer.size(size);
+    this.observer.consumers(consumers);
+  }
+
+  /** Drops the partitions retention allows, oldest first, stopping at the first still held. */
+  private async retain(client: pg.Client): Promise<void> {
+    for (const partition of await partitionsOlderThan(client, this.settings.retentionMs)) {
+      if (this.stopped) return;
+      const behind = await groupsBehind(client, partition.name);
+      if (behind.length > 0) {
+        const max = this.settings.retentionMaxMs;
+        const age = Date.now() - partition.toAt.getTime();
+        if (max === 0 || age < max) {
+          this.log.debug(
+            { partition: partition.name, groups: behind },
+            'a partition past retention is kept: consumer groups have not read it',
+          );
+          return;
+        }
+        const reason = `partition ${partition.name} (events stored before ${partition.toAt.toISOString()}) was dropped by retentionMax before this group had read it`;
+        await expireGroups(client, behind, reason);
+        this.observer.expired(behind);
+        this.log.error(
+          { partition: partition.name, groups: behind },
+          `consumer group(s) ${behind.join(', ')} expired: ${reason}. They read nothing more until deleted and made again (see "Consuming the buffer" in the README)`,
+        );
+      }
+      const events = await dropPartition(client, partition.name);
+      this.observer.dropped(partition.name, events);
+      this.log.info({ partition: partition.name, events }, 'buffer partition dropped by retention');
+    }
+  }
+}
