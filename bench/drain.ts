@@ -7,6 +7,7 @@
  *   npm run bench -- small        # one scenario: small | bulk | wide | latency | fleet | huge | large | snapshot
  *   npm run bench -- fleet --replicas 3   # fleet, then N replicas sharing 12 sources (bench/replicas.ts)
  *   npm run bench -- replicas           # only the replicas (3 unless --replicas N)
+ *   npm run bench -- consume            # a consumer group member reading the buffer (bench/consume.ts)
  *
  * Prints a table and writes bench-results/drain-<timestamp>.json. Not a test: no assertions.
  * PHILOTES_BENCH_LOG_LEVEL=debug shows Philotes' own log; PHILOTES_BENCH_NODE_FLAGS passes node
@@ -19,6 +20,7 @@ import { join } from 'node:path';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { runReplicas, type ReplicasResult } from './replicas.js';
+import { runConsume, type ConsumeResult } from './consume.js';
 import { binDir, pgbench, runTool } from './pg-tools.js';
 import { commitLatency } from './commit-latency.js';
 import { spawnPhilotes } from './philotes-process.js';
@@ -376,6 +378,7 @@ async function main(): Promise<void> {
   const hugeWanted = wanted.includes('huge');
   const largeWanted = wanted.includes('large');
   const snapshotWanted = wanted.includes('snapshot');
+  const consumeWanted = wanted.includes('consume');
   if (
     scenarios.length === 0 &&
     !latencyWanted &&
@@ -383,10 +386,11 @@ async function main(): Promise<void> {
     !replicasWanted &&
     !hugeWanted &&
     !largeWanted &&
-    !snapshotWanted
+    !snapshotWanted &&
+    !consumeWanted
   ) {
     throw new Error(
-      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'replicas', 'huge', 'large', 'snapshot'].join(', ')}`,
+      `unknown scenario; choose from ${[...SCENARIOS.map((s) => s.name), 'latency', 'fleet', 'replicas', 'huge', 'large', 'snapshot', 'consume'].join(', ')}`,
     );
   }
   const results: Result[] = [];
@@ -484,6 +488,15 @@ async function main(): Promise<void> {
       `bench: snapshot: Philotes ${s.philotesRowsPerSecond} rows/s (${s.philotesSeconds} s, ${s.chunks} chunks, peak RSS ${s.philotesPeakRssMb} MB, CPU ${s.philotesCpuSeconds} s); pg_dump | psql ${s.pgDumpRowsPerSecond} rows/s (${s.pgDumpSeconds} s); ratio ${s.ratio}; CPU s of the source's backends ${s.sourceBackendCpuSeconds}, of the buffer's ${s.bufferBackendCpuSeconds}\n`,
     );
   }
+  let consumed: ConsumeResult | null = null;
+  if (consumeWanted) {
+    process.stderr.write('bench: consume: one member of a consumer group reading the buffer\n');
+    consumed = await runConsume();
+    const c = consumed;
+    process.stdout.write(
+      `bench: consume: read and committed ${c.readEventsPerSecond} events/s (a ${c.backlogEvents}-event backlog); wake-up (idle, source COMMIT to handler) p50 ${c.wakeupP50Ms} ms, p99 ${c.wakeupP99Ms} ms; end to end at 1k tx/s (${c.e2eTransactions} tx) p50 ${c.e2eP50Ms} ms, p99 ${c.e2eP99Ms} ms\n`,
+    );
+  }
   mkdirSync('bench-results', { recursive: true });
   const file = join(
     'bench-results',
@@ -492,7 +505,17 @@ async function main(): Promise<void> {
   writeFileSync(
     file,
     JSON.stringify(
-      { machine, results, latency, fleet, replicas: replicaRun, huge, large, snapshot },
+      {
+        machine,
+        results,
+        latency,
+        fleet,
+        replicas: replicaRun,
+        huge,
+        large,
+        snapshot,
+        consume: consumed,
+      },
       null,
       2,
     ),

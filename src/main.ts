@@ -2,7 +2,8 @@
 /**
  * philotes-worker: the command line. This file only wires the commands; each lives in
  * src/commands/ with its definition, action and rendering: `run` (the default: capture until
- * SIGTERM/SIGINT), `reset-source`, `snapshot`, `check`, `status`, `consume`, `ddl-trigger`, `print-config`.
+ * SIGTERM/SIGINT), `reset-source`, `snapshot`, `check`, `status`, `consume`, `partition-buffer`, `ddl-trigger`,
+ * `print-config`.
  *
  * Exit codes: 0 after a clean stop, 2 for configuration or source errors a person must fix (and
  * for a bad command line), 1 for anything else (for `status`: something could not be read).
@@ -17,6 +18,7 @@ import { registerConsume } from './commands/consume.js';
 import { setConfigPath, version } from './commands/cli.js';
 import { registerDdlTrigger } from './commands/ddl-trigger.js';
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, oneLine } from './common/exit.js';
+import { registerPartitionBuffer } from './commands/partition-buffer.js';
 import { registerPrintConfig } from './commands/print-config.js';
 import { registerResetSource } from './commands/reset-source.js';
 import { registerRun } from './commands/run.js';
@@ -72,6 +74,7 @@ registerCheck(program);
 registerConsume(program);
 registerStatus(program);
 registerDdlTrigger(program);
+registerPartitionBuffer(program);
 registerPrintConfig(program);
 
 rejectUnknownCommand(program, process.argv.slice(2));

@@ -23,9 +23,17 @@
  * delays maintenance, never the other way round for longer than that.
  */
 import type pg from 'pg';
+import type { Logger } from '../common/logger.js';
 import { READ_FUNCTION } from './migrations.js';
 
 export const LOCK_TIMEOUT = '2s';
+/** "partitions" on a phone keypad: the key of the lock one maintainer at a time holds. */
+export const MAINTENANCE_LOCK_KEY = 72_784_846;
+/**
+ * A running Philotes converts an unpartitioned cdc_events up to this size by itself; a larger one
+ * (its validating scan takes a while) waits for the operator's `philotes-worker partition-buffer`.
+ */
+export const AUTO_PARTITION_MAX_BYTES = 64 * 1024 * 1024;
 const LEGACY_BOUND = 'cdc_events_legacy_bound';
 
 export interface PartitionSettings {
@@ -41,6 +49,18 @@ export async function isPartitioned(client: pg.ClientBase): Promise<boolean> {
     `SELECT relkind::text AS kind FROM pg_class WHERE oid = 'cdc_events'::regclass`,
   );
   return r.rows[0]?.kind === 'p';
+}
+
+/** Bytes of the unpartitioned cdc_events' heap. */
+export async function eventsTableBytes(client: pg.ClientBase): Promise<number> {
+  const r = await client.query<{ n: string }>(`SELECT pg_relation_size('cdc_events')::text AS n`);
+  return Number(r.rows[0]!.n);
+}
+
+/** What a conversion took: the validating scan (writes go on) and the switch (a lock). */
+export interface Conversion {
+  readonly validateMs: number;
+  readonly switchMs: number;
 }
 
 /** The buffer's clock, in ms since the epoch. */
@@ -82,8 +102,8 @@ async function withLockTimeout<T>(client: pg.ClientBase, work: () => Promise<T>)
 export async function partitionEvents(
   client: pg.ClientBase,
   settings: PartitionSettings,
-): Promise<boolean> {
-  if (await isPartitioned(client)) return false;
+): Promise<Conversion | null> {
+  if (await isPartitioned(client)) return null;
   const interval = settings.partitionIntervalMs;
   const now = await bufferNow(client);
   const bound = Math.floor(now / interval) * interval + 2 * interval;
@@ -102,9 +122,14 @@ export async function partitionEvents(
          CHECK (stored_at < '${iso(bound)}'::timestamptz) NOT VALID`,
     ),
   );
+  let validateMs: number;
+  let switchMs: number;
   try {
     // A scan, under a lock that lets the capture write on.
+    const began = performance.now();
     await client.query(`ALTER TABLE cdc_events VALIDATE CONSTRAINT ${LEGACY_BOUND}`);
+    validateMs = performance.now() - began;
+    const switching = performance.now();
     await withLockTimeout(client, async () => {
       await client.query(`
         ALTER TABLE cdc_events RENAME TO cdc_events_legacy;
@@ -116,6 +141,7 @@ export async function partitionEvents(
         ${READ_FUNCTION}
         INSERT INTO cdc_partitions (name, from_at, to_at) VALUES ('cdc_events_legacy', NULL, '${iso(bound)}');`);
     });
+    switchMs = performance.now() - switching;
   } catch (error) {
     // Not switched: the CHECK must not outlive B on the table the capture writes.
     await withLockTimeout(client, () =>
@@ -123,7 +149,7 @@ export async function partitionEvents(
     ).catch(() => undefined);
     throw error;
   }
-  return true;
+  return { validateMs, switchMs };
 }
 
 /** Makes the partitions from the last one's end up to `partitionsAhead` intervals past now. */
@@ -291,4 +317,32 @@ export async function bufferSize(client: pg.ClientBase): Promise<BufferSize> {
     bytes: Number(row.bytes),
     oldestStoredAt: row.oldest,
   };
+}
+
+/**
+ * At a capturing process's start: an unpartitioned cdc_events up to AUTO_PARTITION_MAX_BYTES (a
+ * new buffer's is empty) is partitioned now, and the partitions ahead made, holding the
+ * maintenance lock so that processes starting together do it once. A larger one is left to
+ * `partition-buffer` (the buffer keeper says so).
+ */
+export async function partitionSmallBuffer(
+  client: pg.ClientBase,
+  settings: PartitionSettings,
+  log: Logger,
+): Promise<void> {
+  await client.query('SELECT pg_advisory_lock($1)', [MAINTENANCE_LOCK_KEY]);
+  try {
+    if (!(await isPartitioned(client))) {
+      if ((await eventsTableBytes(client)) > AUTO_PARTITION_MAX_BYTES) return;
+      const done = await partitionEvents(client, settings);
+      if (done !== null)
+        log.info(
+          { validateMs: Math.round(done.validateMs), switchMs: Math.round(done.switchMs) },
+          'cdc_events is partitioned now: the old table is its first partition (nothing was rewritten)',
+        );
+    }
+    await ensurePartitions(client, settings);
+  } finally {
+    await client.query('SELECT pg_advisory_unlock($1)', [MAINTENANCE_LOCK_KEY]);
+  }
 }

@@ -29,6 +29,7 @@ import {
   type LeaseRow,
 } from './leases.js';
 import { migrate } from './migrations.js';
+import { partitionSmallBuffer, type PartitionSettings } from './partitions.js';
 import { EventWakeups } from './wakeups.js';
 import { createSnapshot, endSnapshot, pendingSnapshot, requestSnapshot } from './snapshots.js';
 import { recordSourceStatus, removeSourceStatus, type SourceStatusRow } from './source-status.js';
@@ -92,6 +93,12 @@ export class BufferStore {
     log: Logger,
     poolSize: number,
     memberId?: string,
+    /**
+     * A capturing process: an unpartitioned cdc_events small enough is partitioned before
+     * anything stores (partitions.ts), so that no reader, trigger or lock of an operator ever
+     * meets the table in the middle of its conversion.
+     */
+    partitions?: PartitionSettings,
   ): Promise<BufferStore> {
     const options = pgClientOptions(
       conn,
@@ -118,6 +125,11 @@ export class BufferStore {
     }
     try {
       const applied = await migrate(client);
+      // Not a reason to stop: the buffer keeper tries again every round.
+      if (partitions !== undefined)
+        await partitionSmallBuffer(client, partitions, log).catch((error: unknown) =>
+          log.warn({ err: error }, 'partitioning the buffer at start failed; retrying later'),
+        );
       const identity = await client.query<DatabaseIdentity>(DATABASE_IDENTITY_SQL);
       if (identity.rows[0]) store.identity = identity.rows[0];
       log.info(

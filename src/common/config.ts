@@ -46,10 +46,20 @@ export function loadConfig(env: Env = process.env, configPath?: string): Config 
   return loadEnvConfig(env);
 }
 
-/** What a consumer (`consume`, the consume() API) needs: the buffer, the log, the leases. */
+/**
+ * What a command of the buffer alone needs (`consume`, `partition-buffer`): the buffer, the log,
+ * the leases, the partitions.
+ */
 export type ConsumerConfig = Pick<
   Config,
-  'buffer' | 'origin' | 'logLevel' | 'leaseTtlMs' | 'leaseRenewIntervalMs' | 'rebalanceMinHoldMs'
+  | 'buffer'
+  | 'origin'
+  | 'logLevel'
+  | 'leaseTtlMs'
+  | 'leaseRenewIntervalMs'
+  | 'rebalanceMinHoldMs'
+  | 'partitionIntervalMs'
+  | 'partitionsAhead'
 >;
 
 /**

@@ -326,6 +326,16 @@ export class Metrics {
     help: 'Age of the oldest event the buffer still holds (about: the first rows of the oldest partition).',
     registers: [this.registry],
   });
+  readonly retentionSeconds = new client.Gauge({
+    name: 'philotes_retention_seconds',
+    help: 'The retention setting: partitions older than this are dropped once every group has read them (0: never).',
+    registers: [this.registry],
+  });
+  readonly retentionMaxSeconds = new client.Gauge({
+    name: 'philotes_retention_max_seconds',
+    help: 'The retentionMax setting: partitions older than this are dropped anyway, the groups behind expired (0: never).',
+    registers: [this.registry],
+  });
   readonly retentionDropped = new client.Counter({
     name: 'philotes_retention_dropped_total',
     help: 'Partitions of cdc_events retention dropped (by this process).',

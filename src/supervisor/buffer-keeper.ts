@@ -13,7 +13,11 @@ import type { Logger } from '../common/logger.js';
 import { pgClientOptions } from '../common/pg-connection.js';
 import { readConsumerLag, type ConsumerLag } from '../buffer/consumer-stats.js';
 import {
+  AUTO_PARTITION_MAX_BYTES,
+  MAINTENANCE_LOCK_KEY,
   bufferSize,
+  eventsTableBytes,
+  isPartitioned,
   dropPartition,
   ensurePartitions,
   expireGroups,
@@ -23,9 +27,6 @@ import {
   type BufferSize,
   type PartitionSettings,
 } from '../buffer/partitions.js';
-
-/** "partitions" on a phone keypad: the maintenance lock's key. */
-const MAINTENANCE_LOCK_KEY = 72_784_846;
 
 export interface RetentionSettings extends PartitionSettings {
   readonly retentionMs: number;
@@ -115,13 +116,11 @@ export class BufferKeeper {
     ]);
     if (lock.rows[0]?.ok === true) {
       try {
-        if (await partitionEvents(client, this.settings))
-          this.log.info(
-            'cdc_events is partitioned now: the old table is its first partition (nothing was rewritten)',
-          );
-        const made = await ensurePartitions(client, this.settings);
-        if (made.length > 0) this.log.info({ partitions: made }, 'buffer partitions made ahead');
-        if (this.settings.retentionMs > 0) await this.retain(client);
+        if (await this.partitioned(client)) {
+          const made = await ensurePartitions(client, this.settings);
+          if (made.length > 0) this.log.info({ partitions: made }, 'buffer partitions made ahead');
+          if (this.settings.retentionMs > 0) await this.retain(client);
+        }
       } finally {
         await client.query('SELECT pg_advisory_unlock($1)', [MAINTENANCE_LOCK_KEY]);
       }
@@ -132,6 +131,34 @@ export class BufferKeeper {
     this.observer.size(size);
     this.observer.consumers(consumers);
   }
+
+  /**
+   * Whether cdc_events is partitioned, converting a small one now. A large one is the
+   * operator's to convert (`partition-buffer`, a scan of it): until then nothing is dropped, and
+   * the keeper says so once an hour.
+   */
+  private async partitioned(client: pg.Client): Promise<boolean> {
+    if (await isPartitioned(client)) return true;
+    const bytes = await eventsTableBytes(client);
+    if (bytes > AUTO_PARTITION_MAX_BYTES) {
+      if (Date.now() - this.toldUnpartitionedAt > 3_600_000) {
+        this.toldUnpartitionedAt = Date.now();
+        this.log.warn(
+          { bytes },
+          `cdc_events is not partitioned yet (${Math.round(bytes / 1048576)} MB): retention cannot drop anything until it is. Run philotes-worker partition-buffer (online: the capture goes on; see docs/operations.md)`,
+        );
+      }
+      return false;
+    }
+    const done = await partitionEvents(client, this.settings);
+    if (done !== null)
+      this.log.info(
+        { validateMs: Math.round(done.validateMs), switchMs: Math.round(done.switchMs) },
+        'cdc_events is partitioned now: the old table is its first partition (nothing was rewritten)',
+      );
+    return true;
+  }
+  private toldUnpartitionedAt = -Infinity;
 
   /** Drops the partitions retention allows, oldest first, stopping at the first still held. */
   private async retain(client: pg.Client): Promise<void> {

@@ -76,6 +76,8 @@ export class Supervisor {
     // Every store this process makes is fenced with the leases it holds.
     store.book = this.leases.book;
     this.bufferKeeper = new BufferKeeper(config.buffer, config, log, metrics.bufferKeeperObserver);
+    metrics.retentionSeconds.set(config.retentionMs / 1000);
+    metrics.retentionMaxSeconds.set(config.retentionMaxMs / 1000);
   }
 
   /** The runners, in the configuration's order. */

@@ -31,7 +31,7 @@ const HAS_PROMETHEUS = onPath('prometheus');
 
 /** Families of the whole process (no `source` label): the process_* ones and the writer's. */
 const PROCESS_WIDE =
-  /^(process_|philotes_(buffer_transactions|buffer_transaction_sources|buffer_up|in_flight_bytes|readers_held|lease_changes_total|fleet_members|sources_owned))/;
+  /^(process_|philotes_(buffer_transactions|buffer_transaction_sources|buffer_up|in_flight_bytes|readers_held|lease_changes_total|fleet_members|sources_owned|buffer_partitions|buffer_bytes|buffer_oldest_event_age_seconds|retention_|consumer_expired))/;
 
 function isProcessWide(name: string): boolean {
   return PROCESS_WIDE.test(name);

@@ -45,7 +45,13 @@ async function openBuffer(
   for (let attempt = 1; ; attempt++) {
     try {
       // The writers' connections, and a few for start-ups, confirmable positions and gaps.
-      const store = await BufferStore.open(config.buffer, log, config.commitWriters + 3, memberId);
+      const store = await BufferStore.open(
+        config.buffer,
+        log,
+        config.commitWriters + 3,
+        memberId,
+        config,
+      );
       if (attempt > 1) log.info({ attempts: attempt }, 'buffer database open');
       return store;
     } catch (error) {
