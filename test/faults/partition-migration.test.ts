@@ -73,11 +73,12 @@ describe('partitioning an existing buffer', () => {
     expect(before).toMatchObject({ kind: 'r' });
     expect(before!.mb).toBeGreaterThan(64);
 
+    philotes = startPhilotes(f.env());
+    await waitForSlotActive(f.source);
+    // After the slot exists: every change of the load is in its stream.
     const load = startLoad(f.source, { clients: 2 });
     let stored: number;
     try {
-      philotes = startPhilotes(f.env());
-      await waitForSlotActive(f.source);
       const count = async () =>
         (
           await f.buffer.query<{ n: number }>(

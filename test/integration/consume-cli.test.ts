@@ -128,9 +128,10 @@ describe('philotes-worker consume', () => {
         what: 'the command to get the batch',
         timeoutMs: 60_000,
       });
-      expect(await position()).toBeNull();
+      // The group's position of the source was made at its start, before everything.
+      expect(await position()).toBe('0/0');
       writeFileSync(ok, '');
-      await waitFor(async () => (await position()) !== null, {
+      await waitFor(async () => (await position()) !== '0/0', {
         what: 'the position to move once the command succeeds',
         timeoutMs: 60_000,
       });
