@@ -301,22 +301,43 @@ export interface BufferSize {
 
 export async function bufferSize(client: pg.ClientBase): Promise<BufferSize> {
   const partitioned = await isPartitioned(client);
-  const r = await client.query<{ partitions: number; bytes: string; oldest: Date | null }>(
+  const r = await client.query<{ partitions: number; bytes: string }>(
     partitioned
       ? `SELECT count(*)::int AS partitions,
-                coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::text AS bytes,
-                (SELECT min(stored_at) FROM cdc_events) AS oldest
+                coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::text AS bytes
            FROM pg_inherits i WHERE i.inhparent = 'cdc_events'::regclass`
-      : `SELECT 1 AS partitions, pg_total_relation_size('cdc_events')::text AS bytes,
-                (SELECT min(stored_at) FROM cdc_events) AS oldest`,
+      : `SELECT 1 AS partitions, pg_total_relation_size('cdc_events')::text AS bytes`,
   );
   const row = r.rows[0]!;
   return {
     partitioned,
     partitions: row.partitions,
     bytes: Number(row.bytes),
-    oldestStoredAt: row.oldest,
+    oldestStoredAt: await oldestStored(client, partitioned),
   };
+}
+
+/**
+ * About when the oldest event was stored: the first rows of the oldest partition that has any
+ * (stored_at has no index; rows go in about in order, and nothing but a restart deletes from a
+ * partition), not a scan of the buffer.
+ */
+async function oldestStored(client: pg.ClientBase, partitioned: boolean): Promise<Date | null> {
+  const tables = partitioned
+    ? (
+        await client.query<{ name: string }>(
+          `SELECT p.name FROM cdc_partitions p
+            WHERE p.dropped_at IS NULL AND to_regclass(p.name) IS NOT NULL ORDER BY p.to_at`,
+        )
+      ).rows.map((p) => p.name)
+    : ['cdc_events'];
+  for (const table of tables) {
+    const first = await client.query<{ at: Date | null }>(
+      `SELECT min(stored_at) AS at FROM (SELECT stored_at FROM ${table} LIMIT 1000) x`,
+    );
+    if (first.rows[0]?.at != null) return first.rows[0].at;
+  }
+  return null;
 }
 
 /**

@@ -4,7 +4,7 @@
  * something could not be read or a source has a problem.
  */
 import type { Command } from 'commander';
-import type { MemberRow, SourceStatus } from './status/read-status.js';
+import type { BufferSize, ConsumerLag, MemberRow, SourceStatus } from './status/read-status.js';
 import { cliConfig } from './cli.js';
 import { EXIT_ERROR, EXIT_OK } from '../common/exit.js';
 import { formatTable, humanBytes, humanSeconds } from './output.js';
@@ -32,6 +32,30 @@ export function renderMembers(members: readonly MemberRow[]): string {
       String(m.sources),
     ]),
   );
+}
+
+/** The consumer groups' positions and lag, one row per group and source. */
+export function renderConsumers(
+  consumers: readonly ConsumerLag[],
+  events: BufferSize | null,
+): string {
+  const size =
+    events === null
+      ? 'buffer: no events table yet'
+      : `buffer: cdc_events ${humanBytes(events.bytes)}${events.partitioned ? ` in ${events.partitions} partitions` : ', not partitioned yet (philotes-worker partition-buffer)'}${events.oldestStoredAt === null ? '' : `, oldest event stored ${events.oldestStoredAt.toISOString().slice(0, 19)}`}`;
+  if (consumers.length === 0) return `${size}\nconsumer groups: none`;
+  return `${size}\n${formatTable(
+    ['GROUP', 'SOURCE', 'POSITION', 'COMMITTED', 'LAG EVENTS', 'LAG', 'STATE'],
+    consumers.map((c) => [
+      c.group,
+      c.source,
+      `${c.lsn}/${c.seq}`,
+      c.committedAt.toISOString().slice(0, 19),
+      String(c.lagEvents),
+      c.lagSeconds === 0 ? 'none' : humanSeconds(Math.round(c.lagSeconds)),
+      c.expired ? 'EXPIRED (retention dropped what it had not read)' : 'ok',
+    ]),
+  )}`;
 }
 
 /** The status table, one row per source. */
@@ -72,7 +96,9 @@ async function status(opts: { json?: boolean }): Promise<void> {
   const report = await readStatus(loaded);
   if (opts.json) process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
   else
-    process.stdout.write(`${renderStatus(report.sources)}\n\n${renderMembers(report.members)}\n`);
+    process.stdout.write(
+      `${renderStatus(report.sources)}\n\n${renderMembers(report.members)}\n\n${renderConsumers(report.consumers, report.events)}\n`,
+    );
   // 1: something could not be read (a source, the buffer); the rows say what.
   process.exit(
     report.buffer !== null || report.sources.some((s) => s.problem) ? EXIT_ERROR : EXIT_OK,

@@ -8,6 +8,8 @@
 import { humanSeconds } from '../commands/output.js';
 import { formatBytes } from '../common/lsn.js';
 import type { SourceReport } from '../supervisor/source-runner.js';
+import type { ConsumerLag } from '../buffer/consumer-stats.js';
+import type { BufferSize } from '../buffer/partitions.js';
 
 export interface StatusPageData {
   readonly ready: boolean;
@@ -17,6 +19,9 @@ export interface StatusPageData {
   readonly now: number;
   /** This process in the fleet of replicas on the buffer (null before it has joined). */
   readonly fleet?: FleetReport | null;
+  /** The consumer groups' lag and the buffer's size, as the buffer keeper's last round saw them. */
+  readonly consumers?: readonly ConsumerLag[];
+  readonly events?: BufferSize | null;
 }
 
 /** This process among the replicas sharing the buffer's sources. */
@@ -88,6 +93,7 @@ export function renderStatusPage(data: StatusPageData): string {
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1d2329; }
   h1 { font-size: 1.3em; margin: 0 0 .2em; }
+  h2 { font-size: 1.1em; margin: 1.2em 0 .2em; }
   p.meta { color: #5b6670; margin: 0 0 1em; }
   table { border-collapse: collapse; width: 100%; }
   th, td { text-align: left; padding: .35em .7em; border-bottom: 1px solid #dde2e6; vertical-align: top; }
@@ -113,6 +119,7 @@ export function renderStatusPage(data: StatusPageData): string {
 ${data.sources.map((s) => row(s, data.now)).join('\n')}
 </tbody>
 </table>
+${consumersSection(data)}
 </main>
 <script>
 // Fetch the page again and swap the table in: one renderer, on the server.
@@ -133,6 +140,30 @@ setInterval(async () => {
 </body>
 </html>
 `;
+}
+
+/** The buffer's size and each consumer group's lag (every replica shows the same). */
+function consumersSection(data: StatusPageData): string {
+  const events = data.events ?? null;
+  const size =
+    events === null
+      ? ''
+      : `<p class="meta" id="events">buffer: cdc_events ${escape(formatBytes(BigInt(events.bytes)))}${events.partitioned ? ` in ${escape(plural(events.partitions, 'partition'))}` : ', <span class="warn">not partitioned yet</span> (philotes-worker partition-buffer)'}</p>`;
+  const consumers = data.consumers ?? [];
+  if (consumers.length === 0) return `<h2>Consumer groups</h2>${size}<p class="meta">none</p>`;
+  const rows = consumers
+    .map(
+      (c) =>
+        `<tr data-group="${escape(c.group)}"><td>${escape(c.group)}</td><td>${escape(c.source)}</td><td>${escape(`${c.lsn}/${c.seq}`)}</td><td class="num">${c.lagEvents}</td><td class="num">${c.lagSeconds === 0 ? 'none' : escape(duration(Math.round(c.lagSeconds)))}</td><td class="${c.expired ? 'bad' : 'ok'}">${c.expired ? 'expired: retention dropped what it had not read' : 'ok'}</td></tr>`,
+    )
+    .join('\n');
+  return `<h2>Consumer groups</h2>${size}
+<table id="consumers">
+<thead><tr><th>group</th><th>source</th><th>position</th><th>lag (events)</th><th>lag (time)</th><th>state</th></tr></thead>
+<tbody>
+${rows}
+</tbody>
+</table>`;
 }
 
 function row(s: SourceReport, now: number): string {

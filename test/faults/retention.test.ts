@@ -183,5 +183,9 @@ describe('partitions and retention under load', () => {
     expect(slowCommits).toBe(0);
     expect(body).toMatch(/^philotes_retention_dropped_total [1-9]/m);
     expect(body).toMatch(/^philotes_consumer_expired\{group="slow"\} 1$/m);
+    // The status page lists the groups, the expired one as such.
+    const page = await (await fetch(`http://127.0.0.1:${metricsPort}/`)).text();
+    expect(page).toMatch(/<tr data-group="slow">.*expired/);
+    expect(page).toMatch(/<tr data-group="fast">/);
   });
 });

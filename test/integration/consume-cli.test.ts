@@ -144,6 +144,39 @@ describe('philotes-worker consume', () => {
     }
   });
 
+  it('status shows each group, its position and its lag', async () => {
+    await insert('status', 3);
+    const group = 'cli_status';
+    await f.buffer.query(`SELECT philotes_create_consumer($1)`, [group], 'buffer');
+    await f.buffer.query(
+      `INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq) VALUES ($1, 'app', '0/0', -1)`,
+      [group],
+      'buffer',
+    );
+    await waitFor(
+      async () =>
+        (
+          await f.buffer.query(
+            `SELECT 1 FROM cdc_events WHERE after->>'name' = 'status3'`,
+            [],
+            'buffer',
+          )
+        ).length > 0,
+      { what: 'the rows to be stored', timeoutMs: 60_000 },
+    );
+    const run = await runPhilotesToExit(f.env(), 30_000, { args: ['status', '--json'] });
+    const report = JSON.parse(run.stdout.join('\n')) as {
+      consumers: Array<{ group: string; source: string; lagEvents: number; expired: boolean }>;
+      events: { partitioned: boolean; partitions: number } | null;
+    };
+    const row = report.consumers.find((c) => c.group === group);
+    expect(row).toMatchObject({ source: 'app', expired: false });
+    expect(row!.lagEvents).toBeGreaterThanOrEqual(3);
+    expect(report.events).toMatchObject({ partitioned: true });
+    const table = await runPhilotesToExit(f.env(), 30_000, { args: ['status'] });
+    expect(table.stdout.join('\n')).toMatch(/GROUP\s+SOURCE\s+POSITION/);
+  });
+
   it('refuses a bad --from and a database that is not a Philotes buffer, exit 2', async () => {
     const bad = await runPhilotesToExit(bufferEnv(), 30_000, {
       args: ['consume', '--group', 'g', '--from', 'yesterday'],

@@ -190,7 +190,13 @@ export async function run(config: Config, threads: ReaderThreads, version: strin
 
   const page = (): string => {
     const now = Date.now();
-    return renderStatusPage({ ...readinessState(now), version, now });
+    return renderStatusPage({
+      ...readinessState(now),
+      version,
+      now,
+      consumers: supervisor?.bufferKeeper.last.consumers ?? [],
+      events: supervisor?.bufferKeeper.last.size ?? null,
+    });
   };
 
   let server: http.Server | null = null;

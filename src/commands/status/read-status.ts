@@ -35,8 +35,12 @@ import {
 } from '../../common/source-admin.js';
 import { isCurrent, readSourceStatus, type ReportedStatus } from '../../buffer/source-status.js';
 import { readLeases, readMembers, type LeaseRow, type MemberRow } from '../../buffer/leases.js';
+import { readConsumerLag, type ConsumerLag } from '../../buffer/consumer-stats.js';
+import { bufferSize, type BufferSize } from '../../buffer/partitions.js';
 
 export type { MemberRow } from '../../buffer/leases.js';
+export type { ConsumerLag } from '../../buffer/consumer-stats.js';
+export type { BufferSize } from '../../buffer/partitions.js';
 
 export interface SourceStatus {
   readonly source: string;
@@ -77,18 +81,25 @@ export interface SourceStatus {
 }
 
 /** Reads the status of every configured source; `problems` names what could not be read. */
-export async function readStatus(
-  config: Config,
-): Promise<{ buffer: string | null; sources: SourceStatus[]; members: MemberRow[] }> {
+export async function readStatus(config: Config): Promise<{
+  buffer: string | null;
+  sources: SourceStatus[];
+  members: MemberRow[];
+  consumers: ConsumerLag[];
+  events: BufferSize | null;
+}> {
   const now = Date.now();
   let checkpoints = new Map<string, CheckpointRow>();
   let snapshots = new Map<string, StoredSnapshot>();
   let reports = new Map<string, ReportedStatus[]>();
   let leases = new Map<string, LeaseRow>();
   let members: MemberRow[] = [];
+  let consumers: ConsumerLag[] = [];
+  let events: BufferSize | null = null;
   let bufferProblem: string | null = null;
   try {
-    ({ checkpoints, snapshots, reports, leases, members } = await readBuffer(config));
+    ({ checkpoints, snapshots, reports, leases, members, consumers, events } =
+      await readBuffer(config));
   } catch (error) {
     bufferProblem = explain(error, 'buffer', config.buffer.host, config.buffer.port);
   }
@@ -105,7 +116,7 @@ export async function readStatus(
       ),
     ),
   );
-  return { buffer: bufferProblem, sources, members };
+  return { buffer: bufferProblem, sources, members, consumers, events };
 }
 
 async function readBuffer(config: Config): Promise<{
@@ -114,6 +125,8 @@ async function readBuffer(config: Config): Promise<{
   reports: Map<string, ReportedStatus[]>;
   leases: Map<string, LeaseRow>;
   members: MemberRow[];
+  consumers: ConsumerLag[];
+  events: BufferSize | null;
 }> {
   const client = new pg.Client(pgClientOptions(config.buffer, 'philotes:status'));
   client.on('error', () => undefined); // a lost connection rejects the query in flight
@@ -132,12 +145,17 @@ async function readBuffer(config: Config): Promise<{
             .filter((l) => l.owner !== null && l.expiresInMs > 0)
             .map((l) => [l.sourceId, l] as const),
     );
+    const hasEvents = await client.query<{ ok: boolean }>(
+      `SELECT to_regclass('cdc_events') IS NOT NULL AS ok`,
+    );
     return {
       checkpoints: await readCheckpoints(client, ids),
       snapshots: await readLatestSnapshots(client, ids),
       reports,
       leases,
       members,
+      consumers: await readConsumerLag(client),
+      events: hasEvents.rows[0]?.ok === true ? await bufferSize(client) : null,
     };
   } finally {
     await client.end().catch(() => undefined);
