@@ -28,6 +28,9 @@ import {
   type PartitionSettings,
 } from '../buffer/partitions.js';
 
+/** How often the sizes and the consumers' lag are read for the metrics and the status page. */
+const STATS_INTERVAL_MS = 15_000;
+
 export interface RetentionSettings extends PartitionSettings {
   readonly retentionMs: number;
   readonly retentionMaxMs: number;
@@ -43,6 +46,7 @@ export interface BufferKeeperObserver {
 
 export class BufferKeeper {
   private timer: NodeJS.Timeout | undefined;
+  private statsTimer: NodeJS.Timeout | undefined;
   private running: Promise<void> | null = null;
   private client: pg.Client | null = null;
   private stopped = false;
@@ -69,19 +73,23 @@ export class BufferKeeper {
     void this.round();
     this.timer = setInterval(() => void this.round(), this.periodMs);
     this.timer.unref();
+    // The sizes and lags are read more often than maintenance runs: they are what people watch.
+    this.statsTimer = setInterval(() => void this.round(false), STATS_INTERVAL_MS);
+    this.statsTimer.unref();
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.timer);
+    clearInterval(this.statsTimer);
     await this.running;
     await this.client?.end().catch(() => undefined);
     this.client = null;
   }
 
-  /** One round now (or the one in flight). Never rejects. */
-  round(): Promise<void> {
-    this.running ??= this.work()
+  /** One round now (or the one in flight); `maintain` false: the sizes and lags only. Never rejects. */
+  round(maintain = true): Promise<void> {
+    this.running ??= this.work(maintain)
       .then(() => {
         if (this.failures > 0) this.log.info('buffer maintenance works again');
         this.failures = 0;
@@ -108,13 +116,15 @@ export class BufferKeeper {
     return client;
   }
 
-  private async work(): Promise<void> {
+  private async work(maintain: boolean): Promise<void> {
     if (this.stopped) return;
     const client = await this.connection();
-    const lock = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1) AS ok', [
-      MAINTENANCE_LOCK_KEY,
-    ]);
-    if (lock.rows[0]?.ok === true) {
+    const lock = maintain
+      ? await client.query<{ ok: boolean }>('SELECT pg_try_advisory_lock($1) AS ok', [
+          MAINTENANCE_LOCK_KEY,
+        ])
+      : null;
+    if (lock?.rows[0]?.ok === true) {
       try {
         if (await this.partitioned(client)) {
           const made = await ensurePartitions(client, this.settings);

@@ -162,6 +162,13 @@ describe('observability: dashboard and alert rules against the real metrics', ()
         'app',
       );
     }
+    // A consumer group that has begun the source: the consumer panels and rules have samples.
+    await f.buffer.query(`SELECT philotes_create_consumer('dashboard')`, [], 'buffer');
+    await f.buffer.query(
+      `INSERT INTO cdc_consumer_offsets (consumer, source_id, lsn, seq) VALUES ('dashboard', 'app', '0/0', -1)`,
+      [],
+      'buffer',
+    );
     await f.source.query(`UPDATE widgets SET name = name || '!' WHERE id <= 10`, [], 'app');
     await f.source.query('DELETE FROM widgets WHERE id > 25', [], 'app');
   });
@@ -439,6 +446,9 @@ describe('observability: dashboard and alert rules against the real metrics', ()
       expect(rules.map((r) => r.name).sort()).toEqual(
         [
           'PhilotesBufferDown',
+          'PhilotesBufferLarge',
+          'PhilotesConsumerExpired',
+          'PhilotesConsumerFallingBehindRetention',
           'PhilotesGapRecorded',
           'PhilotesNoCommitStored',
           'PhilotesReaderDown',
