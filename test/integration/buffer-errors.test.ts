@@ -110,12 +110,15 @@ describe('buffer database errors', () => {
     expect(p.logs().some((l) => problem.test(String(l['msg'])))).toBe(true);
   }
 
-  async function expectCaptures(base: string, id: number): Promise<void> {
+  async function expectCaptures(base: string, id: number, slot = 'philotes_cdc'): Promise<void> {
     await waitFor(async () => (await readiness(base)).status === 200, {
       what: '/readyz 200',
       timeoutMs: 60_000,
       intervalMs: 200,
     });
+    // /readyz is 200 for a source that has not failed since the buffer opened, streaming or
+    // not yet: the row must come after the slot exists to be in its stream (snapshot: never).
+    await waitForSlotActive(f.source, slot);
     await f.source.query('INSERT INTO landed VALUES ($1)', [id], 'app');
   }
 
@@ -235,8 +238,7 @@ describe('buffer database errors', () => {
     } finally {
       await f.buffer.query('ALTER ROLE limited CONNECTION LIMIT -1');
     }
-    await waitForSlotActive(f.source, 'limited_slot');
-    await expectCaptures(base, 2);
+    await expectCaptures(base, 2, 'limited_slot');
     expect(p.signal('SIGTERM')).toBe(true);
     expect(await waitForExit(p, 30_000)).toEqual({ code: 0, signal: null });
   });
