@@ -52,6 +52,13 @@ const SLOT_POLL_INTERVAL_MS = 15_000;
 /** How long closing may wait for the source to acknowledge the end of our connections. */
 const CLOSE_TIMEOUT_MS = 3_000;
 
+/** Waits until the buffer records `lsn` (or, with a ticket, until it answers that message). */
+interface RecordWaiter {
+  readonly lsn: bigint;
+  readonly ticket?: number;
+  readonly resolve: () => void;
+}
+
 export class SlotReader {
   private readonly log: Logger;
   private readonly builder: BatchBuilder;
@@ -76,7 +83,8 @@ export class SlotReader {
   private startLsn = 0n;
   /** Positions: durable, recorded, confirmed, idle (replaced once the start is known). */
   private confirmations: Confirmations;
-  private recordWaiters: Array<{ lsn: bigint; resolve: () => void }> = [];
+  private recordWaiters: RecordWaiter[] = [];
+  private nextRecordTicket = 1;
   private replyRequested = false;
 
   /** Cancels the pending batch's scheduled send, if one is scheduled. */
@@ -495,9 +503,12 @@ export class SlotReader {
       case 'recorded': {
         this.confirmations.recorded(parseLsn(message.lsn));
         const recorded = this.confirmations.recordedUpTo;
+        // A waiter with a ticket waits for the answer to its own message (protocol.ts).
+        const answered = (w: RecordWaiter) =>
+          w.ticket === undefined ? w.lsn <= recorded : w.ticket === message.ticket;
         const waiting = this.recordWaiters;
-        this.recordWaiters = waiting.filter((w) => w.lsn > recorded);
-        for (const w of waiting) if (w.lsn <= recorded) w.resolve();
+        this.recordWaiters = waiting.filter((w) => !answered(w));
+        for (const w of waiting) if (answered(w)) w.resolve();
         // The confirmation that asked for this record can go out now.
         if (!this.stopping) this.confirm(this.replyRequested);
         break;
@@ -545,12 +556,16 @@ export class SlotReader {
     lsn: bigint,
     extra: { identity?: SourceIdentity; ddlGap?: DdlGap | null },
   ): Promise<void> {
-    const recorded = new Promise<void>((resolve) => this.recordWaiters.push({ lsn, resolve }));
+    const ticket = this.nextRecordTicket++;
+    const recorded = new Promise<void>((resolve) =>
+      this.recordWaiters.push({ lsn, ticket, resolve }),
+    );
     this.confirmations.askRecord(lsn);
     const gap = extra.ddlGap;
     this.post({
       type: 'record',
       lsn: formatLsn(lsn),
+      ticket,
       ...(extra.identity === undefined ? {} : { identity: extra.identity }),
       ...(gap == null
         ? {}

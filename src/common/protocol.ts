@@ -270,6 +270,12 @@ export interface RecordMessage {
   readonly identity?: SourceIdentity;
   /** Also with the start's: DDL that may have gone uncaptured, for cdc_gaps (ddl_not_captured). */
   readonly ddlGap?: { readonly fromLsn: string; readonly toLsn: string };
+  /**
+   * Echoed by the answer to this very message. A waiter that needs what it sent along (a gap,
+   * an identity) to be stored waits for its ticket: an answer to an earlier record of the same
+   * or a later position may arrive first, while this one's transaction is still in flight.
+   */
+  readonly ticket?: number;
 }
 
 export type ReaderMessage =
@@ -299,6 +305,8 @@ export interface AbortMessage {
 export interface RecordedMessage {
   readonly type: 'recorded';
   readonly lsn: string;
+  /** The ticket of the RecordMessage this answers, if it had one. */
+  readonly ticket?: number;
 }
 
 /**

@@ -64,7 +64,7 @@ export interface SourceWriterEvents {
   stored(report: StoredGroupReport): void;
   /** Everything up to batch `seq` is committed; the checkpoint is `lsn` if they moved it. */
   durable(seq: number, lsn: string | null): void;
-  recorded(lsn: string): void;
+  recorded(lsn: string, ticket?: number): void;
   /** The first failure; nothing more is written after it. */
   failed(error: unknown, what: string): void;
   /** Stop (true) or carry on (false) reading: the bytes in flight across all sources. */
@@ -260,11 +260,12 @@ export class SourceWriter {
     lsn: string,
     identity?: SourceIdentity,
     ddlGap?: { fromLsn: string; toLsn: string },
+    ticket?: number,
   ): Promise<void> {
     if (this.isClosed) return;
     try {
       await this.store.recordConfirmable(this.source.id, this.source.slot, lsn, identity, ddlGap);
-      this.events.recorded(lsn);
+      this.events.recorded(lsn, ticket);
     } catch (error) {
       this.fail(error, 'recording a confirmable position in the buffer failed');
     }

@@ -64,7 +64,8 @@ export class ReaderRun {
       queued: (length) => listener.queued(length),
       stored: (report) => listener.stored(report),
       durable: (seq, lsn) => this.send({ type: 'durable', seq, lsn }),
-      recorded: (lsn) => this.send({ type: 'recorded', lsn }),
+      recorded: (lsn, ticket) =>
+        this.send({ type: 'recorded', lsn, ...(ticket === undefined ? {} : { ticket }) }),
       failed: (error, what) => {
         const buffer = classifyBufferError(error);
         log.error({ err: error, problem: buffer.problem }, `${what}: ${buffer.summary}`);
@@ -160,7 +161,12 @@ export class ReaderRun {
         this.writer.enqueue(message);
         break;
       case 'record':
-        void this.writer.recordConfirmable(message.lsn, message.identity, message.ddlGap);
+        void this.writer.recordConfirmable(
+          message.lsn,
+          message.identity,
+          message.ddlGap,
+          message.ticket,
+        );
         break;
       case 'progress':
         this.options.listener.progress(message);
