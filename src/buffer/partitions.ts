@@ -94,6 +94,19 @@ async function withLockTimeout<T>(client: pg.ClientBase, work: () => Promise<T>)
 }
 
 /**
+ * Runs `work`, which reads partitions by name, after locking cdc_events itself (ACCESS SHARE,
+ * which only an ACCESS EXCLUSIVE waits for): DDL on cdc_events (an operator's trigger or index,
+ * our own ATTACH) locks the parent before its partitions, and a reader that took a partition
+ * first could deadlock with it.
+ */
+async function parentFirst<T>(client: pg.ClientBase, work: () => Promise<T>): Promise<T> {
+  return withLockTimeout(client, async () => {
+    await client.query('LOCK TABLE ONLY cdc_events IN ACCESS SHARE MODE');
+    return work();
+  });
+}
+
+/**
  * Converts an unpartitioned cdc_events in place (see above); returns false if it was already
  * partitioned. The first partition's range ends at B, two intervals ahead, so that the switch
  * (seconds away) comes well before it: rows stored after B would break the CHECK. If the switch
@@ -207,14 +220,39 @@ export async function partitionsOlderThan(
 }
 
 /**
+ * The oldest transaction still open that began before `toAt`, if any. Nothing more can enter a
+ * partition that ends at `toAt` once there is none: rows go to the partition of
+ * their stored_at, the now() of the transaction that stores them, which is that transaction's
+ * start. Once no transaction that began before `toAt` is still open, the partition's rows are
+ * final, and a check of who has read them stays true (positions only move forward). Sessions of
+ * other roles show no xact_start without pg_read_all_stats; Philotes stores with this role.
+ */
+export async function openBefore(
+  client: pg.ClientBase,
+  toAt: Date,
+): Promise<{ pid: number; xactStart: Date; applicationName: string } | null> {
+  const r = await client.query<{ pid: number; xact_start: Date; application_name: string }>(
+    `SELECT pid, xact_start, application_name FROM pg_stat_activity
+      WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start < $1
+      ORDER BY xact_start LIMIT 1`,
+    [toAt],
+  );
+  const row = r.rows[0];
+  return row === undefined
+    ? null
+    : { pid: row.pid, xactStart: row.xact_start, applicationName: row.application_name };
+}
+
+/**
  * The groups (not expired) that have not read everything of the partition: for a source whose
  * events it holds, a group with a position there that is below the partition's last event. A
  * group with no position of a source does not follow that source and holds nothing of it.
  */
 export async function groupsBehind(client: pg.ClientBase, partition: string): Promise<string[]> {
   // The last event of each source in the partition, by a skip scan of its primary key.
-  const r = await client.query<{ consumer: string }>(
-    `WITH RECURSIVE s AS (
+  const r = await parentFirst(client, () =>
+    client.query<{ consumer: string }>(
+      `WITH RECURSIVE s AS (
        SELECT min(source_id) AS id FROM ${partition}
        UNION ALL
        SELECT (SELECT min(source_id) FROM ${partition} WHERE source_id > s.id) FROM s WHERE s.id IS NOT NULL),
@@ -228,6 +266,7 @@ export async function groupsBehind(client: pg.ClientBase, partition: string): Pr
        JOIN cdc_consumers c ON c.name = o.consumer AND c.expired_at IS NULL
       WHERE (o.lsn, o.seq) < (last.lsn, last.seq)
       ORDER BY 1`,
+    ),
   );
   return r.rows.map((row) => row.consumer);
 }
@@ -301,6 +340,10 @@ export interface BufferSize {
 
 export async function bufferSize(client: pg.ClientBase): Promise<BufferSize> {
   const partitioned = await isPartitioned(client);
+  return partitioned ? parentFirst(client, () => sizeOf(client, true)) : sizeOf(client, false);
+}
+
+async function sizeOf(client: pg.ClientBase, partitioned: boolean): Promise<BufferSize> {
   const r = await client.query<{ partitions: number; bytes: string }>(
     partitioned
       ? `SELECT count(*)::int AS partitions,
