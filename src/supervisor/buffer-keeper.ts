@@ -23,6 +23,7 @@ import {
   expireGroups,
   groupsBehind,
   partitionEvents,
+  openBefore,
   partitionsOlderThan,
   type BufferSize,
   type PartitionSettings,
@@ -30,6 +31,8 @@ import {
 
 /** How often the sizes and the consumers' lag are read for the metrics and the status page. */
 const STATS_INTERVAL_MS = 15_000;
+/** A transaction open this long that holds retention back is said at warn level. */
+const LONG_TRANSACTION_MS = 10 * 60_000;
 
 export interface RetentionSettings extends PartitionSettings {
   readonly retentionMs: number;
@@ -174,6 +177,18 @@ export class BufferKeeper {
   private async retain(client: pg.Client): Promise<void> {
     for (const partition of await partitionsOlderThan(client, this.settings.retentionMs)) {
       if (this.stopped) return;
+      // A capture transaction that began before the partition's end may still add rows to it
+      // that no group has read: decide only once none is open (docs/design/consumers.md §7).
+      const open = await openBefore(client, partition.toAt);
+      if (open !== null) {
+        // Capture transactions last moments; one open for long is somebody's, and holds retention.
+        const long = Date.now() - open.xactStart.getTime() > LONG_TRANSACTION_MS;
+        this.log[long ? 'warn' : 'debug'](
+          { partition: partition.name, ...open },
+          `partition ${partition.name} is past retention, but a transaction that began before its end is still open (pid ${open.pid}, since ${open.xactStart.toISOString()}): it may still store into it, so nothing is dropped until it ends`,
+        );
+        return;
+      }
       const behind = await groupsBehind(client, partition.name);
       if (behind.length > 0) {
         const max = this.settings.retentionMaxMs;
