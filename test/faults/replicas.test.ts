@@ -30,7 +30,9 @@ interface Source {
   slot: string;
 }
 
-describe('replicas sharing the sources', () => {
+// Three or four replicas, a dozen sources and their loads on 2 cores: 40-70 s a case here, more
+// beside another heavy file in CI (one case passed 120 s there), so these cases have room of their own.
+describe('replicas sharing the sources', { timeout: 240_000 }, () => {
   let a: Cluster;
   let b: Cluster;
   let buffer: Cluster;
@@ -318,10 +320,12 @@ describe('replicas sharing the sources', () => {
     await expectExact(c.bufferDb, c.sources);
   });
 
-  it('a fourth replica joins: 3/3/3/3 by graceful hand-overs, never a source owned twice; one stops: 4/4/4', async () => {
-    const c = await fleet(12);
+  // Eight sources (not twelve): the same moves at two thirds of the load, on a 2-core machine
+  // shared with another test file.
+  it('a fourth replica joins: 2/2/2/2 by graceful hand-overs, never a source owned twice; one stops: 2/3/3', async () => {
+    const c = await fleet(8);
     const replicas = [replica(c.config), replica(c.config), replica(c.config)];
-    await splitAs(c, replicas, [4, 4, 4]);
+    await splitAs(c, replicas, [2, 3, 3]);
     await loadAll(c);
     const [{ id: mark }] = (await buffer.query<{ id: string }>(
       'SELECT coalesce(max(id), 0)::text AS id FROM cdc_lease_history',
@@ -329,7 +333,7 @@ describe('replicas sharing the sources', () => {
       c.bufferDb,
     )) as [{ id: string }];
     replicas.push(replica(c.config));
-    await splitAs(c, replicas, [3, 3, 3, 3]);
+    await splitAs(c, replicas, [2, 2, 2, 2]);
     // Each source that moved was released by its owner before the newcomer took it: the
     // history of every source is released → acquired, never a takeover of a live lease.
     const moves = await buffer.query<{ source_id: string; events: string[]; gap_ms: number }>(
@@ -342,7 +346,7 @@ describe('replicas sharing the sources', () => {
     console.log(
       `replicas: graceful hand-overs, release to acquisition: ${moves.map((m) => m.gap_ms).join(', ')} ms`,
     );
-    expect(moves, JSON.stringify(moves)).toHaveLength(3);
+    expect(moves, JSON.stringify(moves)).toHaveLength(2);
     for (const m of moves) expect(m.events, m.source_id).toEqual(['released', 'acquired']);
     await sourcesGrow(
       c.bufferDb,
@@ -355,7 +359,7 @@ describe('replicas sharing the sources', () => {
     const theirs = (await owners(c.bufferDb, c.sources)).byPid.get(leaving.pid) ?? [];
     expect(leaving.signal('SIGTERM')).toBe(true);
     expect(await waitForExit(leaving, 30_000)).toEqual({ code: 0, signal: null });
-    await splitAs(c, replicas, [4, 4, 4]);
+    await splitAs(c, replicas, [2, 3, 3]);
     await sourcesGrow(c.bufferDb, theirs, 10);
     await expectExact(c.bufferDb, c.sources);
   });
