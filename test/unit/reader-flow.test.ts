@@ -273,7 +273,12 @@ async function startReader(
   const tell = (message: SupervisorMessage) => port1.postMessage(message);
   port1.on('message', (message: ReaderMessage) => {
     received.push(message);
-    if (message.type === 'record') tell({ type: 'recorded', lsn: message.lsn });
+    if (message.type === 'record')
+      tell({
+        type: 'recorded',
+        lsn: message.lsn,
+        ...(message.ticket === undefined ? {} : { ticket: message.ticket }),
+      });
     if (message.type === 'batch' && durable)
       tell({ type: 'durable', seq: message.seq, lsn: message.checkpointLsn });
   });
