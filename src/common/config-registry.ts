@@ -367,6 +367,14 @@ export const PROCESS_SETTINGS: ReadonlyArray<Setting<keyof ProcessSettings, unkn
     read: (env, name) => flag(env, name, true),
   },
   {
+    key: 'wakeups',
+    env: 'PHILOTES_WAKEUPS',
+    fileKey: 'wakeups',
+    default: 'on',
+    doc: 'after a buffer commit that stored events, NOTIFY philotes_events with the source id (a short transaction of its own, at most one per source every 100 ms), so that consumers need not poll; off: consumers find new events by polling',
+    read: (env, name) => flag(env, name, true),
+  },
+  {
     key: 'maxBytesInFlight',
     env: 'PHILOTES_MAX_BYTES_IN_FLIGHT',
     fileKey: 'maxBytesInFlight',

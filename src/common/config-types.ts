@@ -152,6 +152,8 @@ export interface Config extends SourceSettings {
   readonly commitWriters: number;
   /** Store several sources' waiting batches in one buffer transaction. */
   readonly commitCoalesce: boolean;
+  /** NOTIFY philotes_events after commits that stored events, for consumers (wakeups.ts). */
+  readonly wakeups: boolean;
   /** Bytes of batches queued or being written, across all sources, before every reader holds. */
   readonly maxBytesInFlight: number;
   /** A source's lease lasts this long unrenewed (src/buffer/leases.ts). */

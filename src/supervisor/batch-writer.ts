@@ -40,6 +40,8 @@ export interface BatchWriterSettings {
   readonly writers: number;
   /** Bytes queued and being written, across all sources, above which readers hold. */
   readonly maxBytesInFlight: number;
+  /** NOTIFY consumers after a commit that stored events (wakeups.ts). */
+  readonly wakeups: boolean;
 }
 
 /** What the process-wide writer does, for the metrics. */
@@ -196,7 +198,8 @@ export class BatchWriter {
 
   /** New events below these sources' checkpoints: their consumers are woken (wakeups.ts). */
   private wake(parts: readonly Part[]): void {
-    if (parts.length > 0) this.store.wakeups.stored(parts.map((p) => p.writer.source.id));
+    if (parts.length > 0 && this.settings.wakeups)
+      this.store.wakeups.stored(parts.map((p) => p.writer.source.id));
   }
 
   private async writeAlone(group: readonly Part[]): Promise<void> {

@@ -56,6 +56,7 @@ export class Supervisor {
         coalesce: config.commitCoalesce,
         writers: config.commitWriters,
         maxBytesInFlight: config.maxBytesInFlight,
+        wakeups: config.wakeups,
       },
       log,
       metrics.writerObserver,

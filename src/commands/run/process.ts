@@ -335,6 +335,7 @@ function processWideChanges(running: Config, next: Config): string[] {
     'readinessGraceMs',
     'commitWriters',
     'commitCoalesce',
+    'wakeups',
     'maxBytesInFlight',
     'leaseTtlMs',
     'leaseRenewIntervalMs',
