@@ -103,9 +103,11 @@ export async function nextBatch(
   if (retracting) return retractionBatch(client, group, source, limit);
   if (checkpoint === null) return null;
   const events = await client.query<EventRow>(
-    `SELECT ${EVENT_RECORD_COLUMNS} FROM cdc_events
-      WHERE source_id = $1 AND (lsn, seq) > ($2::pg_lsn, $3::int) AND lsn < $4::pg_lsn
-      ORDER BY lsn, seq LIMIT $5`,
+    // Ordered by the table's columns (e.lsn, a pg_lsn), not by the output's `lsn` (text, which
+    // sorts 0/1000000 before 0/FFFFFF and would skip what lies between), and so by the index.
+    `SELECT ${EVENT_RECORD_COLUMNS} FROM cdc_events e
+      WHERE e.source_id = $1 AND (e.lsn, e.seq) > ($2::pg_lsn, $3::int) AND e.lsn < $4::pg_lsn
+      ORDER BY e.lsn, e.seq LIMIT $5`,
     [source, lsn, seq, checkpoint, limit],
   );
   const full = events.rows.length === limit;
