@@ -6,18 +6,43 @@
  * - wake-up: on an idle system, one row at a time (200 ms apart), source COMMIT returned to the
  *   handler seeing it (the capture's own latency included): p50, p99;
  * - end-to-end at 1k tx/s: single-row transactions paced at 1000/s for 10 s, the event's source
- *   commit time to the handler: p50, p99.
+ *   commit time to the handler: p50, p99;
+ * - the capture's throughput draining one backlog (small transactions of 4 rows) from slots made
+ *   before it, each run into a buffer database of its own, alternating: wake-ups off; wake-ups on;
+ *   wake-ups on with a group member reading along (LISTEN) and retention dropping partitions of
+ *   seconds. The ratios say what wake-ups and consuming cost the capture.
  *
  *   npm run bench -- consume
  */
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import pg from 'pg';
 import { consume } from '../src/index.js';
 import { createLogger } from '../src/common/logger.js';
-import { startCluster } from '../test/support/cluster.js';
+import { startCluster, type Cluster } from '../test/support/cluster.js';
 import { waitFor } from '../test/support/poll.js';
 import { spawnPhilotes } from './philotes-process.js';
+import { pgbench } from './pg-tools.js';
 
 const BACKLOG = 200_000;
+/** The capture runs' backlog: CAPTURE_CLIENTS × CAPTURE_TRANSACTIONS transactions of 4 rows. */
+const CAPTURE_CLIENTS = 4;
+const CAPTURE_TRANSACTIONS = 10_000;
+const CAPTURE_ROUNDS = 2;
+type CaptureVariant = 'off' | 'on' | 'consumed';
+
+/** Rows per second the capture drained, per variant, one figure per round. */
+export interface CaptureResult {
+  rows: number;
+  rowsPerSecond: Record<CaptureVariant, number[]>;
+  /** Median of the rounds, wake-ups on against off, and consumed against off. */
+  onVsOff: number;
+  consumedVsOff: number;
+  /** Events the reading member took during the consumed runs, and partitions retention dropped. */
+  consumedEvents: number;
+  partitionsDropped: number;
+}
 
 export interface ConsumeResult {
   scenario: 'consume';
@@ -28,6 +53,7 @@ export interface ConsumeResult {
   e2eTransactions: number;
   e2eP50Ms: number;
   e2eP99Ms: number;
+  capture: CaptureResult;
 }
 
 function percentile(values: number[], p: number): number {
@@ -48,6 +74,7 @@ export async function runConsume(): Promise<ConsumeResult> {
   const philotes = spawnPhilotes(source, buffer);
   const writer = new pg.Client({ connectionString: source.url('app') });
   await writer.connect();
+  let measured: Omit<ConsumeResult, 'capture'>;
   try {
     await waitFor(
       async () =>
@@ -146,7 +173,7 @@ export async function runConsume(): Promise<ConsumeResult> {
       intervalMs: 20,
     });
     await member.stop();
-    return {
+    measured = {
       scenario: 'consume',
       backlogEvents: BACKLOG,
       readEventsPerSecond: Math.round(BACKLOG / readSeconds),
@@ -156,10 +183,155 @@ export async function runConsume(): Promise<ConsumeResult> {
       e2eP50Ms: percentile(lags, 50),
       e2eP99Ms: percentile(lags, 99),
     };
+  } catch (error) {
+    await Promise.allSettled([source.destroy(), buffer.destroy()]);
+    throw error;
   } finally {
     await writer.end().catch(() => undefined);
     philotes.kill('SIGTERM');
     await new Promise((resolve) => philotes.once('exit', resolve));
+  }
+  // With the first Philotes gone: nothing else decodes the capture runs' WAL meanwhile.
+  try {
+    return { ...measured, capture: await runCapture(source, buffer) };
+  } finally {
     await Promise.allSettled([source.destroy(), buffer.destroy()]);
   }
+}
+
+function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
+/**
+ * One backlog, drained again and again from slots made before it (one per run), each run into a
+ * buffer database of its own: the variants see the same WAL, alternating so that drift in the
+ * machine's speed falls on all of them.
+ */
+async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResult> {
+  const variants: CaptureVariant[] = ['off', 'on', 'consumed'];
+  const runs = Array.from({ length: CAPTURE_ROUNDS }, () => variants).flat();
+  await source.query(
+    `CREATE TABLE capture_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now());
+     CREATE TABLE capture_marker (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)`,
+    [],
+    'app',
+  );
+  for (let i = 0; i < runs.length; i++)
+    await source.query(
+      `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`,
+      [`capture_${i}`],
+      'app',
+    );
+  const work = mkdtempSync(join(tmpdir(), 'philotes-bench-capture-'));
+  try {
+    const script = join(work, 'capture.sql');
+    writeFileSync(
+      script,
+      `\\set g random(1, 1000000)\nINSERT INTO capture_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`,
+    );
+    await pgbench(source, [
+      '-n',
+      '-c',
+      String(CAPTURE_CLIENTS),
+      '-j',
+      '2',
+      '-t',
+      String(CAPTURE_TRANSACTIONS),
+      '-f',
+      script,
+    ]);
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  const [marker] = await source.query<{ lsn: string }>(
+    `INSERT INTO capture_marker DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
+    [],
+    'app',
+  );
+  const rows = CAPTURE_CLIENTS * CAPTURE_TRANSACTIONS * 4;
+  const rowsPerSecond: Record<CaptureVariant, number[]> = { off: [], on: [], consumed: [] };
+  let consumedEvents = 0;
+  let partitionsDropped = 0;
+  for (const [i, variant] of runs.entries()) {
+    const db = `capture_${i}`;
+    await buffer.createDatabase(db);
+    let member: Awaited<ReturnType<typeof consume>> | null = null;
+    const child = spawnPhilotes(source, buffer, {
+      PHILOTES_BUFFER_URL: buffer.url(db),
+      PHILOTES_CDC_REPLICATION_SLOT: `capture_${i}`,
+      PHILOTES_WAKEUPS: variant === 'off' ? 'off' : 'on',
+      ...(variant === 'consumed'
+        ? {
+            PHILOTES_PARTITION_INTERVAL: '10s',
+            PHILOTES_RETENTION: '1s',
+            PHILOTES_RETENTION_MAX: '0',
+          }
+        : {}),
+    });
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    try {
+      const started = performance.now();
+      if (variant === 'consumed') {
+        // Begun before anything is stored: it holds every partition until it has read it.
+        await waitFor(
+          async () =>
+            (
+              await buffer.query(
+                `SELECT to_regclass('cdc_consumer_offsets') IS NOT NULL AS ok`,
+                [],
+                db,
+              )
+            )[0]?.['ok'] === true,
+          { what: 'the buffer schema', timeoutMs: 60_000, intervalMs: 20 },
+        );
+        member = await consume({
+          buffer: buffer.url(db),
+          group: 'reader',
+          sources: ['bench'],
+          logger: createLogger('warn', {}, 2),
+          handler: async (batch) => {
+            consumedEvents += batch.records.length;
+          },
+        });
+      }
+      await waitFor(
+        async () =>
+          (
+            await buffer
+              .query<{ done: boolean }>(
+                `SELECT lsn::pg_lsn > $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`,
+                [marker!.lsn],
+                db,
+              )
+              .catch(() => [])
+          )[0]?.done === true,
+        { what: `run ${i} (${variant}) to drain the backlog`, timeoutMs: 600_000, intervalMs: 20 },
+      );
+      rowsPerSecond[variant].push(Math.round(rows / ((performance.now() - started) / 1000)));
+      if (variant === 'consumed') {
+        const [dropped] = await buffer.query<{ n: number }>(
+          'SELECT count(*)::int AS n FROM cdc_partitions WHERE dropped_at IS NOT NULL',
+          [],
+          db,
+        );
+        partitionsDropped += dropped!.n;
+      }
+    } finally {
+      await member?.stop();
+      child.kill('SIGTERM');
+      await exited;
+    }
+    await source.query('SELECT pg_drop_replication_slot($1)', [`capture_${i}`], 'app');
+  }
+  const off = median(rowsPerSecond.off);
+  return {
+    rows,
+    rowsPerSecond,
+    onVsOff: Math.round((median(rowsPerSecond.on) / off) * 100) / 100,
+    consumedVsOff: Math.round((median(rowsPerSecond.consumed) / off) * 100) / 100,
+    consumedEvents,
+    partitionsDropped,
+  };
 }

@@ -496,6 +496,10 @@ async function main(): Promise<void> {
     process.stdout.write(
       `bench: consume: read and committed ${c.readEventsPerSecond} events/s (a ${c.backlogEvents}-event backlog); wake-up (idle, source COMMIT to handler) p50 ${c.wakeupP50Ms} ms, p99 ${c.wakeupP99Ms} ms; end to end at 1k tx/s (${c.e2eTransactions} tx) p50 ${c.e2eP50Ms} ms, p99 ${c.e2eP99Ms} ms\n`,
     );
+    const k = c.capture.rowsPerSecond;
+    process.stdout.write(
+      `bench: consume: the capture draining ${c.capture.rows} rows, rows/s per round: wake-ups off ${k.off.join(', ')}; on ${k.on.join(', ')}; on, with a member reading along and retention dropping ${c.capture.partitionsDropped} partitions ${k.consumed.join(', ')}; medians: on/off ${c.capture.onVsOff}, consumed/off ${c.capture.consumedVsOff}\n`,
+    );
   }
   mkdirSync('bench-results', { recursive: true });
   const file = join(

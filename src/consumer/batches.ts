@@ -146,7 +146,9 @@ async function retractionBatch(
   limit: number,
 ): Promise<Batch> {
   const rows = await client.query<EventRow & { gap_id: string }>(
-    `SELECT ${EVENT_RECORD_COLUMNS}, gap_id::text FROM philotes_read_retracted($1, $2, $3)`,
+    // Newest first, by the pg_lsn (the output's lsn is text): said here, not left to the plan.
+    `SELECT ${EVENT_RECORD_COLUMNS}, gap_id::text FROM philotes_read_retracted($1, $2, $3) x
+      ORDER BY x.lsn DESC, x.seq DESC`,
     [group, source, limit],
   );
   const records = rows.rows.map(retractedRecord);
