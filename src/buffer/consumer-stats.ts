@@ -28,7 +28,7 @@ export async function readConsumerLag(db: pg.ClientBase | pg.Pool): Promise<Cons
                       AND attname = 'expired_at') AS ok`,
   );
   if (exists.rows[0]?.ok !== true) return [];
-  const r = await db.query<{
+  type LagRow = {
     consumer: string;
     source_id: string;
     lsn: string;
@@ -38,8 +38,13 @@ export async function readConsumerLag(db: pg.ClientBase | pg.Pool): Promise<Cons
     lag_events: string;
     lag_bytes: string | null;
     lag_seconds: number | null;
-  }>(
-    `SELECT o.consumer, o.source_id, o.lsn::text, o.seq, o.committed_at,
+  };
+  // One simple query, so that the plan settings hold for the SELECT alone, on one connection
+  // even from a pool: the first rows after each position by the primary key's order, not a scan
+  // and sort of everything after it before autovacuum has analyzed (as src/consumer/batches.ts).
+  const results = (await db.query(
+    `BEGIN; SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off;
+     SELECT o.consumer, o.source_id, o.lsn::text, o.seq, o.committed_at,
             c.expired_at IS NOT NULL AS expired,
             (SELECT count(*) FROM (SELECT 1 FROM cdc_events e
                WHERE e.source_id = o.source_id AND (e.lsn, e.seq) > (o.lsn, o.seq)
@@ -52,8 +57,10 @@ export async function readConsumerLag(db: pg.ClientBase | pg.Pool): Promise<Cons
        FROM cdc_consumer_offsets o
        JOIN cdc_consumers c ON c.name = o.consumer
        LEFT JOIN cdc_checkpoints k ON k.source_id = o.source_id
-      ORDER BY o.consumer, o.source_id`,
-  );
+      ORDER BY o.consumer, o.source_id;
+     COMMIT`,
+  )) as unknown as pg.QueryResult[];
+  const r = results[3] as pg.QueryResult<LagRow>;
   return r.rows.map((row) => ({
     group: row.consumer,
     source: row.source_id,

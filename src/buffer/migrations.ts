@@ -14,7 +14,10 @@ const MIGRATION_LOCK_KEY = 74_456_837;
 export const READ_FUNCTION = `
       DROP FUNCTION IF EXISTS philotes_read(text, text, int);
       CREATE FUNCTION philotes_read(p_consumer text, p_source text, p_limit int DEFAULT 1000)
-      RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE AS $fn$
+      RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE
+      -- The primary key's order, never a scan of everything after the position and a sort
+      -- (READ_PLAN in src/consumer/batches.ts says why).
+      SET enable_sort = off SET enable_bitmapscan = off AS $fn$
       DECLARE
         v_lsn pg_lsn := '0/0';
         v_seq int := -1;
@@ -573,6 +576,11 @@ const MIGRATIONS: ReadonlyArray<{ version: number; name: string; sql: string }> 
       END
       $fn$;
     `,
+  },
+  {
+    version: 12,
+    name: 'philotes_read reads in the primary key order',
+    sql: READ_FUNCTION,
   },
 ];
 
