@@ -87,7 +87,13 @@ export class Supervisor {
   }
 
   /** Runs every source until stopped. A source that fails never stops the others. */
-  async run(): Promise<void> {
+  run(): Promise<void> {
+    this.running ??= this.runUntilStopped();
+    return this.running;
+  }
+  private running: Promise<void> | null = null;
+
+  private async runUntilStopped(): Promise<void> {
     await this.leases.start();
     this.bufferKeeper.start();
     for (const source of this.config.sources) this.start(source);
@@ -104,6 +110,9 @@ export class Supervisor {
     await Promise.race([this.leases.leave(), sleep(LEAVE_WAIT_MS)]);
     await this.reloading;
     await Promise.all(this.runners.map((r) => r.stop()));
+    // And the rest of run(): the leases released and the member gone, maintenance ended, before
+    // the caller closes the buffer's pools under them.
+    await this.running?.catch(() => undefined);
   }
 
   /**

@@ -60,6 +60,15 @@ describe('SIGTERM', () => {
     expect(p.signal('SIGTERM')).toBe(true);
     const exit = await waitForExit(p, EXIT_DEADLINE_MS);
     expect(exit, outputTail(p)).toEqual({ code: 0, signal: null });
+    // It left the fleet before closing the buffer: no member row, no lease of its own.
+    const left = await f!.buffer.query<{ members: number; leases: number }>(
+      `SELECT (SELECT count(*)::int FROM cdc_members WHERE pid = $1) AS members,
+              (SELECT count(*)::int FROM cdc_leases l JOIN cdc_members m ON m.id = l.owner
+                WHERE m.pid = $1) AS leases`,
+      [p.pid],
+      'buffer',
+    );
+    expect(left[0], outputTail(p)).toEqual({ members: 0, leases: 0 });
   }
 
   afterEach(async () => {
