@@ -498,7 +498,7 @@ async function main(): Promise<void> {
     );
     const k = c.capture.rowsPerSecond;
     process.stdout.write(
-      `bench: consume: the capture draining ${c.capture.rows} rows, rows/s per round: wake-ups off ${k.off.join(', ')}; on ${k.on.join(', ')}; on, with a member reading along and retention dropping ${c.capture.partitionsDropped} partitions ${k.consumed.join(', ')}; medians: on/off ${c.capture.onVsOff}, consumed/off ${c.capture.consumedVsOff}\n`,
+      `bench: consume: the capture draining ${c.capture.rows} rows, rows/s per round: wake-ups off ${k.off.join(', ')}; on ${k.on.join(', ')}; on, with a member reading along and the retention keeper running (${c.capture.partitionsDropped} partitions dropped) ${k.consumed.join(', ')}; medians: on/off ${c.capture.onVsOff}, consumed/off ${c.capture.consumedVsOff}\n`,
     );
   }
   mkdirSync('bench-results', { recursive: true });
