@@ -287,6 +287,20 @@ export class GroupMember {
         `the buffer's schema is version ${have}; consuming needs ${CONSUMER_SCHEMA_VERSION}: start this version of Philotes on it once (it migrates the buffer)`,
       );
     await this.pool.query('SELECT philotes_create_consumer($1)', [this.settings.group]);
+    if (this.named) {
+      // A misspelt source would be waited for without a word: say which the buffer has.
+      const known = (
+        await this.pool.query<{ source_id: string }>(
+          'SELECT source_id FROM cdc_checkpoints ORDER BY 1',
+        )
+      ).rows.map((r) => r.source_id);
+      const unknown = [...this.wanted].filter((s) => !known.includes(s));
+      if (unknown.length > 0)
+        this.log.warn(
+          { unknown, known },
+          `source${unknown.length > 1 ? 's' : ''} ${unknown.map((s) => `"${s}"`).join(', ')} not in the buffer (yet): read once Philotes stores ${unknown.length > 1 ? 'them' : 'it'}. The buffer has: ${known.length > 0 ? known.join(', ') : 'no source yet'}`,
+        );
+    }
   }
 
   private async refreshSources(): Promise<void> {

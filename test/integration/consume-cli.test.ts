@@ -192,4 +192,20 @@ describe('philotes-worker consume', () => {
     expect(elsewhere.code).toBe(2);
     expect(elsewhere.stderr.join('\n')).toMatch(/not a Philotes buffer/);
   });
+
+  it('says so when a source it is asked for is not in the buffer, naming those that are', async () => {
+    const typo = startPhilotes(bufferEnv(), {
+      args: ['consume', '--group', 'typo', '--source', 'ap'],
+    });
+    try {
+      await waitFor(() => typo.stderr.some((l) => l.includes('not in the buffer')), {
+        what: 'the warning about source "ap"',
+        timeoutMs: 30_000,
+      });
+      expect(typo.stderr.join('\n')).toMatch(/"ap" not in the buffer.*The buffer has: app/);
+    } finally {
+      typo.signal('SIGTERM');
+      await waitForExit(typo, 30_000);
+    }
+  });
 });
