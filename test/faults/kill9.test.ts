@@ -39,7 +39,8 @@ describe('kill -9 during a steady write load', () => {
   let philotes: PhilotesProcess | undefined;
 
   beforeAll(async () => {
-    f = await startFixture();
+    // Commit times of the buffer's transactions: the order the events became visible in.
+    f = await startFixture({ bufferSettings: { track_commit_timestamp: 'on' } });
     await f.source.query(ITEMS_DDL, [], 'app');
   });
 
@@ -95,5 +96,20 @@ describe('kill -9 during a steady write load', () => {
     expect(lsn(slot!.confirmedFlushLsn!)).toBeGreaterThanOrEqual(lsn(checkpoint!.lsn));
     // The stop did not lose or add anything either.
     expect(await countEvents(f.buffer)).toBe(events.length);
+    // One buffer transaction at a time per source, in stream order, across the kills and the
+    // clean-ups after them: no event committed before one it follows in (lsn, seq) order. A
+    // consumer's position per source rests on it (docs/design/consumers.md §1).
+    const [order] = await f.buffer.query<{ transactions: number; inversions: number }>(
+      `SELECT count(DISTINCT xmin::text)::int AS transactions,
+              count(*) FILTER (WHERE committed < before)::int AS inversions
+         FROM (SELECT xmin, pg_xact_commit_timestamp(xmin) AS committed,
+                      max(pg_xact_commit_timestamp(xmin)) OVER (ORDER BY lsn, seq
+                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
+                 FROM cdc_events WHERE source_id = 'app') e`,
+      [],
+      'buffer',
+    );
+    expect(order!.transactions).toBeGreaterThan(KILLS);
+    expect(order!.inversions).toBe(0);
   });
 });

@@ -61,11 +61,11 @@ export function philotesEnv(
 }
 
 export async function startFixture(
-  opts: { sourceSettings?: Record<string, string> } = {},
+  opts: { sourceSettings?: Record<string, string>; bufferSettings?: Record<string, string> } = {},
 ): Promise<Fixture> {
   const [source, buffer] = await Promise.all([
     startCluster({ settings: opts.sourceSettings ?? {} }),
-    startCluster(),
+    startCluster({ settings: opts.bufferSettings ?? {} }),
   ]);
   await Promise.all([source.createDatabase('app'), buffer.createDatabase('buffer')]);
   return {
