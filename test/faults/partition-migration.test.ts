@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BufferStore } from '../../src/buffer/store.js';
 import { createLogger } from '../../src/common/logger.js';
 import {
+  connectionOf,
   expectEveryChangeOnce,
   ITEMS_DDL,
   startFixture,
@@ -39,15 +40,7 @@ describe('partitioning an existing buffer', () => {
     // The buffer as an older Philotes left it: migrated, unpartitioned, a million events of a
     // source of its own (stored an hour ago).
     const store = await BufferStore.open(
-      {
-        host: f.buffer.host,
-        port: f.buffer.port,
-        database: 'buffer',
-        user: f.buffer.user,
-        password: f.buffer.password,
-        sslmode: 'disable',
-        sslRootCert: undefined,
-      },
+      connectionOf(f.buffer, 'buffer'),
       createLogger('silent'),
       1,
     );

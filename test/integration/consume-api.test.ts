@@ -11,6 +11,7 @@ import { consume, type ConsumedRecord, type Consumer } from '../../src/index.js'
 import { BufferStore } from '../../src/buffer/store.js';
 import { createLogger } from '../../src/common/logger.js';
 import {
+  connectionOf,
   connect,
   ITEMS_DDL,
   startFixture,
@@ -183,15 +184,7 @@ describe('consume() API', () => {
       'buffer',
     );
     const store = await BufferStore.open(
-      {
-        host: f.buffer.host,
-        port: f.buffer.port,
-        database: 'buffer',
-        user: f.buffer.user,
-        password: f.buffer.password,
-        sslmode: 'disable',
-        sslRootCert: undefined,
-      },
+      connectionOf(f.buffer, 'buffer'),
       createLogger('silent'),
       1,
     );

@@ -9,6 +9,7 @@ import { BufferStore } from '../../src/buffer/store.js';
 import { consume, type Consumer } from '../../src/index.js';
 import { createLogger } from '../../src/common/logger.js';
 import { startCluster, type Cluster } from '../support/cluster.js';
+import { connectionOf } from '../support/fixture.js';
 import { waitFor } from '../support/poll.js';
 
 const log = createLogger('silent');
@@ -24,21 +25,10 @@ describe('the order a group reads in', () => {
   beforeAll(async () => {
     cluster = await startCluster();
     await cluster.createDatabase('buffer');
-    store = await BufferStore.open(
-      {
-        host: cluster.host,
-        port: cluster.port,
-        database: 'buffer',
-        user: cluster.user,
-        password: cluster.password,
-        sslmode: 'disable',
-        sslRootCert: undefined,
-      },
-      log,
-      1,
-      undefined,
-      { partitionIntervalMs: 86_400_000, partitionsAhead: 1 },
-    );
+    store = await BufferStore.open(connectionOf(cluster, 'buffer'), log, 1, undefined, {
+      partitionIntervalMs: 86_400_000,
+      partitionsAhead: 1,
+    });
     sql = new pg.Client({ connectionString: cluster.url('buffer') });
     await sql.connect();
     // Two events at each position, stored in an order of their own, then the checkpoint past all.

@@ -18,6 +18,7 @@ import { bufferApplicationName, type Member } from '../../src/buffer/leases.js';
 import type { ConnectionConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
 import { startCluster, type Cluster } from '../support/cluster.js';
+import { connectionOf } from '../support/fixture.js';
 import { waitFor } from '../support/poll.js';
 
 const TTL_MS = 60_000;
@@ -70,15 +71,7 @@ describe('the lease fence', () => {
   beforeAll(async () => {
     cluster = await startCluster();
     await cluster.createDatabase('buffer');
-    conn = {
-      host: cluster.host,
-      port: cluster.port,
-      database: 'buffer',
-      user: cluster.user,
-      password: cluster.password,
-      sslmode: 'disable',
-      sslRootCert: undefined,
-    };
+    conn = connectionOf(cluster, 'buffer');
   });
 
   afterAll(async () => {

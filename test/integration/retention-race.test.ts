@@ -11,6 +11,7 @@ import type { ConnectionConfig } from '../../src/common/config.js';
 import { createLogger } from '../../src/common/logger.js';
 import { BufferKeeper } from '../../src/supervisor/buffer-keeper.js';
 import { startCluster, type Cluster } from '../support/cluster.js';
+import { connectionOf } from '../support/fixture.js';
 import { waitFor } from '../support/poll.js';
 
 const log = createLogger('silent');
@@ -26,15 +27,7 @@ describe('retention and a storing transaction still open', () => {
   beforeAll(async () => {
     cluster = await startCluster();
     await cluster.createDatabase('buffer');
-    conn = {
-      host: cluster.host,
-      port: cluster.port,
-      database: 'buffer',
-      user: cluster.user,
-      password: cluster.password,
-      sslmode: 'disable',
-      sslRootCert: undefined,
-    };
+    conn = connectionOf(cluster, 'buffer');
   });
 
   afterAll(async () => {

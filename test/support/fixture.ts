@@ -4,6 +4,7 @@
  * in order, and a replay of the buffer that reproduces the source table.
  */
 import pg from 'pg';
+import type { ConnectionConfig } from '../../src/common/config.js';
 import { startCluster, type Cluster } from './cluster.js';
 import { waitFor } from './poll.js';
 
@@ -75,6 +76,19 @@ export async function startFixture(
     destroy: async () => {
       await Promise.allSettled([source.destroy(), buffer.destroy()]);
     },
+  };
+}
+
+/** A database of a test cluster as Philotes' modules take it (BufferStore.open, BufferKeeper). */
+export function connectionOf(cluster: Cluster, database: string): ConnectionConfig {
+  return {
+    host: cluster.host,
+    port: cluster.port,
+    database,
+    user: cluster.user,
+    password: cluster.password,
+    sslmode: 'disable',
+    sslRootCert: undefined,
   };
 }
 
