@@ -196,8 +196,12 @@ describe('coalesced buffer commits across sources', () => {
         ).toBe(0);
       }
     } finally {
+      // As an operator must: DROP TRIGGER on a partitioned table locks each partition before
+      // the table itself, the opposite of the capture's COPY, and the two deadlock (seen in CI).
+      // LOCK TABLE takes the table first, then its partitions.
       await buffer.query(
-        'DROP TRIGGER reject_s2 ON cdc_events; DROP FUNCTION reject_s2()',
+        `BEGIN; LOCK TABLE cdc_events IN ACCESS EXCLUSIVE MODE;
+         DROP TRIGGER reject_s2 ON cdc_events; DROP FUNCTION reject_s2(); COMMIT`,
         [],
         'buffer',
       );
