@@ -101,13 +101,17 @@ export async function connect(cluster: Cluster, database: string): Promise<pg.Cl
 
 /** Waits until Philotes has created its slot and started streaming from it. */
 export async function waitForSlotActive(source: Cluster, slot = 'philotes_cdc'): Promise<void> {
+  // Streaming, not only held: a slot being created is active too (its walsender in 'startup',
+  // waiting for a consistent point under load), before anything of the run is recorded.
   await waitFor(
     async () => {
-      const rows = await source.query<{ active: boolean }>(
-        'SELECT active FROM pg_replication_slots WHERE slot_name = $1',
+      const rows = await source.query<{ state: string | null }>(
+        `SELECT r.state FROM pg_replication_slots s
+           JOIN pg_stat_replication r ON r.pid = s.active_pid
+          WHERE s.slot_name = $1`,
         [slot],
       );
-      return rows[0]?.active === true;
+      return rows[0]?.state === 'streaming' || rows[0]?.state === 'catchup';
     },
     { what: `slot ${slot} to be active`, timeoutMs: 60_000 },
   );
