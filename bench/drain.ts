@@ -29,6 +29,7 @@ import { runLargeValues, type LargeValueRun } from './large-value.js';
 import { runSnapshotBench, SNAPSHOT_ROWS, type SnapshotBench } from './snapshot.js';
 import { cpuSeconds } from './proc-stats.js';
 import { reapedChildCpuSeconds, waitForBackendsGone } from './cluster-cpu.js';
+import { bufferWal, copyLimit, type CopyLimit } from './copy-limit.js';
 
 interface Scenario {
   name: string;
@@ -88,8 +89,14 @@ interface Result {
     walsenderCpuSeconds: number;
     /** CPU of the buffer's backends storing the events. */
     bufferCpuSeconds: number;
+    /** The buffer's WAL per event stored (events, checkpoints, everything of the drain). */
+    walBytesPerEvent: number;
   };
   ratio: number;
+  /** The same events stored by one COPY from a file: the buffer's limit (copy-limit.ts). */
+  limit: CopyLimit;
+  /** Philotes' rows/s against the limit's. */
+  limitRatio: number;
 }
 
 async function buildBacklog(
@@ -231,6 +238,7 @@ async function runScenario(s: Scenario): Promise<Result> {
     await waitForBackendsGone(source, 'app');
     const sourceCpu1 = reapedChildCpuSeconds(source);
     const bufferCpu0 = reapedChildCpuSeconds(buffer);
+    const bufferWal0 = await bufferWal(buffer, 'postgres');
     const ph = await timePhilotes(source, buffer, target);
     await Promise.all([waitForBackendsGone(source, 'app'), waitForBackendsGone(buffer, 'buffer')]);
     const sourceCpu2 = reapedChildCpuSeconds(source);
@@ -241,6 +249,8 @@ async function runScenario(s: Scenario): Promise<Result> {
       'buffer',
     );
     if (stored!.n !== rows) throw new Error(`expected ${rows} events, found ${stored!.n}`);
+    const bufferWal1 = await bufferWal(buffer, 'postgres');
+    const limit = await copyLimit(buffer, 'buffer', 'bench_rows', rows);
     return {
       scenario: s.name,
       description: s.description,
@@ -260,8 +270,11 @@ async function runScenario(s: Scenario): Promise<Result> {
         cpuSecondsPerMillionRows: round((ph.cpuSeconds / rows) * 1e6),
         walsenderCpuSeconds: round(sourceCpu2 - sourceCpu1),
         bufferCpuSeconds: round(bufferCpu1 - bufferCpu0),
+        walBytesPerEvent: Math.round(Number(bufferWal1 - bufferWal0) / rows),
       },
       ratio: round(recv / ph.seconds),
+      limit,
+      limitRatio: round(limit.seconds / ph.seconds),
     };
   } finally {
     await Promise.allSettled([source.destroy(), buffer.destroy()]);
@@ -400,7 +413,8 @@ async function main(): Promise<void> {
     results.push(r);
     process.stderr.write(
       `bench: ${s.name}: pg_recvlogical ${r.recvlogical.rowsPerSecond} rows/s, philotes ${r.philotes.rowsPerSecond} rows/s (ratio ${r.ratio}), peak RSS ${r.philotes.peakRssMb} MB, ${r.philotes.cpuSecondsPerMillionRows} CPU s per million rows\n` +
-        `bench: ${s.name}: CPU seconds: walsender ${r.recvlogical.walsenderCpuSeconds} for pg_recvlogical; for Philotes: walsender ${r.philotes.walsenderCpuSeconds}, buffer backends ${r.philotes.bufferCpuSeconds}, philotes ${r.philotes.cpuSeconds}\n`,
+        `bench: ${s.name}: CPU seconds: walsender ${r.recvlogical.walsenderCpuSeconds} for pg_recvlogical; for Philotes: walsender ${r.philotes.walsenderCpuSeconds}, buffer backends ${r.philotes.bufferCpuSeconds}, philotes ${r.philotes.cpuSeconds}\n` +
+        `bench: ${s.name}: the buffer's limit, the same events by one COPY from a file (${Math.round(r.limit.fileBytes / 2 ** 20)} MB): ${r.limit.rowsPerSecond} rows/s, buffer backend ${r.limit.bufferCpuSeconds} CPU s, ${r.limit.walBytesPerEvent} WAL bytes per event (Philotes' drain: ${r.philotes.walBytesPerEvent}); Philotes against it ${r.limitRatio}\n`,
     );
   }
   const machine = {
@@ -417,6 +431,8 @@ async function main(): Promise<void> {
         'recvlogical rows/s': r.recvlogical.rowsPerSecond,
         'philotes rows/s': r.philotes.rowsPerSecond,
         ratio: r.ratio,
+        'COPY limit rows/s': r.limit.rowsPerSecond,
+        'vs limit': r.limitRatio,
         'peak RSS MB': r.philotes.peakRssMb,
         'CPU s / M rows': r.philotes.cpuSecondsPerMillionRows,
       })),
