@@ -200,11 +200,6 @@ export async function runConsume(): Promise<ConsumeResult> {
   }
 }
 
-function median(values: readonly number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
-}
-
 /**
  * One backlog, drained again and again from slots made before it (one per run), each run into a
  * buffer database of its own: the variants see the same WAL, alternating so that drift in the
@@ -338,12 +333,12 @@ async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResu
     }
     await source.query('SELECT pg_drop_replication_slot($1)', [`capture_${i}`], 'app');
   }
-  const off = median(rowsPerSecond.off);
+  const off = percentile(rowsPerSecond.off, 50);
   return {
     rows,
     rowsPerSecond,
-    onVsOff: Math.round((median(rowsPerSecond.on) / off) * 100) / 100,
-    consumedVsOff: Math.round((median(rowsPerSecond.consumed) / off) * 100) / 100,
+    onVsOff: Math.round((percentile(rowsPerSecond.on, 50) / off) * 100) / 100,
+    consumedVsOff: Math.round((percentile(rowsPerSecond.consumed, 50) / off) * 100) / 100,
     consumedEvents,
     partitionsDropped,
   };

@@ -16,7 +16,7 @@ export const READ_FUNCTION = `
       CREATE FUNCTION philotes_read(p_consumer text, p_source text, p_limit int DEFAULT 1000)
       RETURNS SETOF cdc_events LANGUAGE plpgsql STABLE
       -- The primary key's order, never a scan of everything after the position and a sort
-      -- (READ_PLAN in src/consumer/batches.ts says why).
+      -- (INDEX_ORDER in src/buffer/consumer-stats.ts says why).
       SET enable_sort = off SET enable_bitmapscan = off AS $fn$
       DECLARE
         v_lsn pg_lsn := '0/0';

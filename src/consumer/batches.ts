@@ -10,6 +10,7 @@
  * from_lsn > the position's lsn.
  */
 import type pg from 'pg';
+import { INDEX_ORDER, INDEX_ORDER_END } from '../buffer/consumer-stats.js';
 import { parseLsn } from '../common/lsn.js';
 import {
   EVENT_RECORD_COLUMNS,
@@ -20,17 +21,6 @@ import {
   type EventRow,
   type GapRow,
 } from './records.js';
-
-/**
- * A batch is the first `limit` events after the position: an index range on the primary key,
- * read in its order and stopped at the limit. Before autovacuum has analyzed a partition (a new
- * buffer, a backlog stored minutes ago) the planner guesses a few dozen rows and prefers a bitmap
- * scan of everything after the position and a sort: every batch then reads the whole rest of the
- * backlog (a 200k-event backlog was read at 11k events/s). Sorting and bitmap scans are turned off
- * for that statement alone, as philotes_read does with its function's SET clauses.
- */
-const READ_PLAN = 'SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off';
-const DEFAULT_PLAN = 'RESET enable_sort; RESET enable_bitmapscan';
 
 /** Retention dropped events the group had not read: it reads nothing more (PH005). */
 export class GroupExpiredError extends Error {
@@ -114,7 +104,7 @@ export async function nextBatch(
   if (retracting) return retractionBatch(client, group, source, limit);
   if (checkpoint === null) return null;
   // Only for this statement: the handler's own queries in the transaction keep the defaults.
-  await client.query(READ_PLAN);
+  await client.query(INDEX_ORDER);
   const events = await client.query<EventRow>(
     // Ordered by the table's columns (e.lsn, a pg_lsn), not by the output's `lsn` (text, which
     // sorts 0/1000000 before 0/FFFFFF and would skip what lies between), and so by the index.
@@ -123,7 +113,7 @@ export async function nextBatch(
       ORDER BY e.lsn, e.seq LIMIT $5`,
     [source, lsn, seq, checkpoint, limit],
   );
-  await client.query(DEFAULT_PLAN);
+  await client.query(INDEX_ORDER_END);
   const full = events.rows.length === limit;
   const gaps = await client.query<GapRow>(
     `SELECT id::text, source_id, from_lsn::text, to_lsn::text, reason, details,
