@@ -15,7 +15,7 @@
  *
  *   npm run bench -- consume
  */
-import { writeFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -24,12 +24,9 @@ import { createLogger } from '../src/common/logger.js';
 import { startCluster, type Cluster } from '../test/support/cluster.js';
 import { waitFor } from '../test/support/poll.js';
 import { spawnPhilotes } from './philotes-process.js';
-import { pgbench } from './pg-tools.js';
+import { SCENARIOS, buildBacklog } from './backlog.js';
 
 const BACKLOG = 200_000;
-/** The capture runs' backlog: CAPTURE_CLIENTS × CAPTURE_TRANSACTIONS transactions of 4 rows. */
-const CAPTURE_CLIENTS = 4;
-const CAPTURE_TRANSACTIONS = 25_000;
 const CAPTURE_ROUNDS = 3;
 type CaptureVariant = 'off' | 'on' | 'consumed';
 
@@ -208,45 +205,29 @@ export async function runConsume(): Promise<ConsumeResult> {
 async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResult> {
   const variants: CaptureVariant[] = ['off', 'on', 'consumed'];
   const runs = Array.from({ length: CAPTURE_ROUNDS }, () => variants).flat();
+  // The drain's small backlog, in a database of its own, behind a slot per run.
+  const small = SCENARIOS.find((s) => s.name === 'small')!;
+  await source.createDatabase('capture');
   await source.query(
-    `CREATE TABLE capture_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now());
-     CREATE TABLE capture_marker (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY)`,
+    `${small.ddl}; CREATE TABLE bench_marker (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY);
+     CREATE PUBLICATION philotes_pub FOR ALL TABLES`,
     [],
-    'app',
+    'capture',
   );
   for (let i = 0; i < runs.length; i++)
     await source.query(
       `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`,
       [`capture_${i}`],
-      'app',
+      'capture',
     );
   const work = mkdtempSync(join(tmpdir(), 'philotes-bench-capture-'));
+  let marker: string;
   try {
-    const script = join(work, 'capture.sql');
-    writeFileSync(
-      script,
-      `\\set g random(1, 1000000)\nINSERT INTO capture_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`,
-    );
-    await pgbench(source, [
-      '-n',
-      '-c',
-      String(CAPTURE_CLIENTS),
-      '-j',
-      '2',
-      '-t',
-      String(CAPTURE_TRANSACTIONS),
-      '-f',
-      script,
-    ]);
+    marker = (await buildBacklog(source, small, work, 'capture')).target;
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
-  const [marker] = await source.query<{ lsn: string }>(
-    `INSERT INTO capture_marker DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
-    [],
-    'app',
-  );
-  const rows = CAPTURE_CLIENTS * CAPTURE_TRANSACTIONS * 4;
+  const rows = small.clients * small.transactions * small.rowsPerTransaction;
   const rowsPerSecond: Record<CaptureVariant, number[]> = { off: [], on: [], consumed: [] };
   let consumedEvents = 0;
   let partitionsDropped = 0;
@@ -255,6 +236,7 @@ async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResu
     await buffer.createDatabase(db);
     let member: Awaited<ReturnType<typeof consume>> | null = null;
     const child = spawnPhilotes(source, buffer, {
+      PHILOTES_CDC_SOURCE_URL: source.url('capture'),
       PHILOTES_BUFFER_URL: buffer.url(db),
       PHILOTES_CDC_REPLICATION_SLOT: `capture_${i}`,
       PHILOTES_WAKEUPS: variant === 'off' ? 'off' : 'on',
@@ -310,7 +292,7 @@ async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResu
             await buffer
               .query<{ done: boolean }>(
                 `SELECT lsn::pg_lsn > $1::pg_lsn AS done FROM cdc_checkpoints WHERE source_id = 'bench'`,
-                [marker!.lsn],
+                [marker],
                 db,
               )
               .catch(() => [])
@@ -331,7 +313,7 @@ async function runCapture(source: Cluster, buffer: Cluster): Promise<CaptureResu
       child.kill('SIGTERM');
       await exited;
     }
-    await source.query('SELECT pg_drop_replication_slot($1)', [`capture_${i}`], 'app');
+    await source.query('SELECT pg_drop_replication_slot($1)', [`capture_${i}`], 'capture');
   }
   const off = percentile(rowsPerSecond.off, 50);
   return {

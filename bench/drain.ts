@@ -17,6 +17,7 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, totalmem, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { SCENARIOS, buildBacklog, type Scenario } from './backlog.js';
 import { destroyAllClusters, startCluster, type Cluster } from '../test/support/cluster.js';
 import { FLEET_SOURCES, runFleet, type FleetResult } from './fleet.js';
 import { runReplicas, type ReplicasResult } from './replicas.js';
@@ -30,47 +31,6 @@ import { runSnapshotBench, SNAPSHOT_ROWS, type SnapshotBench } from './snapshot.
 import { cpuSeconds } from './proc-stats.js';
 import { reapedChildCpuSeconds, waitForBackendsGone } from './cluster-cpu.js';
 import { bufferWal, copyLimit, type CopyLimit } from './copy-limit.js';
-
-interface Scenario {
-  name: string;
-  description: string;
-  ddl: string;
-  /** A pgbench script; run with `clients` clients for `transactions` transactions each. */
-  script: string;
-  clients: number;
-  transactions: number;
-  rowsPerTransaction: number;
-}
-
-const SCENARIOS: Scenario[] = [
-  {
-    name: 'small',
-    description: '100k small transactions of 4 rows from 4 clients',
-    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`,
-    script: `\\set g random(1, 1000000)\nINSERT INTO bench_rows (k, v, note) SELECT :g + i, i, 'row ' || i FROM generate_series(1, 4) i;\n`,
-    clients: 4,
-    transactions: 25_000,
-    rowsPerTransaction: 4,
-  },
-  {
-    name: 'bulk',
-    description: '8 bulk transactions of 50k rows from 2 clients',
-    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, k int, v int, note text, created timestamptz DEFAULT now())`,
-    script: `INSERT INTO bench_rows (k, v, note) SELECT i, i, 'row ' || i FROM generate_series(1, 50000) i;\n`,
-    clients: 2,
-    transactions: 4,
-    rowsPerTransaction: 50_000,
-  },
-  {
-    name: 'wide',
-    description: '50k transactions of 2 wide rows (24 columns, ~1 KB) from 4 clients',
-    ddl: `CREATE TABLE bench_rows (id bigserial PRIMARY KEY, ${Array.from({ length: 8 }, (_, i) => `t${i} text, n${i} numeric, ts${i} timestamptz`).join(', ')})`,
-    script: `INSERT INTO bench_rows (${Array.from({ length: 8 }, (_, i) => `t${i}, n${i}, ts${i}`).join(', ')}) SELECT ${Array.from({ length: 8 }, (_, i) => `repeat(md5(i::text), 3), i * ${i + 1}.25, now()`).join(', ')} FROM generate_series(1, 2) i;\n`,
-    clients: 4,
-    transactions: 12_500,
-    rowsPerTransaction: 2,
-  },
-];
 
 interface Result {
   scenario: string;
@@ -97,44 +57,6 @@ interface Result {
   limit: CopyLimit;
   /** Philotes' rows/s against the limit's. */
   limitRatio: number;
-}
-
-async function buildBacklog(
-  source: Cluster,
-  s: Scenario,
-  work: string,
-): Promise<{ target: string; walBytes: number }> {
-  const [start] = await source.query<{ lsn: string }>(
-    'SELECT pg_current_wal_lsn()::text AS lsn',
-    [],
-    'app',
-  );
-  const scriptFile = join(work, `${s.name}.sql`);
-  writeFileSync(scriptFile, s.script);
-  await pgbench(source, [
-    '-n',
-    '-c',
-    String(s.clients),
-    '-j',
-    String(Math.min(s.clients, 2)),
-    '-t',
-    String(s.transactions),
-    '-f',
-    scriptFile,
-  ]);
-  // A marker transaction after the backlog: once the checkpoint passes the position taken just
-  // before its commit, everything before it is stored.
-  const rows = await source.query<{ lsn: string }>(
-    `INSERT INTO bench_marker DEFAULT VALUES RETURNING pg_current_wal_insert_lsn()::text AS lsn`,
-    [],
-    'app',
-  );
-  const [end] = await source.query<{ lsn: string; bytes: string }>(
-    `SELECT pg_current_wal_lsn()::text AS lsn, pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::text AS bytes`,
-    [start!.lsn],
-    'app',
-  );
-  return { target: rows[0]!.lsn, walBytes: Number(end!.bytes) };
 }
 
 async function timeRecvlogical(source: Cluster, work: string, slot = 'twin'): Promise<number> {
